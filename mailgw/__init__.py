@@ -1,0 +1,3 @@
+"""mailgw: an enterprise mail system on Twisted."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,75 @@
+"""Parsers for config values: booleans, sizes, durations, lists, endpoint descriptions, networks."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+_SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"expected yes or no, got {text!r}")
+
+
+def parse_size(text: str) -> int:
+    """``25M`` -> 26214400; plain numbers are bytes."""
+    m = _SIZE_RE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"expected a size like 25M or 1G, got {text!r}")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
+def parse_optional_size(text: str) -> int | None:
+    """Like parse_size; ``0``, ``none`` or ``unlimited`` mean no limit (None)."""
+    if text.strip().lower() in ("", "none", "unlimited", "0"):
+        return None
+    return parse_size(text)
+
+
+def parse_duration(text: str) -> float:
+    """``5m`` -> 300.0 seconds; plain numbers are seconds."""
+    m = _DURATION_RE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"expected a duration like 30s, 5m, 1h, got {text!r}")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2) or ""]
+
+
+def parse_positive_int(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"expected a number above 0, got {value}")
+    return value
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    """Whitespace- or newline-separated words."""
+    return tuple(text.split())
+
+
+def parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for word in text.replace(",", " ").split():
+        try:
+            nets.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            raise ValueError(f"not an IP network: {word!r}") from None
+    return tuple(nets)
+
+
+def parse_plaintext_auth(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("yes", "no", "loopback"):
+        raise ValueError(f"expected yes, no or loopback, got {text!r}")
+    return value

@@ -1,0 +1,172 @@
+"""zope.interface contracts between mailgw's layers; each method says what, args, result, errors.
+
+Synchronous methods do local I/O (SQLite, files) and return plain values; methods that may
+wait on another process or thread return a Deferred, as stated per method.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Sequence
+
+from zope.interface import Attribute, Interface
+
+# ---------------------------------------------------------------------------------------------
+# Directory: domains, users, aliases, authentication.
+
+
+class IDirectory(Interface):
+    """Domains, users and aliases (embedded: SQLite in ``data_dir/directory.sqlite``)."""
+
+    def is_local_domain(domain: str) -> bool:
+        """True when ``domain`` (lower-case A-labels) is one of ours."""
+
+    def resolve(address: str) -> list[str]:
+        """Expand a recipient ``local@domain`` to the list of local user names it delivers to.
+
+        Follows aliases (recursively, loop-safe, bounded depth), the recipient delimiter
+        (``alice+tag@d`` -> ``alice@d``) and a catch-all alias ``@domain`` if one exists.
+        An alias may point to an external address: such targets are returned as they are
+        (the caller tells local users from external ones with ``get_user``).
+        Result: canonical user names (``alice@example.test``, lower-case), deduplicated, in
+        order. Empty list: no such recipient. Errors: none for unknown input.
+        """
+
+    def get_user(name: str) -> object | None:
+        """Return the ``mailgw.directory.User`` for canonical ``name`` or None."""
+
+    def check_password(name: str, password: str) -> object:
+        """Deferred firing with the ``User`` when the password matches, else failing with
+        ``twisted.cred.error.UnauthorizedLogin``. Hashing runs in a thread; an unknown user
+        costs the same time as a wrong password."""
+
+    def quota_for(name: str) -> int | None:
+        """Storage quota in bytes for the user (None: unlimited)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Spool: durable queue of accepted messages.
+
+
+class IIncomingMessage(Interface):
+    """A message being received into the spool; invisible to readers until ``commit``."""
+
+    queue_id = Attribute("The queue ID assigned at ``ISpool.begin`` (str).")
+    size = Attribute("Bytes written so far (int).")
+
+    def write(data: bytes) -> None:
+        """Append message bytes (already dot-unstuffed, CRLF line ends)."""
+
+    def commit(envelope: object) -> str:
+        """Write the ``Envelope`` (its queue_id set to ours), fsync content, envelope and
+        directories, and make the message visible in the ``incoming`` queue. Returns the
+        queue ID. Only after this returns may SMTP answer 250. Raises OSError on failure
+        (nothing is left visible then)."""
+
+    def abort() -> None:
+        """Discard everything written; safe to call twice or after a failed commit."""
+
+
+class ISpool(Interface):
+    """Durable queue: states incoming/active/deferred/hold/corrupt, each state change a rename."""
+
+    def begin() -> IIncomingMessage:
+        """Start receiving a new message; assigns a fresh, unique, sortable queue ID."""
+
+    def list(state: str) -> builtins.list[str]:
+        """Queue IDs currently in ``state`` (oldest first)."""
+
+    def load(queue_id: str) -> object:
+        """Return ``mailgw.spool.QueuedMessage`` (state, envelope, content path).
+        Raises KeyError if the queue ID is unknown."""
+
+    def move(queue_id: str, to_state: str) -> None:
+        """Rename the message into ``to_state`` (fsyncs the directories)."""
+
+    def update(queue_id: str, envelope: object) -> None:
+        """Atomically replace the stored envelope (write temp, fsync, rename)."""
+
+    def remove(queue_id: str) -> None:
+        """Delete the message (envelope first, then content). Idempotent."""
+
+    def recover() -> builtins.list[str]:
+        """At start-up: move ``active`` back to ``incoming``, remove temp files and orphan
+        contents, move unreadable envelopes to ``corrupt``. Returns queue IDs requeued."""
+
+    def add_listener(callback: object) -> None:
+        """``callback(queue_id)`` is called (in the reactor thread) after each commit."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Store: mailboxes.
+
+
+class QuotaExceeded(Exception):
+    """Storing the message would exceed the user's quota (delivery should defer)."""
+
+
+class MailboxNotFound(KeyError):
+    """No such mailbox for that user."""
+
+
+class IMailbox(Interface):
+    """One folder of one user, as of the moment it was opened (refresh to see changes)."""
+
+    name = Attribute("Mailbox name, IMAP style (``INBOX``, ``Sent``, ``Archive/2024``).")
+    uidvalidity = Attribute("UIDVALIDITY (int), stable for the life of the folder.")
+    uidnext = Attribute("Next UID to be assigned (int).")
+    highestmodseq = Attribute("Highest modification sequence (int).")
+
+    def messages() -> list[object]:
+        """``mailgw.store.MessageInfo`` of every message, ordered by UID."""
+
+    def refresh() -> None:
+        """Reload from the index, picking up changes from other sessions/processes."""
+
+    def open_message(uid: int) -> object:
+        """A readable binary file object with the stored bytes (as delivered). KeyError if
+        the UID is gone."""
+
+    def read_message(uid: int) -> bytes:
+        """The stored bytes of the message. KeyError if the UID is gone."""
+
+    def set_flags(uids: list[int], flags: list[str], mode: str) -> dict[int, object]:
+        """mode ``set``/``add``/``remove``; returns updated ``MessageInfo`` by UID."""
+
+    def expunge(uids: list[int]) -> list[int]:
+        """Remove the messages; returns the UIDs actually removed."""
+
+    def append(data: bytes, flags: Sequence[str] = (), internaldate: float | None = None) -> int:
+        """Store a new message in this folder; returns its UID. QuotaExceeded if over quota."""
+
+
+class IMessageStore(Interface):
+    """The mailbox store facade: per-user folders, quota, change notifications.
+
+    Backends (tier 1 Maildir++, later tier 2) sit behind it; callers never see which tier
+    holds a message.
+    """
+
+    def deliver(user: str, content_path: str, prefix: bytes = b"", folder: str = "INBOX") -> int:
+        """Deliver a spooled message to ``user``'s folder: ``prefix`` (e.g. Return-Path and
+        Delivered-To header lines) followed by the file's bytes, written to tmp, fsynced,
+        renamed into place, indexed. Returns the UID. Raises QuotaExceeded, OSError."""
+
+    def open_mailbox(user: str, name: str = "INBOX") -> IMailbox:
+        """Open a folder. MailboxNotFound if it does not exist. INBOX always exists."""
+
+    def list_mailboxes(user: str) -> list[str]:
+        """Folder names of the user (INBOX first)."""
+
+    def create_mailbox(user: str, name: str) -> None:
+        """Create a folder (and its Maildir++ directory). ValueError if it exists/invalid."""
+
+    def quota_usage(user: str) -> tuple[int, int | None]:
+        """(bytes used, limit or None)."""
+
+    def reindex(user: str) -> int:
+        """Rebuild the user's index from the Maildir files, keeping UIDs of known files.
+        Returns the number of messages indexed."""
+
+    def add_listener(callback: object) -> None:
+        """``callback(user, folder)`` after any change (delivery, flags, expunge)."""

@@ -1,0 +1,40 @@
+"""The envelope of a queued message: who sent it, to whom, how it arrived."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Envelope:
+    """SMTP envelope and arrival facts of one message.
+
+    ``sender`` is the reverse-path without angle brackets ("" for the null sender);
+    ``recipients`` are the forward-paths still to be delivered; ``done`` those delivered;
+    ``attempts``/``next_attempt``/``last_error`` are updated by delivery on deferral.
+    """
+
+    sender: str
+    recipients: list[str]
+    queue_id: str = ""
+    received_at: float = field(default_factory=time.time)
+    client_address: str = ""
+    client_helo: str = ""
+    protocol: str = "ESMTP"
+    body_8bitmime: bool = False
+    smtputf8: bool = False
+    size: int = 0
+    done: list[str] = field(default_factory=list)
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Envelope:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)

@@ -1,0 +1,1 @@
+"""Network plumbing shared by every role: listeners, PROXY protocol, TLS contexts."""

@@ -1,0 +1,136 @@
+"""Composition root: Config -> MultiService of every enabled role; the only module importing all."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import service
+from twisted.logger import Logger
+
+from mailgw.config import Config, ConfigError
+from mailgw.net.listen import ListenerService, parse_listen, wrap_factory
+from mailgw.net.tls import load_certificate_options
+
+log = Logger()
+
+
+class Node(service.MultiService):
+    """One mailgw process: shared state (directory, spool, store) and its role services."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        from mailgw.delivery import LocalDelivery
+        from mailgw.directory import Directory
+        from mailgw.spool import Spool
+        from mailgw.store import MessageStore
+
+        self.config = config
+        self.reactor = reactor
+        data_dir = config.server.data_dir
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                config.path, "server", "data_dir", f"cannot create: {e.strerror}"
+            ) from None
+        if not os.access(data_dir, os.W_OK):
+            raise ConfigError(config.path, "server", "data_dir", f"not writable: {data_dir}")
+        self.directory = Directory(
+            os.path.join(data_dir, "directory.sqlite"),
+            recipient_delimiter=config.directory.recipient_delimiter,
+            argon2_time_cost=config.directory.argon2_time_cost,
+            argon2_memory_kib=config.directory.argon2_memory_kib,
+            default_quota=config.store.default_quota,
+            reactor=reactor,
+        )
+        self.spool = Spool(os.path.join(data_dir, "spool"), hostname=config.server.hostname)
+        self.store = MessageStore(
+            os.path.join(data_dir, "mail"),
+            quota_for=self.directory.quota_for,
+            default_folders=config.store.default_folders,
+            hostname=config.server.hostname,
+        )
+        self.tls_options = (
+            load_certificate_options(
+                config.tls.certificate, config.tls.private_key or None, config.tls.min_version
+            )
+            if config.tls_enabled
+            else None
+        )
+        self.delivery: Any = None
+        if config.delivery.enabled:
+            self.delivery = LocalDelivery(
+                self.spool,
+                self.store,
+                self.directory,
+                reactor,
+                retry_interval=config.delivery.retry_interval,
+                hostname=config.server.hostname,
+            )
+            self.delivery.setName("delivery")
+            self.delivery.setServiceParent(self)
+        self._add_roles()
+
+    def _listen(
+        self, section: str, key: str, descriptions: Any, factory: Any, trusted: Any, tls: Any = None
+    ) -> None:
+        for description in descriptions:
+            spec, _ = parse_listen(description)
+            wrapped = wrap_factory(factory, spec, self.reactor, trusted, tls_options=tls)
+            where = f"{self.config.path}:{section}:{key}"
+            ListenerService(self.reactor, description, wrapped, where).setServiceParent(self)
+
+    def _add_roles(self) -> None:
+        config = self.config
+        if config.mx.enabled:
+            from mailgw.smtp.roles.mx import MXFactory
+
+            mx = MXFactory(
+                config.mx,
+                config.server.hostname,
+                self.spool,
+                self.directory,
+                self.reactor,
+                tls_options=self.tls_options,
+            )
+            self._listen("mx", "listen", config.mx.listen, mx, config.mx.proxy_trusted)
+        if config.pop3.enabled:
+            from mailgw.pop3 import POP3Factory
+
+            pop3 = POP3Factory(
+                config.pop3,
+                config.server.hostname,
+                self.store,
+                self.directory,
+                self.reactor,
+                tls_options=self.tls_options,
+                auth_failure_delay=config.directory.auth_failure_delay,
+            )
+            self._listen("pop3", "listen", config.pop3.listen, pop3, config.pop3.proxy_trusted)
+            if self.tls_options is not None:
+                pop3s = POP3Factory(
+                    config.pop3,
+                    config.server.hostname,
+                    self.store,
+                    self.directory,
+                    self.reactor,
+                    tls_options=self.tls_options,
+                    implicit_tls=True,
+                    auth_failure_delay=config.directory.auth_failure_delay,
+                )
+                self._listen(
+                    "pop3",
+                    "listen_tls",
+                    config.pop3.listen_tls,
+                    pop3s,
+                    config.pop3.proxy_trusted,
+                    tls=self.tls_options,
+                )
+
+
+def build_service(config: Config, reactor: Any) -> service.IService:
+    try:
+        return Node(config, reactor)
+    except ConfigError as e:
+        raise SystemExit(f"mailgw: {e}") from None

@@ -1,0 +1,49 @@
+"""twistd Options and makeService for `twistd mailgw`, delegating to mailgw.service."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+
+def default_config_path() -> str:
+    """``$MAILGW_CONFIG``, else ``./etc/mailgw.ini`` if present, else ``/etc/mailgw/mailgw.ini``."""
+    env = os.environ.get("MAILGW_CONFIG")
+    if env:
+        return env
+    local = os.path.join("etc", "mailgw.ini")
+    if os.path.exists(local):
+        return local
+    return "/etc/mailgw/mailgw.ini"
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH]"
+    longdesc = "Run mailgw: the roles switched on in the config file (MX, POP3, ...)."
+    optParameters = [
+        [
+            "config",
+            "c",
+            None,
+            "Config file (default: $MAILGW_CONFIG, ./etc/mailgw.ini, /etc/mailgw/mailgw.ini).",
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            self["config"] = default_config_path()
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from mailgw.config import ConfigError, load
+    from mailgw.service import build_service
+
+    try:
+        config = load(options["config"])
+    except ConfigError as e:
+        raise SystemExit(f"mailgw: {e}") from None
+    return build_service(config, reactor)
