@@ -1,0 +1,1 @@
+"""The ``mailgw`` admin command: directory management, store maintenance, dev certificates."""

@@ -1,0 +1,362 @@
+"""``mailgw [--config PATH] COMMAND``: manage domains, users, aliases, the store and dev certs."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sqlite3
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from mailgw.cli.sizes import format_size, parse_size
+
+SYSTEM_CONFIG = "/etc/mailgw/mailgw.ini"
+LOCAL_CONFIG = os.path.join("etc", "mailgw.ini")
+
+
+class UsageError(Exception):
+    """The command line is wrong (exit code 2)."""
+
+
+class Failure(Exception):
+    """The command could not be done (exit code 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.partition(" ")[2]
+        raise UsageError(f"{where}: {message}" if where else message)
+
+
+def default_config_path() -> str:
+    """``$MAILGW_CONFIG``, else ``./etc/mailgw.ini`` if it exists, else the system file."""
+    env = os.environ.get("MAILGW_CONFIG")
+    if env:
+        return env
+    if os.path.isfile(LOCAL_CONFIG):
+        return LOCAL_CONFIG
+    return SYSTEM_CONFIG
+
+
+def parse_quota(text: str) -> int | None:
+    """``none``/``default`` -> None (the default quota applies), ``unlimited`` -> 0, else a
+    size like ``2G``."""
+    word = text.strip().lower()
+    if word in ("none", "default"):
+        return None
+    if word == "unlimited":
+        return 0
+    return parse_size(text)
+
+
+def _quota_arg(text: str) -> int | None:
+    try:
+        return parse_quota(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class Context:
+    """What a command needs, loaded on first use: the config and the directory."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path or default_config_path()
+        self._config: Any = None
+        self._directory: Any = None
+
+    @property
+    def config(self) -> Any:
+        if self._config is None:
+            from mailgw.config import load
+
+            self._config = load(self.config_path)
+        return self._config
+
+    @property
+    def directory(self) -> Any:
+        if self._directory is None:
+            from mailgw.directory import Directory
+
+            config = self.config
+            self._directory = Directory(
+                os.path.join(config.server.data_dir, "directory.sqlite"),
+                recipient_delimiter=config.directory.recipient_delimiter,
+                argon2_time_cost=config.directory.argon2_time_cost,
+                argon2_memory_kib=config.directory.argon2_memory_kib,
+                default_quota=config.store.default_quota,
+            )
+        return self._directory
+
+    def close(self) -> None:
+        if self._directory is not None:
+            self._directory.close()
+            self._directory = None
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stdout)
+
+
+# -- passwords ---------------------------------------------------------------------------
+
+
+def read_password(args: argparse.Namespace) -> str:
+    """The new password from ``--password``, ``--password-stdin`` or a terminal prompt."""
+    if args.password is not None:
+        return str(args.password)
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        password = line[:-1] if line.endswith("\n") else line
+        password = password[:-1] if password.endswith("\r") else password
+        if not password:
+            raise Failure("no password on standard input")
+        return password
+    if not sys.stdin.isatty():
+        raise Failure("no password given: use --password, --password-stdin or a terminal")
+    first = getpass.getpass("New password: ")
+    second = getpass.getpass("Repeat password: ")
+    if first != second:
+        raise Failure("the passwords do not match")
+    return first
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_domain_add(ctx: Context, args: argparse.Namespace) -> None:
+    _say(f"added domain {ctx.directory.add_domain(args.name)}")
+
+
+def cmd_domain_del(ctx: Context, args: argparse.Namespace) -> None:
+    ctx.directory.remove_domain(args.name, force=args.force)
+    _say(f"removed domain {args.name}")
+
+
+def cmd_domain_list(ctx: Context, args: argparse.Namespace) -> None:
+    for name in ctx.directory.list_domains():
+        _say(name)
+
+
+def cmd_user_add(ctx: Context, args: argparse.Namespace) -> None:
+    directory = ctx.directory
+    password = read_password(args)
+    user = directory.add_user(args.address, password, quota=args.quota)
+    _say(f"added user {user.name}")
+
+
+def cmd_user_del(ctx: Context, args: argparse.Namespace) -> None:
+    ctx.directory.remove_user(args.address)
+    _say(f"removed user {args.address} (its mailbox files are kept)")
+
+
+def cmd_user_passwd(ctx: Context, args: argparse.Namespace) -> None:
+    directory = ctx.directory
+    if directory.get_user(args.address) is None:
+        raise Failure(f"no such user {args.address}")
+    directory.set_password(args.address, read_password(args))
+    _say(f"changed the password of {args.address}")
+
+
+def cmd_user_quota(ctx: Context, args: argparse.Namespace) -> None:
+    ctx.directory.set_quota(args.address, args.size)
+    _say(f"quota of {args.address}: {_quota_text(ctx, args.size)}")
+
+
+def cmd_user_enable(ctx: Context, args: argparse.Namespace) -> None:
+    enabled = args.command == "enable"
+    ctx.directory.set_enabled(args.address, enabled)
+    _say(f"{'enabled' if enabled else 'disabled'} {args.address}")
+
+
+def _quota_text(ctx: Context, quota: int | None) -> str:
+    effective = ctx.directory.default_quota if quota is None else quota
+    return format_size(effective) if effective else "unlimited"
+
+
+def cmd_user_list(ctx: Context, args: argparse.Namespace) -> None:
+    for user in ctx.directory.list_users(args.domain):
+        state = "enabled" if user.enabled else "disabled"
+        _say(f"{user.name}\t{_quota_text(ctx, user.quota)}\t{state}")
+
+
+def cmd_alias_add(ctx: Context, args: argparse.Namespace) -> None:
+    source, destination = ctx.directory.add_alias(args.source, args.destination)
+    _say(f"added alias {source} -> {destination}")
+
+
+def cmd_alias_del(ctx: Context, args: argparse.Namespace) -> None:
+    count = ctx.directory.remove_alias(args.source, args.destination)
+    _say(f"removed {count} alias destination(s) of {args.source}")
+
+
+def cmd_alias_list(ctx: Context, args: argparse.Namespace) -> None:
+    for source, destination in ctx.directory.list_aliases():
+        _say(f"{source}\t{destination}")
+
+
+def cmd_store_reindex(ctx: Context, args: argparse.Namespace) -> None:
+    from mailgw.store import MessageStore  # only this command needs the store
+
+    config, directory = ctx.config, ctx.directory
+    user = directory.get_user(args.user)
+    if user is None:
+        raise Failure(f"no such user {args.user}")
+    store = MessageStore(
+        root=os.path.join(config.server.data_dir, "mail"),
+        quota_for=directory.quota_for,
+        default_folders=config.store.default_folders,
+        hostname=config.server.hostname,
+    )
+    count = store.reindex(user.name)
+    _say(f"reindexed {count} message(s) of {user.name}")
+
+
+def cmd_cert_selfsigned(ctx: Context, args: argparse.Namespace) -> None:
+    from mailgw.cli.certs import make_selfsigned, write_file
+
+    hostname = args.hostname or ctx.config.server.hostname
+    out = args.out or os.path.join(ctx.config.server.data_dir, "tls")
+    out = os.path.abspath(out)
+    cert_path = os.path.join(out, "mailgw.crt")
+    key_path = os.path.join(out, "mailgw.key")
+    if not args.force:
+        for path in (cert_path, key_path):
+            if os.path.lexists(path):
+                raise Failure(f"{path} already exists (use --force to replace it)")
+    cert_pem, key_pem = make_selfsigned(hostname, days=args.days, key_type=args.key_type)
+    os.makedirs(out, mode=0o755, exist_ok=True)
+    write_file(key_path, key_pem, 0o600, overwrite=True)
+    write_file(cert_path, cert_pem, 0o644, overwrite=True)
+    _say(f"# self-signed certificate for {hostname}, valid {args.days} days; in mailgw.ini:")
+    _say("[tls]")
+    _say(f"certificate = {cert_path}")
+    _say(f"private_key = {key_path}")
+
+
+# -- parser ------------------------------------------------------------------------------
+
+Command = Callable[[Context, argparse.Namespace], None]
+
+
+def _password_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--password", metavar="P", help="the password (visible to `ps`)")
+    group.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the ``mailgw`` command."""
+    parser = _Parser(prog="mailgw", description="mailgw administration.")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"config file (default: $MAILGW_CONFIG, ./{LOCAL_CONFIG}, {SYSTEM_CONFIG})",
+    )
+    top = parser.add_subparsers(dest="area", metavar="COMMAND", required=True)
+
+    def group(name: str, help_text: str) -> Any:
+        p = top.add_parser(name, help=help_text)
+        return p.add_subparsers(dest="command", metavar="ACTION", required=True)
+
+    def command(sub: Any, name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    domain = group("domain", "local domains")
+    command(domain, "add", cmd_domain_add, "add a domain").add_argument("name", metavar="NAME")
+    p = command(domain, "del", cmd_domain_del, "remove a domain")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--force", action="store_true", help="also remove its users and aliases")
+    command(domain, "list", cmd_domain_list, "list domains")
+
+    user = group("user", "users (mailboxes)")
+    p = command(user, "add", cmd_user_add, "add a user")
+    p.add_argument("address", metavar="ADDRESS")
+    _password_options(p)
+    p.add_argument(
+        "--quota", type=_quota_arg, default=None, metavar="SIZE", help="e.g. 2G; unlimited"
+    )
+    command(user, "del", cmd_user_del, "remove a user").add_argument("address", metavar="ADDRESS")
+    p = command(user, "passwd", cmd_user_passwd, "change a password")
+    p.add_argument("address", metavar="ADDRESS")
+    _password_options(p)
+    p = command(user, "quota", cmd_user_quota, "set the quota")
+    p.add_argument("address", metavar="ADDRESS")
+    p.add_argument(
+        "size", type=_quota_arg, metavar="SIZE|none", help="e.g. 2G; none: default; unlimited"
+    )
+    for name in ("enable", "disable"):
+        command(user, name, cmd_user_enable, f"{name} logins").add_argument(
+            "address", metavar="ADDRESS"
+        )
+    command(user, "list", cmd_user_list, "list users: name, quota, state").add_argument(
+        "domain", nargs="?", metavar="DOMAIN"
+    )
+
+    alias = group("alias", "aliases (source -> destination; @domain is a catch-all)")
+    p = command(alias, "add", cmd_alias_add, "add an alias destination")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("destination", metavar="DEST")
+    p = command(alias, "del", cmd_alias_del, "remove an alias (all destinations or one)")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("destination", nargs="?", metavar="DEST")
+    command(alias, "list", cmd_alias_list, "list aliases: source, destination")
+
+    store = group("store", "mailbox store")
+    command(store, "reindex", cmd_store_reindex, "rebuild a user's index").add_argument(
+        "user", metavar="USER"
+    )
+
+    cert = group("cert", "TLS certificates")
+    p = command(cert, "selfsigned", cmd_cert_selfsigned, "make a self-signed dev certificate")
+    p.add_argument("--hostname", metavar="H", help="default: [server] hostname")
+    p.add_argument("--out", metavar="DIR", help="default: DATA_DIR/tls")
+    p.add_argument("--days", type=int, default=365, metavar="N", help="validity (365)")
+    p.add_argument("--key-type", choices=("ec", "rsa"), default="ec", help="ec (P-256) or rsa")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"mailgw: error: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit code (0 ok, 1 failure, 2 usage)."""
+    from mailgw.config import ConfigError
+
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        _error(f"{e} (see mailgw --help)")
+        return 2
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    ctx = Context(args.config)
+    try:
+        args.func(ctx, args)
+    except (Failure, ConfigError, ValueError) as e:
+        _error(str(e))
+        return 1
+    except OSError as e:
+        _error(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+        return 1
+    except sqlite3.Error as e:
+        _error(f"directory database: {e}")
+        return 1
+    except (KeyboardInterrupt, EOFError):
+        _error("interrupted")
+        return 1
+    except Exception as e:
+        _error(f"unexpected {type(e).__name__}: {e}")
+        return 1
+    finally:
+        ctx.close()
+    return 0

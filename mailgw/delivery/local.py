@@ -1,0 +1,317 @@
+"""Local delivery: takes committed messages from the spool and stores them in user mailboxes.
+
+Flow per message (one message per reactor turn, so SMTP stays responsive):
+
+1. ``incoming`` (or a due ``deferred``) -> ``active``.
+2. Each recipient not yet in ``envelope.done`` is expanded with ``IDirectory.resolve``. Every
+   local user target gets the content via ``IMessageStore.deliver`` with the prefix
+   ``Return-Path: <sender>`` (RFC 5321 4.4; ``<>`` for the null sender) and
+   ``Delivered-To: user``. One user reached through several recipients of the same message
+   gets one copy.
+3. Progress is recorded in ``envelope.done`` and written with ``ISpool.update`` after each
+   successful delivery that is followed by more work, so a crash never repeats a finished
+   delivery except the very last one (a duplicate is acceptable, a loss is not):
+
+   - ``"rcpt>user"``: the copy for ``user`` reached through ``rcpt`` is stored;
+   - ``"rcpt"``: every local target of ``rcpt`` is stored and it has no external target.
+4. Every recipient done -> ``ISpool.remove``. Otherwise the message is *deferred*:
+   ``attempts += 1``, ``next_attempt = now + retry_interval``, ``last_error``, state
+   ``deferred``. Reasons: ``QuotaExceeded`` / ``OSError`` from the store, a failing directory
+   lookup, a recipient that no longer resolves, or an alias target outside our users
+   (external). External targets wait for the relay (a later issue); until it exists, and until
+   bounces exist, such mail stays deferred and is retried, and each deferral is logged. With
+   ``max_attempts_age`` set, a message older than that is logged as "would bounce".
+5. A timer scans ``deferred`` at start and then at the earliest ``next_attempt`` found (at
+   most ``retry_interval`` later), and feeds due messages back into step 1.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.base import DelayedCall
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from mailgw.interfaces import QuotaExceeded
+from mailgw.model import Envelope
+
+log = Logger(namespace="mailgw.delivery")
+
+
+def delivery_prefix(sender: str, user: str) -> bytes:
+    """The header lines put in front of the message for ``user`` (CRLF line ends)."""
+    return f"Return-Path: <{sender}>\r\nDelivered-To: {user}\r\n".encode()
+
+
+class LocalDelivery(Service):
+    """Delivers spooled messages to local mailboxes (see the module docstring)."""
+
+    name = "delivery"
+
+    def __init__(
+        self,
+        spool: Any,
+        store: Any,
+        directory: Any,
+        reactor: Any,
+        retry_interval: float = 300.0,
+        max_attempts_age: float | None = None,
+        hostname: str = "localhost",
+    ) -> None:
+        if retry_interval <= 0:
+            raise ValueError("retry_interval must be positive")
+        self.spool = spool
+        self.store = store
+        self.directory = directory
+        self.reactor = reactor
+        self.retry_interval = retry_interval
+        self.max_attempts_age = max_attempts_age
+        self.hostname = hostname
+        self._queue: deque[str] = deque()
+        self._queued: set[str] = set()
+        self._turn_call: DelayedCall | None = None
+        self._retry_call: DelayedCall | None = None
+        self._waiters: list[Deferred[None]] = []
+        self._listening = False
+
+    # -- service ---------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        requeued = self.spool.recover()
+        if requeued:
+            log.info("requeued {n} interrupted message(s)", n=len(requeued))
+        if not self._listening:
+            self.spool.add_listener(self._committed)
+            self._listening = True
+        for queue_id in self.spool.list("incoming"):
+            self._enqueue(queue_id)
+        self._scan_deferred()
+
+    def stopService(self) -> None:
+        super().stopService()
+        for call in (self._turn_call, self._retry_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._turn_call = self._retry_call = None
+        # Whatever is queued stays in ``incoming`` on disk and is picked up at next start.
+        self._queue.clear()
+        self._queued.clear()
+        self._fire_waiters()
+
+    # -- observation -----------------------------------------------------------------------
+
+    def pending(self) -> int:
+        """Messages waiting for their delivery turn (deferred ones are not counted)."""
+        return len(self._queue)
+
+    def wait_idle(self) -> Deferred[None]:
+        """A Deferred that fires once nothing is queued for delivery."""
+        if not self._queue:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def _fire_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def _committed(self, queue_id: str) -> None:
+        """Spool listener: a new message is in ``incoming``."""
+        if self.running:
+            self._enqueue(queue_id)
+
+    def _enqueue(self, queue_id: str) -> None:
+        if queue_id in self._queued:
+            return
+        self._queue.append(queue_id)
+        self._queued.add(queue_id)
+        if self._turn_call is None:
+            self._turn_call = self.reactor.callLater(0, self._turn)
+
+    def _turn(self) -> None:
+        """Deliver one message, then yield to the reactor before the next."""
+        self._turn_call = None
+        queue_id = self._queue.popleft()
+        self._queued.discard(queue_id)
+        try:
+            self._process(queue_id)
+        except Exception:
+            log.failure("{queue_id} delivery failed unexpectedly", queue_id=queue_id)
+            self._defer_after_crash(queue_id)
+        if self._queue:
+            self._turn_call = self.reactor.callLater(0, self._turn)
+        else:
+            self._fire_waiters()
+
+    def _scan_deferred(self) -> None:
+        """Enqueue due deferred messages; re-arm the timer for the next due one."""
+        self._retry_call = None
+        now = self.reactor.seconds()
+        next_scan = now + self.retry_interval
+        for queue_id in self.spool.list("deferred"):
+            try:
+                envelope = self.spool.load(queue_id).envelope
+            except KeyError:
+                continue
+            except ValueError as e:
+                self._to_corrupt(queue_id, e)
+                continue
+            if envelope.next_attempt <= now:
+                self._enqueue(queue_id)
+            else:
+                next_scan = min(next_scan, envelope.next_attempt)
+        # A deferral sets next_attempt = now + retry_interval, never before this next scan,
+        # and that scan re-arms for it: one pending timer is enough.
+        self._retry_call = self.reactor.callLater(next_scan - now, self._scan_deferred)
+
+    # -- delivery of one message -----------------------------------------------------------
+
+    def _process(self, queue_id: str) -> None:
+        try:
+            message = self.spool.load(queue_id)
+        except KeyError:
+            log.info("{queue_id} no longer in the spool", queue_id=queue_id)
+            return
+        except ValueError as e:
+            self._to_corrupt(queue_id, e)
+            return
+        envelope: Envelope = message.envelope
+        if message.state == "deferred" and envelope.next_attempt > self.reactor.seconds():
+            return
+        if message.state not in ("incoming", "deferred"):
+            log.info(
+                "{queue_id} is {state}, not delivering", queue_id=queue_id, state=message.state
+            )
+            return
+        # Not fsynced: after a crash, recovery moves active back to incoming anyway.
+        self.spool.move(queue_id, "active", durable=False)
+
+        errors: list[str] = []
+        done = set(envelope.done)
+        delivered_users = {entry.split(">", 1)[1] for entry in envelope.done if ">" in entry}
+        # Plan: (rcpt, local users still to deliver) and which recipients can complete.
+        plan: list[tuple[str, list[str], bool]] = []
+        for rcpt in envelope.recipients:
+            if rcpt in done:
+                continue
+            try:
+                targets = self.directory.resolve(rcpt)
+                local = [u for u in targets if self.directory.get_user(u) is not None]
+            except Exception as e:
+                log.failure("{queue_id} lookup of <{rcpt}> failed", queue_id=queue_id, rcpt=rcpt)
+                errors.append(f"<{rcpt}>: directory lookup failed: {e}")
+                continue
+            external = [u for u in targets if u not in local]
+            if not targets:
+                log.warn("{queue_id} <{rcpt}>: no such recipient", queue_id=queue_id, rcpt=rcpt)
+                errors.append(f"<{rcpt}>: no such recipient")
+            for target in external:
+                log.info(
+                    "{queue_id} <{rcpt}> -> <{target}> is external, left for the relay",
+                    queue_id=queue_id,
+                    rcpt=rcpt,
+                    target=target,
+                )
+                errors.append(f"<{rcpt}> -> <{target}>: external target awaits the relay")
+            todo = [u for u in local if f"{rcpt}>{u}" not in done]
+            plan.append((rcpt, todo, bool(targets) and not external))
+
+        remaining = sum(len(todo) for _, todo, _ in plan)
+        for rcpt, todo, completes in plan:
+            rcpt_ok = True
+            for user in todo:
+                remaining -= 1
+                if user in delivered_users:
+                    log.info(
+                        "{queue_id} <{rcpt}> -> {user}: copy already delivered",
+                        queue_id=queue_id,
+                        rcpt=rcpt,
+                        user=user,
+                    )
+                else:
+                    try:
+                        uid = self.store.deliver(
+                            user, message.content_path, delivery_prefix(envelope.sender, user)
+                        )
+                    except (QuotaExceeded, OSError) as e:
+                        rcpt_ok = False
+                        reason = "over quota" if isinstance(e, QuotaExceeded) else str(e)
+                        errors.append(f"<{rcpt}> -> {user}: {reason}")
+                        log.warn(
+                            "{queue_id} delivery to {user} failed: {reason}",
+                            queue_id=queue_id,
+                            user=user,
+                            reason=reason,
+                        )
+                        continue
+                    delivered_users.add(user)
+                    log.info(
+                        "{queue_id} delivered to {user} uid={uid}",
+                        queue_id=queue_id,
+                        user=user,
+                        uid=uid,
+                    )
+                envelope.done.append(f"{rcpt}>{user}")
+                if completes and rcpt_ok and user == todo[-1]:
+                    envelope.done.append(rcpt)
+                if remaining:
+                    self.spool.update(queue_id, envelope)
+            if completes and rcpt_ok and not todo:
+                envelope.done.append(rcpt)
+
+        if errors:
+            self._defer(queue_id, envelope, "; ".join(errors))
+            return
+        self.spool.remove(queue_id)
+        log.info(
+            "{queue_id} delivered: from=<{sender}> nrcpt={nrcpt}",
+            queue_id=queue_id,
+            sender=envelope.sender,
+            nrcpt=len(envelope.recipients),
+        )
+
+    def _defer(self, queue_id: str, envelope: Envelope, error: str) -> None:
+        now = self.reactor.seconds()
+        envelope.attempts += 1
+        envelope.next_attempt = now + self.retry_interval
+        envelope.last_error = error
+        self.spool.update(queue_id, envelope)
+        self.spool.move(queue_id, "deferred")
+        log.warn(
+            "{queue_id} deferred (attempt {attempts}, retry in {delay:.0f}s): {error}",
+            queue_id=queue_id,
+            attempts=envelope.attempts,
+            delay=self.retry_interval,
+            error=error,
+        )
+        age = now - envelope.received_at
+        if self.max_attempts_age is not None and age > self.max_attempts_age:
+            log.warn(
+                "{queue_id} queued for {age:.0f}s, would bounce; bounces are not implemented"
+                " yet, keeping it deferred",
+                queue_id=queue_id,
+                age=age,
+            )
+
+    def _defer_after_crash(self, queue_id: str) -> None:
+        """After an unexpected error, put the message where a retry will find it."""
+        try:
+            message = self.spool.load(queue_id)
+            self._defer(queue_id, message.envelope, "internal error during delivery")
+        except Exception:
+            log.failure("{queue_id} could not be deferred", queue_id=queue_id)
+
+    def _to_corrupt(self, queue_id: str, error: Exception) -> None:
+        log.error("{queue_id} unreadable envelope: {error}", queue_id=queue_id, error=error)
+        try:
+            self.spool.move(queue_id, "corrupt")
+        except (KeyError, OSError) as e:
+            log.error("{queue_id} could not move to corrupt: {error}", queue_id=queue_id, error=e)

@@ -1,0 +1,501 @@
+"""The embedded directory: domains, users and aliases in SQLite (WAL), resolving recipients."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailgw.directory.passwords import PasswordHashing, check_new_password
+from mailgw.interfaces import IDirectory
+from mailgw.model.address import Address, AddressError, normalise_domain, quote_local
+
+log = Logger()
+
+MAX_DEPTH = 10
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS domains (
+    name TEXT PRIMARY KEY
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    domain TEXT NOT NULL REFERENCES domains(name),
+    password TEXT NOT NULL,
+    quota INTEGER,
+    enabled INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS users_domain ON users(domain);
+CREATE TABLE IF NOT EXISTS aliases (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    domain TEXT NOT NULL REFERENCES domains(name),
+    UNIQUE (source, destination)
+);
+CREATE INDEX IF NOT EXISTS aliases_domain ON aliases(domain);
+"""
+
+
+@dataclass(frozen=True)
+class User:
+    """A mailbox owner. ``quota``: bytes, None = the default quota applies, 0 = unlimited."""
+
+    name: str
+    quota: int | None
+    enabled: bool
+
+
+def _split(key: str) -> tuple[str, str]:
+    local, _, domain = key.rpartition("@")
+    return local, domain
+
+
+@implementer(IDirectory)
+class Directory:
+    """Domains, users and aliases stored in ``path`` (``data_dir/directory.sqlite``).
+
+    One SQLite connection in autocommit mode, WAL journal; no caches, so changes made by the
+    ``mailgw`` command in another process are seen by the next lookup. Safe to call from
+    several threads (a lock serialises use of the connection).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        recipient_delimiter: str = "+",
+        argon2_time_cost: int = 2,
+        argon2_memory_kib: int = 19456,
+        default_quota: int | None = None,
+        reactor: Any = None,
+    ) -> None:
+        if default_quota is not None and default_quota < 0:
+            raise ValueError("the default quota must not be negative")
+        self.path = path
+        self.recipient_delimiter = recipient_delimiter
+        self.default_quota = default_quota or None
+        self._hashing = PasswordHashing(argon2_time_cost, argon2_memory_kib)
+        self._reactor = reactor
+        self._lock = threading.RLock()
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, mode=0o750, exist_ok=True)
+        if not os.path.exists(path):
+            # Password hashes live here: create the file private before SQLite opens it.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ValueError(
+                    f"{path}: directory schema version {version} is newer than this program"
+                )
+            if version < SCHEMA_VERSION:
+                self._db.executescript(
+                    f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
+                )
+        except BaseException:
+            self._db.close()
+            raise
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Directory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- name parsing --------------------------------------------------------------------
+
+    @staticmethod
+    def _domain(name: str) -> str:
+        name = name.strip()
+        if name.startswith("[") or not name:
+            raise ValueError(f"invalid domain {name!r}")
+        try:
+            return normalise_domain(name)
+        except AddressError as e:
+            raise ValueError(f"invalid domain {name!r}: {e}") from None
+
+    @staticmethod
+    def _address(text: str) -> Address:
+        try:
+            address = Address.parse(text)
+        except AddressError as e:
+            raise ValueError(f"invalid address {text.strip()!r}: {e}") from None
+        if address.domain.startswith("["):
+            raise ValueError(f"invalid address {text.strip()!r}: address literals are not allowed")
+        return address
+
+    def _local_name(self, text: str) -> str:
+        """A user or alias-source address: a plain local part in one of our domains."""
+        address = self._address(text)
+        if quote_local(address.local) != address.local:
+            raise ValueError(
+                f"invalid address {text.strip()!r}: quoted local parts are not allowed"
+            )
+        if not self.is_local_domain(address.domain):
+            raise ValueError(f"{address.domain} is not a local domain (add it first)")
+        return address.key
+
+    @staticmethod
+    def _canonical(name: str) -> str:
+        """Best-effort canonical ``local@domain`` for lookups; never raises."""
+        if name.isascii() and '"' not in name:
+            return name.strip().lower()
+        try:
+            return Address.parse(name).key
+        except AddressError:
+            return name.strip().lower()
+
+    # -- domains -------------------------------------------------------------------------
+
+    def add_domain(self, name: str) -> str:
+        """Make ``name`` a local domain; returns its normalised form. ValueError if present."""
+        domain = self._domain(name)
+        try:
+            with self._transaction() as db:
+                db.execute("INSERT INTO domains(name) VALUES (?)", (domain,))
+        except sqlite3.IntegrityError:
+            raise ValueError(f"domain {domain} already exists") from None
+        return domain
+
+    def remove_domain(self, name: str, force: bool = False) -> None:
+        """Remove a domain; refused while it has users or aliases unless ``force``
+        (which removes them too; mailbox files are left on disk)."""
+        domain = self._domain(name)
+        with self._transaction() as db:
+            if not db.execute("SELECT 1 FROM domains WHERE name=?", (domain,)).fetchone():
+                raise ValueError(f"no such domain {domain}")
+            users = db.execute("SELECT count(*) FROM users WHERE domain=?", (domain,)).fetchone()[0]
+            aliases = db.execute(
+                "SELECT count(*) FROM aliases WHERE domain=?", (domain,)
+            ).fetchone()[0]
+            if (users or aliases) and not force:
+                raise ValueError(
+                    f"domain {domain} still has {users} user(s) and {aliases} alias(es); "
+                    "remove them first or force"
+                )
+            db.execute("DELETE FROM aliases WHERE domain=?", (domain,))
+            db.execute("DELETE FROM users WHERE domain=?", (domain,))
+            db.execute("DELETE FROM domains WHERE name=?", (domain,))
+
+    def list_domains(self) -> list[str]:
+        """All local domains, sorted."""
+        return [row[0] for row in self._query("SELECT name FROM domains ORDER BY name")]
+
+    def is_local_domain(self, domain: str) -> bool:
+        """True when ``domain`` (lower-case A-labels) is one of ours."""
+        return bool(self._query("SELECT 1 FROM domains WHERE name=?", (domain.lower(),)))
+
+    # -- users ---------------------------------------------------------------------------
+
+    def add_user(self, address: str, password: str, quota: int | None = None) -> User:
+        """Create a user in an existing domain. ValueError on bad input or duplicates."""
+        name = self._local_name(address)
+        check_new_password(password)
+        _check_quota(quota)
+        hashed = self._hashing.hash(password)
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO users(name, domain, password, quota, enabled) VALUES (?,?,?,?,1)",
+                    (name, _split(name)[1], hashed, quota),
+                )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"user {name} already exists") from None
+        return User(name, quota, True)
+
+    def remove_user(self, address: str) -> None:
+        """Delete a user (aliases pointing to it stay and resolve to nothing)."""
+        name = self._existing_user(address)
+        with self._transaction() as db:
+            db.execute("DELETE FROM users WHERE name=?", (name,))
+
+    def set_password(self, address: str, password: str) -> None:
+        """Replace the user's password."""
+        name = self._existing_user(address)
+        check_new_password(password)
+        hashed = self._hashing.hash(password)
+        with self._transaction() as db:
+            db.execute("UPDATE users SET password=? WHERE name=?", (hashed, name))
+
+    def set_quota(self, address: str, quota: int | None) -> None:
+        """Set the quota in bytes (None: the default applies; 0: unlimited)."""
+        name = self._existing_user(address)
+        _check_quota(quota)
+        with self._transaction() as db:
+            db.execute("UPDATE users SET quota=? WHERE name=?", (quota, name))
+
+    def set_enabled(self, address: str, enabled: bool) -> None:
+        """Enable or disable a user (a disabled user cannot log in; mail is still accepted)."""
+        name = self._existing_user(address)
+        with self._transaction() as db:
+            db.execute("UPDATE users SET enabled=? WHERE name=?", (int(enabled), name))
+
+    def list_users(self, domain: str | None = None) -> list[User]:
+        """Users of ``domain`` (or all), sorted by name. ValueError for an unknown domain."""
+        if domain is None:
+            rows = self._query("SELECT name, quota, enabled FROM users ORDER BY name")
+        else:
+            d = self._domain(domain)
+            if not self.is_local_domain(d):
+                raise ValueError(f"no such domain {d}")
+            rows = self._query(
+                "SELECT name, quota, enabled FROM users WHERE domain=? ORDER BY name", (d,)
+            )
+        return [User(n, q, bool(e)) for n, q, e in rows]
+
+    def get_user(self, name: str) -> User | None:
+        """The ``User`` for ``name`` (canonical ``local@domain``) or None."""
+        rows = self._query(
+            "SELECT name, quota, enabled FROM users WHERE name=?", (self._canonical(name),)
+        )
+        return User(rows[0][0], rows[0][1], bool(rows[0][2])) if rows else None
+
+    def quota_for(self, name: str) -> int | None:
+        """Storage quota in bytes for the user (None: unlimited)."""
+        user = self.get_user(name)
+        quota = user.quota if user is not None and user.quota is not None else self.default_quota
+        return quota or None
+
+    def _existing_user(self, address: str) -> str:
+        name = self._address(address).key
+        if not self._query("SELECT 1 FROM users WHERE name=?", (name,)):
+            raise ValueError(f"no such user {name}")
+        return name
+
+    # -- passwords -----------------------------------------------------------------------
+
+    def _credentials(self, name: str) -> tuple[User | None, str | None]:
+        rows = self._query(
+            "SELECT name, quota, enabled, password FROM users WHERE name=?",
+            (self._canonical(name),),
+        )
+        if not rows:
+            return None, None
+        n, q, e, hashed = rows[0]
+        return User(n, q, bool(e)), hashed
+
+    def _finish_check(
+        self, result: tuple[bool, str | None], user: User | None, stored: str | None
+    ) -> User:
+        matches, new_hash = result
+        if not matches or user is None or not user.enabled:
+            raise UnauthorizedLogin("invalid user name or password")
+        if new_hash is not None:
+            # Only replace the hash we verified: a concurrent `user passwd` wins.
+            with self._transaction() as db:
+                db.execute(
+                    "UPDATE users SET password=? WHERE name=? AND password=?",
+                    (new_hash, user.name, stored),
+                )
+        return user
+
+    def authenticate(self, name: str, password: str | bytes) -> User:
+        """Blocking password check: the ``User`` or UnauthorizedLogin (unknown user, disabled
+        user and wrong password all cost one argon2 verification). Rehashes the stored
+        password when the argon2 parameters changed."""
+        user, stored = self._credentials(name)
+        return self._finish_check(self._hashing.verify(stored, password), user, stored)
+
+    def check_password(self, name: str, password: str | bytes) -> defer.Deferred[User]:
+        """Deferred firing with the ``User`` or failing with UnauthorizedLogin; argon2 runs
+        in the reactor's thread pool, the database is used in the calling thread."""
+        try:
+            user, stored = self._credentials(name)
+        except Exception:
+            return defer.fail()
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        d = deferToThreadPool(
+            reactor, reactor.getThreadPool(), self._hashing.verify, stored, password
+        )
+        return d.addCallback(self._finish_check, user, stored)
+
+    # -- aliases -------------------------------------------------------------------------
+
+    def _alias_source(self, text: str) -> str:
+        text = text.strip()
+        if text.startswith("@"):
+            domain = self._domain(text[1:])
+            if not self.is_local_domain(domain):
+                raise ValueError(f"{domain} is not a local domain (add it first)")
+            return "@" + domain
+        return self._local_name(text)
+
+    def add_alias(self, source: str, destination: str) -> tuple[str, str]:
+        """Add ``source`` (``local@domain`` or catch-all ``@domain``, in a local domain) ->
+        ``destination`` (a local user or alias, or an external address). A destination in a
+        local domain must resolve to someone. Returns the normalised pair."""
+        src = self._alias_source(source)
+        if destination.strip().startswith("@"):
+            raise ValueError("an alias destination must be a full address, not a catch-all")
+        dest_address = self._address(destination)
+        dest = _destination_key(dest_address)
+        if dest == src:
+            if not self._is_user(src):
+                raise ValueError(f"{src} can point to itself only when it is also a user")
+        elif self.is_local_domain(dest_address.domain) and not self.resolve(dest):
+            raise ValueError(f"{dest} is not a local user or alias")
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO aliases(source, destination, domain) VALUES (?,?,?)",
+                    (src, dest, _split(src)[1]),
+                )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"alias {src} -> {dest} already exists") from None
+        return src, dest
+
+    def remove_alias(self, source: str, destination: str | None = None) -> int:
+        """Remove one destination of ``source`` (or all of them); returns how many went.
+        ValueError when nothing matched."""
+        text = source.strip()
+        src = "@" + self._domain(text[1:]) if text.startswith("@") else self._address(text).key
+        with self._transaction() as db:
+            if destination is None:
+                count = db.execute("DELETE FROM aliases WHERE source=?", (src,)).rowcount
+            else:
+                dest = _destination_key(self._address(destination))
+                count = db.execute(
+                    "DELETE FROM aliases WHERE source=? AND destination=?", (src, dest)
+                ).rowcount
+        if not count:
+            what = src if destination is None else f"{src} -> {destination.strip()}"
+            raise ValueError(f"no such alias {what}")
+        return count
+
+    def list_aliases(self) -> list[tuple[str, str]]:
+        """(source, destination) pairs, by source then in the order they were added."""
+        return [
+            (s, d)
+            for s, d in self._query("SELECT source, destination FROM aliases ORDER BY source, id")
+        ]
+
+    # -- resolution ----------------------------------------------------------------------
+
+    def resolve(self, address: str) -> list[str]:
+        """Expand a recipient to canonical user names (and external alias targets).
+
+        Order for an address in a local domain: its aliases (they take precedence, list the
+        user itself among the destinations to keep a copy), the user, the same two for the
+        address without its ``+detail``, then the domain's catch-all ``@domain``. An
+        address met again on its own expansion path delivers to the user of that name, if
+        any, instead of looping; branches deeper than 10 levels are dropped. A destination
+        in a local domain that matches nothing is dropped.
+        """
+        try:
+            key = Address.parse(address).key
+        except AddressError:
+            return []
+        if not self.is_local_domain(_split(key)[1]):
+            return []
+        out: list[str] = []
+        with self._lock:
+            self._expand(key, 0, (), out)
+        return out
+
+    def _expand(self, key: str, depth: int, path: tuple[str, ...], out: list[str]) -> None:
+        local, domain = _split(key)
+        if not self._query("SELECT 1 FROM domains WHERE name=?", (domain,)):
+            if key not in out:
+                out.append(key)  # an external target, returned as it is
+            return
+        if key in path:
+            if self._is_user(key) and key not in out:
+                out.append(key)
+            elif not self._is_user(key):
+                log.warn("alias loop through {address} dropped", address=key)
+            return
+        if depth > MAX_DEPTH:
+            log.warn(
+                "alias expansion of {address} deeper than {n} dropped", address=path[0], n=MAX_DEPTH
+            )
+            return
+        candidates = [key]
+        base = self._strip_delimiter(local)
+        if base:
+            candidates.append(f"{base}@{domain}")
+        for candidate in candidates:
+            if self._expand_exact(candidate, depth, path + (key,), out):
+                return
+        catch_all = self._destinations("@" + domain)
+        for dest in catch_all:
+            self._expand(dest, depth + 1, path + (key,), out)
+
+    def _expand_exact(self, key: str, depth: int, path: tuple[str, ...], out: list[str]) -> bool:
+        destinations = self._destinations(key)
+        if destinations:
+            for dest in destinations:
+                if dest == key and self._is_user(key):
+                    if key not in out:
+                        out.append(key)
+                    continue
+                self._expand(dest, depth + 1, path, out)
+            return True
+        if self._is_user(key):
+            if key not in out:
+                out.append(key)
+            return True
+        return False
+
+    def _strip_delimiter(self, local: str) -> str:
+        if not self.recipient_delimiter:
+            return ""
+        cut = min((i for i, c in enumerate(local) if c in self.recipient_delimiter), default=-1)
+        return local[:cut] if cut > 0 else ""
+
+    def _destinations(self, source: str) -> list[str]:
+        rows = self._query("SELECT destination FROM aliases WHERE source=? ORDER BY id", (source,))
+        return [row[0] for row in rows]
+
+    def _is_user(self, key: str) -> bool:
+        return bool(self._query("SELECT 1 FROM users WHERE name=?", (key,)))
+
+
+def _destination_key(address: Address) -> str:
+    """Lower-case ``local@domain``, the local part quoted when it is not a dot-string."""
+    return f"{quote_local(address.local.lower())}@{address.domain}"
+
+
+def _check_quota(quota: int | None) -> None:
+    if quota is not None and (not isinstance(quota, int) or isinstance(quota, bool) or quota < 0):
+        raise ValueError(f"invalid quota {quota!r}: expected bytes >= 0 or None")

@@ -1,0 +1,11 @@
+"""Mailbox store: the IMessageStore facade and its tier-1 Maildir++ backend.
+
+``MessageStore`` (tier 1, Maildir++ with a per-user SQLite index) is the facade callers use;
+a colder tier and change consumers (IMAP IDLE, mirror sync via ``add_listener``) plug in
+behind/around it without changing callers.
+"""
+
+from mailgw.interfaces import MailboxNotFound, QuotaExceeded
+from mailgw.store.maildirstore import Mailbox, MessageInfo, MessageStore
+
+__all__ = ["Mailbox", "MailboxNotFound", "MessageInfo", "MessageStore", "QuotaExceeded"]

@@ -1,0 +1,123 @@
+"""Per-user SQLite index (WAL): mailboxes with UIDVALIDITY/UIDNEXT/HIGHESTMODSEQ, messages."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+INDEX_NAME = "mailgw-index.sqlite"
+SCHEMA_VERSION = "1"
+BUSY_TIMEOUT = 30.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mailboxes (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    uidvalidity INTEGER NOT NULL,
+    uidnext INTEGER NOT NULL DEFAULT 1,
+    highestmodseq INTEGER NOT NULL DEFAULT 1,
+    subscribed INTEGER NOT NULL DEFAULT 1,
+    total_size INTEGER NOT NULL DEFAULT 0,
+    message_count INTEGER NOT NULL DEFAULT 0,
+    new_mtime INTEGER NOT NULL DEFAULT -1,
+    cur_mtime INTEGER NOT NULL DEFAULT -1
+);
+CREATE TABLE IF NOT EXISTS messages (
+    mailbox INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    base TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    flags TEXT NOT NULL DEFAULT '',
+    internaldate REAL NOT NULL,
+    modseq INTEGER NOT NULL,
+    PRIMARY KEY (mailbox, uid)
+) WITHOUT ROWID;
+"""
+
+
+class UserIndex:
+    """One user's index connection. ``lock`` serialises threads of this process; SQLite's
+    ``BEGIN IMMEDIATE`` serialises writers across processes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.RLock()
+        self.conn = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            with self.write() as c:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        c.execute(stmt)
+                c.execute(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)",
+                    (SCHEMA_VERSION,),
+                )
+        except BaseException:
+            self.conn.close()
+            raise
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``): committed on success, rolled back on
+        any exception."""
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def check(self) -> None:
+        """Raise sqlite3.DatabaseError (and close) when the index file is damaged."""
+        try:
+            result = self.conn.execute("PRAGMA quick_check").fetchone()
+            if result is None or result[0] != "ok":
+                raise sqlite3.DatabaseError(f"index {self.path} failed quick_check: {result}")
+        except sqlite3.DatabaseError:
+            self.close()
+            raise
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+def new_uidvalidity(conn: sqlite3.Connection) -> int:
+    """A UIDVALIDITY never handed out before in this index (time based, strictly growing).
+    Call inside a write transaction."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'last_uidvalidity'").fetchone()
+    last = int(row[0]) if row else 0
+    value = max(int(time.time()), last + 1) & 0xFFFFFFFF or 1
+    conn.execute(
+        "INSERT OR REPLACE INTO meta(key, value) VALUES ('last_uidvalidity', ?)", (str(value),)
+    )
+    return value
+
+
+def quarantine_index(path: str) -> str:
+    """Move an unreadable index (and its WAL files) aside; returns the new name."""
+    target = f"{path}.corrupt-{int(time.time())}"
+    os.replace(path, target)
+    for suffix in ("-wal", "-shm"):
+        with suppress(FileNotFoundError):
+            os.replace(path + suffix, target + suffix)
+    return target

@@ -1,0 +1,816 @@
+"""Tier-1 mailbox store: Dovecot-compatible Maildir++ per user with a SQLite index (WAL).
+
+Layout: user ``alice@example.test`` is the Maildir ``root/example.test/alice/`` (INBOX in its
+``cur/ new/ tmp/``); folders are Maildir++ directories ``.Sent``, ``.Archive.2024`` with a
+``maildirfolder`` marker; folder names are stored on disk in IMAP modified UTF-7 like Dovecot
+(see ``mailgw.store.names``). Message files are named the Dovecot way,
+``<time>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<vsize>[:2,<DFRST>]``: a delivered message goes
+``tmp/`` -> ``new/`` (no flags); a message with flags lives in ``cur/`` with the letters of its
+system flags; other keywords live only in the index.
+
+The Maildir files are the truth; the index (``mailgw-index.sqlite`` in the user's maildir)
+holds UIDVALIDITY, UIDs, flags, modseqs, sizes and internal dates and can be rebuilt from the
+files (``reindex``) without changing the UIDs of files it knows. Every writer renames or
+unlinks message files inside a ``BEGIN IMMEDIATE`` transaction, so a reader holding that lock
+sees files and index agree except for the effects of a crash or of another Maildir program;
+opening or refreshing a folder repairs those when ``new/`` or ``cur/`` changed since the last
+check (directory mtimes, as Dovecot does).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO, cast
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailgw.interfaces import IMailbox, IMessageStore, MailboxNotFound, QuotaExceeded
+from mailgw.store import maildir
+from mailgw.store.index import INDEX_NAME, UserIndex, new_uidvalidity, quarantine_index
+from mailgw.store.names import (
+    INBOX,
+    folder_dirname,
+    folder_from_dirname,
+    normalize_folder,
+    user_dir,
+)
+
+log = Logger()
+
+# A directory mtime this close to "now" may still change within the same clock tick without
+# the mtime changing, so it is not recorded as "in sync" (Dovecot's rule).
+RACY_NS = 2_000_000_000
+# tmp/ files older than this are leftovers of crashed writers (the Maildir convention).
+TMP_MAX_AGE = 36 * 3600
+
+Listener = Callable[[str, str], object]
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """One message of a folder. ``filename`` is the path relative to the folder's directory
+    (``new/<name>`` or ``cur/<name>:2,<letters>``); ``size`` is the stored file's byte size."""
+
+    uid: int
+    size: int
+    flags: frozenset[str]
+    internaldate: float
+    modseq: int
+    filename: str
+
+
+@dataclass(frozen=True)
+class _Folder:
+    id: int
+    name: str
+    path: str
+
+
+class _User:
+    """A user's open index plus the folder records resolved so far."""
+
+    def __init__(self, name: str, path: str, index: UserIndex) -> None:
+        self.name = name
+        self.path = path
+        self.index = index
+        self.folders: dict[str, _Folder] = {}
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self.index.lock
+
+
+def _info_from_row(row: Sequence[object]) -> MessageInfo:
+    uid, filename, size, flags, internaldate, modseq = row
+    return MessageInfo(
+        uid=int(uid),  # type: ignore[call-overload]
+        size=int(size),  # type: ignore[call-overload]
+        flags=maildir.flags_from_text(str(flags)),
+        internaldate=float(internaldate),  # type: ignore[arg-type]
+        modseq=int(modseq),  # type: ignore[call-overload]
+        filename=str(filename),
+    )
+
+
+_ROW_COLUMNS = "uid, filename, size, flags, internaldate, modseq"
+
+
+@implementer(IMessageStore)
+class MessageStore:
+    """Maildir++ message store for all users under ``root`` (``data_dir/mail``)."""
+
+    def __init__(
+        self,
+        root: str,
+        quota_for: Callable[[str], int | None],
+        default_folders: Sequence[str] = ("Sent", "Drafts", "Trash", "Junk", "Archive"),
+        hostname: str = "localhost",
+        max_open_users: int = 128,
+    ) -> None:
+        self.root = os.path.abspath(root)
+        self._quota_for = quota_for
+        self._default_folders = tuple(normalize_folder(f) for f in default_folders)
+        self._names = maildir.UniqueNames(hostname)
+        self._max_open = max(1, max_open_users)
+        self._users: OrderedDict[str, _User] = OrderedDict()
+        self._users_lock = threading.Lock()
+        self._listeners: list[Listener] = []
+
+    # -- users and their indexes ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every cached index connection (the store stays usable: they reopen)."""
+        with self._users_lock:
+            users = list(self._users.values())
+            self._users.clear()
+        for u in users:
+            u.index.close()
+
+    def _user(self, user: str) -> _User:
+        with self._users_lock:
+            cached = self._users.get(user)
+            if cached is not None:
+                self._users.move_to_end(user)
+                return cached
+        opened = self._open_user(user)
+        evicted: list[_User] = []
+        with self._users_lock:
+            cached = self._users.get(user)
+            if cached is not None:  # another thread won the race
+                evicted.append(opened)
+                opened = cached
+            else:
+                self._users[user] = opened
+            while len(self._users) > self._max_open:
+                _name, old = self._users.popitem(last=False)
+                evicted.append(old)
+        for old in evicted:
+            old.index.close()
+        return opened
+
+    def _open_user(self, user: str, rebuild: bool = False) -> _User:
+        path = user_dir(self.root, user)
+        maildir.make_maildir(path, subfolder=False)
+        index_path = os.path.join(path, INDEX_NAME)
+        try:
+            index = UserIndex(index_path)
+            if rebuild:
+                index.check()
+        except sqlite3.DatabaseError:
+            if not rebuild:
+                raise
+            moved = quarantine_index(index_path)
+            log.warn("store: index of {user} unreadable, moved to {moved}", user=user, moved=moved)
+            index = UserIndex(index_path)
+        u = _User(user, path, index)
+        try:
+            if index.get_meta("initialized") is None:
+                self._initialize(u)
+        except BaseException:
+            index.close()
+            raise
+        return u
+
+    def _initialize(self, u: _User) -> None:
+        """First use of a maildir: register INBOX, the folders on disk and the defaults, then
+        index whatever files are already there (a Maildir migrated from elsewhere)."""
+        on_disk = self._disk_folders(u)
+        with u.index.write() as c:
+            if c.execute("SELECT 1 FROM meta WHERE key = 'initialized'").fetchone():
+                return
+            for name in (INBOX, *self._default_folders, *on_disk):
+                self._register(c, u, name)
+            c.execute("INSERT INTO meta(key, value) VALUES ('initialized', '1')")
+        for name in self._names_in_index(u):
+            self._sync(u, self._folder(u, name), force=True)
+
+    def _disk_folders(self, u: _User) -> list[str]:
+        names = []
+        for entry in sorted(os.listdir(u.path)):
+            name = folder_from_dirname(entry)
+            if name is not None and os.path.isdir(os.path.join(u.path, entry, "cur")):
+                names.append(name)
+        return names
+
+    def _register(self, c: sqlite3.Connection, u: _User, name: str) -> bool:
+        """Create the folder's directories and index row if missing (in a write txn)."""
+        path = os.path.join(u.path, folder_dirname(name))
+        maildir.make_maildir(path, subfolder=name != INBOX)
+        if c.execute("SELECT 1 FROM mailboxes WHERE name = ?", (name,)).fetchone():
+            return False
+        c.execute(
+            "INSERT INTO mailboxes(name, uidvalidity) VALUES (?, ?)", (name, new_uidvalidity(c))
+        )
+        return True
+
+    def _names_in_index(self, u: _User) -> list[str]:
+        return [str(r[0]) for r in u.index.conn.execute("SELECT name FROM mailboxes")]
+
+    def _folder(self, u: _User, name: str) -> _Folder:
+        """Resolve a folder name; folders made on disk by another program are adopted.
+        MailboxNotFound when it does not exist, ValueError when the name is invalid."""
+        canonical = normalize_folder(name)
+        cached = u.folders.get(canonical)
+        if cached is not None:
+            return cached
+        path = os.path.join(u.path, folder_dirname(canonical))
+        row = u.index.conn.execute(
+            "SELECT id FROM mailboxes WHERE name = ?", (canonical,)
+        ).fetchone()
+        if row is None:
+            if canonical != INBOX and not os.path.isdir(os.path.join(path, "cur")):
+                raise MailboxNotFound(canonical)
+            with u.index.write() as c:
+                self._register(c, u, canonical)
+                row = c.execute("SELECT id FROM mailboxes WHERE name = ?", (canonical,)).fetchone()
+        folder = _Folder(int(row[0]), canonical, path)
+        u.folders[canonical] = folder
+        return folder
+
+    def _forget(self, u: _User, folder: _Folder) -> MailboxNotFound:
+        u.folders.pop(folder.name, None)
+        return MailboxNotFound(folder.name)
+
+    # -- listeners -----------------------------------------------------------------------
+
+    def add_listener(self, callback: object) -> None:
+        """``callback(user, folder)`` is called synchronously after each change (exceptions
+        it raises are logged, never propagated). TypeError if it is not callable."""
+        if not callable(callback):
+            raise TypeError(f"listener {callback!r} is not callable")
+        self._listeners.append(cast(Listener, callback))
+
+    def _notify(self, user: str, folder: str) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback(user, folder)
+            except Exception:
+                log.failure("store: listener {callback!r} failed", callback=callback)
+
+    # -- IMessageStore -------------------------------------------------------------------
+
+    def deliver(
+        self, user: str, content_path: str, prefix: bytes = b"", folder: str = INBOX
+    ) -> int:
+        """Deliver ``prefix`` + the spool file's bytes into ``user``'s folder; returns the UID."""
+        u = self._user(user)
+        with u.lock:
+            f = self._folder(u, folder)
+            with open(content_path, "rb") as src:
+                size = len(prefix) + os.fstat(src.fileno()).st_size
+                limit = self._quota_for(user)
+                self._check_quota(u, limit, size)
+                info = self._store(u, f, limit, prefix, src, None, frozenset(), None)
+        self._notify(user, f.name)
+        return info.uid
+
+    def open_mailbox(self, user: str, name: str = INBOX) -> Mailbox:
+        """Open a folder (repairing its index first if its directories changed)."""
+        u = self._user(user)
+        with u.lock:
+            f = self._folder(u, name)
+            return Mailbox(self, user, f)
+
+    def list_mailboxes(self, user: str) -> list[str]:
+        """INBOX first, then the other folders sorted; folders created on disk by another
+        Maildir program are adopted."""
+        u = self._user(user)
+        with u.lock:
+            known = set(self._names_in_index(u))
+            missing = [n for n in self._disk_folders(u) if n not in known]
+            if missing:
+                with u.index.write() as c:
+                    for name in missing:
+                        self._register(c, u, name)
+                known.update(missing)
+            present = [
+                n
+                for n in known
+                if n == INBOX or os.path.isdir(os.path.join(u.path, folder_dirname(n), "cur"))
+            ]
+        return [INBOX] + sorted(n for n in present if n != INBOX)
+
+    def create_mailbox(self, user: str, name: str) -> None:
+        """Create a folder; ValueError if the name is invalid or the folder exists."""
+        canonical = normalize_folder(name)
+        u = self._user(user)
+        with u.lock:
+            path = os.path.join(u.path, folder_dirname(canonical))
+            if canonical == INBOX or os.path.isdir(os.path.join(path, "cur")):
+                raise ValueError(f"mailbox {canonical!r} already exists")
+            with u.index.write() as c:
+                # A row without a directory (deleted behind our back) starts afresh.
+                c.execute(
+                    "DELETE FROM messages WHERE mailbox IN "
+                    "(SELECT id FROM mailboxes WHERE name = ?)",
+                    (canonical,),
+                )
+                c.execute("DELETE FROM mailboxes WHERE name = ?", (canonical,))
+                u.folders.pop(canonical, None)
+                self._register(c, u, canonical)
+        self._notify(user, canonical)
+
+    def quota_usage(self, user: str) -> tuple[int, int | None]:
+        """(bytes used in all folders, limit or None)."""
+        u = self._user(user)
+        with u.lock:
+            used = self._used(u.index.conn)
+        return used, self._quota_for(user)
+
+    def reindex(self, user: str) -> int:
+        """Rebuild the index from the Maildir files (keeping known UIDs); an unreadable index
+        is moved aside and rebuilt. Returns the number of messages indexed."""
+        with self._users_lock:
+            cached = self._users.pop(user, None)
+        if cached is not None:
+            cached.index.close()
+        u = self._open_user(user, rebuild=True)
+        try:
+            with u.lock:
+                self._clean_tmp(u.path)
+                on_disk = set(self._disk_folders(u))
+                with u.index.write() as c:
+                    for name in on_disk:
+                        self._register(c, u, name)
+                    for name in self._names_in_index(u):
+                        if name != INBOX and name not in on_disk:
+                            c.execute(
+                                "DELETE FROM messages WHERE mailbox IN "
+                                "(SELECT id FROM mailboxes WHERE name = ?)",
+                                (name,),
+                            )
+                            c.execute("DELETE FROM mailboxes WHERE name = ?", (name,))
+                changed = []
+                for name in self._names_in_index(u):
+                    f = self._folder(u, name)
+                    self._clean_tmp(f.path)
+                    if self._sync(u, f, force=True):
+                        changed.append(name)
+                row = u.index.conn.execute("SELECT COALESCE(SUM(message_count), 0) FROM mailboxes")
+                count = int(row.fetchone()[0])
+        finally:
+            u.index.close()
+        for name in changed:
+            self._notify(user, name)
+        return count
+
+    # -- internals shared with Mailbox ---------------------------------------------------
+
+    @staticmethod
+    def _used(conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT COALESCE(SUM(total_size), 0) FROM mailboxes").fetchone()
+        return int(row[0])
+
+    def _check_quota(self, u: _User, limit: int | None, size: int) -> None:
+        if limit is None:
+            return
+        used = self._used(u.index.conn)
+        if used + size > limit:
+            raise QuotaExceeded(f"{u.name}: {used} + {size} bytes > quota {limit}")
+
+    def _store(
+        self,
+        u: _User,
+        f: _Folder,
+        limit: int | None,
+        prefix: bytes,
+        src: BinaryIO | None,
+        data: bytes | None,
+        flags: frozenset[str],
+        internaldate: float | None,
+    ) -> MessageInfo:
+        """Write tmp + fsync, then under the index write lock: quota check, UID allocation,
+        rename into new/ or cur/, directory fsync, index row."""
+        head = self._names.next()
+        tmp = os.path.join(f.path, "tmp", head)
+        size, vsize, mtime = maildir.write_file(tmp, prefix, src, data)
+        placed: str | None = None
+        try:
+            if internaldate is not None:
+                os.utime(tmp, (internaldate, internaldate))
+                mtime = internaldate
+            base = maildir.full_base(head, size, vsize)
+            rel = maildir.rel_name(base, flags)
+            with u.index.write() as c:
+                if limit is not None:
+                    used = self._used(c)
+                    if used + size > limit:
+                        raise QuotaExceeded(f"{u.name}: {used} + {size} bytes > quota {limit}")
+                row = c.execute(
+                    "UPDATE mailboxes SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1,"
+                    " total_size = total_size + ?, message_count = message_count + 1"
+                    " WHERE id = ? RETURNING uidnext - 1, highestmodseq",
+                    (size, f.id),
+                ).fetchone()
+                if row is None:
+                    raise self._forget(u, f)
+                uid, modseq = int(row[0]), int(row[1])
+                placed = os.path.join(f.path, rel)
+                os.rename(tmp, placed)
+                maildir.fsync_dir(os.path.dirname(placed))
+                c.execute(
+                    "INSERT INTO messages(mailbox, uid, base, filename, size, flags,"
+                    " internaldate, modseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (f.id, uid, base, rel, size, maildir.flags_to_text(flags), mtime, modseq),
+                )
+        except BaseException:
+            maildir.unlink_quiet(placed or tmp)
+            raise
+        return MessageInfo(uid, size, flags, mtime, modseq, rel)
+
+    def _clean_tmp(self, folder_path: str) -> None:
+        tmp = os.path.join(folder_path, "tmp")
+        limit = time.time() - TMP_MAX_AGE
+        for name in os.listdir(tmp):
+            path = os.path.join(tmp, name)
+            try:
+                if os.stat(path).st_mtime < limit:
+                    os.unlink(path)
+            except FileNotFoundError:
+                continue
+
+    def _dir_mtimes(self, u: _User, f: _Folder) -> tuple[int, int]:
+        try:
+            return (
+                os.stat(os.path.join(f.path, "new")).st_mtime_ns,
+                os.stat(os.path.join(f.path, "cur")).st_mtime_ns,
+            )
+        except FileNotFoundError:
+            if f.name != INBOX:
+                raise self._forget(u, f) from None
+            maildir.make_maildir(f.path, subfolder=False)
+            return self._dir_mtimes(u, f)
+
+    @staticmethod
+    def _settled(mtimes: tuple[int, int]) -> tuple[int, int]:
+        now = time.time_ns()
+        return tuple(m if now - m > RACY_NS else -1 for m in mtimes)  # type: ignore[return-value]
+
+    def _sync(self, u: _User, f: _Folder, force: bool = False) -> bool:
+        """Make the index match the folder's files if its directories changed since the last
+        check (always with ``force``). Returns True when the index changed."""
+        mtimes = self._dir_mtimes(u, f)
+        row = u.index.conn.execute(
+            "SELECT new_mtime, cur_mtime FROM mailboxes WHERE id = ?", (f.id,)
+        ).fetchone()
+        if row is None:
+            raise self._forget(u, f)
+        if not force:
+            if tuple(row) == mtimes:
+                return False
+            files = maildir.list_files(f.path)
+            indexed = dict(
+                u.index.conn.execute(
+                    "SELECT base, filename FROM messages WHERE mailbox = ?", (f.id,)
+                ).fetchall()
+            )
+            if files == indexed:
+                settled = self._settled(mtimes)
+                if settled != tuple(row):
+                    with u.index.write() as c:
+                        c.execute(
+                            "UPDATE mailboxes SET new_mtime = ?, cur_mtime = ? WHERE id = ?",
+                            (*settled, f.id),
+                        )
+                return False
+        with u.index.write() as c:
+            return self._reconcile(c, u, f, force)
+
+    def _reconcile(self, c: sqlite3.Connection, u: _User, f: _Folder, force: bool) -> bool:
+        """Under the write lock: adopt renamed files, drop rows of vanished files, give new
+        UIDs to unknown files (in delivery order), recompute the folder's totals."""
+        mtimes = self._dir_mtimes(u, f)
+        files = maildir.list_files(f.path)
+        box = c.execute(
+            "SELECT uidnext, highestmodseq FROM mailboxes WHERE id = ?", (f.id,)
+        ).fetchone()
+        if box is None:
+            raise self._forget(u, f)
+        uidnext, modseq = int(box[0]), int(box[1])
+        changed = False
+        rows = c.execute(
+            "SELECT uid, base, filename, size, flags FROM messages WHERE mailbox = ?", (f.id,)
+        ).fetchall()
+        for uid, base, filename, size, flags_text in rows:
+            rel = files.pop(base, None)
+            if rel is None:
+                c.execute("DELETE FROM messages WHERE mailbox = ? AND uid = ?", (f.id, uid))
+                changed = True
+                continue
+            new_size = size
+            if force:
+                try:
+                    new_size = os.stat(os.path.join(f.path, rel)).st_size
+                except FileNotFoundError:
+                    c.execute("DELETE FROM messages WHERE mailbox = ? AND uid = ?", (f.id, uid))
+                    changed = True
+                    continue
+            if rel == filename and new_size == size:
+                continue
+            old_flags = maildir.flags_from_text(flags_text)
+            keywords = frozenset(x for x in old_flags if x not in maildir.FLAG_LETTERS)
+            new_flags = keywords | maildir.system_flags_from_info(maildir.split_filename(rel)[1])
+            if new_flags != old_flags or new_size != size:
+                modseq += 1
+                c.execute(
+                    "UPDATE messages SET filename = ?, size = ?, flags = ?, modseq = ?"
+                    " WHERE mailbox = ? AND uid = ?",
+                    (rel, new_size, maildir.flags_to_text(new_flags), modseq, f.id, uid),
+                )
+                changed = True
+            else:
+                c.execute(
+                    "UPDATE messages SET filename = ? WHERE mailbox = ? AND uid = ?",
+                    (rel, f.id, uid),
+                )
+        for base in sorted(files, key=maildir.sort_key):
+            rel = files[base]
+            try:
+                st = os.stat(os.path.join(f.path, rel))
+            except FileNotFoundError:
+                continue
+            flags = maildir.system_flags_from_info(maildir.split_filename(rel)[1])
+            modseq += 1
+            c.execute(
+                "INSERT INTO messages(mailbox, uid, base, filename, size, flags, internaldate,"
+                " modseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    f.id,
+                    uidnext,
+                    base,
+                    rel,
+                    st.st_size,
+                    maildir.flags_to_text(flags),
+                    st.st_mtime,
+                    modseq,
+                ),
+            )
+            uidnext += 1
+            changed = True
+        if changed:
+            modseq += 1
+        c.execute(
+            "UPDATE mailboxes SET uidnext = ?, highestmodseq = ?, new_mtime = ?, cur_mtime = ?,"
+            " total_size = (SELECT COALESCE(SUM(size), 0) FROM messages WHERE mailbox = ?),"
+            " message_count = (SELECT COUNT(*) FROM messages WHERE mailbox = ?) WHERE id = ?",
+            (uidnext, modseq, *self._settled(mtimes), f.id, f.id, f.id),
+        )
+        return changed
+
+
+@implementer(IMailbox)
+class Mailbox:
+    """One folder of one user as of its last load.
+
+    The snapshot (``messages()``, ``uidnext``, ``highestmodseq``) changes on ``refresh()``
+    and with this object's own ``set_flags``/``expunge``/``append``, never behind the
+    caller's back; changes by others (other objects, other processes) appear on
+    ``refresh()``.
+    """
+
+    def __init__(self, store: MessageStore, user: str, folder: _Folder) -> None:
+        self._store = store
+        self._user = user
+        self._folder = folder
+        self.name = folder.name
+        self.uidvalidity = 0
+        self.uidnext = 1
+        self.highestmodseq = 1
+        self._infos: dict[int, MessageInfo] = {}
+        self._loaded: tuple[int, int] | None = None
+        self.refresh()
+
+    def _u(self) -> _User:
+        return self._store._user(self._user)
+
+    def _changed(self) -> None:
+        self._store._notify(self._user, self.name)
+
+    # The interface declares list[object]/dict[int, object]; the precise types help callers.
+    def messages(self) -> list[MessageInfo]:  # type: ignore[override]
+        """Every message of the snapshot, ordered by UID."""
+        return list(self._infos.values())
+
+    def refresh(self) -> None:
+        """Repair the index if the folder's files changed, then reload it if it changed."""
+        u = self._u()
+        with u.lock:
+            changed = self._store._sync(u, self._folder)
+            row = u.index.conn.execute(
+                "SELECT uidvalidity, uidnext, highestmodseq FROM mailboxes WHERE id = ?",
+                (self._folder.id,),
+            ).fetchone()
+            if row is None:
+                raise self._store._forget(u, self._folder)
+            state = (int(row[1]), int(row[2]))
+            if state != self._loaded:
+                rows = u.index.conn.execute(
+                    f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox = ? ORDER BY uid",
+                    (self._folder.id,),
+                ).fetchall()
+                self._infos = {int(r[0]): _info_from_row(r) for r in rows}
+                self._loaded = state
+            self.uidvalidity = int(row[0])
+            self.uidnext, self.highestmodseq = state
+        if changed:
+            self._changed()
+
+    def _lookup(self, u: _User, uid: int) -> MessageInfo | None:
+        row = u.index.conn.execute(
+            f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox = ? AND uid = ?",
+            (self._folder.id, uid),
+        ).fetchone()
+        return None if row is None else _info_from_row(row)
+
+    def open_message(self, uid: int) -> BinaryIO:
+        """The stored bytes as a binary file; KeyError if the UID is gone."""
+        u = self._u()
+        with u.lock:
+            info = self._infos.get(uid) or self._lookup(u, uid)
+            tried: set[str] = set()
+            for attempt in range(3):
+                if info is None:
+                    break
+                if info.filename not in tried:
+                    tried.add(info.filename)
+                    try:
+                        return open(os.path.join(self._folder.path, info.filename), "rb")
+                    except FileNotFoundError:
+                        pass
+                # Renamed (flags) or removed by someone else: ask the index, then repair it.
+                if attempt == 1:
+                    self._store._sync(u, self._folder)
+                info = self._lookup(u, uid)
+        raise KeyError(uid)
+
+    def read_message(self, uid: int) -> bytes:
+        """The stored bytes of the message; KeyError if the UID is gone."""
+        with self.open_message(uid) as fh:
+            return fh.read()
+
+    def set_flags(  # type: ignore[override]
+        self, uids: Iterable[int], flags: Iterable[str], mode: str
+    ) -> dict[int, MessageInfo]:
+        """Set, add or remove flags (``mode`` ``set``/``add``/``remove``); renames the files
+        so their ``:2,`` letters match. Returns the MessageInfo of every UID still present.
+        ValueError for a bad mode or flag."""
+        if mode not in ("set", "add", "remove"):
+            raise ValueError(f"unknown flag mode {mode!r}")
+        wanted = maildir.normalize_flags(flags)
+        result: dict[int, MessageInfo] = {}
+        changed = False
+        u = self._u()
+        with u.lock:
+            with u.index.write() as c:
+                modseq = self._highestmodseq(c, u)
+                for uid in sorted(set(uids)):
+                    row = c.execute(
+                        f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox = ? AND uid = ?",
+                        (self._folder.id, uid),
+                    ).fetchone()
+                    if row is None:
+                        continue
+                    info = _info_from_row(row)
+                    if mode == "set":
+                        new = wanted
+                    elif mode == "add":
+                        new = info.flags | wanted
+                    else:
+                        new = info.flags - wanted
+                    if new != info.flags:
+                        modseq += 1
+                        renamed = self._rename_for(c, u, info, new, modseq)
+                        changed = True
+                        if renamed is None:
+                            continue
+                        info = renamed
+                    result[uid] = info
+                if changed:
+                    c.execute(
+                        "UPDATE mailboxes SET highestmodseq = ? WHERE id = ?",
+                        (modseq, self._folder.id),
+                    )
+            if changed:
+                self.highestmodseq = modseq
+            for uid, info in result.items():
+                if uid in self._infos:
+                    self._infos[uid] = info
+        if changed:
+            self._changed()
+        return result
+
+    def _highestmodseq(self, c: sqlite3.Connection, u: _User) -> int:
+        row = c.execute(
+            "SELECT highestmodseq FROM mailboxes WHERE id = ?", (self._folder.id,)
+        ).fetchone()
+        if row is None:
+            raise self._store._forget(u, self._folder)
+        return int(row[0])
+
+    def _rename_for(
+        self, c: sqlite3.Connection, u: _User, info: MessageInfo, flags: frozenset[str], modseq: int
+    ) -> MessageInfo | None:
+        """Rename the file for ``flags`` and update its row; None if the file vanished."""
+        base, old_info = maildir.split_filename(info.filename.split("/", 1)[1])
+        rel = maildir.rel_name(base, flags, old_info if old_info is not None else "")
+        src = os.path.join(self._folder.path, info.filename)
+        try:
+            if rel != info.filename:
+                os.rename(src, os.path.join(self._folder.path, rel))
+        except FileNotFoundError:
+            current = maildir.list_files(self._folder.path).get(base)
+            if current is None:
+                c.execute(
+                    "DELETE FROM messages WHERE mailbox = ? AND uid = ?",
+                    (self._folder.id, info.uid),
+                )
+                self._fix_totals(c)
+                return None
+            rel = maildir.rel_name(base, flags, maildir.split_filename(current)[1] or "")
+            if rel != current:
+                os.rename(
+                    os.path.join(self._folder.path, current), os.path.join(self._folder.path, rel)
+                )
+        c.execute(
+            "UPDATE messages SET filename = ?, flags = ?, modseq = ? WHERE mailbox = ? AND uid = ?",
+            (rel, maildir.flags_to_text(flags), modseq, self._folder.id, info.uid),
+        )
+        return MessageInfo(info.uid, info.size, flags, info.internaldate, modseq, rel)
+
+    def _fix_totals(self, c: sqlite3.Connection) -> None:
+        c.execute(
+            "UPDATE mailboxes SET"
+            " total_size = (SELECT COALESCE(SUM(size), 0) FROM messages WHERE mailbox = ?),"
+            " message_count = (SELECT COUNT(*) FROM messages WHERE mailbox = ?) WHERE id = ?",
+            (self._folder.id, self._folder.id, self._folder.id),
+        )
+
+    def expunge(self, uids: Iterable[int]) -> list[int]:
+        """Unlink the files and drop the rows; returns the UIDs actually removed."""
+        removed: list[int] = []
+        freed = 0
+        u = self._u()
+        with u.lock:
+            with u.index.write() as c:
+                modseq = self._highestmodseq(c, u)
+                for uid in sorted(set(uids)):
+                    row = c.execute(
+                        "SELECT filename, size FROM messages WHERE mailbox = ? AND uid = ?",
+                        (self._folder.id, uid),
+                    ).fetchone()
+                    if row is None:
+                        continue
+                    filename = str(row[0])
+                    freed += int(row[1])
+                    try:
+                        os.unlink(os.path.join(self._folder.path, filename))
+                    except FileNotFoundError:
+                        base = maildir.split_filename(filename.split("/", 1)[1])[0]
+                        current = maildir.list_files(self._folder.path).get(base)
+                        if current is not None:
+                            maildir.unlink_quiet(os.path.join(self._folder.path, current))
+                    c.execute(
+                        "DELETE FROM messages WHERE mailbox = ? AND uid = ?",
+                        (self._folder.id, uid),
+                    )
+                    removed.append(uid)
+                if removed:
+                    modseq += 1
+                    c.execute(
+                        "UPDATE mailboxes SET highestmodseq = ?, total_size = total_size - ?,"
+                        " message_count = message_count - ? WHERE id = ?",
+                        (modseq, freed, len(removed), self._folder.id),
+                    )
+            if removed:
+                self.highestmodseq = modseq
+                for uid in removed:
+                    self._infos.pop(uid, None)
+        if removed:
+            self._changed()
+        return removed
+
+    def append(
+        self, data: bytes, flags: Iterable[str] = (), internaldate: float | None = None
+    ) -> int:
+        """Store ``data`` with ``flags`` and ``internaldate`` (also the file's mtime);
+        returns its UID. QuotaExceeded when over quota."""
+        normalized = maildir.normalize_flags(flags)
+        u = self._u()
+        with u.lock:
+            limit = self._store._quota_for(self._user)
+            self._store._check_quota(u, limit, len(data))
+            info = self._store._store(
+                u, self._folder, limit, b"", None, data, normalized, internaldate
+            )
+            self._infos[info.uid] = info
+            self.uidnext = max(self.uidnext, info.uid + 1)
+            self.highestmodseq = max(self.highestmodseq, info.modseq)
+        self._changed()
+        return info.uid

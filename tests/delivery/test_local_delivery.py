@@ -1,0 +1,422 @@
+"""Tests for LocalDelivery: spool -> mailbox, deferral and retry, crash safety, restart."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.logger import Logger, formatEvent
+
+from mailgw.delivery import LocalDelivery, delivery_prefix
+from mailgw.delivery import local as local_module
+from mailgw.spool import Spool
+
+BODY = b"Subject: test\r\n\r\nHello\r\n"
+
+
+@pytest.fixture
+def logged(monkeypatch) -> list[str]:
+    lines: list[str] = []
+    monkeypatch.setattr(
+        local_module, "log", Logger(observer=lambda e: lines.append(formatEvent(e)))
+    )
+    return lines
+
+
+def test_delivers_with_prefix_and_removes_from_spool(
+    spool, store, clock, make_delivery, submit, run, logged
+):
+    delivery = make_delivery()
+    delivery.startService()
+    qid = submit(["alice@example.test"])
+    run(delivery)
+    assert store.mailboxes["alice@example.test"] == [
+        b"Return-Path: <bob@example.org>\r\nDelivered-To: alice@example.test\r\n" + BODY
+    ]
+    for state in Spool.STATES:
+        assert spool.list(state) == []
+    assert spool.list("incoming") == []
+    assert f"{qid} delivered to alice@example.test uid=1" in logged
+    assert any(line.startswith(f"{qid} delivered: from=<bob@example.org>") for line in logged)
+
+
+def test_null_sender_gets_empty_return_path(store, make_delivery, submit, run):
+    delivery = make_delivery()
+    delivery.startService()
+    submit(["alice@example.test"], sender="")
+    run(delivery)
+    assert store.mailboxes["alice@example.test"][0].startswith(
+        b"Return-Path: <>\r\nDelivered-To: alice@example.test\r\n"
+    )
+    assert delivery_prefix("", "x@y.z") == b"Return-Path: <>\r\nDelivered-To: x@y.z\r\n"
+    assert delivery_prefix("ü@é.test", "x@y.z").startswith("Return-Path: <ü@é.test>".encode())
+
+
+def test_never_delivers_inside_the_commit_callback(store, clock, make_delivery, submit):
+    delivery = make_delivery()
+    delivery.startService()
+    submit(["alice@example.test"])
+    assert store.calls == []
+    assert delivery.pending() == 1
+    clock.advance(0)
+    assert store.calls == ["alice@example.test"]
+    assert delivery.pending() == 0
+
+
+def test_one_message_per_reactor_turn(store, clock, make_delivery, submit):
+    delivery = make_delivery()
+    delivery.startService()
+    for _ in range(3):
+        submit(["alice@example.test"])
+    assert delivery.pending() == 3
+    for expected in (1, 2, 3):
+        clock.advance(0)
+        assert len(store.mailboxes["alice@example.test"]) == expected
+
+
+def test_wait_idle(clock, make_delivery, submit):
+    delivery = make_delivery()
+    delivery.startService()
+    fired: list[object] = []
+    delivery.wait_idle().addCallback(fired.append)
+    assert fired == [None]  # nothing queued: fires at once
+    submit(["alice@example.test"])
+    submit(["bob@example.test"])
+    fired.clear()
+    delivery.wait_idle().addCallback(fired.append)
+    clock.advance(0)
+    assert fired == []
+    clock.advance(0)
+    assert fired == [None]
+
+
+def test_quota_defers_then_retry_delivers(spool, store, clock, make_delivery, submit, run, logged):
+    delivery = make_delivery(retry_interval=300.0)
+    delivery.startService()
+    store.over_quota.add("alice@example.test")
+    qid = submit(["alice@example.test"])
+    run(delivery)
+    assert spool.list("deferred") == [qid]
+    env = spool.load(qid).envelope
+    assert env.attempts == 1
+    assert env.next_attempt == clock.seconds() + 300.0
+    assert "over quota" in env.last_error and "alice@example.test" in env.last_error
+    assert any(line.startswith(f"{qid} deferred (attempt 1") for line in logged)
+
+    clock.advance(299)
+    run(delivery)
+    assert store.calls == ["alice@example.test"]  # not retried early
+
+    store.over_quota.clear()
+    clock.advance(1)  # the retry timer fires at next_attempt
+    run(delivery)
+    assert store.mailboxes["alice@example.test"][0].endswith(BODY)
+    assert spool.list("deferred") == [] and spool.list("active") == []
+
+
+def test_repeated_failures_count_attempts(spool, store, clock, make_delivery, submit, run):
+    delivery = make_delivery(retry_interval=60.0)
+    delivery.startService()
+    store.failing["alice@example.test"] = OSError(28, "No space left on device")
+    qid = submit(["alice@example.test"])
+    run(delivery)
+    for _ in range(3):
+        clock.advance(60)
+        run(delivery)
+    env = spool.load(qid).envelope
+    assert env.attempts == 4
+    assert "No space left on device" in env.last_error
+    assert store.calls == ["alice@example.test"] * 4
+
+
+def test_partial_success_does_not_redeliver(spool, store, clock, make_delivery, submit, run):
+    delivery = make_delivery(retry_interval=300.0)
+    delivery.startService()
+    store.over_quota.add("bob@example.test")
+    qid = submit(["alice@example.test", "bob@example.test"])
+    run(delivery)
+    env = spool.load(qid).envelope
+    assert spool.load(qid).state == "deferred"
+    assert "alice@example.test" in env.done
+    assert "bob@example.test" not in env.done
+    assert "bob@example.test" in env.last_error and "alice" not in env.last_error
+
+    store.over_quota.clear()
+    clock.advance(300)
+    run(delivery)
+    assert store.calls == ["alice@example.test", "bob@example.test", "bob@example.test"]
+    assert len(store.mailboxes["alice@example.test"]) == 1
+    assert len(store.mailboxes["bob@example.test"]) == 1
+    with pytest.raises(KeyError):
+        spool.load(qid)
+
+
+def test_progress_is_durable_before_the_next_delivery(spool, store, make_delivery, submit, run):
+    """A crash after the first delivery must not deliver it again: it is already on disk."""
+    seen_on_disk: list[list[str]] = []
+    qid = submit(["alice@example.test", "bob@example.test"])
+    store.before_deliver = lambda user: seen_on_disk.append(list(spool.load(qid).envelope.done))
+    delivery = make_delivery()
+    delivery.startService()
+    run(delivery)
+    assert seen_on_disk[0] == []
+    assert "alice@example.test" in seen_on_disk[1]
+
+
+def test_restart_resumes_incoming_and_active(
+    spool_root, store, directory, clock, submit, run, make_delivery
+):
+    first = Spool(spool_root)
+    waiting = submit(["alice@example.test"], to=first)
+    interrupted = submit(["bob@example.test"], to=first)
+    first.move(interrupted, "active")  # the process died while delivering it
+    first.close()
+
+    restarted = Spool(spool_root)
+    delivery = make_delivery(spool=restarted)
+    delivery.startService()
+    run(delivery)
+    assert len(store.mailboxes["alice@example.test"]) == 1
+    assert len(store.mailboxes["bob@example.test"]) == 1
+    for state in Spool.STATES:
+        assert restarted.list(state) == []
+    restarted.close()
+    assert waiting != interrupted
+
+
+def test_restart_keeps_done_recipients(spool_root, store, make_delivery, submit, run):
+    first = Spool(spool_root)
+    qid = submit(["alice@example.test", "bob@example.test"], to=first)
+    first.move(qid, "active")
+    env = first.load(qid).envelope
+    env.done += ["alice@example.test>alice@example.test", "alice@example.test"]
+    first.update(qid, env)
+    first.close()
+
+    restarted = Spool(spool_root)
+    delivery = make_delivery(spool=restarted)
+    delivery.startService()
+    run(delivery)
+    assert store.calls == ["bob@example.test"]
+    restarted.close()
+
+
+def test_due_deferred_message_is_delivered_at_start(
+    spool, store, clock, make_delivery, submit, run
+):
+    due = submit(["alice@example.test"])
+    later = submit(["bob@example.test"])
+    for qid, when in ((due, clock.seconds() - 1), (later, clock.seconds() + 100)):
+        env = spool.load(qid).envelope
+        env.next_attempt = when
+        spool.update(qid, env)
+        spool.move(qid, "deferred")
+    delivery = make_delivery()
+    delivery.startService()
+    run(delivery)
+    assert store.calls == ["alice@example.test"]
+    clock.advance(100)
+    run(delivery)
+    assert store.calls == ["alice@example.test", "bob@example.test"]
+
+
+def test_alias_to_several_users_and_one_copy_per_user(store, make_delivery, submit, run):
+    delivery = make_delivery()
+    delivery.startService()
+    submit(["team@example.test", "alice@example.test"])
+    run(delivery)
+    assert store.calls == ["alice@example.test", "bob@example.test"]
+    assert store.mailboxes["bob@example.test"][0].startswith(
+        b"Return-Path: <bob@example.org>\r\nDelivered-To: bob@example.test\r\n"
+    )
+
+
+def test_external_alias_target_is_left_for_the_relay(
+    spool, store, clock, make_delivery, submit, run, logged
+):
+    delivery = make_delivery(retry_interval=10.0)
+    delivery.startService()
+    qid = submit(["fwd@example.test"])
+    run(delivery)
+    assert store.calls == ["alice@example.test"]
+    message = spool.load(qid)
+    assert message.state == "deferred"
+    assert "fwd@example.test>alice@example.test" in message.envelope.done
+    assert "fwd@example.test" not in message.envelope.done
+    assert "someone@elsewhere.org" in message.envelope.last_error
+    assert any("is external, left for the relay" in line for line in logged)
+    clock.advance(10)
+    run(delivery)
+    assert store.calls == ["alice@example.test"]  # no second copy on retry
+    assert spool.load(qid).envelope.attempts == 2
+
+
+def test_unknown_recipient_and_lookup_failure_defer(
+    spool, store, directory, make_delivery, submit, run
+):
+    directory.broken.add("carol@example.test")
+    delivery = make_delivery()
+    delivery.startService()
+    qid = submit(["gone@example.test", "carol@example.test", "alice@example.test"])
+    run(delivery)
+    env = spool.load(qid).envelope
+    assert spool.load(qid).state == "deferred"
+    assert "<gone@example.test>: no such recipient" in env.last_error
+    assert "directory lookup failed" in env.last_error
+    assert store.calls == ["alice@example.test"]
+
+
+def test_unexpected_store_error_defers(spool, store, make_delivery, submit, run, logged):
+    store.failing["alice@example.test"] = RuntimeError("bug in the store")
+    delivery = make_delivery()
+    delivery.startService()
+    qid = submit(["alice@example.test"])
+    run(delivery)
+    message = spool.load(qid)
+    assert message.state == "deferred"
+    assert message.envelope.last_error == "internal error during delivery"
+    assert f"{qid} delivery failed unexpectedly" in logged
+
+
+def test_corrupt_envelope_goes_to_corrupt(spool, store, make_delivery, submit, run):
+    qid = submit(["alice@example.test"])
+    delivery = make_delivery()
+    delivery.startService()
+    with open(f"{spool.root}/incoming/{qid}", "wb") as f:
+        f.write(b"garbage")
+    run(delivery)
+    assert spool.list("corrupt") == [qid]
+    assert store.calls == []
+
+
+def test_corrupt_deferred_envelope_found_by_retry_scan(spool, clock, make_delivery, submit):
+    qid = submit(["alice@example.test"])
+    spool.move(qid, "deferred")
+    with open(f"{spool.root}/deferred/{qid}", "wb") as f:
+        f.write(b"[]")
+    delivery = make_delivery()
+    delivery.spool.recover = lambda: []  # let the scan meet it, not start-up recovery
+    delivery.startService()
+    assert spool.list("corrupt") == [qid]
+
+
+def test_held_or_vanished_messages_are_skipped(spool, store, clock, make_delivery, submit):
+    delivery = make_delivery()
+    delivery.startService()
+    held = submit(["alice@example.test"])
+    spool.move(held, "hold")
+    vanished = submit(["bob@example.test"])
+    spool.remove(vanished)
+    clock.advance(0)
+    clock.advance(0)
+    assert store.calls == []
+    assert spool.list("hold") == [held]
+
+
+def test_old_message_logs_would_bounce(spool, store, clock, make_delivery, submit, run, logged):
+    store.over_quota.add("alice@example.test")
+    delivery = make_delivery(max_attempts_age=3600.0)
+    delivery.startService()
+    clock.advance(7200)
+    qid = submit(["alice@example.test"])
+    run(delivery)
+    assert spool.load(qid).state == "deferred"
+    assert any(line.startswith(f"{qid} queued for") and "would bounce" in line for line in logged)
+
+
+def test_stop_cancels_timers_and_start_again_resumes(store, clock, make_delivery, submit, run):
+    delivery = make_delivery()
+    delivery.startService()
+    submit(["alice@example.test"])
+    fired: list[object] = []
+    delivery.wait_idle().addCallback(fired.append)
+    delivery.stopService()
+    assert clock.getDelayedCalls() == []
+    assert fired == [None]
+    submit(["bob@example.test"])  # committed while stopped: stays in incoming
+    assert delivery.pending() == 0
+    clock.advance(0)
+    assert store.calls == []
+    delivery.startService()  # listener not registered twice
+    run(delivery)
+    assert sorted(store.calls) == ["alice@example.test", "bob@example.test"]
+
+
+def test_bad_retry_interval(spool, store, directory, clock) -> None:
+    with pytest.raises(ValueError):
+        LocalDelivery(spool, store, directory, clock, retry_interval=0)
+
+
+def test_alias_that_lost_its_external_target_completes(
+    spool, store, directory, clock, make_delivery, submit, run
+):
+    delivery = make_delivery(retry_interval=10.0)
+    delivery.startService()
+    qid = submit(["fwd@example.test"])
+    run(delivery)
+    assert spool.load(qid).state == "deferred"
+    directory.aliases["fwd@example.test"] = ["alice@example.test"]
+    clock.advance(10)
+    run(delivery)
+    assert store.calls == ["alice@example.test"]
+    with pytest.raises(KeyError):
+        spool.load(qid)
+
+
+def test_duplicate_notifications_and_early_deferred_are_ignored(
+    spool, store, clock, make_delivery, submit, run
+):
+    delivery = make_delivery(retry_interval=50.0)
+    delivery.startService()
+    store.over_quota.add("alice@example.test")
+    qid = submit(["alice@example.test"])
+    delivery._committed(qid)  # a second notification for the same message
+    assert delivery.pending() == 1
+    run(delivery)
+    assert spool.load(qid).state == "deferred"
+    delivery._committed(qid)  # deferred and not due: left alone
+    run(delivery)
+    assert store.calls == ["alice@example.test"]
+    assert spool.load(qid).envelope.attempts == 1
+
+
+def test_retry_scan_survives_a_message_vanishing(spool, clock, make_delivery, monkeypatch):
+    delivery = make_delivery()
+    monkeypatch.setattr(spool, "recover", lambda: [])
+    real_list = spool.list
+    monkeypatch.setattr(
+        spool, "list", lambda state: real_list(state) + (["0" * 16] if state == "deferred" else [])
+    )
+    delivery.startService()
+    assert delivery.pending() == 0
+    assert len(clock.getDelayedCalls()) == 1  # the retry timer is armed
+
+
+def test_failure_to_defer_after_a_crash_is_logged(spool, store, make_delivery, submit, run, logged):
+    qid = submit(["alice@example.test"])
+
+    def remove_then_fail(user: str) -> None:
+        spool.remove(qid)
+        raise RuntimeError("store bug")
+
+    store.before_deliver = remove_then_fail
+    delivery = make_delivery()
+    delivery.startService()
+    run(delivery)
+    assert f"{qid} could not be deferred" in logged
+
+
+def test_failure_to_move_to_corrupt_is_logged(
+    spool, make_delivery, submit, run, logged, monkeypatch
+):
+    qid = submit(["alice@example.test"])
+    with open(f"{spool.root}/incoming/{qid}", "wb") as f:
+        f.write(b"garbage")
+    delivery = make_delivery()
+    delivery.spool.recover = lambda: []
+
+    def failing_move(queue_id: str, state: str) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(spool, "move", failing_move)
+    delivery.startService()
+    run(delivery)
+    assert any(line.startswith(f"{qid} could not move to corrupt") for line in logged)
