@@ -1,0 +1,87 @@
+"""The POP3 listener factory: shared settings, the per-user maildrop lock, per-address limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import ServerFactory
+
+from mailgw.config.schema import POP3Config
+from mailgw.interfaces import IDirectory, IMessageStore
+from mailgw.pop3.protocol import POP3Server
+
+
+class POP3Factory(ServerFactory[POP3Server]):
+    """Builds a ``POP3Server`` per connection.
+
+    ``tls_options``: a TLS context factory for STLS (None: STLS not offered).
+    ``implicit_tls``: connections are already TLS (the listener wraps them), so STLS is not
+    offered and plaintext authentication is allowed.
+    """
+
+    def __init__(
+        self,
+        config: POP3Config,
+        hostname: str,
+        store: IMessageStore,
+        directory: IDirectory,
+        reactor: IReactorTime,
+        tls_options: Any = None,
+        implicit_tls: bool = False,
+        auth_failure_delay: float = 2.0,
+    ) -> None:
+        self.config = config
+        self.hostname = hostname
+        self.store = store
+        self.directory = directory
+        self.reactor = reactor
+        self.tls_options = tls_options
+        self.implicit_tls = implicit_tls
+        self.auth_failure_delay = auth_failure_delay
+        self._locks: dict[str, POP3Server] = {}
+        self._per_ip: dict[str, int] = {}
+
+    def buildProtocol(self, addr: IAddress | None) -> POP3Server:
+        return POP3Server(self)
+
+    def logPrefix(self) -> str:
+        return "POP3S" if self.implicit_tls else "POP3"
+
+    # -- maildrop locks (RFC 1939 section 8: exclusive access) --------------------------------
+
+    def lock(self, user: str, session: POP3Server) -> bool:
+        """Take ``user``'s maildrop lock for ``session``; False if another session holds it."""
+        holder = self._locks.get(user)
+        if holder is not None and holder is not session:
+            return False
+        self._locks[user] = session
+        return True
+
+    def unlock(self, user: str, session: POP3Server) -> None:
+        """Release the lock if ``session`` holds it."""
+        if self._locks.get(user) is session:
+            del self._locks[user]
+
+    def is_locked(self, user: str) -> bool:
+        return user in self._locks
+
+    # -- connections per client address -------------------------------------------------------
+
+    def connection_opened(self, ip: str) -> bool:
+        """Count a session from ``ip``; False (not counted) when over the per-address limit."""
+        current = self._per_ip.get(ip, 0)
+        if current >= self.config.max_connections_per_ip:
+            return False
+        self._per_ip[ip] = current + 1
+        return True
+
+    def connection_closed(self, ip: str) -> None:
+        current = self._per_ip.get(ip, 0) - 1
+        if current > 0:
+            self._per_ip[ip] = current
+        else:
+            self._per_ip.pop(ip, None)
+
+    def connections_from(self, ip: str) -> int:
+        return self._per_ip.get(ip, 0)

@@ -1,0 +1,293 @@
+"""In-memory IMessageStore / IMailbox / IDirectory and a StringTransport with STLS for POP3 tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailgw.config.schema import POP3Config
+from mailgw.interfaces import IDirectory, IMailbox, IMessageStore, MailboxNotFound
+from mailgw.pop3 import POP3Factory, POP3Server
+
+
+@dataclass(frozen=True)
+class Info:
+    uid: int
+    size: int
+    flags: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class FakeUser:
+    name: str
+
+
+@dataclass
+class _Folder:
+    uidvalidity: int
+    uidnext: int = 1
+    data: dict[int, bytes] = field(default_factory=dict)
+    flags: dict[int, set[str]] = field(default_factory=dict)
+
+
+@implementer(IMailbox)
+class FakeMailbox:
+    """A view of one in-memory folder; ``messages()`` reflects the folder as of ``refresh``."""
+
+    def __init__(self, folder: _Folder, name: str) -> None:
+        self._folder = folder
+        self.name = name
+        self.uidvalidity = folder.uidvalidity
+        self.highestmodseq = 1
+        self.refresh()
+        self.open_error: Exception | None = None
+        self.flag_error: Exception | None = None
+        self.expunge_error: Exception | None = None
+        self.expunged: list[int] = []
+
+    def refresh(self) -> None:
+        self.uidnext = self._folder.uidnext
+
+    def messages(self) -> list[Any]:
+        return [
+            Info(uid, len(data), frozenset(self._folder.flags[uid]))
+            for uid, data in sorted(self._folder.data.items())
+        ]
+
+    def open_message(self, uid: int) -> Any:
+        if self.open_error is not None:
+            raise self.open_error
+        return io.BytesIO(self._folder.data[uid])
+
+    def read_message(self, uid: int) -> bytes:
+        return self._folder.data[uid]
+
+    def set_flags(self, uids: list[int], flags: list[str], mode: str) -> dict[int, Any]:
+        if self.flag_error is not None:
+            raise self.flag_error
+        out = {}
+        for uid in uids:
+            current = self._folder.flags[uid]
+            if mode == "set":
+                current.clear()
+            if mode == "remove":
+                current.difference_update(flags)
+            else:
+                current.update(flags)
+            out[uid] = Info(uid, len(self._folder.data[uid]), frozenset(current))
+        return out
+
+    def expunge(self, uids: list[int]) -> list[int]:
+        if self.expunge_error is not None:
+            raise self.expunge_error
+        removed = [uid for uid in uids if self._folder.data.pop(uid, None) is not None]
+        for uid in removed:
+            del self._folder.flags[uid]
+        self.expunged += removed
+        return removed
+
+    def append(self, data: bytes, flags: Any = (), internaldate: float | None = None) -> int:
+        uid = self._folder.uidnext
+        self._folder.uidnext += 1
+        self._folder.data[uid] = data
+        self._folder.flags[uid] = set(flags)
+        return uid
+
+
+@implementer(IMessageStore)
+class FakeStore:
+    def __init__(self) -> None:
+        self._folders: dict[tuple[str, str], _Folder] = {}
+        self.opened: list[FakeMailbox] = []
+        self.open_error: Exception | None = None
+        self._listeners: list[Any] = []
+
+    def _folder(self, user: str, name: str = "INBOX", create: bool = False) -> _Folder:
+        key = (user, name)
+        if key not in self._folders:
+            if not (create or name == "INBOX"):
+                raise MailboxNotFound(name)
+            self._folders[key] = _Folder(uidvalidity=1700000000 + len(self._folders))
+        return self._folders[key]
+
+    def add(self, user: str, data: bytes) -> int:
+        """Test helper: append a message to the user's INBOX."""
+        return FakeMailbox(self._folder(user), "INBOX").append(data)
+
+    def contents(self, user: str) -> list[bytes]:
+        folder = self._folder(user)
+        return [folder.data[uid] for uid in sorted(folder.data)]
+
+    def flags(self, user: str, uid: int) -> set[str]:
+        return set(self._folder(user).flags[uid])
+
+    def deliver(
+        self, user: str, content_path: str, prefix: bytes = b"", folder: str = "INBOX"
+    ) -> int:
+        with open(content_path, "rb") as f:
+            data = prefix + f.read()
+        uid = FakeMailbox(self._folder(user, folder), folder).append(data)
+        for callback in self._listeners:
+            callback(user, folder)
+        return uid
+
+    def open_mailbox(self, user: str, name: str = "INBOX") -> FakeMailbox:
+        if self.open_error is not None:
+            raise self.open_error
+        mailbox = FakeMailbox(self._folder(user, name), name)
+        self.opened.append(mailbox)
+        return mailbox
+
+    def list_mailboxes(self, user: str) -> list[str]:
+        names = sorted(name for (u, name) in self._folders if u == user and name != "INBOX")
+        return ["INBOX", *names]
+
+    def create_mailbox(self, user: str, name: str) -> None:
+        if (user, name) in self._folders:
+            raise ValueError(f"{name} exists")
+        self._folder(user, name, create=True)
+
+    def quota_usage(self, user: str) -> tuple[int, int | None]:
+        return sum(
+            len(d) for (u, _), f in self._folders.items() if u == user for d in f.data.values()
+        ), None
+
+    def reindex(self, user: str) -> int:
+        return sum(len(f.data) for (u, _), f in self._folders.items() if u == user)
+
+    def add_listener(self, callback: Any) -> None:
+        self._listeners.append(callback)
+
+
+@implementer(IDirectory)
+class FakeDirectory:
+    """Users with plain passwords. ``hold`` makes check_password return unfired Deferreds."""
+
+    def __init__(self, users: dict[str, str]) -> None:
+        self.users = dict(users)
+        self.calls: list[tuple[str, str]] = []
+        self.hold = False
+        self.pending: list[defer.Deferred[Any]] = []
+        self.error: Exception | None = None
+
+    def is_local_domain(self, domain: str) -> bool:
+        return any(name.endswith("@" + domain) for name in self.users)
+
+    def resolve(self, address: str) -> list[str]:
+        return [address.lower()] if address.lower() in self.users else []
+
+    def get_user(self, name: str) -> FakeUser | None:
+        return FakeUser(name) if name in self.users else None
+
+    def check_password(self, name: str, password: str) -> defer.Deferred[Any]:
+        self.calls.append((name, password))
+        if self.error is not None:
+            return defer.fail(self.error)
+        if self.hold:
+            d: defer.Deferred[Any] = defer.Deferred()
+            self.pending.append(d)
+            return d
+        if self.users.get(name) == password:
+            return defer.succeed(FakeUser(name))
+        return defer.fail(UnauthorizedLogin())
+
+    def quota_for(self, name: str) -> int | None:
+        return None
+
+
+class TLSStringTransport(StringTransport):
+    """StringTransport recording ``startTLS`` (the bytes written before it are kept apart)."""
+
+    def __init__(self, peer: str = "192.0.2.7") -> None:
+        address = (
+            IPv6Address("TCP", peer, 40000) if ":" in peer else IPv4Address("TCP", peer, 40000)
+        )
+        super().__init__(peerAddress=address)
+        self.tls_started_with: Any = None
+        self.before_tls = b""
+
+    def startTLS(self, options: Any) -> None:
+        self.tls_started_with = options
+        self.before_tls = self.value()
+
+
+ALICE = "alice@example.test"
+BOB = "bob@example.test"
+PASSWORDS = {ALICE: "alice secret", BOB: "bob-pw"}
+
+
+class Session:
+    """Drives one POP3Server over a StringTransport; producers are pumped to completion."""
+
+    def __init__(self, factory: POP3Factory, peer: str = "192.0.2.7") -> None:
+        self.factory = factory
+        self.transport = TLSStringTransport(peer)
+        self.proto: POP3Server = factory.buildProtocol(None)
+        self.proto.makeConnection(self.transport)
+        self.greeting = self.take()
+
+    def take(self) -> bytes:
+        out = self.transport.value()
+        self.transport.clear()
+        return out
+
+    def pump(self) -> None:
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+
+    def send(self, data: bytes) -> bytes:
+        self.proto.dataReceived(data)
+        self.pump()
+        return self.take()
+
+    def cmd(self, line: str) -> str:
+        return self.send(line.encode() + b"\r\n").decode("utf-8", "replace")
+
+    def login(self, user: str = ALICE, password: str | None = None) -> str:
+        self.cmd(f"USER {user}")
+        return self.cmd(f"PASS {password if password is not None else PASSWORDS[user]}")
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+    def lose(self) -> None:
+        self.proto.connectionLost(Failure(ConnectionDone()))
+
+
+class Env:
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.store = FakeStore()
+        self.directory = FakeDirectory(PASSWORDS)
+        self.config = POP3Config()
+        self.tls_options: Any = None
+        self.implicit_tls = False
+
+    def factory(self, **config: Any) -> POP3Factory:
+        return POP3Factory(
+            dataclasses.replace(self.config, **config),
+            "pop.example.test",
+            self.store,
+            self.directory,
+            self.clock,
+            tls_options=self.tls_options,
+            implicit_tls=self.implicit_tls,
+            auth_failure_delay=2.0,
+        )
+
+    def session(
+        self, peer: str = "127.0.0.1", factory: POP3Factory | None = None, **config: Any
+    ) -> Session:
+        return Session(factory or self.factory(**config), peer)
