@@ -1,0 +1,1 @@
+"""SMTP server: the wire protocol (protocol.py) and the roles that give it policy (roles/)."""

@@ -1,0 +1,845 @@
+"""The SMTP server wire protocol: RFC 5321 state machine, framing, DATA streaming; no policy.
+
+Policy (who may send, which recipients exist, what to add to a message) lives in a ``Role``
+object the protocol calls; each hook returns a ``Reply`` or a ``Deferred`` firing with one.
+While a hook's Deferred is pending the protocol stops consuming input (strict in-order
+PIPELINING, never reading ahead into DATA).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailgw.interfaces import IIncomingMessage, ISpool
+from mailgw.model import Address, AddressError, Envelope, parse_path
+from mailgw.model.reply import R, Reply
+from mailgw.smtp.replies import SR
+from mailgw.smtp.trace import with_protocol
+
+ReplyResult = Reply | Deferred[Reply]
+
+MAX_COMMAND_LINE = 2048
+"""Longest command line accepted, CRLF included (RFC 5321 says 512; extensions need more)."""
+
+ERROR_CODES = frozenset({500, 501, 502, 503, 504, 555})
+"""Replies that count as client errors towards ``max_errors`` (syntax and sequence)."""
+
+_COMMAND, _DATA = "command", "data"
+
+log = Logger()
+
+_WIRE: dict[Reply, bytes] = {}
+"""Wire form of replies already sent (they are immutable values; EHLO lines vary little)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one SMTP listener (normally taken from the role's config section)."""
+
+    max_message_size: int = 25 * 1024 * 1024
+    max_line_length: int = 10000
+    max_errors: int = 10
+    idle_timeout: float = 300.0
+    session_timeout: float = 1800.0
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+
+
+@dataclass
+class Session:
+    """What the protocol knows about a client session; roles read it (and may annotate it)."""
+
+    session_id: str
+    client_ip: str
+    helo: str | None = None
+    esmtp: bool = False
+    tls: bool = False
+    authenticated: str | None = None
+    has_sender: bool = False
+    sender: Address | None = None
+    recipients: list[Address] = field(default_factory=list)
+    body_8bitmime: bool = False
+    smtputf8: bool = False
+    declared_size: int = 0
+
+    @property
+    def protocol_name(self) -> str:
+        """The RFC 3848 ``with`` keyword for this session's current transaction."""
+        return with_protocol(self.esmtp, self.tls, self.authenticated is not None, self.smtputf8)
+
+    def reset_transaction(self) -> None:
+        """Forget the MAIL transaction (RSET, HELO/EHLO, end of DATA)."""
+        self.has_sender = False
+        self.sender = None
+        self.recipients = []
+        self.body_8bitmime = False
+        self.smtputf8 = False
+        self.declared_size = 0
+
+
+class Role:
+    """Policy hooks of an SMTP role; this base accepts everything and spools into ``spool``.
+
+    Hooks returning ``ReplyResult`` may return a Deferred; a positive reply (2xx/3xx) means
+    "go on", any other reply is sent to the client as it is. An exception (or failed
+    Deferred) is logged and answered ``451 4.3.0``.
+    """
+
+    def __init__(self, spool: ISpool) -> None:
+        self.spool = spool
+
+    def extensions(self, session: Session) -> list[str]:
+        """Extra EHLO keywords of this role (e.g. ``AUTH PLAIN`` for submission)."""
+        return []
+
+    def helo(self, session: Session, name: str) -> ReplyResult:
+        """HELO/EHLO ``name``; positive: the protocol sends its own greeting lines."""
+        return R.OK
+
+    def mail_from(self, session: Session, sender: Address | None) -> ReplyResult:
+        """MAIL FROM (``None`` is the null sender ``<>``); session flags are already set."""
+        return R.SENDER_OK
+
+    def rcpt_to(self, session: Session, recipient: Address) -> ReplyResult:
+        """RCPT TO; ``session.recipients`` holds the recipients accepted so far."""
+        return R.RECIPIENT_OK
+
+    def data_start(self, session: Session) -> ReplyResult:
+        """DATA command; positive: a message is begun and ``354`` is sent."""
+        return R.START_DATA
+
+    def begin_message(self, session: Session) -> IIncomingMessage:
+        """Open the spool file that receives the message body."""
+        return self.spool.begin()
+
+    def data_header(self, session: Session, queue_id: str) -> bytes:
+        """Header lines (CRLF-terminated) written before the client's message."""
+        return b""
+
+    def data_end(
+        self, session: Session, incoming: IIncomingMessage, envelope: Envelope
+    ) -> ReplyResult:
+        """The whole message has been received; positive: commit. May adjust ``envelope``."""
+        return R.OK
+
+    def message_committed(self, session: Session, envelope: Envelope) -> None:
+        """Called after the spool committed the message (for counters, notifications)."""
+
+    def unknown_command(self, session: Session, verb: str, argument: str) -> ReplyResult | None:
+        """A verb the protocol does not know; None: ``500 5.5.2``."""
+        return None
+
+
+def _peer_ip(addr: IAddress) -> str:
+    host = getattr(addr, "host", "")
+    return host if isinstance(host, str) else ""
+
+
+class _DataState:
+    """Progress of one DATA phase (what was seen, whether the message is being discarded)."""
+
+    __slots__ = ("line_start", "size", "too_long", "too_big", "nul", "eightbit")
+
+    def __init__(self) -> None:
+        self.line_start = True
+        self.size = 0
+        self.too_long = False
+        self.too_big = False
+        self.nul = False
+        self.eightbit = False
+
+    @property
+    def discarding(self) -> bool:
+        return self.too_long or self.too_big or self.nul
+
+
+class SMTPServer(Protocol):
+    """One SMTP server session (see the module docstring)."""
+
+    factory: SMTPFactory | None = None
+    transport: Any
+
+    def __init__(
+        self,
+        role: Role,
+        hostname: str,
+        limits: Limits,
+        reactor: IReactorTime,
+        tls_options: Any = None,
+    ) -> None:
+        self.role = role
+        self.hostname = hostname
+        self.limits = limits
+        self.reactor = reactor
+        self.tls_options = tls_options
+        self.session = Session(session_id=secrets.token_hex(6), client_ip="")
+        self._buf = b""
+        self._mode = _COMMAND
+        self._waiting = False
+        self._paused = False
+        self._processing = False
+        self._closed = False
+        self._discarding_line = False
+        self._errors = 0
+        self._incoming: IIncomingMessage | None = None
+        self._data = _DataState()
+        self._idle_timer: IDelayedCall | None = None
+        self._session_timer: IDelayedCall | None = None
+        self._counted = False
+        self._handlers: dict[str, Callable[[str], None]] = {
+            "EHLO": self._do_ehlo,
+            "HELO": self._do_helo,
+            "MAIL": self._do_mail,
+            "RCPT": self._do_rcpt,
+            "DATA": self._do_data,
+            "RSET": self._do_rset,
+            "NOOP": self._do_noop,
+            "QUIT": self._do_quit,
+            "VRFY": self._do_vrfy,
+            "EXPN": self._do_expn,
+            "HELP": self._do_help,
+            "STARTTLS": self._do_starttls,
+        }
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.session.client_ip = _peer_ip(self.transport.getPeer())
+        self.session.tls = ISSLTransport.providedBy(self.transport)
+        if self.factory is not None:
+            refusal = self.factory.connection_opened(self.session.client_ip)
+            if refusal is not None:
+                log.info(
+                    "{sid} {peer} refused: {reply}",
+                    sid=self.session.session_id,
+                    peer=self.session.client_ip,
+                    reply=refusal.format(),
+                )
+                self._send(refusal)
+                self._closed = True
+                self.transport.loseConnection()
+                return
+            self._counted = True
+        log.info(
+            "{sid} connect from {peer}", sid=self.session.session_id, peer=self.session.client_ip
+        )
+        self._idle_timer = self.reactor.callLater(self.limits.idle_timeout, self._idle_expired)
+        self._session_timer = self.reactor.callLater(
+            self.limits.session_timeout, self._session_expired
+        )
+        self._send(Reply(220, "", f"{self.hostname} ESMTP mailgw"))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closed = True
+        self._cancel_timers()
+        self._abort_incoming()
+        if self._counted and self.factory is not None:
+            self.factory.connection_closed(self.session.client_ip)
+            self._counted = False
+        log.info(
+            "{sid} disconnect from {peer}", sid=self.session.session_id, peer=self.session.client_ip
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self.limits.idle_timeout)
+        self._buf = self._buf + data if self._buf else data
+        self._process()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._idle_timer, self._session_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._idle_timer = self._session_timer = None
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        self._send(R.IDLE_TIMEOUT)
+        self._close()
+
+    def _session_expired(self) -> None:
+        self._session_timer = None
+        self._send(R.SESSION_TIMEOUT)
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._cancel_timers()
+        self._abort_incoming()
+        self._buf = b""
+        self.transport.loseConnection()
+
+    # -- replies -------------------------------------------------------------------------------
+
+    def _send(self, reply: Reply, text: str | None = None) -> None:
+        if text is None:
+            wire = _WIRE.get(reply)
+            if wire is None:
+                wire = _WIRE[reply] = reply.format().encode("utf-8") + b"\r\n"
+            self.transport.write(wire)
+        else:
+            self.transport.write(reply.format(text).encode("utf-8") + b"\r\n")
+
+    def _reply(self, reply: Reply, text: str | None = None, verb: str = "") -> None:
+        """Send a reply to a command; log refusals and count client errors."""
+        if self._closed:
+            return
+        self._send(reply, text)
+        if reply.code >= 400:
+            log.info(
+                "{sid} {peer} {verb} rejected: {reply}",
+                sid=self.session.session_id,
+                peer=self.session.client_ip,
+                verb=verb,
+                reply=reply.format(text),
+            )
+        if reply.code in ERROR_CODES:
+            self._errors += 1
+            if self._errors >= self.limits.max_errors:
+                self._send(R.TOO_MANY_ERRORS)
+                self._close()
+
+    def _call(
+        self, hook: Callable[[], ReplyResult], then: Callable[[Reply], None], what: str
+    ) -> None:
+        """Run a policy hook; continue with ``then(reply)`` now or when its Deferred fires."""
+        try:
+            result = hook()
+        except Exception:
+            log.failure("{sid} policy error in {what}", sid=self.session.session_id, what=what)
+            result = R.LOCAL_ERROR
+        if not isinstance(result, Deferred):
+            then(result)
+            return
+        self._waiting = True
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+        result.addErrback(self._policy_failed, what)
+        result.addCallback(self._resume, then)
+
+    def _policy_failed(self, failure: Failure, what: str) -> Reply:
+        log.failure("{sid} policy error in {what}", failure, sid=self.session.session_id, what=what)
+        return R.LOCAL_ERROR
+
+    def _resume(self, reply: Reply, then: Callable[[Reply], None]) -> None:
+        self._waiting = False
+        if self._closed:
+            return
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self.limits.idle_timeout)
+        then(reply)
+        self._process()
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while self._buf and not self._waiting and not self._closed:
+                step = self._data_step if self._mode is _DATA else self._command_step
+                if not step():
+                    break
+        finally:
+            self._processing = False
+
+    def _bare_newline(self) -> bool:
+        log.info(
+            "{sid} {peer} bare CR or LF, closing",
+            sid=self.session.session_id,
+            peer=self.session.client_ip,
+        )
+        self._send(R.BARE_NEWLINE)
+        self._close()
+        return False
+
+    def _command_step(self) -> bool:
+        """Take one command line off the buffer; False when more input is needed."""
+        buf = self._buf
+        if self._discarding_line:
+            end = buf.find(b"\r\n")
+            if end < 0:
+                self._buf = buf[-1:] if buf.endswith(b"\r") else b""
+                return False
+            self._buf = buf[end + 2 :]
+            self._discarding_line = False
+            return True
+        end = buf.find(b"\n")
+        if end < 0:
+            if len(buf) >= MAX_COMMAND_LINE:
+                self._buf = buf[-1:] if buf.endswith(b"\r") else b""
+                self._discarding_line = True
+                self._reply(R.LINE_TOO_LONG)
+            return False
+        if end == 0 or buf[end - 1] != 13:
+            return self._bare_newline()
+        self._buf = buf[end + 1 :]
+        if end + 1 > MAX_COMMAND_LINE:
+            self._reply(R.LINE_TOO_LONG)
+            return True
+        line = buf[: end - 1]
+        if b"\r" in line:
+            return self._bare_newline()
+        self._command(line)
+        return True
+
+    def _command(self, line: bytes) -> None:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(R.SYNTAX_ERROR)
+            return
+        verb, _, argument = text.partition(" ")
+        verb = verb.upper()
+        handler = self._handlers.get(verb)
+        if handler is not None:
+            handler(argument.strip(" "))
+            return
+        self._call(
+            lambda: self.role.unknown_command(self.session, verb, argument) or R.SYNTAX_ERROR,
+            lambda reply: self._reply(reply, verb=verb),
+            verb,
+        )
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def _do_ehlo(self, argument: str) -> None:
+        self._greet(argument, esmtp=True)
+
+    def _do_helo(self, argument: str) -> None:
+        self._greet(argument, esmtp=False)
+
+    def _greet(self, name: str, esmtp: bool) -> None:
+        verb = "EHLO" if esmtp else "HELO"
+        if not name or " " in name:
+            self._reply(R.PARAM_SYNTAX, verb=verb)
+            return
+        self.session.reset_transaction()
+
+        def then(reply: Reply) -> None:
+            if not reply.is_positive:
+                self._reply(reply, verb=verb)
+                return
+            self.session.helo = name
+            self.session.esmtp = esmtp
+            if not esmtp:
+                self._reply(Reply(250, "", self.hostname))
+                return
+            lines = [
+                self.hostname,
+                f"SIZE {self.limits.max_message_size}",
+                "8BITMIME",
+                "PIPELINING",
+                "ENHANCEDSTATUSCODES",
+                "SMTPUTF8",
+            ]
+            if self.tls_options is not None and not self.session.tls:
+                lines.append("STARTTLS")
+            lines.extend(self.role.extensions(self.session))
+            self._reply(Reply(250, "", "\n".join(lines)))
+
+        self._call(lambda: self.role.helo(self.session, name), then, verb)
+
+    @staticmethod
+    def _split_path(rest: str) -> tuple[str, list[str]] | None:
+        """``<path> PARAM...`` -> (``<path>``, params); None when there is no ``<...>``."""
+        rest = rest.lstrip(" ")
+        if not rest.startswith("<"):
+            return None
+        end = rest.find(">")
+        if end < 0:
+            return None
+        tail = rest[end + 1 :]
+        if tail and not tail.startswith(" "):
+            return None
+        return rest[: end + 1], tail.split()
+
+    def _do_mail(self, argument: str) -> None:
+        s = self.session
+        if s.helo is None:
+            self._reply(R.NEED_HELO, verb="MAIL")
+            return
+        if s.has_sender:
+            self._reply(R.NESTED_MAIL, verb="MAIL")
+            return
+        if argument[:5].upper() != "FROM:":
+            self._reply(R.PARAM_SYNTAX, verb="MAIL")
+            return
+        split = self._split_path(argument[5:])
+        if split is None:
+            self._reply(R.BAD_SENDER_SYNTAX, verb="MAIL")
+            return
+        path, params = split
+        if params and not s.esmtp:
+            self._reply(R.PARAM_NOT_RECOGNIZED, verb="MAIL")
+            return
+        size, body, smtputf8 = 0, False, False
+        for param in params:
+            keyword, eq, value = param.partition("=")
+            keyword = keyword.upper()
+            if keyword == "SIZE" and eq and value.isdigit() and len(value) < 20:
+                size = int(value)
+            elif keyword == "BODY" and value.upper() in ("7BIT", "8BITMIME"):
+                body = value.upper() == "8BITMIME"
+            elif keyword == "SMTPUTF8" and not eq:
+                smtputf8 = True
+            elif keyword in ("SIZE", "BODY", "SMTPUTF8"):
+                self._reply(R.PARAM_SYNTAX, verb="MAIL")
+                return
+            else:
+                self._reply(R.PARAM_NOT_RECOGNIZED, verb="MAIL")
+                return
+        if size > self.limits.max_message_size:
+            self._reply(R.MESSAGE_TOO_BIG_DECLARED, verb="MAIL")
+            return
+        if not smtputf8 and not path.isascii():
+            self._reply(R.SMTPUTF8_REQUIRED, verb="MAIL")
+            return
+        try:
+            sender = parse_path(path, allow_utf8=smtputf8)
+        except AddressError:
+            self._reply(R.BAD_SENDER_SYNTAX, verb="MAIL")
+            return
+        s.has_sender, s.sender = True, sender
+        s.declared_size, s.body_8bitmime, s.smtputf8 = size, body, smtputf8
+
+        def then(reply: Reply) -> None:
+            if not reply.is_positive:
+                s.reset_transaction()
+            self._reply(reply, verb="MAIL")
+
+        self._call(lambda: self.role.mail_from(s, sender), then, "MAIL")
+
+    def _do_rcpt(self, argument: str) -> None:
+        s = self.session
+        if not s.has_sender:
+            self._reply(R.NEED_MAIL, verb="RCPT")
+            return
+        if argument[:3].upper() != "TO:":
+            self._reply(R.PARAM_SYNTAX, verb="RCPT")
+            return
+        split = self._split_path(argument[3:])
+        if split is None:
+            self._reply(R.BAD_RECIPIENT_SYNTAX, verb="RCPT")
+            return
+        path, params = split
+        if params:
+            self._reply(R.PARAM_NOT_RECOGNIZED, verb="RCPT")
+            return
+        if not s.smtputf8 and not path.isascii():
+            self._reply(R.SMTPUTF8_REQUIRED, verb="RCPT")
+            return
+        try:
+            recipient = parse_path(path, allow_utf8=s.smtputf8)
+        except AddressError:
+            recipient = None
+        if recipient is None:
+            self._reply(R.BAD_RECIPIENT_SYNTAX, verb="RCPT")
+            return
+        rcpt = recipient
+
+        def then(reply: Reply) -> None:
+            if reply.is_positive and rcpt not in s.recipients:
+                s.recipients.append(rcpt)
+            self._reply(reply, verb="RCPT")
+
+        self._call(lambda: self.role.rcpt_to(s, rcpt), then, "RCPT")
+
+    def _do_data(self, argument: str) -> None:
+        s = self.session
+        if argument:
+            self._reply(R.PARAM_SYNTAX, verb="DATA")
+            return
+        if not s.has_sender:
+            self._reply(R.NEED_MAIL, verb="DATA")
+            return
+        if not s.recipients:
+            self._reply(R.NEED_RCPT, verb="DATA")
+            return
+
+        def then(reply: Reply) -> None:
+            if not reply.is_positive:
+                self._reply(reply, verb="DATA")
+                return
+            try:
+                incoming = self.role.begin_message(s)
+                self._incoming = incoming
+                incoming.write(self.role.data_header(s, incoming.queue_id))
+            except Exception:
+                log.failure("{sid} cannot begin message", sid=s.session_id)
+                self._abort_incoming()
+                self._reply(R.LOCAL_ERROR, verb="DATA")
+                return
+            self._mode = _DATA
+            self._data = _DataState()
+            self._reply(R.START_DATA)
+
+        self._call(lambda: self.role.data_start(s), then, "DATA")
+
+    def _do_rset(self, argument: str) -> None:
+        if argument:
+            self._reply(R.PARAM_SYNTAX, verb="RSET")
+            return
+        self.session.reset_transaction()
+        self._reply(R.RESET_OK)
+
+    def _do_noop(self, argument: str) -> None:
+        self._reply(R.OK)
+
+    def _do_quit(self, argument: str) -> None:
+        if argument:
+            self._reply(R.PARAM_SYNTAX, verb="QUIT")
+            return
+        self._send(R.BYE)
+        self._close()
+
+    def _do_vrfy(self, argument: str) -> None:
+        if not argument:
+            self._reply(R.PARAM_SYNTAX, verb="VRFY")
+            return
+        self._reply(R.VRFY_CANNOT)
+
+    def _do_expn(self, argument: str) -> None:
+        self._reply(R.NOT_IMPLEMENTED, verb="EXPN")
+
+    def _do_help(self, argument: str) -> None:
+        self._reply(R.HELP)
+
+    def _do_starttls(self, argument: str) -> None:
+        s = self.session
+        if self.tls_options is None:
+            self._reply(R.NOT_IMPLEMENTED, verb="STARTTLS")
+            return
+        if s.tls:
+            self._reply(R.TLS_ALREADY_ACTIVE, verb="STARTTLS")
+            return
+        if argument:
+            self._reply(R.PARAM_SYNTAX, verb="STARTTLS")
+            return
+        if s.has_sender:
+            self._reply(SR.TRANSACTION_IN_PROGRESS, verb="STARTTLS")
+            return
+        self._reply(R.READY_FOR_TLS)
+        if self._buf:
+            log.warn(
+                "{sid} {peer} discarded {n} bytes pipelined after STARTTLS",
+                sid=s.session_id,
+                peer=s.client_ip,
+                n=len(self._buf),
+            )
+            self._buf = b""
+        try:
+            self.transport.startTLS(self.tls_options)
+        except Exception:
+            log.failure("{sid} STARTTLS failed", sid=s.session_id)
+            self._close()
+            return
+        self.session = Session(session_id=s.session_id, client_ip=s.client_ip, tls=True)
+
+    # -- DATA ----------------------------------------------------------------------------------
+
+    def _data_step(self) -> bool:
+        """Consume message data from the buffer; True when the end of data was reached."""
+        buf = self._buf
+        d = self._data
+        end = False
+        if d.line_start and buf[:3] == b".\r\n":
+            region, rest, end = b"", buf[3:], True
+        elif d.line_start and len(buf) < 3 and b".\r\n".startswith(buf):
+            return False
+        else:
+            i = buf.find(b"\r\n.\r\n")
+            if i >= 0:
+                region, rest, end = buf[: i + 2], buf[i + 5 :], True
+            else:
+                j = buf.rfind(b"\n") + 1
+                region, rest = buf[:j], buf[j:]
+        if region:
+            lf = region.count(b"\n")
+            if lf != region.count(b"\r") or lf != region.count(b"\r\n"):
+                return self._bare_newline()
+            self._consume(region)
+        if end:
+            self._buf = rest
+            self._end_of_data()
+            return True
+        cr = rest.find(b"\r")
+        if cr >= 0 and cr != len(rest) - 1:
+            return self._bare_newline()
+        if len(rest) > self.limits.max_line_length + 1:
+            # An overlong line without its end yet: drop what we have, stay in DATA.
+            if not d.too_long:
+                d.too_long = True
+                self._abort_incoming()
+            d.line_start = False
+            rest = b"\r" if rest.endswith(b"\r") else b""
+        self._buf = rest
+        return False
+
+    def _consume(self, region: bytes) -> None:
+        """Check and store complete lines (CRLF-terminated, bare CR/LF already excluded)."""
+        d = self._data
+        limit = self.limits.max_line_length
+        if (
+            not d.too_long
+            and len(region) > limit + 2
+            and max(map(len, region.split(b"\r\n"))) > limit
+        ):
+            d.too_long = True
+        if not d.nul and b"\x00" in region:
+            d.nul = True
+        if not d.eightbit and not region.isascii():
+            d.eightbit = True
+        if d.line_start and region[:1] == b".":
+            region = region[1:]
+        region = region.replace(b"\r\n.", b"\r\n")
+        d.line_start = True
+        d.size += len(region)
+        if d.size > self.limits.max_message_size:
+            d.too_big = True
+        if d.discarding:
+            self._abort_incoming()
+        elif self._incoming is not None:
+            self._incoming.write(region)
+
+    def _abort_incoming(self) -> None:
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None:
+            try:
+                incoming.abort()
+            except Exception:
+                log.failure("{sid} abort failed", sid=self.session.session_id)
+
+    def _end_of_data(self) -> None:
+        s, d = self.session, self._data
+        self._mode = _COMMAND
+        reject: tuple[Reply, str | None] | None = None
+        if d.too_long:
+            limit = self.limits.max_line_length
+            reject = (R.DATA_LINE_TOO_LONG, R.DATA_LINE_TOO_LONG.text.format(limit=limit))
+        elif d.too_big:
+            reject = (R.MESSAGE_TOO_BIG, None)
+        elif d.nul:
+            reject = (R.NUL_IN_DATA, None)
+        incoming = self._incoming
+        if reject is not None or incoming is None:
+            reply, text = reject or (R.LOCAL_ERROR, None)
+            self._abort_incoming()
+            s.reset_transaction()
+            self._reply(reply, text, verb="DATA")
+            return
+        if d.eightbit and not s.body_8bitmime:
+            log.info(
+                "{sid} {qid}: 8-bit data without BODY=8BITMIME (accepted)",
+                sid=s.session_id,
+                qid=incoming.queue_id,
+            )
+        envelope = Envelope(
+            sender=str(s.sender) if s.sender is not None else "",
+            recipients=[str(r) for r in s.recipients],
+            queue_id=incoming.queue_id,
+            received_at=self.reactor.seconds(),
+            client_address=s.client_ip,
+            client_helo=s.helo or "",
+            protocol=s.protocol_name,
+            body_8bitmime=s.body_8bitmime or d.eightbit,
+            smtputf8=s.smtputf8,
+            size=incoming.size,
+        )
+
+        def then(reply: Reply) -> None:
+            self._commit(incoming, envelope, reply)
+
+        self._call(lambda: self.role.data_end(s, incoming, envelope), then, "end of DATA")
+
+    def _commit(self, incoming: IIncomingMessage, envelope: Envelope, reply: Reply) -> None:
+        s = self.session
+        s.reset_transaction()
+        if not reply.is_positive:
+            self._abort_incoming()
+            self._reply(reply, verb="DATA")
+            return
+        try:
+            queue_id = incoming.commit(envelope)
+        except Exception:
+            log.failure("{sid} {qid}: commit failed", sid=s.session_id, qid=incoming.queue_id)
+            self._abort_incoming()
+            self._reply(R.LOCAL_ERROR, verb="DATA")
+            return
+        self._incoming = None
+        log.info(
+            "{sid} {qid}: accepted from={sender} to={recipients} size={size} peer={peer}",
+            sid=s.session_id,
+            qid=queue_id,
+            sender=f"<{envelope.sender}>",
+            recipients=",".join(f"<{r}>" for r in envelope.recipients),
+            size=envelope.size,
+            peer=s.client_ip,
+        )
+        try:
+            self.role.message_committed(s, envelope)
+        except Exception:
+            log.failure("{sid} {qid}: message_committed failed", sid=s.session_id, qid=queue_id)
+        self._reply(R.QUEUED, R.QUEUED.text.format(queue_id=queue_id))
+
+
+class SMTPFactory(Factory):
+    """Builds SMTP sessions for one role and enforces total and per-IP connection limits."""
+
+    def __init__(
+        self,
+        role: Role,
+        hostname: str,
+        limits: Limits,
+        reactor: IReactorTime,
+        tls_options: Any = None,
+    ) -> None:
+        self.role = role
+        self.hostname = hostname
+        self.limits = limits
+        self.reactor = reactor
+        self.tls_options = tls_options
+        self.connections = 0
+        self.per_ip: dict[str, int] = {}
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        protocol = SMTPServer(self.role, self.hostname, self.limits, self.reactor, self.tls_options)
+        protocol.factory = self
+        return protocol
+
+    def connection_opened(self, client_ip: str) -> Reply | None:
+        """Count a new session; a reply (421) when it is over a limit (then it is not counted)."""
+        if self.connections >= self.limits.max_connections:
+            return SR.TOO_MANY_CONNECTIONS
+        if self.per_ip.get(client_ip, 0) >= self.limits.max_connections_per_ip:
+            return SR.TOO_MANY_CONNECTIONS_FROM_IP
+        self.connections += 1
+        self.per_ip[client_ip] = self.per_ip.get(client_ip, 0) + 1
+        return None
+
+    def connection_closed(self, client_ip: str) -> None:
+        """Forget a session counted by ``connection_opened``."""
+        self.connections -= 1
+        left = self.per_ip.get(client_ip, 0) - 1
+        if left > 0:
+            self.per_ip[client_ip] = left
+        else:
+            self.per_ip.pop(client_ip, None)

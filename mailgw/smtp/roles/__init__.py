@@ -1,0 +1,1 @@
+"""SMTP roles: policy objects the SMTP protocol calls (mx: inbound for local domains)."""

@@ -1,0 +1,55 @@
+"""Trace information the SMTP server adds to messages: the ``Received:`` header (RFC 5321 4.4)."""
+
+from __future__ import annotations
+
+import email.utils
+
+MAX_HELO_IN_HEADER = 255
+
+
+def with_protocol(esmtp: bool, tls: bool, authenticated: bool, smtputf8: bool) -> str:
+    """The ``with`` keyword of RFC 3848 / RFC 6531: SMTP, ESMTP[S][A], UTF8SMTP[S][A]."""
+    if not esmtp:
+        return "SMTP"
+    base = "UTF8SMTP" if smtputf8 else "ESMTP"
+    return base + ("S" if tls else "") + ("A" if authenticated else "")
+
+
+def _clean_helo(helo: str) -> str:
+    """The HELO argument reduced to printable ASCII without header-breaking characters."""
+    cleaned = "".join(c if "!" <= c <= "~" and c not in "();" else "?" for c in helo)
+    return cleaned[:MAX_HELO_IN_HEADER] or "unknown"
+
+
+def _ip_literal(ip: str) -> str:
+    if not ip:
+        return "unknown"
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+
+
+def received_header(
+    *,
+    helo: str,
+    client_ip: str,
+    hostname: str,
+    protocol: str,
+    queue_id: str,
+    recipients: list[str],
+    when: float,
+) -> bytes:
+    """A folded ``Received:`` header line (CRLF-terminated, UTF-8 bytes).
+
+    No reverse DNS is done: the client is written as ``(unknown [IP])``. The ``for`` clause
+    appears only with exactly one recipient (more would disclose the other recipients).
+    """
+    lines = [
+        f"Received: from {_clean_helo(helo)} (unknown {_ip_literal(client_ip)})",
+        f"\tby {hostname} (mailgw) with {protocol} id {queue_id}",
+    ]
+    date = email.utils.formatdate(when, localtime=True)
+    if len(recipients) == 1:
+        lines.append(f"\tfor <{recipients[0]}>; {date}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{date}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")

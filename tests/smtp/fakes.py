@@ -1,0 +1,195 @@
+"""Fakes for the SMTP tests: an in-memory spool and directory, and a scripted SMTP client."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from mailgw.config import MXConfig
+from mailgw.interfaces import IDirectory, IIncomingMessage, ISpool
+from mailgw.model import Envelope
+from mailgw.smtp.protocol import SMTPServer
+from mailgw.smtp.roles.mx import MXFactory
+
+
+@implementer(IIncomingMessage)
+class FakeIncoming:
+    def __init__(self, spool: FakeSpool, queue_id: str) -> None:
+        self.spool = spool
+        self.queue_id = queue_id
+        self.size = 0
+        self.chunks: list[bytes] = []
+        self.aborted = False
+        self.committed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.aborted and not self.committed, "write after abort/commit"
+        self.size += len(data)
+        self.spool.largest_write = max(self.spool.largest_write, len(data))
+        if self.spool.keep_content:
+            self.chunks.append(data)
+
+    def commit(self, envelope: Envelope) -> str:
+        assert not self.aborted
+        if self.spool.fail_commit:
+            raise OSError(28, "No space left on device")
+        envelope.queue_id = self.queue_id
+        self.committed = True
+        self.spool.committed.append((envelope, b"".join(self.chunks)))
+        return self.queue_id
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.chunks = []
+
+
+@implementer(ISpool)
+class FakeSpool:
+    def __init__(self, keep_content: bool = True) -> None:
+        self.keep_content = keep_content
+        self.fail_commit = False
+        self.fail_begin = False
+        self.committed: list[tuple[Envelope, bytes]] = []
+        self.begun: list[FakeIncoming] = []
+        self.largest_write = 0
+
+    def begin(self) -> FakeIncoming:
+        if self.fail_begin:
+            raise OSError(13, "Permission denied")
+        incoming = FakeIncoming(self, f"Q{len(self.begun) + 1:04d}")
+        self.begun.append(incoming)
+        return incoming
+
+    def list(self, state: str) -> list[str]:
+        return [e.queue_id for e, _ in self.committed] if state == "incoming" else []
+
+    def load(self, queue_id: str) -> Any:
+        raise KeyError(queue_id)
+
+    def move(self, queue_id: str, to_state: str) -> None:
+        raise KeyError(queue_id)
+
+    def update(self, queue_id: str, envelope: object) -> None:
+        raise KeyError(queue_id)
+
+    def remove(self, queue_id: str) -> None:
+        pass
+
+    def recover(self) -> list[str]:
+        return []
+
+    def add_listener(self, callback: object) -> None:
+        pass
+
+
+@implementer(IDirectory)
+class FakeDirectory:
+    def __init__(self, domains: set[str], users: dict[str, list[str]]) -> None:
+        self.domains = domains
+        self.users = users
+        self.lookups: list[str] = []
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain in self.domains
+
+    def resolve(self, address: str) -> list[str]:
+        self.lookups.append(address)
+        return list(self.users.get(address, []))
+
+    def get_user(self, name: str) -> object | None:
+        return None
+
+    def check_password(self, name: str, password: str) -> object:
+        return defer.fail(UnauthorizedLogin())
+
+    def quota_for(self, name: str) -> int | None:
+        return None
+
+
+def default_directory() -> FakeDirectory:
+    return FakeDirectory(
+        {"example.test", "other.test"},
+        {
+            "alice@example.test": ["alice@example.test"],
+            "bob@example.test": ["bob@example.test"],
+            "carol@other.test": ["carol@other.test"],
+        },
+    )
+
+
+class Client:
+    """Drives one SMTPServer over a StringTransport and collects its replies."""
+
+    def __init__(self, protocol: SMTPServer, transport: StringTransport) -> None:
+        self.protocol = protocol
+        self.transport = transport
+
+    def output(self) -> str:
+        out = self.transport.value().decode("utf-8")
+        self.transport.clear()
+        return out
+
+    def lines(self) -> list[str]:
+        return [line for line in self.output().split("\r\n") if line]
+
+    def send(self, data: bytes | str) -> list[str]:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self.protocol.dataReceived(data)
+        return self.lines()
+
+    def codes(self, data: bytes | str) -> list[str]:
+        """Reply codes (first line of each reply only: continuation lines dropped)."""
+        return [line[:3] for line in self.send(data) if line[3:4] != "-"]
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+
+class TLSStringTransport(StringTransport):
+    """A StringTransport that records startTLS calls (no real TLS)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tls_started: list[Any] = []
+
+    def startTLS(self, options: Any, normal: bool = True) -> None:
+        self.tls_started.append(options)
+
+
+class Harness:
+    """An MXFactory with fake spool/directory and a Clock; ``connect()`` opens sessions."""
+
+    def __init__(self, tls_options: Any = None, **config: Any) -> None:
+        keep_content = config.pop("keep_content", True)
+        self.config = dataclasses.replace(MXConfig(), **config)
+        self.spool = FakeSpool(keep_content=keep_content)
+        self.directory = default_directory()
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.factory = MXFactory(
+            self.config, "mx.example.test", self.spool, self.directory, self.clock, tls_options
+        )
+
+    def connect(self, ip: str = "192.0.2.7", port: int = 40000, greet: bool = True) -> Client:
+        addr = IPv6Address("TCP", ip, port) if ":" in ip else IPv4Address("TCP", ip, port)
+        protocol = self.factory.buildProtocol(addr)
+        assert isinstance(protocol, SMTPServer)
+        transport = TLSStringTransport(peerAddress=addr)
+        protocol.makeConnection(transport)
+        client = Client(protocol, transport)
+        if greet:
+            assert client.lines() == ["220 mx.example.test ESMTP mailgw"]
+        return client
+
+    @property
+    def messages(self) -> list[tuple[Envelope, bytes]]:
+        return self.spool.committed
