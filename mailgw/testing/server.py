@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# The real twistd of the running interpreter's environment (not `python -m twisted`, which is twist).
+TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -106,9 +108,7 @@ class MailgwServer:
 
     def start(self, wait: bool = True) -> None:
         cmd = [
-            sys.executable,
-            "-m",
-            "twisted",
+            TWISTD,
             "--pidfile=",
             "--nodaemon",
             f"--logfile={self.log_path}",
@@ -120,7 +120,12 @@ class MailgwServer:
             cmd, cwd=REPO, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         if wait:
-            wait_for_port(self.host, self.ports["mx"], proc=self.proc)
+            wait_for_port(self.host, self.listen_port("mx"), proc=self.proc)
+
+    def listen_port(self, role: str) -> int:
+        """The TCP port of the role's first listener, as written in the config."""
+        description = self.sections[role]["listen"].split()[0]
+        return int(description.removeprefix("haproxy:").split(":")[1])
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM by PID, then SIGKILL if it does not exit; returns the exit code."""

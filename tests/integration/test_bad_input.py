@@ -7,14 +7,13 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from mailgw.testing.server import REPO, MailgwServer, free_port
+from mailgw.testing.server import REPO, TWISTD, MailgwServer, free_port
 from tests.integration.helpers import mailbox_files, wait_until
 
 
@@ -228,7 +227,6 @@ def test_pipelined_transaction(server: MailgwServer) -> None:
 def test_proxy_protocol_listener(server_factory) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     server = server_factory({"mx": {"listen": f"haproxy:tcp:{port}:interface=127.0.0.1"}})
-    server.ports["mx"] = port
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.settimeout(0.5)
     with pytest.raises(TimeoutError):
@@ -310,7 +308,7 @@ def test_kill_9_while_sending_loses_no_acknowledged_message(server: MailgwServer
 
 def run_twistd(config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "twisted", "--pidfile=", "-n", "mailgw", "--config", str(config)],
+        [TWISTD, "--pidfile=", "-n", "mailgw", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -7,10 +7,9 @@ import poplib
 import smtplib
 import ssl
 import subprocess
-import sys
 from pathlib import Path
 
-from mailgw.testing.server import REPO, MailgwServer
+from mailgw.testing.server import REPO, TWISTD, MailgwServer
 from tests.integration.helpers import PASSWORD, mailbox_files, wait_until
 
 MESSAGE = (
@@ -59,7 +58,7 @@ def pop3_retrieve_all(
 
 def test_twistd_lists_the_plugin() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "twisted", "--help"],
+        [TWISTD, "--help"],
         capture_output=True,
         text=True,
         cwd="/",
@@ -73,7 +72,7 @@ def test_swaks_message_arrives_byte_for_byte_with_trace_headers(
     server: MailgwServer, tmp_path: Path
 ) -> None:
     source = tmp_path / "message.eml"
-    source.write_bytes(MESSAGE)
+    source.write_bytes(MESSAGE[:-2])  # swaks ends the data with CRLF . CRLF itself
     result = swaks(
         server, "--from", "bob@elsewhere.test", "--to", "alice@example.test", data=source
     )
@@ -107,7 +106,7 @@ def test_swaks_message_arrives_byte_for_byte_with_trace_headers(
 
 def test_fetchmail_retrieves_the_message(server: MailgwServer, tmp_path: Path) -> None:
     source = tmp_path / "message.eml"
-    source.write_bytes(MESSAGE)
+    source.write_bytes(MESSAGE[:-2])  # swaks ends the data with CRLF . CRLF itself
     assert "250 2.0.0" in swaks(server, "--to", "alice@example.test", data=source).stdout
     wait_until(lambda: mailbox_files(server), what="delivery")
     out_dir = tmp_path / "fetched"
@@ -189,10 +188,11 @@ def test_alias_and_recipient_delimiter(server: MailgwServer) -> None:
     )
     smtp.quit()
     assert refused == {}
-    wait_until(lambda: len(mailbox_files(server)) == 2, what="alice gets both")
+    # Two recipient addresses reach alice: she gets one copy (as Postfix's duplicate filter).
+    wait_until(lambda: len(mailbox_files(server)) == 1, what="alice gets one copy")
     wait_until(lambda: len(mailbox_files(server, "bob")) == 1, what="bob gets one")
     delivered_to = sorted(f.read_bytes().split(b"\r\n")[1] for f in mailbox_files(server))
-    assert delivered_to == [b"Delivered-To: alice@example.test"] * 2
+    assert delivered_to == [b"Delivered-To: alice@example.test"]
 
 
 def test_wrong_password_and_unknown_user_are_refused_alike(server: MailgwServer) -> None:
@@ -234,7 +234,7 @@ def test_tls_starttls_stls_and_pop3s(tls_server: MailgwServer) -> None:
     assert b"with ESMTPS id" in files[0].read_bytes()
     # STLS on the plain port.
     client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=10)
-    assert b"STLS" in b" ".join(client.capa().keys()).upper() or "STLS" in client.capa()
+    assert "STLS" in client.capa()
     client.stls(context=context)
     client.user("alice@example.test")
     client.pass_(PASSWORD)
