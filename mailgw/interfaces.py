@@ -21,7 +21,10 @@ class IDirectory(Interface):
     def is_local_domain(domain: str) -> bool:
         """True when ``domain`` (lower-case A-labels) is one of ours."""
 
-    def resolve(address: str) -> list[str]:
+    def list_domains() -> builtins.list[str]:
+        """The local domains, sorted."""
+
+    def resolve(address: str) -> builtins.list[str]:
         """Expand a recipient ``local@domain`` to the list of local user names it delivers to.
 
         Follows aliases (recursively, loop-safe, bounded depth), the recipient delimiter

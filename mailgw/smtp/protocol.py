@@ -109,6 +109,10 @@ class Role:
         """MAIL FROM (``None`` is the null sender ``<>``); session flags are already set."""
         return R.SENDER_OK
 
+    def postmaster(self, session: Session) -> Address | None:
+        """The address ``RCPT TO:<Postmaster>`` (no domain) stands for; None refuses it."""
+        return None
+
     def rcpt_to(self, session: Session, recipient: Address) -> ReplyResult:
         """RCPT TO; ``session.recipients`` holds the recipients accepted so far."""
         return R.RECIPIENT_OK
@@ -548,7 +552,10 @@ class SMTPServer(Protocol):
             self._reply(R.SMTPUTF8_REQUIRED, verb="RCPT")
             return
         try:
-            recipient = parse_path(path, allow_utf8=s.smtputf8)
+            if path.lower() == "<postmaster>":  # RFC 5321 4.5.1: must be accepted
+                recipient = self.role.postmaster(s)
+            else:
+                recipient = parse_path(path, allow_utf8=s.smtputf8)
         except AddressError:
             recipient = None
         if recipient is None:

@@ -184,6 +184,9 @@ class FakeDirectory:
     def is_local_domain(self, domain: str) -> bool:
         return any(name.endswith("@" + domain) for name in self.users)
 
+    def list_domains(self) -> list[str]:
+        return sorted({name.partition("@")[2] for name in self.users})
+
     def resolve(self, address: str) -> list[str]:
         return [address.lower()] if address.lower() in self.users else []
 

@@ -99,6 +99,9 @@ class FakeDirectory:
     def is_local_domain(self, domain: str) -> bool:
         return domain in self.domains
 
+    def list_domains(self) -> list[str]:
+        return sorted(self.domains)
+
     def resolve(self, address: str) -> list[str]:
         self.lookups.append(address)
         return list(self.users.get(address, []))

@@ -205,3 +205,24 @@ def test_envelope_round_trips_through_json() -> None:
     env = h.messages[0][0]
     assert Envelope.from_json(env.to_json()) == env
     assert env.body_8bitmime
+
+
+def test_postmaster_without_domain_is_accepted_for_the_first_domain_that_has_one() -> None:
+    h = Harness()
+    h.directory.users["postmaster@other.test"] = ["carol@other.test"]
+    c = h.connect()
+    assert c.codes(MAIL + "RCPT TO:<Postmaster>\r\nDATA\r\nx\r\n.\r\n") == [
+        "250",
+        "250",
+        "250",
+        "354",
+        "250",
+    ]
+    assert h.messages[0][0].recipients == ["postmaster@other.test"]
+
+
+def test_postmaster_without_domain_refused_when_no_domain_has_one() -> None:
+    h = Harness()
+    c = h.connect()
+    out = c.send(MAIL + "RCPT TO:<postmaster>\r\n")
+    assert out[-1].startswith("501 5.1.3"), out

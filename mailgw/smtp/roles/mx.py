@@ -49,6 +49,13 @@ class MXRole(Role):
         self.clock = clock
         self.max_recipients = max_recipients
 
+    def postmaster(self, session: Session) -> Address | None:
+        """``<Postmaster>``: postmaster of the first local domain that has one."""
+        for domain in self.directory.list_domains():
+            if self.directory.resolve(f"postmaster@{domain}"):
+                return Address("postmaster", domain)
+        return None
+
     def rcpt_to(self, session: Session, recipient: Address) -> Reply:
         if len(session.recipients) >= self.max_recipients:
             return R.TOO_MANY_RECIPIENTS
