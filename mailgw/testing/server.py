@@ -107,8 +107,14 @@ class MailgwServer:
         )
 
     def start(self, wait: bool = True) -> None:
+        # Under coverage (make test), twistd runs through a wrapper that saves coverage data
+        # when it shuts down; otherwise it is the twistd script itself.
+        if os.environ.get("COVERAGE_PROCESS_CONFIG") or os.environ.get("COVERAGE_PROCESS_START"):
+            launcher = [sys.executable, "-m", "mailgw.testing.twistd_coverage"]
+        else:
+            launcher = [TWISTD]
         cmd = [
-            TWISTD,
+            *launcher,
             "--pidfile=",
             "--nodaemon",
             f"--logfile={self.log_path}",
