@@ -14,47 +14,7 @@ from pathlib import Path
 import pytest
 
 from mailgw.testing.server import REPO, TWISTD, MailgwServer, free_port
-from tests.integration.helpers import mailbox_files, wait_until
-
-
-class Session:
-    """A raw SMTP client socket: send bytes, read replies."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buffer = b""
-        self.greeting = self.reply()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def reply(self) -> bytes:
-        """One (possibly multi-line) reply."""
-        while True:
-            lines = self.buffer.split(b"\r\n")
-            for i, line in enumerate(lines[:-1]):
-                if len(line) >= 4 and line[3:4] == b" ":
-                    out = b"\r\n".join(lines[: i + 1])
-                    self.buffer = b"\r\n".join(lines[i + 1 :])
-                    return out
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"closed; pending {self.buffer!r}")
-            self.buffer += chunk
-
-    def command(self, line: bytes) -> bytes:
-        self.send(line + b"\r\n")
-        return self.reply()
-
-    def closed(self) -> bool:
-        try:
-            self.sock.settimeout(5)
-            return self.sock.recv(1) == b""
-        except (ConnectionError, OSError):
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
+from tests.integration.helpers import Session, mailbox_files, wait_until
 
 
 def envelope(session: Session) -> None:

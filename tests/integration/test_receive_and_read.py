@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from mailgw.testing.server import REPO, TWISTD, MailgwServer
-from tests.integration.helpers import PASSWORD, mailbox_files, wait_until
+from tests.integration.helpers import PASSWORD, Session, mailbox_files, wait_until
 
 MESSAGE = (
     b"From: Bob <bob@elsewhere.test>\r\n"
@@ -278,3 +278,31 @@ def test_tls_starttls_stls_and_pop3s(tls_server: MailgwServer) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("1 ")
+
+
+def test_smtputf8_recipient_and_idn_domain(server: MailgwServer) -> None:
+    server.cli("domain", "add", "bücher.test")
+    server.cli("user", "add", "josé@bücher.test", "--password", "pw of josé")
+    session = Session(server.ports["mx"])
+    assert b"SMTPUTF8" in session.command(b"EHLO client.test")
+    # Without SMTPUTF8 a UTF-8 address is refused; with it, accepted (domain as U- or A-label).
+    assert session.command(b"MAIL FROM:<bob@elsewhere.test>").startswith(b"250")
+    assert session.command("RCPT TO:<josé@bücher.test>".encode()).startswith(b"553 5.6.7")
+    session.command(b"RSET")
+    assert session.command("MAIL FROM:<rené@elsewhere.test> SMTPUTF8".encode()).startswith(b"250")
+    assert session.command("RCPT TO:<josé@bücher.test>".encode()).startswith(b"250")
+    assert session.command("RCPT TO:<josé@xn--bcher-kva.test>".encode()).startswith(b"250")
+    assert session.command(b"DATA").startswith(b"354")
+    session.send("Subject: grüße\r\n\r\nhallo\r\n.\r\n".encode())
+    assert session.reply().startswith(b"250")
+    session.command(b"QUIT")
+    files = wait_until(lambda: mailbox_files(server, "josé", "xn--bcher-kva.test"), what="delivery")
+    stored = files[0].read_bytes()
+    assert "Return-Path: <rené@elsewhere.test>".encode() in stored
+    assert b"with UTF8SMTP id" in stored
+    assert len(files) == 1  # both recipient spellings are the same user: one copy
+    pop = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=10)
+    pop.user("josé@bücher.test")
+    pop.pass_("pw of josé")
+    assert pop.stat()[0] == 1
+    pop.quit()
