@@ -60,14 +60,17 @@ class IIncomingMessage(Interface):
     def write(data: bytes) -> None:
         """Append message bytes (already dot-unstuffed, CRLF line ends)."""
 
-    def commit(envelope: object) -> str:
+    def commit(envelope: object) -> object:
         """Write the ``Envelope`` (its queue_id set to ours), fsync content, envelope and
-        directories, and make the message visible in the ``incoming`` queue. Returns the
-        queue ID. Only after this returns may SMTP answer 250. Raises OSError on failure
-        (nothing is left visible then)."""
+        directories, and make the message visible in the ``incoming`` queue. Returns a
+        ``Deferred[str]`` firing with the queue ID (in the reactor thread, after the spool's
+        listeners ran); the file work may run in another thread meanwhile. Only after it
+        fires may SMTP answer 250. It fails with OSError when the message could not be
+        queued (nothing is left visible then)."""
 
     def abort() -> None:
-        """Discard everything written; safe to call twice or after a failed commit."""
+        """Discard everything written; safe to call twice, after a failed commit, and while
+        a commit is in progress (it then does nothing: the commit finishes or cleans up)."""
 
 
 class ISpool(Interface):
@@ -97,7 +100,8 @@ class ISpool(Interface):
         contents, move unreadable envelopes to ``corrupt``. Returns queue IDs requeued."""
 
     def add_listener(callback: object) -> None:
-        """``callback(queue_id)`` is called (in the reactor thread) after each commit."""
+        """``callback(queue_id)`` is called (in the reactor thread) after each commit, once
+        the message is durable in ``incoming`` and before the commit's Deferred fires."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from mailgw.config import Config, ConfigError
 from mailgw.net.listen import ListenerService, parse_listen, wrap_factory
@@ -15,14 +16,23 @@ from mailgw.net.tls import load_certificate_options
 log = Logger()
 
 
+IO_THREADS = 16
+"""Threads doing the spool's and the store's blocking file work (fsyncs wait in parallel)."""
+
+
 class Node(service.MultiService):
-    """One mailgw process: shared state (directory, spool, store) and its role services."""
+    """One mailgw process: shared state (directory, spool, store) and its role services.
+
+    ``io_pool`` runs the blocking file work (spool commits, local delivery) off the reactor
+    thread; it starts and stops with this service.
+    """
 
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()
         from mailgw.delivery import LocalDelivery
         from mailgw.directory import Directory
         from mailgw.spool import Spool
+        from mailgw.spool.threads import pool_runner
         from mailgw.store import MessageStore
 
         self.config = config
@@ -44,12 +54,17 @@ class Node(service.MultiService):
             default_quota=config.store.default_quota,
             reactor=reactor,
         )
-        self.spool = Spool(os.path.join(data_dir, "spool"), hostname=config.server.hostname)
+        self.io_pool = ThreadPool(minthreads=0, maxthreads=IO_THREADS, name="mailgw-io")
+        run_io = pool_runner(reactor, self.io_pool)
+        self.spool = Spool(
+            os.path.join(data_dir, "spool"), hostname=config.server.hostname, run=run_io
+        )
         self.store = MessageStore(
             os.path.join(data_dir, "mail"),
             quota_for=self.directory.quota_for,
             default_folders=config.store.default_folders,
             hostname=config.server.hostname,
+            reactor=reactor,
         )
         self.tls_options = (
             load_certificate_options(
@@ -67,10 +82,25 @@ class Node(service.MultiService):
                 reactor,
                 retry_interval=config.delivery.retry_interval,
                 hostname=config.server.hostname,
+                run=run_io,
             )
             self.delivery.setName("delivery")
             self.delivery.setServiceParent(self)
         self._add_roles()
+
+    def startService(self) -> None:
+        self.io_pool.start()
+        super().startService()
+
+    def stopService(self) -> Any:
+        d = super().stopService()
+
+        def stop_pool(result: object) -> object:
+            # Joins the threads: work already started (a commit, a delivery) finishes first.
+            self.io_pool.stop()
+            return result
+
+        return d.addBoth(stop_pool)
 
     def _listen(
         self, section: str, key: str, descriptions: Any, factory: Any, trusted: Any, tls: Any = None

@@ -1,6 +1,10 @@
 """Local delivery: takes committed messages from the spool and stores them in user mailboxes.
 
-Flow per message (one message per reactor turn, so SMTP stays responsive):
+Each message's work (steps 1-4) runs through the runner ``run`` (``mailgw.spool.threads``; a
+thread pool in the server), at most ``concurrency`` messages at a time, and a new message is
+started at most once per reactor turn, so SMTP stays responsive. The spool, the store and the
+directory are thread-safe; scheduling state lives in the reactor thread only. Flow per
+message:
 
 1. ``incoming`` (or a due ``deferred``) -> ``active``.
 2. Each recipient not yet in ``envelope.done`` is expanded with ``IDirectory.resolve``. Every
@@ -34,9 +38,11 @@ from twisted.application.service import Service
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailgw.interfaces import QuotaExceeded
 from mailgw.model import Envelope
+from mailgw.spool.threads import Runner, run_inline
 
 log = Logger(namespace="mailgw.delivery")
 
@@ -60,9 +66,15 @@ class LocalDelivery(Service):
         retry_interval: float = 300.0,
         max_attempts_age: float | None = None,
         hostname: str = "localhost",
+        run: Runner = run_inline,
+        concurrency: int = 4,
     ) -> None:
         if retry_interval <= 0:
             raise ValueError("retry_interval must be positive")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.run = run
+        self.concurrency = concurrency
         self.spool = spool
         self.store = store
         self.directory = directory
@@ -72,6 +84,7 @@ class LocalDelivery(Service):
         self.hostname = hostname
         self._queue: deque[str] = deque()
         self._queued: set[str] = set()
+        self._in_flight: set[str] = set()
         self._turn_call: DelayedCall | None = None
         self._retry_call: DelayedCall | None = None
         self._waiters: list[Deferred[None]] = []
@@ -105,12 +118,13 @@ class LocalDelivery(Service):
     # -- observation -----------------------------------------------------------------------
 
     def pending(self) -> int:
-        """Messages waiting for their delivery turn (deferred ones are not counted)."""
-        return len(self._queue)
+        """Messages waiting for their delivery turn or being delivered (deferred ones are not
+        counted)."""
+        return len(self._queue) + len(self._in_flight)
 
     def wait_idle(self) -> Deferred[None]:
-        """A Deferred that fires once nothing is queued for delivery."""
-        if not self._queue:
+        """A Deferred that fires once nothing is queued for delivery or being delivered."""
+        if not self.pending():
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._waiters.append(d)
@@ -129,27 +143,46 @@ class LocalDelivery(Service):
             self._enqueue(queue_id)
 
     def _enqueue(self, queue_id: str) -> None:
-        if queue_id in self._queued:
+        if queue_id in self._queued or queue_id in self._in_flight:
             return
         self._queue.append(queue_id)
         self._queued.add(queue_id)
-        if self._turn_call is None:
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Arrange the next turn if a message waits and a slot is free."""
+        if (
+            self._turn_call is None
+            and self._queue
+            and len(self._in_flight) < self.concurrency
+            and self.running
+        ):
             self._turn_call = self.reactor.callLater(0, self._turn)
 
     def _turn(self) -> None:
-        """Deliver one message, then yield to the reactor before the next."""
+        """Start delivering one message, then yield to the reactor before the next."""
         self._turn_call = None
         queue_id = self._queue.popleft()
         self._queued.discard(queue_id)
+        self._in_flight.add(queue_id)
+        self.run(self._process_safely, queue_id).addBoth(self._finished, queue_id)
+        self._schedule()
+
+    def _finished(self, result: object, queue_id: str) -> None:
+        """In the reactor thread, after a message's work (in whichever thread it ran)."""
+        self._in_flight.discard(queue_id)
+        if isinstance(result, Failure):  # pragma: no cover - _process_safely catches all
+            log.failure("{queue_id} delivery failed", result, queue_id=queue_id)
+        self._schedule()
+        if not self.pending():
+            self._fire_waiters()
+
+    def _process_safely(self, queue_id: str) -> None:
         try:
             self._process(queue_id)
         except Exception:
             log.failure("{queue_id} delivery failed unexpectedly", queue_id=queue_id)
             self._defer_after_crash(queue_id)
-        if self._queue:
-            self._turn_call = self.reactor.callLater(0, self._turn)
-        else:
-            self._fire_waiters()
 
     def _scan_deferred(self) -> None:
         """Enqueue due deferred messages; re-arm the timer for the next due one."""
@@ -192,7 +225,7 @@ class LocalDelivery(Service):
             )
             return
         # Not fsynced: after a crash, recovery moves active back to incoming anyway.
-        self.spool.move(queue_id, "active", durable=False)
+        self.spool.move(queue_id, "active", durable=False, from_state=message.state)
 
         errors: list[str] = []
         done = set(envelope.done)
@@ -225,6 +258,7 @@ class LocalDelivery(Service):
             plan.append((rcpt, todo, bool(targets) and not external))
 
         remaining = sum(len(todo) for _, todo, _ in plan)
+        stored: list[str] = []
         for rcpt, todo, completes in plan:
             rcpt_ok = True
             for user in todo:
@@ -253,12 +287,7 @@ class LocalDelivery(Service):
                         )
                         continue
                     delivered_users.add(user)
-                    log.info(
-                        "{queue_id} delivered to {user} uid={uid}",
-                        queue_id=queue_id,
-                        user=user,
-                        uid=uid,
-                    )
+                    stored.append(f"{user} uid={uid}")
                 envelope.done.append(f"{rcpt}>{user}")
                 if completes and rcpt_ok and user == todo[-1]:
                     envelope.done.append(rcpt)
@@ -268,14 +297,21 @@ class LocalDelivery(Service):
                 envelope.done.append(rcpt)
 
         if errors:
+            if stored:
+                log.info(
+                    "{queue_id} delivered to {stored}; other recipients wait",
+                    queue_id=queue_id,
+                    stored=", ".join(stored),
+                )
             self._defer(queue_id, envelope, "; ".join(errors))
             return
-        self.spool.remove(queue_id)
+        self.spool.remove(queue_id, "active")
         log.info(
-            "{queue_id} delivered: from=<{sender}> nrcpt={nrcpt}",
+            "{queue_id} delivered: from=<{sender}> nrcpt={nrcpt} to {stored}",
             queue_id=queue_id,
             sender=envelope.sender,
             nrcpt=len(envelope.recipients),
+            stored=", ".join(stored) or "(copies stored earlier)",
         )
 
     def _defer(self, queue_id: str, envelope: Envelope, error: str) -> None:
@@ -284,7 +320,7 @@ class LocalDelivery(Service):
         envelope.next_attempt = now + self.retry_interval
         envelope.last_error = error
         self.spool.update(queue_id, envelope)
-        self.spool.move(queue_id, "deferred")
+        self.spool.move(queue_id, "deferred", from_state="active")
         log.warn(
             "{queue_id} deferred (attempt {attempts}, retry in {delay:.0f}s): {error}",
             queue_id=queue_id,

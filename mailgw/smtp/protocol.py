@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -194,6 +195,7 @@ class SMTPServer(Protocol):
         self._closed = False
         self._discarding_line = False
         self._errors = 0
+        self._accepted = 0
         self._incoming: IIncomingMessage | None = None
         self._data = _DataState()
         self._idle_timer: IDelayedCall | None = None
@@ -233,9 +235,6 @@ class SMTPServer(Protocol):
                 self.transport.loseConnection()
                 return
             self._counted = True
-        log.info(
-            "{sid} connect from {peer}", sid=self.session.session_id, peer=self.session.client_ip
-        )
         self._idle_timer = self.reactor.callLater(self.limits.idle_timeout, self._idle_expired)
         self._session_timer = self.reactor.callLater(
             self.limits.session_timeout, self._session_expired
@@ -249,9 +248,14 @@ class SMTPServer(Protocol):
         if self._counted and self.factory is not None:
             self.factory.connection_closed(self.session.client_ip)
             self._counted = False
-        log.info(
-            "{sid} disconnect from {peer}", sid=self.session.session_id, peer=self.session.client_ip
-        )
+        if not self._accepted:
+            # Sessions that queued mail are traced by their "accepted" lines (which name the
+            # session and the peer): one log line per message keeps logging cheap.
+            log.info(
+                "{sid} disconnect from {peer} without a message",
+                sid=self.session.session_id,
+                peer=self.session.client_ip,
+            )
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
@@ -329,11 +333,11 @@ class SMTPServer(Protocol):
             then(result)
             return
         self._waiting = True
-        if not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
         result.addErrback(self._policy_failed, what)
         result.addCallback(self._resume, then)
+        if self._waiting and not self._paused:  # not fired yet: stop reading meanwhile
+            self._paused = True
+            self.transport.pauseProducing()
 
     def _policy_failed(self, failure: Failure, what: str) -> Reply:
         log.failure("{sid} policy error in {what}", failure, sid=self.session.session_id, what=what)
@@ -725,7 +729,12 @@ class SMTPServer(Protocol):
         if d.discarding:
             self._abort_incoming()
         elif self._incoming is not None:
-            self._incoming.write(region)
+            try:
+                self._incoming.write(region)
+            except OSError:
+                # The end of DATA then finds no message and answers 451 4.3.0.
+                log.failure("{sid} cannot store message data", sid=self.session.session_id)
+                self._abort_incoming()
 
     def _abort_incoming(self) -> None:
         incoming, self._incoming = self._incoming, None
@@ -784,28 +793,45 @@ class SMTPServer(Protocol):
             self._abort_incoming()
             self._reply(reply, verb="DATA")
             return
-        try:
-            queue_id = incoming.commit(envelope)
-        except Exception:
-            log.failure("{sid} {qid}: commit failed", sid=s.session_id, qid=incoming.queue_id)
-            self._abort_incoming()
-            self._reply(R.LOCAL_ERROR, verb="DATA")
-            return
+        # From here the commit owns the message: a lost connection no longer aborts it.
         self._incoming = None
-        log.info(
-            "{sid} {qid}: accepted from={sender} to={recipients} size={size} peer={peer}",
-            sid=s.session_id,
-            qid=queue_id,
-            sender=f"<{envelope.sender}>",
-            recipients=",".join(f"<{r}>" for r in envelope.recipients),
-            size=envelope.size,
-            peer=s.client_ip,
-        )
-        try:
-            self.role.message_committed(s, envelope)
-        except Exception:
-            log.failure("{sid} {qid}: message_committed failed", sid=s.session_id, qid=queue_id)
-        self._reply(R.QUEUED, R.QUEUED.text.format(queue_id=queue_id))
+        sid, qid = s.session_id, incoming.queue_id
+        queued: list[str] = []
+
+        def committed(queue_id: str) -> Reply:
+            log.info(
+                "{sid} {qid}: accepted from={sender} to={recipients} size={size} peer={peer}",
+                sid=sid,
+                qid=queue_id,
+                sender=f"<{envelope.sender}>",
+                recipients=",".join(f"<{r}>" for r in envelope.recipients),
+                size=envelope.size,
+                peer=s.client_ip,
+            )
+            try:
+                self.role.message_committed(s, envelope)
+            except Exception:
+                log.failure("{sid} {qid}: message_committed failed", sid=sid, qid=queue_id)
+            queued.append(queue_id)
+            self._accepted += 1
+            return R.QUEUED
+
+        def failed(failure: Failure) -> Reply:
+            log.failure("{sid} {qid}: commit failed", failure, sid=sid, qid=qid)
+            with suppress(Exception):
+                incoming.abort()
+            return R.LOCAL_ERROR
+
+        def start() -> Deferred[Reply]:
+            return maybeDeferred(incoming.commit, envelope).addCallbacks(committed, failed)
+
+        def then(reply: Reply) -> None:
+            if queued and reply is R.QUEUED:
+                self._reply(reply, R.QUEUED.text.format(queue_id=queued[0]))
+            else:
+                self._reply(reply, verb="DATA")
+
+        self._call(start, then, "commit")
 
 
 class SMTPFactory(Factory):

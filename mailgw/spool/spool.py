@@ -2,7 +2,8 @@
 
 Layout under ``root`` (``data_dir/spool``)::
 
-    tmp/                 files being written: <qid>.content, <qid>.env, <qid>.<n>
+    tmp/                 files being written: <qid>.content (a message too large to be
+                         held in memory), <qid>.env, <qid>.<n>
     content/<qid>        the message bytes, immutable once committed
     incoming/<qid>       the envelope (JSON of ``Envelope.to_json()``); its directory
     active/<qid>         IS the message's state
@@ -15,7 +16,15 @@ an fsync of both directories. An envelope update writes ``tmp/<qid>.<n>``, fsync
 renames it over the old one. ``commit`` makes the content durable (file and ``content/``
 directory) *before* the envelope is renamed into ``incoming/``, so an envelope in a state
 directory always has its content. ``tmp/`` is never fsynced: whatever is left there after a
-crash is removed by ``recover``.
+crash is removed by ``recover``, and so is a content file without an envelope.
+
+A message being received stays in memory up to ``memory_limit`` bytes (then it spills into
+``tmp/``). ``commit`` runs its file work through the spool's *runner* (``mailgw.spool.threads``;
+a thread pool in the server): it writes and fsyncs ``content/<qid>`` and ``tmp/<qid>.env``, then
+hands the envelope to ``GroupCommit``, which publishes the envelopes of concurrent commits
+into ``incoming/`` with one fsync of ``content/`` and one of ``incoming/`` for the whole
+group. The other operations are synchronous and thread-safe (local delivery calls them from
+worker threads); the queue IDs of different threads' calls must differ.
 
 One process owns a spool root at a time: ``recover`` (run at start-up, before listening)
 assumes nobody else is writing into the same root.
@@ -25,23 +34,31 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import itertools
 import json
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.interfaces import IIncomingMessage, ISpool
 from mailgw.model import Envelope
 from mailgw.spool.queueid import QueueIdGenerator, is_queue_id
+from mailgw.spool.threads import Runner, run_inline
 
 log = Logger(namespace="mailgw.spool")
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_REPLACE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 _CONTENT_BUFFER = 64 * 1024
+MEMORY_LIMIT = 256 * 1024
+"""Bytes of a message being received that are kept in memory before spilling to ``tmp/``."""
 
 
 class CorruptEnvelope(ValueError):
@@ -81,15 +98,19 @@ def decode_envelope(data: bytes, queue_id: str) -> Envelope:
 
 
 def _write_file(path: str, data: bytes, flags: int = _WRITE_FLAGS) -> None:
-    """Create ``path`` with ``data`` and fsync it (not its directory)."""
+    """Create ``path`` with ``data`` and fsync it (not its directory); on an error after
+    the file was created it is removed again."""
     fd = os.open(path, flags, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        _unlink_quietly(path)
+        raise
+    os.close(fd)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -103,13 +124,23 @@ class Spool:
 
     STATES = ("incoming", "active", "deferred", "hold", "corrupt")
 
-    def __init__(self, root: str, hostname: str = "localhost") -> None:
+    def __init__(
+        self,
+        root: str,
+        hostname: str = "localhost",
+        run: Runner = run_inline,
+        memory_limit: int = MEMORY_LIMIT,
+    ) -> None:
         self.root = os.path.abspath(root)
         self.hostname = hostname
+        self.run = run
+        self.memory_limit = memory_limit
         self._ids = QueueIdGenerator()
         self._listeners: list[Callable[[str], object]] = []
-        self._update_counter = 0
+        self._update_counter = itertools.count(1)
         self._dirfds: dict[str, int] = {}
+        self._dirfds_lock = threading.Lock()
+        self.group_commit = GroupCommit(self)
         self.tmp_dir = os.path.join(self.root, "tmp")
         self.content_dir = os.path.join(self.root, "content")
         created = False
@@ -134,8 +165,14 @@ class Spool:
         """fsync the directory ``root/name`` (its descriptor is kept open for reuse)."""
         fd = self._dirfds.get(name)
         if fd is None:
-            fd = os.open(os.path.join(self.root, name), os.O_RDONLY | os.O_DIRECTORY)
-            self._dirfds[name] = fd
+            with self._dirfds_lock:
+                fd = self._dirfds.get(name)
+                if fd is None:
+                    fd = os.open(
+                        os.path.join(self.root, name),
+                        os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0),
+                    )
+                    self._dirfds[name] = fd
         os.fsync(fd)
 
     @staticmethod
@@ -148,7 +185,8 @@ class Spool:
 
     def close(self) -> None:
         """Close the directory descriptors kept for fsync (the spool stays usable)."""
-        fds, self._dirfds = self._dirfds, {}
+        with self._dirfds_lock:
+            fds, self._dirfds = self._dirfds, {}
         for fd in fds.values():
             os.close(fd)
 
@@ -167,14 +205,41 @@ class Spool:
     # -- ISpool ----------------------------------------------------------------------------
 
     def begin(self) -> IncomingMessage:
-        while True:
-            queue_id = self._ids.next()
-            path = os.path.join(self.tmp_dir, queue_id + ".content")
-            try:
-                fd = os.open(path, _WRITE_FLAGS, 0o600)
-            except FileExistsError:
-                continue
-            return IncomingMessage(self, queue_id, path, fd)
+        """A new message with a fresh queue ID; no file exists for it before it grows over
+        ``memory_limit`` or is committed. Call from one thread (the reactor's)."""
+        return IncomingMessage(self, self._ids.next())
+
+    def _commit_files(
+        self, queue_id: str, chunks: builtins.list[bytes], file: IO[bytes] | None, envelope: bytes
+    ) -> None:
+        """The file work of ``IncomingMessage.commit`` (runs through ``run``): content and
+        envelope written and fsynced, then published by the group commit. On OSError every
+        file of the message is removed and the error is raised."""
+        content = self.content_path(queue_id)
+        spill = os.path.join(self.tmp_dir, queue_id + ".content")
+        env_tmp = os.path.join(self.tmp_dir, queue_id + ".env")
+        env_final = self.envelope_path("incoming", queue_id)
+        created: builtins.list[str] = [spill] if file is not None else []
+        try:
+            if file is None:
+                _write_file(content, b"".join(chunks))
+                created.append(content)
+            else:
+                try:
+                    file.flush()
+                    os.fsync(file.fileno())
+                finally:
+                    file.close()
+                os.rename(spill, content)
+                created.append(content)
+            created.append(env_tmp)
+            _write_file(env_tmp, envelope, _REPLACE_FLAGS)
+            created.append(env_final)
+            self.group_commit.publish(env_tmp, env_final)
+        except OSError:
+            for path in reversed(created):
+                _unlink_quietly(path)
+            raise
 
     def list(self, state: str) -> list[str]:
         self._check_state(state)
@@ -194,10 +259,28 @@ class Spool:
                 return QueuedMessage(queue_id, state, envelope, self.content_path(queue_id))
         raise KeyError(queue_id)
 
-    def move(self, queue_id: str, to_state: str, durable: bool = True) -> None:
+    def move(
+        self, queue_id: str, to_state: str, durable: bool = True, from_state: str | None = None
+    ) -> None:
         """Rename the envelope into ``to_state`` and fsync both directories. ``durable=False``
-        skips the fsyncs, for moves that recovery undoes anyway (incoming -> active)."""
+        skips the fsyncs, for moves that recovery undoes anyway (incoming -> active).
+        ``from_state`` is where the caller last saw the message (saves looking for it; when
+        it is no longer there, the message is looked for in every state)."""
         self._check_state(to_state)
+        if from_state is not None and from_state != to_state and is_queue_id(queue_id):
+            self._check_state(from_state)
+            try:
+                os.rename(
+                    self.envelope_path(from_state, queue_id),
+                    self.envelope_path(to_state, queue_id),
+                )
+            except FileNotFoundError:
+                pass
+            else:
+                if durable:
+                    self.fsync_dir(to_state)
+                    self.fsync_dir(from_state)
+                return
         from_state = self._locate(queue_id)
         if from_state == to_state:
             return
@@ -205,33 +288,28 @@ class Spool:
         if durable:
             self.fsync_dir(to_state)
             self.fsync_dir(from_state)
-        log.debug(
-            "{queue_id} moved {from_state} -> {to_state}",
-            queue_id=queue_id,
-            from_state=from_state,
-            to_state=to_state,
-        )
 
     def update(self, queue_id: str, envelope: object) -> None:
         if not isinstance(envelope, Envelope):
             raise TypeError("update() needs an Envelope")
         state = self._locate(queue_id)
         envelope.queue_id = queue_id
-        self._update_counter += 1
-        tmp = os.path.join(self.tmp_dir, f"{queue_id}.{self._update_counter}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        tmp = os.path.join(self.tmp_dir, f"{queue_id}.{next(self._update_counter)}")
         try:
-            _write_file(tmp, encode_envelope(envelope), flags)
+            _write_file(tmp, encode_envelope(envelope), _REPLACE_FLAGS)
             os.rename(tmp, self.envelope_path(state, queue_id))
         except OSError:
             _unlink_quietly(tmp)
             raise
         self.fsync_dir(state)
 
-    def remove(self, queue_id: str) -> None:
+    def remove(self, queue_id: str, state: str | None = None) -> None:
+        """See ``ISpool.remove``; ``state`` is where the caller last saw the message (it is
+        tried first)."""
         if not is_queue_id(queue_id):
             return
-        for state in self.STATES:
+        states = self.STATES if state is None else (state, *self.STATES)
+        for state in states:
             try:
                 os.unlink(self.envelope_path(state, queue_id))
             except FileNotFoundError:
@@ -239,7 +317,6 @@ class Spool:
             # Durable before the content goes: after a crash the message is either still
             # fully queued or gone, never an envelope without content.
             self.fsync_dir(state)
-            log.info("{queue_id} removed from {state}", queue_id=queue_id, state=state)
             break
         _unlink_quietly(self.content_path(queue_id))
 
@@ -319,74 +396,161 @@ class Spool:
                 )
 
 
+@dataclass
+class _Publication:
+    """One committed message waiting for its envelope to be published into ``incoming``."""
+
+    env_tmp: str
+    env_final: str
+    done: bool = False
+    error: OSError | None = None
+
+
+class GroupCommit:
+    """Publishes envelopes into ``incoming/`` in groups that share the directory fsyncs.
+
+    A thread calling ``publish`` has already written and fsynced its content file (in
+    ``content/``) and its envelope (in ``tmp/``). It joins the pending group; the first
+    thread to find no group being published becomes the leader, takes every pending
+    publication, fsyncs ``content/`` once (so every content file of the group is durable
+    before its envelope appears), renames each envelope into ``incoming/``, fsyncs
+    ``incoming/`` once, and wakes the group. Publications arriving meanwhile form the next
+    group. ``publish`` returns only when its own envelope is durable in ``incoming/``.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self._cond = threading.Condition()
+        self._pending: builtins.list[_Publication] = []
+        self._leading = False
+        self.groups = 0
+        """Number of groups published so far (for tests and statistics)."""
+
+    def publish(self, env_tmp: str, env_final: str) -> None:
+        """Rename ``env_tmp`` to ``env_final`` durably (see the class docstring); OSError
+        when it failed (the rename may have happened: the caller cleans up)."""
+        item = _Publication(env_tmp, env_final)
+        with self._cond:
+            self._pending.append(item)
+            while not item.done and self._leading:
+                self._cond.wait()
+            if not item.done:
+                self._leading = True
+                batch, self._pending = self._pending, []
+            else:
+                batch = []
+        if batch:
+            try:
+                self._publish_group(batch)
+            except BaseException as e:  # pragma: no cover - not an OSError: fail the group
+                for other in batch:
+                    other.error = other.error or OSError(f"group commit failed: {e!r}")
+                raise
+            finally:
+                with self._cond:
+                    for other in batch:
+                        other.done = True
+                    self._leading = False
+                    self.groups += 1
+                    self._cond.notify_all()
+        if item.error is not None:
+            raise item.error
+
+    def _publish_group(self, batch: builtins.list[_Publication]) -> None:
+        spool = self._spool
+        try:
+            spool.fsync_dir("content")
+        except OSError as e:
+            for item in batch:
+                item.error = e
+            return
+        renamed = []
+        for item in batch:
+            try:
+                os.rename(item.env_tmp, item.env_final)
+            except OSError as e:
+                item.error = e
+            else:
+                renamed.append(item)
+        if renamed:
+            try:
+                spool.fsync_dir("incoming")
+            except OSError as e:
+                for item in renamed:
+                    item.error = e
+
+
 @implementer(IIncomingMessage)
 class IncomingMessage:
-    """A message being received: ``tmp/<qid>.content`` until ``commit`` makes it queued."""
+    """A message being received. Up to ``spool.memory_limit`` bytes stay in memory; a larger
+    message spills into ``tmp/<qid>.content``. ``commit`` does the file work through the
+    spool's runner (a thread pool in the server)."""
 
-    def __init__(self, spool: Spool, queue_id: str, tmp_path: str, fd: int) -> None:
+    def __init__(self, spool: Spool, queue_id: str) -> None:
         self.queue_id = queue_id
         self.size = 0
         self._spool = spool
-        self._tmp_path = tmp_path
-        self._file: IO[bytes] | None = open(fd, "wb", buffering=_CONTENT_BUFFER)  # noqa: SIM115
-        self._finished = False
+        self._chunks: builtins.list[bytes] = []
+        self._file: IO[bytes] | None = None
+        self._state = "open"  # -> "committing" -> "done", or "open" -> "done" (abort)
+
+    @property
+    def _spill_path(self) -> str:
+        return os.path.join(self._spool.tmp_dir, self.queue_id + ".content")
 
     def write(self, data: bytes) -> None:
-        if self._file is None:
+        """Append bytes; OSError when the spill file cannot be created or written."""
+        if self._state != "open":
             raise ValueError(f"{self.queue_id}: message already committed or aborted")
-        self._file.write(data)
         self.size += len(data)
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._chunks.append(data)
+        if self.size > self._spool.memory_limit:
+            fd = os.open(self._spill_path, _WRITE_FLAGS, 0o600)
+            self._file = open(fd, "wb", buffering=_CONTENT_BUFFER)  # noqa: SIM115
+            chunks, self._chunks = self._chunks, []
+            for chunk in chunks:
+                self._file.write(chunk)
 
-    def commit(self, envelope: object) -> str:
+    def commit(self, envelope: object) -> Deferred[str]:
+        """See ``IIncomingMessage.commit``. TypeError/ValueError (raised at once) for a
+        wrong argument or a message already committed or aborted."""
         if not isinstance(envelope, Envelope):
             raise TypeError("commit() needs an Envelope")
-        if self._file is None:
+        if self._state != "open":
             raise ValueError(f"{self.queue_id}: message already committed or aborted")
-        spool = self._spool
-        queue_id = self.queue_id
-        content = spool.content_path(queue_id)
-        env_tmp = os.path.join(spool.tmp_dir, queue_id + ".env")
-        env_final = spool.envelope_path("incoming", queue_id)
-        envelope.queue_id = queue_id
+        self._state = "committing"
+        envelope.queue_id = self.queue_id
         if not envelope.size:
             envelope.size = self.size
+        data = encode_envelope(envelope)
+        chunks, self._chunks = self._chunks, []
         file, self._file = self._file, None
-        try:
-            try:
-                file.flush()
-                os.fsync(file.fileno())
-            finally:
-                file.close()
-            os.rename(self._tmp_path, content)
-            _write_file(env_tmp, encode_envelope(envelope))
-            spool.fsync_dir("content")
-            os.rename(env_tmp, env_final)
-            spool.fsync_dir("incoming")
-        except OSError as e:
-            for path in (env_final, env_tmp, content, self._tmp_path):
-                _unlink_quietly(path)
-            self._finished = True
-            log.error("{queue_id} commit failed: {error}", queue_id=queue_id, error=e)
-            raise
-        self._finished = True
-        log.info(
-            "{queue_id} queued: from=<{sender}> nrcpt={nrcpt} size={size} client={client}",
-            queue_id=queue_id,
-            sender=envelope.sender,
-            nrcpt=len(envelope.recipients),
-            size=self.size,
-            client=envelope.client_address,
-        )
-        spool._committed(queue_id)
-        return queue_id
+        spool = self._spool
+        d: Deferred[None] = spool.run(spool._commit_files, self.queue_id, chunks, file, data)
+        return d.addCallbacks(self._committed, self._failed)
+
+    def _committed(self, _: None) -> str:
+        self._state = "done"
+        self._spool._committed(self.queue_id)
+        return self.queue_id
+
+    def _failed(self, failure: Failure) -> Failure:
+        self._state = "done"
+        log.error("{queue_id} commit failed: {error}", queue_id=self.queue_id, error=failure.value)
+        return failure
 
     def abort(self) -> None:
-        if self._finished:
+        """Discard the message; does nothing once ``commit`` has started (the commit then
+        either queues the message or removes its files itself)."""
+        if self._state != "open":
             return
-        self._finished = True
+        self._state = "done"
+        self._chunks = []
         file, self._file = self._file, None
         if file is not None:
             with contextlib.suppress(OSError):
                 file.close()
-        _unlink_quietly(self._tmp_path)
-        log.info("{queue_id} aborted", queue_id=self.queue_id)
+            _unlink_quietly(self._spill_path)

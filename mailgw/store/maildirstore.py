@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -104,7 +104,14 @@ _ROW_COLUMNS = "uid, filename, size, flags, internaldate, modseq"
 
 @implementer(IMessageStore)
 class MessageStore:
-    """Maildir++ message store for all users under ``root`` (``data_dir/mail``)."""
+    """Maildir++ message store for all users under ``root`` (``data_dir/mail``).
+
+    Thread-safe: local delivery calls ``deliver`` from worker threads while the protocols
+    use the store from the reactor thread. Each user's index connection is shared by the
+    threads under the index's lock; message files are written and fsynced outside it.
+    Listeners run in the thread that created the store (the reactor thread): a change made
+    in another thread is reported through ``reactor.callFromThread``.
+    """
 
     def __init__(
         self,
@@ -113,8 +120,11 @@ class MessageStore:
         default_folders: Sequence[str] = ("Sent", "Drafts", "Trash", "Junk", "Archive"),
         hostname: str = "localhost",
         max_open_users: int = 128,
+        reactor: Any = None,
     ) -> None:
         self.root = os.path.abspath(root)
+        self._reactor = reactor
+        self._home_thread = threading.get_ident()
         self._quota_for = quota_for
         self._default_folders = tuple(normalize_folder(f) for f in default_folders)
         self._names = maildir.UniqueNames(hostname)
@@ -241,13 +251,23 @@ class MessageStore:
     # -- listeners -----------------------------------------------------------------------
 
     def add_listener(self, callback: object) -> None:
-        """``callback(user, folder)`` is called synchronously after each change (exceptions
-        it raises are logged, never propagated). TypeError if it is not callable."""
+        """``callback(user, folder)`` is called after each change: at once for changes made
+        in the thread that created the store, through ``reactor.callFromThread`` for changes
+        made in other threads (exceptions it raises are logged, never propagated).
+        TypeError if it is not callable."""
         if not callable(callback):
             raise TypeError(f"listener {callback!r} is not callable")
         self._listeners.append(cast(Listener, callback))
 
     def _notify(self, user: str, folder: str) -> None:
+        if not self._listeners:
+            return
+        if self._reactor is not None and threading.get_ident() != self._home_thread:
+            self._reactor.callFromThread(self._notify_here, user, folder)
+        else:
+            self._notify_here(user, folder)
+
+    def _notify_here(self, user: str, folder: str) -> None:
         for callback in list(self._listeners):
             try:
                 callback(user, folder)
@@ -259,15 +279,23 @@ class MessageStore:
     def deliver(
         self, user: str, content_path: str, prefix: bytes = b"", folder: str = INBOX
     ) -> int:
-        """Deliver ``prefix`` + the spool file's bytes into ``user``'s folder; returns the UID."""
+        """Deliver ``prefix`` + the spool file's bytes into ``user``'s folder; returns the UID.
+
+        The message file is written and fsynced without holding the user's lock (deliveries
+        to one user in several threads overlap their fsyncs); placing and indexing it takes
+        the lock; the fsync of its directory follows, and only then does this return.
+        """
         u = self._user(user)
         with u.lock:
             f = self._folder(u, folder)
-            with open(content_path, "rb") as src:
-                size = len(prefix) + os.fstat(src.fileno()).st_size
-                limit = self._quota_for(user)
+        with open(content_path, "rb") as src:
+            size = len(prefix) + os.fstat(src.fileno()).st_size
+            limit = self._quota_for(user)
+            with u.lock:
                 self._check_quota(u, limit, size)
-                info = self._store(u, f, limit, prefix, src, None, frozenset(), None)
+            written = self._write_tmp(f, prefix, src, None)
+        info = self._place(u, f, limit, written, frozenset(), None)
+        self._make_durable(u, f, info)
         self._notify(user, f.name)
         return info.uid
 
@@ -375,6 +403,15 @@ class MessageStore:
         if used + size > limit:
             raise QuotaExceeded(f"{u.name}: {used} + {size} bytes > quota {limit}")
 
+    def _write_tmp(
+        self, f: _Folder, prefix: bytes, src: BinaryIO | None, data: bytes | None
+    ) -> tuple[str, str, int, int, float]:
+        """Write ``tmp/<unique name>`` and fsync it: (head, path, size, vsize, mtime)."""
+        head = self._names.next()
+        tmp = os.path.join(f.path, "tmp", head)
+        size, vsize, mtime = maildir.write_file(tmp, prefix, src, data)
+        return head, tmp, size, vsize, mtime
+
     def _store(
         self,
         u: _User,
@@ -386,11 +423,42 @@ class MessageStore:
         flags: frozenset[str],
         internaldate: float | None,
     ) -> MessageInfo:
-        """Write tmp + fsync, then under the index write lock: quota check, UID allocation,
-        rename into new/ or cur/, directory fsync, index row."""
-        head = self._names.next()
-        tmp = os.path.join(f.path, "tmp", head)
-        size, vsize, mtime = maildir.write_file(tmp, prefix, src, data)
+        """Write tmp + fsync, place it (``_place``), fsync its directory."""
+        info = self._place(u, f, limit, self._write_tmp(f, prefix, src, data), flags, internaldate)
+        self._make_durable(u, f, info)
+        return info
+
+    def _make_durable(self, u: _User, f: _Folder, info: MessageInfo) -> None:
+        """fsync the directory of a placed message; if that fails, take the message out
+        again (file and index row) and raise."""
+        path = os.path.join(f.path, info.filename)
+        try:
+            maildir.fsync_dir(os.path.dirname(path))
+        except BaseException:
+            with u.index.write() as c:
+                c.execute("DELETE FROM messages WHERE mailbox = ? AND uid = ?", (f.id, info.uid))
+                c.execute(
+                    "UPDATE mailboxes SET highestmodseq = highestmodseq + 1,"
+                    " total_size = total_size - ?, message_count = message_count - 1"
+                    " WHERE id = ?",
+                    (info.size, f.id),
+                )
+                maildir.unlink_quiet(path)
+            raise
+
+    def _place(
+        self,
+        u: _User,
+        f: _Folder,
+        limit: int | None,
+        written: tuple[str, str, int, int, float],
+        flags: frozenset[str],
+        internaldate: float | None,
+    ) -> MessageInfo:
+        """Under the index write lock: quota check, UID allocation, rename of the written
+        tmp file into new/ or cur/, index row. The caller fsyncs the directory. On error the
+        file is removed."""
+        head, tmp, size, vsize, mtime = written
         placed: str | None = None
         try:
             if internaldate is not None:
@@ -414,7 +482,6 @@ class MessageStore:
                 uid, modseq = int(row[0]), int(row[1])
                 placed = os.path.join(f.path, rel)
                 os.rename(tmp, placed)
-                maildir.fsync_dir(os.path.dirname(placed))
                 c.execute(
                     "INSERT INTO messages(mailbox, uid, base, filename, size, flags,"
                     " internaldate, modseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

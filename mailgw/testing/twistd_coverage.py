@@ -18,7 +18,7 @@ def main() -> None:
             current.stop()
             current.save()
 
-    reactor.addSystemEventTrigger("after", "shutdown", save_coverage)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("after", "shutdown", save_coverage)
     run()
 
 

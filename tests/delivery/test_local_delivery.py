@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger, formatEvent
 
 from mailgw.delivery import LocalDelivery, delivery_prefix
@@ -34,8 +37,10 @@ def test_delivers_with_prefix_and_removes_from_spool(
     for state in Spool.STATES:
         assert spool.list(state) == []
     assert spool.list("incoming") == []
-    assert f"{qid} delivered to alice@example.test uid=1" in logged
-    assert any(line.startswith(f"{qid} delivered: from=<bob@example.org>") for line in logged)
+    # one log line per delivered message
+    assert logged == [
+        f"{qid} delivered: from=<bob@example.org> nrcpt=1 to alice@example.test uid=1"
+    ]
 
 
 def test_null_sender_gets_empty_return_path(store, make_delivery, submit, run):
@@ -420,3 +425,46 @@ def test_failure_to_move_to_corrupt_is_logged(
     delivery.startService()
     run(delivery)
     assert any(line.startswith(f"{qid} could not move to corrupt") for line in logged)
+
+
+class HeldRunner:
+    """A runner that keeps the work until the test runs it (as a thread pool would, later)."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Deferred[object], Any, tuple[Any, ...]]] = []
+
+    def __call__(self, function: Any, *args: Any) -> Deferred[object]:
+        d: Deferred[object] = Deferred()
+        self.held.append((d, function, args))
+        return d
+
+    def run_one(self) -> None:
+        d, function, args = self.held.pop(0)
+        d.callback(function(*args))
+
+
+def test_at_most_concurrency_messages_in_flight(spool, store, clock, make_delivery, submit):
+    runner = HeldRunner()
+    with pytest.raises(ValueError):
+        make_delivery(concurrency=0)
+    delivery = make_delivery(run=runner, concurrency=2)
+    delivery.startService()
+    ids = [submit(["alice@example.test"]) for _ in range(3)]
+    for _ in range(5):
+        clock.advance(0)
+    assert len(runner.held) == 2  # the third waits for a free slot
+    assert delivery.pending() == 3
+    idle = delivery.wait_idle()
+    fired: list[object] = []
+    idle.addCallback(fired.append)
+    delivery._committed(ids[0])  # a notification for a message in flight is ignored
+    runner.run_one()
+    assert store.calls == ["alice@example.test"]
+    clock.advance(0)
+    assert len(runner.held) == 2
+    runner.run_one()
+    runner.run_one()
+    assert fired == [None] and delivery.pending() == 0
+    assert len(store.mailboxes["alice@example.test"]) == 3
+    for state in Spool.STATES:
+        assert spool.list(state) == []

@@ -27,25 +27,39 @@ class FakeIncoming:
         self.size = 0
         self.chunks: list[bytes] = []
         self.aborted = False
+        self.committing = False
         self.committed = False
 
     def write(self, data: bytes) -> None:
         assert not self.aborted and not self.committed, "write after abort/commit"
+        if self.spool.fail_write:
+            raise OSError(28, "No space left on device")
         self.size += len(data)
         self.spool.largest_write = max(self.spool.largest_write, len(data))
         if self.spool.keep_content:
             self.chunks.append(data)
 
-    def commit(self, envelope: Envelope) -> str:
-        assert not self.aborted
+    def commit(self, envelope: Envelope) -> defer.Deferred[str]:
+        assert not self.aborted and not self.committing
+        self.committing = True
         if self.spool.fail_commit:
-            raise OSError(28, "No space left on device")
+            self.committing = False  # the spool removed what it had: abort() is harmless
+            return defer.fail(OSError(28, "No space left on device"))
+        if self.spool.hold_commits:
+            d: defer.Deferred[str] = defer.Deferred()
+            self.spool.held.append((self, envelope, d))
+            return d
+        return defer.succeed(self.finish(envelope))
+
+    def finish(self, envelope: Envelope) -> str:
         envelope.queue_id = self.queue_id
         self.committed = True
         self.spool.committed.append((envelope, b"".join(self.chunks)))
         return self.queue_id
 
     def abort(self) -> None:
+        if self.committing:
+            return  # like the real spool: the commit owns the message now
         self.aborted = True
         self.chunks = []
 
@@ -56,6 +70,9 @@ class FakeSpool:
         self.keep_content = keep_content
         self.fail_commit = False
         self.fail_begin = False
+        self.hold_commits = False
+        self.fail_write = False
+        self.held: list[tuple[FakeIncoming, Envelope, defer.Deferred[str]]] = []
         self.committed: list[tuple[Envelope, bytes]] = []
         self.begun: list[FakeIncoming] = []
         self.largest_write = 0
@@ -66,6 +83,15 @@ class FakeSpool:
         incoming = FakeIncoming(self, f"Q{len(self.begun) + 1:04d}")
         self.begun.append(incoming)
         return incoming
+
+    def release(self, fail: bool = False) -> None:
+        """Finish the held commits (as the spool's thread would), or fail them."""
+        held, self.held = self.held, []
+        for incoming, envelope, d in held:
+            if fail:
+                d.errback(OSError(5, "I/O error"))
+            else:
+                d.callback(incoming.finish(envelope))
 
     def list(self, state: str) -> list[str]:
         return [e.queue_id for e, _ in self.committed] if state == "incoming" else []

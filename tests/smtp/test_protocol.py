@@ -387,6 +387,59 @@ def test_commit_failure_gives_451_and_session_continues() -> None:
     assert len(h.messages) == 1
 
 
+def test_250_waits_for_the_commit_and_input_pauses_meanwhile() -> None:
+    h = Harness()
+    h.spool.hold_commits = True
+    c = h.connect()
+    start_data(c)
+    # the end of data and a pipelined command arrive together
+    assert c.send(b"hello\r\n.\r\nNOOP\r\n") == []
+    assert c.transport.producerState == "paused"
+    assert h.messages == []
+    h.spool.release()
+    assert c.lines() == ["250 2.0.0 OK queued as Q0001", "250 2.0.0 OK"]
+    assert c.transport.producerState == "producing"
+    assert len(h.messages) == 1
+
+
+def test_commit_failing_later_gives_451_and_session_continues() -> None:
+    h = Harness()
+    h.spool.hold_commits = True
+    c = h.connect()
+    start_data(c)
+    assert c.send(b"hello\r\n.\r\n") == []
+    h.spool.release(fail=True)
+    assert c.lines() == ["451 4.3.0 Local error in processing, try again later"]
+    assert h.messages == []
+    assert c.codes("NOOP\r\n") == ["250"]
+
+
+def test_connection_lost_during_commit_does_not_abort_the_message() -> None:
+    h = Harness()
+    h.spool.hold_commits = True
+    c = h.connect()
+    start_data(c)
+    c.send(b"hello\r\n.\r\n")
+    c.protocol.connectionLost()
+    assert not h.spool.begun[0].aborted
+    h.spool.release()
+    assert len(h.messages) == 1  # queued: the client may send it again (a duplicate, no loss)
+    assert c.output() == ""
+
+
+def test_write_error_during_data_gives_451_at_the_end() -> None:
+    h = Harness()
+    c = h.connect()
+    start_data(c)
+    h.spool.fail_write = True
+    assert c.send(b"line one\r\n") == []
+    assert h.spool.begun[0].aborted
+    h.spool.fail_write = False
+    assert c.codes(b"line two\r\n.\r\n") == ["451"]
+    assert h.messages == []
+    assert c.codes("NOOP\r\n") == ["250"]
+
+
 def test_begin_failure_gives_451() -> None:
     h = Harness()
     c = h.connect()
@@ -667,11 +720,18 @@ def test_log_lines_name_session_queue_id_sender_recipients_and_rejections() -> N
             "354",
             "250",
         ]
+        c.protocol.connectionLost()
+        other = h.connect()
+        other.protocol.connectionLost()
     finally:
         globalLogPublisher.removeObserver(events.append)
     text = [formatEvent(e) for e in events]
     sid = c.protocol.session.session_id
-    assert f"{sid} connect from 192.0.2.7" in text
+    # one line per accepted message, none for connecting or for leaving after a message
+    assert not any(t.startswith((f"{sid} connect", f"{sid} disconnect")) for t in text)
+    assert text[-1] == (
+        f"{other.protocol.session.session_id} disconnect from 192.0.2.7 without a message"
+    )
     assert any(
         t.startswith(f"{sid} Q0001: accepted from=<sender@remote.test> to=<alice@example.test>")
         and "size=" in t

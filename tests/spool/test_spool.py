@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import queue as queue_module
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
 
 from mailgw.interfaces import IIncomingMessage, ISpool
 from mailgw.model import Envelope
-from mailgw.spool import CorruptEnvelope, QueuedMessage, Spool, is_queue_id
+from mailgw.spool import CorruptEnvelope, QueuedMessage, Spool, encode_envelope, is_queue_id
 from mailgw.spool import spool as spool_module
 from mailgw.spool.queueid import ALPHABET, QueueIdGenerator, encode
+from mailgw.spool.threads import pool_runner
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -28,10 +37,21 @@ def files(root: Path, name: str) -> list[str]:
     return sorted(os.listdir(root / name))
 
 
+def result_of(d: Deferred[T]) -> T:
+    """The result of an already fired Deferred (the default runner works inline)."""
+    results: list[T] = []
+    failures: list[Failure] = []
+    d.addCallbacks(results.append, failures.append)
+    if failures:
+        failures[0].raiseException()
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
 def queue(spool: Spool, data: bytes = b"Subject: hi\r\n\r\nbody\r\n", rcpts=None) -> str:
     msg = spool.begin()
     msg.write(data)
-    return msg.commit(Envelope("bob@example.org", rcpts or ["alice@example.test"]))
+    return result_of(msg.commit(Envelope("bob@example.org", rcpts or ["alice@example.test"])))
 
 
 # -- queue IDs ------------------------------------------------------------------------------
@@ -57,13 +77,13 @@ def test_queue_ids_of_two_processes_differ_at_the_same_instant(monkeypatch) -> N
     assert a.next() > ida
 
 
-def test_begin_skips_an_id_whose_temp_file_exists(spool: Spool, tmp_path: Path) -> None:
-    ids = iter(["0" * 16, "0" * 15 + "1"])
-    spool._ids.next = lambda: next(ids)  # type: ignore[method-assign]
-    (tmp_path / "spool" / "tmp" / ("0" * 16 + ".content")).write_bytes(b"other")
-    msg = spool.begin()
-    assert msg.queue_id == "0" * 15 + "1"
-    msg.abort()
+def test_begin_creates_no_file_and_gives_fresh_ids(spool: Spool, tmp_path: Path) -> None:
+    a, b = spool.begin(), spool.begin()
+    assert a.queue_id < b.queue_id
+    for name in ("tmp", "content", *Spool.STATES):
+        assert files(tmp_path / "spool", name) == []
+    a.abort()
+    b.abort()
 
 
 def test_encode_orders_like_numbers() -> None:
@@ -96,12 +116,12 @@ def test_commit_makes_content_and_envelope_durable(spool: Spool, tmp_path: Path)
 
     spool.fsync_dir = tracking_fsync_dir  # type: ignore[method-assign]
     msg = spool.begin()
-    assert files(root, "tmp") == [msg.queue_id + ".content"]
     msg.write(b"Subject: x\r\n")
     msg.write(b"\r\nhello\r\n")
     assert msg.size == 21
+    assert files(root, "tmp") == []  # small messages stay in memory until the commit
     env = Envelope("bob@example.org", ["alice@example.test"])
-    qid = msg.commit(env)
+    qid = result_of(msg.commit(env))
     assert qid == msg.queue_id == env.queue_id
     assert files(root, "tmp") == []
     assert files(root, "content") == [qid]
@@ -136,9 +156,11 @@ def test_abort_leaves_nothing(spool: Spool, tmp_path: Path) -> None:
 def test_abort_after_commit_keeps_the_message(spool: Spool) -> None:
     msg = spool.begin()
     msg.write(b"x")
-    qid = msg.commit(Envelope("", ["a@example.test"]))
+    qid = result_of(msg.commit(Envelope("", ["a@example.test"])))
     msg.abort()
     assert spool.list("incoming") == [qid]
+    with pytest.raises(ValueError):
+        msg.commit(Envelope("", ["a@example.test"]))
 
 
 def test_failed_commit_removes_everything_and_reraises(spool: Spool, tmp_path, monkeypatch):
@@ -154,23 +176,24 @@ def test_failed_commit_removes_everything_and_reraises(spool: Spool, tmp_path, m
 
     monkeypatch.setattr(spool, "fsync_dir", failing_fsync_dir)
     with pytest.raises(OSError):
-        msg.commit(Envelope("", ["a@example.test"]))
+        result_of(msg.commit(Envelope("", ["a@example.test"])))
     msg.abort()  # safe after a failed commit
     for name in ("tmp", "content", *Spool.STATES):
         assert files(root, name) == []
     assert calls == []
 
 
-def test_failed_content_fsync_removes_tmp(spool: Spool, tmp_path, monkeypatch):
+@pytest.mark.parametrize("size", [10, 300 * 1024])
+def test_failed_content_fsync_removes_tmp(spool: Spool, tmp_path, monkeypatch, size):
     msg = spool.begin()
-    msg.write(b"data")
+    msg.write(b"x" * size)
 
     def bad_fsync(fd: int) -> None:
         raise OSError(5, "I/O error")
 
     monkeypatch.setattr(spool_module.os, "fsync", bad_fsync)
     with pytest.raises(OSError):
-        msg.commit(Envelope("", ["a@example.test"]))
+        result_of(msg.commit(Envelope("", ["a@example.test"])))
     monkeypatch.undo()
     for name in ("tmp", "content", "incoming"):
         assert files(tmp_path / "spool", name) == []
@@ -353,3 +376,226 @@ def test_move_fsyncs_both_directories_unless_told_not_to(spool: Spool, monkeypat
     assert fsynced == []
     spool.move(qid, "deferred")
     assert sorted(fsynced) == ["active", "deferred"]
+
+
+# -- memory buffer, thread pool, group commit ----------------------------------------------
+
+
+class ThreadReactor:
+    """Just enough reactor for ``deferToThreadPool``: calls from threads are queued and run
+    by ``run_until`` in the test's thread (the "reactor thread")."""
+
+    def __init__(self) -> None:
+        self.calls: queue_module.Queue[tuple[Any, tuple[Any, ...], dict[str, Any]]] = (
+            queue_module.Queue()
+        )
+
+    def callFromThread(self, f: Any, *args: Any, **kw: Any) -> None:
+        self.calls.put((f, args, kw))
+
+    def run_until(self, done: Any) -> None:
+        while not done():
+            f, args, kw = self.calls.get(timeout=30)
+            f(*args, **kw)
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPool]:
+    p = ThreadPool(minthreads=0, maxthreads=8, name="spool-test")
+    p.start()
+    yield p
+    p.stop()
+
+
+def test_large_message_spills_to_tmp_and_commits(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    spool = Spool(str(root), memory_limit=16)
+    msg = spool.begin()
+    msg.write(b"0123456789")
+    assert files(root, "tmp") == []
+    msg.write(b"abcdefghij")  # over the limit: now a file
+    msg.write(b"KLMN")
+    assert files(root, "tmp") == [msg.queue_id + ".content"]
+    qid = result_of(msg.commit(Envelope("", ["a@example.test"])))
+    assert files(root, "tmp") == []
+    assert (root / "content" / qid).read_bytes() == b"0123456789abcdefghijKLMN"
+    assert spool.load(qid).envelope.size == 24
+
+    other = spool.begin()
+    other.write(b"x" * 40)
+    assert files(root, "tmp") == [other.queue_id + ".content"]
+    other.abort()
+    assert files(root, "tmp") == []
+    spool.close()
+
+
+def test_commit_in_a_thread_pool_fires_in_the_reactor_thread(tmp_path, pool) -> None:
+    reactor = ThreadReactor()
+    root = tmp_path / "spool"
+    spool = Spool(str(root), run=pool_runner(reactor, pool))
+    reactor_thread = threading.get_ident()
+    listened: list[tuple[str, int]] = []
+    spool.add_listener(lambda qid: listened.append((qid, threading.get_ident())))
+    results: list[str] = []
+    msgs = []
+    for i in range(12):
+        msg = spool.begin()
+        msg.write(b"message %d\r\n" % i)
+        msg.commit(Envelope("", ["a@example.test"])).addCallback(results.append)
+        msg.abort()  # a lost connection during the commit changes nothing
+        msgs.append(msg.queue_id)
+    assert results == []  # nothing fired yet: the work is in the pool
+    reactor.run_until(lambda: len(results) == 12)
+    assert sorted(results) == msgs
+    assert sorted(qid for qid, _ in listened) == msgs
+    assert {thread for _, thread in listened} == {reactor_thread}
+    assert spool.list("incoming") == msgs
+    assert files(root, "tmp") == []
+    for i, qid in enumerate(msgs):
+        assert (root / "content" / qid).read_bytes() == b"message %d\r\n" % i
+    assert 1 <= spool.group_commit.groups <= 12
+    spool.close()
+
+
+def test_failed_threaded_commit_fails_the_deferred(tmp_path, pool, monkeypatch) -> None:
+    reactor = ThreadReactor()
+    spool = Spool(str(tmp_path / "spool"), run=pool_runner(reactor, pool))
+    monkeypatch.setattr(spool_module, "_write_file", raise_enospc)
+    failures: list[Failure] = []
+    msg = spool.begin()
+    msg.write(b"x")
+    msg.commit(Envelope("", ["a@example.test"])).addErrback(failures.append)
+    reactor.run_until(lambda: bool(failures))
+    assert failures[0].check(OSError)
+    assert spool.list("incoming") == []
+    spool.close()
+
+
+def raise_enospc(*args: Any) -> None:
+    raise OSError(28, "No space left on device")
+
+
+def test_group_commit_shares_directory_fsyncs(tmp_path: Path) -> None:
+    """While one group is being published, later commits gather into the next group, which
+    is published with one fsync of content/ and one of incoming/ for all of them."""
+    root = tmp_path / "spool"
+    spool = Spool(str(root))
+    gc = spool.group_commit
+    first_fsync_started = threading.Event()
+    release = threading.Event()
+    fsynced: list[str] = []
+    real_fsync_dir = spool.fsync_dir
+
+    def slow_fsync_dir(name: str) -> None:
+        fsynced.append(name)
+        if len(fsynced) == 1:
+            first_fsync_started.set()
+            assert release.wait(30)
+        real_fsync_dir(name)
+
+    spool.fsync_dir = slow_fsync_dir  # type: ignore[method-assign]
+    envelopes = []
+    for i in range(6):
+        msg = spool.begin()
+        msg.write(b"m%d" % i)
+        envelopes.append((msg, Envelope("", ["a@example.test"])))
+    errors: list[BaseException] = []
+
+    def commit(msg: Any, env: Envelope) -> None:
+        try:
+            spool._commit_files(msg.queue_id, msg._chunks, None, encode_envelope(env))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    all_joined = threading.Event()
+
+    class Pending(list):  # type: ignore[type-arg]
+        def append(self, item: Any) -> None:
+            super().append(item)
+            if len(self) == 5:
+                all_joined.set()
+
+    leader = threading.Thread(target=commit, args=envelopes[0])
+    leader.start()
+    assert first_fsync_started.wait(30)
+    gc._pending = Pending()  # the leader has taken its group: the next one gathers here
+    followers = [threading.Thread(target=commit, args=pair) for pair in envelopes[1:]]
+    for t in followers:
+        t.start()
+    assert all_joined.wait(30)
+    release.set()
+    for t in [leader, *followers]:
+        t.join(30)
+    assert errors == []
+    assert gc.groups == 2
+    assert fsynced == ["content", "incoming", "content", "incoming"]
+    assert spool.list("incoming") == sorted(m.queue_id for m, _ in envelopes)
+    spool.close()
+
+
+def test_group_commit_failure_fails_every_member(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "spool"
+    spool = Spool(str(root))
+    # A rename that fails for one member only fails that member.
+    real_rename = os.rename
+    msgs = []
+    for i in range(2):
+        msg = spool.begin()
+        msg.write(b"m%d" % i)
+        msgs.append(msg)
+
+    def rename(src: str, dst: str) -> None:
+        if dst.endswith(msgs[0].queue_id) and "incoming" in dst:
+            raise OSError(5, "I/O error")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(spool_module.os, "rename", rename)
+    with pytest.raises(OSError):
+        result_of(msgs[0].commit(Envelope("", ["a@example.test"])))
+    qid = result_of(msgs[1].commit(Envelope("", ["a@example.test"])))
+    assert spool.list("incoming") == [qid]
+    assert files(root, "content") == [qid]
+    # A failing fsync of content/ fails the group before any envelope is published.
+    monkeypatch.undo()
+    msg = spool.begin()
+    msg.write(b"x")
+
+    def fsync_dir(name: str) -> None:
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(spool, "fsync_dir", fsync_dir)
+    with pytest.raises(OSError):
+        result_of(msg.commit(Envelope("", ["a@example.test"])))
+    assert spool.list("incoming") == [qid]
+    assert files(root, "content") == [qid]
+    assert files(root, "tmp") == []
+    spool.close()
+
+
+def test_move_and_remove_with_a_state_hint(spool: Spool, tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "spool"
+    qid = queue(spool)
+    fsynced: list[str] = []
+    real_fsync_dir = spool.fsync_dir
+
+    def tracking(name: str) -> None:
+        fsynced.append(name)
+        real_fsync_dir(name)
+
+    monkeypatch.setattr(spool, "fsync_dir", tracking)
+    spool.move(qid, "active", durable=False, from_state="incoming")
+    assert spool.list("active") == [qid] and fsynced == []
+    spool.move(qid, "deferred", from_state="active")
+    assert sorted(fsynced) == ["active", "deferred"]
+    # a stale hint: the message is found where it really is
+    spool.move(qid, "hold", from_state="incoming")
+    assert spool.list("hold") == [qid]
+    with pytest.raises(ValueError):
+        spool.move(qid, "active", from_state="nowhere")
+    spool.remove(qid, "incoming")  # stale hint again
+    assert spool.list("hold") == [] and files(root, "content") == []
+    other = queue(spool)
+    spool.move(other, "active", durable=False, from_state="incoming")
+    spool.remove(other, "active")
+    for name in ("content", *Spool.STATES):
+        assert files(root, name) == []

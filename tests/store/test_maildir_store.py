@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from zope.interface.verify import verifyObject
@@ -173,7 +176,9 @@ def test_failed_rename_leaves_nothing(
     box = store.open_mailbox(USER)
     assert [i.uid for i in box.messages()] == [1]
     assert store.quota_usage(USER)[0] == len(MSG)
-    assert store.deliver(USER, str(spool)) == 2  # UID 2 was rolled back, not burnt
+    # UID 2 was visible to readers until the failed directory fsync took the message out
+    # again, so it is never handed out a second time.
+    assert store.deliver(USER, str(spool)) == 3
 
 
 def test_missing_uid_raises_keyerror(store: MessageStore, spool: Path) -> None:
@@ -743,3 +748,68 @@ def test_concurrent_processes_allocate_distinct_uids(root: Path, tmp_path: Path)
         assert store.quota_usage(USER)[0] == 120 * len(MSG)
     finally:
         store.close()
+
+
+# -- threads: a delivery thread next to the reactor thread ----------------------------------------
+
+
+class CallsFromThreads:
+    """The ``callFromThread`` of a reactor: calls are queued for the test thread to run."""
+
+    def __init__(self) -> None:
+        self.calls: queue.Queue[tuple[Any, tuple[Any, ...]]] = queue.Queue()
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        self.calls.put((f, args))
+
+    def run_pending(self) -> None:
+        while not self.calls.empty():
+            f, args = self.calls.get_nowait()
+            f(*args)
+
+
+def test_delivery_thread_and_reader_thread_share_the_store(root: Path, tmp_path: Path) -> None:
+    reactor = CallsFromThreads()
+    store = MessageStore(str(root), lambda u: None, hostname="mx.example", reactor=reactor)
+    seen: list[tuple[str, str, int]] = []
+    store.add_listener(lambda user, folder: seen.append((user, folder, threading.get_ident())))
+    spool = tmp_path / "s"
+    spool.write_bytes(MSG)
+    count = 60
+    delivered: list[int] = []
+    errors: list[BaseException] = []
+
+    def deliver_all() -> None:
+        try:
+            for _ in range(count):
+                delivered.append(store.deliver(USER, str(spool)))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    store.open_mailbox(USER)  # the index exists before the threads race
+    worker = threading.Thread(target=deliver_all)
+    worker.start()
+    # Meanwhile this thread (the "reactor") reads, flags and expunges what has arrived.
+    expunged: list[int] = []
+    while worker.is_alive() or not expunged:
+        box = store.open_mailbox(USER)
+        infos = box.messages()
+        if infos:
+            first = infos[0].uid
+            assert box.read_message(first).endswith(MSG)
+            box.set_flags([first], ["\\Seen"], "add")
+            expunged += box.expunge([first])
+    worker.join(30)
+    assert errors == []
+    assert delivered == list(range(1, count + 1))
+    box = store.open_mailbox(USER)
+    assert sorted(expunged + [i.uid for i in box.messages()]) == delivered
+    assert len(set(expunged)) == len(expunged)
+    # Listeners of changes made in the worker ran only when the reactor ran its queue.
+    here = threading.get_ident()
+    assert all(thread == here for _, _, thread in seen)
+    assert len(seen) == len(expunged) * 2  # this thread's flag and expunge changes
+    reactor.run_pending()
+    assert len(seen) == len(expunged) * 2 + count
+    assert all(thread == here for _, _, thread in seen)
+    store.close()
