@@ -1,0 +1,1 @@
+"""IMAP4rev1/rev2 access role: wire format (parser, wire), sequence sets, and the session."""

@@ -1,0 +1,1 @@
+"""Tests of the outbound relay building blocks."""
