@@ -146,6 +146,24 @@ class IMailbox(Interface):
     def append(data: bytes, flags: Sequence[str] = (), internaldate: float | None = None) -> int:
         """Store a new message in this folder; returns its UID. QuotaExceeded if over quota."""
 
+    def changes_since(modseq: int) -> tuple[list[object], list[int]]:
+        """(``MessageInfo`` of messages whose modseq is above ``modseq``, UIDs expunged since
+        ``modseq``), both ordered by UID and read from the index now (not the snapshot); the
+        store keeps expunged UIDs with their modseq (tombstones) for CONDSTORE/QRESYNC
+        VANISHED. MailboxNotFound if the folder was deleted."""
+
+    def copy_to(uids: Sequence[int], dest_name: str) -> list[tuple[int, int]]:
+        """Copy messages (bytes, flags, internal date) into another folder of the same user.
+        Returns (source UID, new UID) pairs for the UIDs that exist, in UID order (UIDPLUS
+        COPYUID). QuotaExceeded (nothing copied) if the copies do not fit; MailboxNotFound
+        if ``dest_name`` does not exist."""
+
+    def move_to(uids: Sequence[int], dest_name: str) -> list[tuple[int, int]]:
+        """Move messages into another folder of the same user (RFC 6851: copy + expunge,
+        atomic, no extra quota needed). Returns (source UID, new UID) pairs; the source UIDs
+        are expunged here (tombstones). MailboxNotFound if ``dest_name`` does not exist,
+        ValueError if it is this folder."""
+
 
 class IMessageStore(Interface):
     """The mailbox store facade: per-user folders, quota, change notifications.
@@ -168,6 +186,30 @@ class IMessageStore(Interface):
     def create_mailbox(user: str, name: str) -> None:
         """Create a folder (and its Maildir++ directory). ValueError if it exists/invalid."""
 
+    def delete_mailbox(user: str, name: str) -> None:
+        """Delete a folder with its messages (the quota usage goes down), its directory and
+        index rows; child folders stay; its subscription stays. ValueError for INBOX or an
+        invalid name; MailboxNotFound if it does not exist."""
+
+    def rename_mailbox(user: str, old: str, new: str) -> None:
+        """Rename a folder and all its children (``A`` -> ``B`` also moves ``A/x`` to
+        ``B/x``), keeping UIDVALIDITY and UIDs. Renaming INBOX moves all its messages into
+        the new folder (new UIDs there) and leaves INBOX empty (RFC 3501 6.3.5).
+        ValueError if the target exists, is INBOX, lies below the source, or a name is
+        invalid; MailboxNotFound if the source does not exist."""
+
+    def set_subscribed(user: str, name: str, subscribed: bool) -> None:
+        """Add or remove ``name`` in the user's subscriptions; the folder need not exist
+        (RFC 3501 6.3.6). ValueError for an invalid name."""
+
+    def list_subscribed(user: str) -> list[str]:
+        """Subscribed folder names, INBOX first, existing or not (LSUB, LIST (SUBSCRIBED))."""
+
+    def mailbox_status(user: str, name: str) -> object:
+        """``mailgw.store.MailboxStatus`` (messages, recent, uidnext, uidvalidity, unseen,
+        highestmodseq, size) computed from the index without opening message files (IMAP
+        STATUS). MailboxNotFound if it does not exist, ValueError for an invalid name."""
+
     def quota_usage(user: str) -> tuple[int, int | None]:
         """(bytes used, limit or None)."""
 
@@ -177,3 +219,29 @@ class IMessageStore(Interface):
 
     def add_listener(callback: object) -> None:
         """``callback(user, folder)`` after any change (delivery, flags, expunge)."""
+
+
+class IBlobStore(Interface):
+    """Tier-2 storage of message bodies: immutable, content-addressed blobs (sha256 of the
+    bytes), small enough to sit on a file tree now and an object store later."""
+
+    def put(data: object) -> object:
+        """Store ``bytes`` or a binary file's remaining bytes durably; returns a
+        ``mailgw.store.blobs.BlobRef`` (digest, size). Storing bytes that exist already
+        writes nothing (dedup). OSError when it cannot be written."""
+
+    def get(ref: object) -> bytes:
+        """The bytes of a blob, verified against its digest: BlobNotFound when missing,
+        BlobCorrupt when damaged (never wrong bytes)."""
+
+    def open(ref: object) -> object:
+        """A readable binary file of the verified bytes (errors as ``get``)."""
+
+    def exists(ref: object) -> bool:
+        """True when the blob is stored."""
+
+    def delete(ref: object) -> bool:
+        """Remove the blob; False when it was not there."""
+
+    def iter_refs() -> object:
+        """Iterator over the digests of every stored blob."""

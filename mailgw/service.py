@@ -59,13 +59,25 @@ class Node(service.MultiService):
         self.spool = Spool(
             os.path.join(data_dir, "spool"), hostname=config.server.hostname, run=run_io
         )
+        from mailgw.store.migration import tier2_from_config
+
+        try:
+            tier2 = tier2_from_config(data_dir, config.store)
+        except OSError as e:
+            raise ConfigError(
+                config.path, "store", "tier2_dir", f"cannot create: {e.strerror}"
+            ) from None
         self.store = MessageStore(
             os.path.join(data_dir, "mail"),
             quota_for=self.directory.quota_for,
             default_folders=config.store.default_folders,
             hostname=config.server.hostname,
             reactor=reactor,
+            tier2=tier2,
+            promote_on_read=config.store.promote_on_read,
         )
+        if tier2 is not None:
+            self._add_migration(run_io)
         self.tls_options = (
             load_certificate_options(
                 config.tls.certificate, config.tls.private_key or None, config.tls.min_version
@@ -73,6 +85,14 @@ class Node(service.MultiService):
             if config.tls_enabled
             else None
         )
+        self.relay: Any = None
+        self.submission_policy: Any = None
+        if config.relay.enabled:
+            from mailgw.relay.setup import build_relay
+
+            if not config.delivery.enabled:
+                raise ConfigError(config.path, "relay", "enabled", "needs [delivery] enabled")
+            self.relay = build_relay(config, self.spool, reactor, run_io)
         self.delivery: Any = None
         if config.delivery.enabled:
             self.delivery = LocalDelivery(
@@ -83,10 +103,27 @@ class Node(service.MultiService):
                 retry_interval=config.delivery.retry_interval,
                 hostname=config.server.hostname,
                 run=run_io,
+                relay=self.relay,
             )
             self.delivery.setName("delivery")
             self.delivery.setServiceParent(self)
+        if self.relay is not None:
+            self.relay.setServiceParent(self)  # after delivery: it starts after recovery
         self._add_roles()
+
+    def _add_migration(self, run_io: Any) -> None:
+        """Tier-1 -> tier-2 migration in the background, in the I/O pool, at a bounded rate."""
+        from mailgw.store.migration import MigrationPolicy, MigrationService, Migrator
+
+        store_config = self.config.store
+        migrator = Migrator(self.store, MigrationPolicy.from_config(store_config))
+        MigrationService(
+            migrator,
+            self.reactor,
+            run_io,
+            rate=store_config.migrate_rate,
+            interval=store_config.migrate_interval,
+        ).setServiceParent(self)
 
     def startService(self) -> None:
         self.io_pool.start()
@@ -125,6 +162,8 @@ class Node(service.MultiService):
                 tls_options=self.tls_options,
             )
             self._listen("mx", "listen", config.mx.listen, mx, config.mx.proxy_trusted)
+        if config.submission.enabled:
+            _submission_listeners(self)
         if config.pop3.enabled:
             from mailgw.pop3 import POP3Factory
 
@@ -157,6 +196,77 @@ class Node(service.MultiService):
                     config.pop3.proxy_trusted,
                     tls=self.tls_options,
                 )
+        if config.imap.enabled:
+            self._add_imap()
+
+    def _add_imap(self) -> None:
+        from mailgw.imap.factory import IMAPFactory
+        from mailgw.mime import StructureCache
+
+        config = self.config
+        cache = StructureCache(4096)
+        for implicit in (False, True):
+            if implicit and self.tls_options is None:
+                break
+            factory = IMAPFactory(
+                config.imap,
+                config.server.hostname,
+                self.store,
+                self.directory,
+                self.reactor,
+                tls_options=self.tls_options,
+                implicit_tls=implicit,
+                auth_failure_delay=config.directory.auth_failure_delay,
+                cache=cache,
+            )
+            key = "listen_tls" if implicit else "listen"
+            self._listen(
+                "imap",
+                key,
+                getattr(config.imap, key),
+                factory,
+                config.imap.proxy_trusted,
+                tls=self.tls_options if implicit else None,
+            )
+
+
+def _submission_listeners(node: Node) -> None:
+    """The submission role: STARTTLS listeners, and implicit-TLS ones when TLS is set."""
+    from mailgw.smtp.roles.submission import SubmissionFactory, SubmissionPolicy
+
+    config = node.config
+    sub = config.submission
+    policy = SubmissionPolicy(
+        node.directory,
+        config.server.hostname,
+        node.reactor,
+        sub.max_recipients,
+        sub.max_messages_per_hour,
+    )
+    node.submission_policy = policy  # for the webmail: mailgw.smtp.roles.submission.submit
+    for implicit in (False, True):
+        if implicit and node.tls_options is None:
+            break
+        factory = SubmissionFactory(
+            sub,
+            config.server.hostname,
+            node.spool,
+            node.directory,
+            node.reactor,
+            tls_options=node.tls_options,
+            implicit_tls=implicit,
+            auth_failure_delay=config.directory.auth_failure_delay,
+            policy=policy,
+        )
+        key = "listen_tls" if implicit else "listen"
+        node._listen(
+            "submission",
+            key,
+            getattr(sub, key),
+            factory,
+            sub.proxy_trusted,
+            tls=node.tls_options if implicit else None,
+        )
 
 
 def build_service(config: Config, reactor: Any) -> service.IService:

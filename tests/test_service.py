@@ -55,7 +55,7 @@ def listeners(node: Node) -> list[str]:
 def test_roles_and_listeners_follow_the_config(tmp_path: Path) -> None:
     node = Node(load(write_config(tmp_path)), Clock())
     names = listeners(node)
-    assert len(names) == 2  # mx + pop3; no POP3S without a certificate
+    assert len(names) == 3  # mx + pop3 + imap; no POP3S/IMAPS without a certificate
     assert node.getServiceNamed("delivery") is node.delivery
 
 
@@ -71,7 +71,7 @@ def test_roles_can_be_switched_off(tmp_path: Path) -> None:
     path = tmp_path / "off.ini"
     path.write_text(
         f"[server]\ndata_dir = {tmp_path}/data\n[mx]\nenabled = no\n[pop3]\nenabled = no\n"
-        "[delivery]\nenabled = no\n"
+        "[imap]\nenabled = no\n[delivery]\nenabled = no\n"
     )
     node = Node(load(str(path)), Clock())
     assert listeners(node) == []

@@ -215,6 +215,96 @@ def cmd_store_reindex(ctx: Context, args: argparse.Namespace) -> None:
     _say(f"reindexed {count} message(s) of {user.name}")
 
 
+def _tier2_store(ctx: Context) -> tuple[Any, Any]:
+    """(MessageStore with tier 2, its blob store); Failure when ``tier2_dir`` is not set."""
+    from mailgw.store import MessageStore
+    from mailgw.store.migration import tier2_from_config
+
+    config = ctx.config
+    blobs = tier2_from_config(config.server.data_dir, config.store)
+    if blobs is None:
+        raise Failure(f"{ctx.config_path}: [store] tier2_dir is not set")
+    store = MessageStore(
+        root=os.path.join(config.server.data_dir, "mail"),
+        quota_for=ctx.directory.quota_for,
+        default_folders=config.store.default_folders,
+        hostname=config.server.hostname,
+        tier2=blobs,
+    )
+    return store, blobs
+
+
+def cmd_store_migrate(ctx: Context, args: argparse.Namespace) -> None:
+    from mailgw.store.migration import MigrationPolicy, Migrator
+
+    store, _blobs = _tier2_store(ctx)
+    user = None
+    if args.user:
+        found = ctx.directory.get_user(args.user)
+        if found is None:
+            raise Failure(f"no such user {args.user}")
+        user = found.name
+    migrator = Migrator(store, MigrationPolicy.from_config(ctx.config.store))
+    report = migrator.run(user, dry_run=args.dry_run, limit=args.limit)
+    if args.dry_run:
+        for c in report.candidates:
+            _say(f"{c.user}\t{c.folder}\t{c.uid}\t{c.size}")
+        total = sum(c.size for c in report.candidates)
+        _say(f"would migrate {len(report.candidates)} message(s), {format_size(total)}")
+    else:
+        _say(
+            f"migrated {report.moved} message(s), {format_size(report.bytes)}"
+            f" ({report.skipped} skipped, {report.failed} failed)"
+        )
+    store.close()
+    if report.failed:
+        raise Failure(f"{report.failed} message(s) could not be migrated (see above)")
+
+
+def cmd_store_verify(ctx: Context, args: argparse.Namespace) -> None:
+    from mailgw.store.migration import verify
+
+    store, blobs = _tier2_store(ctx)
+    report = verify(store, blobs)
+    store.close()
+    for digest in report.corrupt:
+        _say(f"corrupt\t{digest}")
+    for digest, user, uid, folder in report.missing:
+        _say(f"missing\t{digest}\t{user}\t{folder}\t{uid}")
+    for digest in report.orphans:
+        _say(f"orphan\t{digest}")
+    _say(
+        f"checked {report.checked} blob(s): {len(report.corrupt)} corrupt,"
+        f" {len(report.missing)} missing reference(s), {len(report.orphans)} orphan(s)"
+    )
+    if not report.ok:
+        raise Failure("tier 2 has damaged or missing blobs")
+
+
+def cmd_store_gc(ctx: Context, args: argparse.Namespace) -> None:
+    from mailgw.store.migration import gc
+
+    store, blobs = _tier2_store(ctx)
+    removed = gc(store, blobs, grace=args.grace, dry_run=args.dry_run)
+    store.close()
+    verb = "would remove" if args.dry_run else "removed"
+    _say(f"{verb} {len(removed)} orphan blob(s)")
+
+
+def cmd_store_stats(ctx: Context, args: argparse.Namespace) -> None:
+    from mailgw.store.migration import stats
+
+    store, blobs = _tier2_store(ctx)
+    tiers = stats(store, blobs)
+    store.close()
+    _say("tier\tmessages\tlogical\tstored\tblobs\tdedup\tlogical/stored")
+    for name, t in tiers.items():
+        _say(
+            f"{name}\t{t.messages}\t{t.logical}\t{t.stored}\t{t.blobs}"
+            f"\t{t.dedup_ratio:.2f}\t{t.space_ratio:.2f}"
+        )
+
+
 def cmd_cert_selfsigned(ctx: Context, args: argparse.Namespace) -> None:
     from mailgw.cli.certs import make_selfsigned, write_file
 
@@ -313,6 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     command(store, "reindex", cmd_store_reindex, "rebuild a user's index").add_argument(
         "user", metavar="USER"
     )
+    p = command(store, "migrate", cmd_store_migrate, "move messages to tier 2 by policy")
+    p.add_argument("user", nargs="?", metavar="USER", help="only this user")
+    p.add_argument("--dry-run", action="store_true", help="list the candidates only")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N messages")
+    command(store, "verify", cmd_store_verify, "check tier-2 blobs: hashes, missing, orphans")
+    p = command(store, "gc", cmd_store_gc, "remove tier-2 blobs no index refers to")
+    p.add_argument("--grace", type=float, default=3600.0, metavar="S", help="spare younger (3600)")
+    p.add_argument("--dry-run", action="store_true", help="only count them")
+    command(store, "stats", cmd_store_stats, "messages and bytes per tier, dedup ratio")
 
     cert = group("cert", "TLS certificates")
     p = command(cert, "selfsigned", cmd_cert_selfsigned, "make a self-signed dev certificate")
@@ -321,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=365, metavar="N", help="validity (365)")
     p.add_argument("--key-type", choices=("ec", "rsa"), default="ec", help="ec (P-256) or rsa")
     p.add_argument("--force", action="store_true", help="replace existing files")
+    __import__("mailgw.cli.queue").cli.queue.register_relay_commands(group, command)  # issue 4
     return parser
 
 

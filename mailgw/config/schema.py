@@ -90,6 +90,21 @@ class DirectoryConfig:
     )
 
 
+def _watermark(s: str) -> str:
+    """Empty, a size (``500G``) or a percentage (``80%``)."""
+    s = s.strip()
+    if s.endswith("%"):
+        try:
+            value = float(s[:-1])
+        except ValueError:
+            raise ValueError(f"expected a size like 500G or a percentage, got {s!r}") from None
+        if not 0 < value <= 100:
+            raise ValueError(f"expected a percentage between 0% and 100%, got {s!r}")
+    elif s:
+        v.parse_size(s)
+    return s
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """[store] mailboxes (tier 1: Maildir++ under data_dir/mail)."""
@@ -99,6 +114,27 @@ class StoreConfig:
     )
     default_folders: tuple[str, ...] = key(
         "Sent Drafts Trash Junk Archive", v.parse_list, "Folders created for every new mailbox."
+    )
+    tier2_dir: str = key(
+        "", _text, "Tier-2 blob directory (may be another mount); empty: off; relative: data_dir."
+    )
+    migrate_after: float = key(
+        "0", v.parse_duration, "Move tier-1 messages older than this to tier 2 (0: not by age)."
+    )
+    migrate_folders: tuple[str, ...] = key(
+        "", v.parse_list, "Folders whose messages all go to tier 2 (e.g. Archive)."
+    )
+    migrate_min_size: int = key("0", v.parse_size, "Only migrate messages at least this big.")
+    tier1_high_watermark: str = key(
+        "", _watermark, "Tier 1 above this (size like 500G, or % of its disk): migrate oldest first"
+    )
+    tier1_low_watermark: str = key(
+        "", _watermark, "... until tier 1 is below this (empty: the high watermark)."
+    )
+    migrate_rate: int = key("50", v.parse_positive_int, "Most messages migrated per second.")
+    migrate_interval: float = key("1h", v.parse_duration, "Time between migration passes.")
+    promote_on_read: bool = key(
+        "no", v.parse_bool, "Move a tier-2 message back to tier 1 when it is read."
     )
 
 
@@ -168,6 +204,339 @@ class POP3Config:
 
 
 @dataclass(frozen=True)
+class IMAPConfig:
+    """[imap] mailbox access over IMAP4rev1."""
+
+    enabled: bool = key("yes", v.parse_bool, "Run the IMAP role.")
+    listen: tuple[str, ...] = key(
+        "tcp:8143:interface=127.0.0.1", v.parse_list, "Plain listeners (STARTTLS offered with TLS)."
+    )
+    listen_tls: tuple[str, ...] = key(
+        "tcp:8993:interface=127.0.0.1",
+        v.parse_list,
+        "Implicit-TLS listeners, used only when [tls] certificate is set.",
+    )
+    proxy_trusted: tuple[Network, ...] = key(
+        "127.0.0.0/8 ::1", v.parse_networks, "Peers allowed to send a PROXY header (haproxy:)."
+    )
+    allow_plaintext_auth: str = key(
+        "loopback",
+        v.parse_plaintext_auth,
+        "Passwords without TLS: yes, no, or loopback (only from 127.0.0.0/8 and ::1).",
+    )
+    idle_timeout: float = key(
+        "30m", v.parse_duration, "Close after this long without a command (RFC 3501: >= 30m)."
+    )
+    idle_command_timeout: float = key(
+        "29m", v.parse_duration, "Longest IDLE before the server ends it with BYE."
+    )
+    max_line_length: int = key(
+        "65536", v.parse_positive_int, "Longest command line in bytes (BAD, session survives)."
+    )
+    max_literal_size: int = key(
+        "64M", v.parse_size, "Largest literal (APPEND message) accepted: NO [TOOBIG] beyond."
+    )
+    max_errors: int = key("20", v.parse_positive_int, "BAD commands before the session closes.")
+    max_connections_per_ip: int = key(
+        "50", v.parse_positive_int, "Concurrent sessions from one client address."
+    )
+    max_connections_per_user: int = key(
+        "20", v.parse_positive_int, "Concurrent authenticated sessions of one user."
+    )
+
+
+# -- relay, channels, routes, submission (issue 4) ---------------------------------------------
+
+
+def _durations(s: str) -> tuple[str, ...]:
+    words = tuple(w for w in s.replace(",", " ").split() if w)
+    if not words:
+        raise ValueError("expected at least one duration")
+    for w in words:
+        if v.parse_duration(w) <= 0:
+            raise ValueError(f"duration {w!r} must be positive")
+    return words
+
+
+def _percent(s: str) -> int:
+    value = v.parse_positive_int(s)
+    if value > 100:
+        raise ValueError(f"expected 1..100, got {value}")
+    return value
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        value = float(s.strip())
+    except ValueError:
+        raise ValueError(f"expected a number, got {s!r}") from None
+    if value < 0:
+        raise ValueError(f"expected a number >= 0, got {value:g}")
+    return value
+
+
+def _int0(s: str) -> int:
+    try:
+        value = int(s.strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {s!r}") from None
+    if value < 0:
+        raise ValueError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _port(s: str) -> int:
+    value = v.parse_positive_int(s)
+    if value > 65535:
+        raise ValueError(f"port out of range: {value}")
+    return value
+
+
+def _resolvers(s: str) -> tuple[str, ...]:
+    words = v.parse_list(s)
+    for w in words:
+        host, port = w, "53"
+        if w.startswith("["):
+            host, _, rest = w[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else "53"
+        elif w.count(":") == 1:
+            host, _, port = w.partition(":")
+        try:
+            ipaddress.ip_address(host)
+            _port(port)
+        except ValueError:
+            raise ValueError(f"not an address[:port]: {w!r}") from None
+    return words
+
+
+def _addresses(s: str) -> tuple[str, ...]:
+    words = v.parse_list(s)
+    for w in words:
+        try:
+            ipaddress.ip_address(w)
+        except ValueError:
+            raise ValueError(f"not an IP address: {w!r}") from None
+    return words
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(s: str) -> str:
+        value = s.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected {' or '.join(choices)}, got {s!r}")
+        return value
+
+    return parse
+
+
+def tier_names(text: str) -> tuple[tuple[str, ...], ...]:
+    """``"domestic; overseas, sdn"`` → (("domestic",), ("overseas", "sdn"))."""
+    tiers = (tuple(n.strip() for n in t.split(",") if n.strip()) for t in text.split(";"))
+    return tuple(t for t in tiers if t)
+
+
+def _tiers(s: str) -> str:
+    if s.strip() and not tier_names(s):
+        raise ValueError("expected channel names like 'domestic; overseas, sdn'")
+    return s.strip()
+
+
+def _patterns(s: str) -> tuple[str, ...]:
+    import re
+
+    words = tuple(p.strip() for p in s.split(";") if p.strip())
+    for p in words:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"bad pattern {p!r}: {e}") from None
+    return words
+
+
+def _patterns_text(s: str) -> str:
+    _patterns(s)
+    return s.strip()
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """[relay] the outbound queue: MX lookup, retries, bounces, limits (see docs/relay.md)."""
+
+    enabled: bool = key("no", v.parse_bool, "Send mail for other domains (needs [delivery]).")
+    resolvers: tuple[str, ...] = key(
+        "", _resolvers, "DNS servers for MX lookups, address[:port] list; empty: resolv.conf."
+    )
+    dns_timeout: float = key("10s", v.parse_duration, "Time limit of one DNS lookup.")
+    retry_schedule: tuple[str, ...] = key(
+        "5m 10m 30m 1h 2h 4h", _durations, "Waits between attempts; the last one repeats."
+    )
+    max_age: float = key("5d", v.parse_duration, "Bounce mail still undelivered after this long.")
+    window: int = key("200", v.parse_positive_int, "Messages being sent at once (active window).")
+    retry_window_percent: int = key(
+        "50", _percent, "Share of the window deferred mail may use (fresh mail is never slowed)."
+    )
+    per_domain_concurrency: int = key(
+        "10", v.parse_positive_int, "Deliveries at once to one destination domain."
+    )
+    mx_port: int = key("25", _port, "TCP port of MX hosts (tests use another one).")
+    max_mx_addresses: int = key(
+        "5", v.parse_positive_int, "MX addresses tried per attempt and channel."
+    )
+    tls_require_domains: tuple[str, ...] = key(
+        "", v.parse_list, "Destination domains (patterns, e.g. .bank.example) that need TLS."
+    )
+    default_route: str = key(
+        "", _tiers, "Channels when no [route:*] matches, e.g. 'overseas, sdn'; empty: all."
+    )
+    failure_threshold: int = key(
+        "5", v.parse_positive_int, "Consecutive channel failures that suspend a channel."
+    )
+    cooldown: float = key("5m", v.parse_duration, "Suspension before a channel is probed again.")
+    channel_failure_patterns: str = key(
+        "",
+        _patterns_text,
+        "Extra regexes (; separated) marking a 5xx as the sending IP's fault (fail over).",
+    )
+    connect_timeout: float = key("30s", v.parse_duration, "TCP connect time limit.")
+    command_timeout: float = key("5m", v.parse_duration, "Wait for one SMTP reply.")
+    connection_idle: float = key("30s", v.parse_duration, "Keep an idle session for reuse.")
+    connection_reuse: int = key(
+        "100", v.parse_positive_int, "Messages sent over one session before it is closed."
+    )
+    scan_interval: float = key(
+        "1m", v.parse_duration, "Rescan of the retry queue (picks up queue flush/release)."
+    )
+    status_interval: float = key(
+        "10s", v.parse_duration, "How often data_dir/relay/channels.json is written."
+    )
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """[channel:NAME] one way out (direct MX delivery or a smarthost)."""
+
+    name: str = key("", _text, "(the NAME of the section)")
+    kind: str = key("direct", _one_of("direct", "smarthost"), "direct (MX lookup) or smarthost.")
+    weight: int = key("1", v.parse_positive_int, "Round-robin weight among a tier's channels.")
+    concurrency: int = key("20", v.parse_positive_int, "Deliveries at once through the channel.")
+    rate: float = key("0", _nonneg_float, "Messages per minute; 0: unlimited.")
+    burst: int = key("0", _int0, "Token-bucket size of the rate limit; 0: a tenth of a minute.")
+    source_addresses: tuple[str, ...] = key(
+        "", _addresses, "Local addresses to connect from (rotated); empty: the system's choice."
+    )
+    helo: str = key("", _text, "EHLO name; empty: [server] hostname.")
+    hosts: tuple[str, ...] = key("", v.parse_list, "Smarthost host[:port] list (kind smarthost).")
+    tls: str = key("may", _one_of("may", "require", "none"), "STARTTLS: may, require or none.")
+    auth_user: str = key("", _text, "Smarthost AUTH user (only over TLS).")
+    auth_password_file: str = key("", _text, "File holding the smarthost password.")
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """[route:NAME] a routing rule; rules are tried in file order (class rules first)."""
+
+    name: str = key("", _text, "(the NAME of the section)")
+    recipient_domains: tuple[str, ...] = key(
+        "", v.parse_list, "Domains: example.com exact, .cn suffix, *.example glob, * all."
+    )
+    sender_domains: tuple[str, ...] = key("", v.parse_list, "Sender domains (same patterns).")
+    message_class: str = key("", _text, "Class set by earlier checks (e.g. spam).")
+    channels: str = key("", _tiers, "Tiers: 'domestic; overseas, sdn' (; = fall back to).")
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    """[submission] authenticated sending (STARTTLS and implicit TLS)."""
+
+    enabled: bool = key("no", v.parse_bool, "Run the submission role (AUTH needs [tls]).")
+    listen: tuple[str, ...] = key(
+        "tcp:8587:interface=127.0.0.1", v.parse_list, "STARTTLS listeners (production: 587)."
+    )
+    listen_tls: tuple[str, ...] = key(
+        "tcp:8465:interface=127.0.0.1",
+        v.parse_list,
+        "Implicit-TLS listeners (production: 465), used only when [tls] certificate is set.",
+    )
+    proxy_trusted: tuple[Network, ...] = key(
+        "127.0.0.0/8 ::1", v.parse_networks, "Peers allowed to send a PROXY header (haproxy:)."
+    )
+    max_message_size: int = key("25M", v.parse_size, "Largest message accepted (552 5.3.4).")
+    max_recipients: int = key("100", v.parse_positive_int, "Recipients per message (452 4.5.3).")
+    max_messages_per_hour: int = key(
+        "200", v.parse_positive_int, "Messages one user may send per hour (450 4.7.1)."
+    )
+    max_line_length: int = key(
+        "10000", v.parse_positive_int, "Longest line inside DATA, without CRLF (554 5.6.0)."
+    )
+    max_errors: int = key("10", v.parse_positive_int, "Errors before the session is closed.")
+    max_connections: int = key("1000", v.parse_positive_int, "Concurrent sessions in all.")
+    max_connections_per_ip: int = key(
+        "50", v.parse_positive_int, "Concurrent sessions from one client address."
+    )
+    idle_timeout: float = key("5m", v.parse_duration, "Close after this long without input.")
+    session_timeout: float = key("30m", v.parse_duration, "Close a session after this long.")
+    dkim: bool = key("yes", v.parse_bool, "DKIM-sign mail of domains with a key in data_dir/dkim.")
+
+
+_PREFIXED: dict[str, type] = {"channel": ChannelConfig, "route": RouteConfig}
+
+
+def _prefixed_sections(parser: configparser.ConfigParser, path: str) -> dict[str, Any]:
+    """``[channel:NAME]`` and ``[route:NAME]`` sections, in file order, validated."""
+    base = os.path.dirname(path)
+    out: dict[str, list[Any]] = {"channel": [], "route": []}
+    for section in parser.sections():
+        prefix, colon, name = section.partition(":")
+        if not colon or prefix not in _PREFIXED:
+            continue
+        cls = _PREFIXED[prefix]
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise ConfigError(path, section, None, "NAME may use letters, digits, - and _")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "name"}
+        kwargs: dict[str, Any] = {"name": name}
+        for k, raw in parser.items(section):
+            if k not in fields:
+                raise ConfigError(path, section, k, "unknown key")
+            try:
+                kwargs[k] = fields[k].metadata["parse"](raw)
+            except ValueError as e:
+                raise ConfigError(path, section, k, str(e)) from None
+        if prefix == "channel" and kwargs.get("auth_password_file"):
+            kwargs["auth_password_file"] = os.path.normpath(
+                os.path.join(base, kwargs["auth_password_file"])
+            )
+        value = cls(**kwargs)
+        if prefix == "channel" and value.kind == "smarthost" and not value.hosts:
+            raise ConfigError(path, section, "hosts", "a smarthost channel needs hosts")
+        if prefix == "channel" and bool(value.auth_user) != bool(value.auth_password_file):
+            raise ConfigError(
+                path, section, "auth_user", "auth_user and auth_password_file go together"
+            )
+        if prefix == "route" and not value.channels:
+            raise ConfigError(path, section, "channels", "a route needs channels")
+        out[prefix].append(value)
+    return {"channels": tuple(out["channel"]), "routes": tuple(out["route"])}
+
+
+def _check_routes(config: Config) -> None:
+    names = {c.name for c in config.channels} or {"direct"}
+    for route in config.routes:
+        for tier in tier_names(route.channels):
+            for n in tier:
+                if n not in names:
+                    raise ConfigError(
+                        config.path, f"route:{route.name}", "channels", f"unknown channel {n!r}"
+                    )
+    if config.relay.default_route:
+        for tier in tier_names(config.relay.default_route):
+            for n in tier:
+                if n not in names:
+                    raise ConfigError(
+                        config.path, "relay", "default_route", f"unknown channel {n!r}"
+                    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -179,6 +548,11 @@ class Config:
     delivery: DeliveryConfig
     mx: MXConfig
     pop3: POP3Config
+    imap: IMAPConfig
+    relay: RelayConfig
+    submission: SubmissionConfig
+    channels: tuple[ChannelConfig, ...]
+    routes: tuple[RouteConfig, ...]
 
     @property
     def tls_enabled(self) -> bool:
@@ -193,12 +567,17 @@ _SECTIONS: dict[str, type] = {
     "delivery": DeliveryConfig,
     "mx": MXConfig,
     "pop3": POP3Config,
+    "imap": IMAPConfig,
+    "relay": RelayConfig,
+    "submission": SubmissionConfig,
 }
 
 # Keys whose value is a file path, resolved against the config file's folder.
 _PATH_KEYS = {("server", "data_dir"), ("tls", "certificate"), ("tls", "private_key")}
 # Keys whose values are listen endpoint descriptions, checked with Twisted's parser.
 _LISTEN_KEYS = {("mx", "listen"), ("pop3", "listen"), ("pop3", "listen_tls")}
+_LISTEN_KEYS |= {("imap", "listen"), ("imap", "listen_tls")}
+_LISTEN_KEYS |= {("submission", "listen"), ("submission", "listen_tls")}
 
 
 def schema() -> dict[str, list[tuple[str, str, str]]]:
@@ -226,7 +605,7 @@ def load(path: str) -> Config:
     base = os.path.dirname(path)
     sections: dict[str, Any] = {}
     for section in parser.sections():
-        if section not in _SECTIONS:
+        if section not in _SECTIONS and section.partition(":")[0] not in _PREFIXED:
             raise ConfigError(path, section, None, "unknown section")
     for name, cls in _SECTIONS.items():
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -247,7 +626,9 @@ def load(path: str) -> Config:
         sections[name] = cls(**kwargs)
     if not sections["server"].hostname:
         sections["server"] = dataclasses.replace(sections["server"], hostname=socket.gethostname())
+    sections.update(_prefixed_sections(parser, path))
     config = Config(path=path, **sections)
+    _check_routes(config)
     _check_tls(config)
     _check_listeners(config)
     return config

@@ -22,9 +22,17 @@ message:
    ``attempts += 1``, ``next_attempt = now + retry_interval``, ``last_error``, state
    ``deferred``. Reasons: ``QuotaExceeded`` / ``OSError`` from the store, a failing directory
    lookup, a recipient that no longer resolves, or an alias target outside our users
-   (external). External targets wait for the relay (a later issue); until it exists, and until
-   bounces exist, such mail stays deferred and is retried, and each deferral is logged. With
-   ``max_attempts_age`` set, a message older than that is logged as "would bounce".
+   (external) when no relay is configured: such mail stays deferred and is retried, and each
+   deferral is logged. With ``max_attempts_age`` set, a message older than that is logged as
+   "would bounce".
+4b. With a ``relay`` (``mailgw.relay.scheduler.RelayScheduler``): recipients outside the local
+   domains and external alias targets are *handed over* once every local copy is stored: the
+   envelope is rewritten in one atomic update to hold only the external targets (``done``
+   emptied, arrival time kept) and renamed into ``outbound``; then ``relay.handover(qid)`` is
+   called in the reactor thread. One owner at a time: a crash before the rename leaves the
+   message in ``active`` (recovered to ``incoming``, dispatched again: its recipients are now
+   all external, so it is handed over again, never delivered twice locally nor lost). While a
+   local recipient is still failing the message stays deferred here, external targets too.
 5. A timer scans ``deferred`` at start and then at the earliest ``next_attempt`` found (at
    most ``retry_interval`` later), and feeds due messages back into step 1.
 """
@@ -68,12 +76,14 @@ class LocalDelivery(Service):
         hostname: str = "localhost",
         run: Runner = run_inline,
         concurrency: int = 4,
+        relay: Any = None,
     ) -> None:
         if retry_interval <= 0:
             raise ValueError("retry_interval must be positive")
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.run = run
+        self.relay = relay
         self.concurrency = concurrency
         self.spool = spool
         self.store = store
@@ -166,6 +176,7 @@ class LocalDelivery(Service):
         self._queued.discard(queue_id)
         self._in_flight.add(queue_id)
         self.run(self._process_safely, queue_id).addBoth(self._finished, queue_id)
+
         self._schedule()
 
     def _finished(self, result: object, queue_id: str) -> None:
@@ -173,16 +184,20 @@ class LocalDelivery(Service):
         self._in_flight.discard(queue_id)
         if isinstance(result, Failure):  # pragma: no cover - _process_safely catches all
             log.failure("{queue_id} delivery failed", result, queue_id=queue_id)
+        elif result == queue_id and self.relay is not None:
+            self.relay.handover(queue_id)
         self._schedule()
         if not self.pending():
             self._fire_waiters()
 
-    def _process_safely(self, queue_id: str) -> None:
+    def _process_safely(self, queue_id: str) -> str | None:
+        """The queue ID when the message was handed over to the relay, else None."""
         try:
-            self._process(queue_id)
+            return self._process(queue_id)
         except Exception:
             log.failure("{queue_id} delivery failed unexpectedly", queue_id=queue_id)
             self._defer_after_crash(queue_id)
+            return None
 
     def _scan_deferred(self) -> None:
         """Enqueue due deferred messages; re-arm the timer for the next due one."""
@@ -207,23 +222,23 @@ class LocalDelivery(Service):
 
     # -- delivery of one message -----------------------------------------------------------
 
-    def _process(self, queue_id: str) -> None:
+    def _process(self, queue_id: str) -> str | None:
         try:
             message = self.spool.load(queue_id)
         except KeyError:
             log.info("{queue_id} no longer in the spool", queue_id=queue_id)
-            return
+            return None
         except ValueError as e:
             self._to_corrupt(queue_id, e)
-            return
+            return None
         envelope: Envelope = message.envelope
         if message.state == "deferred" and envelope.next_attempt > self.reactor.seconds():
-            return
+            return None
         if message.state not in ("incoming", "deferred"):
             log.info(
                 "{queue_id} is {state}, not delivering", queue_id=queue_id, state=message.state
             )
-            return
+            return None
         # Not fsynced: after a crash, recovery moves active back to incoming anyway.
         self.spool.move(queue_id, "active", durable=False, from_state=message.state)
 
@@ -232,11 +247,14 @@ class LocalDelivery(Service):
         delivered_users = {entry.split(">", 1)[1] for entry in envelope.done if ">" in entry}
         # Plan: (rcpt, local users still to deliver) and which recipients can complete.
         plan: list[tuple[str, list[str], bool]] = []
+        relay_targets: list[str] = []
         for rcpt in envelope.recipients:
             if rcpt in done:
                 continue
             try:
                 targets = self.directory.resolve(rcpt)
+                if not targets and self.relay is not None and not self._is_local(rcpt):
+                    targets = [rcpt]
                 local = [u for u in targets if self.directory.get_user(u) is not None]
             except Exception as e:
                 log.failure("{queue_id} lookup of <{rcpt}> failed", queue_id=queue_id, rcpt=rcpt)
@@ -247,6 +265,10 @@ class LocalDelivery(Service):
                 log.warn("{queue_id} <{rcpt}>: no such recipient", queue_id=queue_id, rcpt=rcpt)
                 errors.append(f"<{rcpt}>: no such recipient")
             for target in external:
+                if self.relay is not None:
+                    if target not in relay_targets:
+                        relay_targets.append(target)
+                    continue
                 log.info(
                     "{queue_id} <{rcpt}> -> <{target}> is external, left for the relay",
                     queue_id=queue_id,
@@ -303,8 +325,12 @@ class LocalDelivery(Service):
                     queue_id=queue_id,
                     stored=", ".join(stored),
                 )
+            if relay_targets:
+                errors.append(f"{len(relay_targets)} external target(s) wait for the local ones")
             self._defer(queue_id, envelope, "; ".join(errors))
-            return
+            return None
+        if relay_targets:
+            return self._hand_over(queue_id, envelope, relay_targets, stored)
         self.spool.remove(queue_id, "active")
         log.info(
             "{queue_id} delivered: from=<{sender}> nrcpt={nrcpt} to {stored}",
@@ -313,6 +339,36 @@ class LocalDelivery(Service):
             nrcpt=len(envelope.recipients),
             stored=", ".join(stored) or "(copies stored earlier)",
         )
+        return None
+
+    def _is_local(self, address: str) -> bool:
+        return bool(self.directory.is_local_domain(address.rpartition("@")[2].lower()))
+
+    def _hand_over(
+        self, queue_id: str, envelope: Envelope, targets: list[str], stored: list[str]
+    ) -> str:
+        """Rewrite the envelope to the external targets and move it to ``outbound``."""
+        outbound = Envelope(
+            sender=envelope.sender,
+            recipients=targets,
+            queue_id=queue_id,
+            received_at=envelope.received_at,
+            client_address=envelope.client_address,
+            client_helo=envelope.client_helo,
+            protocol=envelope.protocol,
+            body_8bitmime=envelope.body_8bitmime,
+            smtputf8=envelope.smtputf8,
+            size=envelope.size,
+        )
+        self.spool.update(queue_id, outbound)
+        self.spool.move(queue_id, "outbound", from_state="active")
+        log.info(
+            "{queue_id} handed to the relay: to={targets}{local}",
+            queue_id=queue_id,
+            targets=",".join(f"<{t}>" for t in targets),
+            local=f"; delivered locally to {', '.join(stored)}" if stored else "",
+        )
+        return queue_id
 
     def _defer(self, queue_id: str, envelope: Envelope, error: str) -> None:
         now = self.reactor.seconds()

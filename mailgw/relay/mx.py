@@ -148,6 +148,22 @@ class MXResolver:
         )
         return hosts.addCallback(order_by_preference, self.rng)
 
+    def resolve_host(self, name: str) -> Deferred[tuple[str, ...]]:
+        """The addresses of a host name (a smarthost), or of an IP literal as it is."""
+        try:
+            d: Deferred[tuple[str, ...]] = Deferred()
+            d.callback((str(ipaddress.ip_address(name.strip("[]"))),))
+            return d
+        except ValueError:
+            pass
+        return deferToThreadPool(self.reactor, self.threadpool, self._host_addresses, name)
+
+    def _host_addresses(self, name: str) -> tuple[str, ...]:
+        addresses = self._addresses(name, name)
+        if not addresses:
+            raise NoSuchDomain(name, "host has no address record")
+        return addresses
+
     # -- blocking part, runs in the thread pool ----------------------------------------------
 
     def _query(self, domain: str, name: str, rdtype: str) -> dns.resolver.Answer | None:

@@ -8,6 +8,8 @@ PIPELINING, never reading ahead into DATA).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 from collections.abc import Callable
 from contextlib import suppress
@@ -143,6 +145,17 @@ class Role:
         """A verb the protocol does not know; None: ``500 5.5.2``."""
         return None
 
+    def auth_start(self, session: Session, mechanism: str) -> Reply | None:
+        """AUTH ``mechanism`` (upper-case): None to go ahead with the SASL exchange (the
+        protocol speaks PLAIN and LOGIN), or the refusal. This base refuses (``502``), so a
+        role without AUTH (MX) neither advertises nor accepts it."""
+        return R.NOT_IMPLEMENTED
+
+    def authenticate(self, session: Session, authzid: str, user: str, password: str) -> ReplyResult:
+        """Check decoded credentials; ``235`` makes ``session.authenticated`` the user (the
+        role may set it first, e.g. to the canonical name)."""
+        return R.NOT_IMPLEMENTED
+
 
 def _peer_ip(addr: IAddress) -> str:
     host = getattr(addr, "host", "")
@@ -201,6 +214,7 @@ class SMTPServer(Protocol):
         self._idle_timer: IDelayedCall | None = None
         self._session_timer: IDelayedCall | None = None
         self._counted = False
+        self._line_reader: Callable[[bytes], None] | None = None
         self._handlers: dict[str, Callable[[str], None]] = {
             "EHLO": self._do_ehlo,
             "HELO": self._do_helo,
@@ -214,13 +228,16 @@ class SMTPServer(Protocol):
             "EXPN": self._do_expn,
             "HELP": self._do_help,
             "STARTTLS": self._do_starttls,
+            "AUTH": self._do_auth,
         }
 
     # -- connection ----------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.session.client_ip = _peer_ip(self.transport.getPeer())
-        self.session.tls = ISSLTransport.providedBy(self.transport)
+        self.session.tls = ISSLTransport.providedBy(self.transport) or bool(
+            getattr(self.factory, "implicit_tls", False)
+        )
         if self.factory is not None:
             refusal = self.factory.connection_opened(self.session.client_ip)
             if refusal is not None:
@@ -406,7 +423,11 @@ class SMTPServer(Protocol):
         line = buf[: end - 1]
         if b"\r" in line:
             return self._bare_newline()
-        self._command(line)
+        reader, self._line_reader = self._line_reader, None
+        if reader is not None:
+            reader(line)  # a continuation line (AUTH), not a command
+        else:
+            self._command(line)
         return True
 
     def _command(self, line: bytes) -> None:
@@ -665,6 +686,91 @@ class SMTPServer(Protocol):
             return
         self.session = Session(session_id=s.session_id, client_ip=s.client_ip, tls=True)
 
+    def _do_auth(self, argument: str) -> None:
+        """AUTH PLAIN / LOGIN (RFC 4954) with ``334`` continuations read by the line reader;
+        which mechanisms are allowed, and when, is the role's ``auth_start``."""
+        s = self.session
+        mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper()
+        if not mechanism:
+            self._reply(R.PARAM_SYNTAX, verb="AUTH")
+            return
+        refusal = self.role.auth_start(s, mechanism)
+        if refusal is not None:
+            self._reply(refusal, verb="AUTH")
+            return
+        if s.helo is None or s.has_sender:
+            self._reply(R.BAD_SEQUENCE, verb="AUTH")
+            return
+        if mechanism not in ("PLAIN", "LOGIN"):
+            self._reply(SR.AUTH_MECHANISM_UNKNOWN, verb="AUTH")
+            return
+        initial = initial.strip()
+
+        def decoded(line: bytes) -> str | None:
+            """The decoded response; None after answering (cancel or bad base64)."""
+            if line.strip() == b"*":
+                self._reply(SR.AUTH_CANCELLED, verb="AUTH")
+                return None
+            try:
+                return base64.b64decode(line.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                self._reply(SR.AUTH_BAD_RESPONSE, verb="AUTH")
+                return None
+
+        def plain(line: bytes) -> None:
+            text = decoded(line) if line != b"=" else ""
+            if text is None:
+                return
+            parts = text.split("\0")
+            if len(parts) != 3 or not parts[1]:
+                self._reply(SR.AUTH_BAD_RESPONSE, verb="AUTH")
+                return
+            self._check_credentials(parts[0], parts[1], parts[2])
+
+        def login_user(line: bytes) -> None:
+            user = decoded(line)
+            if user is None:
+                return
+            self._send(Reply(334, "", "UGFzc3dvcmQ6"))
+            self._line_reader = lambda pw: login_password(user, pw)
+
+        def login_password(user: str, line: bytes) -> None:
+            password = decoded(line)
+            if password is not None:
+                self._check_credentials("", user, password)
+
+        if mechanism == "PLAIN":
+            if initial:
+                plain(initial.encode("ascii", "replace"))
+            else:
+                self._send(Reply(334, "", ""))
+                self._line_reader = plain
+        elif initial:
+            login_user(initial.encode("ascii", "replace"))
+        else:
+            self._send(Reply(334, "", "VXNlcm5hbWU6"))
+            self._line_reader = login_user
+
+    def _check_credentials(self, authzid: str, user: str, password: str) -> None:
+        s = self.session
+
+        def then(reply: Reply) -> None:
+            if reply.code == 235 and s.authenticated is None:
+                s.authenticated = user
+            if reply.code != 235:
+                s.authenticated = None
+            log.info(
+                "{sid} {peer} AUTH {user}: {result}",
+                sid=s.session_id,
+                peer=s.client_ip,
+                user=user[:64],
+                result=reply.code,
+            )
+            self._reply(reply, verb="AUTH")
+
+        self._call(lambda: self.role.authenticate(s, authzid, user, password), then, "AUTH")
+
     # -- DATA ----------------------------------------------------------------------------------
 
     def _data_step(self) -> bool:
@@ -852,6 +958,8 @@ class SMTPFactory(Factory):
         self.tls_options = tls_options
         self.connections = 0
         self.per_ip: dict[str, int] = {}
+        self.implicit_tls = False
+        """Connections arrive already in TLS (the listener wraps them): no STARTTLS."""
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         protocol = SMTPServer(self.role, self.hostname, self.limits, self.reactor, self.tls_options)

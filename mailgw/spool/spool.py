@@ -10,6 +10,12 @@ Layout under ``root`` (``data_dir/spool``)::
     deferred/<qid>
     hold/<qid>
     corrupt/<qid>
+    outbound/<qid>       handed to the relay (fresh), owned by ``mailgw.relay.scheduler``
+    retry/<qid>          relay mail waiting for its next attempt (``envelope.next_attempt``)
+
+Local delivery owns ``incoming``/``deferred``; the relay owns ``outbound``/``retry``; both use
+``active`` while working on a message (recovery sends ``active`` back to ``incoming``, whose
+dispatcher hands external recipients to the relay again: nothing is lost or sent twice).
 
 A state change is one ``rename`` of the envelope file between state directories, followed by
 an fsync of both directories. An envelope update writes ``tmp/<qid>.<n>``, fsyncs it and
@@ -122,7 +128,7 @@ def _unlink_quietly(path: str) -> None:
 class Spool:
     """The durable queue rooted at ``root`` (see the module docstring for the layout)."""
 
-    STATES = ("incoming", "active", "deferred", "hold", "corrupt")
+    STATES = ("incoming", "active", "deferred", "hold", "corrupt", "outbound", "retry")
 
     def __init__(
         self,

@@ -6,6 +6,13 @@ behind/around it without changing callers.
 """
 
 from mailgw.interfaces import MailboxNotFound, QuotaExceeded
-from mailgw.store.maildirstore import Mailbox, MessageInfo, MessageStore
+from mailgw.store.maildirstore import Mailbox, MailboxStatus, MessageInfo, MessageStore
 
-__all__ = ["Mailbox", "MailboxNotFound", "MessageInfo", "MessageStore", "QuotaExceeded"]
+__all__ = [
+    "Mailbox",
+    "MailboxNotFound",
+    "MailboxStatus",
+    "MessageInfo",
+    "MessageStore",
+    "QuotaExceeded",
+]

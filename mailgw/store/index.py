@@ -39,9 +39,23 @@ CREATE TABLE IF NOT EXISTS messages (
     flags TEXT NOT NULL DEFAULT '',
     internaldate REAL NOT NULL,
     modseq INTEGER NOT NULL,
+    blob TEXT,
     PRIMARY KEY (mailbox, uid)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tombstones (
+    mailbox INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    modseq INTEGER NOT NULL,
+    PRIMARY KEY (mailbox, uid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS subscriptions (
+    name TEXT PRIMARY KEY
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_blob ON messages(blob) WHERE blob IS NOT NULL;
 """
+
+# Columns added after schema 1 was released: (table, column, declaration).
+_ADDED_COLUMNS = (("messages", "blob", "TEXT"),)
 
 
 class UserIndex:
@@ -58,6 +72,13 @@ class UserIndex:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             with self.write() as c:
+                for table, column, decl in _ADDED_COLUMNS:
+                    cols = {r[1] for r in c.execute(f"PRAGMA table_info({table})")}
+                    if cols and column not in cols:
+                        c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                had_subscriptions = c.execute(
+                    "SELECT 1 FROM sqlite_master WHERE name = 'subscriptions'"
+                ).fetchone()
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         c.execute(stmt)
@@ -65,6 +86,11 @@ class UserIndex:
                     "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)",
                     (SCHEMA_VERSION,),
                 )
+                if not had_subscriptions:  # an index from before subscriptions had a table
+                    c.execute(
+                        "INSERT OR IGNORE INTO subscriptions(name)"
+                        " SELECT name FROM mailboxes WHERE subscribed = 1"
+                    )
         except BaseException:
             self.conn.close()
             raise

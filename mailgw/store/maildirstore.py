@@ -19,7 +19,9 @@ check (directory mtimes, as Dovecot does).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -56,7 +58,10 @@ Listener = Callable[[str, str], object]
 @dataclass(frozen=True)
 class MessageInfo:
     """One message of a folder. ``filename`` is the path relative to the folder's directory
-    (``new/<name>`` or ``cur/<name>:2,<letters>``); ``size`` is the stored file's byte size."""
+    (``new/<name>`` or ``cur/<name>:2,<letters>``); ``size`` is the message's byte size (the
+    logical size, whatever the tier). ``blob`` is None for a message in tier 1 (its Maildir
+    file), else the tier-2 blob reference (sha256 hex of the bytes) and ``filename`` is only
+    the name it had in tier 1."""
 
     uid: int
     size: int
@@ -64,6 +69,22 @@ class MessageInfo:
     internaldate: float
     modseq: int
     filename: str
+    blob: str | None = None
+
+
+@dataclass(frozen=True)
+class MailboxStatus:
+    """What IMAP STATUS reports of a folder, computed from the index alone. ``recent`` is
+    always 0: the store does not track the per-session ``\\Recent`` flag (IMAP4rev2 dropped
+    it); ``size`` is the sum of the messages' sizes (RFC 8438 STATUS=SIZE)."""
+
+    messages: int
+    recent: int
+    uidnext: int
+    uidvalidity: int
+    unseen: int
+    highestmodseq: int
+    size: int
 
 
 @dataclass(frozen=True)
@@ -88,7 +109,7 @@ class _User:
 
 
 def _info_from_row(row: Sequence[object]) -> MessageInfo:
-    uid, filename, size, flags, internaldate, modseq = row
+    uid, filename, size, flags, internaldate, modseq, blob = row
     return MessageInfo(
         uid=int(uid),  # type: ignore[call-overload]
         size=int(size),  # type: ignore[call-overload]
@@ -96,10 +117,23 @@ def _info_from_row(row: Sequence[object]) -> MessageInfo:
         internaldate=float(internaldate),  # type: ignore[arg-type]
         modseq=int(modseq),  # type: ignore[call-overload]
         filename=str(filename),
+        blob=None if blob is None else str(blob),
     )
 
 
-_ROW_COLUMNS = "uid, filename, size, flags, internaldate, modseq"
+_ROW_COLUMNS = "uid, filename, size, flags, internaldate, modseq, blob"
+
+# Prefix of a deleted folder's directory while it is being removed; ``..`` never decodes to a
+# folder name, so a leftover after a crash is not adopted (``reindex`` removes it).
+DELETED_PREFIX = "..mailgw-deleted-"
+
+
+def add_tombstones(c: sqlite3.Connection, mailbox: int, uids: Iterable[int], modseq: int) -> None:
+    """Remember expunged UIDs with the modseq of their removal (CONDSTORE/QRESYNC VANISHED)."""
+    c.executemany(
+        "INSERT OR REPLACE INTO tombstones(mailbox, uid, modseq) VALUES (?, ?, ?)",
+        [(mailbox, uid, modseq) for uid in uids],
+    )
 
 
 @implementer(IMessageStore)
@@ -121,8 +155,12 @@ class MessageStore:
         hostname: str = "localhost",
         max_open_users: int = 128,
         reactor: Any = None,
+        tier2: Any = None,
+        promote_on_read: bool = False,
     ) -> None:
         self.root = os.path.abspath(root)
+        self.tier2 = tier2
+        self.promote_on_read = promote_on_read and tier2 is not None
         self._reactor = reactor
         self._home_thread = threading.get_ident()
         self._quota_for = quota_for
@@ -218,6 +256,7 @@ class MessageStore:
         c.execute(
             "INSERT INTO mailboxes(name, uidvalidity) VALUES (?, ?)", (name, new_uidvalidity(c))
         )
+        c.execute("INSERT OR IGNORE INTO subscriptions(name) VALUES (?)", (name,))
         return True
 
     def _names_in_index(self, u: _User) -> list[str]:
@@ -389,7 +428,378 @@ class MessageStore:
             self._notify(user, name)
         return count
 
+    def delete_mailbox(self, user: str, name: str) -> None:
+        """Delete a folder: its messages (the quota goes down), its directory and its index
+        rows; child folders stay. ValueError for INBOX or an invalid name, MailboxNotFound
+        when it does not exist. Its subscription stays (RFC 3501 6.3.4)."""
+        canonical = normalize_folder(name)
+        if canonical == INBOX:
+            raise ValueError("INBOX cannot be deleted")
+        u = self._user(user)
+        with u.lock:
+            f = self._folder(u, canonical)
+            trash = os.path.join(u.path, f"{DELETED_PREFIX}{f.id}-{time.time_ns()}")
+            with u.index.write() as c:
+                c.execute("DELETE FROM messages WHERE mailbox = ?", (f.id,))
+                c.execute("DELETE FROM tombstones WHERE mailbox = ?", (f.id,))
+                c.execute("DELETE FROM mailboxes WHERE id = ?", (f.id,))
+                try:
+                    os.rename(f.path, trash)
+                except FileNotFoundError:
+                    trash = ""
+            u.folders.pop(canonical, None)
+        if trash:
+            maildir.fsync_dir(u.path)
+            shutil.rmtree(trash, ignore_errors=True)
+        self._notify(user, canonical)
+
+    def rename_mailbox(self, user: str, old: str, new: str) -> None:
+        """Rename a folder and its children (``A`` -> ``B`` also moves ``A/x`` -> ``B/x``)
+        on disk and in the index, keeping UIDVALIDITY and UIDs; subscriptions follow.
+        Renaming INBOX moves all its messages into the new folder (new UIDs there) and
+        leaves INBOX empty (RFC 3501 6.3.5). ValueError when a name is invalid, the target
+        exists, is INBOX or lies below the source; MailboxNotFound when the source does not
+        exist."""
+        src = normalize_folder(old)
+        dst = normalize_folder(new)
+        if dst in (INBOX, src):
+            raise ValueError(f"mailbox {dst!r} already exists")
+        if dst.startswith(src + "/"):
+            raise ValueError(f"cannot rename {src!r} into its own child {dst!r}")
+        u = self._user(user)
+        with u.lock:
+            source = self._folder(u, src)
+            if src == INBOX:
+                self.create_mailbox(user, dst)
+                target = self._folder(u, dst)
+                with u.index.write() as c:
+                    uids = [
+                        r[0]
+                        for r in c.execute(
+                            "SELECT uid FROM messages WHERE mailbox = ? ORDER BY uid", (source.id,)
+                        )
+                    ]
+                    self._move_rows(c, u, source, target, uids)
+                self._sync_dirs(source, target)
+                self._notify(user, INBOX)
+                self._notify(user, dst)
+                return
+            present = set(self.list_mailboxes(user))
+            moving = sorted(n for n in present if n == src or n.startswith(src + "/"))
+            plan = [(n, dst + n[len(src) :]) for n in moving]
+            for _n, t in plan:
+                normalize_folder(t)  # too long on disk -> ValueError
+                if t in present:
+                    raise ValueError(f"mailbox {t!r} already exists")
+            done: list[tuple[str, str]] = []
+            try:
+                with u.index.write() as c:
+                    for n, t in plan:
+                        c.execute(  # a stale row of a folder deleted behind our back
+                            "DELETE FROM messages WHERE mailbox IN "
+                            "(SELECT id FROM mailboxes WHERE name = ?)",
+                            (t,),
+                        )
+                        c.execute("DELETE FROM mailboxes WHERE name = ?", (t,))
+                        from_path = os.path.join(u.path, folder_dirname(n))
+                        to_path = os.path.join(u.path, folder_dirname(t))
+                        os.rename(from_path, to_path)
+                        done.append((from_path, to_path))
+                        c.execute("UPDATE mailboxes SET name = ? WHERE name = ?", (t, n))
+                        c.execute("DELETE FROM subscriptions WHERE name = ?", (t,))
+                        c.execute("UPDATE subscriptions SET name = ? WHERE name = ?", (t, n))
+            except BaseException:
+                for from_path, to_path in reversed(done):
+                    os.rename(to_path, from_path)
+                raise
+            finally:
+                for n, t in plan:
+                    u.folders.pop(n, None)
+                    u.folders.pop(t, None)
+            maildir.fsync_dir(u.path)
+        for n, t in plan:
+            self._notify(user, n)
+            self._notify(user, t)
+
+    def set_subscribed(self, user: str, name: str, subscribed: bool) -> None:
+        """Subscribe to or unsubscribe from a folder name; the folder need not exist (RFC
+        3501 6.3.6). ValueError for an invalid name."""
+        canonical = normalize_folder(name)
+        u = self._user(user)
+        with u.lock, u.index.write() as c:
+            if subscribed:
+                c.execute("INSERT OR IGNORE INTO subscriptions(name) VALUES (?)", (canonical,))
+            else:
+                c.execute("DELETE FROM subscriptions WHERE name = ?", (canonical,))
+
+    def list_subscribed(self, user: str) -> list[str]:
+        """Subscribed names (INBOX first if subscribed, then sorted), existing or not."""
+        u = self._user(user)
+        with u.lock:
+            names = [str(r[0]) for r in u.index.conn.execute("SELECT name FROM subscriptions")]
+        return [n for n in names if n == INBOX] + sorted(n for n in names if n != INBOX)
+
+    def mailbox_status(self, user: str, name: str) -> MailboxStatus:
+        """Counters of a folder from the index alone (no file is opened, no repair is run):
+        MailboxNotFound when it does not exist, ValueError for an invalid name."""
+        u = self._user(user)
+        with u.lock:
+            f = self._folder(u, name)
+            box = u.index.conn.execute(
+                "SELECT message_count, uidnext, uidvalidity, highestmodseq, total_size"
+                " FROM mailboxes WHERE id = ?",
+                (f.id,),
+            ).fetchone()
+            if box is None:
+                raise self._forget(u, f)
+            unseen = u.index.conn.execute(
+                "SELECT COUNT(*) FROM messages WHERE mailbox = ?"
+                " AND (' ' || flags || ' ') NOT LIKE '% \\Seen %'",
+                (f.id,),
+            ).fetchone()[0]
+        return MailboxStatus(
+            messages=int(box[0]),
+            recent=0,
+            uidnext=int(box[1]),
+            uidvalidity=int(box[2]),
+            unseen=int(unseen),
+            highestmodseq=int(box[3]),
+            size=int(box[4]),
+        )
+
+    # -- tier 2 --------------------------------------------------------------------------
+
+    def users(self) -> list[str]:
+        """Names (``local@domain``) of every user with an index under the root, sorted."""
+        found = []
+        for domain in sorted(os.listdir(self.root)) if os.path.isdir(self.root) else []:
+            ddir = os.path.join(self.root, domain)
+            if domain.startswith(".") or not os.path.isdir(ddir):
+                continue
+            for local in sorted(os.listdir(ddir)):
+                if os.path.isfile(os.path.join(ddir, local, INDEX_NAME)):
+                    found.append(f"{local}@{domain}")
+        return found
+
+    def tier_rows(self, user: str) -> list[tuple[str, int, int, int, str | None, float]]:
+        """Every message of ``user`` as (folder, uid, size, modseq, blob or None,
+        internaldate), read from the index alone."""
+        u = self._user(user)
+        with u.lock:
+            rows = u.index.conn.execute(
+                "SELECT b.name, m.uid, m.size, m.modseq, m.blob, m.internaldate"
+                " FROM messages m JOIN mailboxes b ON b.id = m.mailbox ORDER BY b.name, m.uid"
+            ).fetchall()
+        return [(str(r[0]), int(r[1]), int(r[2]), int(r[3]), r[4], float(r[5])) for r in rows]
+
+    def _tier2_store(self) -> Any:
+        if self.tier2 is None:
+            raise OSError("a message is in tier 2 but [store] tier2_dir is not set")
+        return self.tier2
+
+    def _open_tier2(self, u: _User, f: _Folder, info: MessageInfo) -> BinaryIO:
+        """Open a tier-2 message (verified bytes); promote it back when configured."""
+        fh = cast(BinaryIO, self._tier2_store().open(info.blob))
+        if self.promote_on_read:
+            try:
+                self.promote_message(u.name, f.name, info.uid)
+            except Exception:
+                log.failure(
+                    "store: promoting {user} {folder} {uid} failed",
+                    user=u.name,
+                    folder=f.name,
+                    uid=info.uid,
+                )
+        return fh
+
+    def migrate_message(self, user: str, folder: str, uid: int) -> bool:
+        """Move one message from tier 1 to tier 2, crash-safe and idempotent: the file's bytes
+        go into a blob (fsynced), the index row is switched to the blob in a transaction, and
+        only then is the Maildir file unlinked. A crash before the switch leaves the message
+        in tier 1 (the next run stores the same blob again, deduplicated); a crash after it
+        leaves a redundant file that the next sync of the folder removes. Returns True when
+        the message moved, False when it was gone or already in tier 2. Raises
+        MailboxNotFound, OSError."""
+        tier2 = self._tier2_store()
+        u = self._user(user)
+        with u.lock:
+            f = self._folder(u, folder)
+            row = u.index.conn.execute(
+                "SELECT filename, size, blob FROM messages WHERE mailbox = ? AND uid = ?",
+                (f.id, uid),
+            ).fetchone()
+        if row is None or row[2] is not None:
+            return False
+        try:
+            fh = open(os.path.join(f.path, str(row[0])), "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            # Renamed by a flag change meanwhile: ask the index again.
+            with u.lock:
+                self._sync(u, f)
+                row = u.index.conn.execute(
+                    "SELECT filename, size, blob FROM messages WHERE mailbox = ? AND uid = ?",
+                    (f.id, uid),
+                ).fetchone()
+            if row is None or row[2] is not None:
+                return False
+            try:
+                fh = open(os.path.join(f.path, str(row[0])), "rb")  # noqa: SIM115
+            except FileNotFoundError:
+                return False
+        with fh:
+            ref = tier2.put(fh)
+        if ref.size != int(row[1]):
+            raise OSError(f"{user} {folder} UID {uid}: {ref.size} bytes read, index says {row[1]}")
+        with u.lock:
+            with u.index.write() as c:
+                current = c.execute(
+                    "SELECT filename, blob FROM messages WHERE mailbox = ? AND uid = ?",
+                    (f.id, uid),
+                ).fetchone()
+                if current is None or current[1] is not None:
+                    return False  # expunged or migrated meanwhile; gc collects an orphan
+                c.execute(
+                    "UPDATE messages SET blob = ? WHERE mailbox = ? AND uid = ?",
+                    (ref.digest, f.id, uid),
+                )
+                # Make the next sync list the folder, so a leftover file is found.
+                c.execute(
+                    "UPDATE mailboxes SET new_mtime = -1, cur_mtime = -1 WHERE id = ?", (f.id,)
+                )
+            self._unlink_message(f, str(current[0]))
+        return True
+
+    def promote_message(self, user: str, folder: str, uid: int) -> bool:
+        """Move one message back from tier 2 to tier 1 (a new Maildir file with its flags,
+        same UID); the blob stays until ``gc`` finds it unreferenced. Returns False when the
+        message is gone or in tier 1 already. BlobCorrupt/BlobNotFound when the blob is
+        damaged (the message stays in tier 2)."""
+        tier2 = self._tier2_store()
+        u = self._user(user)
+        with u.lock:
+            f = self._folder(u, folder)
+            row = u.index.conn.execute(
+                "SELECT base, blob, internaldate FROM messages WHERE mailbox = ? AND uid = ?",
+                (f.id, uid),
+            ).fetchone()
+        if row is None or row[1] is None:
+            return False
+        base = str(row[0])
+        tmp = os.path.join(f.path, "tmp", self._names.next())
+        with tier2.open(row[1]) as src:
+            maildir.write_file(tmp, b"", src)
+        placed = ""
+        try:
+            os.utime(tmp, (float(row[2]), float(row[2])))
+            with u.lock, u.index.write() as c:
+                current = c.execute(
+                    "SELECT flags, blob, filename FROM messages WHERE mailbox = ? AND uid = ?",
+                    (f.id, uid),
+                ).fetchone()
+                if current is None or current[1] is None:
+                    return False
+                old_info = maildir.split_filename(str(current[2]).split("/", 1)[-1])[1]
+                rel = maildir.rel_name(base, maildir.flags_from_text(str(current[0])), old_info)
+                placed = os.path.join(f.path, rel)
+                os.rename(tmp, placed)
+                c.execute(
+                    "UPDATE messages SET blob = NULL, filename = ? WHERE mailbox = ? AND uid = ?",
+                    (rel, f.id, uid),
+                )
+        finally:
+            maildir.unlink_quiet(tmp)
+        maildir.fsync_dir(os.path.dirname(placed))
+        return True
+
     # -- internals shared with Mailbox ---------------------------------------------------
+
+    def _unlink_message(self, f: _Folder, filename: str) -> None:
+        """Unlink a tier-1 file, also when a flag change renamed it meanwhile."""
+        try:
+            os.unlink(os.path.join(f.path, filename))
+        except FileNotFoundError:
+            base = maildir.split_filename(filename.split("/", 1)[1])[0]
+            current = maildir.list_files(f.path).get(base)
+            if current is not None:
+                maildir.unlink_quiet(os.path.join(f.path, current))
+
+    def _sync_dirs(self, *folders: _Folder) -> None:
+        for f in folders:
+            for sub in ("new", "cur"):
+                maildir.fsync_dir(os.path.join(f.path, sub))
+
+    def _move_rows(
+        self, c: sqlite3.Connection, u: _User, src: _Folder, dst: _Folder, uids: Iterable[int]
+    ) -> list[tuple[int, int]]:
+        """In a write transaction: move messages from ``src`` to ``dst`` (a rename of the
+        tier-1 file, the row of a tier-2 one), giving them new UIDs in ``dst`` and leaving
+        tombstones in ``src``. Returns (source UID, new UID) pairs. The caller fsyncs the
+        directories. A crash between the renames and the commit is repaired by the next
+        sync (the files are re-indexed in ``dst``): nothing is lost."""
+        pairs: list[tuple[int, int]] = []
+        dropped = False
+        box = c.execute(
+            "SELECT uidnext, highestmodseq FROM mailboxes WHERE id = ?", (dst.id,)
+        ).fetchone()
+        src_box = c.execute(
+            "SELECT highestmodseq FROM mailboxes WHERE id = ?", (src.id,)
+        ).fetchone()
+        if box is None:
+            raise self._forget(u, dst)
+        if src_box is None:
+            raise self._forget(u, src)
+        uidnext, modseq = int(box[0]), int(box[1])
+        src_modseq = int(src_box[0]) + 1
+        for uid in sorted(set(uids)):
+            row = c.execute(
+                "SELECT base, filename, size, flags, internaldate, blob FROM messages"
+                " WHERE mailbox = ? AND uid = ?",
+                (src.id, uid),
+            ).fetchone()
+            if row is None:
+                continue
+            base, filename, size, flags, internaldate, blob = row
+            if blob is not None:  # a leftover of its migration would come back in src
+                maildir.unlink_quiet(os.path.join(src.path, filename))
+            else:
+                current = filename
+                try:
+                    os.rename(os.path.join(src.path, filename), os.path.join(dst.path, filename))
+                except FileNotFoundError:
+                    current = maildir.list_files(src.path).get(base)
+                    if current is not None:
+                        os.rename(os.path.join(src.path, current), os.path.join(dst.path, current))
+                if current is None:  # vanished: drop the row
+                    c.execute("DELETE FROM messages WHERE mailbox = ? AND uid = ?", (src.id, uid))
+                    add_tombstones(c, src.id, [uid], src_modseq)
+                    dropped = True
+                    continue
+                filename = current
+            modseq += 1
+            c.execute("DELETE FROM messages WHERE mailbox = ? AND uid = ?", (src.id, uid))
+            c.execute(
+                "INSERT INTO messages(mailbox, uid, base, filename, size, flags, internaldate,"
+                " modseq, blob) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (dst.id, uidnext, base, filename, size, flags, internaldate, modseq, blob),
+            )
+            add_tombstones(c, src.id, [uid], src_modseq)
+            pairs.append((uid, uidnext))
+            uidnext += 1
+        if not pairs and not dropped:
+            return pairs
+        for folder in (src, dst):
+            c.execute(
+                "UPDATE mailboxes SET"
+                " total_size = (SELECT COALESCE(SUM(size), 0) FROM messages WHERE mailbox = ?),"
+                " message_count = (SELECT COUNT(*) FROM messages WHERE mailbox = ?) WHERE id = ?",
+                (folder.id, folder.id, folder.id),
+            )
+        c.execute("UPDATE mailboxes SET highestmodseq = ? WHERE id = ?", (src_modseq, src.id))
+        c.execute(
+            "UPDATE mailboxes SET uidnext = ?, highestmodseq = ? WHERE id = ?",
+            (uidnext, modseq + 1, dst.id),
+        )
+        return pairs
 
     @staticmethod
     def _used(conn: sqlite3.Connection) -> int:
@@ -437,12 +847,14 @@ class MessageStore:
         except BaseException:
             with u.index.write() as c:
                 c.execute("DELETE FROM messages WHERE mailbox = ? AND uid = ?", (f.id, info.uid))
-                c.execute(
+                row = c.execute(
                     "UPDATE mailboxes SET highestmodseq = highestmodseq + 1,"
                     " total_size = total_size - ?, message_count = message_count - 1"
-                    " WHERE id = ?",
+                    " WHERE id = ? RETURNING highestmodseq",
                     (info.size, f.id),
-                )
+                ).fetchone()
+                if row is not None:
+                    add_tombstones(c, f.id, [info.uid], int(row[0]))
                 maildir.unlink_quiet(path)
             raise
 
@@ -492,6 +904,51 @@ class MessageStore:
             raise
         return MessageInfo(uid, size, flags, mtime, modseq, rel)
 
+    def _place_blob(
+        self,
+        u: _User,
+        f: _Folder,
+        limit: int | None,
+        blob: str,
+        size: int,
+        flags: frozenset[str],
+        internaldate: float,
+        filename: str,
+    ) -> MessageInfo:
+        """Index a new message whose bytes are the tier-2 blob ``blob`` (a copy of a tier-2
+        message shares its blob): quota check, UID, row."""
+        with u.index.write() as c:
+            if limit is not None:
+                used = self._used(c)
+                if used + size > limit:
+                    raise QuotaExceeded(f"{u.name}: {used} + {size} bytes > quota {limit}")
+            row = c.execute(
+                "UPDATE mailboxes SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1,"
+                " total_size = total_size + ?, message_count = message_count + 1"
+                " WHERE id = ? RETURNING uidnext - 1, highestmodseq",
+                (size, f.id),
+            ).fetchone()
+            if row is None:
+                raise self._forget(u, f)
+            uid, modseq = int(row[0]), int(row[1])
+            base = maildir.split_filename(filename.split("/", 1)[-1])[0]
+            c.execute(
+                "INSERT INTO messages(mailbox, uid, base, filename, size, flags,"
+                " internaldate, modseq, blob) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    f.id,
+                    uid,
+                    base,
+                    filename,
+                    size,
+                    maildir.flags_to_text(flags),
+                    internaldate,
+                    modseq,
+                    blob,
+                ),
+            )
+        return MessageInfo(uid, size, flags, internaldate, modseq, filename, blob)
+
     def _clean_tmp(self, folder_path: str) -> None:
         tmp = os.path.join(folder_path, "tmp")
         limit = time.time() - TMP_MAX_AGE
@@ -535,7 +992,8 @@ class MessageStore:
             files = maildir.list_files(f.path)
             indexed = dict(
                 u.index.conn.execute(
-                    "SELECT base, filename FROM messages WHERE mailbox = ?", (f.id,)
+                    "SELECT base, filename FROM messages WHERE mailbox = ? AND blob IS NULL",
+                    (f.id,),
                 ).fetchall()
             )
             if files == indexed:
@@ -563,12 +1021,16 @@ class MessageStore:
         uidnext, modseq = int(box[0]), int(box[1])
         changed = False
         rows = c.execute(
-            "SELECT uid, base, filename, size, flags FROM messages WHERE mailbox = ?", (f.id,)
+            "SELECT uid, base, filename, size, flags FROM messages"
+            " WHERE mailbox = ? AND blob IS NULL",
+            (f.id,),
         ).fetchall()
+        gone: list[int] = []
         for uid, base, filename, size, flags_text in rows:
             rel = files.pop(base, None)
             if rel is None:
                 c.execute("DELETE FROM messages WHERE mailbox = ? AND uid = ?", (f.id, uid))
+                gone.append(uid)
                 changed = True
                 continue
             new_size = size
@@ -577,6 +1039,7 @@ class MessageStore:
                     new_size = os.stat(os.path.join(f.path, rel)).st_size
                 except FileNotFoundError:
                     c.execute("DELETE FROM messages WHERE mailbox = ? AND uid = ?", (f.id, uid))
+                    gone.append(uid)
                     changed = True
                     continue
             if rel == filename and new_size == size:
@@ -597,6 +1060,16 @@ class MessageStore:
                     "UPDATE messages SET filename = ? WHERE mailbox = ? AND uid = ?",
                     (rel, f.id, uid),
                 )
+        tier2_bases = {
+            str(r[0])
+            for r in c.execute(
+                "SELECT base FROM messages WHERE mailbox = ? AND blob IS NOT NULL", (f.id,)
+            )
+        }
+        for base in [b for b in files if b in tier2_bases]:
+            # Left behind by a migration that stopped after switching the row to tier 2
+            # (or by a promotion that stopped before): the blob is the message now.
+            maildir.unlink_quiet(os.path.join(f.path, files.pop(base)))
         for base in sorted(files, key=maildir.sort_key):
             rel = files[base]
             try:
@@ -623,6 +1096,7 @@ class MessageStore:
             changed = True
         if changed:
             modseq += 1
+        add_tombstones(c, f.id, gone, modseq)
         c.execute(
             "UPDATE mailboxes SET uidnext = ?, highestmodseq = ?, new_mtime = ?, cur_mtime = ?,"
             " total_size = (SELECT COALESCE(SUM(size), 0) FROM messages WHERE mailbox = ?),"
@@ -705,6 +1179,8 @@ class Mailbox:
             for attempt in range(3):
                 if info is None:
                     break
+                if info.blob is not None:
+                    return self._store._open_tier2(u, self._folder, info)
                 if info.filename not in tried:
                     tried.add(info.filename)
                     try:
@@ -785,6 +1261,12 @@ class Mailbox:
         self, c: sqlite3.Connection, u: _User, info: MessageInfo, flags: frozenset[str], modseq: int
     ) -> MessageInfo | None:
         """Rename the file for ``flags`` and update its row; None if the file vanished."""
+        if info.blob is not None:  # tier 2: the flags live in the index only
+            c.execute(
+                "UPDATE messages SET flags = ?, modseq = ? WHERE mailbox = ? AND uid = ?",
+                (maildir.flags_to_text(flags), modseq, self._folder.id, info.uid),
+            )
+            return dataclasses.replace(info, flags=flags, modseq=modseq)
         base, old_info = maildir.split_filename(info.filename.split("/", 1)[1])
         rel = maildir.rel_name(base, flags, old_info if old_info is not None else "")
         src = os.path.join(self._folder.path, info.filename)
@@ -798,6 +1280,7 @@ class Mailbox:
                     "DELETE FROM messages WHERE mailbox = ? AND uid = ?",
                     (self._folder.id, info.uid),
                 )
+                add_tombstones(c, self._folder.id, [info.uid], modseq)
                 self._fix_totals(c)
                 return None
             rel = maildir.rel_name(base, flags, maildir.split_filename(current)[1] or "")
@@ -829,20 +1312,20 @@ class Mailbox:
                 modseq = self._highestmodseq(c, u)
                 for uid in sorted(set(uids)):
                     row = c.execute(
-                        "SELECT filename, size FROM messages WHERE mailbox = ? AND uid = ?",
+                        "SELECT filename, size, blob FROM messages WHERE mailbox = ? AND uid = ?",
                         (self._folder.id, uid),
                     ).fetchone()
                     if row is None:
                         continue
                     filename = str(row[0])
                     freed += int(row[1])
-                    try:
-                        os.unlink(os.path.join(self._folder.path, filename))
-                    except FileNotFoundError:
-                        base = maildir.split_filename(filename.split("/", 1)[1])[0]
-                        current = maildir.list_files(self._folder.path).get(base)
-                        if current is not None:
-                            maildir.unlink_quiet(os.path.join(self._folder.path, current))
+                    # A tier-2 row only needs its row dropped (``store gc`` collects the blob
+                    # once no index refers to it) and a tier-1 leftover of its migration
+                    # removed, which would otherwise come back as a new message.
+                    if row[2] is None:
+                        self._store._unlink_message(self._folder, filename)
+                    else:
+                        maildir.unlink_quiet(os.path.join(self._folder.path, filename))
                     c.execute(
                         "DELETE FROM messages WHERE mailbox = ? AND uid = ?",
                         (self._folder.id, uid),
@@ -850,6 +1333,7 @@ class Mailbox:
                     removed.append(uid)
                 if removed:
                     modseq += 1
+                    add_tombstones(c, self._folder.id, removed, modseq)
                     c.execute(
                         "UPDATE mailboxes SET highestmodseq = ?, total_size = total_size - ?,"
                         " message_count = message_count - ? WHERE id = ?",
@@ -881,3 +1365,85 @@ class Mailbox:
             self.highestmodseq = max(self.highestmodseq, info.modseq)
         self._changed()
         return info.uid
+
+    def changes_since(self, modseq: int) -> tuple[list[MessageInfo], list[int]]:  # type: ignore[override]
+        """(messages whose modseq is above ``modseq``, UIDs expunged since then), both read
+        from the index now and ordered by UID (CONDSTORE CHANGEDSINCE, QRESYNC VANISHED)."""
+        u = self._u()
+        with u.lock:
+            self._highestmodseq(u.index.conn, u)
+            rows = u.index.conn.execute(
+                f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox = ? AND modseq > ?"
+                " ORDER BY uid",
+                (self._folder.id, modseq),
+            ).fetchall()
+            gone = u.index.conn.execute(
+                "SELECT uid FROM tombstones WHERE mailbox = ? AND modseq > ? ORDER BY uid",
+                (self._folder.id, modseq),
+            ).fetchall()
+        return [_info_from_row(r) for r in rows], [int(r[0]) for r in gone]
+
+    def copy_to(self, uids: Iterable[int], dest_name: str) -> list[tuple[int, int]]:
+        """Copy messages (bytes, flags, internal date) into another folder of the same user;
+        returns (source UID, new UID) pairs for the UIDs that exist, in UID order. A tier-1
+        message is copied as a new file; a tier-2 one as a new row sharing the blob.
+        QuotaExceeded (nothing copied) when the copies do not fit; MailboxNotFound when the
+        destination does not exist."""
+        u = self._u()
+        pairs: list[tuple[int, int]] = []
+        with u.lock:
+            dest = self._store._folder(u, dest_name)
+            infos = [i for i in (self._lookup(u, uid) for uid in sorted(set(uids))) if i]
+            limit = self._store._quota_for(self._user)
+            self._store._check_quota(u, limit, sum(i.size for i in infos))
+            for info in infos:
+                if info.blob is not None:
+                    new = self._store._place_blob(
+                        u,
+                        dest,
+                        limit,
+                        info.blob,
+                        info.size,
+                        info.flags,
+                        info.internaldate,
+                        info.filename,
+                    )
+                else:
+                    try:
+                        src = self.open_message(info.uid)
+                    except KeyError:
+                        continue
+                    with src:
+                        new = self._store._store(
+                            u, dest, limit, b"", src, None, info.flags, info.internaldate
+                        )
+                pairs.append((info.uid, new.uid))
+        if pairs:
+            self._store._notify(self._user, dest.name)
+        return pairs
+
+    def move_to(self, uids: Iterable[int], dest_name: str) -> list[tuple[int, int]]:
+        """Move messages into another folder of the same user (RFC 6851 MOVE: like COPY then
+        EXPUNGE, done as renames in one transaction so the quota needs no room for a
+        copy); returns (source UID, new UID) pairs. The moved UIDs leave this snapshot and
+        become tombstones here. MailboxNotFound when the destination does not exist,
+        ValueError when it is this folder."""
+        u = self._u()
+        with u.lock:
+            dest = self._store._folder(u, dest_name)
+            if dest.id == self._folder.id:
+                raise ValueError("cannot move messages into their own folder")
+            with u.index.write() as c:
+                pairs = self._store._move_rows(c, u, self._folder, dest, uids)
+                row = c.execute(
+                    "SELECT highestmodseq FROM mailboxes WHERE id = ?", (self._folder.id,)
+                ).fetchone()
+            self._store._sync_dirs(self._folder, dest)
+            if pairs:
+                self.highestmodseq = int(row[0])
+                for src_uid, _new in pairs:
+                    self._infos.pop(src_uid, None)
+        if pairs:
+            self._changed()
+            self._store._notify(self._user, dest.name)
+        return pairs

@@ -60,6 +60,7 @@ class MailgwServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.ports = {"mx": free_port(host), "pop3": free_port(host), "pop3s": free_port(host)}
+        self.ports.update(imap=free_port(host), imaps=free_port(host))
         sections: dict[str, dict[str, str]] = {
             "server": {"data_dir": str(self.workdir / "data"), "hostname": "mx.example.test"},
             "directory": {
@@ -71,6 +72,10 @@ class MailgwServer:
             "pop3": {
                 "listen": f"tcp:{self.ports['pop3']}:interface={host}",
                 "listen_tls": f"tcp:{self.ports['pop3s']}:interface={host}",
+            },
+            "imap": {
+                "listen": f"tcp:{self.ports['imap']}:interface={host}",
+                "listen_tls": f"tcp:{self.ports['imaps']}:interface={host}",
             },
         }
         for name, keys in (overrides or {}).items():

@@ -45,9 +45,13 @@ class _Folder:
 class FakeMailbox:
     """A view of one in-memory folder; ``messages()`` reflects the folder as of ``refresh``."""
 
-    def __init__(self, folder: _Folder, name: str) -> None:
+    def __init__(
+        self, folder: _Folder, name: str, store: FakeStore | None = None, user: str = ""
+    ) -> None:
         self._folder = folder
         self.name = name
+        self.store = store
+        self.user = user
         self.uidvalidity = folder.uidvalidity
         self.highestmodseq = 1
         self.refresh()
@@ -104,6 +108,24 @@ class FakeMailbox:
         self._folder.flags[uid] = set(flags)
         return uid
 
+    # The rest of IMailbox, in memory (POP3 does not use these; IMAP does).
+    def changes_since(self, modseq: int) -> tuple[list[Any], list[int]]:
+        return (self.messages() if modseq < self.highestmodseq else []), []
+
+    def copy_to(self, uids: Any, dest: str) -> list[tuple[int, int]]:
+        assert self.store is not None, "copy needs a mailbox opened from a FakeStore"
+        target = self.store.open_mailbox(self.user, dest)
+        return [
+            (uid, target.append(self._folder.data[uid], self._folder.flags[uid]))
+            for uid in uids
+            if uid in self._folder.data
+        ]
+
+    def move_to(self, uids: Any, dest: str) -> list[tuple[int, int]]:
+        pairs = self.copy_to(uids, dest)
+        self.expunge([src for src, _ in pairs])
+        return pairs
+
 
 @implementer(IMessageStore)
 class FakeStore:
@@ -112,6 +134,7 @@ class FakeStore:
         self.opened: list[FakeMailbox] = []
         self.open_error: Exception | None = None
         self._listeners: list[Any] = []
+        self._subscriptions: dict[str, set[str]] = {}
 
     def _folder(self, user: str, name: str = "INBOX", create: bool = False) -> _Folder:
         key = (user, name)
@@ -145,7 +168,7 @@ class FakeStore:
     def open_mailbox(self, user: str, name: str = "INBOX") -> FakeMailbox:
         if self.open_error is not None:
             raise self.open_error
-        mailbox = FakeMailbox(self._folder(user, name), name)
+        mailbox = FakeMailbox(self._folder(user, name), name, self, user)
         self.opened.append(mailbox)
         return mailbox
 
@@ -168,6 +191,34 @@ class FakeStore:
 
     def add_listener(self, callback: Any) -> None:
         self._listeners.append(callback)
+
+    # The rest of IMessageStore, in memory (POP3 does not use these; IMAP does).
+    def delete_mailbox(self, user: str, name: str) -> None:
+        if name == "INBOX":
+            raise ValueError("INBOX cannot be deleted")
+        if self._folders.pop((user, name), None) is None:
+            raise MailboxNotFound(name)
+
+    def rename_mailbox(self, user: str, old: str, new: str) -> None:
+        if (user, new) in self._folders:
+            raise ValueError(f"{new} exists")
+        self._folders[(user, new)] = self._folder(user, old)
+        if old == "INBOX":
+            self._folders[(user, old)] = _Folder(uidvalidity=1800000000 + len(self._folders))
+        else:
+            del self._folders[(user, old)]
+
+    def set_subscribed(self, user: str, name: str, subscribed: bool) -> None:
+        subs = self._subscriptions.setdefault(user, set())
+        (subs.add if subscribed else subs.discard)(name)
+
+    def list_subscribed(self, user: str) -> list[str]:
+        return sorted(self._subscriptions.get(user, set()))
+
+    def mailbox_status(self, user: str, name: str) -> Any:
+        folder = self._folder(user, name)
+        unseen = sum(1 for uid in folder.data if "\\Seen" not in folder.flags[uid])
+        return {"messages": len(folder.data), "uidnext": folder.uidnext, "unseen": unseen}
 
 
 @implementer(IDirectory)

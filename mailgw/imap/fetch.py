@@ -1,0 +1,173 @@
+"""FETCH: one ``* n FETCH (...)`` response per message, built from the stored bytes.
+
+Every body item is a slice of the stored message (``mailgw.mime``), so ``BODY[]`` is the
+stored bytes and its length is ``RFC822.SIZE``; ENVELOPE and BODYSTRUCTURE come from the
+cached structure and need the message bytes only on a cache miss.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from typing import Any
+
+from mailgw.imap import wire
+from mailgw.imap.parser import FetchAtt
+from mailgw.imap.selected import SelectedMailbox
+from mailgw.mime import Section as MimeSection
+from mailgw.mime import StructureCache, body_structure, envelope, partial
+from mailgw.mime import section as mime_section
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+# Items answered from the index alone.
+_CHEAP = frozenset({"FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE", "MODSEQ"})
+_STRUCTURE = frozenset({"ENVELOPE", "BODYSTRUCTURE"})
+
+
+class MessageGone(Exception):
+    """The message was expunged by another session before it could be read."""
+
+
+def internaldate(ts: float) -> bytes:
+    """``"17-Jul-1996 02:44:25 +0000"`` (UTC)."""
+    d = datetime.datetime.fromtimestamp(ts, datetime.UTC)
+    return b'"%02d-%s-%04d %02d:%02d:%02d +0000"' % (
+        d.day,
+        _MONTHS[d.month - 1].encode("ascii"),
+        d.year,
+        d.hour,
+        d.minute,
+        d.second,
+    )
+
+
+def sets_seen(items: tuple[FetchAtt, ...]) -> bool:
+    """Whether fetching ``items`` implicitly sets \\Seen (BODY[...] without PEEK, RFC822,
+    RFC822.TEXT)."""
+    for item in items:
+        if item.name in ("RFC822", "RFC822.TEXT"):
+            return True
+        if item.name == "BODY" and item.section is not None and not item.peek:
+            return True
+    return False
+
+
+def needs_bytes(items: tuple[FetchAtt, ...]) -> bool:
+    return any(i.name not in _CHEAP and i.name not in _STRUCTURE for i in items)
+
+
+def needs_structure(items: tuple[FetchAtt, ...]) -> bool:
+    return any(i.name not in _CHEAP for i in items)
+
+
+class Fetcher:
+    """Renders FETCH responses for one selected mailbox; ``cache`` is shared by the server
+    (keys name immutable bytes: user, folder, UIDVALIDITY, UID)."""
+
+    def __init__(self, user: str, selected: SelectedMailbox, cache: StructureCache) -> None:
+        self.user = user
+        self.selected = selected
+        self.cache = cache
+
+    def _key(self, uid: int) -> tuple[str, str, int, int]:
+        sel = self.selected
+        return (self.user, sel.name, int(sel.mailbox.uidvalidity), uid)
+
+    def load(self, uid: int, want_bytes: bool, want_structure: bool) -> tuple[bytes, Any]:
+        """The stored bytes (b"" unless wanted) and the structure (None unless wanted)."""
+        raw = b""
+        structure = None
+        key = self._key(uid)
+        if want_structure and not want_bytes:
+            structure = self.cache.get(key)
+            if structure is not None:
+                return raw, structure
+        if want_bytes or want_structure:
+            try:
+                raw = self.selected.mailbox.read_message(uid)
+            except KeyError:
+                raise MessageGone(uid) from None
+        if want_structure:
+            structure = self.cache.get_or_parse(key, raw)
+        return raw, structure
+
+    def response(
+        self,
+        seq: int,
+        uid: int,
+        items: tuple[FetchAtt, ...],
+        with_uid: bool,
+        with_flags: bool = False,
+        with_modseq: bool = False,
+    ) -> bytes:
+        """``* seq FETCH (...)`` for ``items``; MessageGone when the bytes are gone."""
+        sel = self.selected
+        info = sel.infos[uid]
+        raw, structure = self.load(uid, needs_bytes(items), needs_structure(items))
+        out: list[bytes] = []
+        names = {i.name for i in items}
+        if with_uid and "UID" not in names:
+            out.append(b"UID %d" % uid)
+        for item in items:
+            out.append(self._item(item, uid, info, raw, structure))
+        if with_flags and "FLAGS" not in names:
+            out.append(b"FLAGS " + wire.flag_list(sel.flags_of(uid)))
+        if with_modseq and "MODSEQ" not in names:
+            out.append(b"MODSEQ (%d)" % info.modseq)
+        return b"* %d FETCH (" % seq + b" ".join(out) + b")\r\n"
+
+    def _item(self, item: FetchAtt, uid: int, info: Any, raw: bytes, structure: Any) -> bytes:
+        name = item.name
+        if name == "FLAGS":
+            return b"FLAGS " + wire.flag_list(self.selected.flags_of(uid))
+        if name == "UID":
+            return b"UID %d" % uid
+        if name == "INTERNALDATE":
+            return b"INTERNALDATE " + internaldate(info.internaldate)
+        if name == "RFC822.SIZE":
+            return b"RFC822.SIZE %d" % info.size
+        if name == "MODSEQ":
+            return b"MODSEQ (%d)" % info.modseq
+        if name == "ENVELOPE":
+            return b"ENVELOPE " + envelope(structure)
+        if name == "BODYSTRUCTURE":
+            return b"BODYSTRUCTURE " + body_structure(structure, extended=True)
+        if name == "BODY" and item.section is None:
+            return b"BODY " + body_structure(structure, extended=False)
+        if name == "RFC822":
+            return b"RFC822 " + wire.literal(raw)
+        if name == "RFC822.HEADER":
+            return b"RFC822.HEADER " + wire.literal(mime_section(structure, raw, "HEADER"))
+        if name == "RFC822.TEXT":
+            return b"RFC822.TEXT " + wire.literal(mime_section(structure, raw, "TEXT"))
+        # BODY[section]<partial>
+        spec = item.section
+        assert spec is not None
+        mime_spec = MimeSection(
+            spec.part, spec.text or "", tuple(f.encode("ascii", "replace") for f in spec.fields)
+        )
+        data = mime_section(structure, raw, mime_spec)
+        if item.partial is not None:
+            data = partial(data, item.partial[0], item.partial[1])
+        return item.response_label().encode("ascii") + b" " + wire.literal(data)
+
+
+def fetch_responses(
+    fetcher: Fetcher,
+    uids: list[int],
+    items: tuple[FetchAtt, ...],
+    with_uid: bool,
+    flags_changed: set[int],
+    with_modseq: bool,
+    gone: list[int],
+) -> Iterator[bytes]:
+    """One response per UID in ``uids`` (expunged ones skipped and added to ``gone``)."""
+    sel = fetcher.selected
+    for uid in uids:
+        seq = sel.seq_of(uid)
+        if not seq or uid not in sel.infos:
+            continue
+        try:
+            yield fetcher.response(seq, uid, items, with_uid, uid in flags_changed, with_modseq)
+        except MessageGone:
+            gone.append(uid)

@@ -1,0 +1,144 @@
+"""SEARCH evaluation: a parsed search-key tree against the messages of the selected mailbox.
+
+Keys on flags, sizes, dates and sets come from the index; header keys parse the message
+structure (cached); BODY and TEXT decode the text parts. Strings compare case-insensitively
+on decoded text (RFC 2047 words and 8-bit UTF-8 headers alike), as RFC 3501 6.4.4 asks.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from typing import Any
+
+from mailgw.imap import parser as p
+from mailgw.imap.fetch import Fetcher, MessageGone
+from mailgw.imap.sequence import Ranges, contains, resolve
+from mailgw.mime import decode_header_value, header_values, parse_date, text_parts
+
+MAX_TEXT_BYTES = 4 * 1024 * 1024  # decoded bytes searched per text part
+
+
+class _Message:
+    """Lazy access to one message's structure and bytes during a search."""
+
+    def __init__(self, fetcher: Fetcher, uid: int) -> None:
+        self.fetcher = fetcher
+        self.uid = uid
+        self._raw: bytes | None = None
+        self._structure: Any = None
+
+    def structure(self) -> Any:
+        if self._structure is None:
+            self._raw, self._structure = self.fetcher.load(self.uid, False, True)
+            if not self._raw:
+                self._raw = None
+        return self._structure
+
+    def raw(self) -> bytes:
+        if self._raw is None:
+            self._raw, self._structure = self.fetcher.load(self.uid, True, True)
+        return self._raw
+
+
+def _utc_date(ts: float) -> datetime.date:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).date()
+
+
+def _compare(day: datetime.date, relation: str, wanted: datetime.date) -> bool:
+    if relation == "BEFORE":
+        return day < wanted
+    if relation == "ON":
+        return day == wanted
+    return day >= wanted
+
+
+class Searcher:
+    """Evaluates search keys; ``now`` is the clock (seconds) for OLDER/YOUNGER."""
+
+    def __init__(self, fetcher: Fetcher, now: Callable[[], float]) -> None:
+        self.fetcher = fetcher
+        self.selected = fetcher.selected
+        self.now = now
+        self._sets: dict[tuple[int, bool], Ranges] = {}
+
+    def search(self, key: p.SearchKey) -> list[int]:
+        """The UIDs matching ``key``, ascending (expunged-elsewhere messages never match)."""
+        out = []
+        for seq, uid in enumerate(self.selected.uids, 1):
+            if uid in self.selected.gone:
+                continue
+            try:
+                if self.match(key, seq, uid, _Message(self.fetcher, uid)):
+                    out.append(uid)
+            except MessageGone:
+                continue
+        return out
+
+    def _ranges(self, key: p.SeqKey) -> Ranges:
+        cache_key = (id(key), key.uid)
+        ranges = self._sets.get(cache_key)
+        if ranges is None:
+            sel = self.selected
+            top = (sel.uids[-1] if sel.uids else 0) if key.uid else len(sel.uids)
+            ranges = resolve(key.sequence, top)
+            self._sets[cache_key] = ranges
+        return ranges
+
+    def match(self, key: p.SearchKey, seq: int, uid: int, msg: _Message) -> bool:
+        info = self.selected.infos[uid]
+        if isinstance(key, p.All):
+            return True
+        if isinstance(key, p.And):
+            return all(self.match(k, seq, uid, msg) for k in key.keys)
+        if isinstance(key, p.Or):
+            return self.match(key.left, seq, uid, msg) or self.match(key.right, seq, uid, msg)
+        if isinstance(key, p.Not):
+            return not self.match(key.key, seq, uid, msg)
+        if isinstance(key, p.FlagKey):
+            has = uid in self.selected.recent if key.flag == "\\Recent" else key.flag in info.flags
+            return has == key.present
+        if isinstance(key, p.SizeKey):
+            return info.size > key.size if key.larger else info.size < key.size
+        if isinstance(key, p.SeqKey):
+            return contains(self._ranges(key), uid if key.uid else seq)
+        if isinstance(key, p.ModSeqKey):
+            return bool(info.modseq >= key.modseq)
+        if isinstance(key, p.AgeKey):
+            age = self.now() - info.internaldate
+            return age >= key.seconds if key.older else age <= key.seconds
+        if isinstance(key, p.DateKey):
+            if key.field == "INTERNAL":
+                return _compare(_utc_date(info.internaldate), key.relation, key.date)
+            values = header_values(msg.structure(), "Date")
+            ts = parse_date(values[0]) if values else None
+            return ts is not None and _compare(_utc_date(ts), key.relation, key.date)
+        if isinstance(key, p.HeaderKey):
+            return self._header(msg, key.name, key.value)
+        if isinstance(key, p.TextKey):
+            return self._text(msg, key.scope == "TEXT", key.value)
+        raise TypeError(f"unknown search key {key!r}")
+
+    @staticmethod
+    def _header(msg: _Message, name: str, value: str) -> bool:
+        values = header_values(msg.structure(), name)
+        if not value:
+            return bool(values)
+        needle = value.casefold()
+        return any(needle in decode_header_value(raw).casefold() for raw in values)
+
+    @staticmethod
+    def _text(msg: _Message, with_headers: bool, value: str) -> bool:
+        needle = value.casefold()
+        structure = msg.structure()
+        if with_headers:
+            for field in structure.fields:
+                if needle in decode_header_value(field.unfolded()).casefold():
+                    return True
+                if needle in field.name.decode("latin-1").casefold():
+                    return True
+        raw = msg.raw()
+        for _part, text in text_parts(structure, raw, MAX_TEXT_BYTES):
+            if needle in text.casefold():
+                return True
+        return False

@@ -1,0 +1,1104 @@
+"""The IMAP server session: states, command dispatch, authentication, TLS, IDLE, flow control.
+
+Commands run strictly in order: while one waits (authentication, a long FETCH being written
+as the client reads it) later input stays buffered in the :class:`CommandReader`. Mailbox
+work is delegated to ``selected`` (sequence numbers, untagged updates), ``fetch``,
+``search`` and ``mailboxes``; this module only sequences it and writes the responses.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from twisted.cred.error import LoginFailed
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailgw.imap import parser as p
+from mailgw.imap import wire
+from mailgw.imap.fetch import Fetcher, fetch_responses, sets_seen
+from mailgw.imap.mailboxes import DELIMITER, list_lines, status_line, status_values
+from mailgw.imap.parser import CommandError, CommandReader
+from mailgw.imap.search import Searcher
+from mailgw.imap.selected import SelectedMailbox, SequenceRangeError
+from mailgw.interfaces import MailboxNotFound, QuotaExceeded
+from mailgw.model import Address, AddressError
+from mailgw.net.proxy import is_loopback, peer_ip
+
+if TYPE_CHECKING:
+    from mailgw.imap.factory import IMAPFactory
+
+log = Logger()
+
+NOT_AUTHENTICATED = "not authenticated"
+AUTHENTICATED = "authenticated"
+SELECTED = "selected"
+LOGOUT = "logout"
+
+PREAUTH_MAX_LITERAL = 8192  # LOGIN / AUTHENTICATE arguments before login
+PREAUTH_MAX_DEPTH = 4
+PREAUTH_MAX_ARGS = 64
+MAX_PENDING_INPUT = 256 * 1024  # buffered input while a command runs before reading pauses
+
+_ANY = frozenset({"CAPABILITY", "NOOP", "LOGOUT", "ID"})
+_NOT_AUTH = frozenset({"STARTTLS", "LOGIN", "AUTHENTICATE"})
+_AUTH = frozenset(
+    {"SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST",
+     "LSUB", "STATUS", "APPEND", "ENABLE", "NAMESPACE", "IDLE", "GETQUOTA", "GETQUOTAROOT"}
+)  # fmt: skip
+_SELECTED = frozenset(
+    {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE"}
+)
+# Commands during which EXPUNGE responses must not be sent (RFC 3501 7.4.1), unless UID.
+_NO_EXPUNGE = frozenset({"FETCH", "STORE", "SEARCH", "SORT", "THREAD"})
+_STORE_MODES = {"": "set", "+": "add", "-": "remove"}
+
+
+@implementer(IPushProducer)
+class _Pump:
+    """Writes an iterator of byte chunks to the transport, pausing with it (the transport
+    calls pauseProducing when its buffer fills); ``done(error)`` at the end."""
+
+    def __init__(
+        self, transport: Any, chunks: Iterator[bytes], done: Callable[[Failure | None], None]
+    ) -> None:
+        self.transport = transport
+        self.chunks = chunks
+        self.done = done
+        self.paused = False
+        self.finished = False
+        self._running = False
+
+    def start(self) -> None:
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self._running or self.finished:
+            return
+        self._running = True
+        try:
+            while not self.paused and not self.finished:
+                try:
+                    chunk = next(self.chunks)
+                except StopIteration:
+                    self._finish(None)
+                    return
+                except Exception:
+                    self._finish(Failure())
+                    return
+                self.transport.write(chunk)
+        finally:
+            self._running = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        self.finished = True
+
+    def _finish(self, error: Failure | None) -> None:
+        self.finished = True
+        self.transport.unregisterProducer()
+        self.done(error)
+
+
+class IMAPServer(Protocol):
+    """One IMAP session."""
+
+    factory: IMAPFactory
+    transport: Any
+
+    def __init__(self, factory: IMAPFactory) -> None:
+        self.factory = factory
+        self.config = factory.config
+        self.session_id = secrets.token_hex(6)
+        self.state = NOT_AUTHENTICATED
+        self.secure = factory.implicit_tls
+        self.user: str | None = None
+        self.selected: SelectedMailbox | None = None
+        self.fetcher: Fetcher | None = None
+        self.condstore = False
+        self.reader = CommandReader(
+            max_line=self.config.max_line_length,
+            max_literal=PREAUTH_MAX_LITERAL,
+            max_depth=PREAUTH_MAX_DEPTH,
+            max_args=PREAUTH_MAX_ARGS,
+        )
+        self.peer = "-"
+        self._busy = False
+        self._processing = False
+        self._closing = False
+        self._lost = False
+        self._paused = False
+        self._errors = 0
+        self._idle_tag: str | None = None
+        self._line_handler: Callable[[bytes], None] | None = None
+        self._timer: IDelayedCall | None = None
+        self._delay: IDelayedCall | None = None
+        self._pump: _Pump | None = None
+        self._counted_ip: str | None = None
+        self._current: tuple[str, bool] = ("", False)
+
+    # -- connection ------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        ip = peer_ip(self.transport.getPeer())
+        self.peer = ip or "-"
+        if not self.factory.connection_opened(ip):
+            log.warn(
+                "imap {session} refused: too many connections from {peer}",
+                session=self.session_id,
+                peer=self.peer,
+            )
+            self._write(wire.untagged_status("BYE", "Too many connections from your address"))
+            self._close()
+            return
+        self._counted_ip = ip
+        self._timer = self.factory.reactor.callLater(self.config.idle_timeout, self._timeout)
+        self._write(
+            wire.untagged_status(
+                "OK",
+                f"{self.factory.hostname} IMAP4rev1 mailgw ready",
+                wire.code_capability(self.capabilities()),
+            )
+        )
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        self._closing = True
+        for call in (self._timer, self._delay):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._delay = None
+        if self._pump is not None:
+            self._pump.stopProducing()
+            self._pump = None
+        if self.user is not None:
+            self.factory.logout(self.user, self)
+        if self._counted_ip is not None:
+            self.factory.connection_closed(self._counted_ip)
+            self._counted_ip = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._touch()
+        self.reader.receive(data)
+        self._process()
+
+    def _touch(self) -> None:
+        if self._timer is not None and self._timer.active():
+            timeout = self.config.idle_timeout
+            if self._idle_tag is not None:
+                timeout = max(timeout, self.config.idle_command_timeout)
+            self._timer.reset(timeout)
+
+    def _timeout(self) -> None:
+        self._timer = None
+        log.info(
+            "imap {session} idle timeout (user {user})", session=self.session_id, user=self.user
+        )
+        if self._pump is not None:
+            self._closing = True
+            self.transport.abortConnection()
+            return
+        self._write(wire.untagged_status("BYE", "Autologout; idle for too long"))
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self.state = LOGOUT
+        self.transport.loseConnection()
+
+    def _write(self, data: bytes) -> None:
+        if not self._lost:
+            self.transport.write(data)
+
+    # -- the command loop ------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while not self._busy and not self._closing:
+                event = self.reader.next_event()
+                if event is None:
+                    break
+                self._event(event)
+        finally:
+            self._processing = False
+        self._flow_control()
+
+    def _flow_control(self) -> None:
+        if self._closing:
+            return
+        pending = self.reader.buffered if self._busy else 0
+        if not self._paused and pending > MAX_PENDING_INPUT:
+            self._paused = True
+            self.transport.pauseProducing()
+        elif self._paused and pending <= MAX_PENDING_INPUT:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def _done(self) -> None:
+        """An asynchronous command has answered: go on with buffered input."""
+        self._busy = False
+        self._touch()
+        if not self._closing:
+            self._process()
+
+    def _event(self, event: p.Event) -> None:
+        try:
+            if isinstance(event, p.Line):
+                handler, self._line_handler = self._line_handler, None
+                if handler is None:  # cannot happen: lines are only requested with a handler
+                    raise RuntimeError("unexpected raw line")
+                handler(event.data)
+            elif isinstance(event, p.NeedContinuation):
+                self._write(wire.continuation())
+            elif isinstance(event, p.BadCommand):
+                self._bad_input(event)
+            else:
+                self._command(event)
+        except Exception:
+            self._internal_error(Failure(), getattr(event, "tag", None))
+
+    def _bad_input(self, event: p.BadCommand) -> None:
+        if event.code == "TOOBIG":
+            self._tagged(event.tag, "NO", event.text, wire.TOOBIG)
+            return
+        self._error(event.tag, event.text)
+
+    def _error(self, tag: str | None, text: str, code: bytes | None = None) -> None:
+        """A BAD answer; too many of them close the session."""
+        self._tagged(tag, "BAD", text, code)
+        self._errors += 1
+        if self._errors >= self.config.max_errors and not self._closing:
+            log.info(
+                "imap {session} closed after {n} errors", session=self.session_id, n=self._errors
+            )
+            self._write(wire.untagged_status("BYE", "Too many invalid commands"))
+            self._close()
+
+    def _tagged(self, tag: str | None, status: str, text: str, code: bytes | None = None) -> None:
+        if tag is None:
+            self._write(wire.untagged_status(status, text, code))
+        else:
+            self._write(wire.tagged(tag, status, text, code))
+
+    def _internal_error(self, failure: Failure, tag: str | None) -> None:
+        log.failure(
+            "imap {session} user {user}: internal error",
+            failure,
+            session=self.session_id,
+            user=self.user,
+        )
+        self._line_handler = None
+        self._idle_tag = None
+        if not self._closing:
+            self._tagged(tag, "NO", "Internal server error", wire.SERVERBUG)
+        self._busy = False
+
+    def _command(self, raw: p.Command) -> None:
+        name = raw.name
+        self._current = (name, raw.uid)
+        if name not in p.COMMAND_NAMES:
+            self._error(raw.tag, "Unknown command")
+            return
+        if not self._allowed(name):
+            self._error(raw.tag, f"{name} is not allowed in the {self.state} state")
+            return
+        try:
+            command = p.parse_command(raw)
+        except CommandError as e:
+            if e.status == "BAD":
+                self._error(raw.tag, e.text, e.code.encode("ascii") if e.code else None)
+            else:
+                self._tagged(raw.tag, e.status, e.text, e.code.encode("ascii") if e.code else None)
+            return
+        handler = getattr(self, "do_" + name.replace("-", "_"), None)
+        if handler is None:
+            self._tagged(raw.tag, "NO", f"{name} is not supported", wire.CANNOT)
+            return
+        handler(raw.tag, command)
+
+    def _allowed(self, name: str) -> bool:
+        if name in _ANY:
+            return True
+        if self.state == NOT_AUTHENTICATED:
+            return name in _NOT_AUTH
+        if self.state == AUTHENTICATED:
+            return name in _AUTH
+        if self.state == SELECTED:
+            return name in _AUTH or name in _SELECTED
+        return False
+
+    # -- untagged updates and completion ---------------------------------------------------------
+
+    def _updates(self) -> None:
+        """Send what changed in the selected mailbox, at a moment that allows it."""
+        sel = self.selected
+        if sel is None:
+            return
+        name, uid = self._current
+        allow = uid or name not in _NO_EXPUNGE
+        try:
+            lines = sel.sync(allow_expunge=allow, uid_fetch=uid and name == "FETCH")
+        except MailboxNotFound:
+            self._mailbox_vanished()
+            return
+        for line in lines:
+            self._write(line)
+
+    def _mailbox_vanished(self) -> None:
+        log.info("imap {session}: selected mailbox was deleted", session=self.session_id)
+        self._write(wire.untagged_status("BYE", "The selected mailbox was deleted"))
+        self._close()
+
+    def _ok(self, tag: str, text: str, code: bytes | None = None) -> None:
+        self._updates()
+        if not self._closing:
+            self._write(wire.tagged(tag, "OK", text, code))
+
+    def _no(self, tag: str, text: str, code: bytes | None = None) -> None:
+        self._updates()
+        if not self._closing:
+            self._write(wire.tagged(tag, "NO", text, code))
+
+    def mailbox_changed(self, folder: str) -> None:
+        """Store listener (via the factory): push updates while idling."""
+        sel = self.selected
+        if sel is None or sel.name != folder or self._closing:
+            return
+        sel.dirty = True
+        if self._idle_tag is not None:
+            self._current = ("IDLE", False)
+            try:
+                self._updates()
+            except Exception:
+                self._internal_error(Failure(), None)
+
+    # -- capabilities, policy ---------------------------------------------------------------------
+
+    def plaintext_allowed(self) -> bool:
+        if self.secure:
+            return True
+        mode = self.config.allow_plaintext_auth
+        if mode == "yes":
+            return True
+        return mode == "loopback" and is_loopback(self.transport.getPeer())
+
+    def capabilities(self) -> list[str]:
+        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"]
+        if self.state == NOT_AUTHENTICATED:
+            if self.factory.tls_options is not None and not self.secure:
+                caps.append("STARTTLS")
+            if self.plaintext_allowed():
+                caps.append("AUTH=PLAIN")
+            else:
+                caps.append("LOGINDISABLED")
+            return caps
+        caps += [
+            "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED",
+            "LIST-STATUS", "ESEARCH", "CONDSTORE", "QUOTA",
+        ]  # fmt: skip
+        return caps
+
+    def do_CAPABILITY(self, tag: str, command: p.Simple) -> None:
+        self._write(wire.untagged(b"CAPABILITY", " ".join(self.capabilities())))
+        self._ok(tag, "CAPABILITY completed")
+
+    def do_NOOP(self, tag: str, command: p.Simple) -> None:
+        if self.selected is not None:
+            self.selected.dirty = True
+        self._ok(tag, "NOOP completed")
+
+    def do_CHECK(self, tag: str, command: p.Simple) -> None:
+        self.do_NOOP(tag, command)
+
+    def do_LOGOUT(self, tag: str, command: p.Simple) -> None:
+        self._write(wire.untagged_status("BYE", "Logging out"))
+        self._write(wire.tagged(tag, "OK", "LOGOUT completed"))
+        self._close()
+
+    def do_ID(self, tag: str, command: p.Id) -> None:
+        self._write(wire.untagged(b'ID ("name" "mailgw" "vendor" "mailgw")'))
+        self._ok(tag, "ID completed")
+
+    def do_STARTTLS(self, tag: str, command: p.Simple) -> None:
+        if self.secure:
+            self._tagged(tag, "BAD", "TLS is already active")
+            return
+        if self.factory.tls_options is None:
+            self._tagged(tag, "NO", "TLS is not available", wire.UNAVAILABLE)
+            return
+        self._write(wire.tagged(tag, "OK", "Begin TLS negotiation now"))
+        dropped = self.reader.discard_buffered()
+        if dropped:
+            # Plaintext pipelined after STARTTLS must never run as if it came over TLS.
+            log.warn(
+                "imap {session} discarding {n} bytes sent after STARTTLS from {peer}",
+                session=self.session_id,
+                n=dropped,
+                peer=self.peer,
+            )
+        self.transport.startTLS(self.factory.tls_options)
+        self.secure = True
+
+    # -- authentication ---------------------------------------------------------------------------
+
+    def do_LOGIN(self, tag: str, command: p.Login) -> None:
+        if not self.plaintext_allowed():
+            self._tagged(tag, "NO", "Use STARTTLS first", wire.PRIVACYREQUIRED)
+            return
+        try:
+            name = command.username.decode("utf-8")
+            password = command.password.decode("utf-8")
+        except UnicodeDecodeError:
+            self._busy = True
+            self._fail_later(tag)
+            return
+        self._authenticate(tag, name, password)
+
+    def do_AUTHENTICATE(self, tag: str, command: p.Authenticate) -> None:
+        if command.mechanism != "PLAIN":
+            self._tagged(tag, "NO", "Unsupported authentication mechanism", wire.CANNOT)
+            return
+        if not self.plaintext_allowed():
+            self._tagged(tag, "NO", "Use STARTTLS first", wire.PRIVACYREQUIRED)
+            return
+        if command.initial_response is not None:
+            self._auth_plain(tag, command.initial_response, initial=True)
+            return
+        self._write(b"+ \r\n")
+        self.reader.expect_line()
+        self._line_handler = lambda line: self._auth_plain(tag, line)
+
+    def _auth_plain(self, tag: str, response: bytes, initial: bool = False) -> None:
+        if response.strip() == b"*":
+            self._error(tag, "Authentication cancelled")
+            return
+        if initial and response == b"=":
+            raw = b""
+        else:
+            try:
+                raw = base64.b64decode(response, validate=True)
+            except (binascii.Error, ValueError):
+                self._error(tag, "Invalid base64 data")
+                return
+        parts = raw.split(b"\0")
+        if len(parts) != 3:
+            self._error(tag, "Invalid PLAIN response")
+            return
+        try:
+            authzid, authcid, password = (x.decode("utf-8") for x in parts)
+        except UnicodeDecodeError:
+            self._error(tag, "Invalid PLAIN response")
+            return
+        if authzid and _normalise(authzid) != _normalise(authcid):
+            self._busy = True
+            self._fail_later(tag)
+            return
+        self._authenticate(tag, authcid, password)
+
+    def _authenticate(self, tag: str, name: str, password: str) -> None:
+        key = _normalise(name)
+        self._busy = True
+        if key is None:
+            self._fail_later(tag)
+            return
+        d = maybeDeferred(self.factory.directory.check_password, key, password)
+        d.addCallbacks(
+            self._authenticated,
+            self._not_authenticated,
+            callbackArgs=(tag, key),
+            errbackArgs=(tag, key),
+        )
+        d.addErrback(self._async_error, tag)
+
+    def _authenticated(self, user: Any, tag: str, key: str) -> None:
+        if self._lost:
+            return
+        name = getattr(user, "name", None)
+        canonical = name if isinstance(name, str) and name else key
+        if not self.factory.login(canonical, self):
+            log.info(
+                "imap {session} {user}: too many sessions", session=self.session_id, user=canonical
+            )
+            self._tagged(tag, "NO", "Too many sessions for this user", wire.LIMIT)
+            self._done()
+            return
+        self.user = canonical
+        self.state = AUTHENTICATED
+        self.reader.max_literal = self.config.max_literal_size
+        self.reader.max_depth = 20
+        self.reader.max_args = 100_000
+        log.info(
+            "imap {session} login {user} from {peer}",
+            session=self.session_id,
+            user=canonical,
+            peer=self.peer,
+        )
+        self._write(wire.tagged(tag, "OK", "Logged in", wire.code_capability(self.capabilities())))
+        self._done()
+
+    def _not_authenticated(self, failure: Failure, tag: str, key: str) -> None:
+        if self._lost:
+            return
+        if failure.check(LoginFailed):
+            log.info(
+                "imap {session} authentication failed for {user} from {peer}",
+                session=self.session_id,
+                user=key,
+                peer=self.peer,
+            )
+            self._fail_later(tag)
+            return
+        log.failure("imap {session}: directory error", failure, session=self.session_id)
+        self._tagged(tag, "NO", "Authentication temporarily unavailable", wire.UNAVAILABLE)
+        self._done()
+
+    def _fail_later(self, tag: str) -> None:
+        self._delay = self.factory.reactor.callLater(
+            self.factory.auth_failure_delay, self._failed_reply, tag
+        )
+
+    def _failed_reply(self, tag: str) -> None:
+        self._delay = None
+        self._tagged(tag, "NO", "Authentication failed", wire.AUTHENTICATIONFAILED)
+        self._done()
+
+    def _async_error(self, failure: Failure, tag: str) -> None:
+        if self._lost:
+            return
+        self._internal_error(failure, tag)
+        self._done()
+
+    # -- authenticated state ----------------------------------------------------------------------
+
+    def _user(self) -> str:
+        assert self.user is not None
+        return self.user
+
+    def do_ENABLE(self, tag: str, command: p.Enable) -> None:
+        enabled = []
+        for cap in command.capabilities:
+            if cap == "CONDSTORE" and not self.condstore:
+                self.condstore = True
+                if self.selected is not None:
+                    self.selected.condstore = True
+                enabled.append(cap)
+        self._write(wire.untagged(b"ENABLED", " ".join(enabled)) if enabled else b"* ENABLED\r\n")
+        self._ok(tag, "ENABLE completed")
+
+    def do_NAMESPACE(self, tag: str, command: p.Simple) -> None:
+        self._write(wire.untagged(b'NAMESPACE (("" "/")) NIL NIL'))
+        self._ok(tag, "NAMESPACE completed")
+
+    def _unselect(self) -> None:
+        self.selected = None
+        self.fetcher = None
+        self.state = AUTHENTICATED
+
+    def do_SELECT(self, tag: str, command: p.Select) -> None:
+        if self.selected is not None:
+            self._unselect()
+            self._write(wire.untagged_status("OK", "Previous mailbox closed", wire.CLOSED))
+        if command.qresync is not None:
+            self._error(tag, "QRESYNC is not enabled")
+            return
+        user = self._user()
+        try:
+            mailbox = self.factory.store.open_mailbox(user, command.mailbox)
+        except (MailboxNotFound, ValueError):
+            self._tagged(tag, "NO", "No such mailbox", wire.NONEXISTENT)
+            return
+        if command.condstore:
+            self.condstore = True
+        readonly = command.readonly
+
+        def claim(uids: list[int]) -> set[int]:
+            if readonly:
+                return set()
+            return self.factory.claim_recent(user, mailbox.name, mailbox.uidvalidity, uids)
+
+        sel = SelectedMailbox(mailbox, readonly, claim, self.condstore)
+        self.selected = sel
+        self.fetcher = Fetcher(user, sel, self.factory.cache)
+        self.state = SELECTED
+        for line in sel.select_responses():
+            self._write(line)
+        code = wire.READ_ONLY if readonly else wire.READ_WRITE
+        self._write(
+            wire.tagged(tag, "OK", f"{'EXAMINE' if readonly else 'SELECT'} completed", code)
+        )
+
+    do_EXAMINE = do_SELECT
+
+    def do_CREATE(self, tag: str, command: p.Create) -> None:
+        name = command.mailbox.rstrip(DELIMITER)
+        if not name or name.upper() == "INBOX":
+            self._no(tag, "Mailbox already exists", wire.ALREADYEXISTS)
+            return
+        store = self.factory.store
+        if name in store.list_mailboxes(self._user()):
+            self._no(tag, "Mailbox already exists", wire.ALREADYEXISTS)
+            return
+        try:
+            store.create_mailbox(self._user(), name)
+        except ValueError as e:
+            self._no(tag, f"Cannot create mailbox: {e}", wire.CANNOT)
+            return
+        self._ok(tag, "CREATE completed")
+
+    def do_DELETE(self, tag: str, command: p.Delete) -> None:
+        user = self._user()
+        if command.mailbox == "INBOX":
+            self._no(tag, "INBOX cannot be deleted", wire.CANNOT)
+            return
+        delete = getattr(self.factory.store, "delete_mailbox", None)
+        if delete is None:
+            self._no(tag, "Deleting mailboxes is not supported", wire.CANNOT)
+            return
+        if command.mailbox not in self.factory.store.list_mailboxes(user):
+            self._no(tag, "No such mailbox", wire.NONEXISTENT)
+            return
+        if self.selected is not None and self.selected.name == command.mailbox:
+            self._unselect()
+        try:
+            delete(user, command.mailbox)
+        except MailboxNotFound:
+            self._no(tag, "No such mailbox", wire.NONEXISTENT)
+            return
+        except ValueError as e:
+            self._no(tag, f"Cannot delete mailbox: {e}", wire.CANNOT)
+            return
+        self._ok(tag, "DELETE completed")
+
+    def do_RENAME(self, tag: str, command: p.Rename) -> None:
+        user = self._user()
+        rename = getattr(self.factory.store, "rename_mailbox", None)
+        if rename is None:
+            self._no(tag, "Renaming mailboxes is not supported", wire.CANNOT)
+            return
+        names = self.factory.store.list_mailboxes(user)
+        target = command.target.rstrip(DELIMITER)
+        if command.source not in names:
+            self._no(tag, "No such mailbox", wire.NONEXISTENT)
+            return
+        if target in names or target.upper() == "INBOX":
+            self._no(tag, "Target mailbox already exists", wire.ALREADYEXISTS)
+            return
+        try:
+            rename(user, command.source, target)
+        except MailboxNotFound:
+            self._no(tag, "No such mailbox", wire.NONEXISTENT)
+            return
+        except ValueError as e:
+            self._no(tag, f"Cannot rename mailbox: {e}", wire.CANNOT)
+            return
+        self._ok(tag, "RENAME completed")
+
+    def _subscribed(self) -> set[str]:
+        listing = getattr(self.factory.store, "list_subscribed", None)
+        if listing is None:
+            return set(self.factory.store.list_mailboxes(self._user()))
+        return set(listing(self._user()))
+
+    def _subscribe(self, tag: str, mailbox: str, on: bool) -> None:
+        setter = getattr(self.factory.store, "set_subscribed", None)
+        if setter is None:
+            self._no(tag, "Subscriptions are not supported", wire.CANNOT)
+            return
+        if on and mailbox not in self.factory.store.list_mailboxes(self._user()):
+            self._no(tag, "No such mailbox", wire.NONEXISTENT)
+            return
+        setter(self._user(), mailbox, on)
+        self._ok(tag, ("SUBSCRIBE" if on else "UNSUBSCRIBE") + " completed")
+
+    def do_SUBSCRIBE(self, tag: str, command: p.Subscribe) -> None:
+        self._subscribe(tag, command.mailbox, True)
+
+    def do_UNSUBSCRIBE(self, tag: str, command: p.Unsubscribe) -> None:
+        self._subscribe(tag, command.mailbox, False)
+
+    def do_LIST(self, tag: str, command: p.ListMailboxes) -> None:
+        names = self.factory.store.list_mailboxes(self._user())
+        need_subs = "SUBSCRIBED" in command.selection or "SUBSCRIBED" in command.returns
+        subscribed = self._subscribed() if need_subs else set()
+
+        def status(name: str) -> bytes | None:
+            return self._status_line(name, command.status_items)
+
+        for line in list_lines(command, names, subscribed, status=status):
+            self._write(line)
+        self._ok(tag, "LIST completed")
+
+    def do_LSUB(self, tag: str, command: p.Lsub) -> None:
+        names = self.factory.store.list_mailboxes(self._user())
+        listing = p.ListMailboxes(command.reference, (command.pattern,))
+        for line in list_lines(listing, names, self._subscribed(), lsub=True):
+            self._write(line)
+        self._ok(tag, "LSUB completed")
+
+    def _status_line(self, name: str, items: tuple[str, ...]) -> bytes | None:
+        user = self._user()
+        try:
+            mailbox: Any = self.factory.store.open_mailbox(user, name)
+        except (MailboxNotFound, ValueError):
+            return None
+        recent = 0
+        if "RECENT" in items:
+            uids = [m.uid for m in mailbox.messages()]
+            recent = self.factory.recent_count(user, mailbox.name, mailbox.uidvalidity, uids)
+        return status_line(mailbox.name, status_values(mailbox, items, recent))
+
+    def do_STATUS(self, tag: str, command: p.Status) -> None:
+        line = self._status_line(command.mailbox, command.items)
+        if line is None:
+            self._no(tag, "No such mailbox", wire.NONEXISTENT)
+            return
+        self._write(line)
+        self._ok(tag, "STATUS completed")
+
+    def do_APPEND(self, tag: str, command: p.Append) -> None:
+        user = self._user()
+        try:
+            mailbox = self.factory.store.open_mailbox(user, command.mailbox)
+        except (MailboxNotFound, ValueError):
+            self._no(tag, "No such mailbox", wire.TRYCREATE)
+            return
+        uids = []
+        for message in command.messages:
+            if not message.data:
+                self._no(tag, "Empty messages are not stored", wire.CANNOT)
+                return
+            when = message.date.timestamp() if message.date is not None else None
+            try:
+                uids.append(mailbox.append(message.data, message.flags, when))
+            except QuotaExceeded:
+                self._no(tag, "Quota exceeded", wire.OVERQUOTA)
+                return
+        self._ok(tag, "APPEND completed", wire.code_appenduid(mailbox.uidvalidity, uids))
+
+    def do_GETQUOTAROOT(self, tag: str, command: p.GetQuotaRoot) -> None:
+        if command.mailbox not in self.factory.store.list_mailboxes(self._user()):
+            self._no(tag, "No such mailbox", wire.NONEXISTENT)
+            return
+        self._write(wire.untagged(b"QUOTAROOT", wire.mailbox_name(command.mailbox), b'""'))
+        self._write(self._quota_line())
+        self._ok(tag, "GETQUOTAROOT completed")
+
+    def do_GETQUOTA(self, tag: str, command: p.GetQuota) -> None:
+        if command.root != "":
+            self._no(tag, "No such quota root", wire.NONEXISTENT)
+            return
+        self._write(self._quota_line())
+        self._ok(tag, "GETQUOTA completed")
+
+    def _quota_line(self) -> bytes:
+        used, limit = self.factory.store.quota_usage(self._user())
+        if limit is None:
+            return wire.untagged(b'QUOTA "" ()')
+        return wire.untagged(b'QUOTA "" (STORAGE %d %d)' % ((used + 1023) // 1024, limit // 1024))
+
+    def do_IDLE(self, tag: str, command: p.Simple) -> None:
+        self._idle_tag = tag
+        self._write(wire.continuation("idling"))
+        self._current = ("IDLE", False)
+        self._updates()
+        self._touch()
+        self.reader.expect_line()
+        self._line_handler = self._idle_line
+
+    def _idle_line(self, line: bytes) -> None:
+        tag, self._idle_tag = self._idle_tag, None
+        assert tag is not None
+        self._touch()
+        if line.strip().upper() != b"DONE":
+            self._error(tag, "Expected DONE")
+            return
+        self._current = ("IDLE", False)
+        self._ok(tag, "IDLE terminated")
+
+    # -- selected state ---------------------------------------------------------------------------
+
+    def _sel(self) -> SelectedMailbox:
+        assert self.selected is not None
+        return self.selected
+
+    def _resolve(self, tag: str, seqset: Any, uid: bool) -> list[int] | None:
+        sel = self._sel()
+        try:
+            uids = sel.resolve(seqset, uid)
+        except SequenceRangeError as e:
+            self._error(tag, str(e))
+            return None
+        # A UID command does not need the numbers of messages expunged elsewhere.
+        return [u for u in uids if u not in sel.gone] if uid and sel.gone else uids
+
+    def _expunge_deleted(self, only: set[int] | None = None) -> list[int]:
+        sel = self._sel()
+        sel.mailbox.refresh()
+        doomed = [
+            m.uid
+            for m in sel.mailbox.messages()
+            if "\\Deleted" in m.flags and (only is None or m.uid in only)
+        ]
+        return sel.mailbox.expunge(doomed) if doomed else []
+
+    def do_CLOSE(self, tag: str, command: p.Simple) -> None:
+        sel = self._sel()
+        if not sel.readonly:
+            self._expunge_deleted()
+        self._unselect()
+        self._ok(tag, "CLOSE completed")
+
+    def do_UNSELECT(self, tag: str, command: p.Simple) -> None:
+        self._unselect()
+        self._ok(tag, "UNSELECT completed")
+
+    def do_EXPUNGE(self, tag: str, command: p.Expunge) -> None:
+        sel = self._sel()
+        if sel.readonly:
+            self._no(tag, "Mailbox is read-only", wire.READ_ONLY)
+            return
+        only = None
+        if command.uids is not None:
+            only = set(sel.resolve(command.uids, True))
+        self._expunge_deleted(only)
+        self._ok(tag, "EXPUNGE completed")
+
+    def do_FETCH(self, tag: str, command: p.Fetch) -> None:
+        sel = self._sel()
+        fetcher = self.fetcher
+        assert fetcher is not None
+        if any(item.name.startswith("BINARY") for item in command.items):
+            self._error(tag, "BINARY is not supported")
+            return
+        uids = self._resolve(tag, command.sequence, command.uid)
+        if uids is None:
+            return
+        changed_since = command.changed_since
+        if changed_since is not None:
+            self.condstore = sel.condstore = True
+            uids = [u for u in uids if u in sel.infos and sel.infos[u].modseq > changed_since]
+        flags_changed: set[int] = set()
+        if sets_seen(command.items) and not sel.readonly:
+            unseen = [u for u in uids if u in sel.infos and "\\Seen" not in sel.infos[u].flags]
+            if unseen:
+                for info in sel.mailbox.set_flags(unseen, ["\\Seen"], "add").values():
+                    sel.update_info(info)
+                    flags_changed.add(info.uid)
+        gone: list[int] = []
+        chunks = fetch_responses(
+            fetcher,
+            uids,
+            command.items,
+            command.uid,
+            flags_changed,
+            self.condstore and (changed_since is not None or bool(flags_changed)),
+            gone,
+        )
+
+        def finished(error: Failure | None) -> None:
+            self._pump = None
+            if self._lost:
+                return
+            if error is not None:
+                self._internal_error(error, tag)
+            elif gone:
+                self._no(tag, "Some messages were expunged", wire.EXPUNGEISSUED)
+            else:
+                self._ok(tag, "FETCH completed")
+            self._done()
+
+        self._busy = True
+        self._pump = _Pump(self.transport, chunks, finished)
+        self._pump.start()
+
+    def do_STORE(self, tag: str, command: p.Store) -> None:
+        sel = self._sel()
+        if sel.readonly:
+            self._no(tag, "Mailbox is read-only", wire.READ_ONLY)
+            return
+        uids = self._resolve(tag, command.sequence, command.uid)
+        if uids is None:
+            return
+        uids = [u for u in uids if u not in sel.gone]
+        modified: list[int] = []
+        if command.unchanged_since is not None:
+            self.condstore = sel.condstore = True
+            sel.mailbox.refresh()
+            current = {m.uid: m for m in sel.mailbox.messages()}
+            keep = []
+            for u in uids:
+                info = current.get(u)
+                if info is not None and info.modseq > command.unchanged_since:
+                    modified.append(u)
+                else:
+                    keep.append(u)
+            uids = keep
+        try:
+            result = sel.mailbox.set_flags(uids, command.flags, _STORE_MODES[command.mode])
+        except ValueError as e:
+            self._error(tag, str(e))
+            return
+        for uid in uids:
+            info = result.get(uid)
+            if info is None:
+                continue
+            sel.update_info(info)
+            if not command.silent or command.unchanged_since is not None:
+                seq = sel.seq_of(uid)
+                if seq:
+                    self._write(sel.flags_response(seq, uid, command.uid or self.condstore))
+        if modified:
+            code = wire.code_modified(sel.seq_of(u) if not command.uid else u for u in modified)
+            self._ok(tag, "Conditional STORE failed", code)
+            return
+        self._ok(tag, "STORE completed")
+
+    def _copy(self, tag: str, command: p.Copy | p.Move) -> tuple[list[int], list[int], int] | None:
+        sel = self._sel()
+        uids = self._resolve(tag, command.sequence, command.uid)
+        if uids is None:
+            return None
+        try:
+            dest = self.factory.store.open_mailbox(self._user(), command.mailbox)
+        except (MailboxNotFound, ValueError):
+            self._no(tag, "No such mailbox", wire.TRYCREATE)
+            return None
+        source: list[int] = []
+        target: list[int] = []
+        for uid in uids:
+            info = sel.infos.get(uid)
+            if info is None:
+                continue
+            try:
+                data = sel.mailbox.read_message(uid)
+            except KeyError:
+                continue
+            try:
+                new_uid = dest.append(data, info.flags, info.internaldate)
+            except QuotaExceeded:
+                self._no(tag, "Quota exceeded", wire.OVERQUOTA)
+                return None
+            source.append(uid)
+            target.append(new_uid)
+        return source, target, int(dest.uidvalidity)
+
+    def do_COPY(self, tag: str, command: p.Copy) -> None:
+        done = self._copy(tag, command)
+        if done is None:
+            return
+        source, target, validity = done
+        code = wire.code_copyuid(validity, source, target) if source else None
+        self._ok(tag, "COPY completed", code)
+
+    def do_MOVE(self, tag: str, command: p.Move) -> None:
+        sel = self._sel()
+        if sel.readonly:
+            self._no(tag, "Mailbox is read-only", wire.READ_ONLY)
+            return
+        done = self._copy(tag, command)
+        if done is None:
+            return
+        source, target, validity = done
+        if source:
+            self._write(
+                wire.untagged_status("OK", "Moved", wire.code_copyuid(validity, source, target))
+            )
+            sel.mailbox.expunge(source)
+        self._ok(tag, "MOVE completed")
+
+    def do_SEARCH(self, tag: str, command: p.Search) -> None:
+        sel = self._sel()
+        fetcher = self.fetcher
+        assert fetcher is not None
+        if command.returns is not None and "SAVE" in command.returns:
+            self._error(tag, "SEARCHRES is not supported")
+            return
+        if _uses_saved(command.key):
+            self._error(tag, "No saved search result")
+            return
+        clock = self.factory.reactor
+        found = Searcher(fetcher, clock.seconds).search(command.key)
+        numbers = found if command.uid else [sel.seq_of(u) for u in found]
+        modseq = None
+        if _uses_modseq(command.key) and found:
+            modseq = max(sel.infos[u].modseq for u in found)
+        if command.returns is None:
+            line = b"* SEARCH"
+            if numbers:
+                line += b" " + b" ".join(b"%d" % n for n in numbers)
+            if modseq is not None:
+                line += b" (MODSEQ %d)" % modseq
+            self._write(line + b"\r\n")
+        else:
+            self._write(_esearch(tag, command, numbers, modseq))
+        self._ok(tag, "SEARCH completed")
+
+
+def _uses_saved(key: p.SearchKey) -> bool:
+    if isinstance(key, p.SeqKey):
+        return key.sequence.saved
+    if isinstance(key, p.And):
+        return any(_uses_saved(k) for k in key.keys)
+    if isinstance(key, p.Or):
+        return _uses_saved(key.left) or _uses_saved(key.right)
+    if isinstance(key, p.Not):
+        return _uses_saved(key.key)
+    return False
+
+
+def _uses_modseq(key: p.SearchKey) -> bool:
+    if isinstance(key, p.ModSeqKey):
+        return True
+    if isinstance(key, p.And):
+        return any(_uses_modseq(k) for k in key.keys)
+    if isinstance(key, p.Or):
+        return _uses_modseq(key.left) or _uses_modseq(key.right)
+    if isinstance(key, p.Not):
+        return _uses_modseq(key.key)
+    return False
+
+
+def _esearch(tag: str, command: p.Search, numbers: list[int], modseq: int | None) -> bytes:
+    from mailgw.imap.sequence import format_uid_set
+
+    returns = command.returns or ("ALL",)
+    parts = [b"* ESEARCH (TAG " + wire.quote(tag) + b")"]
+    if command.uid:
+        parts.append(b"UID")
+    if numbers:
+        if "MIN" in returns:
+            parts.append(b"MIN %d" % numbers[0])
+        if "MAX" in returns:
+            parts.append(b"MAX %d" % numbers[-1])
+        if "ALL" in returns:
+            parts.append(b"ALL " + format_uid_set(numbers).encode("ascii"))
+    if "COUNT" in returns:
+        parts.append(b"COUNT %d" % len(numbers))
+    if modseq is not None and numbers:
+        parts.append(b"MODSEQ %d" % modseq)
+    return b" ".join(parts) + b"\r\n"
+
+
+def _normalise(name: str) -> str | None:
+    """The directory key of a login name (an address), or None if it is not an address."""
+    try:
+        return Address.parse(name).key
+    except AddressError:
+        return None
