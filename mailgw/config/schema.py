@@ -228,7 +228,7 @@ class IMAPConfig:
         "30m", v.parse_duration, "Close after this long without a command (RFC 3501: >= 30m)."
     )
     idle_command_timeout: float = key(
-        "29m", v.parse_duration, "Longest IDLE before the server ends it with BYE."
+        "31m", v.parse_duration, "Longest IDLE before BYE (RFC 2177: clients renew every 29m)."
     )
     max_line_length: int = key(
         "65536", v.parse_positive_int, "Longest command line in bytes (BAD, session survives)."
