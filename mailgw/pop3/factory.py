@@ -9,6 +9,7 @@ from twisted.internet.protocol import ServerFactory
 
 from mailgw.config.schema import POP3Config
 from mailgw.interfaces import IDirectory, IMessageStore
+from mailgw.net.limits import ConnectionCounter
 from mailgw.pop3.protocol import POP3Server
 
 
@@ -40,7 +41,7 @@ class POP3Factory(ServerFactory[POP3Server]):
         self.implicit_tls = implicit_tls
         self.auth_failure_delay = auth_failure_delay
         self._locks: dict[str, POP3Server] = {}
-        self._per_ip: dict[str, int] = {}
+        self._connections = ConnectionCounter(config.max_connections_per_ip)
 
     def buildProtocol(self, addr: IAddress | None) -> POP3Server:
         return POP3Server(self)
@@ -70,18 +71,10 @@ class POP3Factory(ServerFactory[POP3Server]):
 
     def connection_opened(self, ip: str) -> bool:
         """Count a session from ``ip``; False (not counted) when over the per-address limit."""
-        current = self._per_ip.get(ip, 0)
-        if current >= self.config.max_connections_per_ip:
-            return False
-        self._per_ip[ip] = current + 1
-        return True
+        return self._connections.admit(ip) is None
 
     def connection_closed(self, ip: str) -> None:
-        current = self._per_ip.get(ip, 0) - 1
-        if current > 0:
-            self._per_ip[ip] = current
-        else:
-            self._per_ip.pop(ip, None)
+        self._connections.release(ip)
 
     def connections_from(self, ip: str) -> int:
-        return self._per_ip.get(ip, 0)
+        return self._connections.count(ip)

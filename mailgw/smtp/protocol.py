@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from mailgw.interfaces import IIncomingMessage, ISpool
 from mailgw.model import Address, AddressError, Envelope, parse_path
 from mailgw.model.reply import R, Reply
+from mailgw.net.limits import ConnectionCounter, Refusal
 from mailgw.smtp.replies import SR
 from mailgw.smtp.trace import with_protocol
 
@@ -956,8 +957,7 @@ class SMTPFactory(Factory):
         self.limits = limits
         self.reactor = reactor
         self.tls_options = tls_options
-        self.connections = 0
-        self.per_ip: dict[str, int] = {}
+        self.counter = ConnectionCounter(limits.max_connections_per_ip, limits.max_connections)
         self.implicit_tls = False
         """Connections arrive already in TLS (the listener wraps them): no STARTTLS."""
 
@@ -968,19 +968,13 @@ class SMTPFactory(Factory):
 
     def connection_opened(self, client_ip: str) -> Reply | None:
         """Count a new session; a reply (421) when it is over a limit (then it is not counted)."""
-        if self.connections >= self.limits.max_connections:
+        refusal = self.counter.admit(client_ip)
+        if refusal is Refusal.TOTAL:
             return SR.TOO_MANY_CONNECTIONS
-        if self.per_ip.get(client_ip, 0) >= self.limits.max_connections_per_ip:
+        if refusal is Refusal.PER_IP:
             return SR.TOO_MANY_CONNECTIONS_FROM_IP
-        self.connections += 1
-        self.per_ip[client_ip] = self.per_ip.get(client_ip, 0) + 1
         return None
 
     def connection_closed(self, client_ip: str) -> None:
         """Forget a session counted by ``connection_opened``."""
-        self.connections -= 1
-        left = self.per_ip.get(client_ip, 0) - 1
-        if left > 0:
-            self.per_ip[client_ip] = left
-        else:
-            self.per_ip.pop(client_ip, None)
+        self.counter.release(client_ip)

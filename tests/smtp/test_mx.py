@@ -169,13 +169,13 @@ def test_per_ip_connection_limit() -> None:
     refused = h.connect(greet=False)
     assert refused.lines() == ["421 4.7.0 Too many connections from your address, try again later"]
     assert refused.closed
-    assert h.factory.per_ip == {"192.0.2.7": 2}
+    assert h.factory.counter.per_ip == {"192.0.2.7": 2}
     refused.protocol.connectionLost(None)  # type: ignore[arg-type]
-    assert h.factory.per_ip == {"192.0.2.7": 2}  # the refused one was never counted
+    assert h.factory.counter.per_ip == {"192.0.2.7": 2}  # the refused one was never counted
     other = h.connect(ip="192.0.2.8")
     assert other.codes("NOOP\r\n") == ["250"]
     a.protocol.connectionLost(None)  # type: ignore[arg-type]
-    assert h.factory.per_ip == {"192.0.2.7": 1, "192.0.2.8": 1}
+    assert h.factory.counter.per_ip == {"192.0.2.7": 1, "192.0.2.8": 1}
     h.connect()  # a slot is free again
 
 
@@ -187,7 +187,7 @@ def test_total_connection_limit() -> None:
     assert refused.lines() == ["421 4.7.0 Too many connections, try again later"]
     assert refused.closed
     assert refused.codes("NOOP\r\n") == []
-    assert h.factory.connections == 2
+    assert h.factory.counter.total == 2
 
 
 def test_limits_from_config() -> None:

@@ -578,7 +578,7 @@ def test_session_timeout() -> None:
     assert c.lines() == ["421 4.4.2 Session time limit exceeded, closing connection"]
     assert c.closed
     c.protocol.connectionLost(None)  # type: ignore[arg-type]
-    assert h.factory.connections == 0
+    assert h.factory.counter.total == 0
 
 
 # -- STARTTLS --------------------------------------------------------------------------------
@@ -637,7 +637,7 @@ def test_connection_lost_mid_data_aborts_and_uncounts() -> None:
     assert c.send(b"partial\r\n") == []
     c.protocol.connectionLost(None)  # type: ignore[arg-type]
     assert h.spool.begun[0].aborted
-    assert h.factory.connections == 0 and h.factory.per_ip == {}
+    assert h.factory.counter.total == 0 and h.factory.counter.per_ip == {}
     assert not h.clock.getDelayedCalls()
 
 
