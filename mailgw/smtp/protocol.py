@@ -26,7 +26,6 @@ from mailgw.interfaces import IIncomingMessage, ISpool
 from mailgw.model import Address, AddressError, Envelope, parse_path
 from mailgw.model.reply import R, Reply
 from mailgw.net.limits import ConnectionCounter, Refusal
-from mailgw.smtp.replies import SR
 from mailgw.smtp.trace import with_protocol
 
 ReplyResult = Reply | Deferred[Reply]
@@ -668,7 +667,7 @@ class SMTPServer(Protocol):
             self._reply(R.PARAM_SYNTAX, verb="STARTTLS")
             return
         if s.has_sender:
-            self._reply(SR.TRANSACTION_IN_PROGRESS, verb="STARTTLS")
+            self._reply(R.TRANSACTION_IN_PROGRESS, verb="STARTTLS")
             return
         self._reply(R.READY_FOR_TLS)
         if self._buf:
@@ -704,19 +703,19 @@ class SMTPServer(Protocol):
             self._reply(R.BAD_SEQUENCE, verb="AUTH")
             return
         if mechanism not in ("PLAIN", "LOGIN"):
-            self._reply(SR.AUTH_MECHANISM_UNKNOWN, verb="AUTH")
+            self._reply(R.AUTH_MECHANISM_UNKNOWN, verb="AUTH")
             return
         initial = initial.strip()
 
         def decoded(line: bytes) -> str | None:
             """The decoded response; None after answering (cancel or bad base64)."""
             if line.strip() == b"*":
-                self._reply(SR.AUTH_CANCELLED, verb="AUTH")
+                self._reply(R.AUTH_CANCELLED, verb="AUTH")
                 return None
             try:
                 return base64.b64decode(line.strip(), validate=True).decode("utf-8")
             except (binascii.Error, UnicodeDecodeError):
-                self._reply(SR.AUTH_BAD_RESPONSE, verb="AUTH")
+                self._reply(R.AUTH_BAD_RESPONSE, verb="AUTH")
                 return None
 
         def plain(line: bytes) -> None:
@@ -725,7 +724,7 @@ class SMTPServer(Protocol):
                 return
             parts = text.split("\0")
             if len(parts) != 3 or not parts[1]:
-                self._reply(SR.AUTH_BAD_RESPONSE, verb="AUTH")
+                self._reply(R.AUTH_BAD_RESPONSE, verb="AUTH")
                 return
             self._check_credentials(parts[0], parts[1], parts[2])
 
@@ -970,9 +969,9 @@ class SMTPFactory(Factory):
         """Count a new session; a reply (421) when it is over a limit (then it is not counted)."""
         refusal = self.counter.admit(client_ip)
         if refusal is Refusal.TOTAL:
-            return SR.TOO_MANY_CONNECTIONS
+            return R.TOO_MANY_CONNECTIONS
         if refusal is Refusal.PER_IP:
-            return SR.TOO_MANY_CONNECTIONS_FROM_IP
+            return R.TOO_MANY_CONNECTIONS_FROM_IP
         return None
 
     def connection_closed(self, client_ip: str) -> None:

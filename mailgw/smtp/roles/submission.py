@@ -31,7 +31,6 @@ from mailgw.interfaces import IDirectory, IIncomingMessage, ISpool
 from mailgw.model import Address, AddressError, Envelope
 from mailgw.model.reply import R, Reply
 from mailgw.smtp.protocol import Limits, ReplyResult, Role, Session, SMTPFactory
-from mailgw.smtp.replies import SR
 from mailgw.smtp.trace import received_header
 
 log = Logger(namespace="mailgw.submission")
@@ -91,21 +90,21 @@ class SubmissionPolicy:
         now = self.clock.seconds()
         while window and window[0] <= now - 3600:
             window.popleft()
-        return SR.RATE_LIMITED if len(window) >= self.max_messages_per_hour else None
+        return R.RATE_LIMITED if len(window) >= self.max_messages_per_hour else None
 
     def count(self, user: str) -> None:
         self._sent.setdefault(user, deque()).append(self.clock.seconds())
 
     def sender_check(self, user: str, sender: str) -> Reply | None:
         if not sender or not self.owns(user, sender):
-            return SR.SENDER_NOT_OWNED
+            return R.SENDER_NOT_OWNED
         return None
 
     def header_check(self, user: str, from_addresses: list[str], has_from: bool) -> Reply | None:
         if not has_from or not from_addresses:
-            return SR.NO_FROM
+            return R.NO_FROM
         if not all(self.owns(user, a) for a in from_addresses):
-            return SR.FROM_NOT_OWNED
+            return R.FROM_NOT_OWNED
         return None
 
     def missing_headers(self, has_message_id: bool, has_date: bool, sender: str) -> bytes:
@@ -201,21 +200,21 @@ class SubmissionRole(Role):
 
     def auth_start(self, session: Session, mechanism: str) -> Reply | None:
         if session.authenticated is not None:
-            return SR.AUTH_ALREADY
+            return R.AUTH_ALREADY
         if not session.tls:
-            return SR.AUTH_NEEDS_TLS
+            return R.AUTH_NEEDS_TLS
         return None
 
     def authenticate(self, session: Session, authzid: str, user: str, password: str) -> ReplyResult:
         if authzid and authzid.lower() != user.lower():
-            return self._failed(SR.AUTH_FAILED)
+            return self._failed(R.AUTH_FAILED)
 
         def ok(account: Any) -> Reply:
             session.authenticated = str(getattr(account, "name", user))
-            return SR.AUTH_OK
+            return R.AUTH_OK
 
         d: Deferred[Any] = maybeDeferred(self.directory.check_password, user, password)
-        return d.addCallback(ok).addErrback(lambda _: self._failed(SR.AUTH_FAILED))
+        return d.addCallback(ok).addErrback(lambda _: self._failed(R.AUTH_FAILED))
 
     def _failed(self, reply: Reply) -> Deferred[Reply]:
         if self.auth_failure_delay <= 0:
@@ -225,7 +224,7 @@ class SubmissionRole(Role):
     def mail_from(self, session: Session, sender: Address | None) -> ReplyResult:
         user = session.authenticated
         if user is None:
-            return SR.AUTH_REQUIRED if session.tls else SR.STARTTLS_FIRST
+            return R.AUTH_REQUIRED if session.tls else R.STARTTLS_FIRST
         refusal = self.policy.rate_check(user) or self.policy.sender_check(
             user, str(sender) if sender is not None else ""
         )
@@ -233,7 +232,7 @@ class SubmissionRole(Role):
 
     def rcpt_to(self, session: Session, recipient: Address) -> ReplyResult:
         if session.authenticated is None:
-            return SR.AUTH_REQUIRED
+            return R.AUTH_REQUIRED
         if len(session.recipients) >= self.policy.max_recipients:
             return R.TOO_MANY_RECIPIENTS
         if self.directory.is_local_domain(recipient.domain) and not self.directory.resolve(
@@ -262,7 +261,7 @@ class SubmissionRole(Role):
     ) -> ReplyResult:
         user = session.authenticated
         if user is None:  # pragma: no cover - MAIL already required it
-            return SR.AUTH_REQUIRED
+            return R.AUTH_REQUIRED
         if isinstance(incoming, HeaderCompleter):
             incoming.finish()
             refusal = self.policy.header_check(user, incoming.from_addresses, incoming.has_from)
