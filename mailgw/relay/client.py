@@ -203,6 +203,8 @@ class Transaction:
     """One message to send: envelope, content file, and its SMTP extensions needs.
 
     ``prefix`` is sent before the file (e.g. a trace header); ``size`` defaults to the file's.
+    ``data``, when given, is the content of ``path`` already read (a small message): it is
+    sent from memory in one write instead of streaming the file.
     """
 
     sender: str
@@ -212,10 +214,15 @@ class Transaction:
     body_8bitmime: bool = False
     smtputf8: bool = False
     prefix: bytes = b""
+    data: bytes | None = None
 
     @property
     def declared_size(self) -> int:
-        return self.size or os.path.getsize(self.path) + len(self.prefix)
+        if self.size:
+            return self.size
+        if self.data is not None:
+            return len(self.data) + len(self.prefix)
+        return os.path.getsize(self.path) + len(self.prefix)
 
     @property
     def needs_smtputf8(self) -> bool:
@@ -710,6 +717,10 @@ class SMTPConnection:
         encoder = DataEncoder()
         transport = self.protocol.transport
         assert transport is not None
+        if tx.data is not None:  # in memory: the whole DATA and its end in one write
+            d = self.protocol.expect("data-end", t.data_end)
+            transport.write(encoder.encode(tx.prefix + tx.data) + encoder.finish())
+            return await d
         timer = self.reactor.callLater(t.data_block, self._data_stalled, t.data_block)
 
         def transform(chunk: bytes) -> bytes:

@@ -98,6 +98,10 @@ class Outcome:
     remote: str = ""
 
 
+MEMORY_SEND_LIMIT = 256 * 1024
+"""Messages up to this size are read with the claim (in the runner) and sent from memory."""
+
+
 @dataclass
 class _Job:
     queue_id: str
@@ -105,6 +109,8 @@ class _Job:
     content_path: str
     prefix: bytes
     lock: DeferredLock
+    data: bytes | None = None
+    domains: int = 1
 
 
 def _status_of(result: DeliveryResult, recipient: str, default: str) -> str:
@@ -338,9 +344,31 @@ class RelayScheduler(Service):
 
     # -- one message -------------------------------------------------------------------------
 
+    def _claim(self, queue_id: str, state: str, now: float) -> tuple[str, Any, bytes | None]:
+        """Runner work: load the message; when it is still in ``state`` (and, for a retry,
+        due) move it to ``active`` and read a small content into memory. Returns
+        (``"claimed"`` / ``"moved"`` / ``"early"``, the loaded message, content or None)."""
+        message = self.spool.load(queue_id)
+        if message.state != state:
+            return "moved", message, None
+        if state == "retry" and message.envelope.next_attempt > now:
+            return "early", message, None
+        self.spool.move(queue_id, "active", False, state)
+        data: bytes | None = None
+        try:
+            with open(message.content_path, "rb") as f:
+                data = f.read(MEMORY_SEND_LIMIT + 1)
+        except OSError:
+            data = None  # the client reports the missing file as before
+        if data is not None and len(data) > MEMORY_SEND_LIMIT:
+            data = None  # large: streamed from the file
+        return "claimed", message, data
+
     async def _send_message(self, queue_id: str, state: str) -> None:
         try:
-            message = await self.run(self.spool.load, queue_id)
+            claim, message, data = await self.run(
+                self._claim, queue_id, state, self.reactor.seconds()
+            )
         except KeyError:
             log.info("{queue_id} no longer queued", queue_id=queue_id)
             return
@@ -348,15 +376,13 @@ class RelayScheduler(Service):
             log.error("{queue_id} unreadable envelope: {e}", queue_id=queue_id, e=e)
             await self.run(self.spool.move, queue_id, "corrupt")
             return
-        if message.state != state:
+        if claim == "moved":
             log.info("{queue_id} is {state} now, skipped", queue_id=queue_id, state=message.state)
             return
         envelope: Envelope = message.envelope
-        now = self.reactor.seconds()
-        if state == "retry" and envelope.next_attempt > now:
+        if claim == "early":
             self._schedule_retry(queue_id, envelope.next_attempt)
             return
-        await self.run(self.spool.move, queue_id, "active", False, state)
         done = set(envelope.done)
         pending = [r for r in envelope.recipients if r not in done]
         prefix = b""
@@ -365,10 +391,11 @@ class RelayScheduler(Service):
                 prefix = await self.run(self.signer, envelope, message.content_path)
             except Exception:
                 log.failure("{queue_id} signing failed, sending unsigned", queue_id=queue_id)
-        job = _Job(queue_id, envelope, message.content_path, prefix, DeferredLock())
+        job = _Job(queue_id, envelope, message.content_path, prefix, DeferredLock(), data)
         groups: dict[str, list[str]] = {}
         for rcpt in pending:
             groups.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
+        job.domains = len(groups)
         results = await gatherResults(
             [Deferred.fromCoroutine(self._send_domain(job, d, r)) for d, r in groups.items()]
         )
@@ -459,9 +486,10 @@ class RelayScheduler(Service):
                         BOUNCE, _status_of(result, rcpt, "5.0.0"), text, result.mx
                     )
                 log.info(
-                    "{queue_id} to=<{rcpt}> channel={channel} source={source} mx={mx}"
-                    " tls={tls} reused={reused} result={kind} reply={reply}",
+                    "{queue_id} from=<{sender}> to=<{rcpt}> channel={channel} source={source}"
+                    " mx={mx} tls={tls} reused={reused} result={kind} reply={reply}",
                     queue_id=job.queue_id,
+                    sender=envelope.sender,
                     rcpt=rcpt,
                     channel=channel.name,
                     source=result.source_address or "-",
@@ -471,7 +499,12 @@ class RelayScheduler(Service):
                     kind=kind,
                     reply=text,
                 )
-            if delivered:
+            if delivered and job.domains == 1 and len(delivered) == len(per):
+                # The message's only job, all delivered: it is removed next, so the
+                # envelope is not rewritten first (a crash in between re-sends it, as a
+                # crash between the remote 250 and the update would).
+                job.envelope.done.extend(r for r in delivered if r not in job.envelope.done)
+            elif delivered:
                 await self._record_done(job, delivered)
             remaining = [r for r in remaining if per[r] == CHANNEL_FAILURE]
             if remaining:
@@ -524,6 +557,7 @@ class RelayScheduler(Service):
             body_8bitmime=envelope.body_8bitmime,
             smtputf8=envelope.smtputf8,
             prefix=job.prefix,
+            data=job.data,
         )
         result: DeliveryResult = await self.deliver_fn(
             self.reactor,
@@ -608,6 +642,8 @@ class RelayScheduler(Service):
             await self._bounce(job, bounce, now)
         if not defer:
             await self.run(self.spool.remove, queue_id, "active")
+            if len(outcomes) == 1 and not bounce:
+                return  # its one attempt line said it all
             log.info(
                 "{queue_id} relay finished: from=<{sender}> delivered={n} bounced={b}",
                 queue_id=queue_id,

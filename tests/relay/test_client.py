@@ -136,6 +136,19 @@ def test_prefix_is_sent_before_the_file(servers, message) -> None:
     assert rec.messages[0].startswith(b"Received: by relay\r\nSubject: test\r\n")
 
 
+def test_in_memory_data_is_sent_like_the_file(servers, message, tmp_path) -> None:
+    target, rec = servers()
+    spin(deliver(reactor, tx(message, prefix=b"Received: by relay\n"), [target], OPTS))
+    # The file is not read when the content is given: a missing path proves it.
+    missing = tmp_path / "gone.eml"
+    memory = tx(missing, prefix=b"Received: by relay\n", data=BODY)
+    assert memory.declared_size == len(BODY) + len(b"Received: by relay\n")
+    result = spin(deliver(reactor, memory, [target], OPTS))
+    assert result.recipients["rcpt@dest.test"].code == 250
+    assert rec.messages[1] == rec.messages[0]
+    assert rec.commands[1].endswith(f"SIZE={memory.declared_size}")
+
+
 def test_without_pipelining_commands_go_one_by_one(servers, message) -> None:
     target, rec = servers(Script(extensions=[], rcpt_replies={"x@dest.test": "550 5.1.1 unknown"}))
     result = spin(deliver(reactor, tx(message, "x@dest.test"), [target], OPTS))

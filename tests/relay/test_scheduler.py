@@ -275,6 +275,69 @@ def test_partial_progress_is_recorded_and_not_resent(env: Env) -> None:
         env.spool.load(qid)
 
 
+class CountingSpool(Spool):
+    """A Spool that counts envelope rewrites."""
+
+    updates: list[str]
+
+    def update(self, queue_id: str, envelope: object) -> None:
+        self.updates.append(queue_id)
+        super().update(queue_id, envelope)
+
+
+def test_single_job_delivered_is_removed_without_rewriting_the_envelope(tmp_path: Path) -> None:
+    e = Env(tmp_path)
+    e.spool = e.relay.spool = CountingSpool(str(tmp_path / "spool"))
+    e.spool.updates = []
+    captured: list[Any] = []
+    inner = e.deliver
+
+    def deliver_fn(reactor, tx, *rest):
+        captured.append(tx)
+        return inner(reactor, tx, *rest)
+
+    e.relay.deliver_fn = deliver_fn
+    e.relay.startService()
+    one = e.queue(["a@one.example", "b@one.example"])
+    e.relay.handover(one)
+    assert e.spool.updates == []  # one job, all delivered: straight to remove
+    assert captured[0].data == b"From: alice@example.test\r\nSubject: hi\r\n\r\nbody\r\n"
+    with pytest.raises(KeyError):
+        e.spool.load(one)
+    two = e.queue(["a@one.example", "b@two.example"])
+    e.relay.handover(two)
+    assert e.spool.updates == [two, two]  # two jobs: each records its progress
+    with pytest.raises(KeyError):
+        e.spool.load(two)
+    e.relay.stopService()
+
+
+def test_large_content_is_streamed_and_missing_content_left_to_the_client(
+    tmp_path: Path,
+) -> None:
+    from mailgw.relay import scheduler
+
+    e = Env(tmp_path)
+    captured: list[Any] = []
+    inner = e.deliver
+    e.relay.deliver_fn = lambda reactor, tx, *rest: (
+        captured.append(tx),
+        inner(reactor, tx, *rest),
+    )[1]
+    e.relay.startService()
+    big = e.spool.begin()
+    big.write(b"Subject: big\r\n\r\n" + b"x" * (scheduler.MEMORY_SEND_LIMIT + 10))
+    qid: list[str] = []
+    big.commit(Envelope("alice@example.test", ["a@one.example"])).addCallback(qid.append)
+    e.spool.move(qid[0], "outbound")
+    e.relay.handover(qid[0])
+    gone = e.queue(["b@one.example"])
+    Path(e.spool.content_path(gone)).unlink()
+    e.relay.handover(gone)
+    assert [tx.data for tx in captured] == [None, None]
+    e.relay.stopService()
+
+
 def test_smarthost_channel_uses_its_hosts(env: Env) -> None:
     env.relay.handover(env.queue(["x@smart.example"]))
     assert env.deliver.calls[0][0] == "relayhost"
