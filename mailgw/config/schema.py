@@ -409,6 +409,11 @@ class RelayConfig:
     status_interval: float = key(
         "10s", v.parse_duration, "How often data_dir/relay/channels.json is written."
     )
+    delay_warning_after: float | None = key(
+        "0",
+        v.parse_optional_duration,
+        "Tell the sender once when mail is still undelivered after this long; 0: never.",
+    )
 
 
 @dataclass(frozen=True)

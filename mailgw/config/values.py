@@ -43,6 +43,13 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * _DURATION_UNITS[m.group(2) or ""]
 
 
+def parse_optional_duration(text: str) -> float | None:
+    """Like parse_duration; ``0``, ``none`` or ``off`` mean not at all (None)."""
+    if text.strip().lower() in ("", "0", "none", "off"):
+        return None
+    return parse_duration(text)
+
+
 def parse_positive_int(text: str) -> int:
     try:
         value = int(text.strip())

@@ -13,7 +13,8 @@ class Envelope:
 
     ``sender`` is the reverse-path without angle brackets ("" for the null sender);
     ``recipients`` are the forward-paths still to be delivered; ``done`` those delivered;
-    ``attempts``/``next_attempt``/``last_error`` are updated by delivery on deferral.
+    ``attempts``/``next_attempt``/``last_error`` are updated by delivery on deferral;
+    ``delay_warned`` once the sender has been told the message is delayed.
     """
 
     sender: str
@@ -30,6 +31,7 @@ class Envelope:
     attempts: int = 0
     next_attempt: float = 0.0
     last_error: str = ""
+    delay_warned: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

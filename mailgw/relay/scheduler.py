@@ -86,6 +86,7 @@ class RelaySettings:
     busy_wait: float = 0.05
     status_path: str = ""
     status_interval: float = 10.0
+    delay_warning_after: float | None = None  # None: no delay DSNs
 
 
 @dataclass
@@ -653,6 +654,7 @@ class RelayScheduler(Service):
             )
             return
         assert next_time is not None
+        await self._warn_delay(job, defer, now)
         envelope.attempts += 1
         envelope.next_attempt = next_time
         envelope.last_error = "; ".join(f"<{r}>: {o.diagnostic}" for r, o in defer.items())
@@ -667,6 +669,51 @@ class RelayScheduler(Service):
             delay=next_time - now,
             error=envelope.last_error,
         )
+
+    async def _warn_delay(self, job: _Job, defer: dict[str, Outcome], now: float) -> None:
+        """Once per message, after ``delay_warning_after``: a delay DSN (RFC 3464, Action:
+        delayed) to the sender, saying until when delivery will be retried."""
+        envelope = job.envelope
+        after = self.settings.delay_warning_after
+        if after is None or envelope.delay_warned or now - envelope.received_at < after:
+            return
+        envelope.delay_warned = True  # saved with the deferral's envelope update
+        if not should_bounce(envelope):
+            return
+        headers = await self.run(_read_head, job.content_path)
+        dsn = build_dsn(
+            headers,
+            envelope,
+            [
+                RecipientStatus(
+                    r, o.status if o.status[:1] == "4" else "4.0.0", o.remote, o.diagnostic
+                )
+                for r, o in defer.items()
+            ],
+            self.hostname,
+            kind="delay",
+            will_retry_until=envelope.received_at + self.schedule.max_age,
+            now=now,
+        )
+        dsn_id = await self._queue_dsn(dsn, envelope.sender, now)
+        log.info(
+            "{queue_id} delayed {rcpts}: warned <{sender}> as {dsn_id}",
+            queue_id=job.queue_id,
+            rcpts=",".join(f"<{r}>" for r in defer),
+            sender=envelope.sender,
+            dsn_id=dsn_id,
+        )
+
+    async def _queue_dsn(self, dsn: bytes, recipient: str, now: float) -> str:
+        """Queue a DSN from the null sender (never bounced itself)."""
+        incoming = self.spool.begin()
+        incoming.write(dsn)
+        queue_id: str = await incoming.commit(
+            Envelope(
+                sender="", recipients=[recipient], received_at=now, protocol="local", size=len(dsn)
+            )
+        )
+        return queue_id
 
     async def _bounce(self, job: _Job, bounce: dict[str, Outcome], now: float) -> None:
         envelope, queue_id = job.envelope, job.queue_id
@@ -685,17 +732,7 @@ class RelayScheduler(Service):
                 self.hostname,
                 now=now,
             )
-            incoming = self.spool.begin()
-            incoming.write(dsn)
-            dsn_id = await incoming.commit(
-                Envelope(
-                    sender="",
-                    recipients=[envelope.sender],
-                    received_at=now,
-                    protocol="local",
-                    size=len(dsn),
-                )
-            )
+            dsn_id = await self._queue_dsn(dsn, envelope.sender, now)
             log.info(
                 "{queue_id} bounced {rcpts} to <{sender}> as {dsn_id}",
                 queue_id=queue_id,

@@ -112,6 +112,7 @@ def build_relay(config: Config, spool: Any, reactor: Any, run: Runner) -> RelayS
         scan_interval=r.scan_interval,
         status_path=os.path.join(data_dir, "relay", "channels.json"),
         status_interval=r.status_interval,
+        delay_warning_after=r.delay_warning_after,
     )
     signer = DKIMSigner(os.path.join(data_dir, "dkim")) if config.submission.dkim else None
     return RelayScheduler(

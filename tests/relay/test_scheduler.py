@@ -208,6 +208,49 @@ def test_all_channels_down_defer_retry_then_bounce_after_max_age(env: Env) -> No
     assert "delivery time expired" in status
 
 
+def test_delay_warning_once_after_the_configured_time(tmp_path: Path) -> None:
+    env = Env(tmp_path, delay_warning_after=240.0)
+    env.relay.startService()
+    env.deliver.script = lambda ch, src, rcpts: refused()
+    qid = env.queue(["bob@example.com"])
+    env.relay.handover(qid)
+    assert env.dsns() == []  # first deferral at 0s: too early to warn
+    env.clock.advance(60)  # second attempt at 60s: still too early
+    assert env.dsns() == []
+    env.clock.advance(300)  # third attempt at 360s: past 240s -> one delay DSN
+    [(dsn_env, dsn)] = env.dsns()
+    assert dsn_env.sender == "" and dsn_env.recipients == ["alice@example.test"]
+    status = dsn.get_payload()[1].as_string()
+    assert "Action: delayed" in status and "Status: 4." in status
+    assert "Will-Retry-Until:" in status
+    assert env.spool.load(qid).envelope.delay_warned
+    env.clock.advance(300)  # later deferrals do not warn again
+    assert len(env.dsns()) == 1
+    env.relay.stopService()
+    env.spool.close()
+
+
+def test_no_delay_warning_by_default_or_for_the_null_sender(tmp_path: Path) -> None:
+    env = Env(tmp_path, delay_warning_after=60.0)
+    env.relay.startService()
+    env.deliver.script = lambda ch, src, rcpts: refused()
+    env.relay.handover(env.queue(["bob@example.com"], sender=""))
+    env.clock.advance(60)
+    env.clock.advance(300)
+    assert env.dsns() == []
+    env.relay.stopService()
+    env.spool.close()
+    off = Env(tmp_path / "off")
+    off.relay.startService()
+    off.deliver.script = lambda ch, src, rcpts: refused()
+    off.relay.handover(off.queue(["bob@example.com"]))
+    for _ in range(3):
+        off.clock.advance(300)
+    assert off.dsns() == []
+    off.relay.stopService()
+    off.spool.close()
+
+
 def test_recipient_5xx_bounces_at_once_others_delivered(env: Env) -> None:
     def script(ch: str, src: str, rcpts: list[str]) -> DeliveryResult:
         r = ok(rcpts)
