@@ -1689,8 +1689,9 @@ def _p_getquotaroot(args: _Args, utf8: bool) -> GetQuotaRoot:
 
 
 _NO_ARGS = frozenset(
-    {"CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "CHECK", "CLOSE", "UNSELECT", "IDLE", "NAMESPACE"}
-)
+    {"CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "CHECK", "CLOSE", "UNSELECT", "IDLE", "NAMESPACE",
+     "UNAUTHENTICATE"}
+)  # fmt: skip
 _PARSERS: dict[str, Callable[[_Args, bool], TypedCommand]] = {
     "LOGIN": _p_login,
     "AUTHENTICATE": _p_authenticate,

@@ -81,7 +81,8 @@ class Searcher:
         if ranges is None:
             sel = self.selected
             top = (sel.uids[-1] if sel.uids else 0) if key.uid else len(sel.uids)
-            ranges = resolve(key.sequence, top)
+            saved = sel.saved_ranges(key.uid) if key.sequence.saved else None
+            ranges = resolve(key.sequence, top, saved)
             self._sets[cache_key] = ranges
         return ranges
 

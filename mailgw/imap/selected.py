@@ -4,7 +4,9 @@ The store's ``Mailbox`` is a snapshot refreshed on demand; :class:`SelectedMailb
 state the *client* has been told (which UIDs hold which sequence numbers, which flags it saw)
 and turns a refresh into the untagged EXPUNGE / EXISTS / RECENT / FETCH responses that bring
 the client up to date. EXPUNGE responses are held back while they are not allowed (RFC 3501
-7.4.1: during FETCH, STORE and SEARCH): the expunged messages then keep their numbers.
+7.4.1: during FETCH, STORE and SEARCH): the expunged messages then keep their numbers. Once
+QRESYNC is enabled, expunges are reported as ``VANISHED`` UID sets instead (RFC 7162 3.2.10).
+It also keeps the SEARCHRES saved result (``$``, RFC 5182) as UIDs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from mailgw.imap import wire
-from mailgw.imap.sequence import SequenceSet, iter_ranges, resolve, select_uids
+from mailgw.imap.sequence import (
+    Ranges,
+    SequenceSet,
+    contains,
+    format_uid_set,
+    iter_ranges,
+    merge_ranges,
+    resolve,
+    select_uids,
+)
 
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 RECENT = "\\Recent"
@@ -30,7 +41,8 @@ class SelectedMailbox:
     ``mailbox`` is a store ``Mailbox`` (``refresh``/``messages``/``uidvalidity``...);
     ``claim_recent(uids)`` returns the subset of the new ``uids`` that are \\Recent for this
     session (the factory makes sure at most one session claims each); ``readonly`` for
-    EXAMINE; ``condstore`` when CONDSTORE is enabled (untagged FETCH then carry MODSEQ).
+    EXAMINE; ``condstore`` when CONDSTORE is enabled (untagged FETCH then carry MODSEQ);
+    ``qresync`` when QRESYNC is enabled (VANISHED instead of EXPUNGE).
     """
 
     def __init__(
@@ -39,10 +51,13 @@ class SelectedMailbox:
         readonly: bool,
         claim_recent: Callable[[list[int]], set[int]],
         condstore: bool = False,
+        qresync: bool = False,
     ) -> None:
         self.mailbox = mailbox
         self.readonly = readonly
-        self.condstore = condstore
+        self.condstore = condstore or qresync
+        self.qresync = qresync
+        self.saved: list[int] = []  # SEARCHRES: UIDs of the saved search result
         self._claim = claim_recent
         self.infos: dict[int, Any] = {m.uid: m for m in mailbox.messages()}
         self.uids: list[int] = sorted(self.infos)
@@ -75,14 +90,22 @@ class SelectedMailbox:
         i = bisect.bisect_left(self.uids, uid)
         return i + 1 if i < len(self.uids) and self.uids[i] == uid else 0
 
+    def saved_ranges(self, uid: bool) -> Ranges:
+        """The saved search result (``$``) as UID ranges, or sequence-number ranges; its
+        expunged messages are no longer part of it."""
+        if uid:
+            return merge_ranges((u, u) for u in self.saved if self.seq_of(u))
+        return merge_ranges((n, n) for n in map(self.seq_of, self.saved) if n)
+
     def resolve(self, seqset: SequenceSet, uid: bool) -> list[int]:
         """The UIDs a sequence set (or, with ``uid``, a UID set) names, ascending.
         SequenceRangeError when a message sequence number is beyond EXISTS."""
+        saved = self.saved_ranges(uid) if seqset.saved else None
         if uid:
-            return select_uids(seqset, self.uids)
+            return select_uids(seqset, self.uids, saved)
         if seqset.largest_number() > len(self.uids):
             raise SequenceRangeError("Message sequence number out of range")
-        return [self.uids[n - 1] for n in iter_ranges(resolve(seqset, len(self.uids)))]
+        return [self.uids[n - 1] for n in iter_ranges(resolve(seqset, len(self.uids), saved))]
 
     def flags_of(self, uid: int) -> list[str]:
         info = self.infos.get(uid)
@@ -114,10 +137,13 @@ class SelectedMailbox:
         out: list[bytes] = []
         self.gone.update(u for u in self.uids if u not in current)
         if allow_expunge and self.gone:
-            for seq in range(len(self.uids), 0, -1):
-                uid = self.uids[seq - 1]
-                if uid in self.gone:
-                    out.append(wire.untagged(b"%d EXPUNGE" % seq))
+            if self.qresync:
+                out.append(wire.untagged(b"VANISHED", format_uid_set(sorted(self.gone))))
+            else:
+                for seq in range(len(self.uids), 0, -1):
+                    uid = self.uids[seq - 1]
+                    if uid in self.gone:
+                        out.append(wire.untagged(b"%d EXPUNGE" % seq))
             self.uids = [u for u in self.uids if u not in self.gone]
             for uid in self.gone:
                 self.infos.pop(uid, None)
@@ -157,6 +183,37 @@ class SelectedMailbox:
         if self.condstore and info is not None:
             items.append(b"MODSEQ (%d)" % info.modseq)
         return wire.untagged(b"%d FETCH" % seq, wire.plist(items))
+
+    def resync(self, qresync: Any) -> list[bytes]:
+        """QRESYNC SELECT (RFC 7162 3.2.5): when the client's UIDVALIDITY is current,
+        ``VANISHED (EARLIER)`` for messages expunged since its mod-sequence and a FETCH of
+        the flags of those changed since, limited to its known UIDs when it sent them."""
+        if qresync.uidvalidity != int(self.mailbox.uidvalidity):
+            return []
+        top = max(int(self.mailbox.uidnext) - 1, 1)
+        known = resolve(qresync.known_uids, top) if qresync.known_uids is not None else None
+        _changed, vanished = self.mailbox.changes_since(qresync.modseq)
+        gone = [
+            u for u in vanished if u not in self.infos and (known is None or contains(known, u))
+        ]
+        out = []
+        if gone:
+            out.append(wire.untagged(b"VANISHED (EARLIER)", format_uid_set(gone)))
+        for seq, uid in enumerate(self.uids, 1):
+            if self.infos[uid].modseq > qresync.modseq and (known is None or contains(known, uid)):
+                out.append(self.flags_response(seq, uid, True))
+        return out
+
+    def vanished_earlier(self, seqset: SequenceSet, modseq: int) -> bytes | None:
+        """``* VANISHED (EARLIER)`` of the UIDs in ``seqset`` expunged since ``modseq``
+        (UID FETCH ... (CHANGEDSINCE n VANISHED)), None when there are none."""
+        top = max(int(self.mailbox.uidnext) - 1, 1)
+        ranges = resolve(seqset, top, self.saved_ranges(True) if seqset.saved else None)
+        _changed, vanished = self.mailbox.changes_since(modseq)
+        gone = [u for u in vanished if u not in self.infos and contains(ranges, u)]
+        if not gone:
+            return None
+        return wire.untagged(b"VANISHED (EARLIER)", format_uid_set(gone))
 
     def select_responses(self) -> list[bytes]:
         """The untagged responses of SELECT/EXAMINE (before the tagged OK)."""

@@ -24,11 +24,19 @@ from zope.interface import implementer
 
 from mailgw.imap import parser as p
 from mailgw.imap import wire
-from mailgw.imap.fetch import Fetcher, fetch_responses, sets_seen
+from mailgw.imap.fetch import Fetcher, MessageGone, fetch_responses, sets_seen
 from mailgw.imap.mailboxes import DELIMITER, list_lines, status_line, status_values
 from mailgw.imap.parser import CommandError, CommandReader
 from mailgw.imap.search import Searcher
 from mailgw.imap.selected import SelectedMailbox, SequenceRangeError
+from mailgw.imap.sequence import format_uid_set
+from mailgw.imap.sortthread import (
+    SortMessage,
+    format_threads,
+    sort_messages,
+    thread_orderedsubject,
+    thread_references,
+)
 from mailgw.interfaces import MailboxNotFound, QuotaExceeded
 from mailgw.model import Address, AddressError
 from mailgw.net.proxy import is_loopback, peer_ip
@@ -52,11 +60,13 @@ _ANY = frozenset({"CAPABILITY", "NOOP", "LOGOUT", "ID"})
 _NOT_AUTH = frozenset({"STARTTLS", "LOGIN", "AUTHENTICATE"})
 _AUTH = frozenset(
     {"SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE", "LIST",
-     "LSUB", "STATUS", "APPEND", "ENABLE", "NAMESPACE", "IDLE", "GETQUOTA", "GETQUOTAROOT"}
+     "LSUB", "STATUS", "APPEND", "ENABLE", "NAMESPACE", "IDLE", "GETQUOTA", "GETQUOTAROOT",
+     "UNAUTHENTICATE"}
 )  # fmt: skip
 _SELECTED = frozenset(
-    {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE"}
-)
+    {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
+     "SORT", "THREAD"}
+)  # fmt: skip
 # Commands during which EXPUNGE responses must not be sent (RFC 3501 7.4.1), unless UID.
 _NO_EXPUNGE = frozenset({"FETCH", "STORE", "SEARCH", "SORT", "THREAD"})
 _STORE_MODES = {"": "set", "+": "add", "-": "remove"}
@@ -128,6 +138,7 @@ class IMAPServer(Protocol):
         self.selected: SelectedMailbox | None = None
         self.fetcher: Fetcher | None = None
         self.condstore = False
+        self.qresync = False
         self.reader = CommandReader(
             max_line=self.config.max_line_length,
             max_literal=PREAUTH_MAX_LITERAL,
@@ -322,6 +333,8 @@ class IMAPServer(Protocol):
         try:
             command = p.parse_command(raw)
         except CommandError as e:
+            if name == "SEARCH" and self.selected is not None and _saves(raw):
+                self.selected.saved = []  # a failed SEARCH RETURN (SAVE) empties $ (RFC 5182)
             if e.status == "BAD":
                 self._error(raw.tag, e.text, e.code.encode("ascii") if e.code else None)
             else:
@@ -405,13 +418,14 @@ class IMAPServer(Protocol):
             if self.factory.tls_options is not None and not self.secure:
                 caps.append("STARTTLS")
             if self.plaintext_allowed():
-                caps.append("AUTH=PLAIN")
+                caps += ["AUTH=PLAIN", "AUTH=LOGIN"]
             else:
                 caps.append("LOGINDISABLED")
             return caps
         caps += [
             "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED",
-            "LIST-STATUS", "ESEARCH", "CONDSTORE", "QUOTA",
+            "LIST-STATUS", "ESEARCH", "CONDSTORE", "QRESYNC", "QUOTA", "SEARCHRES", "SORT",
+            "SORT=DISPLAY", "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "UNAUTHENTICATE",
         ]  # fmt: skip
         return caps
 
@@ -472,31 +486,65 @@ class IMAPServer(Protocol):
         self._authenticate(tag, name, password)
 
     def do_AUTHENTICATE(self, tag: str, command: p.Authenticate) -> None:
-        if command.mechanism != "PLAIN":
+        if command.mechanism not in ("PLAIN", "LOGIN"):
             self._tagged(tag, "NO", "Unsupported authentication mechanism", wire.CANNOT)
             return
         if not self.plaintext_allowed():
             self._tagged(tag, "NO", "Use STARTTLS first", wire.PRIVACYREQUIRED)
             return
+        if command.mechanism == "LOGIN":
+            if command.initial_response is not None:
+                self._auth_login_user(tag, command.initial_response, initial=True)
+            else:
+                self._challenge(b"Username:", lambda line: self._auth_login_user(tag, line))
+            return
         if command.initial_response is not None:
             self._auth_plain(tag, command.initial_response, initial=True)
             return
-        self._write(b"+ \r\n")
-        self.reader.expect_line()
-        self._line_handler = lambda line: self._auth_plain(tag, line)
+        self._challenge(b"", lambda line: self._auth_plain(tag, line))
 
-    def _auth_plain(self, tag: str, response: bytes, initial: bool = False) -> None:
+    def _challenge(self, text: bytes, handler: Callable[[bytes], None]) -> None:
+        """A SASL continuation (``+ base64``); the client's answer goes to ``handler``."""
+        self._write(b"+ " + base64.b64encode(text) + b"\r\n")
+        self.reader.expect_line()
+        self._line_handler = handler
+
+    def _sasl_decode(self, tag: str, response: bytes, initial: bool) -> bytes | None:
+        """A client SASL response decoded; None (after answering BAD) when cancelled with
+        ``*`` (RFC 3501 6.2.2) or not base64."""
         if response.strip() == b"*":
             self._error(tag, "Authentication cancelled")
-            return
+            return None
         if initial and response == b"=":
-            raw = b""
-        else:
-            try:
-                raw = base64.b64decode(response, validate=True)
-            except (binascii.Error, ValueError):
-                self._error(tag, "Invalid base64 data")
-                return
+            return b""
+        try:
+            return base64.b64decode(response.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            self._error(tag, "Invalid base64 data")
+            return None
+
+    def _auth_login_user(self, tag: str, response: bytes, initial: bool = False) -> None:
+        raw = self._sasl_decode(tag, response, initial)
+        if raw is None:
+            return
+        self._challenge(b"Password:", lambda line: self._auth_login_password(tag, raw, line))
+
+    def _auth_login_password(self, tag: str, user: bytes, response: bytes) -> None:
+        password = self._sasl_decode(tag, response, False)
+        if password is None:
+            return
+        try:
+            name, secret = user.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            self._busy = True
+            self._fail_later(tag)
+            return
+        self._authenticate(tag, name, secret)
+
+    def _auth_plain(self, tag: str, response: bytes, initial: bool = False) -> None:
+        raw = self._sasl_decode(tag, response, initial)
+        if raw is None:
+            return
         parts = raw.split(b"\0")
         if len(parts) != 3:
             self._error(tag, "Invalid PLAIN response")
@@ -596,11 +644,29 @@ class IMAPServer(Protocol):
         for cap in command.capabilities:
             if cap == "CONDSTORE" and not self.condstore:
                 self.condstore = True
-                if self.selected is not None:
-                    self.selected.condstore = True
                 enabled.append(cap)
+            elif cap == "QRESYNC" and not self.qresync:
+                self.qresync = self.condstore = True  # QRESYNC implies CONDSTORE (RFC 7162)
+                enabled.append(cap)
+        if self.selected is not None:
+            self.selected.condstore = self.condstore
+            self.selected.qresync = self.qresync
         self._write(wire.untagged(b"ENABLED", " ".join(enabled)) if enabled else b"* ENABLED\r\n")
         self._ok(tag, "ENABLE completed")
+
+    def do_UNAUTHENTICATE(self, tag: str, command: p.Simple) -> None:
+        """RFC 8437: back to the not-authenticated state, as after the greeting."""
+        self._unselect()
+        if self.user is not None:
+            self.factory.logout(self.user, self)
+        log.info("imap {session} unauthenticate {user}", session=self.session_id, user=self.user)
+        self.user = None
+        self.state = NOT_AUTHENTICATED
+        self.condstore = self.qresync = False
+        self.reader.max_literal = PREAUTH_MAX_LITERAL
+        self.reader.max_depth = PREAUTH_MAX_DEPTH
+        self.reader.max_args = PREAUTH_MAX_ARGS
+        self._write(wire.tagged(tag, "OK", "UNAUTHENTICATE completed"))
 
     def do_NAMESPACE(self, tag: str, command: p.Simple) -> None:
         self._write(wire.untagged(b'NAMESPACE (("" "/")) NIL NIL'))
@@ -615,7 +681,7 @@ class IMAPServer(Protocol):
         if self.selected is not None:
             self._unselect()
             self._write(wire.untagged_status("OK", "Previous mailbox closed", wire.CLOSED))
-        if command.qresync is not None:
+        if command.qresync is not None and not self.qresync:
             self._error(tag, "QRESYNC is not enabled")
             return
         user = self._user()
@@ -633,12 +699,15 @@ class IMAPServer(Protocol):
                 return set()
             return self.factory.claim_recent(user, mailbox.name, mailbox.uidvalidity, uids)
 
-        sel = SelectedMailbox(mailbox, readonly, claim, self.condstore)
+        sel = SelectedMailbox(mailbox, readonly, claim, self.condstore, self.qresync)
         self.selected = sel
         self.fetcher = Fetcher(user, sel, self.factory.cache)
         self.state = SELECTED
         for line in sel.select_responses():
             self._write(line)
+        if command.qresync is not None:
+            for line in sel.resync(command.qresync):
+                self._write(line)
         code = wire.READ_ONLY if readonly else wire.READ_WRITE
         self._write(
             wire.tagged(tag, "OK", f"{'EXAMINE' if readonly else 'SELECT'} completed", code)
@@ -878,7 +947,15 @@ class IMAPServer(Protocol):
         if command.uids is not None:
             only = set(sel.resolve(command.uids, True))
         self._expunge_deleted(only)
-        self._ok(tag, "EXPUNGE completed")
+        self._ok(tag, "EXPUNGE completed", self._modseq_code())
+
+    def _modseq_code(self) -> bytes | None:
+        """``[HIGHESTMODSEQ n]`` for the tagged OK of EXPUNGE and MOVE once CONDSTORE is on
+        (RFC 7162 3.1.8, 3.2.10)."""
+        sel = self.selected
+        if sel is None or not self.condstore:
+            return None
+        return wire.code_highestmodseq(sel.mailbox.highestmodseq)
 
     def do_FETCH(self, tag: str, command: p.Fetch) -> None:
         sel = self._sel()
@@ -887,6 +964,9 @@ class IMAPServer(Protocol):
         if any(item.name.startswith("BINARY") for item in command.items):
             self._error(tag, "BINARY is not supported")
             return
+        if command.vanished and not self.qresync:
+            self._error(tag, "VANISHED needs ENABLE QRESYNC")
+            return
         uids = self._resolve(tag, command.sequence, command.uid)
         if uids is None:
             return
@@ -894,6 +974,10 @@ class IMAPServer(Protocol):
         if changed_since is not None:
             self.condstore = sel.condstore = True
             uids = [u for u in uids if u in sel.infos and sel.infos[u].modseq > changed_since]
+        if command.vanished and changed_since is not None:
+            line = sel.vanished_earlier(command.sequence, changed_since)
+            if line is not None:
+                self._write(line)
         flags_changed: set[int] = set()
         if sets_seen(command.items) and not sel.readonly:
             unseen = [u for u in uids if u in sel.infos and "\\Seen" not in sel.infos[u].flags]
@@ -970,97 +1054,165 @@ class IMAPServer(Protocol):
             return
         self._ok(tag, "STORE completed")
 
-    def _copy(self, tag: str, command: p.Copy | p.Move) -> tuple[list[int], list[int], int] | None:
-        sel = self._sel()
-        uids = self._resolve(tag, command.sequence, command.uid)
-        if uids is None:
-            return None
+    def _destination(self, tag: str, name: str) -> tuple[str, int] | None:
+        """The store name and UIDVALIDITY of a COPY/MOVE target (``NO [TRYCREATE]`` if none)."""
         try:
-            dest = self.factory.store.open_mailbox(self._user(), command.mailbox)
+            dest = self.factory.store.open_mailbox(self._user(), name)
         except (MailboxNotFound, ValueError):
             self._no(tag, "No such mailbox", wire.TRYCREATE)
             return None
-        source: list[int] = []
-        target: list[int] = []
-        for uid in uids:
-            info = sel.infos.get(uid)
-            if info is None:
-                continue
-            try:
-                data = sel.mailbox.read_message(uid)
-            except KeyError:
-                continue
-            try:
-                new_uid = dest.append(data, info.flags, info.internaldate)
-            except QuotaExceeded:
-                self._no(tag, "Quota exceeded", wire.OVERQUOTA)
-                return None
-            source.append(uid)
-            target.append(new_uid)
-        return source, target, int(dest.uidvalidity)
+        return str(dest.name), int(dest.uidvalidity)
 
     def do_COPY(self, tag: str, command: p.Copy) -> None:
-        done = self._copy(tag, command)
-        if done is None:
+        sel = self._sel()
+        uids = self._resolve(tag, command.sequence, command.uid)
+        if uids is None:
             return
-        source, target, validity = done
-        code = wire.code_copyuid(validity, source, target) if source else None
-        self._ok(tag, "COPY completed", code)
+        dest = self._destination(tag, command.mailbox)
+        if dest is None:
+            return
+        try:
+            pairs = sel.mailbox.copy_to([u for u in uids if u not in sel.gone], dest[0])
+        except QuotaExceeded:
+            self._no(tag, "Quota exceeded", wire.OVERQUOTA)
+            return
+        except MailboxNotFound:
+            self._no(tag, "No such mailbox", wire.TRYCREATE)
+            return
+        self._ok(tag, "COPY completed", _copyuid(dest[1], pairs))
 
     def do_MOVE(self, tag: str, command: p.Move) -> None:
         sel = self._sel()
         if sel.readonly:
             self._no(tag, "Mailbox is read-only", wire.READ_ONLY)
             return
-        done = self._copy(tag, command)
-        if done is None:
+        uids = self._resolve(tag, command.sequence, command.uid)
+        if uids is None:
             return
-        source, target, validity = done
-        if source:
-            self._write(
-                wire.untagged_status("OK", "Moved", wire.code_copyuid(validity, source, target))
-            )
-            sel.mailbox.expunge(source)
-        self._ok(tag, "MOVE completed")
+        dest = self._destination(tag, command.mailbox)
+        if dest is None:
+            return
+        uids = [u for u in uids if u not in sel.gone]
+        try:
+            if dest[0] == sel.name:  # into itself: copy, then expunge the originals
+                pairs = sel.mailbox.copy_to(uids, dest[0])
+                sel.mailbox.expunge([src for src, _new in pairs])
+            else:
+                pairs = sel.mailbox.move_to(uids, dest[0])
+        except QuotaExceeded:
+            self._no(tag, "Quota exceeded", wire.OVERQUOTA)
+            return
+        except MailboxNotFound:
+            self._no(tag, "No such mailbox", wire.TRYCREATE)
+            return
+        if pairs:
+            self._write(wire.untagged_status("OK", "Moved", _copyuid(dest[1], pairs)))
+        self._ok(tag, "MOVE completed", self._modseq_code())
+
+    def _search(self, key: p.SearchKey) -> list[int]:
+        fetcher = self.fetcher
+        assert fetcher is not None
+        return Searcher(fetcher, self.factory.reactor.seconds).search(key)
+
+    def _modseq_of(self, key: p.SearchKey, found: list[int]) -> int | None:
+        """The highest MODSEQ of the result when the criteria use MODSEQ (RFC 7162 3.1.5)."""
+        if not found or not _uses_modseq(key):
+            return None
+        infos = self._sel().infos
+        return max(infos[u].modseq for u in found)
 
     def do_SEARCH(self, tag: str, command: p.Search) -> None:
         sel = self._sel()
-        fetcher = self.fetcher
-        assert fetcher is not None
-        if command.returns is not None and "SAVE" in command.returns:
-            self._error(tag, "SEARCHRES is not supported")
-            return
-        if _uses_saved(command.key):
-            self._error(tag, "No saved search result")
-            return
-        clock = self.factory.reactor
-        found = Searcher(fetcher, clock.seconds).search(command.key)
+        found = self._search(command.key)
         numbers = found if command.uid else [sel.seq_of(u) for u in found]
-        modseq = None
-        if _uses_modseq(command.key) and found:
-            modseq = max(sel.infos[u].modseq for u in found)
-        if command.returns is None:
-            line = b"* SEARCH"
-            if numbers:
-                line += b" " + b" ".join(b"%d" % n for n in numbers)
-            if modseq is not None:
-                line += b" (MODSEQ %d)" % modseq
-            self._write(line + b"\r\n")
+        modseq = self._modseq_of(command.key, found)
+        returns = command.returns
+        if returns is not None and "SAVE" in returns:
+            # RFC 5182 2.4: with MIN and/or MAX but neither ALL nor COUNT, save only those.
+            saved = found
+            if not ("ALL" in returns or "COUNT" in returns) and (
+                "MIN" in returns or "MAX" in returns
+            ):
+                picks = set()
+                if found and "MIN" in returns:
+                    picks.add(found[0])
+                if found and "MAX" in returns:
+                    picks.add(found[-1])
+                saved = sorted(picks)
+            sel.saved = list(saved)
+            returns = tuple(r for r in returns if r != "SAVE")
+            if not returns:
+                self._ok(tag, "SEARCH completed (saved)")
+                return
+        if returns is None:
+            self._write(_numbers_line(b"SEARCH", numbers, modseq))
         else:
-            self._write(_esearch(tag, command, numbers, modseq))
+            self._write(_esearch(tag, command.uid, returns, numbers, modseq))
         self._ok(tag, "SEARCH completed")
 
+    def _sort_messages(self, uids: list[int], need_headers: bool, uid: bool) -> list[SortMessage]:
+        sel = self._sel()
+        fetcher = self.fetcher
+        assert fetcher is not None
+        out = []
+        for u in uids:
+            info = sel.infos.get(u)
+            seq = sel.seq_of(u)
+            if info is None or not seq:
+                continue
+            structure = None
+            if need_headers:
+                try:
+                    structure = fetcher.load(u, False, True)[1]
+                except MessageGone:
+                    continue
+            out.append(SortMessage(seq, u if uid else seq, info.size, info.internaldate, structure))
+        return out
 
-def _uses_saved(key: p.SearchKey) -> bool:
-    if isinstance(key, p.SeqKey):
-        return key.sequence.saved
-    if isinstance(key, p.And):
-        return any(_uses_saved(k) for k in key.keys)
-    if isinstance(key, p.Or):
-        return _uses_saved(key.left) or _uses_saved(key.right)
-    if isinstance(key, p.Not):
-        return _uses_saved(key.key)
-    return False
+    def do_SORT(self, tag: str, command: p.Sort) -> None:
+        found = self._search(command.key)
+        need = any(name not in ("ARRIVAL", "SIZE") for name, _rev in command.criteria)
+        ordered = sort_messages(self._sort_messages(found, need, command.uid), command.criteria)
+        modseq = self._modseq_of(command.key, found)
+        self._write(_numbers_line(b"SORT", [m.number for m in ordered], modseq))
+        self._ok(tag, "SORT completed")
+
+    def do_THREAD(self, tag: str, command: p.Thread) -> None:
+        messages = self._sort_messages(self._search(command.key), True, command.uid)
+        if command.algorithm == "REFERENCES":
+            roots = thread_references(messages)
+        else:
+            roots = thread_orderedsubject(messages)
+        threads = format_threads(roots)
+        self._write(b"* THREAD " + threads + b"\r\n" if threads else b"* THREAD\r\n")
+        self._ok(tag, "THREAD completed")
+
+
+def _numbers_line(name: bytes, numbers: list[int], modseq: int | None) -> bytes:
+    """``* SEARCH 1 2 3 (MODSEQ n)`` / ``* SORT ...``."""
+    line = b"* " + name
+    if numbers:
+        line += b" " + b" ".join(b"%d" % n for n in numbers)
+    if modseq is not None:
+        line += b" (MODSEQ %d)" % modseq
+    return line + b"\r\n"
+
+
+def _saves(raw: p.Command) -> bool:
+    """Whether a (malformed) SEARCH command asked for RETURN (SAVE)."""
+    args = raw.args
+    if len(args) < 2 or not isinstance(args[0], p.Atom) or args[0].text.upper() != "RETURN":
+        return False
+    options = args[1]
+    return isinstance(options, p.PList) and any(
+        isinstance(o, p.Atom) and o.text.upper() == "SAVE" for o in options.items
+    )
+
+
+def _copyuid(uidvalidity: int, pairs: list[tuple[int, int]]) -> bytes | None:
+    if not pairs:
+        return None
+    return wire.code_copyuid(uidvalidity, [a for a, _b in pairs], [b for _a, b in pairs])
 
 
 def _uses_modseq(key: p.SearchKey) -> bool:
@@ -1075,12 +1227,11 @@ def _uses_modseq(key: p.SearchKey) -> bool:
     return False
 
 
-def _esearch(tag: str, command: p.Search, numbers: list[int], modseq: int | None) -> bytes:
-    from mailgw.imap.sequence import format_uid_set
-
-    returns = command.returns or ("ALL",)
+def _esearch(
+    tag: str, uid: bool, returns: tuple[str, ...], numbers: list[int], modseq: int | None
+) -> bytes:
     parts = [b"* ESEARCH (TAG " + wire.quote(tag) + b")"]
-    if command.uid:
+    if uid:
         parts.append(b"UID")
     if numbers:
         if "MIN" in returns:
