@@ -1,11 +1,16 @@
 """Tier-2 blob store: content-addressed (sha256), zstandard-compressed files ``ab/cd/<hash>.zst``.
 
-A blob is named by the sha256 of the bytes it holds (the message as delivered), so identical
-messages of many users are stored once. The directory can sit on another, larger and slower
-mount. Writes go to ``tmp/``, are fsynced, renamed into place and the directory is fsynced;
-a blob is never modified in place. Every read recomputes the hash: a damaged blob raises
-``BlobCorrupt`` and never returns wrong bytes. The interface (put/get/open/exists/delete/
-iter_refs/stat) is small enough for an object store later.
+A blob is named by the sha256 of the bytes it holds, so identical bytes are stored once. A
+message is stored as two blobs, its header block (up to and including the blank line that ends
+it) and its body (``put_message``): copies of one announcement delivered over SMTP differ in
+their trace headers (Return-Path, Delivered-To, Received) but share the body blob. The
+index refers to a message by ``<header digest>:<header size>+<body digest>``, or by one
+digest for a message kept whole (no body, a header block over ``HEADER_MAX``, or migrated
+before the split); reads concatenate the parts (``open_message``). The directory can sit on
+another, larger and slower mount. Writes go to ``tmp/``, are fsynced, renamed into place
+and the directory is fsynced; a blob is never modified in place. Every read recomputes the
+hash: a damaged blob raises ``BlobCorrupt`` and never returns wrong bytes. The interface
+(put/get/open/exists/delete/iter_refs/stat) is small enough for an object store later.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO, cast
 
 import zstandard
 from zope.interface import implementer
@@ -32,6 +37,10 @@ CHUNK = 1 << 20
 # Reads of blobs up to this size stay in memory; larger ones spill to a temporary file.
 SPOOL_MAX = 8 << 20
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+# A header block longer than this (no blank line found) is not split: the message stays whole.
+HEADER_MAX = 1 << 20
+# Separates the part digests of a message reference.
+PART_SEP = "+"
 
 
 class BlobError(Exception):
@@ -209,3 +218,116 @@ class FileBlobStore:
                     os.unlink(path)
                     removed += 1
         return removed
+
+
+# -- messages as header + body blobs ------------------------------------------------------------
+
+
+def ref_parts(ref: str, size: int) -> list[tuple[str, int]]:
+    """The parts of a message reference, in message order, as (digest, logical size), for a
+    message of ``size`` bytes: ``[(header, n), (body, size - n)]`` for
+    ``<header digest>:<n>+<body digest>``, ``[(whole, size)]`` for one digest. ValueError when
+    the reference is malformed."""
+    parts = ref.split(PART_SEP)
+    if len(parts) == 1:
+        return [(check_digest(parts[0]), size)]
+    head, sep, head_size = parts[0].partition(":")
+    if len(parts) != 2 or not sep or not head_size.isdigit() or int(head_size) > size:
+        raise ValueError(f"not a message reference: {ref!r}")
+    return [(check_digest(head), int(head_size)), (check_digest(parts[1]), size - int(head_size))]
+
+
+def split_ref(ref: str) -> list[str]:
+    """The blob digests of a message reference, in message order (``ref_parts``)."""
+    return [digest for digest, _size in ref_parts(ref, 1 << 62)]
+
+
+class _Prefixed:
+    """A binary reader of ``head`` then the rest of ``src`` (a header already read)."""
+
+    def __init__(self, head: bytes, src: BinaryIO) -> None:
+        self._head = head
+        self._src = src
+
+    def read(self, size: int = -1) -> bytes:
+        if self._head:
+            if size < 0 or size >= len(self._head):
+                head, self._head = self._head, b""
+                rest = self._src.read(-1 if size < 0 else size - len(head))
+                return head + rest
+            head, self._head = self._head[:size], self._head[size:]
+            return head
+        return self._src.read(size)
+
+
+def read_header(src: BinaryIO, limit: int = HEADER_MAX) -> tuple[bytes, bool]:
+    """Read ``src`` up to and including the blank line ending the header block. Returns
+    (bytes read, True) when that line was found, (bytes read, False) at end of file or once
+    more than ``limit`` bytes were read without finding it."""
+    header = bytearray()
+    while len(header) <= limit:
+        line = src.readline(limit + 1 - len(header))
+        if not line:
+            return bytes(header), False
+        header += line
+        if line in (b"\r\n", b"\n"):
+            return bytes(header), True
+    return bytes(header), False
+
+
+def put_message(blobs: Any, src: BinaryIO) -> tuple[str, int]:
+    """Store the message read from ``src`` into ``blobs`` (an ``IBlobStore``) as a header
+    blob and a body blob (each deduplicated on its own); a message without a body (or with a
+    header block over ``HEADER_MAX``) as one blob. Returns (message reference, logical
+    size). OSError as ``put``."""
+    header, found = read_header(src, HEADER_MAX)
+    first = src.read(CHUNK) if found else b""
+    if not found or not first:
+        whole = blobs.put(_Prefixed(header + first, src))
+        return whole.digest, whole.size
+    head = blobs.put(header)
+    body = blobs.put(_Prefixed(first, src))
+    return f"{head.digest}:{head.size}{PART_SEP}{body.digest}", head.size + body.size
+
+
+class _Concat(io.RawIOBase):
+    """A read-only raw stream over several binary files, one after the other."""
+
+    def __init__(self, files: list[IO[bytes]]) -> None:
+        self._files = files
+        self._index = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        while self._index < len(self._files):
+            data = self._files[self._index].read(len(view))
+            if data:
+                view[: len(data)] = data
+                return len(data)
+            self._index += 1
+        return 0
+
+    def close(self) -> None:
+        for fh in self._files:
+            fh.close()
+        super().close()
+
+
+def open_message(blobs: Any, ref: str) -> BinaryIO:
+    """A binary file of the message ``ref`` (its parts concatenated, each verified before
+    this returns). BlobNotFound/BlobCorrupt as ``open``; ValueError for a bad reference."""
+    parts = split_ref(ref)
+    if len(parts) == 1:
+        return cast(BinaryIO, blobs.open(parts[0]))
+    files: list[IO[bytes]] = []
+    try:
+        for part in parts:
+            files.append(cast(IO[bytes], blobs.open(part)))
+    except BaseException:
+        for fh in files:
+            fh.close()
+        raise
+    return cast(BinaryIO, io.BufferedReader(_Concat(files), CHUNK))

@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgw.interfaces import IMailbox, IMessageStore, MailboxNotFound, QuotaExceeded
-from mailgw.store import maildir
+from mailgw.store import blobs, maildir
 from mailgw.store.index import INDEX_NAME, UserIndex, new_uidvalidity, quarantine_index
 from mailgw.store.names import (
     INBOX,
@@ -60,8 +60,9 @@ class MessageInfo:
     """One message of a folder. ``filename`` is the path relative to the folder's directory
     (``new/<name>`` or ``cur/<name>:2,<letters>``); ``size`` is the message's byte size (the
     logical size, whatever the tier). ``blob`` is None for a message in tier 1 (its Maildir
-    file), else the tier-2 blob reference (sha256 hex of the bytes) and ``filename`` is only
-    the name it had in tier 1."""
+    file), else its tier-2 reference (``<header sha256>:<header size>+<body sha256>``, or
+    one sha256 for a message stored whole, see ``mailgw.store.blobs``) and ``filename`` is
+    only the name it had in tier 1."""
 
     uid: int
     size: int
@@ -599,7 +600,7 @@ class MessageStore:
 
     def _open_tier2(self, u: _User, f: _Folder, info: MessageInfo) -> BinaryIO:
         """Open a tier-2 message (verified bytes); promote it back when configured."""
-        fh = cast(BinaryIO, self._tier2_store().open(info.blob))
+        fh = blobs.open_message(self._tier2_store(), str(info.blob))
         if self.promote_on_read:
             try:
                 self.promote_message(u.name, f.name, info.uid)
@@ -614,12 +615,12 @@ class MessageStore:
 
     def migrate_message(self, user: str, folder: str, uid: int) -> bool:
         """Move one message from tier 1 to tier 2, crash-safe and idempotent: the file's bytes
-        go into a blob (fsynced), the index row is switched to the blob in a transaction, and
-        only then is the Maildir file unlinked. A crash before the switch leaves the message
-        in tier 1 (the next run stores the same blob again, deduplicated); a crash after it
-        leaves a redundant file that the next sync of the folder removes. Returns True when
-        the message moved, False when it was gone or already in tier 2. Raises
-        MailboxNotFound, OSError."""
+        go into a header blob and a body blob (fsynced), the index row is switched to them in
+        a transaction, and only then is the Maildir file unlinked. A crash before the switch
+        leaves the message in tier 1 (the next run stores the same blobs again, deduplicated);
+        a crash after it leaves a redundant file that the next sync of the folder removes.
+        Returns True when the message moved, False when it was gone or already in tier 2.
+        Raises MailboxNotFound, OSError."""
         tier2 = self._tier2_store()
         u = self._user(user)
         with u.lock:
@@ -647,9 +648,9 @@ class MessageStore:
             except FileNotFoundError:
                 return False
         with fh:
-            ref = tier2.put(fh)
-        if ref.size != int(row[1]):
-            raise OSError(f"{user} {folder} UID {uid}: {ref.size} bytes read, index says {row[1]}")
+            ref, size = blobs.put_message(tier2, fh)
+        if size != int(row[1]):
+            raise OSError(f"{user} {folder} UID {uid}: {size} bytes read, index says {row[1]}")
         with u.lock:
             with u.index.write() as c:
                 current = c.execute(
@@ -660,7 +661,7 @@ class MessageStore:
                     return False  # expunged or migrated meanwhile; gc collects an orphan
                 c.execute(
                     "UPDATE messages SET blob = ? WHERE mailbox = ? AND uid = ?",
-                    (ref.digest, f.id, uid),
+                    (ref, f.id, uid),
                 )
                 # Make the next sync list the folder, so a leftover file is found.
                 c.execute(
@@ -686,7 +687,7 @@ class MessageStore:
             return False
         base = str(row[0])
         tmp = os.path.join(f.path, "tmp", self._names.next())
-        with tier2.open(row[1]) as src:
+        with blobs.open_message(tier2, str(row[1])) as src:
             maildir.write_file(tmp, b"", src)
         placed = ""
         try:

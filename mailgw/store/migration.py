@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailgw.interfaces import MailboxNotFound
-from mailgw.store.blobs import BlobError, FileBlobStore
+from mailgw.store.blobs import BlobError, FileBlobStore, ref_parts, split_ref
 from mailgw.store.maildirstore import MessageStore
 
 log = Logger()
@@ -310,12 +310,14 @@ class VerifyReport:
 
 
 def references(store: MessageStore) -> dict[str, list[tuple[str, str, int]]]:
-    """Digest -> the (user, folder, uid) rows that refer to it, over every user."""
+    """Digest -> the (user, folder, uid) rows that refer to it (as a message's header, body
+    or whole blob), over every user."""
     refs: dict[str, list[tuple[str, str, int]]] = {}
     for user in store.users():
         for folder, uid, _size, _m, blob, _d in store.tier_rows(user):
             if blob is not None:
-                refs.setdefault(str(blob), []).append((user, folder, uid))
+                for digest in split_ref(str(blob)):
+                    refs.setdefault(digest, []).append((user, folder, uid))
     return refs
 
 
@@ -370,6 +372,10 @@ def gc(
 
 @dataclass
 class TierStats:
+    """Counts of one tier (or of one kind of tier-2 blob): ``messages`` (messages counted),
+    ``logical`` (their bytes), ``unique_logical`` (bytes of the distinct blobs they refer
+    to), ``blobs`` and ``stored`` (distinct blobs and their bytes on disk)."""
+
     messages: int = 0
     logical: int = 0
     stored: int = 0
@@ -387,9 +393,19 @@ class TierStats:
         return self.logical / self.stored if self.stored else 1.0
 
 
+# Kinds of tier-2 blobs, reported on their own lines by ``stats``: a message is a header
+# blob and a body blob, or one whole blob (no body, or migrated before the split).
+PART_KINDS = ("headers", "bodies", "whole")
+
+
 def stats(store: MessageStore, blobs: FileBlobStore | None) -> dict[str, TierStats]:
-    """Per tier: messages, logical bytes, bytes stored on disk, distinct blobs."""
+    """``tier1``, ``tier2`` and, per kind of tier-2 blob, ``tier2-headers``,
+    ``tier2-bodies``, ``tier2-whole``: messages, logical bytes, distinct logical bytes,
+    blobs and bytes stored on disk. The ``tier2`` line counts every blob on disk (orphans
+    included); the kind lines count the referenced blobs that exist."""
     tier1, tier2 = TierStats(), TierStats()
+    kinds = {kind: TierStats() for kind in PART_KINDS}
+    distinct: dict[str, dict[str, int]] = {kind: {} for kind in PART_KINDS}
     seen: dict[str, int] = {}
     for user in store.users():
         for _f, _uid, size, _m, blob, _d in store.tier_rows(user):
@@ -398,20 +414,32 @@ def stats(store: MessageStore, blobs: FileBlobStore | None) -> dict[str, TierSta
             tier.logical += size
             if blob is None:
                 tier1.stored += size
-            else:
-                seen[str(blob)] = size
+                continue
+            parts = ref_parts(str(blob), size)
+            names = PART_KINDS[:2] if len(parts) == 2 else PART_KINDS[2:]
+            for kind, (digest, part_size) in zip(names, parts, strict=True):
+                kinds[kind].messages += 1
+                kinds[kind].logical += part_size
+                distinct[kind][digest] = part_size
+                seen[digest] = part_size
     tier2.unique_logical = sum(seen.values())
     tier1.unique_logical = tier1.logical
     tier1.blobs = tier1.messages
+    on_disk: dict[str, int] = {}
     if blobs is not None:
         for digest in blobs.iter_refs():
             try:
-                size, _mtime = blobs.stat(digest)
+                on_disk[digest], _mtime = blobs.stat(digest)
             except BlobError:
                 continue
-            tier2.blobs += 1
-            tier2.stored += size
-    return {"tier1": tier1, "tier2": tier2}
+        tier2.blobs = len(on_disk)
+        tier2.stored = sum(on_disk.values())
+    for kind, digests in distinct.items():
+        kinds[kind].unique_logical = sum(digests.values())
+        present = [d for d in digests if d in on_disk]
+        kinds[kind].blobs = len(present)
+        kinds[kind].stored = sum(on_disk[d] for d in present)
+    return {"tier1": tier1, "tier2": tier2, **{f"tier2-{k}": t for k, t in kinds.items()}}
 
 
 def tier2_from_config(data_dir: str, store_config: Any) -> FileBlobStore | None:

@@ -52,9 +52,12 @@ def test_pop3_reads_migrated_messages_byte_for_byte(
     stats = server.cli("store", "stats").stdout.splitlines()
     tier2 = next(line.split("\t") for line in stats if line.startswith("tier2"))
     assert tier2[1] == "4"
-    # SMTP deliveries differ in their trace headers (Received, Delivered-To): no two are
-    # byte-identical, so each has its own blob (whole-message content addressing).
-    assert int(tier2[4]) == 4
+    # SMTP deliveries differ in their trace headers (Received, Delivered-To): each copy has
+    # its own header blob, the three copies of the announcement share one body blob.
+    assert int(tier2[4]) == 6
+    kinds = {line.split("\t")[0]: line.split("\t") for line in stats[1:]}
+    assert kinds["tier2-headers"][1:5:3] == ["4", "4"]  # messages, blobs
+    assert kinds["tier2-bodies"][1:5:3] == ["4", "2"]
     assert "0 corrupt" in server.cli("store", "verify").stdout
     # damage one blob: verify fails, POP3 answers -ERR (never wrong bytes)
     blobs = FileBlobStore(str(server.data_dir / "tier2"))
@@ -73,6 +76,70 @@ def test_pop3_reads_migrated_messages_byte_for_byte(
             client.retr(1)
     finally:
         client.quit()
+
+
+def pop3_messages(server: MailgwServer, user: str, password: str) -> list[tuple[int, bytes]]:
+    """(LIST size, RETR bytes) of every message of ``user``."""
+    client = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=10)
+    try:
+        client.user(user)
+        client.pass_(password)
+        sizes = [int(line.split()[1]) for line in client.list()[1]]
+        return [
+            (size, b"\r\n".join(client.retr(i + 1)[1]) + b"\r\n") for i, size in enumerate(sizes)
+        ]
+    finally:
+        client.quit()
+
+
+def test_announcement_to_50_users_stores_one_body(
+    server_factory: Callable[..., MailgwServer],
+) -> None:
+    from mailgw.directory import Directory
+
+    server = server_factory(TIER2)
+    directory = Directory(
+        str(server.data_dir / "directory.sqlite"), argon2_time_cost=1, argon2_memory_kib=8192
+    )
+    others = [f"user{i:02d}@example.test" for i in range(48)]
+    for user in others:
+        directory.add_user(user, f"pw {user}")
+    directory.close()
+    users = ["alice@example.test", "bob@example.test", *others]
+    passwords = {"alice@example.test": PASSWORD, "bob@example.test": "bob password"}
+    passwords.update({u: f"pw {u}" for u in others})
+    line = b"All staff: the office is closed on Friday for maintenance of the building.\r\n"
+    body = line * (4096 // len(line))
+    message = b"From: hr@example.test\r\nSubject: Office closed Friday\r\n\r\n" + body
+    with smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=30) as smtp:
+        refused = smtp.sendmail("hr@elsewhere.test", users, message)
+    assert refused == {}
+    for user in users:
+        local = user.split("@")[0]
+        wait_until(lambda local=local: len(mailbox_files(server, local)) == 1, what=user)
+    readers = ["alice@example.test", "bob@example.test", others[0], others[-1]]
+    before = {u: pop3_messages(server, u, passwords[u]) for u in readers}
+    for user, [(size, data)] in before.items():
+        assert data.endswith(body) and size == len(data)
+        assert f"Delivered-To: {user}".encode() in data
+    out = server.cli("store", "migrate").stdout
+    assert out.startswith("migrated 50 message(s)"), out
+    assert all(mailbox_files(server, u.split("@")[0]) == [] for u in users)
+    rows = {
+        line.split("\t")[0]: line.split("\t")
+        for line in server.cli("store", "stats").stdout.splitlines()
+    }
+    assert rows["tier"][1:] == ["messages", "logical", "stored", "blobs", "dedup", "logical/stored"]
+    bodies, headers, tier2 = rows["tier2-bodies"], rows["tier2-headers"], rows["tier2"]
+    assert bodies[1] == "50" and int(bodies[2]) == 50 * len(body)
+    assert bodies[4] == "1" and float(bodies[5]) == pytest.approx(50.0)  # one body blob
+    assert int(bodies[3]) < len(body)  # compressed too
+    assert headers[1] == "50" and headers[4] == "50"  # the trace headers differ per copy
+    assert tier2[1] == "50" and tier2[4] == "51"
+    assert float(tier2[5]) > 10 and float(tier2[6]) > 10
+    assert rows["tier1"][1] == "0"
+    assert {u: pop3_messages(server, u, passwords[u]) for u in readers} == before
+    assert "0 corrupt, 0 missing reference(s), 0 orphan(s)" in server.cli("store", "verify").stdout
 
 
 def test_kill_9_during_migration_loses_nothing(tmp_path: Path) -> None:

@@ -13,8 +13,20 @@ from twisted.internet.task import Clock
 
 from mailgw.spool.threads import run_inline
 from mailgw.store import MessageStore
+from mailgw.store import blobs as blobs_mod
 from mailgw.store import maildirstore as mds
-from mailgw.store.blobs import BlobCorrupt, BlobNotFound, BlobRef, FileBlobStore, check_digest
+from mailgw.store.blobs import (
+    BlobCorrupt,
+    BlobNotFound,
+    BlobRef,
+    FileBlobStore,
+    check_digest,
+    open_message,
+    put_message,
+    read_header,
+    ref_parts,
+    split_ref,
+)
 from mailgw.store.migration import (
     MigrationPolicy,
     MigrationService,
@@ -224,9 +236,11 @@ def test_crash_after_blob_before_switch(
     monkeypatch.undo()
     box.refresh()
     assert box.messages()[0].blob is None and len(folder_files(store)) == 1
-    assert everything(store).run().moved == 1  # the next run finishes, same blob
-    assert len(list(blobs.iter_refs())) == 1
+    assert everything(store).run().moved == 1  # the next run finishes, same blobs
+    assert len(list(blobs.iter_refs())) == 2  # header and body
     assert box.read_message(uid) == MSG
+    report = verify(store, blobs)
+    assert report.ok and report.orphans == []
 
 
 def test_expunge_between_blob_and_switch(
@@ -249,7 +263,7 @@ def test_expunge_between_blob_and_switch(
     box.refresh()
     assert [m.uid for m in box.messages()] == [keep]
     orphans = verify(store, blobs).orphans
-    assert len(orphans) == 1
+    assert len(orphans) == 2  # its header and body blobs
     assert gc(store, blobs, grace=3600) == []  # too young
     assert gc(store, blobs, grace=0, clock=lambda: 4e9) == orphans
     assert list(blobs.iter_refs()) == []
@@ -286,7 +300,7 @@ def test_concurrent_expunge_during_migration(store: MessageStore, blobs: FileBlo
     gc(store, blobs, grace=0, clock=lambda: 4e9)
     report = verify(store, blobs)
     assert report.ok and report.orphans == []
-    assert report.checked == len(remaining)
+    assert report.checked == len(remaining) + 1  # distinct bodies, one shared header
 
 
 def test_expunge_of_tier2_message_removes_leftover(
@@ -313,7 +327,7 @@ def test_copy_move_rename_delete_with_tier2(store: MessageStore, blobs: FileBlob
     arch = store.open_mailbox(USER, "Archive")
     assert [m.blob for m in arch.messages()] == [m.blob for m in box.messages()][:2]
     assert arch.read_message(pairs[0][1]) == MSG + b"0"
-    assert len(list(blobs.iter_refs())) == 3  # shared, not copied
+    assert len(list(blobs.iter_refs())) == 4  # one header, 3 bodies: shared, not copied
     moved = box.move_to([uids[2]], "Trash")
     trash = store.open_mailbox(USER, "Trash")
     assert trash.read_message(moved[0][1]) == MSG + b"2"
@@ -323,7 +337,7 @@ def test_copy_move_rename_delete_with_tier2(store: MessageStore, blobs: FileBlob
     report = verify(store, blobs)
     assert report.ok and report.orphans == []  # INBOX still refers to them
     box.expunge(uids)
-    assert len(verify(store, blobs).orphans) == 2
+    assert len(verify(store, blobs).orphans) == 2  # 2 bodies; Trash keeps the header
 
 
 def test_promote(tmp_path: Path, blobs: FileBlobStore) -> None:
@@ -348,8 +362,9 @@ def test_corrupt_blob_reads_as_error(store: MessageStore, blobs: FileBlobStore) 
     box = store.open_mailbox(USER)
     uid = box.append(MSG)
     everything(store).run()
-    digest = store.open_mailbox(USER).messages()[0].blob
-    assert digest
+    ref = store.open_mailbox(USER).messages()[0].blob
+    assert ref
+    head, digest = split_ref(ref)  # damage the body
     path = blobs.path(digest)
     with open(path, "rb") as fh:
         data = bytearray(fh.read())
@@ -381,34 +396,215 @@ def test_tier2_message_without_tier2_configured(tmp_path: Path, store: MessageSt
 # -- many users, duplicates, stats ----------------------------------------------------------------
 
 
+def trace(user: str, n: int) -> bytes:
+    """The headers an SMTP delivery adds in front of a message: different for every copy."""
+    return (
+        f"Return-Path: <news@example.org>\r\nDelivered-To: {user}\r\n"
+        f"Received: from mx.example.org by mx.example.test id {n:08x}\r\n"
+    ).encode()
+
+
 def test_migration_of_5000_messages_with_dedup(
     tmp_path: Path, blobs: FileBlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # speed: durability is tested elsewhere
     store = MessageStore(str(tmp_path / "mail"), Quotas(), hostname="mx.example", tier2=blobs)
     users = [f"u{i}@example.test" for i in range(10)]
-    bodies = [MSG + b"announcement %d\r\n" % i for i in range(40)]
+    head = b"From: news@example.org\r\nSubject: news\r\n\r\n"
+    bodies = [b"Hello tier two\r\n" * 50 + b"announcement %d\r\n" % i for i in range(40)]
     expected: dict[tuple[str, int], bytes] = {}
+    message_bodies: list[bytes] = []
+    n = 0
     for user in users:
         box = store.open_mailbox(user)
         for i in range(500):
-            body = bodies[i % 40] if i % 5 else MSG + f"{user} private {i}\r\n".encode()
-            expected[(user, box.append(body))] = body
+            body = bodies[i % 40] if i % 5 else f"{user} private {i}\r\n".encode() * 40
+            data = trace(user, n) + head + body  # every copy differs in its trace headers
+            n += 1
+            expected[(user, box.append(data))] = data
+            message_bodies.append(body)
     logical = sum(len(b) for b in expected.values())
     report = everything(store).run()
     assert report.moved == 5000 and report.failed == 0
     st = stats(store, blobs)
-    unique = {b for b in expected.values()}
+    assert list(st) == ["tier1", "tier2", "tier2-headers", "tier2-bodies", "tier2-whole"]
+    unique_bodies = set(message_bodies)
     assert st["tier1"].messages == 0
     assert st["tier2"].messages == 5000 and st["tier2"].logical == logical
-    assert st["tier2"].blobs == len(unique) == 32 + 1000  # bodies i % 40 with i % 5 != 0
-    assert st["tier2"].unique_logical == sum(len(b) for b in unique)
-    assert st["tier2"].dedup_ratio == pytest.approx(logical / sum(len(b) for b in unique))
+    assert st["tier2"].blobs == 5000 + len(unique_bodies) == 5000 + 32 + 1000
+    headers, bodies_st = st["tier2-headers"], st["tier2-bodies"]
+    assert headers.messages == bodies_st.messages == 5000
+    assert headers.blobs == 5000 and headers.dedup_ratio == 1.0
+    assert bodies_st.blobs == len(unique_bodies)
+    assert bodies_st.logical == sum(len(b) for b in message_bodies)
+    assert bodies_st.unique_logical == sum(len(b) for b in unique_bodies)
+    assert bodies_st.dedup_ratio == pytest.approx(bodies_st.logical / bodies_st.unique_logical)
+    assert bodies_st.dedup_ratio > 3
+    assert headers.logical + bodies_st.logical == logical
+    assert headers.stored + bodies_st.stored == st["tier2"].stored
+    assert st["tier2"].unique_logical == headers.unique_logical + bodies_st.unique_logical
+    assert st["tier2"].dedup_ratio == pytest.approx(logical / st["tier2"].unique_logical)
     assert st["tier2"].stored < st["tier2"].unique_logical
-    for (user, uid), body in list(expected.items())[::97]:
-        assert store.open_mailbox(user).read_message(uid) == body
+    assert st["tier2-whole"].messages == 0 and st["tier2-whole"].blobs == 0
+    for (user, uid), data in list(expected.items())[::97]:
+        box = store.open_mailbox(user)
+        assert box.read_message(uid) == data
+        assert {m.uid: m.size for m in box.messages()}[uid] == len(data)
     assert all(folder_files(store, u) == [] for u in users)
     store.close()
+
+
+# -- messages as header + body blobs -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data,header",
+    [
+        (b"Subject: a\r\nX: y\r\n\r\nbody\r\n\r\nmore\r\n", b"Subject: a\r\nX: y\r\n\r\n"),
+        (b"Subject: a\n\nbare LF body\n", b"Subject: a\n\n"),
+        (b"\r\nno header at all\r\n", b"\r\n"),
+    ],
+)
+def test_put_message_splits_header_and_body(
+    blobs: FileBlobStore, data: bytes, header: bytes
+) -> None:
+    ref, size = put_message(blobs, open_bytes(data))
+    assert size == len(data)
+    (h, hsize), (b, bsize) = ref_parts(ref, size)
+    assert ref == f"{h}:{len(header)}+{b}"
+    assert (blobs.get(h), blobs.get(b)) == (header, data[len(header) :])
+    assert (hsize, bsize) == (len(header), len(data) - len(header))
+    with open_message(blobs, ref) as fh:
+        assert fh.read() == data
+    with open_message(blobs, ref) as fh:  # small reads cross the part boundary
+        assert b"".join(iter(lambda: fh.read(3), b"")) == data
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"Subject: no body\r\nX: y\r\n", b"Subject: empty body\r\n\r\n", b"", b"no newline"],
+)
+def test_put_message_without_body_is_one_blob(blobs: FileBlobStore, data: bytes) -> None:
+    ref, size = put_message(blobs, open_bytes(data))
+    assert size == len(data) and split_ref(ref) == [ref]
+    assert ref_parts(ref, size) == [(ref, len(data))]
+    assert blobs.get(ref) == data
+    with open_message(blobs, ref) as fh:
+        assert fh.read() == data
+
+
+def test_put_message_huge_header_stays_whole(
+    blobs: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(blobs_mod, "HEADER_MAX", 100)
+    data = b"X-Long: " + b"a" * 300 + b"\r\n\r\nbody\r\n"
+    ref, size = put_message(blobs, open_bytes(data))
+    assert split_ref(ref) == [ref] and blobs.get(ref) == data and size == len(data)
+    short = b"Subject: s\r\n\r\n" + b"b" * 500
+    ref, _size = put_message(blobs, open_bytes(short))
+    assert len(split_ref(ref)) == 2
+    assert read_header(open_bytes(b"A: b\r\n" * 10), limit=20) == (b"A: b\r\n" * 3 + b"A: ", False)
+
+
+def test_prefixed_reader_partial_reads() -> None:
+    reader = blobs_mod._Prefixed(b"abcdef", open_bytes(b"ghij"))
+    assert reader.read(2) == b"ab"
+    assert reader.read(6) == b"cdefgh"
+    assert reader.read() == b"ij"
+    assert blobs_mod._Prefixed(b"ab", open_bytes(b"cd")).read() == b"abcd"
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "a" * 64 + "+" + "b" * 64,  # no header size
+        "a" * 64 + ":x+" + "b" * 64,
+        "a" * 64 + ":99+" + "b" * 64,  # larger than the message
+        "a" * 64 + ":1+" + "b" * 64 + "+" + "c" * 64,
+        "a" * 64 + ":1+../../etc/passwd",
+        "not a digest",
+    ],
+)
+def test_bad_message_references(ref: str) -> None:
+    with pytest.raises(ValueError):
+        ref_parts(ref, 10)
+
+
+def test_open_message_missing_part_closes_the_others(
+    blobs: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref, _size = put_message(blobs, open_bytes(MSG))
+    head, body = split_ref(ref)
+    opened: list[Any] = []
+    real_open = blobs.open
+
+    def tracking_open(r: Any) -> Any:
+        fh = real_open(r)
+        opened.append(fh)
+        return fh
+
+    monkeypatch.setattr(blobs, "open", tracking_open)
+    blobs.delete(body)
+    with pytest.raises(BlobNotFound):
+        open_message(blobs, ref)
+    assert len(opened) == 1 and opened[0].closed
+
+
+def test_legacy_whole_message_rows_still_read(
+    store: MessageStore, blobs: FileBlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows written before the split (one blob per message) read, copy, verify and gc."""
+
+    def whole(blob_store: Any, fh: Any) -> tuple[str, int]:
+        ref = blob_store.put(fh)
+        return ref.digest, ref.size
+
+    box = store.open_mailbox(USER)
+    old = box.append(trace(USER, 1) + MSG)
+    new = box.append(trace(USER, 2) + MSG)
+    monkeypatch.setattr(mds.blobs, "put_message", whole)
+    assert store.migrate_message(USER, "INBOX", old)
+    monkeypatch.undo()
+    assert store.migrate_message(USER, "INBOX", new)
+    box.refresh()
+    refs = {m.uid: m.blob for m in box.messages()}
+    assert refs[old] is not None and split_ref(refs[old]) == [refs[old]]
+    assert refs[new] is not None and len(split_ref(refs[new])) == 2
+    assert box.read_message(old) == trace(USER, 1) + MSG
+    assert box.read_message(new) == trace(USER, 2) + MSG
+    st = stats(store, blobs)
+    assert st["tier2-whole"].messages == 1 and st["tier2-whole"].blobs == 1
+    assert st["tier2-headers"].messages == st["tier2-bodies"].messages == 1
+    assert st["tier2"].blobs == 3
+    pairs = box.copy_to([old], "Archive")
+    assert store.open_mailbox(USER, "Archive").read_message(pairs[0][1]) == trace(USER, 1) + MSG
+    assert store.promote_message(USER, "INBOX", old)
+    assert box.read_message(old) == trace(USER, 1) + MSG
+    report = verify(store, blobs)
+    assert report.ok and report.orphans == []
+
+
+def test_smtp_copies_share_their_body(store: MessageStore, blobs: FileBlobStore) -> None:
+    users = [f"user{i}@example.test" for i in range(20)]
+    for n, user in enumerate(users):
+        store.open_mailbox(user).append(trace(user, n) + MSG)
+    everything(store).run()
+    st = stats(store, blobs)
+    assert st["tier2-bodies"].blobs == 1 and st["tier2-headers"].blobs == 20
+    assert st["tier2-bodies"].dedup_ratio == pytest.approx(20.0)
+    assert st["tier2"].blobs == 21
+    for n, user in enumerate(users):
+        box = store.open_mailbox(user)
+        assert box.read_message(box.messages()[0].uid) == trace(user, n) + MSG
+    # expunge all but one copy: the shared body stays, the others' headers become orphans
+    for user in users[1:]:
+        box = store.open_mailbox(user)
+        box.expunge([m.uid for m in box.messages()])
+    assert len(gc(store, blobs, grace=0, clock=lambda: 4e9)) == 19
+    report = verify(store, blobs)
+    assert report.ok and report.orphans == [] and report.checked == 2
+    box = store.open_mailbox(users[0])
+    assert box.read_message(box.messages()[0].uid) == trace(users[0], 0) + MSG
 
 
 # -- policy and the service -------------------------------------------------------------------
