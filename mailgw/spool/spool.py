@@ -4,7 +4,8 @@ Layout under ``root`` (``data_dir/spool``)::
 
     tmp/                 files being written: <qid>.content (a message too large to be
                          held in memory), <qid>.env, <qid>.<n>
-    content/<qid>        the message bytes, immutable once committed
+    incoming/<qid>.msg   the message bytes, immutable once committed; the file stays here
+                         whatever the message's state (``list`` ignores these names)
     incoming/<qid>       the envelope (JSON of ``Envelope.to_json()``); its directory
     active/<qid>         IS the message's state
     deferred/<qid>
@@ -19,18 +20,27 @@ dispatcher hands external recipients to the relay again: nothing is lost or sent
 
 A state change is one ``rename`` of the envelope file between state directories, followed by
 an fsync of both directories. An envelope update writes ``tmp/<qid>.<n>``, fsyncs it and
-renames it over the old one. ``commit`` makes the content durable (file and ``content/``
-directory) *before* the envelope is renamed into ``incoming/``, so an envelope in a state
-directory always has its content. ``tmp/`` is never fsynced: whatever is left there after a
-crash is removed by ``recover``, and so is a content file without an envelope.
+renames it over the old one. ``commit`` fsyncs the content file and the envelope file, then
+the names of both (content and envelope) are made durable by ONE fsync of ``incoming/``:
+a commit waits for three flushes (content, envelope, ``incoming/``), the last one shared by
+the group. Until that fsync has returned no 250 is sent, so a crash before it may leave an
+envelope whose content name was lost (``recover`` moves it to ``corrupt``: the client was
+never told the message was accepted). ``tmp/`` is never fsynced: whatever is left there after
+a crash is removed by ``recover``, and so is a content file without an envelope. A spool of an
+older layout (content in ``content/<qid>``) is migrated by ``recover``.
+
+The message bytes live in a file of their own (``QueuedMessage.content_path``, stable across
+state changes) because every reader (``IMessageStore.deliver``, the relay client, DKIM, the
+queue tools) opens that path and reads the whole file; an envelope embedded in the same file
+would need a content offset in the API.
 
 A message being received stays in memory up to ``memory_limit`` bytes (then it spills into
 ``tmp/``). ``commit`` runs its file work through the spool's *runner* (``mailgw.spool.threads``;
-a thread pool in the server): it writes and fsyncs ``content/<qid>`` and ``tmp/<qid>.env``, then
-hands the envelope to ``GroupCommit``, which publishes the envelopes of concurrent commits
-into ``incoming/`` with one fsync of ``content/`` and one of ``incoming/`` for the whole
-group. The other operations are synchronous and thread-safe (local delivery calls them from
-worker threads); the queue IDs of different threads' calls must differ.
+a thread pool in the server): it writes and fsyncs ``incoming/<qid>.msg`` and
+``tmp/<qid>.env``, then hands the envelope to ``GroupCommit``, which publishes the envelopes of
+concurrent commits into ``incoming/`` with one fsync of ``incoming/`` for the whole group. The
+other operations are synchronous and thread-safe (local delivery calls them from worker
+threads); the queue IDs of different threads' calls must differ.
 
 One process owns a spool root at a time: ``recover`` (run at start-up, before listening)
 assumes nobody else is writing into the same root.
@@ -63,6 +73,8 @@ log = Logger(namespace="mailgw.spool")
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _REPLACE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 _CONTENT_BUFFER = 64 * 1024
+CONTENT_SUFFIX = ".msg"
+"""Suffix of the content file ``incoming/<qid>.msg`` (not a queue ID: ``list`` skips it)."""
 MEMORY_LIMIT = 256 * 1024
 """Bytes of a message being received that are kept in memory before spilling to ``tmp/``."""
 
@@ -148,9 +160,11 @@ class Spool:
         self._dirfds_lock = threading.Lock()
         self.group_commit = GroupCommit(self)
         self.tmp_dir = os.path.join(self.root, "tmp")
-        self.content_dir = os.path.join(self.root, "content")
+        self.content_dir = os.path.join(self.root, "incoming")
+        self.legacy_content_dir = os.path.join(self.root, "content")
+        """Where an older layout kept the content; ``recover`` migrates it."""
         created = False
-        for name in ("tmp", "content", *self.STATES):
+        for name in ("tmp", *self.STATES):
             path = os.path.join(self.root, name)
             if not os.path.isdir(path):
                 os.makedirs(path, mode=0o700, exist_ok=True)
@@ -165,7 +179,8 @@ class Spool:
         return os.path.join(self.root, state, queue_id)
 
     def content_path(self, queue_id: str) -> str:
-        return os.path.join(self.content_dir, queue_id)
+        """The message bytes of ``queue_id`` (the same path in every state)."""
+        return os.path.join(self.content_dir, queue_id + CONTENT_SUFFIX)
 
     def fsync_dir(self, name: str) -> None:
         """fsync the directory ``root/name`` (its descriptor is kept open for reuse)."""
@@ -219,8 +234,9 @@ class Spool:
         self, queue_id: str, chunks: builtins.list[bytes], file: IO[bytes] | None, envelope: bytes
     ) -> None:
         """The file work of ``IncomingMessage.commit`` (runs through ``run``): content and
-        envelope written and fsynced, then published by the group commit. On OSError every
-        file of the message is removed and the error is raised."""
+        envelope written and fsynced, then published by the group commit (whose fsync of
+        ``incoming/`` also makes the content's name durable). On OSError every file of the
+        message is removed and the error is raised."""
         content = self.content_path(queue_id)
         spill = os.path.join(self.tmp_dir, queue_id + ".content")
         env_tmp = os.path.join(self.tmp_dir, queue_id + ".env")
@@ -330,6 +346,7 @@ class Spool:
         for name in os.listdir(self.tmp_dir):
             _unlink_quietly(os.path.join(self.tmp_dir, name))
             log.info("spool recovery: removed temporary file tmp/{name}", name=name)
+        self._migrate_legacy_content()
         known: set[str] = set()
         requeued: builtins.list[str] = []
         moved = False
@@ -352,9 +369,10 @@ class Spool:
             for state in self.STATES:
                 self.fsync_dir(state)
         for name in os.listdir(self.content_dir):
-            if name not in known:
+            queue_id = name.removesuffix(CONTENT_SUFFIX)
+            if name != queue_id and queue_id not in known:
                 _unlink_quietly(os.path.join(self.content_dir, name))
-                log.info("{queue_id} removed orphan content (no envelope)", queue_id=name)
+                log.info("{queue_id} removed orphan content (no envelope)", queue_id=queue_id)
         log.info(
             "spool {root} on {hostname} recovered: {n} requeued",
             root=self.root,
@@ -362,6 +380,23 @@ class Spool:
             n=len(requeued),
         )
         return requeued
+
+    def _migrate_legacy_content(self) -> None:
+        """Move content files of the older layout (``content/<qid>``) to ``content_path``
+        (durably), then remove the empty ``content/`` directory."""
+        try:
+            names = os.listdir(self.legacy_content_dir)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if is_queue_id(name):
+                os.replace(os.path.join(self.legacy_content_dir, name), self.content_path(name))
+            else:
+                _unlink_quietly(os.path.join(self.legacy_content_dir, name))
+        self.fsync_dir("incoming")
+        os.rmdir(self.legacy_content_dir)
+        self._fsync_path(self.root)
+        log.info("spool {root}: migrated {n} content file(s)", root=self.root, n=len(names))
 
     def _recover_one(self, state: str, queue_id: str) -> bool:
         """Move the message to ``corrupt`` if its envelope is unreadable or its content is
@@ -415,13 +450,12 @@ class _Publication:
 class GroupCommit:
     """Publishes envelopes into ``incoming/`` in groups that share the directory fsyncs.
 
-    A thread calling ``publish`` has already written and fsynced its content file (in
-    ``content/``) and its envelope (in ``tmp/``). It joins the pending group; the first
-    thread to find no group being published becomes the leader, takes every pending
-    publication, fsyncs ``content/`` once (so every content file of the group is durable
-    before its envelope appears), renames each envelope into ``incoming/``, fsyncs
-    ``incoming/`` once, and wakes the group. Publications arriving meanwhile form the next
-    group. ``publish`` returns only when its own envelope is durable in ``incoming/``.
+    A thread calling ``publish`` has already written and fsynced its content file
+    (``incoming/<qid>.msg``) and its envelope (in ``tmp/``). It joins the pending group; the
+    first thread to find no group being published becomes the leader, takes every pending
+    publication, renames each envelope into ``incoming/``, fsyncs ``incoming/`` once (which
+    makes the names of the group's content files and envelopes durable together), and wakes
+    the group. Publications arriving meanwhile form the next group. ``publish`` returns only when its own envelope is durable in ``incoming/``.
     """
 
     def __init__(self, spool: Spool) -> None:
@@ -464,12 +498,6 @@ class GroupCommit:
 
     def _publish_group(self, batch: builtins.list[_Publication]) -> None:
         spool = self._spool
-        try:
-            spool.fsync_dir("content")
-        except OSError as e:
-            for item in batch:
-                item.error = e
-            return
         renamed = []
         for item in batch:
             try:

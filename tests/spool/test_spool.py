@@ -37,6 +37,20 @@ def files(root: Path, name: str) -> list[str]:
     return sorted(os.listdir(root / name))
 
 
+def envelopes(root: Path, state: str) -> list[str]:
+    """The envelope files in a state directory (without the content files of incoming/)."""
+    return [n for n in files(root, state) if not n.endswith(".msg")]
+
+
+def contents(root: Path) -> list[str]:
+    """The queue IDs that have a content file."""
+    return [n.removesuffix(".msg") for n in files(root, "incoming") if n.endswith(".msg")]
+
+
+def content_file(root: Path, qid: str) -> Path:
+    return root / "incoming" / f"{qid}.msg"
+
+
 def result_of(d: Deferred[T]) -> T:
     """The result of an already fired Deferred (the default runner works inline)."""
     results: list[T] = []
@@ -80,7 +94,7 @@ def test_queue_ids_of_two_processes_differ_at_the_same_instant(monkeypatch) -> N
 def test_begin_creates_no_file_and_gives_fresh_ids(spool: Spool, tmp_path: Path) -> None:
     a, b = spool.begin(), spool.begin()
     assert a.queue_id < b.queue_id
-    for name in ("tmp", "content", *Spool.STATES):
+    for name in ("tmp", *Spool.STATES):
         assert files(tmp_path / "spool", name) == []
     a.abort()
     b.abort()
@@ -124,17 +138,17 @@ def test_commit_makes_content_and_envelope_durable(spool: Spool, tmp_path: Path)
     qid = result_of(msg.commit(env))
     assert qid == msg.queue_id == env.queue_id
     assert files(root, "tmp") == []
-    assert files(root, "content") == [qid]
-    assert files(root, "incoming") == [qid]
-    assert (root / "content" / qid).read_bytes() == b"Subject: x\r\n\r\nhello\r\n"
+    assert files(root, "incoming") == [qid, qid + ".msg"]  # one content file, one envelope
+    assert (root / "incoming" / f"{qid}.msg").read_bytes() == b"Subject: x\r\n\r\nhello\r\n"
     stored = json.loads((root / "incoming" / qid).read_bytes())
     assert stored["sender"] == "bob@example.org"
     assert stored["queue_id"] == qid
     assert stored["size"] == 21
-    # content directory durable before the envelope appears in incoming
-    assert fsynced == ["content", "incoming"]
+    # one directory fsync makes the names of the content and the envelope durable
+    assert fsynced == ["incoming"]
     loaded = spool.load(qid)
-    assert loaded == QueuedMessage(qid, "incoming", loaded.envelope, str(root / "content" / qid))
+    content = str(root / "incoming" / f"{qid}.msg")
+    assert loaded == QueuedMessage(qid, "incoming", loaded.envelope, content)
     assert loaded.envelope.recipients == ["alice@example.test"]
     assert spool.list("incoming") == [qid]
 
@@ -145,7 +159,7 @@ def test_abort_leaves_nothing(spool: Spool, tmp_path: Path) -> None:
     msg.write(b"partial")
     msg.abort()
     msg.abort()  # twice is fine
-    for name in ("tmp", "content", *Spool.STATES):
+    for name in ("tmp", *Spool.STATES):
         assert files(root, name) == []
     with pytest.raises(ValueError):
         msg.write(b"more")
@@ -178,7 +192,7 @@ def test_failed_commit_removes_everything_and_reraises(spool: Spool, tmp_path, m
     with pytest.raises(OSError):
         result_of(msg.commit(Envelope("", ["a@example.test"])))
     msg.abort()  # safe after a failed commit
-    for name in ("tmp", "content", *Spool.STATES):
+    for name in ("tmp", *Spool.STATES):
         assert files(root, name) == []
     assert calls == []
 
@@ -195,7 +209,7 @@ def test_failed_content_fsync_removes_tmp(spool: Spool, tmp_path, monkeypatch, s
     with pytest.raises(OSError):
         result_of(msg.commit(Envelope("", ["a@example.test"])))
     monkeypatch.undo()
-    for name in ("tmp", "content", "incoming"):
+    for name in ("tmp", "incoming"):
         assert files(tmp_path / "spool", name) == []
 
 
@@ -214,7 +228,7 @@ def test_listeners_called_after_commit_even_if_one_fails(spool: Spool, tmp_path)
 
     def recorder(qid: str) -> None:
         # the message is already visible when listeners run
-        seen.append((qid, os.listdir(tmp_path / "spool" / "incoming")))
+        seen.append((qid, envelopes(tmp_path / "spool", "incoming")))
 
     spool.add_listener(broken)
     spool.add_listener(recorder)
@@ -238,7 +252,7 @@ def test_move_between_states(spool: Spool, tmp_path: Path) -> None:
     for state in ("active", "deferred", "hold", "incoming"):
         spool.move(qid, state)
         assert spool.load(qid).state == state
-        assert [s for s in Spool.STATES if files(root, s)] == [state]
+        assert [s for s in Spool.STATES if envelopes(root, s)] == [state]
     spool.move(qid, "incoming")  # no-op
     assert spool.list("incoming") == [qid]
     with pytest.raises(ValueError):
@@ -286,7 +300,7 @@ def test_remove_is_idempotent(spool: Spool, tmp_path: Path) -> None:
     spool.remove(qid)
     spool.remove(qid)
     spool.remove("../content")  # not a queue ID: ignored
-    for name in ("content", *Spool.STATES):
+    for name in Spool.STATES:
         assert files(root, name) == []
     with pytest.raises(KeyError):
         spool.load(qid)
@@ -321,7 +335,7 @@ def test_recover_moves_unparseable_envelopes_to_corrupt(spool: Spool, tmp_path, 
     assert spool.recover() == []
     assert spool.list("corrupt") == [bad]
     assert spool.list("incoming") == [good]
-    assert files(root, "content") == sorted([good, bad])  # corrupt keeps its content
+    assert contents(root) == sorted([good, bad])  # corrupt keeps its content
 
 
 def test_recover_requeues_active_and_cleans_up(tmp_path: Path) -> None:
@@ -340,10 +354,10 @@ def test_recover_requeues_active_and_cleans_up(tmp_path: Path) -> None:
     (root / "tmp" / f"{c}.7").write_bytes(b"{}")
     # content whose envelope never arrived in incoming
     orphan = "0" * 11 + "ZZZZZ"
-    (root / "content" / orphan).write_bytes(b"orphan")
+    content_file(root, orphan).write_bytes(b"orphan")
     # an envelope whose content is gone
     lost = queue(spool)
-    os.unlink(root / "content" / lost)
+    os.unlink(content_file(root, lost))
     spool.close()
 
     restarted = Spool(str(root))
@@ -353,7 +367,7 @@ def test_recover_requeues_active_and_cleans_up(tmp_path: Path) -> None:
     assert restarted.list("hold") == [c]
     assert restarted.list("corrupt") == [lost]
     assert files(root, "tmp") == []
-    assert files(root, "content") == sorted([a, b, c])
+    assert contents(root) == sorted([a, b, c])
     assert restarted.load(a).envelope.queue_id == a
     restarted.close()
 
@@ -361,7 +375,7 @@ def test_recover_requeues_active_and_cleans_up(tmp_path: Path) -> None:
 def test_spool_creates_its_directories(tmp_path: Path) -> None:
     root = tmp_path / "data" / "spool"
     s = Spool(str(root))
-    assert sorted(os.listdir(root)) == sorted(["tmp", "content", *Spool.STATES])
+    assert sorted(os.listdir(root)) == sorted(["tmp", *Spool.STATES])
     s.fsync_dir("incoming")
     s.close()
     s.close()
@@ -418,7 +432,7 @@ def test_large_message_spills_to_tmp_and_commits(tmp_path: Path) -> None:
     assert files(root, "tmp") == [msg.queue_id + ".content"]
     qid = result_of(msg.commit(Envelope("", ["a@example.test"])))
     assert files(root, "tmp") == []
-    assert (root / "content" / qid).read_bytes() == b"0123456789abcdefghijKLMN"
+    assert content_file(root, qid).read_bytes() == b"0123456789abcdefghijKLMN"
     assert spool.load(qid).envelope.size == 24
 
     other = spool.begin()
@@ -452,7 +466,7 @@ def test_commit_in_a_thread_pool_fires_in_the_reactor_thread(tmp_path, pool) -> 
     assert spool.list("incoming") == msgs
     assert files(root, "tmp") == []
     for i, qid in enumerate(msgs):
-        assert (root / "content" / qid).read_bytes() == b"message %d\r\n" % i
+        assert content_file(root, qid).read_bytes() == b"message %d\r\n" % i
     assert 1 <= spool.group_commit.groups <= 12
     spool.close()
 
@@ -528,7 +542,7 @@ def test_group_commit_shares_directory_fsyncs(tmp_path: Path) -> None:
         t.join(30)
     assert errors == []
     assert gc.groups == 2
-    assert fsynced == ["content", "incoming", "content", "incoming"]
+    assert fsynced == ["incoming", "incoming"]
     assert spool.list("incoming") == sorted(m.queue_id for m, _ in envelopes)
     spool.close()
 
@@ -554,7 +568,7 @@ def test_group_commit_failure_fails_every_member(tmp_path: Path, monkeypatch) ->
         result_of(msgs[0].commit(Envelope("", ["a@example.test"])))
     qid = result_of(msgs[1].commit(Envelope("", ["a@example.test"])))
     assert spool.list("incoming") == [qid]
-    assert files(root, "content") == [qid]
+    assert contents(root) == [qid]
     # A failing fsync of content/ fails the group before any envelope is published.
     monkeypatch.undo()
     msg = spool.begin()
@@ -567,7 +581,7 @@ def test_group_commit_failure_fails_every_member(tmp_path: Path, monkeypatch) ->
     with pytest.raises(OSError):
         result_of(msg.commit(Envelope("", ["a@example.test"])))
     assert spool.list("incoming") == [qid]
-    assert files(root, "content") == [qid]
+    assert contents(root) == [qid]
     assert files(root, "tmp") == []
     spool.close()
 
@@ -593,9 +607,133 @@ def test_move_and_remove_with_a_state_hint(spool: Spool, tmp_path: Path, monkeyp
     with pytest.raises(ValueError):
         spool.move(qid, "active", from_state="nowhere")
     spool.remove(qid, "incoming")  # stale hint again
-    assert spool.list("hold") == [] and files(root, "content") == []
+    assert spool.list("hold") == [] and contents(root) == []
     other = queue(spool)
     spool.move(other, "active", durable=False, from_state="incoming")
     spool.remove(other, "active")
-    for name in ("content", *Spool.STATES):
+    for name in Spool.STATES:
         assert files(root, name) == []
+
+
+# -- the content file in incoming/ and the crash windows of a commit ------------------------
+
+
+def test_content_path_stays_the_same_in_every_state(spool: Spool, tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    qid = queue(spool, b"body\r\n")
+    path = spool.load(qid).content_path
+    for state in Spool.STATES:
+        spool.move(qid, state)
+        assert spool.load(qid).content_path == path == str(content_file(root, qid))
+        assert Path(path).read_bytes() == b"body\r\n"
+        assert spool.list(state) == [qid]  # the content file is never listed
+    spool.remove(qid)
+    assert files(root, "incoming") == []
+
+
+def test_crash_after_content_before_envelope_rename_leaves_nothing(tmp_path: Path) -> None:
+    """The content file is in incoming/ and the envelope still in tmp/ when the process dies
+    (before the group's rename): recovery removes both, the message was never accepted."""
+    root = tmp_path / "spool"
+    spool = Spool(str(root))
+    kept = queue(spool)
+    published: list[tuple[str, str]] = []
+
+    def crash(env_tmp: str, env_final: str) -> None:
+        published.append((env_tmp, env_final))
+        raise SystemExit("killed")
+
+    spool.group_commit.publish = crash  # type: ignore[method-assign]
+    msg = spool.begin()
+    msg.write(b"never acknowledged")
+    with pytest.raises(SystemExit):
+        spool._commit_files(msg.queue_id, msg._chunks, None, b"{}")
+    [(env_tmp, env_final)] = published
+    assert os.path.exists(env_tmp)
+    assert contents(root) == sorted([kept, msg.queue_id])
+    spool.close()
+
+    restarted = Spool(str(root))
+    assert restarted.recover() == []
+    assert restarted.list("incoming") == [kept]
+    assert files(root, "tmp") == []
+    assert contents(root) == [kept]
+    assert restarted.list("corrupt") == []
+    restarted.close()
+
+
+def test_crash_that_kept_the_envelope_name_but_lost_the_content_name(tmp_path: Path) -> None:
+    """Both names are made durable by the same directory fsync; a crash during it may keep
+    only the envelope's. No 250 was sent; recovery parks the envelope in corrupt."""
+    root = tmp_path / "spool"
+    spool = Spool(str(root))
+    qid = queue(spool)
+    os.unlink(content_file(root, qid))
+    spool.close()
+    restarted = Spool(str(root))
+    assert restarted.recover() == []
+    assert restarted.list("corrupt") == [qid]
+    assert restarted.list("incoming") == []
+    restarted.close()
+
+
+def test_crash_during_remove_after_the_envelope_is_gone(tmp_path: Path) -> None:
+    """``remove`` unlinks the envelope, fsyncs, then unlinks the content: a crash between the
+    two leaves an orphan content file, which recovery removes."""
+    root = tmp_path / "spool"
+    spool = Spool(str(root))
+    qid = queue(spool)
+    spool.move(qid, "deferred")
+    os.unlink(root / "deferred" / qid)
+    spool.close()
+    restarted = Spool(str(root))
+    restarted.recover()
+    assert files(root, "incoming") == []
+    assert all(restarted.list(state) == [] for state in Spool.STATES)
+    restarted.close()
+
+
+def test_recover_migrates_the_older_layout(tmp_path: Path) -> None:
+    """A spool written with content in content/<qid> is converted at start-up."""
+    root = tmp_path / "spool"
+    spool = Spool(str(root))
+    queued = queue(spool, b"old body\r\n")
+    deferred = queue(spool, b"deferred body\r\n")
+    spool.move(deferred, "deferred")
+    spool.close()
+    (root / "content").mkdir()
+    for qid in (queued, deferred):
+        os.rename(content_file(root, qid), root / "content" / qid)
+    orphan = "0" * 11 + "ZZZZZ"
+    (root / "content" / orphan).write_bytes(b"no envelope")
+    (root / "content" / "stray.tmp").write_bytes(b"junk")
+
+    restarted = Spool(str(root))
+    fsynced: list[str] = []
+    real_fsync_dir = restarted.fsync_dir
+
+    def tracking_fsync_dir(name: str) -> None:
+        fsynced.append(name)
+        real_fsync_dir(name)
+
+    restarted.fsync_dir = tracking_fsync_dir  # type: ignore[method-assign]
+    assert restarted.recover() == []
+    assert "incoming" in fsynced
+    assert not (root / "content").exists()
+    assert sorted(os.listdir(root)) == sorted(["tmp", *Spool.STATES])
+    assert contents(root) == sorted([queued, deferred])
+    assert Path(restarted.load(queued).content_path).read_bytes() == b"old body\r\n"
+    message = restarted.load(deferred)
+    assert message.state == "deferred"
+    assert Path(message.content_path).read_bytes() == b"deferred body\r\n"
+    assert restarted.recover() == []  # nothing left to migrate
+    restarted.close()
+
+
+def test_recover_leaves_other_files_in_incoming_alone(spool: Spool, tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    qid = queue(spool)
+    (root / "incoming" / "README").write_bytes(b"not ours")
+    spool.recover()
+    assert files(root, "incoming") == sorted(["README", qid, qid + ".msg"])
+    assert spool.list("incoming") == [qid]
