@@ -76,7 +76,7 @@ def run_neomutt(tmp_path: Path, port: int, keys: str, timeout: float = 60.0) -> 
 @pytest.mark.timeout(180)
 def test_neomutt_copies_flags_reads_and_deletes(server: MailgwServer, tmp_path: Path) -> None:
     if shutil.which("neomutt") is None or shutil.which("tmux") is None:
-        pytest.skip("neomutt or tmux not installed")
+        pytest.fail("neomutt or tmux not installed (.ci/run installs it)")
     originals = {f"s{i}@elsewhere.test": sample(i) for i in range(COUNT)}
     bulk_append(server, list(originals.values()))
     keys = (
