@@ -132,10 +132,10 @@ class SelectedMailbox:
         state = (self.mailbox.uidnext, self.mailbox.highestmodseq)
         if state == self._state and not self.dirty and not (allow_expunge and self.gone):
             return []
+        gone, new, current = self._differences(state)
         self.dirty = False
-        current = {m.uid: m for m in self.mailbox.messages()}
         out: list[bytes] = []
-        self.gone.update(u for u in self.uids if u not in current)
+        self.gone |= gone
         if allow_expunge and self.gone:
             if self.qresync:
                 out.append(wire.untagged(b"VANISHED", format_uid_set(sorted(self.gone))))
@@ -149,7 +149,6 @@ class SelectedMailbox:
                 self.infos.pop(uid, None)
                 self.recent.discard(uid)
             self.gone = set()
-        new = [u for u in sorted(current) if u > self.highest_uid]
         new_keywords = self._keywords(current.values()) - self.keywords
         if new_keywords:
             self.keywords |= new_keywords
@@ -163,16 +162,55 @@ class SelectedMailbox:
             self.recent |= claimed
             out.append(wire.untagged(b"%d EXISTS" % len(self.uids)))
             out.append(wire.untagged(b"%d RECENT" % len(self.recent)))
-        for seq, uid in enumerate(self.uids, 1):
-            now = current.get(uid)
+        fresh = set(new)
+        for uid, now in current.items():
             before = self.infos.get(uid)
-            if now is None or before is None or uid in new:
+            if before is None or uid in fresh:
                 continue
             if now.flags != before.flags or (self.condstore and now.modseq != before.modseq):
-                self.infos[uid] = now
-                out.append(self.flags_response(seq, uid, uid_fetch or self.condstore))
+                seq = self.seq_of(uid)
+                if seq:
+                    self.infos[uid] = now
+                    out.append(self.flags_response(seq, uid, uid_fetch or self.condstore))
         self._state = state
         return out
+
+    def _differences(self, state: tuple[int, int]) -> tuple[set[int], list[int], dict[int, Any]]:
+        """(UIDs newly gone from the store, new UIDs ascending, the store's current info
+        of every UID that may have changed, in UID order) between what the client was told
+        and the mailbox's snapshot."""
+        fast = None if self.dirty else self._changed_only()
+        if fast is not None:
+            return fast
+        current = {m.uid: m for m in self.mailbox.messages()}
+        gone = {u for u in self.uids if u not in current}
+        new = [u for u in sorted(current) if u > self.highest_uid]
+        return gone, new, current
+
+    def _changed_only(self) -> tuple[set[int], list[int], dict[int, Any]] | None:
+        """``_differences`` from the index's changes since the last sync (rows with a
+        higher modseq, tombstones) looked up in the snapshot, so the work follows the size
+        of the change, not of the mailbox; None when the mailbox cannot tell (a store
+        without ``snapshot_info``) or the result does not add up to the snapshot's size."""
+        lookup = getattr(self.mailbox, "snapshot_info", None)
+        if lookup is None:
+            return None
+        changed, vanished = self.mailbox.changes_since(self._state[1])
+        gone: set[int] = set()
+        new: list[int] = []
+        current: dict[int, Any] = {}
+        for uid in sorted({info.uid for info in changed}.union(vanished)):
+            info = lookup(uid)
+            if info is None:
+                if uid in self.infos:
+                    gone.add(uid)
+                continue
+            current[uid] = info
+            if uid > self.highest_uid:
+                new.append(uid)
+        if len(self.uids) - len(self.gone | gone) + len(new) != self.mailbox.snapshot_count():
+            return None
+        return gone, new, current
 
     def flags_response(self, seq: int, uid: int, with_uid: bool) -> bytes:
         """``* seq FETCH (FLAGS (...) [UID n] [MODSEQ (m)])``."""

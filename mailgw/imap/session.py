@@ -40,6 +40,7 @@ from mailgw.imap.sortthread import (
 from mailgw.interfaces import MailboxNotFound, QuotaExceeded
 from mailgw.model import Address, AddressError
 from mailgw.net.proxy import is_loopback, peer_ip
+from mailgw.store.maildirstore import MessageStore
 
 if TYPE_CHECKING:
     from mailgw.imap.factory import IMAPFactory
@@ -844,7 +845,7 @@ class IMAPServer(Protocol):
     def do_APPEND(self, tag: str, command: p.Append) -> None:
         user = self._user()
         try:
-            mailbox = self.factory.store.open_mailbox(user, command.mailbox)
+            mailbox = _open_target(self.factory.store, user, command.mailbox)
         except (MailboxNotFound, ValueError):
             self._no(tag, "No such mailbox", wire.TRYCREATE)
             return
@@ -1057,7 +1058,7 @@ class IMAPServer(Protocol):
     def _destination(self, tag: str, name: str) -> tuple[str, int] | None:
         """The store name and UIDVALIDITY of a COPY/MOVE target (``NO [TRYCREATE]`` if none)."""
         try:
-            dest = self.factory.store.open_mailbox(self._user(), name)
+            dest = _open_target(self.factory.store, self._user(), name)
         except (MailboxNotFound, ValueError):
             self._no(tag, "No such mailbox", wire.TRYCREATE)
             return None
@@ -1253,3 +1254,11 @@ def _normalise(name: str) -> str | None:
         return Address.parse(name).key
     except AddressError:
         return None
+
+
+def _open_target(store: Any, user: str, name: str) -> Any:
+    """Open an APPEND/COPY/MOVE target folder: for the Maildir store without loading its
+    messages (only its UIDVALIDITY and the new UIDs are needed)."""
+    if isinstance(store, MessageStore):
+        return store.open_mailbox(user, name, snapshot=False)
+    return store.open_mailbox(user, name)

@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     name TEXT PRIMARY KEY
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_blob ON messages(blob) WHERE blob IS NOT NULL;
+-- Incremental refresh and CHANGEDSINCE/VANISHED read only the rows above a modseq.
+CREATE INDEX IF NOT EXISTS messages_modseq ON messages(mailbox, modseq);
+CREATE INDEX IF NOT EXISTS tombstones_modseq ON tombstones(mailbox, modseq);
 """
 
 # Columns added after schema 1 was released: (table, column, declaration).

@@ -339,12 +339,14 @@ class MessageStore:
         self._notify(user, f.name)
         return info.uid
 
-    def open_mailbox(self, user: str, name: str = INBOX) -> Mailbox:
-        """Open a folder (repairing its index first if its directories changed)."""
+    def open_mailbox(self, user: str, name: str = INBOX, snapshot: bool = True) -> Mailbox:
+        """Open a folder (repairing its index first if its directories changed). With
+        ``snapshot`` false only its counters are read (for APPEND, or a COPY target): the
+        messages are loaded on the first ``messages()`` or ``refresh()``."""
         u = self._user(user)
         with u.lock:
             f = self._folder(u, name)
-            return Mailbox(self, user, f)
+            return Mailbox(self, user, f, snapshot)
 
     def list_mailboxes(self, user: str) -> list[str]:
         """INBOX first, then the other folders sorted; folders created on disk by another
@@ -1117,7 +1119,9 @@ class Mailbox:
     ``refresh()``.
     """
 
-    def __init__(self, store: MessageStore, user: str, folder: _Folder) -> None:
+    def __init__(
+        self, store: MessageStore, user: str, folder: _Folder, snapshot: bool = True
+    ) -> None:
         self._store = store
         self._user = user
         self._folder = folder
@@ -1125,9 +1129,19 @@ class Mailbox:
         self.uidvalidity = 0
         self.uidnext = 1
         self.highestmodseq = 1
-        self._infos: dict[int, MessageInfo] = {}
-        self._loaded: tuple[int, int] | None = None
-        self.refresh()
+        self._infos: dict[int, MessageInfo] = {}  # kept in UID order
+        # (uidvalidity, uidnext, highestmodseq) of the index when the snapshot was last
+        # brought up to date from it; None before the first load.
+        self._loaded: tuple[int, int, int] | None = None
+        if snapshot:
+            self.refresh()
+        else:
+            u = self._u()
+            with u.lock:
+                row = self._state_row(u)
+            self.uidvalidity = int(row[0])  # type: ignore[call-overload]
+            self.uidnext = int(row[1])  # type: ignore[call-overload]
+            self.highestmodseq = int(row[2])  # type: ignore[call-overload]
 
     def _u(self) -> _User:
         return self._store._user(self._user)
@@ -1138,31 +1152,82 @@ class Mailbox:
     # The interface declares list[object]/dict[int, object]; the precise types help callers.
     def messages(self) -> list[MessageInfo]:  # type: ignore[override]
         """Every message of the snapshot, ordered by UID."""
+        if self._loaded is None:  # opened without a snapshot
+            self.refresh()
         return list(self._infos.values())
 
+    def snapshot_info(self, uid: int) -> MessageInfo | None:
+        """The snapshot's message ``uid`` (None when not in it); loads nothing."""
+        return self._infos.get(uid)
+
+    def snapshot_count(self) -> int:
+        """The number of messages in the snapshot; loads nothing."""
+        return len(self._infos)
+
+    def _state_row(self, u: _User) -> Sequence[object]:
+        row = u.index.conn.execute(
+            "SELECT uidvalidity, uidnext, highestmodseq, message_count FROM mailboxes WHERE id = ?",
+            (self._folder.id,),
+        ).fetchone()
+        if row is None:
+            raise self._store._forget(u, self._folder)
+        return cast(Sequence[object], row)
+
     def refresh(self) -> None:
-        """Repair the index if the folder's files changed, then reload it if it changed."""
+        """Repair the index if the folder's files changed, then bring the snapshot up to
+        date: nothing to read when the index's UIDNEXT and HIGHESTMODSEQ are what this
+        object last loaded; else only the rows and tombstones with a higher modseq (every
+        change of a row or removal raises its modseq); a full reload when UIDVALIDITY
+        changed, the modseq went back (a rebuilt index) or the message count disagrees."""
         u = self._u()
         with u.lock:
             changed = self._store._sync(u, self._folder)
-            row = u.index.conn.execute(
-                "SELECT uidvalidity, uidnext, highestmodseq FROM mailboxes WHERE id = ?",
-                (self._folder.id,),
-            ).fetchone()
-            if row is None:
-                raise self._store._forget(u, self._folder)
-            state = (int(row[1]), int(row[2]))
-            if state != self._loaded:
-                rows = u.index.conn.execute(
-                    f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox = ? ORDER BY uid",
-                    (self._folder.id,),
-                ).fetchall()
-                self._infos = {int(r[0]): _info_from_row(r) for r in rows}
+            conn = u.index.conn
+            row = self._state_row(u)
+            state = (int(row[0]), int(row[1]), int(row[2]))  # type: ignore[call-overload]
+            loaded = self._loaded
+            if state != loaded:
+                if loaded is None or loaded[0] != state[0] or state[2] < loaded[2]:
+                    self._reload(conn)
+                else:
+                    self._apply_changes(conn, loaded[2])
+                    if len(self._infos) != int(row[3]):  # type: ignore[call-overload]
+                        self._reload(conn)
                 self._loaded = state
-            self.uidvalidity = int(row[0])
-            self.uidnext, self.highestmodseq = state
+            self.uidvalidity = state[0]
+            self.uidnext, self.highestmodseq = state[1], state[2]
         if changed:
             self._changed()
+
+    def _reload(self, conn: sqlite3.Connection) -> None:
+        rows = conn.execute(
+            f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox = ? ORDER BY uid",
+            (self._folder.id,),
+        ).fetchall()
+        self._infos = {int(r[0]): _info_from_row(r) for r in rows}
+
+    def _apply_changes(self, conn: sqlite3.Connection, modseq: int) -> None:
+        """Apply the index's changes above ``modseq`` (removals, then changed/new rows)."""
+        for (uid,) in conn.execute(
+            "SELECT uid FROM tombstones WHERE mailbox = ? AND modseq > ?",
+            (self._folder.id, modseq),
+        ).fetchall():
+            self._infos.pop(int(uid), None)
+        rows = conn.execute(
+            f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox = ? AND modseq > ? ORDER BY uid",
+            (self._folder.id, modseq),
+        ).fetchall()
+        for r in rows:
+            self._put(_info_from_row(r))
+
+    def _put(self, info: MessageInfo) -> None:
+        """Add or replace ``info`` in the snapshot, keeping it in UID order."""
+        infos = self._infos
+        if info.uid in infos or not infos or info.uid > next(reversed(infos)):
+            infos[info.uid] = info
+        else:  # an older UID arriving after a newer one (another writer's append)
+            infos[info.uid] = info
+            self._infos = dict(sorted(infos.items()))
 
     def _lookup(self, u: _User, uid: int) -> MessageInfo | None:
         row = u.index.conn.execute(
@@ -1361,7 +1426,7 @@ class Mailbox:
             info = self._store._store(
                 u, self._folder, limit, b"", None, data, normalized, internaldate
             )
-            self._infos[info.uid] = info
+            self._put(info)
             self.uidnext = max(self.uidnext, info.uid + 1)
             self.highestmodseq = max(self.highestmodseq, info.modseq)
         self._changed()
