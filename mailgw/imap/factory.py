@@ -11,6 +11,7 @@ from mailgw.config.schema import IMAPConfig
 from mailgw.imap.session import IMAPServer
 from mailgw.interfaces import IDirectory, IMessageStore
 from mailgw.mime import StructureCache
+from mailgw.net.limits import ConnectionCounter
 
 
 class IMAPFactory(ServerFactory[IMAPServer]):
@@ -43,7 +44,7 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         self.implicit_tls = implicit_tls
         self.auth_failure_delay = auth_failure_delay
         self.cache = cache if cache is not None else StructureCache(4096)
-        self._per_ip: dict[str, int] = {}
+        self._connections = ConnectionCounter(config.max_connections_per_ip)
         self._sessions: dict[str, set[IMAPServer]] = {}
         self._recent: dict[tuple[str, str, int], int] = {}
         store.add_listener(self.store_changed)
@@ -58,21 +59,13 @@ class IMAPFactory(ServerFactory[IMAPServer]):
 
     def connection_opened(self, ip: str) -> bool:
         """Count a session from ``ip``; False (not counted) when over the limit."""
-        current = self._per_ip.get(ip, 0)
-        if current >= self.config.max_connections_per_ip:
-            return False
-        self._per_ip[ip] = current + 1
-        return True
+        return self._connections.admit(ip) is None
 
     def connection_closed(self, ip: str) -> None:
-        current = self._per_ip.get(ip, 0) - 1
-        if current > 0:
-            self._per_ip[ip] = current
-        else:
-            self._per_ip.pop(ip, None)
+        self._connections.release(ip)
 
     def connections_from(self, ip: str) -> int:
-        return self._per_ip.get(ip, 0)
+        return self._connections.count(ip)
 
     def login(self, user: str, session: IMAPServer) -> bool:
         """Register an authenticated session; False when the user has too many."""
