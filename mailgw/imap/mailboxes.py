@@ -10,6 +10,7 @@ from mailgw.imap.parser import ListMailboxes
 from mailgw.imap.wire import compile_list_pattern
 
 DELIMITER = "/"
+CHILDINFO = b'("CHILDINFO" ("SUBSCRIBED"))'
 SPECIAL_USE = {
     "Sent": "\\Sent",
     "Drafts": "\\Drafts",
@@ -40,29 +41,54 @@ def list_lines(
         root = command.reference.split(DELIMITER, 1)[0] + DELIMITER if command.reference else ""
         return [wire.untagged(verb, b"(\\Noselect)", wire.quote(DELIMITER), wire.quote(root))]
     matchers = [compile_list_pattern(command.reference, pat, DELIMITER) for pat in command.patterns]
+
+    def matches(name: str) -> bool:
+        return any(m(name) for m in matchers)
+
     existing = set(names)
-    parents: set[str] = set()
-    for name in names:
-        parts = name.split(DELIMITER)
-        for i in range(1, len(parts)):
-            parents.add(DELIMITER.join(parts[:i]))
-    candidates = sorted(existing | parents, key=lambda n: (n != "INBOX", n))
+    parents = _parents(names)
     selection = command.selection
     returns = command.returns
     only_subscribed = "SUBSCRIBED" in selection or lsub
     only_special = "SPECIAL-USE" in selection
+    recursive = "RECURSIVEMATCH" in selection and not lsub
+    pool = existing | parents
+    if only_subscribed:
+        # RFC 3501 6.3.9 / RFC 5258 3.1: subscribed names are listed even when the mailbox
+        # no longer exists; their parents may stand in for descendants (below).
+        pool |= subscribed | _parents(subscribed)
+    candidates = sorted(pool, key=lambda n: (n != "INBOX", n))
     out: list[bytes] = []
     for name in candidates:
-        if not any(m(name) for m in matchers):
+        if not matches(name):
             continue
         attrs: list[str] = []
-        if name not in existing:
-            if only_subscribed or only_special:
-                continue
-            attrs.append("\\Noselect" if not command.extended else "\\NonExistent")
+        extra = b""
         if only_subscribed and name not in subscribed:
-            continue
-        use = special_use(name)
+            # Not selected itself: a parent of subscribed names. LSUB shows it as \Noselect
+            # when `%` hides a subscribed descendant (RFC 3501 6.3.9); LIST (SUBSCRIBED
+            # RECURSIVEMATCH) shows it with CHILDINFO (RFC 5258 3.5) in the same case.
+            hidden = _hidden_descendant(name, subscribed, matches)
+            if lsub and hidden:
+                attrs.append("\\Noselect")
+            elif recursive and hidden:
+                extra = CHILDINFO
+                if name not in existing:
+                    attrs.append("\\NonExistent")
+            else:
+                continue
+        elif name not in existing:
+            if only_special:
+                continue
+            if not only_subscribed:
+                # A hierarchy level implied by existing children (RFC 3501 6.3.8): \Noselect,
+                # also in extended LIST; \NonExistent is for names kept by a selection option.
+                attrs.append("\\Noselect")
+            elif not lsub:
+                attrs.append("\\NonExistent")
+        elif recursive and only_subscribed and _hidden_descendant(name, subscribed, matches):
+            extra = CHILDINFO
+        use = special_use(name) if name in existing else None
         if only_special and use is None:
             continue
         if not lsub:
@@ -77,6 +103,7 @@ def list_lines(
                 wire.flag_list(attrs),
                 wire.quote(DELIMITER),
                 wire.mailbox_name(name, utf8),
+                *((extra,) if extra else ()),
             )
         )
         if status is not None and "STATUS" in returns and name in existing:
@@ -84,6 +111,22 @@ def list_lines(
             if line:
                 out.append(line)
     return out
+
+
+def _parents(names: Iterable[str]) -> set[str]:
+    """Every proper ancestor of ``names`` (``a`` and ``a/b`` for ``a/b/c``)."""
+    parents: set[str] = set()
+    for name in names:
+        parts = name.split(DELIMITER)
+        for i in range(1, len(parts)):
+            parents.add(DELIMITER.join(parts[:i]))
+    return parents
+
+
+def _hidden_descendant(name: str, subscribed: set[str], matches: Any) -> bool:
+    """Whether a subscribed descendant of ``name`` is not matched by the patterns."""
+    prefix = name + DELIMITER
+    return any(s.startswith(prefix) and not matches(s) for s in subscribed)
 
 
 def status_values(mailbox: Any, items: Iterable[str], recent: int) -> list[tuple[str, int]]:

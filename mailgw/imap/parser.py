@@ -741,10 +741,14 @@ class DateKey:
 
 @dataclass(frozen=True, slots=True)
 class HeaderKey:
-    """A header field containing ``value`` (case-insensitive substring; "" = field present)."""
+    """A header field containing ``value`` (case-insensitive substring; "" = field present).
+    ``addresses`` marks FROM/TO/CC/BCC, which RFC 3501 defines on the envelope structure:
+    they also match the parsed addresses (``local@domain``, display names), so comments
+    and obsolete syntax inside the raw header do not hide a match."""
 
     name: str
     value: str
+    addresses: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1424,7 +1428,7 @@ class _SearchParser:
         if name in ("KEYWORD", "UNKEYWORD"):
             return FlagKey(_flag(args.take("keyword")), name == "KEYWORD")
         if name in _HEADER_KEYS:
-            return HeaderKey(_HEADER_KEYS[name], self.string(args, name))
+            return HeaderKey(_HEADER_KEYS[name], self.string(args, name), name not in ("SUBJECT",))
         if name == "HEADER":
             field_name = _text(args.take("header field name"), "header field name", True)
             if not field_name or any(c in field_name for c in " :\t"):

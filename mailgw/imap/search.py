@@ -15,8 +15,11 @@ from mailgw.imap import parser as p
 from mailgw.imap.fetch import Fetcher, MessageGone
 from mailgw.imap.sequence import Ranges, contains, resolve
 from mailgw.mime import decode_header_value, header_values, parse_date, text_parts
+from mailgw.mime.addresses import parse_address_list
+from mailgw.mime.text import date_offset
 
 MAX_TEXT_BYTES = 4 * 1024 * 1024  # decoded bytes searched per text part
+MAX_ADDRESSES = 10_000  # parsed addresses searched per header field
 
 
 class _Message:
@@ -43,6 +46,17 @@ class _Message:
 
 def _utc_date(ts: float) -> datetime.date:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).date()
+
+
+def _sent_date(value: bytes) -> datetime.date | None:
+    """The calendar date of a Date: header as written in its own zone: RFC 3501 6.4.4 has
+    SENTBEFORE/SENTON/SENTSINCE disregard both time and timezone, so ``Sun, 25 Mar 2007
+    00:30 +0200`` is on 25 March even though it is 24 March in UTC."""
+    ts = parse_date(value)
+    if ts is None:
+        return None
+    offset = date_offset(value)
+    return _utc_date(ts + offset)
 
 
 def _compare(day: datetime.date, relation: str, wanted: datetime.date) -> bool:
@@ -112,21 +126,35 @@ class Searcher:
             if key.field == "INTERNAL":
                 return _compare(_utc_date(info.internaldate), key.relation, key.date)
             values = header_values(msg.structure(), "Date")
-            ts = parse_date(values[0]) if values else None
-            return ts is not None and _compare(_utc_date(ts), key.relation, key.date)
+            day = _sent_date(values[0]) if values else None
+            return day is not None and _compare(day, key.relation, key.date)
         if isinstance(key, p.HeaderKey):
-            return self._header(msg, key.name, key.value)
+            return self._header(msg, key.name, key.value, key.addresses)
         if isinstance(key, p.TextKey):
             return self._text(msg, key.scope == "TEXT", key.value)
         raise TypeError(f"unknown search key {key!r}")
 
     @staticmethod
-    def _header(msg: _Message, name: str, value: str) -> bool:
+    def _header(msg: _Message, name: str, value: str, addresses: bool = False) -> bool:
         values = header_values(msg.structure(), name)
         if not value:
             return bool(values)
         needle = value.casefold()
-        return any(needle in decode_header_value(raw).casefold() for raw in values)
+        if any(needle in decode_header_value(raw).casefold() for raw in values):
+            return True
+        if addresses:
+            for raw in values:
+                for item in parse_address_list(raw, MAX_ADDRESSES):
+                    if item.host is None:  # group markers: the group name only
+                        text = item.mailbox.decode("utf-8", "replace") if item.mailbox else ""
+                    else:
+                        local = (item.mailbox or b"").decode("utf-8", "replace")
+                        host = item.host.decode("utf-8", "replace")
+                        name_text = decode_header_value(item.name) if item.name else ""
+                        text = f"{name_text} {local}@{host}"
+                    if needle in text.casefold():
+                        return True
+        return False
 
     @staticmethod
     def _text(msg: _Message, with_headers: bool, value: str) -> bool:

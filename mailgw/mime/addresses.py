@@ -20,12 +20,15 @@ class AddressItem:
 
     A mailbox has ``mailbox`` and ``host`` set (``name`` may be None); a group start has
     ``mailbox`` = the group name and ``host`` None; a group end has all fields None.
+    ``route`` is the obsolete source route of ``<@a,@b:local@domain>`` (``b"@a,@b"``; the
+    ENVELOPE's at-domain-list), else None.
     Values are raw bytes (quotes removed, encoded-words not decoded).
     """
 
     name: bytes | None
     mailbox: bytes | None
     host: bytes | None
+    route: bytes | None = None
 
     @property
     def is_group_start(self) -> bool:
@@ -130,7 +133,9 @@ def _mailbox(tokens: list[tuple[int, bytes]]) -> AddressItem | None:
         inner = tokens[lt + 1 : gt]
         # obsolete route: <@a,@b:local@domain>
         colon = next((i for i, (k, t) in enumerate(inner) if k == _SPECIAL and t == b":"), -1)
+        route = None
         if colon >= 0 and inner and inner[0] == (_SPECIAL, b"@"):
+            route = b"".join(t for k, t in inner[:colon] if k != _COMMENT) or None
             inner = inner[colon + 1 :]
         name = _phrase(tokens[:lt])
         if name is None:
@@ -139,7 +144,7 @@ def _mailbox(tokens: list[tuple[int, bytes]]) -> AddressItem | None:
         if not inner:
             return AddressItem(name, MISSING_MAILBOX, MISSING_DOMAIN)
         mailbox, host = _addr_spec(inner)
-        return AddressItem(name, mailbox, host)
+        return AddressItem(name, mailbox, host, route)
     mailbox, host = _addr_spec(tokens)
     comments = [t for k, t in tokens if k == _COMMENT and t.strip()]
     return AddressItem(comments[-1].strip() if comments else None, mailbox, host)

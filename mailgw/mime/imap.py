@@ -115,8 +115,9 @@ def _address_list(items: list[AddressItem]) -> bytes:
         return b"NIL"
     out = bytearray(b"(")
     for a in items:
-        out += b"(%s NIL %s %s)" % (
+        out += b"(%s %s %s %s)" % (
             imap_string(a.name),
+            imap_string(a.route),
             imap_string(a.mailbox),
             imap_string(a.host),
         )
@@ -133,7 +134,7 @@ def envelope(msg: MessageStructure | Part) -> bytes:
     """The FETCH ENVELOPE value (RFC 3501 §7.4.2) from the first occurrence of each field.
 
     Sender and Reply-To default to From when absent or empty; values are the raw header
-    bytes (unfolded), addresses route-less, groups as ``(NIL NIL "name" NIL)`` ...
+    bytes (unfolded), obsolete source routes as the at-domain-list, groups as ``(NIL NIL "name" NIL)`` ...
     ``(NIL NIL NIL NIL)``.
     """
     p = _root(msg)

@@ -54,6 +54,25 @@ _COMMENT_RE = re.compile(rb"\([^()]*\)")
 _MILITARY = {chr(c): 0 for c in range(ord("A"), ord("Z") + 1) if chr(c) != "J"}
 
 
+def date_offset(value: bytes | str) -> int:
+    """The zone offset in seconds east of UTC written in an RFC 5322 date (named zones
+    too); 0 when it is missing, unknown, military or the date is invalid."""
+    v = value.encode("latin-1", "replace") if isinstance(value, str) else value
+    for _ in range(4):
+        stripped = _COMMENT_RE.sub(b" ", v)
+        if stripped == v:
+            break
+        v = stripped
+    text = " ".join(v.decode("latin-1").split()).replace(" ,", ",")
+    try:
+        parsed = parsedate_tz(text) if text else None
+    except (ValueError, IndexError, TypeError):
+        return 0
+    if parsed is None or parsed[9] is None or abs(parsed[9]) >= 24 * 3600:
+        return 0
+    return int(parsed[9])
+
+
 def parse_date(value: bytes | str) -> float | None:
     """Parse an RFC 5322 date (obsolete forms too: 2-digit years, named and military
     zones, comments, missing weekday or seconds) into a POSIX timestamp; None if invalid.

@@ -267,7 +267,7 @@ def test_envelope_groups_defaults_and_nil() -> None:
         b'((NIL NIL "undisclosed-recipients" NIL)(NIL NIL NIL NIL)) '
         b'((NIL NIL "Team" NIL)(NIL NIL "ann" "example.com")("Bob B" NIL "bob" "example.com")'
         b'(NIL NIL NIL NIL)("Carl C" NIL "carl" "example.com")) '
-        b'((NIL NIL "hidden" "example.com")(NIL NIL "broken" "MISSING_DOMAIN")) '
+        b'((NIL "@relay.example" "hidden" "example.com")(NIL NIL "broken" "MISSING_DOMAIN")) '
         b'"<parent@example.com>" NIL)'
     )
 
