@@ -51,6 +51,7 @@ sys.path.insert(0, str(BENCH))
 
 import argon2  # noqa: E402
 from peers import DovecotPeer, dovecot_version  # noqa: E402
+from smtp_inbound import machine_cpu  # noqa: E402
 
 from mailgw.testing.server import MailgwServer, free_port  # noqa: E402
 
@@ -274,6 +275,7 @@ class RunResult:
     p50_ms: dict[str, float] = field(default_factory=dict)
     p99_ms: dict[str, float] = field(default_factory=dict)
     server_cpu_s: float = 0.0
+    busy_cores: float = 0.0
     idle_connections: int = 0
     idle_open_s: float = 0.0
     base_rss_kib: int = 0
@@ -298,12 +300,15 @@ def run_load(port: int, root: int, args: argparse.Namespace, result: RunResult) 
         for i in range(args.clients)
     ]
     cpu0 = cpu_seconds(root)
+    busy0, total0 = machine_cpu()
     for p in procs:
         p.start()
     results = [queue.get(timeout=args.duration + 120) for _ in procs]
     for p in procs:
         p.join(30)
     result.server_cpu_s = round(cpu_seconds(root) - cpu0, 2)
+    busy1, total1 = machine_cpu()
+    result.busy_cores = round((busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1), 2)
     lat: dict[str, list[float]] = {op: [] for op in OPS}
     for one, errors in results:
         result.errors += errors
@@ -361,13 +366,10 @@ def mailgw_round(workdir: Path, args: argparse.Namespace, messages: list[bytes])
 
     result = RunResult("mailgw", args.round)
     limit = str(max(5000, args.idle * 2))
-    server = MailgwServer(
-        workdir,
-        {
-            "imap": {"max_connections_per_ip": limit, "max_connections_per_user": limit},
-            "directory": {"auth_failure_delay": "0.2s"},
-        },
-    )
+    imap = {"max_connections_per_ip": limit, "max_connections_per_user": limit}
+    if args.workers is not None:
+        imap["workers"] = args.workers
+    server = MailgwServer(workdir, {"imap": imap, "directory": {"auth_failure_delay": "0.2s"}})
     conf = str(server.config_path)
     with contextlib.redirect_stdout(io.StringIO()):
         assert cli(["--config", conf, "domain", "add", DOMAIN]) == 0
@@ -429,6 +431,7 @@ def summary(results: list[RunResult]) -> dict[str, dict[str, float]]:
             "sessions_per_s": med([r.sessions_per_s for r in ok]),
             "errors": sum(r.errors for r in ok),
             "server_cpu_ms_per_op": med([1000 * r.server_cpu_s / max(1, r.ops) for r in ok]),
+            "busy_cores": med([r.busy_cores for r in ok]),
             "rss_per_idle_kib": med([r.rss_per_idle_kib for r in ok]),
             "pss_per_idle_kib": med([r.pss_per_idle_kib for r in ok]),
             "idle_open_s": med([r.idle_open_s for r in ok]),
@@ -462,6 +465,9 @@ def main() -> int:
     parser.add_argument("--idle", type=int, default=1000, help="idle IDLE connections")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=("mailgw", "dovecot"), help="run one server only")
+    parser.add_argument(
+        "--workers", default=None, help="mailgw [imap] workers (default: the config default)"
+    )
     parser.add_argument("--base-dir", default=None, help="where data directories go ($TMPDIR)")
     args = parser.parse_args()
 

@@ -164,6 +164,19 @@ class IMailbox(Interface):
         are expunged here (tombstones). MailboxNotFound if ``dest_name`` does not exist,
         ValueError if it is this folder."""
 
+    def claim_recent(uids: Sequence[int]) -> set[int]:
+        """IMAP ``\\Recent``: the messages of ``uids`` no session has claimed yet, now claimed
+        for the caller, atomically across sessions and processes (each message is recent in
+        exactly one read-write session). MailboxNotFound if the folder was deleted."""
+
+    def unclaimed_recent(uids: Sequence[int]) -> set[int]:
+        """The messages of ``uids`` no session has claimed yet, claiming nothing (EXAMINE).
+        MailboxNotFound if the folder was deleted."""
+
+    def recent_count() -> int:
+        """How many messages of the folder no session has claimed yet (STATUS RECENT).
+        MailboxNotFound if the folder was deleted."""
+
 
 class IMessageStore(Interface):
     """The mailbox store facade: per-user folders, quota, change notifications.
@@ -177,8 +190,11 @@ class IMessageStore(Interface):
         Delivered-To header lines) followed by the file's bytes, written to tmp, fsynced,
         renamed into place, indexed. Returns the UID. Raises QuotaExceeded, OSError."""
 
-    def open_mailbox(user: str, name: str = "INBOX") -> IMailbox:
-        """Open a folder. MailboxNotFound if it does not exist. INBOX always exists."""
+    def open_mailbox(user: str, name: str = "INBOX", snapshot: bool = True) -> IMailbox:
+        """Open a folder. With ``snapshot`` false the store may read only the folder's
+        counters (UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ) and load the messages on the first
+        ``messages()``/``refresh()`` (an APPEND/COPY/MOVE target). MailboxNotFound if it
+        does not exist, ValueError for an invalid name. INBOX always exists."""
 
     def list_mailboxes(user: str) -> list[str]:
         """Folder names of the user (INBOX first)."""

@@ -200,11 +200,17 @@ class Node(service.MultiService):
             self._add_imap()
 
     def _add_imap(self) -> None:
-        from mailgw.imap.factory import IMAPFactory
+        from mailgw.imap.factory import IMAPFactory, local_admission
+        from mailgw.imap.workers import worker_count
         from mailgw.mime import StructureCache
 
         config = self.config
+        workers = worker_count(config.imap.workers)
+        if workers > 0:
+            self._add_imap_workers(workers)
+            return
         cache = StructureCache(4096)
+        admission = local_admission(config.imap)  # one count for the plain and TLS listeners
         for implicit in (False, True):
             if implicit and self.tls_options is None:
                 break
@@ -218,6 +224,7 @@ class Node(service.MultiService):
                 implicit_tls=implicit,
                 auth_failure_delay=config.directory.auth_failure_delay,
                 cache=cache,
+                admission=admission,
             )
             key = "listen_tls" if implicit else "listen"
             self._listen(
@@ -228,6 +235,20 @@ class Node(service.MultiService):
                 config.imap.proxy_trusted,
                 tls=self.tls_options if implicit else None,
             )
+
+    def _add_imap_workers(self, count: int) -> None:
+        """IMAP sessions in ``count`` worker processes sharing this process's listeners; this
+        process arbitrates limits and forwards its store changes (deliveries) to them."""
+        from mailgw.imap.workers import Listener, WorkerPool
+
+        imap = self.config.imap
+        listeners = [Listener("listen", d, False) for d in imap.listen]
+        if self.tls_options is not None:
+            listeners += [Listener("listen_tls", d, True) for d in imap.listen_tls]
+        pool = WorkerPool(self.config, self.reactor, count, listeners)
+        self.store.add_listener(pool.store_changed)
+        pool.setServiceParent(self)
+        self.imap_workers = pool
 
 
 def _submission_listeners(node: Node) -> None:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from twisted.application.service import MultiService
 from twisted.internet.task import Clock
 
 from mailgw import tap
@@ -49,7 +50,15 @@ def test_make_service_reports_config_errors_without_traceback(tmp_path: Path) ->
 
 
 def listeners(node: Node) -> list[str]:
-    return [s.name for s in node if isinstance(s, ListenerService)]
+    """The listeners of the node, also those of a child MultiService (the IMAP worker pool
+    owns the IMAP listeners so that it stops the workers before closing them)."""
+    out = []
+    for s in node:
+        if isinstance(s, ListenerService):
+            out.append(s.name)
+        elif isinstance(s, MultiService):
+            out.extend(c.name for c in s if isinstance(c, ListenerService))
+    return out
 
 
 def test_roles_and_listeners_follow_the_config(tmp_path: Path) -> None:

@@ -40,6 +40,20 @@ def _tls_version(s: str) -> str:
     return s.strip()
 
 
+def _workers(s: str) -> int | None:
+    """``auto`` -> None (one per CPU, decided at start-up), else a whole number >= 0."""
+    text = s.strip().lower()
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected auto or a whole number, got {s!r}") from None
+    if value < 0:
+        raise ValueError(f"expected auto or a number from 0, got {value}")
+    return value
+
+
 def _delimiter(s: str) -> str:
     s = s.strip()
     if len(s) > 1 or (s and (s.isalnum() or s in '@."')):
@@ -242,6 +256,11 @@ class IMAPConfig:
     )
     max_connections_per_user: int = key(
         "20", v.parse_positive_int, "Concurrent authenticated sessions of one user."
+    )
+    workers: int | None = key(
+        "auto",
+        _workers,
+        "Worker processes serving IMAP sessions: auto (one per CPU), a number, or 0 (in-process).",
     )
 
 

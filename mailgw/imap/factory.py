@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from collections.abc import Hashable
+from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import ServerFactory
 
@@ -14,13 +17,127 @@ from mailgw.mime import StructureCache
 from mailgw.net.limits import ConnectionCounter
 
 
+class SessionLimits:
+    """``max_connections_per_ip`` and ``max_connections_per_user`` over every session it is
+    told about, remembering what each *holder* (a worker process; None in-process) holds so
+    that everything a dead holder held can be released at once."""
+
+    def __init__(self, max_per_ip: int, max_per_user: int) -> None:
+        self.max_per_user = max_per_user
+        self._ips = ConnectionCounter(max_per_ip)
+        self._users: Counter[str] = Counter()
+        self._held_ips: dict[Hashable, Counter[str]] = {}
+        self._held_users: dict[Hashable, Counter[str]] = {}
+
+    def open(self, ip: str, holder: Hashable = None) -> bool:
+        """Count a connection from ``ip``; False (not counted) when over the limit."""
+        if self._ips.admit(ip) is not None:
+            return False
+        self._held_ips.setdefault(holder, Counter())[ip] += 1
+        return True
+
+    def close(self, ip: str, holder: Hashable = None) -> None:
+        """Forget one connection from ``ip`` counted for ``holder`` (nothing if none is)."""
+        if _take(self._held_ips, holder, ip):
+            self._ips.release(ip)
+
+    def login(self, user: str, holder: Hashable = None) -> bool:
+        """Count an authenticated session of ``user``; False when the user has too many."""
+        if self._users[user] >= self.max_per_user:
+            return False
+        self._users[user] += 1
+        self._held_users.setdefault(holder, Counter())[user] += 1
+        return True
+
+    def logout(self, user: str, holder: Hashable = None) -> None:
+        """Forget one session of ``user`` counted for ``holder`` (nothing if none is)."""
+        if _take(self._held_users, holder, user):
+            self._drop_user(user, 1)
+
+    def release(self, holder: Hashable) -> None:
+        """Forget every connection and session ``holder`` held (a worker died)."""
+        for ip, n in self._held_ips.pop(holder, Counter()).items():
+            for _ in range(n):
+                self._ips.release(ip)
+        for user, n in self._held_users.pop(holder, Counter()).items():
+            self._drop_user(user, n)
+
+    def _drop_user(self, user: str, n: int) -> None:
+        left = self._users[user] - n
+        if left > 0:
+            self._users[user] = left
+        else:
+            del self._users[user]
+
+    def connections_from(self, ip: str) -> int:
+        return self._ips.count(ip)
+
+    def sessions_of(self, user: str) -> int:
+        return self._users.get(user, 0)
+
+
+def _take(held: dict[Hashable, Counter[str]], holder: Hashable, name: str) -> bool:
+    """Take one ``name`` off ``holder``'s counts; False if it held none."""
+    counts = held.get(holder)
+    if counts is None or counts[name] <= 0:
+        return False
+    counts[name] -= 1
+    if counts[name] <= 0:
+        del counts[name]
+        if not counts:
+            del held[holder]
+    return True
+
+
+class Admission(Protocol):
+    """Who admits connections and logins: answers are Deferreds (a worker asks the main
+    process), releases are fire-and-forget."""
+
+    def open(self, ip: str) -> Deferred[bool]: ...
+
+    def close(self, ip: str) -> None: ...
+
+    def login(self, user: str) -> Deferred[bool]: ...
+
+    def logout(self, user: str) -> None: ...
+
+
+class LocalAdmission:
+    """In-process admission: a ``SessionLimits`` of this process, answering at once."""
+
+    def __init__(self, limits: SessionLimits) -> None:
+        self.limits = limits
+
+    def open(self, ip: str) -> Deferred[bool]:
+        return succeed(self.limits.open(ip))
+
+    def close(self, ip: str) -> None:
+        self.limits.close(ip)
+
+    def login(self, user: str) -> Deferred[bool]:
+        return succeed(self.limits.login(user))
+
+    def logout(self, user: str) -> None:
+        self.limits.logout(user)
+
+
+def local_admission(config: IMAPConfig) -> LocalAdmission:
+    """Admission by this process's own counters, with the limits of ``config``."""
+    return LocalAdmission(
+        SessionLimits(config.max_connections_per_ip, config.max_connections_per_user)
+    )
+
+
 class IMAPFactory(ServerFactory[IMAPServer]):
     """Builds an ``IMAPServer`` per connection.
 
     ``tls_options``: TLS context factory for STARTTLS (None: not offered); ``implicit_tls``:
     the listener already wraps connections in TLS. The factory registers one store listener
     and forwards each change to the sessions of that user (IDLE pushes, untagged updates).
-    ``cache`` (parsed message structures) may be shared between factories.
+    ``cache`` (parsed message structures) may be shared between factories. ``admission``
+    decides on connections and logins (per-IP and per-user limits): by default this factory's
+    own counters; shared between the plain and TLS factories, or asked of the main process in
+    an IMAP worker (``mailgw.imap.worker``).
     """
 
     def __init__(
@@ -34,6 +151,7 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         implicit_tls: bool = False,
         auth_failure_delay: float = 2.0,
         cache: StructureCache | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.config = config
         self.hostname = hostname
@@ -44,7 +162,7 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         self.implicit_tls = implicit_tls
         self.auth_failure_delay = auth_failure_delay
         self.cache = cache if cache is not None else StructureCache(4096)
-        self._connections = ConnectionCounter(config.max_connections_per_ip)
+        self.admission: Admission = admission if admission is not None else local_admission(config)
         self._sessions: dict[str, set[IMAPServer]] = {}
         self._recent: dict[tuple[str, str, int], int] = {}
         store.add_listener(self.store_changed)
@@ -57,51 +175,37 @@ class IMAPFactory(ServerFactory[IMAPServer]):
 
     # -- connections per client address and per user -------------------------------------------
 
-    def connection_opened(self, ip: str) -> bool:
-        """Count a session from ``ip``; False (not counted) when over the limit."""
-        return self._connections.admit(ip) is None
+    def connection_opened(self, ip: str) -> Deferred[bool]:
+        """Ask to count a session from ``ip``: fires False (not counted) when over the limit."""
+        return self.admission.open(ip)
 
     def connection_closed(self, ip: str) -> None:
-        self._connections.release(ip)
+        """Release a session counted by ``connection_opened``."""
+        self.admission.close(ip)
 
-    def connections_from(self, ip: str) -> int:
-        return self._connections.count(ip)
+    def login(self, user: str, session: IMAPServer) -> Deferred[bool]:
+        """Ask to register an authenticated session: fires False when the user has too many.
+        Once registered (True), the session gets the user's store pushes until ``logout``."""
 
-    def login(self, user: str, session: IMAPServer) -> bool:
-        """Register an authenticated session; False when the user has too many."""
-        sessions = self._sessions.setdefault(user, set())
-        if len(sessions) >= self.config.max_connections_per_user:
-            if not sessions:
-                del self._sessions[user]
-            return False
-        sessions.add(session)
-        return True
+        def registered(admitted: bool) -> bool:
+            if admitted:
+                self._sessions.setdefault(user, set()).add(session)
+            return admitted
+
+        return self.admission.login(user).addCallback(registered)
 
     def logout(self, user: str, session: IMAPServer) -> None:
+        """Unregister a session registered by ``login`` (nothing if it is not)."""
         sessions = self._sessions.get(user)
-        if sessions is not None:
-            sessions.discard(session)
-            if not sessions:
-                del self._sessions[user]
+        if sessions is None or session not in sessions:
+            return
+        sessions.discard(session)
+        if not sessions:
+            del self._sessions[user]
+        self.admission.logout(user)
 
     def sessions_of(self, user: str) -> set[IMAPServer]:
         return set(self._sessions.get(user, ()))
-
-    # -- \Recent: each message is recent in at most one session ---------------------------------
-
-    def claim_recent(self, user: str, folder: str, uidvalidity: int, uids: list[int]) -> set[int]:
-        """The UIDs of ``uids`` no session has seen as \\Recent yet, now claimed."""
-        key = (user, folder, uidvalidity)
-        claimed = self._recent.get(key, 0)
-        out = {u for u in uids if u > claimed}
-        if out:
-            self._recent[key] = max(out)
-        return out
-
-    def recent_count(self, user: str, folder: str, uidvalidity: int, uids: list[int]) -> int:
-        """How many of ``uids`` are still unclaimed (STATUS RECENT, EXAMINE)."""
-        claimed = self._recent.get((user, folder, uidvalidity), 0)
-        return sum(1 for u in uids if u > claimed)
 
     # -- store changes ----------------------------------------------------------------------------
 

@@ -15,7 +15,14 @@ from mailgw.imap import wire
 from mailgw.imap.parser import FetchAtt
 from mailgw.imap.selected import SelectedMailbox
 from mailgw.mime import Section as MimeSection
-from mailgw.mime import StructureCache, body_structure, envelope, partial
+from mailgw.mime import (
+    StructureCache,
+    UnknownTransferEncoding,
+    binary_section,
+    body_structure,
+    envelope,
+    partial,
+)
 from mailgw.mime import section as mime_section
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -42,12 +49,12 @@ def internaldate(ts: float) -> bytes:
 
 
 def sets_seen(items: tuple[FetchAtt, ...]) -> bool:
-    """Whether fetching ``items`` implicitly sets \\Seen (BODY[...] without PEEK, RFC822,
-    RFC822.TEXT)."""
+    """Whether fetching ``items`` implicitly sets \\Seen (BODY[...] and BINARY[...] without
+    PEEK, RFC822, RFC822.TEXT)."""
     for item in items:
         if item.name in ("RFC822", "RFC822.TEXT"):
             return True
-        if item.name == "BODY" and item.section is not None and not item.peek:
+        if item.name in ("BODY", "BINARY") and item.section is not None and not item.peek:
             return True
     return False
 
@@ -140,9 +147,22 @@ class Fetcher:
             return b"RFC822.HEADER " + wire.literal(mime_section(structure, raw, "HEADER"))
         if name == "RFC822.TEXT":
             return b"RFC822.TEXT " + wire.literal(mime_section(structure, raw, "TEXT"))
-        # BODY[section]<partial>
         spec = item.section
         assert spec is not None
+        if name in ("BINARY", "BINARY.SIZE"):
+            # RFC 3516: the decoded part; UnknownTransferEncoding fails the FETCH.
+            decoded = binary_section(structure, raw, spec.part)
+            if name == "BINARY.SIZE":
+                return b"BINARY.SIZE[%s] %d" % (str(spec).encode("ascii"), len(decoded))
+            if item.partial is not None:
+                decoded = partial(decoded, item.partial[0], item.partial[1])
+            # NUL octets travel only in a literal8 (RFC 3516 4.2).
+            return (
+                item.response_label().encode("ascii")
+                + b" "
+                + wire.literal(decoded, binary=b"\0" in decoded)
+            )
+        # BODY[section]<partial>
         mime_spec = MimeSection(
             spec.part, spec.text or "", tuple(f.encode("ascii", "replace") for f in spec.fields)
         )
@@ -160,8 +180,11 @@ def fetch_responses(
     flags_changed: set[int],
     with_modseq: bool,
     gone: list[int],
+    undecodable: list[int] | None = None,
 ) -> Iterator[bytes]:
-    """One response per UID in ``uids`` (expunged ones skipped and added to ``gone``)."""
+    """One response per UID in ``uids`` (expunged ones skipped and added to ``gone``; those
+    whose BINARY part has an unknown transfer encoding skipped and added to
+    ``undecodable``)."""
     sel = fetcher.selected
     for uid in uids:
         seq = sel.seq_of(uid)
@@ -171,3 +194,7 @@ def fetch_responses(
             yield fetcher.response(seq, uid, items, with_uid, uid in flags_changed, with_modseq)
         except MessageGone:
             gone.append(uid)
+        except UnknownTransferEncoding:
+            if undecodable is None:
+                raise
+            undecodable.append(uid)

@@ -1728,12 +1728,26 @@ _UID_PARSERS: dict[str, Callable[[_Args, bool, bool], TypedCommand]] = {
 COMMAND_NAMES = _NO_ARGS | _PARSERS.keys() | _UID_PARSERS.keys()
 
 
+def _check_literals(args: tuple[Node, ...], append: bool) -> None:
+    """NUL octets travel only in a literal8, and a literal8 only as APPEND's message data
+    (RFC 3516 4.4, RFC 3501 CHAR8): anything else is BAD."""
+    for n, node in enumerate(args):
+        if isinstance(node, String):
+            if node.binary and not (append and n > 0):
+                raise CommandError("A literal8 is allowed only for APPEND message data")
+            if not node.binary and b"\0" in node.value:
+                raise CommandError("NUL octets need a literal8 (~{n})")
+        elif isinstance(node, PList | Section):
+            _check_literals(node.items, False)
+
+
 def parse_command(command: Command, utf8: bool = False) -> TypedCommand:
     """The typed form of ``command``; CommandError when its arguments are invalid or the
     command is unknown. ``utf8``: UTF8=ACCEPT is enabled (mailbox names are UTF-8, not
     modified UTF-7)."""
     args = _Args(command.args)
     name = command.name
+    _check_literals(command.args, name == "APPEND")
     if name in _UID_PARSERS:
         if name == "EXPUNGE" and not command.uid:
             args.end()

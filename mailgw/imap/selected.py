@@ -12,6 +12,7 @@ It also keeps the SEARCHRES saved result (``$``, RFC 5182) as UIDs.
 from __future__ import annotations
 
 import bisect
+from array import array
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -40,9 +41,17 @@ class SelectedMailbox:
 
     ``mailbox`` is a store ``Mailbox`` (``refresh``/``messages``/``uidvalidity``...);
     ``claim_recent(uids)`` returns the subset of the new ``uids`` that are \\Recent for this
-    session (the factory makes sure at most one session claims each); ``readonly`` for
+    session (the store makes sure at most one session claims each); ``readonly`` for
     EXAMINE; ``condstore`` when CONDSTORE is enabled (untagged FETCH then carry MODSEQ);
     ``qresync`` when QRESYNC is enabled (VANISHED instead of EXPUNGE).
+
+    Memory does not follow the mailbox's size much: the session keeps the UIDs its client
+    knows (an ``array('I')``) and looks messages up in the store's snapshot of the folder,
+    which the sessions of a process share (``mailbox.watch``/``snapshot_info``). The
+    snapshot tells this object of each change with the message's previous info, so
+    ``_told`` holds what the client was told only of the messages changed since the last
+    ``sync`` (None: a new message the client has not been told of). A mailbox without a
+    shared snapshot gets a private copy (``_PrivateSnapshot``).
     """
 
     def __init__(
@@ -59,13 +68,21 @@ class SelectedMailbox:
         self.qresync = qresync
         self.saved: list[int] = []  # SEARCHRES: UIDs of the saved search result
         self._claim = claim_recent
-        self.infos: dict[int, Any] = {m.uid: m for m in mailbox.messages()}
-        self.uids: list[int] = sorted(self.infos)
+        source = mailbox if hasattr(mailbox, "watch") else _PrivateSnapshot(mailbox)
+        self._source: Any = source
+        self._lookup: Callable[[int], Any] = source.snapshot_info
+        messages = source.messages()
+        self.uids: array[int] = array("I", (m.uid for m in messages))
+        self.keywords: set[str] = self._keywords(messages)
+        del messages
+        self._told: dict[int, Any] = {}
+        source.watch(self)
         self.recent: set[int] = claim_recent(list(self.uids))
-        self.keywords: set[str] = self._keywords(self.infos.values())
         self.highest_uid = self.uids[-1] if self.uids else 0
         self.gone: set[int] = set()  # expunged in the store, EXPUNGE not sent yet
-        self._state = (mailbox.uidnext, mailbox.highestmodseq)
+        self._held: dict[int, Any] = {}  # their infos, as the client knows them
+        # Set by the session when the store reported a change; ``sync`` always refreshes
+        # (an unchanged index costs one query), so it is only cleared there.
         self.dirty = False
 
     @property
@@ -76,12 +93,46 @@ class SelectedMailbox:
     def exists(self) -> int:
         return len(self.uids)
 
+    @property
+    def infos(self) -> _InfoView:
+        """The messages as the client knows them, by UID (``get``, ``in``, ``[]``)."""
+        return _InfoView(self)
+
+    def info(self, uid: int) -> Any | None:
+        """``uid``'s MessageInfo as the client was last told (its flags, modseq), None when
+        the client does not know the UID."""
+        told = self._told
+        if uid in told:
+            return told[uid]
+        if uid > self.highest_uid:
+            return None
+        held = self._held.get(uid)
+        return held if held is not None else self._lookup(uid)
+
     @staticmethod
     def _keywords(infos: Iterable[Any]) -> set[str]:
         out: set[str] = set()
         for info in infos:
             out.update(f for f in info.flags if not f.startswith("\\"))
         return out
+
+    # -- the shared snapshot's reports (under the store's lock: no store calls here) -------
+
+    def snapshot_changed(self, uid: int, old: Any | None) -> None:
+        """The snapshot added (``old`` None), changed or removed message ``uid``."""
+        if uid not in self._told and (old is None or uid <= self.highest_uid):
+            self._told[uid] = old
+
+    def snapshot_reloaded(self, old: dict[int, Any]) -> None:
+        """The snapshot was reloaded whole: remember what changed for the client."""
+        known = set(self.uids)
+        for uid in self.uids:
+            before = old.get(uid)
+            if uid not in self._told and before is not None and before != self._lookup(uid):
+                self._told[uid] = before
+        for info in self._source.messages():
+            if info.uid not in known:
+                self._told.setdefault(info.uid, None)
 
     # -- numbers -------------------------------------------------------------------------------
 
@@ -108,7 +159,7 @@ class SelectedMailbox:
         return [self.uids[n - 1] for n in iter_ranges(resolve(seqset, len(self.uids), saved))]
 
     def flags_of(self, uid: int) -> list[str]:
-        info = self.infos.get(uid)
+        info = self.info(uid)
         flags = sorted(info.flags, key=_flag_order) if info is not None else []
         if uid in self.recent:
             flags.append(RECENT)
@@ -119,105 +170,79 @@ class SelectedMailbox:
 
     def update_info(self, info: Any) -> None:
         """Record flags the session itself changed (and reported)."""
-        if info.uid in self.infos:
-            self.infos[info.uid] = info
-            self.keywords.update(f for f in info.flags if not f.startswith("\\"))
+        uid = info.uid
+        if uid in self._held or not self.seq_of(uid):
+            return  # (the store changes no message it no longer has)
+        self._told[uid] = info
+        self.keywords.update(f for f in info.flags if not f.startswith("\\"))
 
     # -- updates -------------------------------------------------------------------------------
 
     def sync(self, allow_expunge: bool, uid_fetch: bool = False) -> list[bytes]:
         """Refresh from the store and return the untagged responses telling the client what
         changed. ``allow_expunge`` false keeps expunged messages numbered (and remembered)."""
-        self.mailbox.refresh()
-        state = (self.mailbox.uidnext, self.mailbox.highestmodseq)
-        if state == self._state and not self.dirty and not (allow_expunge and self.gone):
-            return []
-        gone, new, current = self._differences(state)
+        self._source.refresh()
         self.dirty = False
+        if not self._told and not (allow_expunge and self.gone):
+            return []
+        new: list[int] = []
+        changed: list[tuple[int, Any, Any]] = []
+        told = self._told
+        for uid in sorted(told):
+            before = told[uid]
+            now = self._lookup(uid)
+            if before is None:
+                if now is None:
+                    del told[uid]  # came and went unseen
+                elif uid > self.highest_uid:
+                    new.append(uid)
+                    del told[uid]
+                continue  # (an older UID turning up late stays unknown to the client)
+            del told[uid]
+            if now is None:
+                if self.seq_of(uid):
+                    self.gone.add(uid)
+                    self._held[uid] = before
+            else:
+                changed.append((uid, before, now))
         out: list[bytes] = []
-        self.gone |= gone
         if allow_expunge and self.gone:
             if self.qresync:
                 out.append(wire.untagged(b"VANISHED", format_uid_set(sorted(self.gone))))
             else:
                 for seq in range(len(self.uids), 0, -1):
-                    uid = self.uids[seq - 1]
-                    if uid in self.gone:
+                    if self.uids[seq - 1] in self.gone:
                         out.append(wire.untagged(b"%d EXPUNGE" % seq))
-            self.uids = [u for u in self.uids if u not in self.gone]
+            self.uids = array("I", (u for u in self.uids if u not in self.gone))
             for uid in self.gone:
-                self.infos.pop(uid, None)
                 self.recent.discard(uid)
             self.gone = set()
-        new_keywords = self._keywords(current.values()) - self.keywords
+            self._held = {}
+        current = [now for _uid, _before, now in changed]
+        current.extend(self._lookup(uid) for uid in new)
+        new_keywords = self._keywords(current) - self.keywords
         if new_keywords:
             self.keywords |= new_keywords
             out.append(wire.untagged(b"FLAGS", wire.flag_list(self.all_flags())))
         if new:
             self.uids.extend(new)
-            for uid in new:
-                self.infos[uid] = current[uid]
             self.highest_uid = new[-1]
-            claimed = self._claim(new)
-            self.recent |= claimed
+            self.recent |= self._claim(new)
             out.append(wire.untagged(b"%d EXISTS" % len(self.uids)))
             out.append(wire.untagged(b"%d RECENT" % len(self.recent)))
-        fresh = set(new)
-        for uid, now in current.items():
-            before = self.infos.get(uid)
-            if before is None or uid in fresh:
-                continue
+        for uid, before, now in changed:
             if now.flags != before.flags or (self.condstore and now.modseq != before.modseq):
                 seq = self.seq_of(uid)
                 if seq:
-                    self.infos[uid] = now
                     out.append(self.flags_response(seq, uid, uid_fetch or self.condstore))
-        self._state = state
         return out
-
-    def _differences(self, state: tuple[int, int]) -> tuple[set[int], list[int], dict[int, Any]]:
-        """(UIDs newly gone from the store, new UIDs ascending, the store's current info
-        of every UID that may have changed, in UID order) between what the client was told
-        and the mailbox's snapshot."""
-        fast = None if self.dirty else self._changed_only()
-        if fast is not None:
-            return fast
-        current = {m.uid: m for m in self.mailbox.messages()}
-        gone = {u for u in self.uids if u not in current}
-        new = [u for u in sorted(current) if u > self.highest_uid]
-        return gone, new, current
-
-    def _changed_only(self) -> tuple[set[int], list[int], dict[int, Any]] | None:
-        """``_differences`` from the index's changes since the last sync (rows with a
-        higher modseq, tombstones) looked up in the snapshot, so the work follows the size
-        of the change, not of the mailbox; None when the mailbox cannot tell (a store
-        without ``snapshot_info``) or the result does not add up to the snapshot's size."""
-        lookup = getattr(self.mailbox, "snapshot_info", None)
-        if lookup is None:
-            return None
-        changed, vanished = self.mailbox.changes_since(self._state[1])
-        gone: set[int] = set()
-        new: list[int] = []
-        current: dict[int, Any] = {}
-        for uid in sorted({info.uid for info in changed}.union(vanished)):
-            info = lookup(uid)
-            if info is None:
-                if uid in self.infos:
-                    gone.add(uid)
-                continue
-            current[uid] = info
-            if uid > self.highest_uid:
-                new.append(uid)
-        if len(self.uids) - len(self.gone | gone) + len(new) != self.mailbox.snapshot_count():
-            return None
-        return gone, new, current
 
     def flags_response(self, seq: int, uid: int, with_uid: bool) -> bytes:
         """``* seq FETCH (FLAGS (...) [UID n] [MODSEQ (m)])``."""
         items = [b"FLAGS " + wire.flag_list(self.flags_of(uid))]
         if with_uid:
             items.append(b"UID %d" % uid)
-        info = self.infos.get(uid)
+        info = self.info(uid)
         if self.condstore and info is not None:
             items.append(b"MODSEQ (%d)" % info.modseq)
         return wire.untagged(b"%d FETCH" % seq, wire.plist(items))
@@ -232,13 +257,18 @@ class SelectedMailbox:
         known = resolve(qresync.known_uids, top) if qresync.known_uids is not None else None
         _changed, vanished = self.mailbox.changes_since(qresync.modseq)
         gone = [
-            u for u in vanished if u not in self.infos and (known is None or contains(known, u))
+            u for u in vanished if self.info(u) is None and (known is None or contains(known, u))
         ]
         out = []
         if gone:
             out.append(wire.untagged(b"VANISHED (EARLIER)", format_uid_set(gone)))
         for seq, uid in enumerate(self.uids, 1):
-            if self.infos[uid].modseq > qresync.modseq and (known is None or contains(known, uid)):
+            info = self.info(uid)
+            if (
+                info is not None
+                and info.modseq > qresync.modseq
+                and (known is None or contains(known, uid))
+            ):
                 out.append(self.flags_response(seq, uid, True))
         return out
 
@@ -248,7 +278,7 @@ class SelectedMailbox:
         top = max(int(self.mailbox.uidnext) - 1, 1)
         ranges = resolve(seqset, top, self.saved_ranges(True) if seqset.saved else None)
         _changed, vanished = self.mailbox.changes_since(modseq)
-        gone = [u for u in vanished if u not in self.infos and contains(ranges, u)]
+        gone = [u for u in vanished if self.info(u) is None and contains(ranges, u)]
         if not gone:
             return None
         return wire.untagged(b"VANISHED (EARLIER)", format_uid_set(gone))
@@ -268,7 +298,8 @@ class SelectedMailbox:
             wire.untagged(b"%d RECENT" % len(self.recent)),
         ]
         for seq, uid in enumerate(self.uids, 1):
-            if "\\Seen" not in self.infos[uid].flags:
+            info = self.info(uid)
+            if info is not None and "\\Seen" not in info.flags:
                 out.append(wire.untagged_status("OK", "First unseen", wire.code_unseen(seq)))
                 break
         out.append(
@@ -287,6 +318,58 @@ class SelectedMailbox:
             )
         )
         return out
+
+
+class _InfoView:
+    """``SelectedMailbox.infos``: a read-only mapping UID -> MessageInfo as the client knows
+    the message (the fetch, search and sort code read it)."""
+
+    __slots__ = ("_sel",)
+
+    def __init__(self, selected: SelectedMailbox) -> None:
+        self._sel = selected
+
+    def get(self, uid: int, default: Any = None) -> Any:
+        info = self._sel.info(uid)
+        return default if info is None else info
+
+    def __contains__(self, uid: object) -> bool:
+        return isinstance(uid, int) and self._sel.info(uid) is not None
+
+    def __getitem__(self, uid: int) -> Any:
+        info = self._sel.info(uid)
+        if info is None:
+            raise KeyError(uid)
+        return info
+
+
+class _PrivateSnapshot:
+    """The shared-snapshot protocol (``watch``, ``snapshot_info``, ``messages``, ``refresh``)
+    for a mailbox without it: a private copy of its messages, compared on each refresh."""
+
+    def __init__(self, mailbox: Any) -> None:
+        self.mailbox = mailbox
+        self.infos: dict[int, Any] = {m.uid: m for m in mailbox.messages()}
+        self.watchers: list[SelectedMailbox] = []
+
+    def watch(self, watcher: SelectedMailbox) -> None:
+        self.watchers.append(watcher)
+
+    def snapshot_info(self, uid: int) -> Any | None:
+        return self.infos.get(uid)
+
+    def messages(self) -> list[Any]:
+        return list(self.infos.values())
+
+    def refresh(self) -> None:
+        self.mailbox.refresh()
+        old, self.infos = self.infos, {m.uid: m for m in self.mailbox.messages()}
+        for watcher in self.watchers:
+            for uid, before in old.items():
+                if self.infos.get(uid) != before:
+                    watcher.snapshot_changed(uid, before)
+            for uid in self.infos.keys() - old.keys():
+                watcher.snapshot_changed(uid, None)
 
 
 def _flag_order(flag: str) -> tuple[int, str]:

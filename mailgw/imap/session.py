@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from twisted.cred.error import LoginFailed
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -37,10 +37,9 @@ from mailgw.imap.sortthread import (
     thread_orderedsubject,
     thread_references,
 )
-from mailgw.interfaces import MailboxNotFound, QuotaExceeded
+from mailgw.interfaces import IMailbox, IMessageStore, MailboxNotFound, QuotaExceeded
 from mailgw.model import Address, AddressError
 from mailgw.net.proxy import is_loopback, peer_ip
-from mailgw.store.maildirstore import MessageStore
 
 if TYPE_CHECKING:
     from mailgw.imap.factory import IMAPFactory
@@ -166,7 +165,19 @@ class IMAPServer(Protocol):
     def connectionMade(self) -> None:
         ip = peer_ip(self.transport.getPeer())
         self.peer = ip or "-"
-        if not self.factory.connection_opened(ip):
+        # Admission may take a round trip to the main process (IMAP workers): until it
+        # answers, input is buffered (and paused beyond MAX_PENDING_INPUT), not processed.
+        self._busy = True
+        d = self.factory.connection_opened(ip)
+        d.addCallback(self._admitted, ip)
+        d.addErrback(self._admission_failed)
+
+    def _admitted(self, admitted: bool, ip: str) -> None:
+        if self._lost:
+            if admitted:  # gone while waiting for the answer
+                self.factory.connection_closed(ip)
+            return
+        if not admitted:
             log.warn(
                 "imap {session} refused: too many connections from {peer}",
                 session=self.session_id,
@@ -184,6 +195,13 @@ class IMAPServer(Protocol):
                 wire.code_capability(self.capabilities()),
             )
         )
+        self._done()
+
+    def _admission_failed(self, failure: Failure) -> None:
+        log.failure("imap {session}: cannot admit the connection", failure, session=self.session_id)
+        if not self._lost:
+            self._write(wire.untagged_status("BYE", "Service temporarily unavailable"))
+            self._close()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
@@ -427,6 +445,7 @@ class IMAPServer(Protocol):
             "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED",
             "LIST-STATUS", "ESEARCH", "CONDSTORE", "QRESYNC", "QUOTA", "SEARCHRES", "SORT",
             "SORT=DISPLAY", "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "UNAUTHENTICATE",
+            "BINARY",
         ]  # fmt: skip
         return caps
 
@@ -576,12 +595,21 @@ class IMAPServer(Protocol):
         )
         d.addErrback(self._async_error, tag)
 
-    def _authenticated(self, user: Any, tag: str, key: str) -> None:
+    def _authenticated(self, user: Any, tag: str, key: str) -> Deferred[None] | None:
         if self._lost:
-            return
+            return None
         name = getattr(user, "name", None)
         canonical = name if isinstance(name, str) and name else key
-        if not self.factory.login(canonical, self):
+        # The registration may be a round trip to the main process (IMAP workers); errors in
+        # it reach _authenticate's errback (NO [SERVERBUG]).
+        return self.factory.login(canonical, self).addCallback(self._registered, tag, canonical)
+
+    def _registered(self, admitted: bool, tag: str, canonical: str) -> None:
+        if self._lost:
+            if admitted:  # gone while waiting for the answer
+                self.factory.logout(canonical, self)
+            return
+        if not admitted:
             log.info(
                 "imap {session} {user}: too many sessions", session=self.session_id, user=canonical
             )
@@ -696,9 +724,10 @@ class IMAPServer(Protocol):
         readonly = command.readonly
 
         def claim(uids: list[int]) -> set[int]:
+            # \Recent lives in the store (shared by every process); EXAMINE claims nothing.
             if readonly:
-                return set()
-            return self.factory.claim_recent(user, mailbox.name, mailbox.uidvalidity, uids)
+                return mailbox.unclaimed_recent(uids)
+            return mailbox.claim_recent(uids)
 
         sel = SelectedMailbox(mailbox, readonly, claim, self.condstore, self.qresync)
         self.selected = sel
@@ -828,10 +857,7 @@ class IMAPServer(Protocol):
             mailbox: Any = self.factory.store.open_mailbox(user, name)
         except (MailboxNotFound, ValueError):
             return None
-        recent = 0
-        if "RECENT" in items:
-            uids = [m.uid for m in mailbox.messages()]
-            recent = self.factory.recent_count(user, mailbox.name, mailbox.uidvalidity, uids)
+        recent = mailbox.recent_count() if "RECENT" in items else 0
         return status_line(mailbox.name, status_values(mailbox, items, recent))
 
     def do_STATUS(self, tag: str, command: p.Status) -> None:
@@ -839,6 +865,8 @@ class IMAPServer(Protocol):
         if line is None:
             self._no(tag, "No such mailbox", wire.NONEXISTENT)
             return
+        if "HIGHESTMODSEQ" in command.items:
+            _enable_condstore(self)  # a CONDSTORE enabling command (RFC 7162 3.1)
         self._write(line)
         self._ok(tag, "STATUS completed")
 
@@ -962,9 +990,6 @@ class IMAPServer(Protocol):
         sel = self._sel()
         fetcher = self.fetcher
         assert fetcher is not None
-        if any(item.name.startswith("BINARY") for item in command.items):
-            self._error(tag, "BINARY is not supported")
-            return
         if command.vanished and not self.qresync:
             self._error(tag, "VANISHED needs ENABLE QRESYNC")
             return
@@ -972,8 +997,9 @@ class IMAPServer(Protocol):
         if uids is None:
             return
         changed_since = command.changed_since
+        if changed_since is not None or any(i.name == "MODSEQ" for i in command.items):
+            _enable_condstore(self)
         if changed_since is not None:
-            self.condstore = sel.condstore = True
             uids = [u for u in uids if u in sel.infos and sel.infos[u].modseq > changed_since]
         if command.vanished and changed_since is not None:
             line = sel.vanished_earlier(command.sequence, changed_since)
@@ -987,6 +1013,7 @@ class IMAPServer(Protocol):
                     sel.update_info(info)
                     flags_changed.add(info.uid)
         gone: list[int] = []
+        undecodable: list[int] = []
         chunks = fetch_responses(
             fetcher,
             uids,
@@ -995,6 +1022,7 @@ class IMAPServer(Protocol):
             flags_changed,
             self.condstore and (changed_since is not None or bool(flags_changed)),
             gone,
+            undecodable,
         )
 
         def finished(error: Failure | None) -> None:
@@ -1003,6 +1031,8 @@ class IMAPServer(Protocol):
                 return
             if error is not None:
                 self._internal_error(error, tag)
+            elif undecodable:
+                self._no(tag, "Unknown Content-Transfer-Encoding", wire.UNKNOWN_CTE)
             elif gone:
                 self._no(tag, "Some messages were expunged", wire.EXPUNGEISSUED)
             else:
@@ -1024,7 +1054,7 @@ class IMAPServer(Protocol):
         uids = [u for u in uids if u not in sel.gone]
         modified: list[int] = []
         if command.unchanged_since is not None:
-            self.condstore = sel.condstore = True
+            _enable_condstore(self)
             sel.mailbox.refresh()
             current = {m.uid: m for m in sel.mailbox.messages()}
             keep = []
@@ -1124,6 +1154,8 @@ class IMAPServer(Protocol):
 
     def do_SEARCH(self, tag: str, command: p.Search) -> None:
         sel = self._sel()
+        if _uses_modseq(command.key):
+            _enable_condstore(self)
         found = self._search(command.key)
         numbers = found if command.uid else [sel.seq_of(u) for u in found]
         modseq = self._modseq_of(command.key, found)
@@ -1148,6 +1180,11 @@ class IMAPServer(Protocol):
         if returns is None:
             self._write(_numbers_line(b"SEARCH", numbers, modseq))
         else:
+            if modseq is not None and not ("ALL" in returns or "COUNT" in returns):
+                # RFC 7162 3.1.5: the highest MODSEQ of the messages returned, here MIN/MAX.
+                picked = [found[0]] if "MIN" in returns else []
+                picked += [found[-1]] if "MAX" in returns else []
+                modseq = max((sel.infos[u].modseq for u in picked), default=modseq)
             self._write(_esearch(tag, command.uid, returns, numbers, modseq))
         self._ok(tag, "SEARCH completed")
 
@@ -1171,6 +1208,8 @@ class IMAPServer(Protocol):
         return out
 
     def do_SORT(self, tag: str, command: p.Sort) -> None:
+        if _uses_modseq(command.key):
+            _enable_condstore(self)
         found = self._search(command.key)
         need = any(name not in ("ARRIVAL", "SIZE") for name, _rev in command.criteria)
         ordered = sort_messages(self._sort_messages(found, need, command.uid), command.criteria)
@@ -1187,6 +1226,21 @@ class IMAPServer(Protocol):
         threads = format_threads(roots)
         self._write(b"* THREAD " + threads + b"\r\n" if threads else b"* THREAD\r\n")
         self._ok(tag, "THREAD completed")
+
+
+def _enable_condstore(server: IMAPServer) -> None:
+    """A CONDSTORE enabling command (RFC 7162 3.1): from now on untagged FETCH responses
+    carry MODSEQ; the first one issued while a mailbox is selected also reports the
+    mailbox's HIGHESTMODSEQ in an untagged OK."""
+    sel = server.selected
+    first = not server.condstore
+    server.condstore = True
+    if sel is None:
+        return
+    sel.condstore = True
+    if first:
+        code = wire.code_highestmodseq(sel.mailbox.highestmodseq)
+        server._write(wire.untagged_status("OK", "Highest", code))
 
 
 def _numbers_line(name: bytes, numbers: list[int], modseq: int | None) -> bytes:
@@ -1256,9 +1310,7 @@ def _normalise(name: str) -> str | None:
         return None
 
 
-def _open_target(store: Any, user: str, name: str) -> Any:
-    """Open an APPEND/COPY/MOVE target folder: for the Maildir store without loading its
-    messages (only its UIDVALIDITY and the new UIDs are needed)."""
-    if isinstance(store, MessageStore):
-        return store.open_mailbox(user, name, snapshot=False)
-    return store.open_mailbox(user, name)
+def _open_target(store: IMessageStore, user: str, name: str) -> IMailbox:
+    """Open an APPEND/COPY/MOVE target folder without loading its messages (only its
+    UIDVALIDITY and the new UIDs are needed)."""
+    return store.open_mailbox(user, name, snapshot=False)

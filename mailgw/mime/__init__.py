@@ -9,6 +9,8 @@ from mailgw.mime.cache import StructureCache
 from mailgw.mime.headers import HeaderField, decode_bytes, decode_header_value
 from mailgw.mime.imap import (
     Section,
+    UnknownTransferEncoding,
+    binary_section,
     body_structure,
     envelope,
     header_fields,
@@ -21,6 +23,7 @@ from mailgw.mime.structure import DEFAULT_LIMITS, Limits, MessageStructure, Part
 from mailgw.mime.text import (
     addresses,
     date,
+    decode_quoted_printable,
     decode_transfer,
     header_values,
     parse_date,
@@ -36,11 +39,14 @@ __all__ = [
     "Part",
     "Section",
     "StructureCache",
+    "UnknownTransferEncoding",
     "addresses",
+    "binary_section",
     "body_structure",
     "date",
     "decode_bytes",
     "decode_header_value",
+    "decode_quoted_printable",
     "decode_transfer",
     "envelope",
     "find_part",

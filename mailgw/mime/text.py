@@ -18,6 +18,7 @@ __all__ = [
     "parse_date",
     "date",
     "decode_transfer",
+    "decode_quoted_printable",
     "text_parts",
 ]
 
@@ -131,8 +132,35 @@ def decode_transfer(data: bytes, encoding: bytes | str) -> bytes:
             except (binascii.Error, ValueError):
                 return b""
     if enc == "quoted-printable":
-        return binascii.a2b_qp(data)
+        return decode_quoted_printable(data)
     return data
+
+
+_QP_ESCAPE = re.compile(rb"=([0-9A-Fa-f]{2})")
+
+
+def decode_quoted_printable(data: bytes) -> bytes:
+    """Undo quoted-printable (RFC 2045 6.7): ``=XX`` octets, ``=`` at a line's end joins it
+    to the next (soft line break), whitespace ending an encoded line is transport padding
+    and goes; hard line breaks (CRLF or bare LF) come out as CRLF. A malformed ``=`` is
+    kept as it stands, as the RFC suggests for robustness."""
+    out = bytearray()
+    lines = data.split(b"\n")
+    last = len(lines) - 1
+    for n, line in enumerate(lines):
+        if n < last or line.endswith(b"\r"):
+            line = line[:-1] if line.endswith(b"\r") else line
+            hard = True
+        else:
+            hard = False  # the data ends without a line break
+        line = line.rstrip(b" \t")
+        if line.endswith(b"="):
+            line = line[:-1]
+            hard = False
+        out += _QP_ESCAPE.sub(lambda m: bytes((int(m.group(1), 16),)), line)
+        if hard and n < last:
+            out += b"\r\n"
+    return bytes(out)
 
 
 def text_parts(

@@ -28,7 +28,12 @@ CREATE TABLE IF NOT EXISTS mailboxes (
     total_size INTEGER NOT NULL DEFAULT 0,
     message_count INTEGER NOT NULL DEFAULT 0,
     new_mtime INTEGER NOT NULL DEFAULT -1,
-    cur_mtime INTEGER NOT NULL DEFAULT -1
+    cur_mtime INTEGER NOT NULL DEFAULT -1,
+    -- 1: a scan found new/ and cur/ (at the mtimes above, both settled) to match the index,
+    -- 0: the mtimes were recorded by a mailgw writer after its own change (not yet verified).
+    mtimes_verified INTEGER NOT NULL DEFAULT 0,
+    -- The highest UID some session has seen as \\Recent (Dovecot's first_recent_uid - 1).
+    recent_uid INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS messages (
     mailbox INTEGER NOT NULL,
@@ -58,7 +63,11 @@ CREATE INDEX IF NOT EXISTS tombstones_modseq ON tombstones(mailbox, modseq);
 """
 
 # Columns added after schema 1 was released: (table, column, declaration).
-_ADDED_COLUMNS = (("messages", "blob", "TEXT"),)
+_ADDED_COLUMNS = (
+    ("messages", "blob", "TEXT"),
+    ("mailboxes", "recent_uid", "INTEGER NOT NULL DEFAULT 0"),
+    ("mailboxes", "mtimes_verified", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 
 class UserIndex:

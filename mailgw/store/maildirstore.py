@@ -25,6 +25,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -49,13 +50,16 @@ log = Logger()
 # A directory mtime this close to "now" may still change within the same clock tick without
 # the mtime changing, so it is not recorded as "in sync" (Dovecot's rule).
 RACY_NS = 2_000_000_000
+# While recorded mtimes are racy, a process lists a folder at most this often to catch another
+# program's change made in the same clock tick as a mailgw writer's.
+SCAN_INTERVAL_NS = 1_000_000_000
 # tmp/ files older than this are leftovers of crashed writers (the Maildir convention).
 TMP_MAX_AGE = 36 * 3600
 
 Listener = Callable[[str, str], object]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MessageInfo:
     """One message of a folder. ``filename`` is the path relative to the folder's directory
     (``new/<name>`` or ``cur/<name>:2,<letters>``); ``size`` is the message's byte size (the
@@ -75,9 +79,10 @@ class MessageInfo:
 
 @dataclass(frozen=True)
 class MailboxStatus:
-    """What IMAP STATUS reports of a folder, computed from the index alone. ``recent`` is
-    always 0: the store does not track the per-session ``\\Recent`` flag (IMAP4rev2 dropped
-    it); ``size`` is the sum of the messages' sizes (RFC 8438 STATUS=SIZE)."""
+    """What IMAP STATUS reports of a folder, computed from the index alone. ``recent`` counts
+    the messages no session has claimed as ``\\Recent`` yet (UIDs above the folder's claim
+    mark, see ``Mailbox.claim_recent``); ``size`` is the sum of the messages' sizes (RFC 8438
+    STATUS=SIZE)."""
 
     messages: int
     recent: int
@@ -96,17 +101,31 @@ class _Folder:
 
 
 class _User:
-    """A user's open index plus the folder records resolved so far."""
+    """A user's open index. Folder names are resolved from the index each time (another
+    process may rename, delete or re-create a folder at any moment)."""
 
     def __init__(self, name: str, path: str, index: UserIndex) -> None:
         self.name = name
         self.path = path
         self.index = index
-        self.folders: dict[str, _Folder] = {}
 
     @property
     def lock(self) -> threading.RLock:
         return self.index.lock
+
+
+# Flag sets are few (most messages have one of a handful): one frozenset per distinct text.
+_FLAG_SETS: dict[str, frozenset[str]] = {}
+_FLAG_SETS_MAX = 4096
+
+
+def _flag_set(text: str) -> frozenset[str]:
+    flags = _FLAG_SETS.get(text)
+    if flags is None:
+        if len(_FLAG_SETS) >= _FLAG_SETS_MAX:
+            _FLAG_SETS.clear()
+        flags = _FLAG_SETS[text] = maildir.flags_from_text(text)
+    return flags
 
 
 def _info_from_row(row: Sequence[object]) -> MessageInfo:
@@ -114,7 +133,7 @@ def _info_from_row(row: Sequence[object]) -> MessageInfo:
     return MessageInfo(
         uid=int(uid),  # type: ignore[call-overload]
         size=int(size),  # type: ignore[call-overload]
-        flags=maildir.flags_from_text(str(flags)),
+        flags=_flag_set(str(flags)),
         internaldate=float(internaldate),  # type: ignore[arg-type]
         modseq=int(modseq),  # type: ignore[call-overload]
         filename=str(filename),
@@ -171,6 +190,12 @@ class MessageStore:
         self._users: OrderedDict[str, _User] = OrderedDict()
         self._users_lock = threading.Lock()
         self._listeners: list[Listener] = []
+        # (user, folder id) -> when this process last listed the folder's directories.
+        self._scanned: dict[tuple[str, int], int] = {}
+        # One snapshot per open folder, shared by its Mailbox objects (alive while one is).
+        self._snapshots: weakref.WeakValueDictionary[tuple[str, int, str], _Snapshot] = (
+            weakref.WeakValueDictionary()
+        )
 
     # -- users and their indexes ---------------------------------------------------------
 
@@ -248,8 +273,10 @@ class MessageStore:
                 names.append(name)
         return names
 
-    def _register(self, c: sqlite3.Connection, u: _User, name: str) -> bool:
-        """Create the folder's directories and index row if missing (in a write txn)."""
+    def _register(self, c: sqlite3.Connection, u: _User, name: str, subscribe: bool = True) -> bool:
+        """Create the folder's directories and index row if missing (in a write txn). A new
+        folder is subscribed when ``subscribe``: the defaults of a new user and folders found
+        on disk are; IMAP CREATE is not (RFC 3501 6.3.3: the client subscribes)."""
         path = os.path.join(u.path, folder_dirname(name))
         maildir.make_maildir(path, subfolder=name != INBOX)
         if c.execute("SELECT 1 FROM mailboxes WHERE name = ?", (name,)).fetchone():
@@ -257,19 +284,19 @@ class MessageStore:
         c.execute(
             "INSERT INTO mailboxes(name, uidvalidity) VALUES (?, ?)", (name, new_uidvalidity(c))
         )
-        c.execute("INSERT OR IGNORE INTO subscriptions(name) VALUES (?)", (name,))
+        if subscribe:
+            c.execute("INSERT OR IGNORE INTO subscriptions(name) VALUES (?)", (name,))
         return True
 
     def _names_in_index(self, u: _User) -> list[str]:
         return [str(r[0]) for r in u.index.conn.execute("SELECT name FROM mailboxes")]
 
     def _folder(self, u: _User, name: str) -> _Folder:
-        """Resolve a folder name; folders made on disk by another program are adopted.
-        MailboxNotFound when it does not exist, ValueError when the name is invalid."""
+        """Resolve a folder name from the index (one lookup by its unique name, never
+        cached: another process may have renamed, deleted or re-created it); folders made on
+        disk by another program are adopted. MailboxNotFound when it does not exist,
+        ValueError when the name is invalid."""
         canonical = normalize_folder(name)
-        cached = u.folders.get(canonical)
-        if cached is not None:
-            return cached
         path = os.path.join(u.path, folder_dirname(canonical))
         row = u.index.conn.execute(
             "SELECT id FROM mailboxes WHERE name = ?", (canonical,)
@@ -280,12 +307,9 @@ class MessageStore:
             with u.index.write() as c:
                 self._register(c, u, canonical)
                 row = c.execute("SELECT id FROM mailboxes WHERE name = ?", (canonical,)).fetchone()
-        folder = _Folder(int(row[0]), canonical, path)
-        u.folders[canonical] = folder
-        return folder
+        return _Folder(int(row[0]), canonical, path)
 
     def _forget(self, u: _User, folder: _Folder) -> MailboxNotFound:
-        u.folders.pop(folder.name, None)
         return MailboxNotFound(folder.name)
 
     # -- listeners -----------------------------------------------------------------------
@@ -342,11 +366,21 @@ class MessageStore:
     def open_mailbox(self, user: str, name: str = INBOX, snapshot: bool = True) -> Mailbox:
         """Open a folder (repairing its index first if its directories changed). With
         ``snapshot`` false only its counters are read (for APPEND, or a COPY target): the
-        messages are loaded on the first ``messages()`` or ``refresh()``."""
+        messages are loaded on the first ``messages()`` or ``refresh()``. The Mailbox
+        objects of one folder share one snapshot of its messages in this process."""
         u = self._user(user)
         with u.lock:
             f = self._folder(u, name)
             return Mailbox(self, user, f, snapshot)
+
+    def _snapshot(self, user: str, f: _Folder) -> _Snapshot:
+        """The shared snapshot of a folder (a new, unloaded one when nobody holds it)."""
+        key = (user, f.id, f.name)
+        with self._users_lock:
+            snap = self._snapshots.get(key)
+            if snap is None:
+                snap = self._snapshots[key] = _Snapshot()
+            return snap
 
     def list_mailboxes(self, user: str) -> list[str]:
         """INBOX first, then the other folders sorted; folders created on disk by another
@@ -383,8 +417,7 @@ class MessageStore:
                     (canonical,),
                 )
                 c.execute("DELETE FROM mailboxes WHERE name = ?", (canonical,))
-                u.folders.pop(canonical, None)
-                self._register(c, u, canonical)
+                self._register(c, u, canonical, subscribe=False)
         self._notify(user, canonical)
 
     def quota_usage(self, user: str) -> tuple[int, int | None]:
@@ -450,7 +483,6 @@ class MessageStore:
                     os.rename(f.path, trash)
                 except FileNotFoundError:
                     trash = ""
-            u.folders.pop(canonical, None)
         if trash:
             maildir.fsync_dir(u.path)
             shutil.rmtree(trash, ignore_errors=True)
@@ -515,10 +547,6 @@ class MessageStore:
                 for from_path, to_path in reversed(done):
                     os.rename(to_path, from_path)
                 raise
-            finally:
-                for n, t in plan:
-                    u.folders.pop(n, None)
-                    u.folders.pop(t, None)
             maildir.fsync_dir(u.path)
         for n, t in plan:
             self._notify(user, n)
@@ -549,8 +577,8 @@ class MessageStore:
         with u.lock:
             f = self._folder(u, name)
             box = u.index.conn.execute(
-                "SELECT message_count, uidnext, uidvalidity, highestmodseq, total_size"
-                " FROM mailboxes WHERE id = ?",
+                "SELECT message_count, uidnext, uidvalidity, highestmodseq, total_size,"
+                " recent_uid FROM mailboxes WHERE id = ?",
                 (f.id,),
             ).fetchone()
             if box is None:
@@ -560,9 +588,12 @@ class MessageStore:
                 " AND (' ' || flags || ' ') NOT LIKE '% \\Seen %'",
                 (f.id,),
             ).fetchone()[0]
+            recent = u.index.conn.execute(
+                "SELECT COUNT(*) FROM messages WHERE mailbox = ? AND uid > ?", (f.id, box[5])
+            ).fetchone()[0]
         return MailboxStatus(
             messages=int(box[0]),
-            recent=0,
+            recent=int(recent),
             uidnext=int(box[1]),
             uidvalidity=int(box[2]),
             unseen=int(unseen),
@@ -670,7 +701,20 @@ class MessageStore:
                     "UPDATE mailboxes SET new_mtime = -1, cur_mtime = -1 WHERE id = ?", (f.id,)
                 )
             self._unlink_message(f, str(current[0]))
+            self._patch_snapshot(u, f, uid, blob=ref)
         return True
+
+    def _patch_snapshot(self, u: _User, f: _Folder, uid: int, **fields: Any) -> None:
+        """Update where a message lives (``blob``, ``filename``) in this process's snapshot
+        of its folder, if one is loaded: not a change its watchers hear of (no modseq). The
+        snapshots of other processes keep the old place until their next reload;
+        ``Mailbox.open_message`` then finds the message through the index."""
+        with self._users_lock:
+            snap = self._snapshots.get((u.name, f.id, f.name))
+        if snap is not None:
+            info = snap.infos.get(uid)
+            if info is not None:
+                snap.infos[uid] = dataclasses.replace(info, **fields)
 
     def promote_message(self, user: str, folder: str, uid: int) -> bool:
         """Move one message back from tier 2 to tier 1 (a new Maildir file with its flags,
@@ -709,6 +753,7 @@ class MessageStore:
                     "UPDATE messages SET blob = NULL, filename = ? WHERE mailbox = ? AND uid = ?",
                     (rel, f.id, uid),
                 )
+                self._patch_snapshot(u, f, uid, blob=None, filename=rel)
         finally:
             maildir.unlink_quiet(tmp)
         maildir.fsync_dir(os.path.dirname(placed))
@@ -742,10 +787,11 @@ class MessageStore:
         pairs: list[tuple[int, int]] = []
         dropped = False
         box = c.execute(
-            "SELECT uidnext, highestmodseq FROM mailboxes WHERE id = ?", (dst.id,)
+            "SELECT uidnext, highestmodseq FROM mailboxes WHERE id = ? AND name = ?",
+            (dst.id, dst.name),
         ).fetchone()
         src_box = c.execute(
-            "SELECT highestmodseq FROM mailboxes WHERE id = ?", (src.id,)
+            "SELECT highestmodseq FROM mailboxes WHERE id = ? AND name = ?", (src.id, src.name)
         ).fetchone()
         if box is None:
             raise self._forget(u, dst)
@@ -802,6 +848,8 @@ class MessageStore:
             "UPDATE mailboxes SET uidnext = ?, highestmodseq = ? WHERE id = ?",
             (uidnext, modseq + 1, dst.id),
         )
+        self._record_mtimes(c, u, src)
+        self._record_mtimes(c, u, dst)
         return pairs
 
     @staticmethod
@@ -889,8 +937,8 @@ class MessageStore:
                 row = c.execute(
                     "UPDATE mailboxes SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1,"
                     " total_size = total_size + ?, message_count = message_count + 1"
-                    " WHERE id = ? RETURNING uidnext - 1, highestmodseq",
-                    (size, f.id),
+                    " WHERE id = ? AND name = ? RETURNING uidnext - 1, highestmodseq",
+                    (size, f.id, f.name),
                 ).fetchone()
                 if row is None:
                     raise self._forget(u, f)
@@ -902,6 +950,7 @@ class MessageStore:
                     " internaldate, modseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (f.id, uid, base, rel, size, maildir.flags_to_text(flags), mtime, modseq),
                 )
+                self._record_mtimes(c, u, f)
         except BaseException:
             maildir.unlink_quiet(placed or tmp)
             raise
@@ -928,8 +977,8 @@ class MessageStore:
             row = c.execute(
                 "UPDATE mailboxes SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1,"
                 " total_size = total_size + ?, message_count = message_count + 1"
-                " WHERE id = ? RETURNING uidnext - 1, highestmodseq",
-                (size, f.id),
+                " WHERE id = ? AND name = ? RETURNING uidnext - 1, highestmodseq",
+                (size, f.id, f.name),
             ).fetchone()
             if row is None:
                 raise self._forget(u, f)
@@ -980,18 +1029,44 @@ class MessageStore:
         now = time.time_ns()
         return tuple(m if now - m > RACY_NS else -1 for m in mtimes)  # type: ignore[return-value]
 
+    def _record_mtimes(self, c: sqlite3.Connection, u: _User, f: _Folder) -> None:
+        """After this writer's own change of ``new/``/``cur/`` (in its write transaction, so
+        no other mailgw writer changes them meanwhile): remember their mtimes as "the index
+        matches these, not yet verified", so readers need not list the directories. Another
+        program's change in the same clock tick is caught by ``_sync``'s verification scan."""
+        c.execute(
+            "UPDATE mailboxes SET new_mtime = ?, cur_mtime = ?, mtimes_verified = 0 WHERE id = ?",
+            (*self._dir_mtimes(u, f), f.id),
+        )
+
     def _sync(self, u: _User, f: _Folder, force: bool = False) -> bool:
-        """Make the index match the folder's files if its directories changed since the last
-        check (always with ``force``). Returns True when the index changed."""
+        """Make the index match the folder's files if its directories may have changed since
+        the last check (always with ``force``). Returns True when the index changed.
+
+        The directories are listed when their mtimes differ from the recorded ones (another
+        Maildir program changed them). Mtimes a mailgw writer recorded after its own change
+        are trusted, except that they are verified by one listing once they are older than
+        the racy window (a change in the same clock tick leaves the mtime unchanged), and by
+        at most one listing per ``SCAN_INTERVAL_NS`` per process while they are younger."""
         mtimes = self._dir_mtimes(u, f)
+        # The name too: a folder object of a renamed folder must not read the files of a
+        # new folder made with its old name as its own.
         row = u.index.conn.execute(
-            "SELECT new_mtime, cur_mtime FROM mailboxes WHERE id = ?", (f.id,)
+            "SELECT new_mtime, cur_mtime, mtimes_verified FROM mailboxes WHERE id = ? AND name = ?",
+            (f.id, f.name),
         ).fetchone()
         if row is None:
             raise self._forget(u, f)
+        key = (u.name, f.id)
+        now = time.time_ns()
         if not force:
-            if tuple(row) == mtimes:
-                return False
+            if (row[0], row[1]) == mtimes:
+                if row[2]:
+                    return False
+                settled = all(now - m > RACY_NS for m in mtimes)
+                if not settled and now - self._scanned.get(key, 0) < SCAN_INTERVAL_NS:
+                    return False
+            self._scanned[key] = now
             files = maildir.list_files(f.path)
             indexed = dict(
                 u.index.conn.execute(
@@ -1000,14 +1075,16 @@ class MessageStore:
                 ).fetchall()
             )
             if files == indexed:
-                settled = self._settled(mtimes)
-                if settled != tuple(row):
+                verified = int(all(now - m > RACY_NS for m in mtimes))
+                if (row[0], row[1], row[2]) != (*mtimes, verified):
                     with u.index.write() as c:
                         c.execute(
-                            "UPDATE mailboxes SET new_mtime = ?, cur_mtime = ? WHERE id = ?",
-                            (*settled, f.id),
+                            "UPDATE mailboxes SET new_mtime = ?, cur_mtime = ?,"
+                            " mtimes_verified = ? WHERE id = ?",
+                            (*mtimes, verified, f.id),
                         )
                 return False
+        self._scanned[key] = now
         with u.index.write() as c:
             return self._reconcile(c, u, f, force)
 
@@ -1017,7 +1094,8 @@ class MessageStore:
         mtimes = self._dir_mtimes(u, f)
         files = maildir.list_files(f.path)
         box = c.execute(
-            "SELECT uidnext, highestmodseq FROM mailboxes WHERE id = ?", (f.id,)
+            "SELECT uidnext, highestmodseq FROM mailboxes WHERE id = ? AND name = ?",
+            (f.id, f.name),
         ).fetchone()
         if box is None:
             raise self._forget(u, f)
@@ -1102,21 +1180,63 @@ class MessageStore:
         add_tombstones(c, f.id, gone, modseq)
         c.execute(
             "UPDATE mailboxes SET uidnext = ?, highestmodseq = ?, new_mtime = ?, cur_mtime = ?,"
+            " mtimes_verified = ?,"
             " total_size = (SELECT COALESCE(SUM(size), 0) FROM messages WHERE mailbox = ?),"
             " message_count = (SELECT COUNT(*) FROM messages WHERE mailbox = ?) WHERE id = ?",
-            (uidnext, modseq, *self._settled(mtimes), f.id, f.id, f.id),
+            (uidnext, modseq, *mtimes, int(self._settled(mtimes) == mtimes), f.id, f.id, f.id),
         )
         return changed
 
 
+class _Snapshot:
+    """The messages of one folder as of the index state ``loaded`` (UIDVALIDITY, UIDNEXT,
+    HIGHESTMODSEQ; None before the first load), shared by every ``Mailbox`` object of the
+    folder in this process and changed only under the user's lock. Each change is told to
+    the ``watchers`` (weakly held; the IMAP selected state) with the message's previous
+    info: ``snapshot_changed(uid, old)`` (``old`` None for a new message) after a message
+    was added, changed or removed, ``snapshot_reloaded(old_infos)`` after a full reload."""
+
+    __slots__ = ("infos", "loaded", "watchers", "__weakref__")
+
+    def __init__(self) -> None:
+        self.infos: dict[int, MessageInfo] = {}  # kept in UID order
+        self.loaded: tuple[int, int, int] | None = None
+        self.watchers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def put(self, info: MessageInfo) -> None:
+        """Add or replace ``info``, keeping UID order."""
+        infos = self.infos
+        old = infos.get(info.uid)
+        infos[info.uid] = info
+        if old is None and len(infos) > 1 and info.uid < next(reversed(infos)):
+            # An older UID arriving after a newer one (another writer's append).
+            self.infos = dict(sorted(infos.items()))
+        if old is not info:
+            for watcher in list(self.watchers):
+                watcher.snapshot_changed(info.uid, old)
+
+    def remove(self, uid: int) -> None:
+        old = self.infos.pop(uid, None)
+        if old is not None:
+            for watcher in list(self.watchers):
+                watcher.snapshot_changed(uid, old)
+
+    def replace(self, infos: dict[int, MessageInfo]) -> None:
+        old, self.infos = self.infos, infos
+        for watcher in list(self.watchers):
+            watcher.snapshot_reloaded(old)
+
+
 @implementer(IMailbox)
 class Mailbox:
-    """One folder of one user as of its last load.
+    """One folder of one user as of its snapshot's last load.
 
-    The snapshot (``messages()``, ``uidnext``, ``highestmodseq``) changes on ``refresh()``
-    and with this object's own ``set_flags``/``expunge``/``append``, never behind the
-    caller's back; changes by others (other objects, other processes) appear on
-    ``refresh()``.
+    The snapshot (``messages()``) is shared by the Mailbox objects of the folder in this
+    process: it moves forward when any of them refreshes or changes the folder (their own
+    ``set_flags``/``expunge``/``append``/``move_to`` show in it at once), never while the
+    caller holds the list ``messages()`` returned. ``uidnext`` and ``highestmodseq`` are
+    those of this object's last refresh or change. Changes by other processes appear on
+    ``refresh()``; watchers registered with ``watch`` hear of every change of the snapshot.
     """
 
     def __init__(
@@ -1125,14 +1245,11 @@ class Mailbox:
         self._store = store
         self._user = user
         self._folder = folder
+        self._snap = store._snapshot(user, folder)
         self.name = folder.name
         self.uidvalidity = 0
         self.uidnext = 1
         self.highestmodseq = 1
-        self._infos: dict[int, MessageInfo] = {}  # kept in UID order
-        # (uidvalidity, uidnext, highestmodseq) of the index when the snapshot was last
-        # brought up to date from it; None before the first load.
-        self._loaded: tuple[int, int, int] | None = None
         if snapshot:
             self.refresh()
         else:
@@ -1152,22 +1269,29 @@ class Mailbox:
     # The interface declares list[object]/dict[int, object]; the precise types help callers.
     def messages(self) -> list[MessageInfo]:  # type: ignore[override]
         """Every message of the snapshot, ordered by UID."""
-        if self._loaded is None:  # opened without a snapshot
+        if self._snap.loaded is None:  # opened without a snapshot
             self.refresh()
-        return list(self._infos.values())
+        return list(self._snap.infos.values())
 
     def snapshot_info(self, uid: int) -> MessageInfo | None:
         """The snapshot's message ``uid`` (None when not in it); loads nothing."""
-        return self._infos.get(uid)
+        return self._snap.infos.get(uid)
 
     def snapshot_count(self) -> int:
         """The number of messages in the snapshot; loads nothing."""
-        return len(self._infos)
+        return len(self._snap.infos)
+
+    def watch(self, watcher: Any) -> None:
+        """Tell ``watcher`` (held weakly) of every later change of the shared snapshot: see
+        ``_Snapshot``. Its callbacks run under the user's lock and must not use the store."""
+        self._snap.watchers.add(watcher)
 
     def _state_row(self, u: _User) -> Sequence[object]:
+        # The name too: the id may now be another folder's (renamed, deleted, re-created).
         row = u.index.conn.execute(
-            "SELECT uidvalidity, uidnext, highestmodseq, message_count FROM mailboxes WHERE id = ?",
-            (self._folder.id,),
+            "SELECT uidvalidity, uidnext, highestmodseq, message_count FROM mailboxes"
+            " WHERE id = ? AND name = ?",
+            (self._folder.id, self._folder.name),
         ).fetchone()
         if row is None:
             raise self._store._forget(u, self._folder)
@@ -1175,36 +1299,48 @@ class Mailbox:
 
     def refresh(self) -> None:
         """Repair the index if the folder's files changed, then bring the snapshot up to
-        date: nothing to read when the index's UIDNEXT and HIGHESTMODSEQ are what this
-        object last loaded; else only the rows and tombstones with a higher modseq (every
-        change of a row or removal raises its modseq); a full reload when UIDVALIDITY
-        changed, the modseq went back (a rebuilt index) or the message count disagrees."""
+        date (``_load``)."""
         u = self._u()
         with u.lock:
             changed = self._store._sync(u, self._folder)
-            conn = u.index.conn
-            row = self._state_row(u)
-            state = (int(row[0]), int(row[1]), int(row[2]))  # type: ignore[call-overload]
-            loaded = self._loaded
-            if state != loaded:
-                if loaded is None or loaded[0] != state[0] or state[2] < loaded[2]:
-                    self._reload(conn)
-                else:
-                    self._apply_changes(conn, loaded[2])
-                    if len(self._infos) != int(row[3]):  # type: ignore[call-overload]
-                        self._reload(conn)
-                self._loaded = state
-            self.uidvalidity = state[0]
-            self.uidnext, self.highestmodseq = state[1], state[2]
+            self._load(u)
         if changed:
             self._changed()
 
-    def _reload(self, conn: sqlite3.Connection) -> None:
+    def _load(self, u: _User) -> None:
+        """Bring the shared snapshot up to date from the index, in one read transaction:
+        nothing to read when the index's UIDNEXT and HIGHESTMODSEQ are those last loaded;
+        else only the rows and tombstones with a higher modseq (every change of a row or
+        removal raises its modseq); a full reload when UIDVALIDITY changed, the modseq went
+        back (a rebuilt index) or the message count disagrees."""
+        snap = self._snap
+        conn = u.index.conn
+        own = not conn.in_transaction
+        if own:
+            conn.execute("BEGIN")
+        try:
+            row = self._state_row(u)
+            state = (int(row[0]), int(row[1]), int(row[2]))  # type: ignore[call-overload]
+            loaded = snap.loaded
+            if state != loaded:
+                if loaded is None or loaded[0] != state[0] or state[2] < loaded[2]:
+                    snap.replace(self._rows(conn))
+                else:
+                    self._apply_changes(conn, loaded[2])
+                    if len(snap.infos) != int(row[3]):  # type: ignore[call-overload]
+                        snap.replace(self._rows(conn))
+                snap.loaded = state
+        finally:
+            if own:
+                conn.execute("COMMIT")
+        self.uidvalidity, self.uidnext, self.highestmodseq = state
+
+    def _rows(self, conn: sqlite3.Connection) -> dict[int, MessageInfo]:
         rows = conn.execute(
             f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox = ? ORDER BY uid",
             (self._folder.id,),
         ).fetchall()
-        self._infos = {int(r[0]): _info_from_row(r) for r in rows}
+        return {int(r[0]): _info_from_row(r) for r in rows}
 
     def _apply_changes(self, conn: sqlite3.Connection, modseq: int) -> None:
         """Apply the index's changes above ``modseq`` (removals, then changed/new rows)."""
@@ -1212,22 +1348,43 @@ class Mailbox:
             "SELECT uid FROM tombstones WHERE mailbox = ? AND modseq > ?",
             (self._folder.id, modseq),
         ).fetchall():
-            self._infos.pop(int(uid), None)
+            self._snap.remove(int(uid))
         rows = conn.execute(
             f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox = ? AND modseq > ? ORDER BY uid",
             (self._folder.id, modseq),
         ).fetchall()
         for r in rows:
-            self._put(_info_from_row(r))
+            self._snap.put(_info_from_row(r))
 
-    def _put(self, info: MessageInfo) -> None:
-        """Add or replace ``info`` in the snapshot, keeping it in UID order."""
-        infos = self._infos
-        if info.uid in infos or not infos or info.uid > next(reversed(infos)):
-            infos[info.uid] = info
-        else:  # an older UID arriving after a newer one (another writer's append)
-            infos[info.uid] = info
-            self._infos = dict(sorted(infos.items()))
+    def _wrote(
+        self,
+        u: _User,
+        before: tuple[int, int, int],
+        after: tuple[int, int, int],
+        put: Iterable[MessageInfo] = (),
+        removed: Iterable[int] = (),
+    ) -> None:
+        """After this object changed the folder from index state ``before`` to ``after``:
+        apply the change to the shared snapshot directly when it was loaded at ``before``
+        (nobody else wrote meanwhile), else load it from the index; a snapshot never loaded
+        stays so."""
+        snap = self._snap
+        if snap.loaded is None:
+            self.uidvalidity, self.uidnext, self.highestmodseq = after
+        elif snap.loaded == before:
+            for uid in removed:
+                snap.remove(uid)
+            for info in put:
+                snap.put(info)
+            snap.loaded = after
+            self.uidvalidity, self.uidnext, self.highestmodseq = after
+        else:
+            self._load(u)
+
+    def _box_state(self, u: _User) -> tuple[int, int, int]:
+        """(UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ) of the folder's row; MailboxNotFound."""
+        row = self._state_row(u)
+        return (int(row[0]), int(row[1]), int(row[2]))  # type: ignore[call-overload]
 
     def _lookup(self, u: _User, uid: int) -> MessageInfo | None:
         row = u.index.conn.execute(
@@ -1237,16 +1394,25 @@ class Mailbox:
         return None if row is None else _info_from_row(row)
 
     def open_message(self, uid: int) -> BinaryIO:
-        """The stored bytes as a binary file; KeyError if the UID is gone."""
+        """The stored bytes as a binary file; KeyError if the UID is gone. A stale snapshot
+        entry (the file renamed by a flag change, the message promoted back to tier 1 and
+        its blob collected) is looked up again in the index."""
         u = self._u()
         with u.lock:
-            info = self._infos.get(uid) or self._lookup(u, uid)
+            info = self._snap.infos.get(uid) or self._lookup(u, uid)
             tried: set[str] = set()
             for attempt in range(3):
                 if info is None:
                     break
                 if info.blob is not None:
-                    return self._store._open_tier2(u, self._folder, info)
+                    try:
+                        return self._store._open_tier2(u, self._folder, info)
+                    except blobs.BlobNotFound:
+                        fresh = self._lookup(u, uid)
+                        if fresh is not None and fresh.blob == info.blob:
+                            raise
+                        info = fresh
+                        continue
                 if info.filename not in tried:
                     tried.add(info.filename)
                     try:
@@ -1275,10 +1441,13 @@ class Mailbox:
         wanted = maildir.normalize_flags(flags)
         result: dict[int, MessageInfo] = {}
         changed = False
+        put: list[MessageInfo] = []
+        removed: list[int] = []
         u = self._u()
         with u.lock:
             with u.index.write() as c:
-                modseq = self._highestmodseq(c, u)
+                before = self._box_state(u)
+                modseq = before[2]
                 for uid in sorted(set(uids)):
                     row = c.execute(
                         f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox = ? AND uid = ?",
@@ -1298,30 +1467,22 @@ class Mailbox:
                         renamed = self._rename_for(c, u, info, new, modseq)
                         changed = True
                         if renamed is None:
+                            removed.append(uid)
                             continue
                         info = renamed
+                        put.append(info)
                     result[uid] = info
                 if changed:
                     c.execute(
                         "UPDATE mailboxes SET highestmodseq = ? WHERE id = ?",
                         (modseq, self._folder.id),
                     )
+                    self._store._record_mtimes(c, u, self._folder)
             if changed:
-                self.highestmodseq = modseq
-            for uid, info in result.items():
-                if uid in self._infos:
-                    self._infos[uid] = info
+                self._wrote(u, before, (before[0], before[1], modseq), put, removed)
         if changed:
             self._changed()
         return result
-
-    def _highestmodseq(self, c: sqlite3.Connection, u: _User) -> int:
-        row = c.execute(
-            "SELECT highestmodseq FROM mailboxes WHERE id = ?", (self._folder.id,)
-        ).fetchone()
-        if row is None:
-            raise self._store._forget(u, self._folder)
-        return int(row[0])
 
     def _rename_for(
         self, c: sqlite3.Connection, u: _User, info: MessageInfo, flags: frozenset[str], modseq: int
@@ -1375,7 +1536,8 @@ class Mailbox:
         u = self._u()
         with u.lock:
             with u.index.write() as c:
-                modseq = self._highestmodseq(c, u)
+                before = self._box_state(u)
+                modseq = before[2]
                 for uid in sorted(set(uids)):
                     row = c.execute(
                         "SELECT filename, size, blob FROM messages WHERE mailbox = ? AND uid = ?",
@@ -1405,10 +1567,9 @@ class Mailbox:
                         " message_count = message_count - ? WHERE id = ?",
                         (modseq, freed, len(removed), self._folder.id),
                     )
+                    self._store._record_mtimes(c, u, self._folder)
             if removed:
-                self.highestmodseq = modseq
-                for uid in removed:
-                    self._infos.pop(uid, None)
+                self._wrote(u, before, (before[0], before[1], modseq), (), removed)
         if removed:
             self._changed()
         return removed
@@ -1426,9 +1587,11 @@ class Mailbox:
             info = self._store._store(
                 u, self._folder, limit, b"", None, data, normalized, internaldate
             )
-            self._put(info)
-            self.uidnext = max(self.uidnext, info.uid + 1)
-            self.highestmodseq = max(self.highestmodseq, info.modseq)
+            if self._snap.loaded is None:
+                self.uidnext = max(self.uidnext, info.uid + 1)
+                self.highestmodseq = max(self.highestmodseq, info.modseq)
+            else:
+                self._load(u)
         self._changed()
         return info.uid
 
@@ -1437,7 +1600,7 @@ class Mailbox:
         from the index now and ordered by UID (CONDSTORE CHANGEDSINCE, QRESYNC VANISHED)."""
         u = self._u()
         with u.lock:
-            self._highestmodseq(u.index.conn, u)
+            self._state_row(u)
             rows = u.index.conn.execute(
                 f"SELECT {_ROW_COLUMNS} FROM messages WHERE mailbox = ? AND modseq > ?"
                 " ORDER BY uid",
@@ -1448,6 +1611,60 @@ class Mailbox:
                 (self._folder.id, modseq),
             ).fetchall()
         return [_info_from_row(r) for r in rows], [int(r[0]) for r in gone]
+
+    # -- \\Recent: each message is recent in exactly one session (of any process) -------------
+
+    def _recent_mark(self, c: sqlite3.Connection, u: _User) -> int:
+        row = c.execute(
+            "SELECT recent_uid FROM mailboxes WHERE id = ? AND name = ?",
+            (self._folder.id, self._folder.name),
+        ).fetchone()
+        if row is None:
+            raise self._store._forget(u, self._folder)
+        return int(row[0])
+
+    def claim_recent(self, uids: Iterable[int]) -> set[int]:
+        """Claim the messages of ``uids`` that no session has seen as \\Recent yet and return
+        them: the folder's claim mark (the highest claimed UID, in the index) moves up in a
+        write transaction, so of several sessions, in any processes, exactly one gets each
+        message. Writes nothing when no UID is above the mark. MailboxNotFound."""
+        wanted = list(uids)
+        if not wanted:
+            return set()
+        top = max(wanted)
+        u = self._u()
+        with u.lock:
+            if top <= self._recent_mark(u.index.conn, u):
+                return set()
+            with u.index.write() as c:
+                mark = self._recent_mark(c, u)
+                claimed = {x for x in wanted if x > mark}
+                if claimed:
+                    c.execute(
+                        "UPDATE mailboxes SET recent_uid = ? WHERE id = ?",
+                        (max(claimed), self._folder.id),
+                    )
+        return claimed
+
+    def unclaimed_recent(self, uids: Iterable[int]) -> set[int]:
+        """The messages of ``uids`` no session has claimed yet (\\Recent for a read-only
+        session, which claims nothing). MailboxNotFound."""
+        u = self._u()
+        with u.lock:
+            mark = self._recent_mark(u.index.conn, u)
+        return {x for x in uids if x > mark}
+
+    def recent_count(self) -> int:
+        """How many messages of the folder (in the index now) no session has claimed yet
+        (STATUS RECENT). MailboxNotFound."""
+        u = self._u()
+        with u.lock:
+            mark = self._recent_mark(u.index.conn, u)
+            row = u.index.conn.execute(
+                "SELECT COUNT(*) FROM messages WHERE mailbox = ? AND uid > ?",
+                (self._folder.id, mark),
+            ).fetchone()
+        return int(row[0])
 
     def copy_to(self, uids: Iterable[int], dest_name: str) -> list[tuple[int, int]]:
         """Copy messages (bytes, flags, internal date) into another folder of the same user;
@@ -1484,6 +1701,8 @@ class Mailbox:
                             u, dest, limit, b"", src, None, info.flags, info.internaldate
                         )
                 pairs.append((info.uid, new.uid))
+            if pairs and dest.id == self._folder.id and self._snap.loaded is not None:
+                self._load(u)
         if pairs:
             self._store._notify(self._user, dest.name)
         return pairs
@@ -1506,9 +1725,10 @@ class Mailbox:
                 ).fetchone()
             self._store._sync_dirs(self._folder, dest)
             if pairs:
-                self.highestmodseq = int(row[0])
-                for src_uid, _new in pairs:
-                    self._infos.pop(src_uid, None)
+                if self._snap.loaded is None:
+                    self.highestmodseq = int(row[0])
+                else:
+                    self._load(u)
         if pairs:
             self._changed()
             self._store._notify(self._user, dest.name)

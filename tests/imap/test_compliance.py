@@ -80,8 +80,9 @@ def test_address_keys_match_the_envelope_form(env: Env) -> None:
 
 
 def _tree(env: Env, c: Client, create: list[str], unsubscribe: list[str]) -> None:
-    for name in create:
+    for name in create:  # CREATE does not subscribe: a client subscribes what it creates
         assert b"OK" in c.cmd(f"CREATE {name}").splitlines()[-1]
+        assert b"OK" in c.cmd(f"SUBSCRIBE {name}").splitlines()[-1]
     for name in unsubscribe:
         c.cmd(f"UNSUBSCRIBE {name}")
 

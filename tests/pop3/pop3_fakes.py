@@ -39,6 +39,7 @@ class _Folder:
     uidnext: int = 1
     data: dict[int, bytes] = field(default_factory=dict)
     flags: dict[int, set[str]] = field(default_factory=dict)
+    recent_uid: int = 0  # the \\Recent claim mark (IMAP)
 
 
 @implementer(IMailbox)
@@ -126,6 +127,18 @@ class FakeMailbox:
         self.expunge([src for src, _ in pairs])
         return pairs
 
+    def claim_recent(self, uids: Any) -> set[int]:
+        claimed = {u for u in uids if u > self._folder.recent_uid}
+        if claimed:
+            self._folder.recent_uid = max(claimed)
+        return claimed
+
+    def unclaimed_recent(self, uids: Any) -> set[int]:
+        return {u for u in uids if u > self._folder.recent_uid}
+
+    def recent_count(self) -> int:
+        return len(self.unclaimed_recent(self._folder.data))
+
 
 @implementer(IMessageStore)
 class FakeStore:
@@ -165,7 +178,7 @@ class FakeStore:
             callback(user, folder)
         return uid
 
-    def open_mailbox(self, user: str, name: str = "INBOX") -> FakeMailbox:
+    def open_mailbox(self, user: str, name: str = "INBOX", snapshot: bool = True) -> FakeMailbox:
         if self.open_error is not None:
             raise self.open_error
         mailbox = FakeMailbox(self._folder(user, name), name, self, user)

@@ -88,6 +88,7 @@ def test_rename_moves_children_and_keeps_uids(store: MessageStore) -> None:
     store.create_mailbox(USER, "A")
     store.create_mailbox(USER, "A/x")
     store.create_mailbox(USER, "AB")  # not a child of A
+    store.set_subscribed(USER, "A", True)  # CREATE does not subscribe; RENAME moves it
     uids = fill(store, "A", 2, ("\\Seen",))
     xuid = fill(store, "A/x", 1)
     before = store.open_mailbox(USER, "A")
@@ -183,6 +184,8 @@ def test_subscriptions(store: MessageStore) -> None:
     subs = store.list_subscribed(USER)
     assert "Nowhere/yet" in subs and "Sent" not in subs
     store.create_mailbox(USER, "Q")
+    assert "Q" not in store.list_subscribed(USER)  # CREATE does not subscribe
+    store.set_subscribed(USER, "Q", True)
     store.delete_mailbox(USER, "Q")
     assert "Q" in store.list_subscribed(USER)  # DELETE keeps the subscription
     with pytest.raises(ValueError):
@@ -228,7 +231,9 @@ def test_mailbox_status(store: MessageStore) -> None:
     assert isinstance(status, MailboxStatus)
     assert status.messages == 5
     assert status.unseen == 3
-    assert status.recent == 0
+    assert status.recent == 5  # no session has claimed them
+    assert box.claim_recent([1, 2, 3]) == {1, 2, 3}
+    assert store.mailbox_status(USER, "INBOX").recent == 2
     assert status.uidnext == 6
     assert status.uidvalidity == box.uidvalidity
     assert status.highestmodseq == store.open_mailbox(USER).highestmodseq
@@ -320,3 +325,58 @@ def test_move_of_file_removed_behind_our_back(store: MessageStore) -> None:
     pairs = box.move_to(uids, "Trash")
     assert pairs == [(uids[1], 1)]
     assert store.mailbox_status(USER, "INBOX").messages == 0
+
+
+# -- folders changed by another process -----------------------------------------------------
+
+
+def test_folder_names_follow_renames_and_deletes_in_another_process(
+    store: MessageStore, tmp_path: Path
+) -> None:
+    other = MessageStore(store.root, lambda user: None, hostname="other")
+    try:
+        store.create_mailbox(USER, "Work")
+        fill(store, "Work", 2)
+        old = store.open_mailbox(USER, "Work")
+        # Another process renames it and creates a new folder with the old name.
+        other.rename_mailbox(USER, "Work", "Done")
+        other.create_mailbox(USER, "Work")
+        assert store.open_mailbox(USER, "Work").messages() == []
+        assert [m.uid for m in store.open_mailbox(USER, "Done").messages()] == [1, 2]
+        assert store.open_mailbox(USER, "Work").uidvalidity != old.uidvalidity
+        with pytest.raises(MailboxNotFound):
+            old.refresh()  # the object of the renamed folder does not follow it
+        with pytest.raises(MailboxNotFound):
+            old.append(MSG)  # nor writes into the new folder of its old name
+        assert store.open_mailbox(USER, "Work").messages() == []
+        assert store.mailbox_status(USER, "Done").messages == 2
+        spool = tmp_path / "msg"
+        spool.write_bytes(MSG)
+        assert store.deliver(USER, str(spool), folder="Work") == 1
+        assert len(other.open_mailbox(USER, "Work").messages()) == 1
+        assert store.mailbox_status(USER, "Done").messages == 2
+        # ... then deletes both.
+        other.delete_mailbox(USER, "Work")
+        other.delete_mailbox(USER, "Done")
+        for name in ("Work", "Done"):
+            with pytest.raises(MailboxNotFound):
+                store.open_mailbox(USER, name)
+            with pytest.raises(MailboxNotFound):
+                store.mailbox_status(USER, name)
+        with pytest.raises(MailboxNotFound):
+            store.deliver(USER, str(spool), folder="Work")
+    finally:
+        other.close()
+
+
+def test_a_mailbox_object_never_follows_its_id_to_another_folder(store: MessageStore) -> None:
+    store.create_mailbox(USER, "Work")
+    box = store.open_mailbox(USER, "Work")
+    with sqlite3.connect(os.path.join(store.root, "example.test", "alice", INDEX_NAME)) as c:
+        # Its row now has another name (what a rename by another process leaves).
+        c.execute("UPDATE mailboxes SET name = 'Elsewhere' WHERE name = 'Work'")
+    c.close()
+    with pytest.raises(MailboxNotFound):
+        box.refresh()
+    with pytest.raises(MailboxNotFound):
+        box.claim_recent([1])

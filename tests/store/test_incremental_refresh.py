@@ -49,7 +49,8 @@ def index(store: MessageStore) -> sqlite3.Connection:
 
 def test_unchanged_refresh_reads_no_row(store: MessageStore, rows_read: list[int]) -> None:
     fill(store, 20)
-    box = store.open_mailbox(USER)
+    rows_read.clear()
+    box = store.open_mailbox(USER)  # nobody holds the folder's snapshot: it is loaded
     assert len(rows_read) == 20
     rows_read.clear()
     for _ in range(3):
@@ -58,12 +59,18 @@ def test_unchanged_refresh_reads_no_row(store: MessageStore, rows_read: list[int
     assert [i.uid for i in box.messages()] == list(range(1, 21))
 
 
-def test_flag_change_by_another_object_reads_only_that_row(
+def other_store(store: MessageStore) -> MessageStore:
+    """Another process's store on the same directory."""
+    return MessageStore(store.root, lambda u: None, hostname="other")
+
+
+def test_flag_change_elsewhere_reads_only_that_row(
     store: MessageStore, rows_read: list[int]
 ) -> None:
     fill(store, 20)
+    elsewhere = other_store(store)
     a = store.open_mailbox(USER)
-    b = store.open_mailbox(USER)
+    b = elsewhere.open_mailbox(USER)
     b.set_flags([7], ["\\Seen", "$Work"], "add")
     rows_read.clear()
     a.refresh()
@@ -73,6 +80,32 @@ def test_flag_change_by_another_object_reads_only_that_row(
     assert infos[7].modseq == a.highestmodseq == b.highestmodseq
     assert infos[7].filename == {i.uid: i for i in b.messages()}[7].filename
     assert all(infos[u].flags == frozenset() for u in infos if u != 7)
+    elsewhere.close()
+
+
+def test_objects_of_one_folder_share_one_snapshot(
+    store: MessageStore, rows_read: list[int]
+) -> None:
+    fill(store, 20)
+    a = store.open_mailbox(USER)
+    rows_read.clear()
+    b = store.open_mailbox(USER)
+    assert rows_read == []  # b uses a's snapshot
+    b.set_flags([7], ["\\Seen"], "add")
+    b.expunge([3])
+    assert rows_read == [7]  # set_flags' own read: the change is applied, not read back
+    assert {i.uid: i.flags for i in a.messages()}[7] == {"\\Seen"}
+    assert 3 not in {i.uid for i in a.messages()}
+    a.refresh()
+    assert rows_read == [7] and a.highestmodseq == b.highestmodseq
+    # A change by another process in between: the snapshot is read from the index.
+    elsewhere = other_store(store)
+    elsewhere.open_mailbox(USER).set_flags([9], ["\\Flagged"], "add")
+    rows_read.clear()
+    b.set_flags([8], ["\\Seen"], "add")
+    assert sorted(rows_read) == [8, 8, 9]  # set_flags' own read, then the snapshot's
+    assert {i.uid: i.flags for i in a.messages()}[9] == {"\\Flagged"}
+    elsewhere.close()
 
 
 def test_expunge_and_move_by_another_object(store: MessageStore, rows_read: list[int]) -> None:
@@ -93,20 +126,20 @@ def test_appends_by_others_are_seen_in_uid_order(
     store: MessageStore, rows_read: list[int], tmp_path: Path
 ) -> None:
     fill(store, 3)
+    elsewhere = other_store(store)
     a = store.open_mailbox(USER)
-    b = store.open_mailbox(USER)
+    b = elsewhere.open_mailbox(USER)
     assert b.append(MSG) == 4  # not yet seen by a
     spool = tmp_path / "spool"
     spool.write_bytes(MSG)
     assert store.deliver(USER, str(spool)) == 5
-    assert a.append(MSG) == 6  # a's own append arrives before 4 and 5
-    assert [i.uid for i in a.messages()] == [1, 2, 3, 6]
     rows_read.clear()
-    a.refresh()
+    assert a.append(MSG) == 6  # a's own append brings 4 and 5 along, in order
     assert sorted(rows_read) == [4, 5, 6]
     assert [i.uid for i in a.messages()] == [1, 2, 3, 4, 5, 6]
     assert a.uidnext == 7
     assert a.read_message(5) == MSG
+    elsewhere.close()
 
 
 def test_index_disagreeing_with_the_snapshot_forces_a_reload(
@@ -185,14 +218,12 @@ def test_open_without_snapshot_reads_no_row_until_asked(
 ) -> None:
     fill(store, 5)
     full = store.open_mailbox(USER)
+    numbers = (full.uidvalidity, full.uidnext, full.highestmodseq)
+    del full  # nobody holds the snapshot now
     rows_read.clear()
     box = store.open_mailbox(USER, snapshot=False)
     assert rows_read == []
-    assert (box.uidvalidity, box.uidnext, box.highestmodseq) == (
-        full.uidvalidity,
-        full.uidnext,
-        full.highestmodseq,
-    )
+    assert (box.uidvalidity, box.uidnext, box.highestmodseq) == numbers
     assert box.append(MSG, ["\\Seen"]) == 6
     assert box.uidnext == 7 and rows_read == []
     assert [i.uid for i in box.messages()] == [1, 2, 3, 4, 5, 6]
@@ -209,3 +240,19 @@ def test_refresh_of_a_deleted_folder_raises(store: MessageStore) -> None:
     conn.close()
     with pytest.raises(maildirstore.MailboxNotFound):
         box.refresh()
+
+
+def test_flag_sets_are_shared_and_their_table_bounded(
+    store: MessageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = store.open_mailbox(USER)
+    for flags in (["\\Seen"], ["\\Seen"], ["$A"], ["$B"], ["\\Seen"]):
+        box.append(MSG, flags)
+    monkeypatch.setattr(maildirstore, "_FLAG_SETS_MAX", 2)
+    maildirstore._FLAG_SETS.clear()
+    elsewhere = other_store(store)
+    infos = elsewhere.open_mailbox(USER).messages()
+    assert infos[0].flags is infos[1].flags  # one frozenset per distinct flag text
+    assert [set(i.flags) for i in infos] == [{"\\Seen"}, {"\\Seen"}, {"$A"}, {"$B"}, {"\\Seen"}]
+    assert len(maildirstore._FLAG_SETS) <= 2
+    elsewhere.close()

@@ -193,10 +193,51 @@ def test_migrated_messages_read_the_same(store: MessageStore, blobs: FileBlobSto
 def test_stale_snapshot_reads_a_message_migrated_meanwhile(store: MessageStore) -> None:
     box = store.open_mailbox(USER)
     uid = box.append(MSG)
-    other = store.open_mailbox(USER)
+    # Another process (its own store) holds a snapshot of the folder.
+    elsewhere = MessageStore(store.root, lambda user: None, tier2=store.tier2)
+    try:
+        other = elsewhere.open_mailbox(USER)
+        assert store.migrate_message(USER, "INBOX", uid)
+        assert box.messages()[0].blob is not None  # this process's snapshot follows
+        other.refresh()  # a move between tiers is no change of the message (no modseq)
+        assert other.messages()[0].blob is None
+        assert other.read_message(uid) == MSG
+    finally:
+        elsewhere.close()
+
+
+def test_stale_tier2_entry_of_a_promoted_and_collected_blob(
+    store: MessageStore, blobs: FileBlobStore
+) -> None:
+    box = store.open_mailbox(USER)
+    uid = box.append(MSG)
     assert store.migrate_message(USER, "INBOX", uid)
-    assert other.messages()[0].blob is None  # snapshot not refreshed
-    assert other.read_message(uid) == MSG
+    ref = box.messages()[0].blob
+    assert ref is not None
+    elsewhere = MessageStore(store.root, lambda user: None, tier2=store.tier2)
+    try:
+        other = elsewhere.open_mailbox(USER)
+        assert other.messages()[0].blob == ref
+        # This process promotes it back to tier 1 and the blob is collected.
+        assert store.promote_message(USER, "INBOX", uid)
+        assert box.messages()[0].blob is None
+        for digest in split_ref(ref):
+            assert blobs.delete(digest)
+        other.refresh()
+        assert other.messages()[0].blob == ref  # stale, but read through the index
+        assert other.read_message(uid) == MSG
+        # A blob that is really gone (the index still names it) stays an error.
+        assert elsewhere.migrate_message(USER, "INBOX", uid)
+        ref2 = elsewhere.open_mailbox(USER).messages()[0].blob
+        assert ref2 is not None
+        for digest in split_ref(ref2):
+            blobs.delete(digest)
+        with pytest.raises(BlobNotFound):
+            other.read_message(uid)
+        with pytest.raises(KeyError):
+            other.read_message(uid + 1)
+    finally:
+        elsewhere.close()
 
 
 def test_crash_after_switch_before_unlink(
@@ -215,7 +256,8 @@ def test_crash_after_switch_before_unlink(
     assert len(folder_files(store)) == 1  # the redundant tier-1 file is still there
     box.refresh()  # the next sync removes it instead of indexing it as a new message
     assert folder_files(store) == []
-    assert [(m.uid, m.blob is not None) for m in box.messages()] == [(uid, True)]
+    assert [(m.uid, m.blob is not None) for m in box.messages()] == [(uid, False)]  # stale
+    assert [(r[1], r[4] is not None) for r in store.tier_rows(USER)] == [(uid, True)]
     assert box.read_message(uid) == MSG
 
 

@@ -1,0 +1,268 @@
+"""An IMAP worker process (``python -m mailgw.imap.worker``): serves IMAP sessions on the
+listening sockets inherited from the main process, which it asks for connection limits and
+exchanges store changes with over stdin/stdout (see ``mailgw.imap.workers``)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import IO, Any, cast
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionLost, ReactorNotRunning
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    formatEventAsClassicLogText,
+    globalLogBeginner,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailgw.config import Config
+from mailgw.imap.workers import LineBuffer, encode
+
+log = Logger()
+
+
+class Control(Protocol):
+    """The worker's end of the control channel (stdin/stdout, JSON lines).
+
+    ``request`` asks the main process and fires with its ``ok`` answer; ``send`` tells it
+    something. Changes made elsewhere go to ``on_changed(user, folder)``. When the channel
+    closes (the main process stopped or died), pending requests fail and ``on_lost`` runs.
+    """
+
+    transport: Any
+
+    def __init__(self, on_lost: Callable[[], None]) -> None:
+        self.on_lost = on_lost
+        self.on_changed: Callable[[str, str], None] = lambda user, folder: None
+        self._lines = LineBuffer()
+        self._pending: dict[int, Deferred[bool]] = {}
+        self._next_id = 0
+        self._lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        for line in self._lines.feed(data):
+            self._message(line)
+
+    def _message(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+            op = message["op"]
+            if op == "reply":
+                d = self._pending.pop(int(message["id"]))
+                d.callback(bool(message["ok"]))
+            elif op == "changed":
+                self.on_changed(str(message["user"]), str(message["folder"]))
+            else:
+                raise ValueError(f"unknown op {op!r}")
+        except (ValueError, KeyError, TypeError) as e:
+            log.warn("bad control message {line!r}: {error}", line=line[:200], error=e)
+
+    def send(self, op: str, **fields: Any) -> None:
+        if not self._lost:
+            self.transport.write(encode({"op": op, **fields}))
+
+    def request(self, op: str, **fields: Any) -> Deferred[bool]:
+        if self._lost:
+            return fail(ConnectionLost("the main process is gone"))
+        self._next_id += 1
+        d: Deferred[bool] = Deferred()
+        self._pending[self._next_id] = d
+        self.send(op, id=self._next_id, **fields)
+        return d
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(ConnectionLost("the main process is gone"))
+        self.on_lost()
+
+
+class RemoteAdmission:
+    """Connection limits decided by the main process (``mailgw.imap.factory.Admission``)."""
+
+    def __init__(self, control: Control) -> None:
+        self.control = control
+
+    def open(self, ip: str) -> Deferred[bool]:
+        return self.control.request("open", ip=ip)
+
+    def close(self, ip: str) -> None:
+        self.control.send("close", ip=ip)
+
+    def login(self, user: str) -> Deferred[bool]:
+        return self.control.request("login", user=user)
+
+    def logout(self, user: str) -> None:
+        self.control.send("logout", user=user)
+
+
+def accept_one_at_a_time(port: Any) -> None:
+    """Let ``port`` accept at most one connection each time it is readable, so that a burst of
+    connections is spread over the workers instead of being taken by the first to wake."""
+    if not hasattr(port, "numberAccepts"):
+        return
+    read = port.doRead
+
+    def do_read() -> Any:
+        port.numberAccepts = 1
+        return read()
+
+    port.doRead = do_read
+
+
+def serve(
+    config: Config, reactor: Any, control: Control, listeners: Sequence[dict[str, Any]]
+) -> list[Any]:
+    """Build this worker's directory, store and IMAP factories (as ``mailgw.service.Node``
+    does) and adopt the inherited listening sockets; returns the listening ports."""
+    from mailgw.directory import Directory
+    from mailgw.imap.factory import IMAPFactory
+    from mailgw.mime import StructureCache
+    from mailgw.net.listen import parse_listen, wrap_factory
+    from mailgw.net.tls import load_certificate_options
+    from mailgw.store import MessageStore
+    from mailgw.store.migration import tier2_from_config
+
+    data_dir = config.server.data_dir
+    directory = Directory(
+        os.path.join(data_dir, "directory.sqlite"),
+        recipient_delimiter=config.directory.recipient_delimiter,
+        argon2_time_cost=config.directory.argon2_time_cost,
+        argon2_memory_kib=config.directory.argon2_memory_kib,
+        default_quota=config.store.default_quota,
+        reactor=reactor,
+    )
+    store = MessageStore(
+        os.path.join(data_dir, "mail"),
+        quota_for=directory.quota_for,
+        default_folders=config.store.default_folders,
+        hostname=config.server.hostname,
+        reactor=reactor,
+        tier2=tier2_from_config(data_dir, config.store),
+        promote_on_read=config.store.promote_on_read,
+    )
+    tls_options = (
+        load_certificate_options(
+            config.tls.certificate, config.tls.private_key or None, config.tls.min_version
+        )
+        if config.tls_enabled
+        else None
+    )
+    admission = RemoteAdmission(control)
+    cache = StructureCache(4096)
+    factories: dict[bool, IMAPFactory] = {}
+    ports = []
+    for listener in listeners:
+        implicit = bool(listener["tls"])
+        factory = factories.get(implicit)
+        if factory is None:
+            factory = factories[implicit] = IMAPFactory(
+                config.imap,
+                config.server.hostname,
+                store,
+                directory,
+                reactor,
+                tls_options=tls_options,
+                implicit_tls=implicit,
+                auth_failure_delay=config.directory.auth_failure_delay,
+                cache=cache,
+                admission=admission,
+            )
+        spec, _ = parse_listen(listener["description"])
+        wrapped = wrap_factory(
+            factory,
+            spec,
+            reactor,
+            config.imap.proxy_trusted,
+            tls_options=tls_options if implicit else None,
+        )
+        fd = int(listener["fd"])
+        port = reactor.adoptStreamPort(fd, int(listener["family"]), wrapped)
+        os.close(fd)  # the port holds its own duplicate
+        accept_one_at_a_time(port)
+        ports.append(port)
+
+    def changed_elsewhere(user: str, folder: str) -> None:
+        for factory in factories.values():
+            factory.store_changed(user, folder)
+
+    control.on_changed = changed_elsewhere
+    store.add_listener(lambda user, folder: control.send("changed", user=user, folder=folder))
+    return ports
+
+
+def stderr_observer(stream: IO[str]) -> ILogObserver:
+    """Log events as ``[system] text`` lines (the main process adds time and worker)."""
+
+    @implementer(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        text = formatEventAsClassicLogText(event, formatTime=lambda when: "")
+        if text:
+            stream.write(text.lstrip())
+            stream.flush()
+
+    return cast(ILogObserver, observe)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mailgw.imap.worker")
+    parser.add_argument("--config", required=True, help="the main process's config file")
+    parser.add_argument("--index", type=int, default=0, help="this worker's number")
+    parser.add_argument(
+        "--listeners",
+        type=json.loads,
+        required=True,
+        help='JSON list of {"fd", "family", "description", "tls"}: the inherited sockets',
+    )
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, reactor: Any) -> int:
+    """Serve until SIGTERM or until the control channel closes: 0 on a clean stop, 1 when the
+    worker cannot start (the main process logs it and starts it again later)."""
+    from mailgw.config import ConfigError, load
+
+    def stop() -> None:
+        with contextlib.suppress(ReactorNotRunning):
+            reactor.stop()
+
+    control = Control(on_lost=stop)
+    try:
+        config = load(args.config)
+        serve(config, reactor, control, args.listeners)
+    except ConfigError as e:
+        log.error("imap worker {index}: {error}", index=args.index, error=e)
+        return 1
+    except Exception:
+        log.failure("imap worker {index}: cannot start", index=args.index)
+        return 1
+    from twisted.internet.stdio import StandardIO
+
+    StandardIO(control, reactor=reactor)
+    control.send("ready", pid=os.getpid())
+    reactor.run()  # SIGTERM stops it; returning lets atexit handlers (coverage) run
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The process entry point: log to stderr (relayed by the main process), then ``run``."""
+    args = parse_args(argv)
+    globalLogBeginner.beginLoggingTo([stderr_observer(sys.stderr)], redirectStandardIO=False)
+    from twisted.internet import reactor
+
+    return run(args, reactor)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

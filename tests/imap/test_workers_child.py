@@ -1,0 +1,202 @@
+"""IMAP worker process, child side: the control channel, remote admission, building the
+factories on inherited sockets, its log format and its start-up failures."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
+
+from mailgw.config import load
+from mailgw.imap.factory import IMAPFactory
+from mailgw.imap.worker import (
+    Control,
+    RemoteAdmission,
+    accept_one_at_a_time,
+    parse_args,
+    run,
+    serve,
+    stderr_observer,
+)
+from mailgw.net.proxy import ProxyHeaderFactory
+
+
+def connected() -> tuple[Control, StringTransport, list[str]]:
+    lost: list[str] = []
+    control = Control(on_lost=lambda: lost.append("lost"))
+    transport = StringTransport()
+    control.makeConnection(transport)
+    return control, transport, lost
+
+
+def lines(transport: StringTransport) -> list[dict[str, Any]]:
+    out = [json.loads(x) for x in transport.value().splitlines()]
+    transport.clear()
+    return out
+
+
+def test_requests_are_answered_by_id() -> None:
+    control, transport, _ = connected()
+    admission = RemoteAdmission(control)
+    results: list[bool] = []
+    admission.open("192.0.2.1").addCallback(results.append)
+    admission.login("alice").addCallback(results.append)
+    admission.close("192.0.2.1")
+    admission.logout("alice")
+    assert lines(transport) == [
+        {"op": "open", "id": 1, "ip": "192.0.2.1"},
+        {"op": "login", "id": 2, "user": "alice"},
+        {"op": "close", "ip": "192.0.2.1"},
+        {"op": "logout", "user": "alice"},
+    ]
+    control.dataReceived(b'{"op":"reply","id":2,"ok":false}\n{"op":"reply",')
+    control.dataReceived(b'"id":1,"ok":true}\n')
+    assert results == [False, True]
+
+
+def test_changes_from_elsewhere_and_bad_lines() -> None:
+    control, _, _ = connected()
+    changes: list[tuple[str, str]] = []
+    control.on_changed = lambda user, folder: changes.append((user, folder))
+    with capturedLogs() as events:
+        control.dataReceived(b'{"op":"changed","user":"alice","folder":"INBOX"}\n')
+        control.dataReceived(b'{"op":"reply","id":99,"ok":true}\n')  # nobody asked
+        control.dataReceived(b"garbage\n")
+        control.dataReceived(b'{"op":"sing"}\n')
+    assert changes == [("alice", "INBOX")]
+    assert sum("bad control message" in formatEvent(e) for e in events) == 3
+
+
+def test_default_change_handler_ignores() -> None:
+    control, _, _ = connected()
+    control.dataReceived(b'{"op":"changed","user":"alice","folder":"INBOX"}\n')
+
+
+def test_lost_channel_fails_pending_and_later_requests() -> None:
+    control, transport, lost = connected()
+    failures: list[Failure] = []
+    control.request("open", ip="192.0.2.1").addErrback(failures.append)
+    control.connectionLost(Failure(ConnectionLost()))
+    assert lost == ["lost"]
+    assert len(failures) == 1 and failures[0].check(ConnectionLost)
+    control.request("login", user="alice").addErrback(failures.append)
+    assert len(failures) == 2
+    transport.clear()
+    control.send("close", ip="192.0.2.1")
+    assert transport.value() == b""
+
+
+class FakeListeningPort:
+    def __init__(self) -> None:
+        self.numberAccepts = 100
+        self.reads = 0
+
+    def doRead(self) -> None:
+        self.reads += 1
+        assert self.numberAccepts == 1
+
+
+def test_accept_one_at_a_time() -> None:
+    port = FakeListeningPort()
+    accept_one_at_a_time(port)
+    port.numberAccepts = 40  # as Twisted's accept loop adapts it
+    port.doRead()
+    port.doRead()
+    assert port.reads == 2
+    accept_one_at_a_time(object())  # not a TCP port: left alone
+
+
+def test_stderr_observer_writes_system_and_text() -> None:
+    stream = io.StringIO()
+    observe = stderr_observer(stream)
+    observe({"log_format": "hello {who}", "who": "world", "log_system": "IMAP,3", "log_time": 0})
+    assert stream.getvalue() == "[IMAP,3] hello world\n"
+
+
+def test_parse_args() -> None:
+    args = parse_args(["--config", "/etc/m.ini", "--index", "2", "--listeners", '[{"fd": 3}]'])
+    assert (args.config, args.index, args.listeners) == ("/etc/m.ini", 2, [{"fd": 3}])
+
+
+def write_config(tmp_path: Path, extra: str = "") -> str:
+    path = tmp_path / "mailgw.ini"
+    path.write_text(f"[server]\ndata_dir = {tmp_path}/data\nhostname = mx.example.test\n{extra}")
+    (tmp_path / "data").mkdir(exist_ok=True)
+    return str(path)
+
+
+def listening_fd() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    sock.setblocking(False)
+    return sock.detach()
+
+
+def test_serve_adopts_sockets_and_exchanges_changes(tmp_path: Path) -> None:
+    config = load(write_config(tmp_path))
+    reactor = MemoryReactorClock()
+    control, transport, _ = connected()
+    fds = [listening_fd(), listening_fd(), listening_fd()]
+    specs = [
+        {"fd": fds[0], "family": int(socket.AF_INET), "description": "tcp:1", "tls": False},
+        {"fd": fds[1], "family": int(socket.AF_INET), "description": "haproxy:tcp:2", "tls": False},
+        {"fd": fds[2], "family": int(socket.AF_INET), "description": "tcp:3", "tls": True},
+    ]
+    ports = serve(config, reactor, control, specs)
+    assert len(ports) == 3
+    adopted = reactor.adoptedPorts
+    assert [a[0] for a in adopted] == fds
+    plain, proxied, tls = (a[2] for a in adopted)
+    assert isinstance(plain, IMAPFactory) and not plain.implicit_tls
+    assert isinstance(proxied, ProxyHeaderFactory) and proxied.wrappedFactory is plain
+    assert isinstance(tls, IMAPFactory) and tls.implicit_tls  # no [tls]: no TLS wrapper
+    assert isinstance(plain.admission, RemoteAdmission)
+    for fd in fds:  # the worker closed its inherited descriptors (the ports hold duplicates)
+        try:
+            socket.socket(fileno=fd).close()
+        except OSError:
+            continue
+        raise AssertionError(f"fd {fd} still open")
+    # A change in this worker's store goes to the main process ...
+    transport.clear()
+    plain.store.open_mailbox("alice@example.test").append(b"Subject: x\r\n\r\nx\r\n")
+    assert {"op": "changed", "user": "alice@example.test", "folder": "INBOX"} in lines(transport)
+    # ... and one from elsewhere reaches the sessions of both factories.
+    seen: list[tuple[str, str]] = []
+    plain.store_changed = lambda u, f: seen.append(("plain", f))  # type: ignore[method-assign]
+    tls.store_changed = lambda u, f: seen.append(("tls", f))  # type: ignore[method-assign]
+    control.dataReceived(b'{"op":"changed","user":"alice@example.test","folder":"Sent"}\n')
+    assert seen == [("plain", "Sent"), ("tls", "Sent")]
+
+
+def test_run_reports_a_bad_config(tmp_path: Path) -> None:
+    path = tmp_path / "bad.ini"
+    path.write_text("[imap]\nworkers = many\n")
+    args = parse_args(["--config", str(path), "--index", "1", "--listeners", "[]"])
+    with capturedLogs() as events:
+        assert run(args, MemoryReactorClock()) == 1
+    texts = [formatEvent(e) for e in events]
+    assert any("imap worker 1:" in t and "imap:workers" in t for t in texts), texts
+
+
+def test_run_reports_a_start_failure(tmp_path: Path) -> None:
+    args = parse_args(
+        ["--config", write_config(tmp_path), "--listeners", '[{"fd": 3, "family": 1}]']
+    )
+    with capturedLogs() as events:
+        assert run(args, MemoryReactorClock()) == 1
+    assert any("imap worker 0: cannot start" in formatEvent(e) for e in events)
+
+
+def test_stderr_observer_skips_events_without_text() -> None:
+    stream = io.StringIO()
+    stderr_observer(stream)({"log_time": 0})
+    assert stream.getvalue() == ""
