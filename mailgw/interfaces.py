@@ -196,6 +196,13 @@ class IMessageStore(Interface):
         ``messages()``/``refresh()`` (an APPEND/COPY/MOVE target). MailboxNotFound if it
         does not exist, ValueError for an invalid name. INBOX always exists."""
 
+    def append_messages(
+        user: str, name: str, messages: Sequence[tuple[bytes, Sequence[str], float | None]]
+    ) -> tuple[int, list[int]]:
+        """Store ``(data, flags, internaldate)`` messages in a folder, all or none (IMAP
+        APPEND/MULTIAPPEND): (UIDVALIDITY, new UIDs). Callable from any thread.
+        QuotaExceeded (nothing stored), MailboxNotFound, ValueError."""
+
     def list_mailboxes(user: str) -> list[str]:
         """Folder names of the user (INBOX first)."""
 

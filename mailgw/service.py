@@ -55,7 +55,7 @@ class Node(service.MultiService):
             reactor=reactor,
         )
         self.io_pool = ThreadPool(minthreads=0, maxthreads=IO_THREADS, name="mailgw-io")
-        run_io = pool_runner(reactor, self.io_pool)
+        run_io = self.run_io = pool_runner(reactor, self.io_pool)
         self.spool = Spool(
             os.path.join(data_dir, "spool"), hostname=config.server.hostname, run=run_io
         )
@@ -225,6 +225,7 @@ class Node(service.MultiService):
                 auth_failure_delay=config.directory.auth_failure_delay,
                 cache=cache,
                 admission=admission,
+                run_blocking=self.run_io,
             )
             key = "listen_tls" if implicit else "listen"
             self._listen(

@@ -15,6 +15,7 @@ from mailgw.imap.session import IMAPServer
 from mailgw.interfaces import IDirectory, IMessageStore
 from mailgw.mime import StructureCache
 from mailgw.net.limits import ConnectionCounter
+from mailgw.spool.threads import Runner, run_inline
 
 
 class SessionLimits:
@@ -137,7 +138,8 @@ class IMAPFactory(ServerFactory[IMAPServer]):
     ``cache`` (parsed message structures) may be shared between factories. ``admission``
     decides on connections and logins (per-IP and per-user limits): by default this factory's
     own counters; shared between the plain and TLS factories, or asked of the main process in
-    an IMAP worker (``mailgw.imap.worker``).
+    an IMAP worker (``mailgw.imap.worker``). ``run_blocking`` runs blocking store writes
+    (APPEND's files and fsyncs): in the server a thread pool, inline by default (tests).
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         auth_failure_delay: float = 2.0,
         cache: StructureCache | None = None,
         admission: Admission | None = None,
+        run_blocking: Runner = run_inline,
     ) -> None:
         self.config = config
         self.hostname = hostname
@@ -163,8 +166,8 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         self.auth_failure_delay = auth_failure_delay
         self.cache = cache if cache is not None else StructureCache(4096)
         self.admission: Admission = admission if admission is not None else local_admission(config)
+        self.run_blocking = run_blocking
         self._sessions: dict[str, set[IMAPServer]] = {}
-        self._recent: dict[tuple[str, str, int], int] = {}
         store.add_listener(self.store_changed)
 
     def buildProtocol(self, addr: IAddress | None) -> IMAPServer:

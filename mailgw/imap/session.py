@@ -871,24 +871,38 @@ class IMAPServer(Protocol):
         self._ok(tag, "STATUS completed")
 
     def do_APPEND(self, tag: str, command: p.Append) -> None:
-        user = self._user()
-        try:
-            mailbox = _open_target(self.factory.store, user, command.mailbox)
-        except (MailboxNotFound, ValueError):
-            self._no(tag, "No such mailbox", wire.TRYCREATE)
+        if any(not message.data for message in command.messages):
+            self._no(tag, "Empty messages are not stored", wire.CANNOT)
             return
-        uids = []
-        for message in command.messages:
-            if not message.data:
-                self._no(tag, "Empty messages are not stored", wire.CANNOT)
-                return
-            when = message.date.timestamp() if message.date is not None else None
-            try:
-                uids.append(mailbox.append(message.data, message.flags, when))
-            except QuotaExceeded:
-                self._no(tag, "Quota exceeded", wire.OVERQUOTA)
-                return
-        self._ok(tag, "APPEND completed", wire.code_appenduid(mailbox.uidvalidity, uids))
+        messages = [
+            (m.data, m.flags, m.date.timestamp() if m.date is not None else None)
+            for m in command.messages
+        ]
+        # The writes and fsyncs run in the I/O pool (the factory's runner): other sessions
+        # go on meanwhile; this one waits (commands run in order). All or none (RFC 3502).
+        self._busy = True
+        d = self.factory.run_blocking(
+            self.factory.store.append_messages, self._user(), command.mailbox, messages
+        )
+        d.addCallbacks(self._appended, self._append_failed, callbackArgs=(tag,), errbackArgs=(tag,))
+
+    def _appended(self, result: tuple[int, list[int]], tag: str) -> None:
+        if self._lost:
+            return
+        uidvalidity, uids = result
+        self._ok(tag, "APPEND completed", wire.code_appenduid(uidvalidity, uids))
+        self._done()
+
+    def _append_failed(self, failure: Failure, tag: str) -> None:
+        if self._lost:
+            return
+        if failure.check(MailboxNotFound, ValueError):
+            self._no(tag, "No such mailbox", wire.TRYCREATE)
+        elif failure.check(QuotaExceeded):
+            self._no(tag, "Quota exceeded", wire.OVERQUOTA)
+        else:
+            self._internal_error(failure, tag)
+        self._done()
 
     def do_GETQUOTAROOT(self, tag: str, command: p.GetQuotaRoot) -> None:
         if command.mailbox not in self.factory.store.list_mailboxes(self._user()):

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any, cast
@@ -23,6 +24,7 @@ from twisted.logger import (
     globalLogBeginner,
 )
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailgw.config import Config
@@ -131,6 +133,8 @@ def serve(
     from mailgw.mime import StructureCache
     from mailgw.net.listen import parse_listen, wrap_factory
     from mailgw.net.tls import load_certificate_options
+    from mailgw.service import IO_THREADS
+    from mailgw.spool.threads import pool_runner
     from mailgw.store import MessageStore
     from mailgw.store.migration import tier2_from_config
 
@@ -161,6 +165,10 @@ def serve(
     )
     admission = RemoteAdmission(control)
     cache = StructureCache(4096)
+    io_pool = ThreadPool(minthreads=0, maxthreads=IO_THREADS, name="mailgw-imap-io")
+    io_pool.start()
+    reactor.addSystemEventTrigger("during", "shutdown", io_pool.stop)
+    run_io = pool_runner(reactor, io_pool)
     factories: dict[bool, IMAPFactory] = {}
     ports = []
     for listener in listeners:
@@ -178,6 +186,7 @@ def serve(
                 auth_failure_delay=config.directory.auth_failure_delay,
                 cache=cache,
                 admission=admission,
+                run_blocking=run_io,
             )
         spec, _ = parse_listen(listener["description"])
         wrapped = wrap_factory(
@@ -251,6 +260,9 @@ def run(args: argparse.Namespace, reactor: Any) -> int:
 
     StandardIO(control, reactor=reactor)
     control.send("ready", pid=os.getpid())
+    # Ctrl-C on `twistd -n` reaches the whole process group: the main process stops the
+    # workers itself (SIGTERM), so a worker ignores SIGINT instead of dying early.
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
     reactor.run()  # SIGTERM stops it; returning lets atexit handlers (coverage) run
     return 0
 

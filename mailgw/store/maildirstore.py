@@ -382,6 +382,33 @@ class MessageStore:
                 snap = self._snapshots[key] = _Snapshot()
             return snap
 
+    def append_messages(
+        self,
+        user: str,
+        name: str,
+        messages: Sequence[tuple[bytes, Iterable[str], float | None]],
+    ) -> tuple[int, list[int]]:
+        """Store ``(data, flags, internaldate)`` messages in a folder, all or none (IMAP
+        APPEND / MULTIAPPEND, RFC 3502): returns (UIDVALIDITY, new UIDs). Safe to call from
+        any thread: it does not touch the shared snapshots (sessions see the messages on
+        their next refresh). QuotaExceeded when they do not all fit (nothing stored),
+        MailboxNotFound / ValueError for the folder."""
+        u = self._user(user)
+        with u.lock:
+            f = self._folder(u, name)
+            limit = self._quota_for(user)
+            self._check_quota(u, limit, sum(len(data) for data, _, _ in messages))
+        box = Mailbox(self, user, f, snapshot=False, shared=False)
+        uids: list[int] = []
+        try:
+            for data, flags, internaldate in messages:
+                uids.append(box.append(data, flags, internaldate))
+        except BaseException:
+            if uids:
+                box.expunge(uids)
+            raise
+        return box.uidvalidity, uids
+
     def list_mailboxes(self, user: str) -> list[str]:
         """INBOX first, then the other folders sorted; folders created on disk by another
         Maildir program are adopted."""
@@ -1240,12 +1267,19 @@ class Mailbox:
     """
 
     def __init__(
-        self, store: MessageStore, user: str, folder: _Folder, snapshot: bool = True
+        self,
+        store: MessageStore,
+        user: str,
+        folder: _Folder,
+        snapshot: bool = True,
+        shared: bool = True,
     ) -> None:
         self._store = store
         self._user = user
         self._folder = folder
-        self._snap = store._snapshot(user, folder)
+        # ``shared`` false: a private snapshot (a writer in another thread must not change
+        # the shared one, whose watchers live in the reactor thread).
+        self._snap = store._snapshot(user, folder) if shared else _Snapshot()
         self.name = folder.name
         self.uidvalidity = 0
         self.uidnext = 1

@@ -185,6 +185,10 @@ class FakeStore:
         self.opened.append(mailbox)
         return mailbox
 
+    def append_messages(self, user: str, name: str, messages: Any) -> tuple[int, list[int]]:
+        box = self.open_mailbox(user, name, snapshot=False)
+        return box.uidvalidity, [box.append(data, flags, when) for data, flags, when in messages]
+
     def list_mailboxes(self, user: str) -> list[str]:
         names = sorted(name for (u, name) in self._folders if u == user and name != "INBOX")
         return ["INBOX", *names]

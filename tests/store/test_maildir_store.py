@@ -885,3 +885,25 @@ def test_recorded_mtimes_are_verified_once_settled(
         .fetchone()
     )
     assert verified == (1,)
+
+
+def test_append_messages_is_all_or_nothing(
+    store: MessageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uidvalidity, uids = store.append_messages(USER, "INBOX", [(MSG, ["\\Seen"], None)] * 2)
+    assert uidvalidity == store.open_mailbox(USER).uidvalidity and len(uids) == 2
+    real = maildirstore.Mailbox.append
+    calls: list[int] = []
+
+    def failing_second(self: Any, data: bytes, flags: Any = (), when: Any = None) -> int:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(self, data, flags, when)
+
+    monkeypatch.setattr(maildirstore.Mailbox, "append", failing_second)
+    with pytest.raises(OSError):
+        store.append_messages(USER, "INBOX", [(MSG, [], None), (MSG, [], None)])
+    assert [m.uid for m in store.open_mailbox(USER).messages()] == uids  # the first went again
+    with pytest.raises(MailboxNotFound):
+        store.append_messages(USER, "Nowhere", [(MSG, [], None)])
