@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import service
 from twisted.logger import Logger
@@ -13,11 +13,54 @@ from mailgw.config import Config, ConfigError
 from mailgw.net.listen import ListenerService, parse_listen, wrap_factory
 from mailgw.net.tls import load_certificate_options
 
+if TYPE_CHECKING:
+    from mailgw.directory import Directory
+    from mailgw.store import MessageStore
+
 log = Logger()
 
 
 IO_THREADS = 16
 """Threads doing the spool's and the store's blocking file work (fsyncs wait in parallel)."""
+
+
+def build_directory(config: Config, reactor: Any) -> Directory:
+    """The user directory of ``[server] data_dir`` (each process that authenticates has one)."""
+    from mailgw.directory import Directory
+
+    return Directory(
+        os.path.join(config.server.data_dir, "directory.sqlite"),
+        recipient_delimiter=config.directory.recipient_delimiter,
+        argon2_time_cost=config.directory.argon2_time_cost,
+        argon2_memory_kib=config.directory.argon2_memory_kib,
+        default_quota=config.store.default_quota,
+        reactor=reactor,
+    )
+
+
+def build_store(config: Config, directory: Directory, reactor: Any, tier2: Any) -> MessageStore:
+    """The message store of ``[server] data_dir/mail`` (one per process: the main one and each
+    IMAP worker); ``tier2`` from ``mailgw.store.migration.tier2_from_config`` or None."""
+    from mailgw.store import MessageStore
+
+    return MessageStore(
+        os.path.join(config.server.data_dir, "mail"),
+        quota_for=directory.quota_for,
+        default_folders=config.store.default_folders,
+        hostname=config.server.hostname,
+        reactor=reactor,
+        tier2=tier2,
+        promote_on_read=config.store.promote_on_read,
+    )
+
+
+def build_tls_options(config: Config) -> Any:
+    """The server TLS context of ``[tls]``, None when no certificate is configured."""
+    if not config.tls_enabled:
+        return None
+    return load_certificate_options(
+        config.tls.certificate, config.tls.private_key or None, config.tls.min_version
+    )
 
 
 class Node(service.MultiService):
@@ -30,10 +73,8 @@ class Node(service.MultiService):
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()
         from mailgw.delivery import LocalDelivery
-        from mailgw.directory import Directory
         from mailgw.spool import Spool
         from mailgw.spool.threads import pool_runner
-        from mailgw.store import MessageStore
 
         self.config = config
         self.reactor = reactor
@@ -46,14 +87,7 @@ class Node(service.MultiService):
             ) from None
         if not os.access(data_dir, os.W_OK):
             raise ConfigError(config.path, "server", "data_dir", f"not writable: {data_dir}")
-        self.directory = Directory(
-            os.path.join(data_dir, "directory.sqlite"),
-            recipient_delimiter=config.directory.recipient_delimiter,
-            argon2_time_cost=config.directory.argon2_time_cost,
-            argon2_memory_kib=config.directory.argon2_memory_kib,
-            default_quota=config.store.default_quota,
-            reactor=reactor,
-        )
+        self.directory = build_directory(config, reactor)
         self.io_pool = ThreadPool(minthreads=0, maxthreads=IO_THREADS, name="mailgw-io")
         run_io = self.run_io = pool_runner(reactor, self.io_pool)
         self.spool = Spool(
@@ -67,24 +101,10 @@ class Node(service.MultiService):
             raise ConfigError(
                 config.path, "store", "tier2_dir", f"cannot create: {e.strerror}"
             ) from None
-        self.store = MessageStore(
-            os.path.join(data_dir, "mail"),
-            quota_for=self.directory.quota_for,
-            default_folders=config.store.default_folders,
-            hostname=config.server.hostname,
-            reactor=reactor,
-            tier2=tier2,
-            promote_on_read=config.store.promote_on_read,
-        )
+        self.store = build_store(config, self.directory, reactor, tier2)
         if tier2 is not None:
             self._add_migration(run_io)
-        self.tls_options = (
-            load_certificate_options(
-                config.tls.certificate, config.tls.private_key or None, config.tls.min_version
-            )
-            if config.tls_enabled
-            else None
-        )
+        self.tls_options = build_tls_options(config)
         self.relay: Any = None
         self.submission_policy: Any = None
         if config.relay.enabled:

@@ -128,41 +128,17 @@ def serve(
 ) -> list[Any]:
     """Build this worker's directory, store and IMAP factories (as ``mailgw.service.Node``
     does) and adopt the inherited listening sockets; returns the listening ports."""
-    from mailgw.directory import Directory
     from mailgw.imap.factory import IMAPFactory
     from mailgw.mime import StructureCache
     from mailgw.net.listen import parse_listen, wrap_factory
-    from mailgw.net.tls import load_certificate_options
-    from mailgw.service import IO_THREADS
+    from mailgw.service import IO_THREADS, build_directory, build_store, build_tls_options
     from mailgw.spool.threads import pool_runner
-    from mailgw.store import MessageStore
     from mailgw.store.migration import tier2_from_config
 
     data_dir = config.server.data_dir
-    directory = Directory(
-        os.path.join(data_dir, "directory.sqlite"),
-        recipient_delimiter=config.directory.recipient_delimiter,
-        argon2_time_cost=config.directory.argon2_time_cost,
-        argon2_memory_kib=config.directory.argon2_memory_kib,
-        default_quota=config.store.default_quota,
-        reactor=reactor,
-    )
-    store = MessageStore(
-        os.path.join(data_dir, "mail"),
-        quota_for=directory.quota_for,
-        default_folders=config.store.default_folders,
-        hostname=config.server.hostname,
-        reactor=reactor,
-        tier2=tier2_from_config(data_dir, config.store),
-        promote_on_read=config.store.promote_on_read,
-    )
-    tls_options = (
-        load_certificate_options(
-            config.tls.certificate, config.tls.private_key or None, config.tls.min_version
-        )
-        if config.tls_enabled
-        else None
-    )
+    directory = build_directory(config, reactor)
+    store = build_store(config, directory, reactor, tier2_from_config(data_dir, config.store))
+    tls_options = build_tls_options(config)
     admission = RemoteAdmission(control)
     cache = StructureCache(4096)
     io_pool = ThreadPool(minthreads=0, maxthreads=IO_THREADS, name="mailgw-imap-io")
