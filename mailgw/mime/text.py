@@ -55,16 +55,21 @@ _COMMENT_RE = re.compile(rb"\([^()]*\)")
 _MILITARY = {chr(c): 0 for c in range(ord("A"), ord("Z") + 1) if chr(c) != "J"}
 
 
-def date_offset(value: bytes | str) -> int:
-    """The zone offset in seconds east of UTC written in an RFC 5322 date (named zones
-    too); 0 when it is missing, unknown, military or the date is invalid."""
+def _date_text(value: bytes | str) -> str:
+    """An RFC 5322 date with comments (nested up to 4 deep) removed and spaces normalised."""
     v = value.encode("latin-1", "replace") if isinstance(value, str) else value
     for _ in range(4):
         stripped = _COMMENT_RE.sub(b" ", v)
         if stripped == v:
             break
         v = stripped
-    text = " ".join(v.decode("latin-1").split()).replace(" ,", ",")
+    return " ".join(v.decode("latin-1").split()).replace(" ,", ",")
+
+
+def date_offset(value: bytes | str) -> int:
+    """The zone offset in seconds east of UTC written in an RFC 5322 date (named zones
+    too); 0 when it is missing, unknown, military or the date is invalid."""
+    text = _date_text(value)
     try:
         parsed = parsedate_tz(text) if text else None
     except (ValueError, IndexError, TypeError):
@@ -78,13 +83,7 @@ def parse_date(value: bytes | str) -> float | None:
     """Parse an RFC 5322 date (obsolete forms too: 2-digit years, named and military
     zones, comments, missing weekday or seconds) into a POSIX timestamp; None if invalid.
     A missing or unknown zone counts as UTC."""
-    v = value.encode("latin-1", "replace") if isinstance(value, str) else value
-    for _ in range(4):
-        stripped = _COMMENT_RE.sub(b" ", v)
-        if stripped == v:
-            break
-        v = stripped
-    text = " ".join(v.decode("latin-1").split()).replace(" ,", ",")
+    text = _date_text(value)
     if not text:
         return None
     words = text.split(" ")
