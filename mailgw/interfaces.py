@@ -7,6 +7,7 @@ wait on another process or thread return a Deferred, as stated per method.
 from __future__ import annotations
 
 import builtins
+import datetime
 from collections.abc import Sequence
 
 from zope.interface import Attribute, Interface
@@ -143,8 +144,15 @@ class IMailbox(Interface):
     def expunge(uids: list[int]) -> list[int]:
         """Remove the messages; returns the UIDs actually removed."""
 
-    def append(data: bytes, flags: Sequence[str] = (), internaldate: float | None = None) -> int:
-        """Store a new message in this folder; returns its UID. QuotaExceeded if over quota."""
+    def append(
+        data: bytes,
+        flags: Sequence[str] = (),
+        internaldate: datetime.datetime | float | None = None,
+    ) -> int:
+        """Store a new message in this folder; returns its UID. ``internaldate`` is an aware
+        datetime (the store keeps its zone: FETCH INTERNALDATE shows it, SEARCH BEFORE/ON/SINCE
+        take the date in it), a UTC epoch (zone +0000), or None for now in the server's zone.
+        QuotaExceeded if over quota; ValueError for a naive datetime."""
 
     def changes_since(modseq: int) -> tuple[list[object], list[int]]:
         """(``MessageInfo`` of messages whose modseq is above ``modseq``, UIDs expunged since
@@ -197,10 +205,13 @@ class IMessageStore(Interface):
         does not exist, ValueError for an invalid name. INBOX always exists."""
 
     def append_messages(
-        user: str, name: str, messages: Sequence[tuple[bytes, Sequence[str], float | None]]
+        user: str,
+        name: str,
+        messages: Sequence[tuple[bytes, Sequence[str], datetime.datetime | float | None]],
     ) -> tuple[int, list[int]]:
         """Store ``(data, flags, internaldate)`` messages in a folder, all or none (IMAP
-        APPEND/MULTIAPPEND): (UIDVALIDITY, new UIDs). Callable from any thread.
+        APPEND/MULTIAPPEND): (UIDVALIDITY, new UIDs); ``internaldate`` as for
+        ``IMailbox.append`` (an aware datetime keeps its zone). Callable from any thread.
         QuotaExceeded (nothing stored), MailboxNotFound, ValueError."""
 
     def list_mailboxes(user: str) -> list[str]:

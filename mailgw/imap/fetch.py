@@ -35,16 +35,21 @@ class MessageGone(Exception):
     """The message was expunged by another session before it could be read."""
 
 
-def internaldate(ts: float) -> bytes:
-    """``"17-Jul-1996 02:44:25 +0000"`` (UTC)."""
-    d = datetime.datetime.fromtimestamp(ts, datetime.UTC)
-    return b'"%02d-%s-%04d %02d:%02d:%02d +0000"' % (
+def internaldate(ts: float, tz: int = 0) -> bytes:
+    """``"17-Jul-1996 02:44:25 -0700"``: the instant ``ts`` in the zone ``tz`` (minutes east
+    of UTC) it was stored with (RFC 3501 keeps an APPEND's zone)."""
+    d = datetime.datetime.fromtimestamp(ts + tz * 60, datetime.UTC)
+    hours, minutes = divmod(abs(tz), 60)
+    return b'"%02d-%s-%04d %02d:%02d:%02d %c%02d%02d"' % (
         d.day,
         _MONTHS[d.month - 1].encode("ascii"),
         d.year,
         d.hour,
         d.minute,
         d.second,
+        45 if tz < 0 else 43,  # - / +
+        hours,
+        minutes,
     )
 
 
@@ -130,7 +135,7 @@ class Fetcher:
         if name == "UID":
             return b"UID %d" % uid
         if name == "INTERNALDATE":
-            return b"INTERNALDATE " + internaldate(info.internaldate)
+            return b"INTERNALDATE " + internaldate(info.internaldate, info.internaldate_tz)
         if name == "RFC822.SIZE":
             return b"RFC822.SIZE %d" % info.size
         if name == "MODSEQ":

@@ -124,7 +124,10 @@ class Searcher:
             return age >= key.seconds if key.older else age <= key.seconds
         if isinstance(key, p.DateKey):
             if key.field == "INTERNAL":
-                return _compare(_utc_date(info.internaldate), key.relation, key.date)
+                # The date in the zone the internal date was given in (RFC 3501 6.4.4
+                # "disregarding time and timezone"), like the SENT* keys below.
+                local = _utc_date(info.internaldate + info.internaldate_tz * 60)
+                return _compare(local, key.relation, key.date)
             values = header_values(msg.structure(), "Date")
             day = _sent_date(values[0]) if values else None
             return day is not None and _compare(day, key.relation, key.date)

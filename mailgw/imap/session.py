@@ -874,10 +874,8 @@ class IMAPServer(Protocol):
         if any(not message.data for message in command.messages):
             self._no(tag, "Empty messages are not stored", wire.CANNOT)
             return
-        messages = [
-            (m.data, m.flags, m.date.timestamp() if m.date is not None else None)
-            for m in command.messages
-        ]
+        # The date-time keeps its zone (FETCH INTERNALDATE, SEARCH BEFORE/ON/SINCE).
+        messages = [(m.data, m.flags, m.date) for m in command.messages]
         # The writes and fsyncs run in the I/O pool (the factory's runner): other sessions
         # go on meanwhile; this one waits (commands run in order). All or none (RFC 3502).
         self._busy = True

@@ -45,6 +45,9 @@ CREATE TABLE IF NOT EXISTS messages (
     internaldate REAL NOT NULL,
     modseq INTEGER NOT NULL,
     blob TEXT,
+    -- The zone the internal date was given in (APPEND) or of the server at delivery:
+    -- minutes east of UTC (FETCH INTERNALDATE shows it, SEARCH BEFORE/ON/SINCE use it).
+    internaldate_tz INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (mailbox, uid)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tombstones (
@@ -67,6 +70,7 @@ _ADDED_COLUMNS = (
     ("messages", "blob", "TEXT"),
     ("mailboxes", "recent_uid", "INTEGER NOT NULL DEFAULT 0"),
     ("mailboxes", "mtimes_verified", "INTEGER NOT NULL DEFAULT 0"),
+    ("messages", "internaldate_tz", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 

@@ -20,6 +20,7 @@ check (directory mtimes, as Dovecot does).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import shutil
 import sqlite3
@@ -66,7 +67,9 @@ class MessageInfo:
     logical size, whatever the tier). ``blob`` is None for a message in tier 1 (its Maildir
     file), else its tier-2 reference (``<header sha256>:<header size>+<body sha256>``, or
     one sha256 for a message stored whole, see ``mailgw.store.blobs``) and ``filename`` is
-    only the name it had in tier 1."""
+    only the name it had in tier 1. ``internaldate`` is the instant (UTC epoch seconds) and
+    ``internaldate_tz`` the zone it was given in, in minutes east of UTC (RFC 3501 keeps the
+    zone of an APPEND's date-time; a delivery gets the server's zone)."""
 
     uid: int
     size: int
@@ -75,6 +78,7 @@ class MessageInfo:
     modseq: int
     filename: str
     blob: str | None = None
+    internaldate_tz: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,8 +132,16 @@ def _flag_set(text: str) -> frozenset[str]:
     return flags
 
 
+# Zone offsets are few too: one int object per value (beyond CPython's small ints).
+_ZONES: dict[int, int] = {}
+
+
+def _zone(minutes: int) -> int:
+    return _ZONES.setdefault(minutes, minutes) if len(_ZONES) < 4096 else minutes
+
+
 def _info_from_row(row: Sequence[object]) -> MessageInfo:
-    uid, filename, size, flags, internaldate, modseq, blob = row
+    uid, filename, size, flags, internaldate, modseq, blob, tz = row
     return MessageInfo(
         uid=int(uid),  # type: ignore[call-overload]
         size=int(size),  # type: ignore[call-overload]
@@ -138,10 +150,33 @@ def _info_from_row(row: Sequence[object]) -> MessageInfo:
         modseq=int(modseq),  # type: ignore[call-overload]
         filename=str(filename),
         blob=None if blob is None else str(blob),
+        internaldate_tz=_zone(int(tz)),  # type: ignore[call-overload]
     )
 
 
-_ROW_COLUMNS = "uid, filename, size, flags, internaldate, modseq, blob"
+_ROW_COLUMNS = "uid, filename, size, flags, internaldate, modseq, blob, internaldate_tz"
+
+
+def local_zone(ts: float) -> int:
+    """The server's UTC offset at the instant ``ts``, in minutes east of UTC."""
+    return time.localtime(ts).tm_gmtoff // 60
+
+
+def split_internaldate(
+    value: datetime.datetime | float | None,
+) -> tuple[float | None, int | None]:
+    """An internal date as given to ``append``: (epoch seconds or None for "now", zone in
+    minutes east of UTC or None for the server's zone). An aware datetime keeps its zone; a
+    number is a UTC epoch (zone +0000). ValueError for a naive datetime."""
+    if value is None:
+        return None, None
+    if isinstance(value, datetime.datetime):
+        offset = value.utcoffset()
+        if offset is None:
+            raise ValueError(f"internal date {value!r} has no time zone")
+        return value.timestamp(), round(offset.total_seconds() / 60)
+    return float(value), 0
+
 
 # Prefix of a deleted folder's directory while it is being removed; ``..`` never decodes to a
 # folder name, so a leftover after a crash is not adopted (``reindex`` removes it).
@@ -358,7 +393,7 @@ class MessageStore:
             with u.lock:
                 self._check_quota(u, limit, size)
             written = self._write_tmp(f, prefix, src, None)
-        info = self._place(u, f, limit, written, frozenset(), None)
+        info = self._place(u, f, limit, written, frozenset(), None, None)
         self._make_durable(u, f, info)
         self._notify(user, f.name)
         return info.uid
@@ -386,10 +421,11 @@ class MessageStore:
         self,
         user: str,
         name: str,
-        messages: Sequence[tuple[bytes, Iterable[str], float | None]],
+        messages: Sequence[tuple[bytes, Iterable[str], datetime.datetime | float | None]],
     ) -> tuple[int, list[int]]:
         """Store ``(data, flags, internaldate)`` messages in a folder, all or none (IMAP
-        APPEND / MULTIAPPEND, RFC 3502): returns (UIDVALIDITY, new UIDs). Safe to call from
+        APPEND / MULTIAPPEND, RFC 3502): returns (UIDVALIDITY, new UIDs). ``internaldate``
+        is as for ``Mailbox.append`` (an aware datetime keeps its zone). Safe to call from
         any thread: it does not touch the shared snapshots (sessions see the messages on
         their next refresh). QuotaExceeded when they do not all fit (nothing stored),
         MailboxNotFound / ValueError for the folder."""
@@ -828,13 +864,13 @@ class MessageStore:
         src_modseq = int(src_box[0]) + 1
         for uid in sorted(set(uids)):
             row = c.execute(
-                "SELECT base, filename, size, flags, internaldate, blob FROM messages"
-                " WHERE mailbox = ? AND uid = ?",
+                "SELECT base, filename, size, flags, internaldate, blob, internaldate_tz"
+                " FROM messages WHERE mailbox = ? AND uid = ?",
                 (src.id, uid),
             ).fetchone()
             if row is None:
                 continue
-            base, filename, size, flags, internaldate, blob = row
+            base, filename, size, flags, internaldate, blob, tz = row
             if blob is not None:  # a leftover of its migration would come back in src
                 maildir.unlink_quiet(os.path.join(src.path, filename))
             else:
@@ -855,8 +891,8 @@ class MessageStore:
             c.execute("DELETE FROM messages WHERE mailbox = ? AND uid = ?", (src.id, uid))
             c.execute(
                 "INSERT INTO messages(mailbox, uid, base, filename, size, flags, internaldate,"
-                " modseq, blob) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (dst.id, uidnext, base, filename, size, flags, internaldate, modseq, blob),
+                " modseq, blob, internaldate_tz) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (dst.id, uidnext, base, filename, size, flags, internaldate, modseq, blob, tz),
             )
             add_tombstones(c, src.id, [uid], src_modseq)
             pairs.append((uid, uidnext))
@@ -910,9 +946,11 @@ class MessageStore:
         data: bytes | None,
         flags: frozenset[str],
         internaldate: float | None,
+        tz: int | None,
     ) -> MessageInfo:
         """Write tmp + fsync, place it (``_place``), fsync its directory."""
-        info = self._place(u, f, limit, self._write_tmp(f, prefix, src, data), flags, internaldate)
+        written = self._write_tmp(f, prefix, src, data)
+        info = self._place(u, f, limit, written, flags, internaldate, tz)
         self._make_durable(u, f, info)
         return info
 
@@ -944,16 +982,19 @@ class MessageStore:
         written: tuple[str, str, int, int, float],
         flags: frozenset[str],
         internaldate: float | None,
+        tz: int | None,
     ) -> MessageInfo:
         """Under the index write lock: quota check, UID allocation, rename of the written
         tmp file into new/ or cur/, index row. The caller fsyncs the directory. On error the
-        file is removed."""
+        file is removed. ``internaldate`` None is the file's mtime (now); ``tz`` None is the
+        server's zone at that instant."""
         head, tmp, size, vsize, mtime = written
         placed: str | None = None
         try:
             if internaldate is not None:
                 os.utime(tmp, (internaldate, internaldate))
                 mtime = internaldate
+            zone = local_zone(mtime) if tz is None else tz
             base = maildir.full_base(head, size, vsize)
             rel = maildir.rel_name(base, flags)
             with u.index.write() as c:
@@ -974,14 +1015,14 @@ class MessageStore:
                 os.rename(tmp, placed)
                 c.execute(
                     "INSERT INTO messages(mailbox, uid, base, filename, size, flags,"
-                    " internaldate, modseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (f.id, uid, base, rel, size, maildir.flags_to_text(flags), mtime, modseq),
+                    " internaldate, modseq, internaldate_tz) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (f.id, uid, base, rel, size, maildir.flags_to_text(flags), mtime, modseq, zone),
                 )
                 self._record_mtimes(c, u, f)
         except BaseException:
             maildir.unlink_quiet(placed or tmp)
             raise
-        return MessageInfo(uid, size, flags, mtime, modseq, rel)
+        return MessageInfo(uid, size, flags, mtime, modseq, rel, internaldate_tz=zone)
 
     def _place_blob(
         self,
@@ -993,6 +1034,7 @@ class MessageStore:
         flags: frozenset[str],
         internaldate: float,
         filename: str,
+        tz: int,
     ) -> MessageInfo:
         """Index a new message whose bytes are the tier-2 blob ``blob`` (a copy of a tier-2
         message shares its blob): quota check, UID, row."""
@@ -1012,8 +1054,8 @@ class MessageStore:
             uid, modseq = int(row[0]), int(row[1])
             base = maildir.split_filename(filename.split("/", 1)[-1])[0]
             c.execute(
-                "INSERT INTO messages(mailbox, uid, base, filename, size, flags,"
-                " internaldate, modseq, blob) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO messages(mailbox, uid, base, filename, size, flags, internaldate,"
+                " modseq, blob, internaldate_tz) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     f.id,
                     uid,
@@ -1024,9 +1066,10 @@ class MessageStore:
                     internaldate,
                     modseq,
                     blob,
+                    tz,
                 ),
             )
-        return MessageInfo(uid, size, flags, internaldate, modseq, filename, blob)
+        return MessageInfo(uid, size, flags, internaldate, modseq, filename, blob, tz)
 
     def _clean_tmp(self, folder_path: str) -> None:
         tmp = os.path.join(folder_path, "tmp")
@@ -1188,7 +1231,7 @@ class MessageStore:
             modseq += 1
             c.execute(
                 "INSERT INTO messages(mailbox, uid, base, filename, size, flags, internaldate,"
-                " modseq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " modseq, internaldate_tz) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     f.id,
                     uidnext,
@@ -1198,6 +1241,7 @@ class MessageStore:
                     maildir.flags_to_text(flags),
                     st.st_mtime,
                     modseq,
+                    local_zone(st.st_mtime),
                 ),
             )
             uidnext += 1
@@ -1553,7 +1597,7 @@ class Mailbox:
             "UPDATE messages SET filename = ?, flags = ?, modseq = ? WHERE mailbox = ? AND uid = ?",
             (rel, maildir.flags_to_text(flags), modseq, self._folder.id, info.uid),
         )
-        return MessageInfo(info.uid, info.size, flags, info.internaldate, modseq, rel)
+        return dataclasses.replace(info, flags=flags, modseq=modseq, filename=rel)
 
     def _fix_totals(self, c: sqlite3.Connection) -> None:
         c.execute(
@@ -1609,18 +1653,22 @@ class Mailbox:
         return removed
 
     def append(
-        self, data: bytes, flags: Iterable[str] = (), internaldate: float | None = None
+        self,
+        data: bytes,
+        flags: Iterable[str] = (),
+        internaldate: datetime.datetime | float | None = None,
     ) -> int:
         """Store ``data`` with ``flags`` and ``internaldate`` (also the file's mtime);
-        returns its UID. QuotaExceeded when over quota."""
+        returns its UID. ``internaldate`` is an aware datetime (its zone is kept for FETCH
+        INTERNALDATE and SEARCH BEFORE/ON/SINCE), a UTC epoch (zone +0000) or None (now, in
+        the server's zone). QuotaExceeded when over quota; ValueError for a naive datetime."""
+        when, tz = split_internaldate(internaldate)
         normalized = maildir.normalize_flags(flags)
         u = self._u()
         with u.lock:
             limit = self._store._quota_for(self._user)
             self._store._check_quota(u, limit, len(data))
-            info = self._store._store(
-                u, self._folder, limit, b"", None, data, normalized, internaldate
-            )
+            info = self._store._store(u, self._folder, limit, b"", None, data, normalized, when, tz)
             if self._snap.loaded is None:
                 self.uidnext = max(self.uidnext, info.uid + 1)
                 self.highestmodseq = max(self.highestmodseq, info.modseq)
@@ -1724,6 +1772,7 @@ class Mailbox:
                         info.flags,
                         info.internaldate,
                         info.filename,
+                        info.internaldate_tz,
                     )
                 else:
                     try:
@@ -1732,7 +1781,15 @@ class Mailbox:
                         continue
                     with src:
                         new = self._store._store(
-                            u, dest, limit, b"", src, None, info.flags, info.internaldate
+                            u,
+                            dest,
+                            limit,
+                            b"",
+                            src,
+                            None,
+                            info.flags,
+                            info.internaldate,
+                            info.internaldate_tz,
                         )
                 pairs.append((info.uid, new.uid))
             if pairs and dest.id == self._folder.id and self._snap.loaded is not None:

@@ -1,11 +1,13 @@
 """Protocol corner cases found by running a strict third-party compliance suite: ENVELOPE
-source routes, SENT* dates in the message's own zone, FROM/TO/CC/BCC on the envelope
-form, LSUB placeholders and LIST-EXTENDED SUBSCRIBED/RECURSIVEMATCH (RFC 3501, RFC 5258)."""
+source routes, SENT* dates in the message's own zone, INTERNALDATE in the zone it was
+appended with, FROM/TO/CC/BCC on the envelope form, LSUB placeholders and LIST-EXTENDED
+SUBSCRIBED/RECURSIVEMATCH (RFC 3501, RFC 5258)."""
 
 from __future__ import annotations
 
 import re
 
+from mailgw.imap.fetch import internaldate
 from tests.imap.imap_env import Client, Env
 
 ALICE = "alice@example.test"
@@ -133,3 +135,44 @@ def test_extended_list_shows_hierarchy_levels_as_noselect(env: Env) -> None:
     _tree(env, c, ["p/q"], [])
     listed = _listed(c.cmd('LIST "" (p p/q)'))
     assert listed == {"p": b"(\\Noselect \\HasChildren)", "p/q": b"(\\HasNoChildren)"}, listed
+
+
+def test_internaldate_keeps_the_appended_zone(env: Env) -> None:
+    c = env.connect(login=ALICE)
+    for n, when in enumerate(
+        (
+            "01-Jan-2020 23:30:00 -0500",  # 2 January 04:30 UTC
+            "02-Jan-2020 00:30:00 +0200",  # 1 January 22:30 UTC
+            "02-Jan-2020 12:00:00 +0000",
+            " 3-Jan-2020 00:15:00 +0545",  # 2 January 18:30 UTC
+        ),
+        start=1,
+    ):
+        data = b"Subject: %d\r\n\r\nx\r\n" % n
+        out = c.send(b'a%d APPEND INBOX "%s" {%d+}\r\n' % (n, when.encode(), len(data)) + data)
+        out += c.send(b"\r\n")
+        assert b"OK [APPENDUID" in out, out
+    c.cmd("SELECT INBOX")
+    out = c.cmd("FETCH 1:4 INTERNALDATE")
+    assert b'* 1 FETCH (INTERNALDATE "01-Jan-2020 23:30:00 -0500")' in out, out
+    assert b'* 2 FETCH (INTERNALDATE "02-Jan-2020 00:30:00 +0200")' in out, out
+    assert b'* 3 FETCH (INTERNALDATE "02-Jan-2020 12:00:00 +0000")' in out, out
+    assert b'* 4 FETCH (INTERNALDATE "03-Jan-2020 00:15:00 +0545")' in out, out
+    # RFC 3501 6.4.4: BEFORE/ON/SINCE take the date as it is in the message's own zone.
+    assert _search(c, "ON 1-Jan-2020") == [1]
+    assert _search(c, "ON 2-Jan-2020") == [2, 3]
+    assert _search(c, "ON 3-Jan-2020") == [4]
+    assert _search(c, "BEFORE 2-Jan-2020") == [1]
+    assert _search(c, "SINCE 2-Jan-2020") == [2, 3, 4]
+    assert _search(c, "SINCE 3-Jan-2020") == [4]
+    # SORT ARRIVAL compares the instants (2 is 1 January 22:30 UTC), not the local times.
+    out = c.cmd("SORT (ARRIVAL) UTF-8 ALL")
+    assert b"* SORT 2 1 3 4\r\n" in out, out
+
+
+def test_internaldate_format_in_a_zone() -> None:
+    ts = 1_577_939_400.0  # 2020-01-02 04:30:00 UTC
+    assert internaldate(ts) == b'"02-Jan-2020 04:30:00 +0000"'
+    assert internaldate(ts, -210) == b'"02-Jan-2020 01:00:00 -0330"'
+    assert internaldate(ts, -300) == b'"01-Jan-2020 23:30:00 -0500"'
+    assert internaldate(ts, 840) == b'"02-Jan-2020 18:30:00 +1400"'

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import imaplib
 import shutil
@@ -80,6 +81,24 @@ def test_imaplib_full_flow(server: MailgwServer) -> None:
         assert client.create("Projects/2024")[0] == "OK"
         assert client.rename("Projects/2024", "Projects/2025")[0] == "OK"
         assert client.delete("Projects/2025")[0] == "OK"
+    finally:
+        client.logout()
+
+
+def test_imaplib_append_keeps_the_internaldate_zone(server: MailgwServer) -> None:
+    est = datetime.timezone(datetime.timedelta(hours=-5))
+    when = datetime.datetime(2020, 1, 1, 23, 30, tzinfo=est)  # 2 January in UTC
+    client = connect(server)
+    try:
+        date = imaplib.Time2Internaldate(when)
+        assert date == '"01-Jan-2020 23:30:00 -0500"'
+        assert client.append("INBOX", None, date, message(1))[0] == "OK"
+        client.select("INBOX")
+        typ, data = client.fetch("1", "(INTERNALDATE)")
+        assert data == [b'1 (INTERNALDATE "01-Jan-2020 23:30:00 -0500")'], data
+        assert imaplib.Internaldate2tuple(data[0]) == time.localtime(when.timestamp())
+        assert client.search(None, "ON", "1-Jan-2020") == ("OK", [b"1"])
+        assert client.search(None, "SINCE", "2-Jan-2020") == ("OK", [b""])
     finally:
         client.logout()
 

@@ -102,7 +102,7 @@ class FakeMailbox:
         self.expunged += removed
         return removed
 
-    def append(self, data: bytes, flags: Any = (), internaldate: float | None = None) -> int:
+    def append(self, data: bytes, flags: Any = (), internaldate: Any = None) -> int:
         uid = self._folder.uidnext
         self._folder.uidnext += 1
         self._folder.data[uid] = data
