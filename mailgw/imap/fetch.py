@@ -19,6 +19,7 @@ from mailgw.mime import (
     StructureCache,
     UnknownTransferEncoding,
     binary_section,
+    binary_text,
     body_structure,
     envelope,
     partial,
@@ -155,8 +156,23 @@ class Fetcher:
         spec = item.section
         assert spec is not None
         if name in ("BINARY", "BINARY.SIZE"):
-            # RFC 3516: the decoded part; UnknownTransferEncoding fails the FETCH.
-            decoded = binary_section(structure, raw, spec.part)
+            # RFC 3516: the decoded part; UnknownTransferEncoding fails the FETCH. Beyond
+            # its grammar (as Dovecot): TEXT is the decoded body, header sections and MIME
+            # are the bytes BODY[...] gives (headers carry no transfer encoding).
+            if spec.text is None:
+                decoded = binary_section(structure, raw, spec.part)
+            elif spec.text == "TEXT":
+                decoded = binary_text(structure, raw, spec.part)
+            else:
+                decoded = mime_section(
+                    structure,
+                    raw,
+                    MimeSection(
+                        spec.part,
+                        spec.text,
+                        tuple(f.encode("ascii", "replace") for f in spec.fields),
+                    ),
+                )
             if name == "BINARY.SIZE":
                 return b"BINARY.SIZE[%s] %d" % (str(spec).encode("ascii"), len(decoded))
             if item.partial is not None:

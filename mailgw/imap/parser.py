@@ -67,7 +67,7 @@ class Section:
 
     name: str
     items: tuple[Node, ...]
-    partial: tuple[int, int] | None = None
+    partial: tuple[int, int | None] | None = None
     raw: str | None = None
 
 
@@ -135,7 +135,8 @@ _WORD_LOOSE = re.compile(rb'[^\x00-\x20\x7f-\xff()"{]+')
 _QUOTED = re.compile(rb'"((?:[^"\\\r\n\x00]|\\["\\])*)"')
 _LITERAL_HEAD = re.compile(rb"(~?)\{([^}]{0,40})\}$")
 _NONSYNC_TAIL = re.compile(rb"~?\{([0-9]{1,20})\+\}$")
-_PARTIAL = re.compile(rb"<([0-9]{1,10})\.([0-9]{1,10})>")
+# <origin.count>; also <origin> alone (to the end), which Dovecot accepts beyond RFC 3501.
+_PARTIAL = re.compile(rb"<([0-9]{1,10})(?:\.([0-9]{1,10}))?>")
 _UNESCAPE = re.compile(rb"\\(.)")
 
 _LINE, _LITERAL, _DISCARD, _SKIP = range(4)
@@ -478,9 +479,10 @@ class CommandReader:
                 partial = None
                 if pos < n and line[pos] == 0x3C:  # <
                     m = _PARTIAL.match(line, pos)
-                    if m is None or int(m.group(2)) == 0:
+                    if m is None or (m.group(2) is not None and int(m.group(2)) == 0):
                         raise _Bad("Invalid <partial> specification")
-                    partial = (int(m.group(1)), int(m.group(2)))
+                    count = None if m.group(2) is None else int(m.group(2))
+                    partial = (int(m.group(1)), count)
                     pos = m.end()
                 raw = line[frame.start : pos].decode("ascii") if frame.start >= 0 else None
                 stack[-1].items.append(Section(frame.name, tuple(frame.items), partial, raw))
@@ -889,7 +891,7 @@ class FetchAtt:
 
     name: str
     section: SectionSpec | None = None
-    partial: tuple[int, int] | None = None
+    partial: tuple[int, int | None] | None = None
     peek: bool = False
 
     def response_label(self) -> str:
@@ -1547,8 +1549,8 @@ def _section_spec(items: tuple[Node, ...], binary: bool) -> SectionSpec:
             raise CommandError("Invalid section part number")
         numbers.append(int(parts.pop(0)))
     text = ".".join(parts).upper() or None
-    if binary and (text is not None or len(items) > 1):
-        raise CommandError("BINARY sections are part numbers only")
+    # RFC 3516's grammar has part numbers only for BINARY; like Dovecot (and imaptest) we
+    # also take TEXT, MIME and the header sections there (see fetch.py).
     if text is not None and (text not in _SECTION_TEXTS or (text == "MIME" and not numbers)):
         raise CommandError("Invalid section")
     fields: tuple[str, ...] = ()

@@ -19,6 +19,7 @@ __all__ = [
     "header_fields",
     "partial",
     "binary_section",
+    "binary_text",
     "UnknownTransferEncoding",
 ]
 
@@ -291,6 +292,20 @@ def _decoded_body(p: Part, raw: bytes) -> bytes:
     if encoding in _DECODED:
         return decode_transfer(body, encoding)
     raise UnknownTransferEncoding(encoding.decode("latin-1"))
+
+
+def binary_text(msg: MessageStructure | Part, raw: bytes, path: tuple[int, ...]) -> bytes:
+    """BINARY[``path``.TEXT] (accepted beyond RFC 3516's part-number grammar, as Dovecot
+    does): the body of the message (``path`` empty) or of the message/rfc822 part at
+    ``path``, decoded when it is a single encoded part; ``b""`` for a part that is not a
+    message. UnknownTransferEncoding as ``binary_section``."""
+    target = _root(msg)
+    if path:
+        p = find_part(target, path)
+        if p is None or p.message is None:
+            return b""
+        target = p.message
+    return _decoded_body(target, raw)
 
 
 def binary_section(msg: MessageStructure | Part, raw: bytes, path: tuple[int, ...]) -> bytes:

@@ -66,10 +66,36 @@ def test_unknown_transfer_encoding_fails_with_unknown_cte(env: Env) -> None:
 
 def test_binary_syntax_errors(env: Env) -> None:
     c = _selected(env)
-    # RFC 3516: section-binary is part numbers only; BINARY.SIZE has no partial.
-    assert b"a3 BAD" in c.cmd("FETCH 1 BINARY[1.MIME]")
-    assert b"a4 BAD" in c.cmd("FETCH 1 BINARY.PEEK[TEXT]")
-    assert b"a5 BAD" in c.cmd("FETCH 1 BINARY.SIZE[1]<0.2>")
+    assert b"a3 BAD" in c.cmd("FETCH 1 BINARY.SIZE[1]<0.2>")  # BINARY.SIZE has no partial
+    assert b"a4 BAD" in c.cmd("FETCH 1 BINARY[1.NOPE]")
+
+
+def test_binary_text_mime_and_header_sections(env: Env) -> None:
+    """Beyond RFC 3516's part-number grammar, as Dovecot (and imaptest) do: TEXT is the
+    decoded body, MIME and header sections are the stored header bytes."""
+    single = (
+        b"Subject: one\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nfoo=3Dbar=\r\nbaz\r\n"
+    )
+    c = _selected(env, single)
+    out = c.cmd("FETCH 1 (BINARY.PEEK[TEXT] BINARY.SIZE[TEXT])")
+    assert b"BINARY[TEXT] {12}\r\nfoo=barbaz\r\n" in out and b"BINARY.SIZE[TEXT] 12" in out, out
+    env.deliver(MESSAGE)
+    c.cmd("NOOP")
+    out = c.cmd("FETCH 2 (BINARY.PEEK[1.MIME] BINARY.PEEK[HEADER.FIELDS (MIME-Version)])")
+    assert b"BINARY[1.MIME] {37}\r\nContent-Transfer-Encoding: base64\r\n\r\n" in out, out
+    assert b"BINARY[HEADER.FIELDS (MIME-Version)] {21}\r\nMIME-Version: 1.0\r\n\r\n" in out, out
+    # TEXT of a multipart is its body as stored (a container has no encoding of its own).
+    body = MESSAGE.split(b"\r\n\r\n", 1)[1]
+    assert b"BINARY[TEXT] {%d}\r\n" % len(body) in c.cmd("FETCH 2 BINARY.PEEK[TEXT]")
+    assert b"BINARY[1.TEXT] {0}\r\n" in c.cmd("FETCH 2 BINARY.PEEK[1.TEXT]")  # not a message
+
+
+def test_partial_without_a_length_runs_to_the_end(env: Env) -> None:
+    c = _selected(env, b"Subject: p\r\n\r\n0123456789\r\n")
+    out = c.cmd("FETCH 1 (BODY.PEEK[TEXT]<4> BINARY.PEEK[TEXT]<8>)")
+    assert b"BODY[TEXT]<4> {8}\r\n456789\r\n" in out, out
+    assert b"BINARY[TEXT]<8> {4}\r\n89\r\n" in out, out
+    assert b"BAD" in c.cmd("FETCH 1 BODY.PEEK[TEXT]<4.0>")
 
 
 def test_append_literal8_keeps_nul_octets(env: Env) -> None:

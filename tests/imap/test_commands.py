@@ -404,7 +404,6 @@ def test_fetch_macros_and_items() -> None:
         (b"a FETCH 1 BODY[HEADER.FIELDS ()]\r\n", "Invalid header field names"),
         (b"a FETCH 1 BODY[TEXT (x)]\r\n", "Invalid section"),
         (b'a FETCH 1 BODY["x"]\r\n', "Invalid section"),
-        (b"a FETCH 1 BINARY[1.TEXT]\r\n", "BINARY sections are part numbers only"),
         (b"a FETCH 1 BINARY.SIZE[1]<0.5>\r\n", "BINARY.SIZE takes no partial"),
         (b'a FETCH 1 "FLAGS"\r\n', "Invalid FETCH item"),
         (b"a FETCH 1 FLAGS (VANISHED)\r\n", "VANISHED needs UID FETCH with CHANGEDSINCE"),

@@ -77,7 +77,8 @@ def test_quoted_escapes_and_8bit() -> None:
         (b"a X {99999999999999999999}\r\n", "Invalid literal size"),
         (b"a X {9999999999999999999}\r\n", "Invalid literal size"),
         (b"a X BODY[1]<0.0>\r\n", "Invalid <partial> specification"),
-        (b"a X BODY[1]<5>\r\n", "Invalid <partial> specification"),
+        (b"a X BODY[1]<5.>\r\n", "Invalid <partial> specification"),
+        (b"a X BODY[1]<5.0>\r\n", "Invalid <partial> specification"),
     ],
 )
 def test_bad_lines(line: bytes, text: str) -> None:
