@@ -239,7 +239,14 @@ def run(args: argparse.Namespace, reactor: Any) -> int:
     # Ctrl-C on `twistd -n` reaches the whole process group: the main process stops the
     # workers itself (SIGTERM), so a worker ignores SIGINT instead of dying early.
     reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    # Stopping, a second SIGTERM (systemd signals the whole control group, then the main
+    # process signals its workers) must not kill the worker before it has closed its sessions.
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", signal.signal, signal.SIGTERM, signal.SIG_IGN
+    )
     reactor.run()  # SIGTERM stops it; returning lets atexit handlers (coverage) run
+    # The reactor put back the default SIGTERM action: a late signal must not cut the exit.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return 0
 
 

@@ -327,6 +327,29 @@ def test_stop_stops_the_workers(server_factory) -> None:  # type: ignore[no-unty
         assert f"(pid {pid}) stopped (exit code 0)" in log, log[-3000:]
 
 
+def test_sigterm_to_the_whole_group_stops_every_worker_cleanly(
+    server_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    """As systemd stops a service: SIGTERM to every process at once, so each worker gets a
+    second one from the main process while it is already stopping."""
+    server = start(server_factory)
+    pids = worker_pids(server)
+    assert len(pids) == 2 and server.proc is not None
+    os.kill(server.proc.pid, signal.SIGTERM)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.05)
+    for pid in pids:  # and once more, late
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not any(alive(p) for p in pids), what="workers gone")
+    server.stop()
+    log = server.log()
+    for pid in pids:
+        ends = re.findall(rf"\(pid {pid}\) (?:stopped|ended) \(([^)]*)\)", log)
+        assert ends == ["exit code 0"], log[-3000:]
+
+
 def test_workers_exit_when_the_main_process_is_killed(
     server_factory,  # type: ignore[no-untyped-def]
 ) -> None:
