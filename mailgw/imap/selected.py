@@ -12,6 +12,7 @@ It also keeps the SEARCHRES saved result (``$``, RFC 5182) as UIDs.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from array import array
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -168,11 +169,16 @@ class SelectedMailbox:
     def all_flags(self) -> list[str]:
         return list(SYSTEM_FLAGS) + sorted(self.keywords)
 
-    def update_info(self, info: Any) -> None:
-        """Record flags the session itself changed (and reported)."""
+    def update_info(self, info: Any, told: frozenset[str] | None = None) -> None:
+        """Record flags the session itself changed (and reported). ``told``: the flags the
+        client was left believing instead (STORE .SILENT: its change applied to the flags it
+        knew); when another session changed others meanwhile, the next ``sync`` reports
+        them."""
         uid = info.uid
         if uid in self._held or not self.seq_of(uid):
             return  # (the store changes no message it no longer has)
+        if told is not None and told != info.flags:
+            info = dataclasses.replace(info, flags=told)
         self._told[uid] = info
         self.keywords.update(f for f in info.flags if not f.startswith("\\"))
 
@@ -180,7 +186,8 @@ class SelectedMailbox:
 
     def sync(self, allow_expunge: bool, uid_fetch: bool = False) -> list[bytes]:
         """Refresh from the store and return the untagged responses telling the client what
-        changed. ``allow_expunge`` false keeps expunged messages numbered (and remembered)."""
+        changed. ``allow_expunge`` false keeps expunged messages numbered (and remembered);
+        ``uid_fetch`` (a UID command) puts the UID in the flag updates."""
         self._source.refresh()
         self.dirty = False
         if not self._told and not (allow_expunge and self.gone):

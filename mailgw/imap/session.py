@@ -40,6 +40,7 @@ from mailgw.imap.sortthread import (
 from mailgw.interfaces import IMailbox, IMessageStore, MailboxNotFound, QuotaExceeded
 from mailgw.model import Address, AddressError
 from mailgw.net.proxy import is_loopback, peer_ip
+from mailgw.store.maildir import normalize_flags
 
 if TYPE_CHECKING:
     from mailgw.imap.factory import IMAPFactory
@@ -386,7 +387,8 @@ class IMAPServer(Protocol):
         name, uid = self._current
         allow = uid or name not in _NO_EXPUNGE
         try:
-            lines = sel.sync(allow_expunge=allow, uid_fetch=uid and name == "FETCH")
+            # Every FETCH during a UID command carries the UID (RFC 3501 6.4.8; as Dovecot).
+            lines = sel.sync(allow_expunge=allow, uid_fetch=uid)
         except MailboxNotFound:
             self._mailbox_vanished()
             return
@@ -1077,8 +1079,14 @@ class IMAPServer(Protocol):
                 else:
                     keep.append(u)
             uids = keep
+        echo = not command.silent or command.unchanged_since is not None
+        mode = _STORE_MODES[command.mode]
+        # Without an echo the client takes its change as applied to the flags it knew: a
+        # change another session made meanwhile must still reach it (a FETCH below).
+        known = {} if echo or mode == "set" else {u: sel.info(u) for u in uids}
         try:
-            result = sel.mailbox.set_flags(uids, command.flags, _STORE_MODES[command.mode])
+            result = sel.mailbox.set_flags(uids, command.flags, mode)
+            change = normalize_flags(command.flags) if known else frozenset()
         except ValueError as e:
             self._error(tag, str(e))
             return
@@ -1086,8 +1094,13 @@ class IMAPServer(Protocol):
             info = result.get(uid)
             if info is None:
                 continue
-            sel.update_info(info)
-            if not command.silent or command.unchanged_since is not None:
+            before = known.get(uid)
+            if before is not None:
+                told = before.flags | change if mode == "add" else before.flags - change
+                sel.update_info(info, told)
+            else:
+                sel.update_info(info)
+            if echo:
                 seq = sel.seq_of(uid)
                 if seq:
                     self._write(sel.flags_response(seq, uid, command.uid or self.condstore))

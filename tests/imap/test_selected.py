@@ -196,6 +196,40 @@ def test_expunge_held_back_during_fetch_store_search(env: Env) -> None:
     assert a.server.selected is not None and list(a.server.selected.uids) == [1, 3]
 
 
+def test_flag_updates_during_uid_commands_carry_the_uid(env: Env) -> None:
+    # RFC 3501 6.4.8: a client using UID commands may not track sequence numbers; another
+    # session's flag change reported during UID STORE / UID SEARCH / UID COPY names its UID.
+    for _ in range(3):
+        env.deliver(b"Subject: a\r\n\r\nx\r\n")
+    a = selected(env)
+    b = selected(env)
+    commands = ("UID STORE 3 +FLAGS (\\Seen)", "UID SEARCH ALL", "UID COPY 3 Archive")
+    for flag, command in zip(("\\Flagged", "\\Draft", "$Mark"), commands, strict=True):
+        b.cmd(f"STORE 1 FLAGS ({flag})")
+        out = a.cmd(command)
+        assert re.search(rb"\* 1 FETCH \(FLAGS \([^)]*\) UID 1\)", out), (command, out)
+    b.cmd("STORE 2 +FLAGS (\\Answered)")
+    assert b"* 2 FETCH (FLAGS (\\Answered \\Recent))\r\n" in a.cmd("NOOP")
+
+
+def test_silent_store_still_reports_a_concurrent_change(env: Env) -> None:
+    # A STORE .SILENT is not echoed, so the client takes its change as applied to the flags
+    # it knew; another session's change made meanwhile must still reach it.
+    env.deliver(b"Subject: a\r\n\r\nx\r\n")
+    env.deliver(b"Subject: b\r\n\r\nx\r\n")
+    a = selected(env)
+    b = selected(env)
+    b.cmd("STORE 1:2 +FLAGS (\\Flagged)")
+    out = a.cmd("STORE 1 +FLAGS.SILENT (\\Seen)")
+    assert b"* 1 FETCH (FLAGS (\\Flagged \\Seen \\Recent))\r\n" in out
+    b.cmd("STORE 2 +FLAGS ($Mark)")
+    out = a.cmd("UID STORE 2 -FLAGS.SILENT (\\Flagged)")
+    assert b"* 2 FETCH (FLAGS ($Mark \\Recent) UID 2)\r\n" in out
+    b.cmd("STORE 1 +FLAGS (\\Draft)")
+    assert b"* 1 FETCH" not in a.cmd("STORE 1 FLAGS.SILENT (\\Answered)")
+    assert b"FETCH" not in a.cmd("STORE 1 +FLAGS.SILENT (\\Seen)") + a.cmd("NOOP")
+
+
 def test_expunge_close_unselect(env: Env) -> None:
     for _ in range(4):
         env.deliver(b"Subject: a\r\n\r\nx\r\n")
