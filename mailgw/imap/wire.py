@@ -22,8 +22,12 @@ def _as_bytes(value: bytes | str) -> bytes:
 
 
 def literal(value: bytes | str, binary: bool = False) -> bytes:
-    """``{n}\\r\\n`` followed by the bytes (``~{n}`` literal8 when ``binary``)."""
+    """``{n}\\r\\n`` followed by the bytes (``~{n}`` literal8 when ``binary``). A plain
+    literal cannot carry NUL (RFC 3501 CHAR8): like Dovecot, each NUL goes as 0x80 there, one
+    for one, so sizes and partial offsets stay true (BINARY sends a literal8 instead)."""
     data = _as_bytes(value)
+    if not binary and b"\0" in data:
+        data = data.replace(b"\0", b"\x80")
     return (b"~{%d}\r\n" if binary else b"{%d}\r\n") % len(data) + data
 
 

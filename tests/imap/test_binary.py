@@ -125,3 +125,16 @@ def test_nul_needs_literal8_and_literal8_needs_append(env: Env) -> None:
     assert out.startswith(b"a5 BAD A literal8"), out
     out = c.send(b"a6 SEARCH TEXT {1+}\r\n\x00\r\n")
     assert out.startswith(b"a6 BAD NUL"), out
+
+
+def test_body_of_a_message_with_nul_has_no_nul_on_the_wire(env: Env) -> None:
+    c = env.connect(login=ALICE)
+    data = b"Subject: raw\r\nContent-Transfer-Encoding: binary\r\n\r\nhello\x00world\r\n"
+    assert b"OK" in c.send(b"a1 APPEND INBOX ~{%d+}\r\n" % len(data) + data + b"\r\n")
+    c.cmd("SELECT INBOX")
+    out = c.cmd("FETCH 1 (RFC822.SIZE BODY.PEEK[] BODY.PEEK[TEXT]<5.3>)")
+    assert b"\0" not in out, out
+    assert b"RFC822.SIZE %d" % len(data) in out
+    assert b"BODY[] {%d}\r\n" % len(data) + data.replace(b"\0", b"\x80") in out
+    assert b"BODY[TEXT]<5> {3}\r\n\x80wo" in out
+    assert b"BINARY[1] ~{13}\r\nhello\x00world\r\n" in c.cmd("FETCH 1 BINARY.PEEK[1]")

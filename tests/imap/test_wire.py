@@ -15,7 +15,7 @@ def test_quote_chooses_form() -> None:
     assert wire.quote('a"b\\c') == b'"a\\"b\\\\c"'
     assert wire.quote(b"a\r\nb") == b"{4}\r\na\r\nb"
     assert wire.quote(b"a\nb") == b"{3}\r\na\nb"
-    assert wire.quote(b"a\x00b") == b"{3}\r\na\x00b"
+    assert wire.quote(b"a\x00b") == b"{3}\r\na\x80b"  # no NUL in a plain literal
     assert wire.quote("café") == b"{5}\r\ncaf\xc3\xa9"
     assert wire.quote("café", utf8=True) == b'"caf\xc3\xa9"'
     assert wire.quote(b"\xff", utf8=True) == b"{1}\r\n\xff"
@@ -143,3 +143,9 @@ def test_pathological_pattern_is_linear() -> None:
 def test_other_delimiter() -> None:
     match = wire.compile_list_pattern("", "a.%", delimiter=".")
     assert match("a.b") and not match("a.b.c")
+
+
+def test_plain_literals_never_carry_nul() -> None:
+    assert wire.literal(b"a\0b") == b"{3}\r\na\x80b"  # one for one: the size stays true
+    assert wire.literal(b"a\0b", binary=True) == b"~{3}\r\na\0b"
+    assert wire.literal("plain") == b"{5}\r\nplain"
