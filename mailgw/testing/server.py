@@ -142,7 +142,15 @@ class MailgwServer:
             cmd, cwd=REPO, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         if wait:
-            wait_for_port(self.host, self.listen_port("mx"), proc=self.proc)
+            # Every enabled role's first listener: they are bound one after the other, so a
+            # client of the last one must not race the start-up once the first one answers.
+            for role in ("mx", "pop3", "imap"):
+                keys = self.sections.get(role, {})
+                if keys.get("enabled", "yes") == "no" or "listen" not in keys:
+                    continue
+                port = self.listen_port(role)
+                if port:
+                    wait_for_port(self.host, port, proc=self.proc)
 
     def listen_port(self, role: str) -> int:
         """The TCP port of the role's first listener, as written in the config."""

@@ -669,7 +669,11 @@ class Generator:
             uid = int(m.group(2))
             if run.uidvalidity is not None and int(m.group(1)) != run.uidvalidity:
                 run.fail(f"APPENDUID names UIDVALIDITY {m.group(1)}")
-            if uid in run.content or uid in run.expunged:
+            # Other sessions may see the new message (and even its expunge) before this
+            # session's tagged OK is read: that is fine as long as it is this message (the
+            # content checks below). A UID given twice, or known expunged before the APPEND
+            # was sent, is reuse.
+            if uid in run.appended or run.expunged.get(uid, op.sent_step) < op.sent_step:
                 run.fail(f"APPENDUID {uid} was used before")
             run.check_content(uid, "size", op.meta["size"])
             run.check_content(uid, "subject", f"Subject: {subject}\r\n\r\n".encode())
