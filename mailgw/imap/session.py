@@ -768,10 +768,7 @@ class IMAPServer(Protocol):
         if command.mailbox == "INBOX":
             self._no(tag, "INBOX cannot be deleted", wire.CANNOT)
             return
-        delete = getattr(self.factory.store, "delete_mailbox", None)
-        if delete is None:
-            self._no(tag, "Deleting mailboxes is not supported", wire.CANNOT)
-            return
+        delete = self.factory.store.delete_mailbox
         if command.mailbox not in self.factory.store.list_mailboxes(user):
             self._no(tag, "No such mailbox", wire.NONEXISTENT)
             return
@@ -789,10 +786,7 @@ class IMAPServer(Protocol):
 
     def do_RENAME(self, tag: str, command: p.Rename) -> None:
         user = self._user()
-        rename = getattr(self.factory.store, "rename_mailbox", None)
-        if rename is None:
-            self._no(tag, "Renaming mailboxes is not supported", wire.CANNOT)
-            return
+        rename = self.factory.store.rename_mailbox
         names = self.factory.store.list_mailboxes(user)
         target = command.target.rstrip(DELIMITER)
         if command.source not in names:
@@ -812,20 +806,13 @@ class IMAPServer(Protocol):
         self._ok(tag, "RENAME completed")
 
     def _subscribed(self) -> set[str]:
-        listing = getattr(self.factory.store, "list_subscribed", None)
-        if listing is None:
-            return set(self.factory.store.list_mailboxes(self._user()))
-        return set(listing(self._user()))
+        return set(self.factory.store.list_subscribed(self._user()))
 
     def _subscribe(self, tag: str, mailbox: str, on: bool) -> None:
-        setter = getattr(self.factory.store, "set_subscribed", None)
-        if setter is None:
-            self._no(tag, "Subscriptions are not supported", wire.CANNOT)
-            return
         if on and mailbox not in self.factory.store.list_mailboxes(self._user()):
             self._no(tag, "No such mailbox", wire.NONEXISTENT)
             return
-        setter(self._user(), mailbox, on)
+        self.factory.store.set_subscribed(self._user(), mailbox, on)
         self._ok(tag, ("SUBSCRIBE" if on else "UNSUBSCRIBE") + " completed")
 
     def do_SUBSCRIBE(self, tag: str, command: p.Subscribe) -> None:
