@@ -920,10 +920,33 @@ class MessageStore:
         row = conn.execute("SELECT COALESCE(SUM(total_size), 0) FROM mailboxes").fetchone()
         return int(row[0])
 
+    def _allocate(
+        self, c: sqlite3.Connection, u: _User, f: _Folder, limit: int | None, size: int
+    ) -> tuple[int, int]:
+        """In a write transaction: the quota check, then the new message's UID and modseq
+        (the folder's UIDNEXT, HIGHESTMODSEQ and totals counted up). MailboxNotFound when the
+        folder is gone or renamed, QuotaExceeded over ``limit`` (checked again here, under
+        the write lock: another process may have used the room since ``_check_quota``)."""
+        self._fits(c, u, limit, size)
+        row = c.execute(
+            "UPDATE mailboxes SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1,"
+            " total_size = total_size + ?, message_count = message_count + 1"
+            " WHERE id = ? AND name = ? RETURNING uidnext - 1, highestmodseq",
+            (size, f.id, f.name),
+        ).fetchone()
+        if row is None:
+            raise self._forget(u, f)
+        return int(row[0]), int(row[1])
+
     def _check_quota(self, u: _User, limit: int | None, size: int) -> None:
+        """The pre-check before writing a message file (repeated by ``_allocate``)."""
+        self._fits(u.index.conn, u, limit, size)
+
+    def _fits(self, c: sqlite3.Connection, u: _User, limit: int | None, size: int) -> None:
+        """QuotaExceeded when ``size`` more bytes would take the user over ``limit``."""
         if limit is None:
             return
-        used = self._used(u.index.conn)
+        used = self._used(c)
         if used + size > limit:
             raise QuotaExceeded(f"{u.name}: {used} + {size} bytes > quota {limit}")
 
@@ -998,19 +1021,7 @@ class MessageStore:
             base = maildir.full_base(head, size, vsize)
             rel = maildir.rel_name(base, flags)
             with u.index.write() as c:
-                if limit is not None:
-                    used = self._used(c)
-                    if used + size > limit:
-                        raise QuotaExceeded(f"{u.name}: {used} + {size} bytes > quota {limit}")
-                row = c.execute(
-                    "UPDATE mailboxes SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1,"
-                    " total_size = total_size + ?, message_count = message_count + 1"
-                    " WHERE id = ? AND name = ? RETURNING uidnext - 1, highestmodseq",
-                    (size, f.id, f.name),
-                ).fetchone()
-                if row is None:
-                    raise self._forget(u, f)
-                uid, modseq = int(row[0]), int(row[1])
+                uid, modseq = self._allocate(c, u, f, limit, size)
                 placed = os.path.join(f.path, rel)
                 os.rename(tmp, placed)
                 c.execute(
@@ -1039,19 +1050,7 @@ class MessageStore:
         """Index a new message whose bytes are the tier-2 blob ``blob`` (a copy of a tier-2
         message shares its blob): quota check, UID, row."""
         with u.index.write() as c:
-            if limit is not None:
-                used = self._used(c)
-                if used + size > limit:
-                    raise QuotaExceeded(f"{u.name}: {used} + {size} bytes > quota {limit}")
-            row = c.execute(
-                "UPDATE mailboxes SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1,"
-                " total_size = total_size + ?, message_count = message_count + 1"
-                " WHERE id = ? AND name = ? RETURNING uidnext - 1, highestmodseq",
-                (size, f.id, f.name),
-            ).fetchone()
-            if row is None:
-                raise self._forget(u, f)
-            uid, modseq = int(row[0]), int(row[1])
+            uid, modseq = self._allocate(c, u, f, limit, size)
             base = maildir.split_filename(filename.split("/", 1)[-1])[0]
             c.execute(
                 "INSERT INTO messages(mailbox, uid, base, filename, size, flags, internaldate,"
@@ -1129,11 +1128,11 @@ class MessageStore:
             raise self._forget(u, f)
         key = (u.name, f.id)
         now = time.time_ns()
+        settled = all(now - m > RACY_NS for m in mtimes)
         if not force:
             if (row[0], row[1]) == mtimes:
                 if row[2]:
                     return False
-                settled = all(now - m > RACY_NS for m in mtimes)
                 if not settled and now - self._scanned.get(key, 0) < SCAN_INTERVAL_NS:
                     return False
             self._scanned[key] = now
@@ -1145,7 +1144,7 @@ class MessageStore:
                 ).fetchall()
             )
             if files == indexed:
-                verified = int(all(now - m > RACY_NS for m in mtimes))
+                verified = int(settled)
                 if (row[0], row[1], row[2]) != (*mtimes, verified):
                     with u.index.write() as c:
                         c.execute(
