@@ -101,7 +101,7 @@ def reachable(service_user: pwd.struct_passwd) -> Iterator[dict[str, str]]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("PYTHONPATH", "PYTHONHOME") and not k.startswith("COVERAGE_")
+        if k not in ("PYTHONPATH", "PYTHONHOME") and not k.startswith(("COVERAGE_", "COV_CORE_"))
     }
     env["PYTHONPATH"] = str(REPO)
     try:
