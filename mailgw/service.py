@@ -11,7 +11,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mailgw.config import Config, ConfigError
 from mailgw.net.listen import ListenerService, parse_listen, wrap_factory
-from mailgw.net.tls import load_certificate_options
+from mailgw.net.tls import TLSError, load_certificate_options
 
 if TYPE_CHECKING:
     from mailgw.directory import Directory
@@ -58,9 +58,13 @@ def build_tls_options(config: Config) -> Any:
     """The server TLS context of ``[tls]``, None when no certificate is configured."""
     if not config.tls_enabled:
         return None
-    return load_certificate_options(
-        config.tls.certificate, config.tls.private_key or None, config.tls.min_version
-    )
+    try:
+        return load_certificate_options(
+            config.tls.certificate, config.tls.private_key or None, config.tls.min_version
+        )
+    except TLSError as e:  # unreadable for the user twistd --uid switches to, changed since
+        bad_key = "private_key" if e.which == "key" else "certificate"
+        raise ConfigError(config.path, "tls", bad_key, str(e)) from None
 
 
 class Node(service.MultiService):

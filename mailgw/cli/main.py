@@ -428,6 +428,20 @@ def _error(message: str) -> None:
     print(f"mailgw: error: {message}", file=sys.stderr)
 
 
+def _become_data_owner(ctx: Context, args: argparse.Namespace) -> None:
+    """Run by root on a data directory that belongs to another user (the one the server runs
+    as), become that user first: what the command creates (SQLite journal, Maildirs, index
+    files, spool entries) must stay writable by the server. ``cert`` with ``--out`` writes
+    where it is told, as root."""
+    if os.geteuid() != 0 or getattr(args, "out", None) is not None:
+        return
+    from mailgw import privileges
+
+    owner = privileges.data_owner(ctx.config.server.data_dir)
+    if owner is not None:
+        privileges.become(owner)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit code (0 ok, 1 failure, 2 usage)."""
     from mailgw.config import ConfigError
@@ -441,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     ctx = Context(args.config)
     try:
+        _become_data_owner(ctx, args)
         args.func(ctx, args)
     except (Failure, ConfigError, ValueError) as e:
         _error(str(e))

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,8 +66,23 @@ class MailgwServer:
         workdir: Path,
         overrides: Mapping[str, Mapping[str, str]] | None = None,
         host: str = "127.0.0.1",
+        launcher: Sequence[str] | None = None,
+        twistd_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        cli: Sequence[str] | None = None,
     ) -> None:
+        """``launcher`` (the twistd command, default this environment's, under coverage when
+        measuring), ``twistd_args`` (before ``mailgw``, e.g. ``--uid``), ``env`` (instead of
+        this one's with the checkout on PYTHONPATH), ``cwd`` (default the checkout) and
+        ``cli`` (the admin command, default ``python -m mailgw.cli``): for running another
+        installation of mailgw, or as another user."""
         self.workdir = Path(workdir)
+        self.launcher = list(launcher) if launcher is not None else None
+        self.twistd_args = list(twistd_args)
+        self._env = dict(env) if env is not None else None
+        self.cwd = cwd if cwd is not None else REPO
+        self.cli_command = list(cli) if cli is not None else [sys.executable, "-m", "mailgw.cli"]
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.ports = {"mx": free_port(host), "pop3": free_port(host), "pop3s": free_port(host)}
@@ -102,6 +117,8 @@ class MailgwServer:
         return Path(self.sections["server"]["data_dir"])
 
     def env(self) -> dict[str, str]:
+        if self._env is not None:
+            return dict(self._env)
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         return env
@@ -110,7 +127,7 @@ class MailgwServer:
         self, *args: str, input: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         """Run the admin command ``mailgw --config ... ARGS`` and return its result."""
-        cmd = [sys.executable, "-m", "mailgw.cli", "--config", str(self.config_path), *args]
+        cmd = [*self.cli_command, "--config", str(self.config_path), *args]
         return subprocess.run(
             cmd,
             input=input,
@@ -118,19 +135,22 @@ class MailgwServer:
             text=True,
             check=check,
             env=self.env(),
-            cwd=REPO,
+            cwd=self.cwd,
             timeout=60,
         )
 
     def start(self, wait: bool = True) -> None:
         # Under coverage (make test), twistd runs through a wrapper that saves coverage data
         # when it shuts down; otherwise it is the twistd script itself.
-        if os.environ.get("COVERAGE_PROCESS_CONFIG") or os.environ.get("COVERAGE_PROCESS_START"):
+        if self.launcher is not None:
+            launcher = self.launcher
+        elif os.environ.get("COVERAGE_PROCESS_CONFIG") or os.environ.get("COVERAGE_PROCESS_START"):
             launcher = [sys.executable, "-m", "mailgw.testing.twistd_coverage"]
         else:
             launcher = [TWISTD]
         cmd = [
             *launcher,
+            *self.twistd_args,
             "--pidfile=",
             "--nodaemon",
             f"--logfile={self.log_path}",
@@ -139,7 +159,7 @@ class MailgwServer:
             str(self.config_path),
         ]
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            cmd, cwd=self.cwd, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         if wait:
             # Every enabled role's first listener: they are bound one after the other, so a
