@@ -138,7 +138,7 @@ def serve(
     data_dir = config.server.data_dir
     directory = build_directory(config, reactor)
     store = build_store(config, directory, reactor, tier2_from_config(data_dir, config.store))
-    tls_options = build_tls_options(config)
+    tls_options = build_tls_options(config, "imap")
     admission = RemoteAdmission(control)
     cache = StructureCache(4096)
     io_pool = ThreadPool(minthreads=0, maxthreads=IO_THREADS, name="mailgw-imap-io")
