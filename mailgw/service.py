@@ -146,6 +146,16 @@ class Node(service.MultiService):
             interval=store_config.migrate_interval,
         ).setServiceParent(self)
 
+    twistd_options: Any = None
+    """twistd's options when twistd runs this node (``mailgw.tap``): for the mail log."""
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self.twistd_options is not None:  # parent: twistd's Application
+            from mailgw.maillog import use_mail_log
+
+            use_mail_log(parent, self.twistd_options)
+        super().setServiceParent(parent)
+
     def startService(self) -> None:
         self.io_pool.start()
         super().startService()

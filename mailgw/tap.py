@@ -46,4 +46,7 @@ def makeService(options: Options) -> IService:
         config = load(options["config"])
     except ConfigError as e:
         raise SystemExit(f"mailgw: {e}") from None
-    return build_service(config, reactor)
+    node = build_service(config, reactor)
+    # twistd's own options (the parent of ours): the mail log filters Twisted's noise.
+    setattr(node, "twistd_options", getattr(options, "parent", None))  # noqa: B010
+    return node
