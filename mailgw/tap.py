@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 from twisted.application.service import IService
 from twisted.python import usage
 
 
 def default_config_path() -> str:
-    """``$MAILGW_CONFIG``, else ``./etc/mailgw.ini`` if present, else ``/etc/mailgw/mailgw.ini``."""
-    env = os.environ.get("MAILGW_CONFIG")
-    if env:
-        return env
-    local = os.path.join("etc", "mailgw.ini")
-    if os.path.exists(local):
-        return local
-    return "/etc/mailgw/mailgw.ini"
+    """``$MAILGW_CONFIG``, else ``./etc/local.ini`` or ``./etc/mailgw.ini`` (the first that
+    exists), else ``/etc/mailgw/mailgw.ini``: as the ``mailgw`` command."""
+    from mailgw.cli.main import default_config_path as same_as_the_admin_command
+
+    return same_as_the_admin_command()
 
 
 class Options(usage.Options):
@@ -27,7 +22,8 @@ class Options(usage.Options):
             "config",
             "c",
             None,
-            "Config file (default: $MAILGW_CONFIG, ./etc/mailgw.ini, /etc/mailgw/mailgw.ini).",
+            "Config file (default: $MAILGW_CONFIG, ./etc/local.ini, ./etc/mailgw.ini,"
+            " /etc/mailgw/mailgw.ini).",
         ],
     ]
 

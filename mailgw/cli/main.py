@@ -15,6 +15,8 @@ from mailgw.config import values
 
 SYSTEM_CONFIG = "/etc/mailgw/mailgw.ini"
 LOCAL_CONFIG = os.path.join("etc", "mailgw.ini")
+OWN_CONFIG = os.path.join("etc", "local.ini")
+"""A checkout's own config (git ignores it): ``make run``, twistd and this command prefer it."""
 
 
 class UsageError(Exception):
@@ -34,12 +36,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def default_config_path() -> str:
-    """``$MAILGW_CONFIG``, else ``./etc/mailgw.ini`` if it exists, else the system file."""
+    """``$MAILGW_CONFIG``, else ``./etc/local.ini`` or ``./etc/mailgw.ini`` (the first that
+    exists), else the system file. Also twistd's default (``mailgw.tap``)."""
     env = os.environ.get("MAILGW_CONFIG")
     if env:
         return env
-    if os.path.isfile(LOCAL_CONFIG):
-        return LOCAL_CONFIG
+    for path in (OWN_CONFIG, LOCAL_CONFIG):
+        if os.path.isfile(path):
+            return path
     return SYSTEM_CONFIG
 
 
@@ -334,7 +338,8 @@ def cmd_cert_selfsigned(ctx: Context, args: argparse.Namespace) -> None:
     os.makedirs(out, mode=0o755, exist_ok=True)
     write_file(key_path, key_pem, 0o600, overwrite=True)
     write_file(cert_path, cert_pem, 0o644, overwrite=True)
-    _say(f"# self-signed certificate for {hostname}, valid {args.days} days; in mailgw.ini:")
+    # A config fragment: `>> etc/local.ini` appends it (see the README tour).
+    _say(f"# self-signed certificate for {hostname}, valid {args.days} days")
     _say("[tls]")
     _say(f"certificate = {cert_path}")
     _say(f"private_key = {key_path}")
