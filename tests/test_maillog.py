@@ -54,9 +54,13 @@ def test_without_noise_filters_real_events() -> None:
 
 
 def test_legacy_observer_is_wrapped() -> None:
+    """syslog's observer is a legacy one (an event dict with ``message``): it is adapted."""
     lines: list[str] = []
     observer = without_noise(lambda event: lines.append(legacy.textFromEventDict(event) or ""))
     assert ILogObserver.providedBy(observer)
+    Logger(observer=observer).info("mx listening on {address}", address="127.0.0.1:8025")
+    Logger(observer=observer).info("Starting factory {factory!r}", factory=Factory())
+    assert lines == ["mx listening on 127.0.0.1:8025"]
 
 
 def test_use_mail_log_sets_the_application_observer(tmp_path) -> None:
