@@ -38,3 +38,24 @@ def test_header_section_beyond_the_limit_is_not_kept() -> None:
     early = HeaderSniffer(limit=100)
     early.feed(b"Message-ID: <early@x>\r\nX-Long: " + b"a" * 200 + b"\r\n\r\n")
     assert early.field(b"message-id") == "<early@x>"
+
+
+def test_submission_reports_the_message_id_it_adds(tmp_path: Path) -> None:
+    from twisted.internet.task import Clock
+
+    from mailgw.smtp.roles.submission import HeaderCompleter, SubmissionPolicy
+
+    spool = Spool(str(tmp_path / "spool"), hostname="mx.example.test")
+    policy = SubmissionPolicy(None, "mx.example.test", Clock())  # type: ignore[arg-type]
+    wrapper = HeaderCompleter(spool.begin(), policy, "alice@example.test")
+    wrapper.write(b"From: alice@example.test\r\nSubject: s\r\n\r\nbody\r\n")
+    wrapper.finish()
+    added = wrapper.message_id
+    assert added.startswith("<") and added.endswith("@example.test>"), added
+    box: list[str] = []
+    wrapper.commit(Envelope(sender="alice@example.test", recipients=["b@y.test"])).addCallback(
+        box.append
+    )
+    with open(spool.content_path(box[0]), "rb") as f:
+        assert f"Message-ID: {added}\r\n".encode() in f.read()
+    spool.close()
