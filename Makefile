@@ -13,8 +13,11 @@ $(STAMP): setup.cfg pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# Your own config when you made one (git ignores it; see the README tour), else the shipped one.
+CONFIG ?= $(if $(wildcard etc/local.ini),etc/local.ini,etc/mailgw.ini)
+
 run: $(STAMP)
-	$(VENV)/bin/twistd --pidfile= -n mailgw --config etc/mailgw.ini
+	$(VENV)/bin/twistd --pidfile= -n mailgw --config $(CONFIG)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

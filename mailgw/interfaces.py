@@ -57,6 +57,10 @@ class IIncomingMessage(Interface):
 
     queue_id = Attribute("The queue ID assigned at ``ISpool.begin`` (str).")
     size = Attribute("Bytes written so far (int).")
+    message_id = Attribute(
+        "The Message-ID header field of what was written, unfolded (str; '' when there is none"
+        " in the header section); for the log lines that follow a message."
+    )
 
     def write(data: bytes) -> None:
         """Append message bytes (already dot-unstuffed, CRLF line ends)."""

@@ -11,7 +11,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mailgw.config import Config, ConfigError
 from mailgw.net.listen import ListenerService, parse_listen, wrap_factory
-from mailgw.net.tls import TLSError, load_certificate_options
+from mailgw.net.tls import TLSError, server_tls
 
 if TYPE_CHECKING:
     from mailgw.directory import Directory
@@ -54,13 +54,14 @@ def build_store(config: Config, directory: Directory, reactor: Any, tier2: Any) 
     )
 
 
-def build_tls_options(config: Config) -> Any:
-    """The server TLS context of ``[tls]``, None when no certificate is configured."""
+def build_tls_options(config: Config, service: str = "smtp") -> Any:
+    """The server TLS of ``[tls]`` for ``service`` (``smtp``, ``imap``, ``pop3``: its ALPN ID,
+    see ``mailgw.net.tls.ServerTLS``), None when no certificate is configured."""
     if not config.tls_enabled:
         return None
     try:
-        return load_certificate_options(
-            config.tls.certificate, config.tls.private_key or None, config.tls.min_version
+        return server_tls(
+            config.tls.certificate, config.tls.private_key or None, config.tls.min_version, service
         )
     except TLSError as e:  # unreadable for the user twistd --uid switches to, changed since
         bad_key = "private_key" if e.which == "key" else "certificate"
@@ -108,7 +109,7 @@ class Node(service.MultiService):
         self.store = build_store(config, self.directory, reactor, tier2)
         if tier2 is not None:
             self._add_migration(run_io)
-        self.tls_options = build_tls_options(config)
+        self.tls_options = build_tls_options(config)  # SMTP's (no ALPN ID); POP3, IMAP: theirs
         self.relay: Any = None
         self.submission_policy: Any = None
         if config.relay.enabled:
@@ -148,6 +149,16 @@ class Node(service.MultiService):
             rate=store_config.migrate_rate,
             interval=store_config.migrate_interval,
         ).setServiceParent(self)
+
+    twistd_options: Any = None
+    """twistd's options when twistd runs this node (``mailgw.tap``): for the mail log."""
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self.twistd_options is not None:  # parent: twistd's Application
+            from mailgw.maillog import use_mail_log
+
+            use_mail_log(parent, self.twistd_options)
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         self.io_pool.start()
@@ -191,24 +202,25 @@ class Node(service.MultiService):
         if config.pop3.enabled:
             from mailgw.pop3 import POP3Factory
 
+            pop3_tls = build_tls_options(config, "pop3")  # its own ALPN ID
             pop3 = POP3Factory(
                 config.pop3,
                 config.server.hostname,
                 self.store,
                 self.directory,
                 self.reactor,
-                tls_options=self.tls_options,
+                tls_options=pop3_tls,
                 auth_failure_delay=config.directory.auth_failure_delay,
             )
             self._listen("pop3", "listen", config.pop3.listen, pop3, config.pop3.proxy_trusted)
-            if self.tls_options is not None:
+            if pop3_tls is not None:
                 pop3s = POP3Factory(
                     config.pop3,
                     config.server.hostname,
                     self.store,
                     self.directory,
                     self.reactor,
-                    tls_options=self.tls_options,
+                    tls_options=pop3_tls,
                     implicit_tls=True,
                     auth_failure_delay=config.directory.auth_failure_delay,
                 )
@@ -218,7 +230,7 @@ class Node(service.MultiService):
                     config.pop3.listen_tls,
                     pop3s,
                     config.pop3.proxy_trusted,
-                    tls=self.tls_options,
+                    tls=pop3_tls,
                 )
         if config.imap.enabled:
             self._add_imap()
@@ -233,10 +245,11 @@ class Node(service.MultiService):
         if workers > 0:
             self._add_imap_workers(workers)
             return
+        imap_tls = build_tls_options(config, "imap")  # its own ALPN ID
         cache = StructureCache(4096)
         admission = local_admission(config.imap)  # one count for the plain and TLS listeners
         for implicit in (False, True):
-            if implicit and self.tls_options is None:
+            if implicit and imap_tls is None:
                 break
             factory = IMAPFactory(
                 config.imap,
@@ -244,7 +257,7 @@ class Node(service.MultiService):
                 self.store,
                 self.directory,
                 self.reactor,
-                tls_options=self.tls_options,
+                tls_options=imap_tls,
                 implicit_tls=implicit,
                 auth_failure_delay=config.directory.auth_failure_delay,
                 cache=cache,
@@ -258,7 +271,7 @@ class Node(service.MultiService):
                 getattr(config.imap, key),
                 factory,
                 config.imap.proxy_trusted,
-                tls=self.tls_options if implicit else None,
+                tls=imap_tls if implicit else None,
             )
 
     def _add_imap_workers(self, count: int) -> None:

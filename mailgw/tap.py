@@ -13,14 +13,11 @@ Builder = Callable[[Any, Any], IService]
 
 
 def default_config_path() -> str:
-    """``$MAILGW_CONFIG``, else ``./etc/mailgw.ini`` if present, else ``/etc/mailgw/mailgw.ini``."""
-    env = os.environ.get("MAILGW_CONFIG")
-    if env:
-        return env
-    local = os.path.join("etc", "mailgw.ini")
-    if os.path.exists(local):
-        return local
-    return "/etc/mailgw/mailgw.ini"
+    """``$MAILGW_CONFIG``, else ``./etc/local.ini`` or ``./etc/mailgw.ini`` (the first that
+    exists), else ``/etc/mailgw/mailgw.ini``: as the ``mailgw`` command."""
+    from mailgw.cli.main import default_config_path as same_as_the_admin_command
+
+    return same_as_the_admin_command()
 
 
 class Options(usage.Options):
@@ -31,7 +28,8 @@ class Options(usage.Options):
             "config",
             "c",
             None,
-            "Config file (default: $MAILGW_CONFIG, ./etc/mailgw.ini, /etc/mailgw/mailgw.ini).",
+            "Config file (default: $MAILGW_CONFIG, ./etc/local.ini, ./etc/mailgw.ini,"
+            " /etc/mailgw/mailgw.ini).",
         ],
     ]
 
@@ -53,7 +51,10 @@ def makeService(options: Options) -> IService:
     parent = getattr(options, "parent", None)  # twistd's own options: --uid, --gid
     uid = parent.get("uid") if parent is not None else None
     gid = parent.get("gid") if parent is not None else None
-    return build_as(config, reactor, uid, gid, build_service)
+    node = build_as(config, reactor, uid, gid, build_service)
+    # twistd's own options (the parent of ours): the mail log filters Twisted's noise.
+    setattr(node, "twistd_options", parent)  # noqa: B010
+    return node
 
 
 def build_as(

@@ -10,10 +10,13 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from mailgw.cli.sizes import format_size, parse_size
+from mailgw.cli.sizes import format_size
+from mailgw.config import values
 
 SYSTEM_CONFIG = "/etc/mailgw/mailgw.ini"
 LOCAL_CONFIG = os.path.join("etc", "mailgw.ini")
+OWN_CONFIG = os.path.join("etc", "local.ini")
+"""A checkout's own config (git ignores it): ``make run``, twistd and this command prefer it."""
 
 
 class UsageError(Exception):
@@ -33,24 +36,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def default_config_path() -> str:
-    """``$MAILGW_CONFIG``, else ``./etc/mailgw.ini`` if it exists, else the system file."""
+    """``$MAILGW_CONFIG``, else ``./etc/local.ini`` or ``./etc/mailgw.ini`` (the first that
+    exists), else the system file. Also twistd's default (``mailgw.tap``)."""
     env = os.environ.get("MAILGW_CONFIG")
     if env:
         return env
-    if os.path.isfile(LOCAL_CONFIG):
-        return LOCAL_CONFIG
+    for path in (OWN_CONFIG, LOCAL_CONFIG):
+        if os.path.isfile(path):
+            return path
     return SYSTEM_CONFIG
 
 
 def parse_quota(text: str) -> int | None:
-    """``none``/``default`` -> None (the default quota applies), ``unlimited`` -> 0, else a
-    size like ``2G``."""
-    word = text.strip().lower()
-    if word in ("none", "default"):
+    """A user's quota as ``Directory`` stores it: ``default`` -> None (``[store]
+    default_quota`` applies); otherwise the config file's syntax
+    (``mailgw.config.values.parse_quota``): a size like ``2G``, or ``none``, ``unlimited`` or
+    ``0`` -> 0 (unlimited)."""
+    if text.strip().lower() == "default":
         return None
-    if word == "unlimited":
-        return 0
-    return parse_size(text)
+    quota = values.parse_quota(text)
+    return 0 if quota is None else quota
 
 
 def _quota_arg(text: str) -> int | None:
@@ -163,7 +168,7 @@ def cmd_user_passwd(ctx: Context, args: argparse.Namespace) -> None:
 
 def cmd_user_quota(ctx: Context, args: argparse.Namespace) -> None:
     ctx.directory.set_quota(args.address, args.size)
-    _say(f"quota of {args.address}: {_quota_text(ctx, args.size)}")
+    _say(f"quota of {args.address}: {_quota_text(ctx, args.size, say_default=True)}")
 
 
 def cmd_user_enable(ctx: Context, args: argparse.Namespace) -> None:
@@ -172,9 +177,11 @@ def cmd_user_enable(ctx: Context, args: argparse.Namespace) -> None:
     _say(f"{'enabled' if enabled else 'disabled'} {args.address}")
 
 
-def _quota_text(ctx: Context, quota: int | None) -> str:
+def _quota_text(ctx: Context, quota: int | None, say_default: bool = False) -> str:
+    """The quota in effect: ``2G``, ``unlimited``; ``1G (the default)`` if ``say_default``."""
     effective = ctx.directory.default_quota if quota is None else quota
-    return format_size(effective) if effective else "unlimited"
+    text = format_size(effective) if effective else "unlimited"
+    return f"{text} (the default)" if quota is None and say_default else text
 
 
 def cmd_user_list(ctx: Context, args: argparse.Namespace) -> None:
@@ -217,13 +224,20 @@ def cmd_store_reindex(ctx: Context, args: argparse.Namespace) -> None:
 
 def _tier2_store(ctx: Context) -> tuple[Any, Any]:
     """(MessageStore with tier 2, its blob store); Failure when ``tier2_dir`` is not set."""
+    store, blobs = _store(ctx)
+    if blobs is None:
+        store.close()
+        raise Failure(f"{ctx.config_path}: [store] tier2_dir is not set")
+    return store, blobs
+
+
+def _store(ctx: Context) -> tuple[Any, Any]:
+    """(MessageStore, its tier-2 blob store or None when ``tier2_dir`` is not set)."""
     from mailgw.store import MessageStore
     from mailgw.store.migration import tier2_from_config
 
     config = ctx.config
     blobs = tier2_from_config(config.server.data_dir, config.store)
-    if blobs is None:
-        raise Failure(f"{ctx.config_path}: [store] tier2_dir is not set")
     store = MessageStore(
         root=os.path.join(config.server.data_dir, "mail"),
         quota_for=ctx.directory.quota_for,
@@ -294,9 +308,12 @@ def cmd_store_gc(ctx: Context, args: argparse.Namespace) -> None:
 def cmd_store_stats(ctx: Context, args: argparse.Namespace) -> None:
     from mailgw.store.migration import stats
 
-    store, blobs = _tier2_store(ctx)
+    store, blobs = _store(ctx)
     tiers = stats(store, blobs)
     store.close()
+    if blobs is None:  # tier 1 only: no tier-2 lines, and say why
+        tiers = {"tier1": tiers["tier1"]}
+        _say(f"# tier 2 is off ({ctx.config_path}: [store] tier2_dir is not set)")
     _say("tier\tmessages\tlogical\tstored\tblobs\tdedup\tlogical/stored")
     for name, t in tiers.items():
         _say(
@@ -321,7 +338,8 @@ def cmd_cert_selfsigned(ctx: Context, args: argparse.Namespace) -> None:
     os.makedirs(out, mode=0o755, exist_ok=True)
     write_file(key_path, key_pem, 0o600, overwrite=True)
     write_file(cert_path, cert_pem, 0o644, overwrite=True)
-    _say(f"# self-signed certificate for {hostname}, valid {args.days} days; in mailgw.ini:")
+    # A config fragment: `>> etc/local.ini` appends it (see the README tour).
+    _say(f"# self-signed certificate for {hostname}, valid {args.days} days")
     _say("[tls]")
     _say(f"certificate = {cert_path}")
     _say(f"private_key = {key_path}")
@@ -371,7 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("address", metavar="ADDRESS")
     _password_options(p)
     p.add_argument(
-        "--quota", type=_quota_arg, default=None, metavar="SIZE", help="e.g. 2G; unlimited"
+        "--quota",
+        type=_quota_arg,
+        default=None,
+        metavar="SIZE",
+        help="e.g. 2G; none: unlimited; default (the default): [store] default_quota",
     )
     command(user, "del", cmd_user_del, "remove a user").add_argument("address", metavar="ADDRESS")
     p = command(user, "passwd", cmd_user_passwd, "change a password")
@@ -380,7 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(user, "quota", cmd_user_quota, "set the quota")
     p.add_argument("address", metavar="ADDRESS")
     p.add_argument(
-        "size", type=_quota_arg, metavar="SIZE|none", help="e.g. 2G; none: default; unlimited"
+        "size",
+        type=_quota_arg,
+        metavar="SIZE|none|default",
+        help="e.g. 2G; none (or unlimited, 0): unlimited; default: [store] default_quota",
     )
     for name in ("enable", "disable"):
         command(user, name, cmd_user_enable, f"{name} logins").add_argument(

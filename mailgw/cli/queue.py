@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 from collections.abc import Callable
 from typing import Any
 
 from mailgw.cli.main import Context, Failure
+from mailgw.cli.sizes import human_size
 from mailgw.relay import queueadmin as qa
 
 
@@ -40,12 +42,36 @@ def cmd_queue_list(ctx: Context, args: argparse.Namespace) -> None:
             print(f"{r['queue_id']}  {r['state']:<8}  {r['error']}")
             continue
         print(
-            f"{r['queue_id']}  {r['state']:<8}  {r['size']:>8}  {qa.age_text(now - r['received_at']):>4}"
+            f"{r['queue_id']}  {r['state']:<8}  {human_size(r['size']):>9}"
+            f"  {qa.age_text(now - r['received_at']):>4}"
             f"  <{r['sender']}> -> {', '.join(r['recipients']) or '(none pending)'}"
         )
         if r["last_error"]:
             print(f"    attempts={r['attempts']}: {r['last_error']}")
     print(f"{len(rows)} message(s)")
+
+
+def date_text(timestamp: float) -> str:
+    """``2026-12-05 10:12:03 +01:00``: local time, with its offset from UTC."""
+    when = datetime.datetime.fromtimestamp(timestamp, datetime.UTC).astimezone()
+    offset = when.isoformat()[-6:]  # +01:00, -05:00
+    return f"{when:%Y-%m-%d %H:%M:%S} {offset}"
+
+
+_DATES = ("received_at", "next_attempt")
+
+
+def show_value(key: str, value: Any) -> str:
+    """A ``queue show`` field for people: dates as dates, sizes with units, lists joined."""
+    if key in _DATES:
+        if not value:
+            return "-" if key == "received_at" else "now"
+        return date_text(float(value))
+    if key == "size":
+        return f"{human_size(int(value))} ({value} bytes)"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "-"
+    return str(value) if value not in ("", None) else "-"
 
 
 def cmd_queue_show(ctx: Context, args: argparse.Namespace) -> None:
@@ -55,7 +81,7 @@ def cmd_queue_show(ctx: Context, args: argparse.Namespace) -> None:
         return
     for key, value in row.items():
         if key != "headers":
-            print(f"{key}: {value}")
+            print(f"{key}: {show_value(key, value)}")
     print()
     print(row.get("headers", ""))
 

@@ -1,30 +1,31 @@
-"""Byte sizes for the command line: ``25M``, ``2G``, ``1024`` (binary units) and back."""
+"""Byte sizes for the command line: parsed as in the config file, shown exactly or for people."""
 
 from __future__ import annotations
 
-import re
+from mailgw.config.values import parse_size
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+__all__ = ["parse_size", "format_size", "human_size"]
 
-
-def parse_size(text: str) -> int:
-    """``25M`` -> 26214400, ``1.5K`` -> 1536, ``1024`` -> 1024; ValueError otherwise."""
-    m = _SIZE_RE.fullmatch(text.strip())
-    if not m:
-        raise ValueError(f"invalid size {text!r}: expected a number with K, M, G or T")
-    number, unit = m.group(1), _UNITS[m.group(2).upper()]
-    if "." in number:
-        if unit == 1:
-            raise ValueError(f"invalid size {text!r}: a byte count must be whole")
-        return int(float(number) * unit)
-    return int(number) * unit
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def format_size(size: int) -> str:
-    """The shortest exact form: 26214400 -> ``25M``, 1000 -> ``1000``."""
+    """The shortest exact form, as the config file takes it: 26214400 -> ``25M``, 1000 ->
+    ``1000``."""
     for suffix in ("T", "G", "M", "K"):
         unit = _UNITS[suffix]
         if size and size % unit == 0:
             return f"{size // unit}{suffix}"
     return str(size)
+
+
+def human_size(size: int) -> str:
+    """For people, one decimal in binary units: ``512 B``, ``4.0 KiB``, ``2.3 MiB``."""
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"

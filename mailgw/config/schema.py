@@ -124,7 +124,7 @@ class StoreConfig:
     """[store] mailboxes (tier 1: Maildir++ under data_dir/mail)."""
 
     default_quota: int | None = key(
-        "1G", v.parse_optional_size, "Quota of users without their own; 0 or none: unlimited."
+        "1G", v.parse_quota, "Quota of users without their own; 0 or none: unlimited."
     )
     default_folders: tuple[str, ...] = key(
         "Sent Drafts Trash Junk Archive", v.parse_list, "Folders created for every new mailbox."

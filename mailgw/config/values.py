@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-_SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "": 1, "m": 60, "h": 3600, "d": 86400}
@@ -21,15 +21,22 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_size(text: str) -> int:
-    """``25M`` -> 26214400; plain numbers are bytes."""
+    """Binary units: ``25M`` -> 26214400, ``1.5K`` -> 1536, ``10MiB``/``10MB``, ``1024`` (bytes,
+    whole). The one size parser of the config file and the ``mailgw`` command."""
     m = _SIZE_RE.fullmatch(text.strip())
     if not m:
         raise ValueError(f"expected a size like 25M or 1G, got {text!r}")
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    number, unit = m.group(1), _SIZE_UNITS[m.group(2).upper()]
+    if "." in number:
+        if unit == 1:
+            raise ValueError(f"expected a size like 25M or 1G, got {text!r}: bytes are whole")
+        return int(float(number) * unit)
+    return int(number) * unit
 
 
-def parse_optional_size(text: str) -> int | None:
-    """Like parse_size; ``0``, ``none`` or ``unlimited`` mean no limit (None)."""
+def parse_quota(text: str) -> int | None:
+    """A quota: a size (``parse_size``), or ``0``, ``none``, ``unlimited`` (or nothing): no
+    limit (None). The one quota parser of the config file and ``mailgw user``."""
     if text.strip().lower() in ("", "none", "unlimited", "0"):
         return None
     return parse_size(text)

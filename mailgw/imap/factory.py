@@ -142,6 +142,8 @@ class IMAPFactory(ServerFactory[IMAPServer]):
     (APPEND's files and fsyncs): in the server a thread pool, inline by default (tests).
     """
 
+    noisy = False  # no "Starting factory <...>" in the mail log
+
     def __init__(
         self,
         config: IMAPConfig,

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from mailgw.config import Config
 from mailgw.imap.workers import LineBuffer, encode
+from mailgw.maillog import without_noise
 
 log = Logger()
 
@@ -138,7 +139,7 @@ def serve(
     data_dir = config.server.data_dir
     directory = build_directory(config, reactor)
     store = build_store(config, directory, reactor, tier2_from_config(data_dir, config.store))
-    tls_options = build_tls_options(config)
+    tls_options = build_tls_options(config, "imap")
     admission = RemoteAdmission(control)
     cache = StructureCache(4096)
     io_pool = ThreadPool(minthreads=0, maxthreads=IO_THREADS, name="mailgw-imap-io")
@@ -253,7 +254,9 @@ def run(args: argparse.Namespace, reactor: Any) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The process entry point: log to stderr (relayed by the main process), then ``run``."""
     args = parse_args(argv)
-    globalLogBeginner.beginLoggingTo([stderr_observer(sys.stderr)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo(
+        [without_noise(stderr_observer(sys.stderr))], redirectStandardIO=False
+    )
     from twisted.internet import reactor
 
     return run(args, reactor)

@@ -92,6 +92,8 @@ class _NotAccepting(ServerFactory[Protocol]):
     """The main process's factory on the shared sockets: it never accepts on them (reading is
     stopped before the reactor runs); should a connection slip through, it is closed."""
 
+    noisy = False  # no "Starting factory <...>" in the mail log
+
     def buildProtocol(self, addr: IAddress) -> None:  # type: ignore[override]
         return None
 

@@ -64,6 +64,15 @@ def wrap_factory(
     return factory
 
 
+def address_text(address: Any) -> str:
+    """``127.0.0.1:8025``, ``[::1]:8025``, or a UNIX socket's path."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None or port is None:
+        name = getattr(address, "name", None)
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name or address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class ListenerService(service.Service):
     """Listens on one endpoint while running; a failure to listen stops start-up with
     ``where: cannot listen on DESCRIPTION: reason`` (SystemExit, so twistd exits non-zero)."""
@@ -90,8 +99,17 @@ class ListenerService(service.Service):
             raise SystemExit(f"{self.where}: cannot listen on {self.description}: {reason}")
         self.port = outcome
         log.info(
-            "{where} listening on {description}", where=self.where, description=self.description
+            "{role} listening on {address}{proxy}",
+            role=self.label,
+            address=address_text(self.port.getHost()),
+            proxy=", PROXY header required" if self.description.startswith("haproxy:") else "",
         )
+
+    @property
+    def label(self) -> str:
+        """``mx``, ``imap``, ``imap TLS`` (a ``listen_tls`` key), from ``where``."""
+        section, key = self.where.rsplit(":", 2)[-2:]
+        return f"{section} TLS" if key == "listen_tls" else section
 
     def startService(self) -> None:
         service.Service.startService(self)

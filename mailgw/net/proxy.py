@@ -144,6 +144,7 @@ class ProxyHeaderFactory(policies.WrappingFactory):
     """Wraps a factory so that each connection must start with a PROXY v1/v2 header."""
 
     protocol = ProxyHeaderProtocol
+    noisy = False  # no "Starting factory <...>" in the mail log
 
     def __init__(
         self,

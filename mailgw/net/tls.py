@@ -1,11 +1,21 @@
-"""TLS server contexts from PEM files (certificate chain + key), with a minimum TLS version."""
+"""TLS server contexts from PEM files (certificate chain + key), with a minimum TLS version and
+ALPN that never refuses a client (RFC 7301 3.2)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+from zope.interface import implementer
+
+ALPN_IDS: dict[str, tuple[bytes, ...]] = {"imap": (b"imap",), "pop3": (b"pop3",), "smtp": ()}
+"""ALPN protocol IDs by service, from IANA's "TLS Application-Layer Protocol Negotiation (ALPN)
+Protocol IDs" registry: ``imap`` and ``pop3`` (RFC 2595); SMTP has no registered ID."""
 
 
 class TLSError(Exception):
@@ -51,3 +61,51 @@ def load_certificate_options(
     except Exception as e:  # OpenSSL.SSL.Error and friends: report, do not trace back
         raise TLSError("key", f"key does not match certificate {certificate}: {e}") from None
     return options
+
+
+def select_alpn(offered: Sequence[bytes], ours: Sequence[bytes]) -> bytes | None:
+    """The ALPN protocol to select: the first of the client's ``offered`` IDs (its order of
+    preference) that is one of ``ours``, or None when there is none in common. RFC 7301 3.2
+    lets a server that supports none of the offered protocols select nothing and carry on."""
+    for protocol in offered:
+        if protocol in ours:
+            return protocol
+    return None
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """Server-side TLS for one service: the certificate's context, whose ALPN answer selects
+    one of ``alpn`` (e.g. ``(b"imap",)``) when the client offers it and selects nothing
+    otherwise.
+
+    Twisted's own ALPN callback answers an offer it cannot match with an empty selection,
+    which OpenSSL turns into a fatal ``internal_error`` alert: every client offering ALPN
+    (browsers, Go, Android, Apple) would fail. Used for implicit-TLS listeners and for
+    STARTTLS/STLS (``transport.startTLS``)."""
+
+    def __init__(self, options: CertificateOptions, alpn: Sequence[bytes] = ()) -> None:
+        self.alpn = tuple(alpn)
+        # Our own context (not shared with another ServerTLS): the ALPN answer is per service.
+        self.context: SSL.Context = options.getContext()
+        self.context.set_alpn_select_callback(self._select)
+
+    def _select(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
+        chosen = select_alpn(offered, self.alpn)
+        return SSL.NO_OVERLAPPING_PROTOCOLS if chosen is None else chosen
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802 (Twisted)
+        """A new server connection of this context (``IOpenSSLServerConnectionCreator``)."""
+        return SSL.Connection(self.context, None)
+
+
+def server_tls(
+    certificate: str,
+    private_key: str | None = None,
+    min_version: str = "TLSv1.2",
+    service: str = "smtp",
+) -> ServerTLS:
+    """``ServerTLS`` for ``service`` (a key of ``ALPN_IDS``) from PEM files; TLSError as
+    ``load_certificate_options``."""
+    options = load_certificate_options(certificate, private_key, min_version)
+    return ServerTLS(options, ALPN_IDS[service])

@@ -21,6 +21,8 @@ class POP3Factory(ServerFactory[POP3Server]):
     offered and plaintext authentication is allowed.
     """
 
+    noisy = False  # no "Starting factory <...>" in the mail log
+
     def __init__(
         self,
         config: POP3Config,

@@ -906,9 +906,11 @@ class SMTPServer(Protocol):
 
         def committed(queue_id: str) -> Reply:
             log.info(
-                "{sid} {qid}: accepted from={sender} to={recipients} size={size} peer={peer}",
+                "{sid} {qid}: accepted from={sender} to={recipients} size={size} peer={peer}"
+                " message-id={msgid}",
                 sid=sid,
                 qid=queue_id,
+                msgid=incoming.message_id or "-",
                 sender=f"<{envelope.sender}>",
                 recipients=",".join(f"<{r}>" for r in envelope.recipients),
                 size=envelope.size,
@@ -942,6 +944,8 @@ class SMTPServer(Protocol):
 
 class SMTPFactory(Factory):
     """Builds SMTP sessions for one role and enforces total and per-IP connection limits."""
+
+    noisy = False  # no "Starting factory <...>" in the mail log
 
     def __init__(
         self,

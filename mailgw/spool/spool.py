@@ -514,6 +514,39 @@ class GroupCommit:
                     item.error = e
 
 
+class HeaderSniffer:
+    """Keeps the start of a message being written, up to the end of its header section (at
+    most ``limit`` bytes), to read a header field from (the Message-ID for the log)."""
+
+    def __init__(self, limit: int = 64 * 1024) -> None:
+        self.limit = limit
+        self._head = bytearray()
+        self._complete = False
+
+    def feed(self, data: bytes) -> None:
+        if self._complete:
+            return
+        start = max(0, len(self._head) - 3)
+        self._head += data[: self.limit - len(self._head) + 4]
+        end = self._head.find(b"\r\n\r\n", start)
+        if end >= 0:
+            del self._head[end + 2 :]
+            self._complete = True
+        elif len(self._head) >= self.limit:
+            self._complete = True
+
+    def field(self, name: bytes) -> str:
+        """The first ``name`` field (lower-case), unfolded; '' when absent."""
+        from mailgw.mime.headers import parse_header_block
+
+        head = bytes(self._head)
+        block = parse_header_block(head, 0, len(head), max_fields=1000)
+        for f in block.fields:
+            if f.key == name:
+                return f.unfolded().decode("utf-8", "replace")
+        return ""
+
+
 @implementer(IIncomingMessage)
 class IncomingMessage:
     """A message being received. Up to ``spool.memory_limit`` bytes stay in memory; a larger
@@ -527,6 +560,12 @@ class IncomingMessage:
         self._chunks: builtins.list[bytes] = []
         self._file: IO[bytes] | None = None
         self._state = "open"  # -> "committing" -> "done", or "open" -> "done" (abort)
+        self._head = HeaderSniffer()
+
+    @property
+    def message_id(self) -> str:
+        """See ``IIncomingMessage.message_id``."""
+        return self._head.field(b"message-id")
 
     @property
     def _spill_path(self) -> str:
@@ -537,6 +576,7 @@ class IncomingMessage:
         if self._state != "open":
             raise ValueError(f"{self.queue_id}: message already committed or aborted")
         self.size += len(data)
+        self._head.feed(data)
         if self._file is not None:
             self._file.write(data)
             return

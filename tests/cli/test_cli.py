@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -102,7 +103,6 @@ def test_format_size_and_quota_words():
     assert format_size(1 << 30) == "1G"
     assert format_size(1536) == "1536"
     assert format_size(0) == "0"
-    assert parse_quota("none") is None
     assert parse_quota("Default") is None
     assert parse_quota("unlimited") == 0
     assert parse_quota("2G") == 2 << 30
@@ -149,7 +149,7 @@ def test_bad_config_is_one_line(tmp_path, capsys):
         (["user"], "user: the following arguments are required: ACTION"),
         (["user", "add"], "user add: the following arguments are required: ADDRESS"),
         (["frob"], "invalid choice"),
-        (["user", "quota", "a@b.test", "lots"], "invalid size"),
+        (["user", "quota", "a@b.test", "lots"], "expected a size like 25M or 1G, got 'lots'"),
         (["user", "add", "a@b.test", "--password", "x", "--password-stdin"], "not allowed with"),
         (["cert", "selfsigned", "--days", "x"], "invalid int value"),
     ],
@@ -202,7 +202,9 @@ def test_user_commands(run, config):
     assert run("user", "quota", "alice@example.test", "unlimited")[1] == (
         "quota of alice@example.test: unlimited\n"
     )
-    assert run("user", "quota", "bob@example.test", "none")[0] == 0
+    assert run("user", "quota", "bob@example.test", "default")[1] == (
+        "quota of bob@example.test: 1G (the default)\n"
+    )
     assert run("user", "disable", "bob@example.test")[0] == 0
     assert run("user", "list")[1] == (
         "alice@example.test\tunlimited\tenabled\nbob@example.test\t1G\tdisabled\n"
@@ -440,3 +442,46 @@ def test_python_m_mailgw_cli(config, tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     with directory_of(config) as d:
         assert d.authenticate("alice@example.test", "s3cret").name == "alice@example.test"
+
+
+# -- quota words as in the config file (one parser) ----------------------------------------
+
+
+@pytest.mark.parametrize("word", ["none", "None", "unlimited", "0"])
+def test_quota_none_means_unlimited_as_in_the_config_file(run, config, word):
+    from mailgw.config import load
+
+    run("domain", "add", "example.test")
+    run("user", "add", "carol@example.test", "--password", "pw", "--quota", "5M")
+    assert run("user", "quota", "carol@example.test", word)[1] == (
+        "quota of carol@example.test: unlimited\n"
+    )
+    with directory_of(config) as d:
+        assert d.quota_for("carol@example.test") is None  # no limit
+        assert d.get_user("carol@example.test").quota == 0  # its own: unlimited
+    # ... the same word as the config's default_quota: no limit either.
+    path = Path(config)
+    path.write_text(path.read_text().replace("default_quota = 1G", f"default_quota = {word}"))
+    assert load(config).store.default_quota is None
+    assert run("user", "add", "dan@example.test", "--password", "pw", "--quota", word)[0] == 0
+    assert run("user", "list")[1].splitlines()[-1] == "dan@example.test\tunlimited\tenabled"
+
+
+def test_quota_sizes_parse_alike_in_config_and_cli(tmp_path):
+    from mailgw.config import load
+    from mailgw.config.values import parse_quota as config_quota
+
+    for text, size in (("2G", 2 << 30), ("1.5G", 3 << 29), ("10MiB", 10 << 20), ("4096", 4096)):
+        assert parse_quota(text) == config_quota(text) == size
+        path = tmp_path / "q.ini"
+        path.write_text(f"[store]\ndefault_quota = {text}\n")
+        assert load(str(path)).store.default_quota == size
+
+
+def test_user_quota_default_follows_the_config(run, config):
+    run("domain", "add", "example.test")
+    run("user", "add", "erin@example.test", "--password", "pw", "--quota", "none")
+    assert run("user", "quota", "erin@example.test", "default")[0] == 0
+    with directory_of(config) as d:
+        assert d.get_user("erin@example.test").quota is None
+        assert d.quota_for("erin@example.test") == 1 << 30

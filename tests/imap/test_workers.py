@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
@@ -35,6 +36,10 @@ class FakePort:
 
     def stopReading(self) -> None:
         self.reading = False
+
+    def getHost(self) -> IPv4Address | IPv6Address:  # IListeningPort
+        kind = IPv6Address if ":" in self.interface else IPv4Address
+        return kind("TCP", self.interface, self.port)
 
     def fileno(self) -> int:
         return 100 + self.port

@@ -25,6 +25,7 @@ class FakeIncoming:
         self.spool = spool
         self.queue_id = queue_id
         self.size = 0
+        self.message_id = ""
         self.chunks: list[bytes] = []
         self.aborted = False
         self.committing = False

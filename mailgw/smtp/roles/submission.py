@@ -138,6 +138,11 @@ class HeaderCompleter:
     def size(self) -> int:
         return int(self.incoming.size) + len(self._head)
 
+    @property
+    def message_id(self) -> str:
+        """The Message-ID as queued (the client's, or the one added here)."""
+        return str(self.incoming.message_id)
+
     def write(self, data: bytes) -> None:
         if self._passing:
             self.incoming.write(data)
@@ -313,7 +318,12 @@ def submit(
 
     def done(queue_id: str) -> str:
         policy.count(user)
-        log.info("{qid}: submitted by {user} via webmail", qid=queue_id, user=user)
+        log.info(
+            "{qid}: submitted by {user} via webmail message-id={msgid}",
+            qid=queue_id,
+            user=user,
+            msgid=incoming.message_id or "-",
+        )
         return queue_id
 
     return d.addCallback(done)

@@ -1,0 +1,87 @@
+"""The mail log filter: Twisted's start/stop noise goes, everything else stays."""
+
+from __future__ import annotations
+
+import io
+
+from twisted.application.service import Application
+from twisted.internet.protocol import Factory
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    LogPublisher,
+    formatEvent,
+)
+from twisted.python import log as legacy
+
+from mailgw.maillog import is_noise, use_mail_log, without_noise
+
+
+def legacy_event(text: str) -> dict[str, object]:
+    return {"message": (text,), "isError": 0, "system": "-", "log_format": "{log_text}"}
+
+
+def test_noise() -> None:
+    assert is_noise({"log_format": "Starting factory {factory!r}", "factory": object()})
+    assert is_noise({"log_format": "Stopping factory {factory!r}", "factory": object()})
+    assert is_noise(legacy_event("_NotAccepting starting on 8143"))
+    assert is_noise(legacy_event("SubmissionFactory (TLS) starting on 8465"))
+    assert is_noise(legacy_event("(TCP Port 8025 Closed)"))
+    assert is_noise(legacy_event("(UDP Port 40000 Closed)"))
+    assert is_noise(legacy_event("Starting protocol <twisted.names.dns.X object at 0x7f>"))
+
+
+def test_not_noise() -> None:
+    assert not is_noise({"log_format": "{role} listening on {address}", "role": "mx"})
+    assert not is_noise({"log_format": "{qid} starting on {x}", "qid": "Q", "x": "1"})
+    assert not is_noise(legacy_event("Received SIGTERM, shutting down."))
+    assert not is_noise(legacy_event("Main loop terminated."))
+    assert not is_noise({**legacy_event("X starting on 1"), "isError": 1})
+
+
+def test_without_noise_filters_real_events() -> None:
+    seen: list[str] = []
+    publisher = LogPublisher()
+    publisher.addObserver(without_noise(lambda e: seen.append(formatEvent(e))))
+    logger = Logger(observer=publisher)
+    factory = Factory()
+    factory._log = logger  # type: ignore[attr-defined]
+    logger.info("Starting factory {factory!r}", factory=factory)
+    logger.info("mx listening on {address}", address="127.0.0.1:8025")
+    logger.emit(LogLevel.warn, "something {what}", what="odd")
+    assert seen == ["mx listening on 127.0.0.1:8025", "something odd"]
+
+
+def test_legacy_observer_is_wrapped() -> None:
+    """syslog's observer is a legacy one (an event dict with ``message``): it is adapted."""
+    lines: list[str] = []
+    observer = without_noise(lambda event: lines.append(legacy.textFromEventDict(event) or ""))
+    assert ILogObserver.providedBy(observer)
+    Logger(observer=observer).info("mx listening on {address}", address="127.0.0.1:8025")
+    Logger(observer=observer).info("Starting factory {factory!r}", factory=Factory())
+    assert lines == ["mx listening on 127.0.0.1:8025"]
+
+
+def test_use_mail_log_sets_the_application_observer(tmp_path) -> None:
+    app = Application("mailgw")
+    path = tmp_path / "twistd.log"
+    use_mail_log(app, {"logfile": str(path), "nodaemon": True, "syslog": False, "logger": None})
+    observer = app.getComponent(ILogObserver)
+    assert observer is not None
+    Logger(observer=observer).info("MXFactory starting on 8025")  # new-style: kept
+    observer(legacy_event("MXFactory starting on 8025"))  # Twisted's legacy line: dropped
+    Logger(observer=observer).info("mx listening on 127.0.0.1:8025")
+    text = path.read_text()
+    assert text.count("starting on") == 1 and "mx listening on 127.0.0.1:8025" in text
+
+
+def test_use_mail_log_leaves_other_choices_alone() -> None:
+    app = Application("mailgw")
+    use_mail_log(app, {"logger": "some.factory"})
+    assert app.getComponent(ILogObserver) is None
+    mine = without_noise(io.StringIO().write)
+    app.setComponent(ILogObserver, mine)
+    use_mail_log(app, {"logfile": "-", "nodaemon": True})
+    assert app.getComponent(ILogObserver) is mine
+    use_mail_log(object(), {})  # not an application: nothing to do
