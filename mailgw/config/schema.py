@@ -180,7 +180,15 @@ class MXConfig:
     max_line_length: int = key(
         "10000", v.parse_positive_int, "Longest line inside DATA, without CRLF (554 5.6.0)."
     )
-    max_errors: int = key("10", v.parse_positive_int, "Errors before the session is closed.")
+    max_errors: int = key(
+        "20", v.parse_positive_int, "Errors (5xx replies) before 421 and close (hard limit)."
+    )
+    soft_error_limit: int = key(
+        "10", v.parse_positive_int, "Errors after which every reply waits error_delay."
+    )
+    error_delay: float = key(
+        "1s", v.parse_duration, "Wait before each reply past soft_error_limit (0: none)."
+    )
     max_connections: int = key("1000", v.parse_positive_int, "Concurrent sessions in all.")
     max_connections_per_ip: int = key(
         "50", v.parse_positive_int, "Concurrent sessions from one client address."
@@ -492,7 +500,15 @@ class SubmissionConfig:
     max_line_length: int = key(
         "10000", v.parse_positive_int, "Longest line inside DATA, without CRLF (554 5.6.0)."
     )
-    max_errors: int = key("10", v.parse_positive_int, "Errors before the session is closed.")
+    max_errors: int = key(
+        "20", v.parse_positive_int, "Errors (5xx replies) before 421 and close (hard limit)."
+    )
+    soft_error_limit: int = key(
+        "10", v.parse_positive_int, "Errors after which every reply waits error_delay."
+    )
+    error_delay: float = key(
+        "1s", v.parse_duration, "Wait before each reply past soft_error_limit (0: none)."
+    )
     max_connections: int = key("1000", v.parse_positive_int, "Concurrent sessions in all.")
     max_connections_per_ip: int = key(
         "50", v.parse_positive_int, "Concurrent sessions from one client address."

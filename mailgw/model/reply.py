@@ -90,6 +90,11 @@ class R:
     NUL_IN_DATA = Reply(554, "5.6.0", "Message contains NUL bytes")
     EIGHTBIT_NOT_DECLARED = Reply(554, "5.6.1", "8-bit data without BODY=8BITMIME")
     TRANSACTION_FAILED = Reply(554, "5.0.0", "Transaction failed")
+    # RFC 2920 3.1: message content sent before the 354 (Postfix's reject_unauth_pipelining)
+    IMPROPER_PIPELINING = Reply(
+        503, "5.5.0", "<DATA>: Data command rejected: Improper use of SMTP command pipelining"
+    )
+    IMPROPER_PIPELINING_BYE = Reply(221, "2.7.0", "Error: improper pipelining, closing connection")
     # Connection limits, STARTTLS during a transaction
     TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
     TOO_MANY_CONNECTIONS_FROM_IP = Reply(

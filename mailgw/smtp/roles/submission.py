@@ -330,6 +330,8 @@ def limits_from_config(config: SubmissionConfig) -> Limits:
         max_message_size=config.max_message_size,
         max_line_length=config.max_line_length,
         max_errors=config.max_errors,
+        soft_error_limit=config.soft_error_limit,
+        error_delay=config.error_delay,
         idle_timeout=config.idle_timeout,
         session_timeout=config.session_timeout,
         max_connections=config.max_connections,
