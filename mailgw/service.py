@@ -284,6 +284,7 @@ def _submission_listeners(node: Node) -> None:
         node.reactor,
         sub.max_recipients,
         sub.max_messages_per_hour,
+        sub.max_header_size,
     )
     node.submission_policy = policy  # for the webmail: mailgw.smtp.roles.submission.submit
     for implicit in (False, True):

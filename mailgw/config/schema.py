@@ -497,6 +497,9 @@ class SubmissionConfig:
     max_messages_per_hour: int = key(
         "200", v.parse_positive_int, "Messages one user may send per hour (450 4.7.1)."
     )
+    max_header_size: int = key(
+        "1M", v.parse_size, "Largest header section; all of it is checked (552 5.3.4)."
+    )
     max_line_length: int = key(
         "10000", v.parse_positive_int, "Longest line inside DATA, without CRLF (554 5.6.0)."
     )

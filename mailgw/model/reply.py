@@ -116,4 +116,18 @@ class R:
     SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by authenticated user")
     FROM_NOT_OWNED = Reply(553, "5.7.1", "From header address not owned by authenticated user")
     NO_FROM = Reply(550, "5.6.0", "Message has no valid From header")
+    HEADER_MALFORMED = Reply(
+        550, "5.7.1", "Message header has a line that is not a header field (ambiguous)"
+    )
+    DUPLICATE_FROM = Reply(550, "5.7.1", "Message has more than one From header")
+    DUPLICATE_SENDER = Reply(550, "5.7.1", "Message has more than one Sender header")
+    DUPLICATE_REPLY_TO = Reply(550, "5.7.1", "Message has more than one Reply-To header")
+    SENDER_HEADER_REQUIRED = Reply(
+        550, "5.7.1", "From header has several addresses: a Sender header with yours is required"
+    )
+    SENDER_HEADER_INVALID = Reply(550, "5.7.1", "Sender header must hold exactly one address")
+    SENDER_HEADER_NOT_OWNED = Reply(
+        553, "5.7.1", "Sender header address not owned by authenticated user"
+    )
+    HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header size exceeds fixed limit")
     RATE_LIMITED = Reply(450, "4.7.1", "Too many messages sent in the last hour, try later")
