@@ -34,6 +34,7 @@ def build_directory(config: Config, reactor: Any) -> Directory:
         argon2_time_cost=config.directory.argon2_time_cost,
         argon2_memory_kib=config.directory.argon2_memory_kib,
         default_quota=config.store.default_quota,
+        postmaster=config.server.postmaster,
         reactor=reactor,
     )
 

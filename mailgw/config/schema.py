@@ -40,6 +40,19 @@ def _tls_version(s: str) -> str:
     return s.strip()
 
 
+def _address(s: str) -> str:
+    """Empty or one mail address (``local@domain``)."""
+    from mailgw.model import Address, AddressError
+
+    s = s.strip()
+    if s:
+        try:
+            Address.parse(s)
+        except AddressError as e:
+            raise ValueError(f"expected an address like admin@example.com: {e}") from None
+    return s
+
+
 def _workers(s: str) -> int | None:
     """``auto`` -> None (one per CPU, decided at start-up), else a whole number >= 0."""
     text = s.strip().lower()
@@ -72,6 +85,11 @@ class ServerConfig:
     )
     hostname: str = key(
         "", _text, "Name used in greetings and Received headers; empty: the machine's hostname."
+    )
+    postmaster: str = key(
+        "",
+        _address,
+        "Who gets postmaster@ any local domain without its own; empty: the first user created.",
     )
 
 

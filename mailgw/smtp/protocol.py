@@ -633,6 +633,9 @@ class SMTPServer(Protocol):
         try:
             if path.lower() == "<postmaster>":  # RFC 5321 4.5.1: must be accepted
                 recipient = self.role.postmaster(s)
+                if recipient is None:
+                    self._reply(R.UNKNOWN_USER, verb="RCPT")
+                    return
             else:
                 recipient = parse_path(path, allow_utf8=s.smtputf8)
         except AddressError:

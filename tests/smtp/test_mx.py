@@ -207,9 +207,9 @@ def test_envelope_round_trips_through_json() -> None:
     assert env.body_8bitmime
 
 
-def test_postmaster_without_domain_is_accepted_for_the_first_domain_that_has_one() -> None:
-    h = Harness()
-    h.directory.users["postmaster@other.test"] = ["carol@other.test"]
+def test_bare_postmaster_is_postmaster_of_the_hosts_own_domain() -> None:
+    h = Harness()  # host name mx.example.test: example.test is local
+    h.directory.users["postmaster@example.test"] = ["alice@example.test"]
     c = h.connect()
     assert c.exchange(MAIL + "RCPT TO:<Postmaster>\r\nDATA\r\nx\r\n.\r\n") == [
         "250",
@@ -218,11 +218,23 @@ def test_postmaster_without_domain_is_accepted_for_the_first_domain_that_has_one
         "354",
         "250",
     ]
-    assert h.messages[0][0].recipients == ["postmaster@other.test"]
+    assert h.messages[0][0].recipients == ["postmaster@example.test"]
 
 
-def test_postmaster_without_domain_refused_when_no_domain_has_one() -> None:
+def test_bare_postmaster_of_a_host_outside_the_local_domains_is_the_first_domains() -> None:
+    h = Harness()
+    h.factory.role.hostname = "gw.provider.example"  # type: ignore[attr-defined]
+    h.directory.users["postmaster@example.test"] = ["alice@example.test"]
+    c = h.connect()
+    assert c.codes(MAIL + "RCPT TO:<POSTMASTER>\r\n") == ["250", "250", "250"]
+    assert c.protocol.session.recipients[0].key == "postmaster@example.test"
+
+
+def test_bare_postmaster_unknown_when_nobody_gets_it() -> None:
     h = Harness()
     c = h.connect()
-    out = c.send(MAIL + "RCPT TO:<postmaster>\r\n")
-    assert out[-1].startswith("501 5.1.3"), out
+    assert c.send(MAIL + "RCPT TO:<postmaster>\r\n")[-1].startswith("550 5.1.1")
+    h.directory.domains.clear()
+    assert c.send("RCPT TO:<postmaster>\r\n") == [
+        "550 5.1.1 Recipient address rejected: user unknown"
+    ]

@@ -42,6 +42,7 @@ from mailgw.model import Address, AddressError, Envelope
 from mailgw.model.address import quote_local
 from mailgw.model.reply import R, Reply
 from mailgw.smtp.protocol import Limits, ReplyResult, Role, Session, SMTPFactory
+from mailgw.smtp.roles.mx import postmaster_address
 from mailgw.smtp.trace import received_header
 
 log = Logger(namespace="mailgw.submission")
@@ -328,6 +329,9 @@ class SubmissionRole(Role):
             user, str(sender) if sender is not None else ""
         )
         return refusal or R.SENDER_OK
+
+    def postmaster(self, session: Session) -> Address | None:
+        return postmaster_address(self.directory, self.hostname)
 
     def rcpt_to(self, session: Session, recipient: Address) -> ReplyResult:
         if session.authenticated is None:
