@@ -286,6 +286,7 @@ def _submission_listeners(node: Node) -> None:
         sub.max_recipients,
         sub.max_messages_per_hour,
         sub.max_header_size,
+        can_send_outside=node.relay is not None,
     )
     node.submission_policy = policy  # for the webmail: mailgw.smtp.roles.submission.submit
     for implicit in (False, True):

@@ -82,6 +82,9 @@ class R:
     )
     UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
     RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
+    RELAY_OFF = Reply(
+        554, "5.7.1", "Relay access denied: this server does not send mail to other domains"
+    )
     MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
     MESSAGE_TOO_BIG_DECLARED = Reply(552, "5.3.4", "Message size exceeds fixed limit")
     SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "SMTPUTF8 address requires the SMTPUTF8 parameter")

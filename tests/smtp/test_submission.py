@@ -50,7 +50,9 @@ def directory() -> Directory:
 
 
 class Sub:
-    def __init__(self, implicit_tls: bool = False, **config: Any) -> None:
+    def __init__(
+        self, implicit_tls: bool = False, can_send_outside: bool = True, **config: Any
+    ) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.spool = FakeSpool()
@@ -64,6 +66,7 @@ class Sub:
             tls_options=object(),
             implicit_tls=implicit_tls,
             auth_failure_delay=1.0,
+            can_send_outside=can_send_outside,
         )
 
     def connect(self) -> Client:
@@ -444,4 +447,30 @@ def test_webmail_submit_uses_the_same_header_rules() -> None:
     )
     assert isinstance(failure.value, SubmissionError)
     assert failure.value.reply.format().startswith("550 5.7.1")
+    assert spool.committed == []
+
+
+def test_remote_recipient_refused_at_rcpt_when_the_node_cannot_send_outside() -> None:
+    """Issue 9: it was accepted with 250, then deferred forever as "no such recipient"."""
+    s = Sub(can_send_outside=False)
+    c = s.logged_in()
+    assert c.codes("MAIL FROM:<alice@example.test>\r\n") == ["250"]
+    assert c.send("RCPT TO:<x@far.example>\r\n") == [
+        "554 5.7.1 Relay access denied: this server does not send mail to other domains"
+    ]
+    assert c.codes("RCPT TO:<bob@example.test>\r\nDATA\r\n") == ["250", "354"]
+    assert c.codes(MESSAGE) == ["250"]
+    assert s.spool.committed[0][0].recipients == ["bob@example.test"]
+
+
+def test_webmail_submit_refuses_remote_recipients_when_the_node_cannot_send_outside() -> None:
+    clock = Clock()
+    p = SubmissionPolicy(directory(), "smtp.example.test", clock, can_send_outside=False)
+    spool = FakeSpool()
+    envelope = Envelope("alice@example.test", ["bob@example.test", "x@far.example"])
+    failure = run(
+        submit(p, spool, "alice@example.test", envelope, b"From: alice@example.test\n\nx\n")
+    )
+    assert isinstance(failure.value, SubmissionError)
+    assert failure.value.reply.format().startswith("554 5.7.1 Relay access denied")
     assert spool.committed == []

@@ -15,6 +15,9 @@ Rules (one ``SubmissionPolicy`` for SMTP and the webmail API):
   Sender with other than one mailbox; a From or Sender mailbox the user does not own
   (``553 5.7.1``); a From without a mailbox (groups, empty: ``550 5.6.0``). Reply-To may
   name any address (replies going elsewhere is a legitimate use) but only once.
+- A node that cannot send outside (``[relay] enabled = no``) refuses a recipient in another
+  domain at RCPT with ``554 5.7.1`` (Postfix's "Relay access denied": the same refusal it
+  gives a client not allowed to relay), rather than accepting mail that could only bounce.
 - Per user: at most ``max_recipients`` per message (``452 4.5.3``) and
   ``max_messages_per_hour`` messages in a sliding hour (``450 4.7.1``).
 - ``Message-ID`` and ``Date`` are added when missing; a Received header (``ESMTPSA``) first.
@@ -130,8 +133,10 @@ class SubmissionPolicy:
         max_recipients: int = 100,
         max_messages_per_hour: int = 200,
         max_header_size: int = MAX_HEADER_BYTES,
+        can_send_outside: bool = True,
     ) -> None:
         self.directory = directory
+        self.can_send_outside = can_send_outside
         self.hostname = hostname
         self.clock = clock
         self.max_recipients = max_recipients
@@ -160,6 +165,13 @@ class SubmissionPolicy:
 
     def count(self, user: str) -> None:
         self._sent.setdefault(user, deque()).append(self.clock.seconds())
+
+    def recipient_check(self, recipient: Address) -> Reply | None:
+        """A recipient this node can deliver or send: local ones must exist, others need
+        the relay."""
+        if self.directory.is_local_domain(recipient.domain):
+            return None if self.directory.resolve(recipient.key) else R.UNKNOWN_USER
+        return None if self.can_send_outside else R.RELAY_OFF
 
     def sender_check(self, user: str, sender: str) -> Reply | None:
         if not sender or not self.owns(user, sender):
@@ -338,11 +350,7 @@ class SubmissionRole(Role):
             return R.AUTH_REQUIRED
         if len(session.recipients) >= self.policy.max_recipients:
             return R.TOO_MANY_RECIPIENTS
-        if self.directory.is_local_domain(recipient.domain) and not self.directory.resolve(
-            recipient.key
-        ):
-            return R.UNKNOWN_USER
-        return R.RECIPIENT_OK
+        return self.policy.recipient_check(recipient) or R.RECIPIENT_OK
 
     def begin_message(self, session: Session) -> IIncomingMessage:
         sender = str(session.sender) if session.sender is not None else ""
@@ -399,9 +407,10 @@ def submit(
     if refusal is None:
         for rcpt in envelope.recipients:
             try:
-                Address.parse(rcpt)
+                refusal = policy.recipient_check(Address.parse(rcpt))
             except AddressError:
                 refusal = R.BAD_RECIPIENT_SYNTAX
+            if refusal is not None:
                 break
     if refusal is not None:
         return _fail(refusal)
@@ -466,6 +475,7 @@ class SubmissionFactory(SMTPFactory):
         implicit_tls: bool = False,
         auth_failure_delay: float = 2.0,
         policy: SubmissionPolicy | None = None,
+        can_send_outside: bool = True,
     ) -> None:
         self.policy = policy or SubmissionPolicy(
             directory,
@@ -474,6 +484,7 @@ class SubmissionFactory(SMTPFactory):
             config.max_recipients,
             config.max_messages_per_hour,
             config.max_header_size,
+            can_send_outside,
         )
         role = SubmissionRole(
             spool, directory, hostname, reactor, self.policy, auth_failure_delay=auth_failure_delay
