@@ -354,8 +354,24 @@ class SMTPServer(Protocol):
                     peer=self.session.client_ip,
                     n=self._errors,
                 )
-                self._send(R.TOO_MANY_ERRORS)
-                self._close()
+                if self.limits.error_delay > 0 and self._errors > self.limits.soft_error_limit:
+                    # Like Postfix, the 421 is slowed down too; nothing more is read.
+                    self._buf = b""
+                    self._waiting = True
+                    if not self._paused:
+                        self._paused = True
+                        self.transport.pauseProducing()
+                    self._error_wait = self.reactor.callLater(
+                        self.limits.error_delay, self._too_many_errors
+                    )
+                else:
+                    self._too_many_errors()
+
+    def _too_many_errors(self) -> None:
+        self._error_wait = None
+        if not self._closed:
+            self._send(R.TOO_MANY_ERRORS)
+            self._close()
 
     def _call(
         self, hook: Callable[[], ReplyResult], then: Callable[[Reply], None], what: str

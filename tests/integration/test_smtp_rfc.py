@@ -6,8 +6,8 @@ Expected replies were taken from a private Postfix 3.7 run side by side (bench/p
 ``554 5.7.1 <x>: Relay access denied`` for a recipient it may not relay to; with
 ``reject_unauth_pipelining``, ``503 5.5.0 <DATA>: Data command rejected: Improper use of SMTP
 command pipelining`` then ``221 2.7.0`` and a disconnect for content sent with DATA; with
-``smtpd_soft_error_limit`` 3 / ``smtpd_hard_error_limit`` 6, five ``550 5.1.1`` (the last
-three each a second late), a sixth, then ``421 4.7.0 ... Error: too many errors``.
+``smtpd_soft_error_limit`` 3 / ``smtpd_hard_error_limit`` 6, six ``550 5.1.1`` (from the
+fourth on each a second late), then ``421 4.7.0 ... Error: too many errors``.
 """
 
 from __future__ import annotations
