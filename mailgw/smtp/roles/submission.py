@@ -85,12 +85,8 @@ def _mailboxes(value: bytes) -> list[str] | None:
     """The mailboxes of an address-list value, None when an item is not a plain mailbox."""
     out = []
     for item in parse_address_list(unfold(value)):
-        if (
-            item.host is None
-            or item.mailbox in (None, MISSING_MAILBOX)
-            or item.host in (MISSING_DOMAIN,)
-        ):
-            return None
+        if item.host in (None, MISSING_DOMAIN) or item.mailbox in (None, MISSING_MAILBOX):
+            return None  # a group marker, or a mailbox without local part or domain
         try:
             local, host = item.mailbox.decode("utf-8"), item.host.decode("utf-8")
         except UnicodeDecodeError:
