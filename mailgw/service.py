@@ -34,6 +34,7 @@ def build_directory(config: Config, reactor: Any) -> Directory:
         argon2_time_cost=config.directory.argon2_time_cost,
         argon2_memory_kib=config.directory.argon2_memory_kib,
         default_quota=config.store.default_quota,
+        postmaster=config.server.postmaster,
         reactor=reactor,
     )
 
@@ -301,6 +302,8 @@ def _submission_listeners(node: Node) -> None:
         node.reactor,
         sub.max_recipients,
         sub.max_messages_per_hour,
+        sub.max_header_size,
+        can_send_outside=node.relay is not None,
     )
     node.submission_policy = policy  # for the webmail: mailgw.smtp.roles.submission.submit
     for implicit in (False, True):

@@ -93,6 +93,7 @@ class Context:
                 argon2_time_cost=config.directory.argon2_time_cost,
                 argon2_memory_kib=config.directory.argon2_memory_kib,
                 default_quota=config.store.default_quota,
+                postmaster=config.server.postmaster,
             )
         return self._directory
 

@@ -40,6 +40,19 @@ def _tls_version(s: str) -> str:
     return s.strip()
 
 
+def _address(s: str) -> str:
+    """Empty or one mail address (``local@domain``)."""
+    from mailgw.model import Address, AddressError
+
+    s = s.strip()
+    if s:
+        try:
+            Address.parse(s)
+        except AddressError as e:
+            raise ValueError(f"expected an address like admin@example.com: {e}") from None
+    return s
+
+
 def _workers(s: str) -> int | None:
     """``auto`` -> None (one per CPU, decided at start-up), else a whole number >= 0."""
     text = s.strip().lower()
@@ -72,6 +85,11 @@ class ServerConfig:
     )
     hostname: str = key(
         "", _text, "Name used in greetings and Received headers; empty: the machine's hostname."
+    )
+    postmaster: str = key(
+        "",
+        _address,
+        "Who gets postmaster@ any local domain without its own; empty: the first user created.",
     )
 
 
@@ -180,7 +198,15 @@ class MXConfig:
     max_line_length: int = key(
         "10000", v.parse_positive_int, "Longest line inside DATA, without CRLF (554 5.6.0)."
     )
-    max_errors: int = key("10", v.parse_positive_int, "Errors before the session is closed.")
+    max_errors: int = key(
+        "20", v.parse_positive_int, "Errors (5xx replies) before 421 and close (hard limit)."
+    )
+    soft_error_limit: int = key(
+        "10", v.parse_positive_int, "Errors after which every reply waits error_delay."
+    )
+    error_delay: float = key(
+        "1s", v.parse_duration, "Wait before each reply past soft_error_limit (0: none)."
+    )
     max_connections: int = key("1000", v.parse_positive_int, "Concurrent sessions in all.")
     max_connections_per_ip: int = key(
         "50", v.parse_positive_int, "Concurrent sessions from one client address."
@@ -489,10 +515,21 @@ class SubmissionConfig:
     max_messages_per_hour: int = key(
         "200", v.parse_positive_int, "Messages one user may send per hour (450 4.7.1)."
     )
+    max_header_size: int = key(
+        "1M", v.parse_size, "Largest header section; all of it is checked (552 5.3.4)."
+    )
     max_line_length: int = key(
         "10000", v.parse_positive_int, "Longest line inside DATA, without CRLF (554 5.6.0)."
     )
-    max_errors: int = key("10", v.parse_positive_int, "Errors before the session is closed.")
+    max_errors: int = key(
+        "20", v.parse_positive_int, "Errors (5xx replies) before 421 and close (hard limit)."
+    )
+    soft_error_limit: int = key(
+        "10", v.parse_positive_int, "Errors after which every reply waits error_delay."
+    )
+    error_delay: float = key(
+        "1s", v.parse_duration, "Wait before each reply past soft_error_limit (0: none)."
+    )
     max_connections: int = key("1000", v.parse_positive_int, "Concurrent sessions in all.")
     max_connections_per_ip: int = key(
         "50", v.parse_positive_int, "Concurrent sessions from one client address."

@@ -25,6 +25,15 @@ message:
    (external) when no relay is configured: such mail stays deferred and is retried, and each
    deferral is logged. With ``max_attempts_age`` set, a message older than that is logged as
    "would bounce".
+3b. Permanent failures bounce at once, never wait: a recipient that resolves to nobody
+   (``5.1.1``: e.g. a user removed after the message was accepted) and, when this node has
+   no relay, a recipient or alias target outside the local domains (``5.4.4``). Before any
+   other work on the message, one RFC 3464 DSN for them is queued from the null sender to
+   the envelope sender (``mailgw.relay.dsn``; none for a null-sender message, which is
+   only logged); once the DSN is committed (in the reactor thread), the failed recipients
+   (``"rcpt"``) or targets (``"rcpt>target"``) are recorded in ``envelope.done`` and the
+   message is processed again for the rest. A crash in between sends the DSN twice at
+   worst, never loses it.
 4b. With a ``relay`` (``mailgw.relay.scheduler.RelayScheduler``): recipients outside the local
    domains and external alias targets are *handed over* once every local copy is stored: the
    envelope is rewritten in one atomic update to hold only the external targets (``done``
@@ -40,19 +49,38 @@ message:
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.base import DelayedCall
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailgw.interfaces import QuotaExceeded
 from mailgw.model import Envelope
+from mailgw.relay.dsn import RecipientStatus, build_dsn, should_bounce
 from mailgw.spool.threads import Runner, run_inline
 
 log = Logger(namespace="mailgw.delivery")
+
+NO_ROUTE = "No route to this domain: this node does not send mail outside ([relay] is off)"
+
+
+MAX_DSN_HEADER = 64 * 1024
+"""Bytes of the original message read for the DSN's text/rfc822-headers part."""
+
+
+@dataclass(frozen=True)
+class _Bounce:
+    """A DSN to queue (in the reactor thread) before the message's processing goes on."""
+
+    dsn: bytes
+    sender: str
+    done: list[str]
+    """``envelope.done`` entries recording the failures once the DSN is queued."""
+    failed: list[str]
 
 
 def delivery_prefix(sender: str, user: str) -> bytes:
@@ -181,6 +209,10 @@ class LocalDelivery(Service):
 
     def _finished(self, result: object, queue_id: str) -> None:
         """In the reactor thread, after a message's work (in whichever thread it ran)."""
+        if isinstance(result, _Bounce):
+            # Still in flight: queue the DSN, record the failures, go on with the rest.
+            self._queue_bounce(queue_id, result).addBoth(self._finished, queue_id)
+            return
         self._in_flight.discard(queue_id)
         if isinstance(result, Failure):  # pragma: no cover - _process_safely catches all
             log.failure("{queue_id} delivery failed", result, queue_id=queue_id)
@@ -190,8 +222,58 @@ class LocalDelivery(Service):
         if not self.pending():
             self._fire_waiters()
 
-    def _process_safely(self, queue_id: str) -> str | None:
-        """The queue ID when the message was handed over to the relay, else None."""
+    def _queue_bounce(self, queue_id: str, bounce: _Bounce) -> Deferred[Any]:
+        """Commit the DSN to the spool, then (through ``run``) record the failures and
+        process the message again; fires with that processing's result."""
+        now = self.reactor.seconds()
+        d: Deferred[Any]
+        try:
+            incoming = self.spool.begin()
+            incoming.write(bounce.dsn)
+            d = incoming.commit(
+                Envelope(
+                    sender="",
+                    recipients=[bounce.sender],
+                    received_at=now,
+                    protocol="local",
+                    size=len(bounce.dsn),
+                )
+            )
+        except Exception as e:
+            d = fail(e)
+
+        def queued(dsn_id: str) -> Deferred[Any]:
+            log.info(
+                "{queue_id} bounced {rcpts} to <{sender}> as {dsn_id}",
+                queue_id=queue_id,
+                rcpts=",".join(f"<{r}>" for r in bounce.failed),
+                sender=bounce.sender,
+                dsn_id=dsn_id,
+            )
+            return self.run(self._after_bounce, queue_id, bounce.done)
+
+        def not_queued(failure: Failure) -> Deferred[Any]:
+            log.failure("{queue_id} cannot queue its bounce", failure, queue_id=queue_id)
+            return self.run(self._defer_after_crash, queue_id)
+
+        return d.addCallbacks(queued, not_queued)
+
+    def _after_bounce(self, queue_id: str, done: list[str]) -> str | _Bounce | None:
+        """Record bounced recipients in ``envelope.done``; process the message again."""
+        try:
+            message = self.spool.load(queue_id)
+            message.envelope.done.extend(e for e in done if e not in message.envelope.done)
+            self.spool.update(queue_id, message.envelope)
+            self.spool.move(queue_id, "incoming", durable=False, from_state="active")
+        except Exception:
+            log.failure("{queue_id} cannot record its bounce", queue_id=queue_id)
+            self._defer_after_crash(queue_id)
+            return None
+        return self._process_safely(queue_id)
+
+    def _process_safely(self, queue_id: str) -> str | _Bounce | None:
+        """The queue ID when the message was handed over to the relay, a ``_Bounce`` when a
+        DSN must be queued first, else None."""
         try:
             return self._process(queue_id)
         except Exception:
@@ -222,7 +304,7 @@ class LocalDelivery(Service):
 
     # -- delivery of one message -----------------------------------------------------------
 
-    def _process(self, queue_id: str) -> str | None:
+    def _process(self, queue_id: str) -> str | _Bounce | None:
         try:
             message = self.spool.load(queue_id)
         except KeyError:
@@ -248,12 +330,15 @@ class LocalDelivery(Service):
         # Plan: (rcpt, local users still to deliver) and which recipients can complete.
         plan: list[tuple[str, list[str], bool]] = []
         relay_targets: list[str] = []
+        # Permanent failures: (recipient, envelope.done entry, status, diagnostic).
+        permanent: list[tuple[str, str, str, str]] = []
         for rcpt in envelope.recipients:
             if rcpt in done:
                 continue
             try:
                 targets = self.directory.resolve(rcpt)
-                if not targets and self.relay is not None and not self._is_local(rcpt):
+                is_local = bool(targets) or self._is_local(rcpt)
+                if not targets and self.relay is not None and not is_local:
                     targets = [rcpt]
                 local = [u for u in targets if self.directory.get_user(u) is not None]
             except Exception as e:
@@ -262,22 +347,47 @@ class LocalDelivery(Service):
                 continue
             external = [u for u in targets if u not in local]
             if not targets:
-                log.warn("{queue_id} <{rcpt}>: no such recipient", queue_id=queue_id, rcpt=rcpt)
-                errors.append(f"<{rcpt}>: no such recipient")
+                if is_local:
+                    why = ("5.1.1", f"<{rcpt}>: Recipient address rejected: user unknown")
+                else:
+                    why = ("5.4.4", f"<{rcpt}>: {NO_ROUTE}")
+                log.warn("{queue_id} <{rcpt}>: {why}", queue_id=queue_id, rcpt=rcpt, why=why[1])
+                permanent.append((rcpt, rcpt, *why))
+                continue
+            if self.relay is None:
+                for target in external:
+                    if f"{rcpt}>{target}" not in done:
+                        diagnostic = f"<{rcpt}> -> <{target}>: {NO_ROUTE}"
+                        log.warn("{queue_id} {why}", queue_id=queue_id, why=diagnostic)
+                        permanent.append((rcpt, f"{rcpt}>{target}", "5.4.4", diagnostic))
+                external = []  # bounced: they never wait for a relay this node does not run
             for target in external:
-                if self.relay is not None:
-                    if target not in relay_targets:
-                        relay_targets.append(target)
-                    continue
-                log.info(
-                    "{queue_id} <{rcpt}> -> <{target}> is external, left for the relay",
-                    queue_id=queue_id,
-                    rcpt=rcpt,
-                    target=target,
-                )
-                errors.append(f"<{rcpt}> -> <{target}>: external target awaits the relay")
+                if target not in relay_targets:
+                    relay_targets.append(target)
             todo = [u for u in local if f"{rcpt}>{u}" not in done]
-            plan.append((rcpt, todo, bool(targets) and not external))
+            plan.append((rcpt, todo, not external))
+
+        if permanent:
+            entries = [entry for _, entry, _, _ in permanent]
+            if should_bounce(envelope):
+                with open(message.content_path, "rb") as f:
+                    head = f.read(MAX_DSN_HEADER)
+                dsn = build_dsn(
+                    head,
+                    envelope,
+                    [RecipientStatus(r, status, "", text) for r, _, status, text in permanent],
+                    self.hostname,
+                    now=self.reactor.seconds(),
+                )
+                failed = list(dict.fromkeys(r for r, _, _, _ in permanent))
+                return _Bounce(dsn, envelope.sender, entries, failed)
+            log.warn(
+                "{queue_id} failed {rcpts}; null sender, no bounce",
+                queue_id=queue_id,
+                rcpts=",".join(f"<{r}>" for r, _, _, _ in permanent),
+            )
+            envelope.done.extend(entries)
+            self.spool.update(queue_id, envelope)
 
         remaining = sum(len(todo) for _, todo, _ in plan)
         stored: list[str] = []

@@ -79,10 +79,14 @@ class Directory:
         argon2_memory_kib: int = 19456,
         default_quota: int | None = None,
         reactor: Any = None,
+        postmaster: str = "",
     ) -> None:
         if default_quota is not None and default_quota < 0:
             raise ValueError("the default quota must not be negative")
         self.path = path
+        self.postmaster = _destination_key(self._address(postmaster)) if postmaster else ""
+        """``[server] postmaster``: where ``postmaster@`` a local domain goes when the
+        domain has no user, alias or catch-all for it; empty: the first user created."""
         self.recipient_delimiter = recipient_delimiter
         self.default_quota = default_quota or None
         self._hashing = PasswordHashing(argon2_time_cost, argon2_memory_kib)
@@ -417,7 +421,8 @@ class Directory:
 
         Order for an address in a local domain: its aliases (they take precedence, list the
         user itself among the destinations to keep a copy), the user, the same two for the
-        address without its ``+detail``, then the domain's catch-all ``@domain``. An
+        address without its ``+detail``, then the domain's catch-all ``@domain``; for
+        ``postmaster`` (RFC 5321 4.5.1: every domain has one) then ``postmaster_target``. An
         address met again on its own expansion path delivers to the user of that name, if
         any, instead of looping; branches deeper than 10 levels are dropped. A destination
         in a local domain that matches nothing is dropped.
@@ -460,6 +465,20 @@ class Directory:
         catch_all = self._destinations("@" + domain)
         for dest in catch_all:
             self._expand(dest, depth + 1, path + (key,), out)
+        if not catch_all and (local == "postmaster" or base == "postmaster"):
+            target = self.postmaster_target()
+            if target is not None:
+                self._expand(target, depth + 1, path + (key,), out)
+
+    def postmaster_target(self) -> str | None:
+        """Where a ``postmaster@`` with no user, alias or catch-all of its own goes: the
+        configured ``[server] postmaster``, else the first user created on this node (the
+        administrator's account, as a Debian install aliases postmaster to root); None on a
+        node with no user yet."""
+        if self.postmaster:
+            return self.postmaster
+        rows = self._query("SELECT name FROM users ORDER BY rowid LIMIT 1")
+        return str(rows[0][0]) if rows else None
 
     def _expand_exact(self, key: str, depth: int, path: tuple[str, ...], out: list[str]) -> bool:
         destinations = self._destinations(key)

@@ -6,7 +6,7 @@ import base64
 import binascii
 import codecs
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
 __all__ = [
@@ -60,6 +60,10 @@ class HeaderBlock:
     start: int
     body_start: int
     truncated: bool = False
+    malformed: list[int] = field(default_factory=list)
+    """Offsets of the lines inside the header that are neither a field nor a continuation
+    (no colon, or an invalid field name): skipped here, but other parsers may end the header
+    there or read them otherwise, so policy checks refuse them."""
 
 
 _FOLD_RE = re.compile(rb"\r?\n(?=[ \t])")
@@ -84,8 +88,9 @@ def parse_header_block(raw: bytes, start: int, end: int, max_fields: int) -> Hea
 
     The header ends after the first empty line (CRLF or bare LF), which belongs to the
     header. Lines that are not fields (no colon, bad name) are skipped but stay in the
-    header bytes. When the first line is not a field, the header is empty and the entity is
-    all body; without an empty line, the entity is all header. Only the first ``max_fields`` fields are indexed.
+    header bytes (their offsets in ``malformed``). When the first line is not a field, the
+    header is empty and the entity is all body; without an empty line, the entity is all
+    header. Only the first ``max_fields`` fields are indexed.
     """
     fields: list[HeaderField] = []
     truncated = False
@@ -94,6 +99,7 @@ def parse_header_block(raw: bytes, start: int, end: int, max_fields: int) -> Hea
     cur_colon = -1
     find = raw.find
     first_is_field: bool | None = None
+    malformed: list[int] = []
 
     def close(next_pos: int) -> None:
         # the current field ends just before ``next_pos`` (start of the following line)
@@ -117,7 +123,7 @@ def parse_header_block(raw: bytes, start: int, end: int, max_fields: int) -> Hea
         line_end = end if nl < 0 else nl + 1
         if nl >= 0 and (nl == pos or (nl == pos + 1 and raw[pos] == 13)):
             close(pos)  # empty line: end of the header
-            return HeaderBlock(fields, start, line_end, truncated)
+            return HeaderBlock(fields, start, line_end, truncated, malformed)
         c = raw[pos]
         if (c == 32 or c == 9) and cur_start >= 0:
             pos = line_end  # continuation line
@@ -132,10 +138,12 @@ def parse_header_block(raw: bytes, start: int, end: int, max_fields: int) -> Hea
             if not is_field:
                 break  # no header at all: the entity is all body
             first_is_field = True
+        elif not is_field:
+            malformed.append(pos)
         pos = line_end
     if first_is_field:
         close(end)
-        return HeaderBlock(fields, start, end, truncated)
+        return HeaderBlock(fields, start, end, truncated, malformed)
     return HeaderBlock([], start, start, False)
 
 

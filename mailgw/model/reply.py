@@ -82,6 +82,9 @@ class R:
     )
     UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
     RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied")
+    RELAY_OFF = Reply(
+        554, "5.7.1", "Relay access denied: this server does not send mail to other domains"
+    )
     MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
     MESSAGE_TOO_BIG_DECLARED = Reply(552, "5.3.4", "Message size exceeds fixed limit")
     SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "SMTPUTF8 address requires the SMTPUTF8 parameter")
@@ -90,6 +93,11 @@ class R:
     NUL_IN_DATA = Reply(554, "5.6.0", "Message contains NUL bytes")
     EIGHTBIT_NOT_DECLARED = Reply(554, "5.6.1", "8-bit data without BODY=8BITMIME")
     TRANSACTION_FAILED = Reply(554, "5.0.0", "Transaction failed")
+    # RFC 2920 3.1: message content sent before the 354 (Postfix's reject_unauth_pipelining)
+    IMPROPER_PIPELINING = Reply(
+        503, "5.5.0", "<DATA>: Data command rejected: Improper use of SMTP command pipelining"
+    )
+    IMPROPER_PIPELINING_BYE = Reply(221, "2.7.0", "Error: improper pipelining, closing connection")
     # Connection limits, STARTTLS during a transaction
     TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
     TOO_MANY_CONNECTIONS_FROM_IP = Reply(
@@ -111,4 +119,18 @@ class R:
     SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by authenticated user")
     FROM_NOT_OWNED = Reply(553, "5.7.1", "From header address not owned by authenticated user")
     NO_FROM = Reply(550, "5.6.0", "Message has no valid From header")
+    HEADER_MALFORMED = Reply(
+        550, "5.7.1", "Message header has a line that is not a header field (ambiguous)"
+    )
+    DUPLICATE_FROM = Reply(550, "5.7.1", "Message has more than one From header")
+    DUPLICATE_SENDER = Reply(550, "5.7.1", "Message has more than one Sender header")
+    DUPLICATE_REPLY_TO = Reply(550, "5.7.1", "Message has more than one Reply-To header")
+    SENDER_HEADER_REQUIRED = Reply(
+        550, "5.7.1", "From header has several addresses: a Sender header with yours is required"
+    )
+    SENDER_HEADER_INVALID = Reply(550, "5.7.1", "Sender header must hold exactly one address")
+    SENDER_HEADER_NOT_OWNED = Reply(
+        553, "5.7.1", "Sender header address not owned by authenticated user"
+    )
+    HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header size exceeds fixed limit")
     RATE_LIMITED = Reply(450, "4.7.1", "Too many messages sent in the last hour, try later")

@@ -33,8 +33,13 @@ ReplyResult = Reply | Deferred[Reply]
 MAX_COMMAND_LINE = 2048
 """Longest command line accepted, CRLF included (RFC 5321 says 512; extensions need more)."""
 
-ERROR_CODES = frozenset({500, 501, 502, 503, 504, 555})
-"""Replies that count as client errors towards ``max_errors`` (syntax and sequence)."""
+
+def is_error(reply: Reply) -> bool:
+    """Whether a reply counts as a client error (Postfix counts its rejections alike): every
+    permanent (5xx) reply — syntax, sequence, unknown recipient, relay or policy refusal,
+    failed AUTH. Temporary (4xx) replies are the server's conditions and do not count."""
+    return reply.code >= 500
+
 
 _COMMAND, _DATA = "command", "data"
 
@@ -50,7 +55,14 @@ class Limits:
 
     max_message_size: int = 25 * 1024 * 1024
     max_line_length: int = 10000
-    max_errors: int = 10
+    max_errors: int = 20
+    """Errors (see ``is_error``) after which the session is closed with ``421 4.7.0``; a
+    queued message resets the count (Postfix's ``smtpd_hard_error_limit``)."""
+    soft_error_limit: int = 10
+    """Errors after which each command is answered only ``error_delay`` seconds after it
+    was read (Postfix's ``smtpd_soft_error_limit``)."""
+    error_delay: float = 1.0
+    """Postfix's ``smtpd_error_sleep_time``; 0: no delay."""
     idle_timeout: float = 300.0
     session_timeout: float = 1800.0
     max_connections: int = 1000
@@ -208,6 +220,8 @@ class SMTPServer(Protocol):
         self._closed = False
         self._discarding_line = False
         self._errors = 0
+        self._error_wait: IDelayedCall | None = None
+        self._error_waited = False
         self._accepted = 0
         self._incoming: IIncomingMessage | None = None
         self._data = _DataState()
@@ -283,10 +297,10 @@ class SMTPServer(Protocol):
         self._process()
 
     def _cancel_timers(self) -> None:
-        for timer in (self._idle_timer, self._session_timer):
+        for timer in (self._idle_timer, self._session_timer, self._error_wait):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._idle_timer = self._session_timer = None
+        self._idle_timer = self._session_timer = self._error_wait = None
 
     def _idle_expired(self) -> None:
         self._idle_timer = None
@@ -331,11 +345,33 @@ class SMTPServer(Protocol):
                 verb=verb,
                 reply=reply.format(text),
             )
-        if reply.code in ERROR_CODES:
+        if is_error(reply):
             self._errors += 1
             if self._errors >= self.limits.max_errors:
-                self._send(R.TOO_MANY_ERRORS)
-                self._close()
+                log.info(
+                    "{sid} {peer} too many errors ({n}), closing",
+                    sid=self.session.session_id,
+                    peer=self.session.client_ip,
+                    n=self._errors,
+                )
+                if self.limits.error_delay > 0 and self._errors > self.limits.soft_error_limit:
+                    # Like Postfix, the 421 is slowed down too; nothing more is read.
+                    self._buf = b""
+                    self._waiting = True
+                    if not self._paused:
+                        self._paused = True
+                        self.transport.pauseProducing()
+                    self._error_wait = self.reactor.callLater(
+                        self.limits.error_delay, self._too_many_errors
+                    )
+                else:
+                    self._too_many_errors()
+
+    def _too_many_errors(self) -> None:
+        self._error_wait = None
+        if not self._closed:
+            self._send(R.TOO_MANY_ERRORS)
+            self._close()
 
     def _call(
         self, hook: Callable[[], ReplyResult], then: Callable[[Reply], None], what: str
@@ -380,11 +416,45 @@ class SMTPServer(Protocol):
         self._processing = True
         try:
             while self._buf and not self._waiting and not self._closed:
-                step = self._data_step if self._mode is _DATA else self._command_step
-                if not step():
+                if self._mode is _DATA:
+                    if not self._data_step():
+                        break
+                    continue
+                if self._must_wait_for_errors():
                     break
+                if not self._command_step():
+                    break
+                self._error_waited = False
         finally:
             self._processing = False
+
+    def _must_wait_for_errors(self) -> bool:
+        """Past the soft error limit, hold each complete command line back ``error_delay``
+        seconds before it is read (input paused meanwhile); True while holding."""
+        if (
+            self._errors < self.limits.soft_error_limit
+            or self.limits.error_delay <= 0
+            or self._error_waited
+            or b"\n" not in self._buf
+        ):
+            return False
+        self._waiting = True
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+        self._error_wait = self.reactor.callLater(self.limits.error_delay, self._error_wait_over)
+        return True
+
+    def _error_wait_over(self) -> None:
+        self._error_wait = None
+        self._waiting = False
+        self._error_waited = True
+        if self._closed:
+            return
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        self._process()
 
     def _bare_newline(self) -> bool:
         log.info(
@@ -579,6 +649,9 @@ class SMTPServer(Protocol):
         try:
             if path.lower() == "<postmaster>":  # RFC 5321 4.5.1: must be accepted
                 recipient = self.role.postmaster(s)
+                if recipient is None:
+                    self._reply(R.UNKNOWN_USER, verb="RCPT")
+                    return
             else:
                 recipient = parse_path(path, allow_utf8=s.smtputf8)
         except AddressError:
@@ -610,6 +683,23 @@ class SMTPServer(Protocol):
         def then(reply: Reply) -> None:
             if not reply.is_positive:
                 self._reply(reply, verb="DATA")
+                return
+            if self._buf:
+                # RFC 2920 3.1: DATA ends a command group; the client must wait for the 354.
+                # Bytes already here were sent before it: never take them as message content
+                # nor as commands. Postfix (reject_unauth_pipelining) answers the same way.
+                log.info(
+                    "{sid} {peer} improper command pipelining after DATA: {n} bytes",
+                    sid=s.session_id,
+                    peer=s.client_ip,
+                    n=len(self._buf),
+                )
+                self._buf = b""
+                s.reset_transaction()
+                self._reply(R.IMPROPER_PIPELINING, verb="DATA")
+                if not self._closed:
+                    self._send(R.IMPROPER_PIPELINING_BYE)
+                    self._close()
                 return
             try:
                 incoming = self.role.begin_message(s)
@@ -922,6 +1012,7 @@ class SMTPServer(Protocol):
                 log.failure("{sid} {qid}: message_committed failed", sid=sid, qid=queue_id)
             queued.append(queue_id)
             self._accepted += 1
+            self._errors = 0  # Postfix: the error limits count errors "without delivering mail"
             return R.QUEUED
 
         def failed(failure: Failure) -> Reply:

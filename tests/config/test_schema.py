@@ -68,6 +68,7 @@ def test_relative_data_dir(tmp_path: Path) -> None:
         ("[tls]\nprivate_key = k.pem\n", "tls:private_key", "without certificate"),
         ("[tls]\nmin_version = SSLv3\n", "tls:min_version", "TLSv1.2"),
         ("[directory]\nrecipient_delimiter = ab\n", "directory:recipient_delimiter", "punctuation"),
+        ("[server]\npostmaster = not an address\n", "server:postmaster", "expected an address"),
         ("[mx\n", "-", "not a valid INI file"),
     ],
 )

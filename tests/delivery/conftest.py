@@ -38,6 +38,9 @@ class FakeDirectory:
     def get_user(self, name: str) -> FakeUser | None:
         return self.users.get(name)
 
+    def is_local_domain(self, domain: str) -> bool:
+        return domain == "example.test"
+
 
 class FakeStore:
     """Keeps delivered messages per user; users can be made over quota or failing."""

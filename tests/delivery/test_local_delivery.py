@@ -234,39 +234,112 @@ def test_alias_to_several_users_and_one_copy_per_user(store, make_delivery, subm
     )
 
 
-def test_external_alias_target_is_left_for_the_relay(
+def dsn_of(store, user: str = "alice@example.test") -> bytes:
+    [dsn] = [m for m in store.mailboxes.get(user, []) if b"multipart/report" in m]
+    return dsn
+
+
+def test_external_alias_target_without_relay_bounces_and_local_copy_is_kept(
     spool, store, clock, make_delivery, submit, run, logged
 ):
+    """Issue 9: with the relay off, an external target waited in ``deferred`` forever."""
     delivery = make_delivery(retry_interval=10.0)
     delivery.startService()
-    qid = submit(["fwd@example.test"])
+    qid = submit(["fwd@example.test"], sender="carol@example.test")
     run(delivery)
-    assert store.calls == ["alice@example.test"]
-    message = spool.load(qid)
-    assert message.state == "deferred"
-    assert "fwd@example.test>alice@example.test" in message.envelope.done
-    assert "fwd@example.test" not in message.envelope.done
-    assert "someone@elsewhere.org" in message.envelope.last_error
-    assert any("is external, left for the relay" in line for line in logged)
+    with pytest.raises(KeyError):
+        spool.load(qid)  # done: nothing deferred
+    assert sorted(store.calls) == ["alice@example.test", "carol@example.test"]  # copy, DSN
+    dsn = store.mailboxes["carol@example.test"][0]
+    assert dsn.startswith(b"Return-Path: <>\r\nDelivered-To: carol@example.test\r\n")
+    assert b"Final-Recipient: rfc822; fwd@example.test" in dsn
+    assert b"Status: 5.4.4" in dsn and b"Action: failed" in dsn
+    assert b"<someone@elsewhere.org>: No route to this domain" in dsn
+    assert b"Subject: test" in dsn  # the original headers come back
+    assert len(store.mailboxes["alice@example.test"]) == 1
+    assert any(f"{qid} bounced <fwd@example.test> to <carol@example.test>" in x for x in logged)
     clock.advance(10)
     run(delivery)
-    assert store.calls == ["alice@example.test"]  # no second copy on retry
-    assert spool.load(qid).envelope.attempts == 2
+    assert len(store.calls) == 2  # no second copy nor second DSN
 
 
-def test_unknown_recipient_and_lookup_failure_defer(
+def test_unknown_recipient_bounces_at_once_and_lookup_failure_defers(
     spool, store, directory, make_delivery, submit, run
 ):
+    """Issue 9: "no such recipient" was deferred every 5 minutes forever, without a DSN."""
     directory.broken.add("carol@example.test")
     delivery = make_delivery()
     delivery.startService()
-    qid = submit(["gone@example.test", "carol@example.test", "alice@example.test"])
+    qid = submit(
+        ["gone@example.test", "carol@example.test", "alice@example.test"],
+        sender="bob@example.test",
+    )
     run(delivery)
     env = spool.load(qid).envelope
     assert spool.load(qid).state == "deferred"
-    assert "<gone@example.test>: no such recipient" in env.last_error
-    assert "directory lookup failed" in env.last_error
-    assert store.calls == ["alice@example.test"]
+    assert "gone@example.test" in env.done  # bounced: never retried
+    assert "no such recipient" not in env.last_error and "gone" not in env.last_error
+    assert "directory lookup failed" in env.last_error  # a temporary failure still waits
+    assert sorted(store.calls) == ["alice@example.test", "bob@example.test"]
+    dsn = dsn_of(store, "bob@example.test")
+    assert b"Final-Recipient: rfc822; gone@example.test" in dsn and b"Status: 5.1.1" in dsn
+    assert b"carol@example.test" not in dsn.split(b"text/rfc822-headers")[0]
+
+
+def test_remote_recipient_without_relay_bounces(spool, store, make_delivery, submit, run):
+    delivery = make_delivery()
+    delivery.startService()
+    qid = submit(["x@far.example", "bob@example.test"], sender="alice@example.test")
+    run(delivery)
+    with pytest.raises(KeyError):
+        spool.load(qid)
+    assert sorted(store.calls) == ["alice@example.test", "bob@example.test"]
+    dsn = dsn_of(store)
+    assert b"Final-Recipient: rfc822; x@far.example" in dsn and b"Status: 5.4.4" in dsn
+    assert b"To: <alice@example.test>" in dsn and b"From: Mail Delivery System" in dsn
+
+
+def test_unroutable_mail_from_the_null_sender_is_dropped_without_a_bounce(
+    spool, store, make_delivery, submit, run, logged
+):
+    delivery = make_delivery()
+    delivery.startService()
+    qid = submit(["x@far.example", "gone@example.test"], sender="")
+    run(delivery)
+    with pytest.raises(KeyError):
+        spool.load(qid)
+    assert store.calls == [] and spool.list("incoming") == []
+    assert any("null sender, no bounce" in line for line in logged)
+
+
+def test_bounce_to_a_remote_sender_without_relay_is_not_bounced_again(
+    spool, store, make_delivery, submit, run, logged
+):
+    delivery = make_delivery()
+    delivery.startService()
+    submit(["gone@example.test"])  # from bob@example.org: the DSN cannot go out either
+    run(delivery)
+    assert store.calls == []
+    assert all(spool.list(state) == [] for state in ("incoming", "active", "deferred"))
+    assert sum("null sender, no bounce" in line for line in logged) == 1
+
+
+def test_failed_dsn_commit_keeps_the_message_for_a_retry(
+    spool, store, clock, make_delivery, submit, run, monkeypatch
+):
+    delivery = make_delivery(retry_interval=10.0)
+    delivery.startService()
+    qid = submit(["gone@example.test"], sender="alice@example.test")
+    real_begin = spool.begin
+    monkeypatch.setattr(spool, "begin", lambda: (_ for _ in ()).throw(OSError(28, "disk full")))
+    run(delivery)
+    assert spool.load(qid).state == "deferred" and store.calls == []
+    monkeypatch.setattr(spool, "begin", real_begin)
+    clock.advance(10)
+    run(delivery)
+    with pytest.raises(KeyError):
+        spool.load(qid)
+    assert b"Status: 5.1.1" in dsn_of(store)
 
 
 def test_unexpected_store_error_defers(spool, store, make_delivery, submit, run, logged):
@@ -350,18 +423,19 @@ def test_bad_retry_interval(spool, store, directory, clock) -> None:
         LocalDelivery(spool, store, directory, clock, retry_interval=0)
 
 
-def test_alias_that_lost_its_external_target_completes(
+def test_alias_changed_between_attempts_completes_without_a_second_copy(
     spool, store, directory, clock, make_delivery, submit, run
 ):
+    store.over_quota.add("alice@example.test")
     delivery = make_delivery(retry_interval=10.0)
     delivery.startService()
-    qid = submit(["fwd@example.test"])
+    qid = submit(["team@example.test"])
     run(delivery)
     assert spool.load(qid).state == "deferred"
-    directory.aliases["fwd@example.test"] = ["alice@example.test"]
+    directory.aliases["team@example.test"] = ["bob@example.test"]
     clock.advance(10)
     run(delivery)
-    assert store.calls == ["alice@example.test"]
+    assert store.calls == ["alice@example.test", "bob@example.test"]
     with pytest.raises(KeyError):
         spool.load(qid)
 

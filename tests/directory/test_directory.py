@@ -516,3 +516,49 @@ def test_lookups_never_raise_on_garbage(populated):
     assert populated.get_user('"unterminated@example.test') is None
     assert populated.quota_for("ü no address") is None
     assert populated.resolve("ü@") == []
+
+
+# -- postmaster (RFC 5321 4.5.1) -----------------------------------------------------------
+
+
+def test_postmaster_of_every_domain_goes_to_the_first_user_by_default(directory):
+    assert directory.resolve("postmaster@example.test") == []  # no user yet: nobody to get it
+    directory.add_user("carol@example.test", "pw")
+    directory.add_user("alice@example.test", "pw")
+    directory.add_domain("later.test")  # a domain added afterwards has a postmaster too
+    assert directory.resolve("postmaster@example.test") == ["carol@example.test"]
+    assert directory.resolve("PostMaster@Later.Test") == ["carol@example.test"]
+    assert directory.resolve("postmaster+tag@later.test") == ["carol@example.test"]
+    assert directory.resolve("webmaster@later.test") == []
+    assert directory.resolve("postmaster@elsewhere.test") == []
+
+
+def test_explicit_postmaster_alias_user_and_catch_all_keep_winning(directory):
+    directory.add_user("carol@example.test", "pw")
+    directory.add_user("alice@example.test", "pw")
+    directory.add_alias("postmaster@example.test", "alice@example.test")
+    assert directory.resolve("postmaster@example.test") == ["alice@example.test"]
+    directory.add_domain("b.test")
+    directory.add_user("bob@b.test", "pw")
+    directory.add_alias("@b.test", "bob@b.test")
+    assert directory.resolve("postmaster@b.test") == ["bob@b.test"]
+    directory.add_domain("c.test")
+    directory.add_user("postmaster@c.test", "pw")
+    assert directory.resolve("postmaster@c.test") == ["postmaster@c.test"]
+
+
+def test_configured_postmaster_address(path, reactor):
+    with Directory(path, reactor=reactor, postmaster="Admin@Example.Test", **FAST) as d:
+        d.add_domain("example.test")
+        d.add_domain("other.test")
+        d.add_user("first@example.test", "pw")
+        assert d.resolve("postmaster@other.test") == []  # admin@ does not exist yet
+        d.add_user("admin@example.test", "pw")
+        assert d.resolve("postmaster@other.test") == ["admin@example.test"]
+        assert d.postmaster_target() == "admin@example.test"
+    with Directory(path, reactor=reactor, postmaster="hostmaster@corp.example", **FAST) as d:
+        assert d.resolve("postmaster@other.test") == ["hostmaster@corp.example"]  # external
+    with Directory(path, reactor=reactor, postmaster="postmaster@example.test", **FAST) as d:
+        assert d.resolve("postmaster@other.test") == []  # points at itself: no loop
+    with pytest.raises(ValueError, match="invalid address"):
+        Directory(path, reactor=reactor, postmaster="not an address", **FAST)

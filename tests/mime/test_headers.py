@@ -13,6 +13,7 @@ from mailgw.mime.headers import (
     merge_rfc2231,
     parse_content_type,
     parse_disposition,
+    parse_header_block,
     unfold,
 )
 
@@ -166,3 +167,17 @@ def test_malformed_base64_word_stays_literal_and_dispositions() -> None:
         b"attachment",
         [(b"filename", b"a\\b")],
     )
+
+
+def test_header_block_records_lines_that_are_not_fields() -> None:
+    raw = b"From: a@x\r\nno colon\r\n\tcontinued\r\nbad name: y\r\nTo: b@x\r\n\r\nbody\r\n"
+    block = parse_header_block(raw, 0, len(raw), 100)
+    assert [f.name for f in block.fields] == [b"From", b"To"]
+    assert [raw[o : raw.index(b"\r\n", o)] for o in block.malformed] == [
+        b"no colon",
+        b"\tcontinued",
+        b"bad name: y",
+    ]
+    assert raw[block.body_start :] == b"body\r\n"
+    clean = b"From: a@x\r\n\tfolded\r\nTo: b@x\r\n\r\n"
+    assert parse_header_block(clean, 0, len(clean), 100).malformed == []

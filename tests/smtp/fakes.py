@@ -179,6 +179,17 @@ class Client:
         """Reply codes (first line of each reply only: continuation lines dropped)."""
         return [line[:3] for line in self.send(data) if line[3:4] != "-"]
 
+    def exchange(self, data: str) -> list[str]:
+        """Like ``codes``, but as a PIPELINING client: each ``DATA`` line ends a write and the
+        rest is sent only after the reply (RFC 2920 3.1: the client waits for the 354)."""
+        out: list[str] = []
+        pieces = data.split("DATA\r\n")
+        for i, piece in enumerate(pieces):
+            chunk = piece + ("DATA\r\n" if i < len(pieces) - 1 else "")
+            if chunk:
+                out += self.codes(chunk)
+        return out
+
     @property
     def closed(self) -> bool:
         return bool(self.transport.disconnecting)

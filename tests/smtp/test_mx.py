@@ -46,7 +46,7 @@ def test_open_relay_forms_are_refused(rcpt: str, reply: str) -> None:
 def test_source_route_to_local_user_is_accepted_as_the_user() -> None:
     h = Harness()
     c = h.connect()
-    assert c.codes(MAIL + "RCPT TO:<@relay.test:alice@example.test>\r\nDATA\r\nx\r\n.\r\n") == [
+    assert c.exchange(MAIL + "RCPT TO:<@relay.test:alice@example.test>\r\nDATA\r\nx\r\n.\r\n") == [
         "250",
         "250",
         "250",
@@ -66,7 +66,7 @@ def test_recipient_lookup_is_case_insensitive_and_keeps_canonical_form() -> None
         "250",
     ]
     assert h.directory.lookups == ["alice@example.test", "carol@other.test"]
-    assert c.codes("DATA\r\nx\r\n.\r\n") == ["354", "250"]
+    assert c.exchange("DATA\r\nx\r\n.\r\n") == ["354", "250"]
     assert h.messages[0][0].recipients == ["ALICE@example.test", "carol@other.test"]
 
 
@@ -74,7 +74,7 @@ def test_duplicate_recipient_is_kept_once() -> None:
     h = Harness()
     c = h.connect()
     rcpt = "RCPT TO:<alice@example.test>\r\n"
-    assert c.codes(MAIL + rcpt + rcpt + "DATA\r\nx\r\n.\r\n") == ["250"] * 4 + ["354", "250"]
+    assert c.exchange(MAIL + rcpt + rcpt + "DATA\r\nx\r\n.\r\n") == ["250"] * 4 + ["354", "250"]
     assert h.messages[0][0].recipients == ["alice@example.test"]
 
 
@@ -100,7 +100,7 @@ def test_max_recipients() -> None:
         + "RCPT TO:<carol@other.test>\r\n"
     )
     assert out[-1] == "452 4.5.3 Too many recipients"
-    assert c.codes("DATA\r\nx\r\n.\r\n") == ["354", "250"]
+    assert c.exchange("DATA\r\nx\r\n.\r\n") == ["354", "250"]
     assert h.messages[0][0].recipients == ["alice@example.test", "bob@example.test"]
     # The limit is per message: the next transaction starts from zero.
     assert c.codes("MAIL FROM:<>\r\nRCPT TO:<carol@other.test>\r\n") == ["250", "250"]
@@ -109,7 +109,7 @@ def test_max_recipients() -> None:
 def test_received_header_single_recipient() -> None:
     h = Harness()
     c = h.connect()
-    assert c.codes(
+    assert c.exchange(
         "EHLO client.test\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\n"
         "DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n"
     ) == ["250", "250", "250", "354", "250"]
@@ -127,7 +127,7 @@ def test_received_header_single_recipient() -> None:
 def test_received_header_several_recipients_ipv6_and_helo() -> None:
     h = Harness()
     c = h.connect(ip="2001:db8::5")
-    assert c.codes(
+    assert c.exchange(
         "HELO bad(name);x\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\n"
         "RCPT TO:<bob@example.test>\r\nDATA\r\n.\r\n"
     ) == ["250", "250", "250", "250", "354", "250"]
@@ -201,28 +201,40 @@ def test_limits_from_config() -> None:
 def test_envelope_round_trips_through_json() -> None:
     h = Harness()
     c = h.connect()
-    c.codes(MAIL + "RCPT TO:<alice@example.test>\r\nDATA\r\n\xe4\r\n.\r\n")
+    c.exchange(MAIL + "RCPT TO:<alice@example.test>\r\nDATA\r\n\xe4\r\n.\r\n")
     env = h.messages[0][0]
     assert Envelope.from_json(env.to_json()) == env
     assert env.body_8bitmime
 
 
-def test_postmaster_without_domain_is_accepted_for_the_first_domain_that_has_one() -> None:
-    h = Harness()
-    h.directory.users["postmaster@other.test"] = ["carol@other.test"]
+def test_bare_postmaster_is_postmaster_of_the_hosts_own_domain() -> None:
+    h = Harness()  # host name mx.example.test: example.test is local
+    h.directory.users["postmaster@example.test"] = ["alice@example.test"]
     c = h.connect()
-    assert c.codes(MAIL + "RCPT TO:<Postmaster>\r\nDATA\r\nx\r\n.\r\n") == [
+    assert c.exchange(MAIL + "RCPT TO:<Postmaster>\r\nDATA\r\nx\r\n.\r\n") == [
         "250",
         "250",
         "250",
         "354",
         "250",
     ]
-    assert h.messages[0][0].recipients == ["postmaster@other.test"]
+    assert h.messages[0][0].recipients == ["postmaster@example.test"]
 
 
-def test_postmaster_without_domain_refused_when_no_domain_has_one() -> None:
+def test_bare_postmaster_of_a_host_outside_the_local_domains_is_the_first_domains() -> None:
+    h = Harness()
+    h.factory.role.hostname = "gw.provider.example"  # type: ignore[attr-defined]
+    h.directory.users["postmaster@example.test"] = ["alice@example.test"]
+    c = h.connect()
+    assert c.codes(MAIL + "RCPT TO:<POSTMASTER>\r\n") == ["250", "250", "250"]
+    assert c.protocol.session.recipients[0].key == "postmaster@example.test"
+
+
+def test_bare_postmaster_unknown_when_nobody_gets_it() -> None:
     h = Harness()
     c = h.connect()
-    out = c.send(MAIL + "RCPT TO:<postmaster>\r\n")
-    assert out[-1].startswith("501 5.1.3"), out
+    assert c.send(MAIL + "RCPT TO:<postmaster>\r\n")[-1].startswith("550 5.1.1")
+    h.directory.domains.clear()
+    assert c.send("RCPT TO:<postmaster>\r\n") == [
+        "550 5.1.1 Recipient address rejected: user unknown"
+    ]

@@ -108,7 +108,7 @@ def test_pipelining_waits_for_deferred_policy_in_order() -> None:
     c = h.connect()
     packet = (
         "EHLO c\r\nMAIL FROM:<s@r.test>\r\nRCPT TO:<a@example.test>\r\n"
-        "RCPT TO:<b@example.test>\r\nDATA\r\nbody\r\n.\r\n"
+        "RCPT TO:<b@example.test>\r\nDATA\r\n"
     )
     assert c.codes(packet) == ["250", "250"]
     assert c.transport.producerState == "paused"
@@ -117,8 +117,9 @@ def test_pipelining_waits_for_deferred_policy_in_order() -> None:
     assert c.codes(b"") == ["250"]
     assert len(role.pending) == 2
     role.pending[1].callback(R.UNKNOWN_USER)
-    # DATA is only now read, and "body" is message data, never a command.
+    # DATA is only now read; the content follows the 354.
     assert c.codes(b"") == ["550", "354"]
+    assert c.codes("body\r\n.\r\n") == []
     assert len(role.pending) == 3
     assert c.transport.producerState == "paused"
     role.pending[2].callback(R.OK)
@@ -285,7 +286,7 @@ def test_declared_size_too_large_and_mail_parameters() -> None:
     ]
     assert c.codes("MAIL FROM:<s@r.test> SIZE=1000 BODY=8BITMIME\r\n") == ["250"]
     assert c.codes("RCPT TO:<alice@example.test> NOTIFY=NEVER\r\n") == ["555"]
-    assert c.codes("RCPT TO:<alice@example.test>\r\nDATA\r\nx\r\n.\r\n") == ["250", "354", "250"]
+    assert c.exchange("RCPT TO:<alice@example.test>\r\nDATA\r\nx\r\n.\r\n") == ["250", "354", "250"]
     assert h.messages[0][0].body_8bitmime
 
 
@@ -475,7 +476,7 @@ def test_sequence_errors() -> None:
 
 
 def test_syntax_errors() -> None:
-    c = Harness(max_errors=50).connect()
+    c = Harness(max_errors=50, soft_error_limit=50).connect()
     assert c.codes("EHLO\r\n") == ["501"]
     assert c.codes("EHLO c\r\n") == ["250"]
     assert c.send("MAIL <s@r.test>\r\n") == ["501 5.5.4 Syntax error in parameters or arguments"]
@@ -524,7 +525,7 @@ def test_smtputf8() -> None:
         "553 5.6.7 SMTPUTF8 address requires the SMTPUTF8 parameter"
     ]
     assert c.codes("MAIL FROM:<jöran@r.test> SMTPUTF8\r\n") == ["250"]
-    assert c.codes("RCPT TO:<alice@example.test>\r\nDATA\r\nx\r\n.\r\n") == ["250", "354", "250"]
+    assert c.exchange("RCPT TO:<alice@example.test>\r\nDATA\r\nx\r\n.\r\n") == ["250", "354", "250"]
     env, content = h.messages[0]
     assert env.smtputf8 and env.sender == "jöran@r.test"
     assert env.protocol == "UTF8SMTP"
@@ -607,7 +608,7 @@ def test_starttls_discards_pipelined_commands_and_resets_session() -> None:
     ehlo = c.send("EHLO c\r\n")
     assert not any("STARTTLS" in line for line in ehlo)
     assert c.send("STARTTLS\r\n") == ["503 5.5.1 TLS already active"]
-    assert c.codes(ENVELOPE + "DATA\r\nx\r\n.\r\n") == ["250", "250", "250", "354", "250"]
+    assert c.exchange(ENVELOPE + "DATA\r\nx\r\n.\r\n") == ["250", "250", "250", "354", "250"]
     env, content = h.messages[0]
     assert env.protocol == "ESMTPS"
     assert b"with ESMTPS id" in content
@@ -687,7 +688,7 @@ def test_role_refusals_at_each_stage() -> None:
     assert c.codes(packet) == ["250", "250", "250", "554"]
     assert h.spool.begun == []
     role.refuse = {"committed"}
-    assert c.codes("DATA\r\nx\r\n.\r\n") == ["354", "250"]
+    assert c.exchange("DATA\r\nx\r\n.\r\n") == ["354", "250"]
     assert role.committed == ["Q0001"] and len(h.messages) == 1
 
 
@@ -712,7 +713,7 @@ def test_log_lines_name_session_queue_id_sender_recipients_and_rejections() -> N
     try:
         h = Harness()
         c = h.connect()
-        assert c.codes(ENVELOPE + "RCPT TO:<nobody@example.test>\r\nDATA\r\nhi\r\n.\r\n") == [
+        assert c.exchange(ENVELOPE + "RCPT TO:<nobody@example.test>\r\nDATA\r\nhi\r\n.\r\n") == [
             "250",
             "250",
             "250",
@@ -741,3 +742,122 @@ def test_log_lines_name_session_queue_id_sender_recipients_and_rejections() -> N
         text
     )
     assert not any("Unable to format" in t for t in text)
+
+
+# -- RFC 2920 3.1: content sent before the 354 ----------------------------------------------
+
+
+def test_content_in_the_same_write_as_data_is_refused_and_the_session_closed() -> None:
+    """Postfix (reject_unauth_pipelining) answers ``503 5.5.0`` then ``221 2.7.0`` and
+    hangs up; the content is neither a message nor commands."""
+    h = Harness()
+    c = h.connect()
+    assert c.codes(ENVELOPE) == ["250", "250", "250"]
+    out = c.send("DATA\r\nSubject: x\r\n\r\nRSET\r\nMAIL FROM:<a@b.test>\r\n.\r\n")
+    assert out == [
+        "503 5.5.0 <DATA>: Data command rejected: Improper use of SMTP command pipelining",
+        "221 2.7.0 Error: improper pipelining, closing connection",
+    ]
+    assert c.closed
+    assert h.messages == [] and h.spool.begun == []  # no message was even begun
+
+
+def test_content_pipelined_behind_the_whole_envelope_is_refused() -> None:
+    c = Harness().connect()
+    out = c.codes(ENVELOPE + "DATA\r\nhello\r\n.\r\n")
+    assert out == ["250", "250", "250", "503", "221"]
+    assert c.closed
+
+
+def test_content_arriving_while_data_waits_for_the_role_is_refused() -> None:
+    h = Harness()
+    pending: list[defer.Deferred[object]] = []
+
+    def data_start(session):  # type: ignore[no-untyped-def]
+        d: defer.Deferred[object] = defer.Deferred()
+        pending.append(d)
+        return d
+
+    h.factory.role.data_start = data_start  # type: ignore[method-assign]
+    c = h.connect()
+    assert c.codes(ENVELOPE + "DATA\r\n") == ["250", "250", "250"]
+    c.protocol.dataReceived(b"early\r\n.\r\n")  # the transport was paused; a buffered read
+    pending[0].callback(R.START_DATA)
+    assert c.codes(b"") == ["503", "221"]
+    assert h.messages == []
+
+
+def test_content_after_the_354_is_a_message() -> None:
+    h = Harness()
+    c = h.connect()
+    assert c.codes(ENVELOPE + "DATA\r\n") == ["250", "250", "250", "354"]
+    assert c.codes("hello\r\n.\r\nQUIT\r\n") == ["250", "221"]
+    assert body_of(h.messages[0][1]) == b"hello\r\n"
+
+
+# -- error limits (Postfix smtpd_soft_error_limit / hard_error_limit / error_sleep_time) ----
+
+
+def test_unknown_recipients_count_as_errors_slow_down_then_close() -> None:
+    h = Harness(soft_error_limit=3, max_errors=6, error_delay=2.0)
+    c = h.connect()
+    guesses = "".join(f"RCPT TO:<guess{i}@example.test>\r\n" for i in range(10))
+    out = c.codes("EHLO c\r\nMAIL FROM:<s@r.test>\r\n" + guesses)
+    assert out == ["250", "250", "550", "550", "550"]  # three errors: no delay yet
+    assert c.transport.producerState == "paused"
+    h.clock.advance(1.9)
+    assert c.codes(b"") == []
+    h.clock.advance(0.1)
+    assert c.codes(b"") == ["550"]  # the 4th guess, two seconds late
+    h.clock.advance(2.0)
+    assert c.codes(b"") == ["550"]
+    assert not c.closed
+    h.clock.advance(2.0)
+    assert c.send(b"") == ["550 5.1.1 Recipient address rejected: user unknown"]
+    assert not c.closed
+    h.clock.advance(2.0)  # the 421 is slowed down too (Postfix sleeps before it as well)
+    assert c.send(b"") == ["421 4.7.0 Too many errors, closing connection"]
+    assert c.closed
+    assert not h.clock.getDelayedCalls()
+
+
+def test_every_reply_is_delayed_past_the_soft_limit_and_relay_refusals_count() -> None:
+    h = Harness(soft_error_limit=2, max_errors=20, error_delay=1.0)
+    c = h.connect()
+    assert c.codes("EHLO c\r\nMAIL FROM:<s@r.test>\r\n") == ["250", "250"]
+    assert c.codes("RCPT TO:<x@elsewhere.test>\r\nRCPT TO:<y@elsewhere.test>\r\n") == [
+        "550",
+        "550",
+    ]
+    assert c.codes("NOOP\r\n") == []  # a good command is slowed down too
+    h.clock.advance(1.0)
+    assert c.codes(b"") == ["250"]
+
+
+def test_a_queued_message_resets_the_error_count() -> None:
+    h = Harness(soft_error_limit=2, max_errors=3, error_delay=1.0)
+    c = h.connect()
+    assert c.codes("EHLO c\r\nMAIL FROM:<s@r.test>\r\nRCPT TO:<nobody@example.test>\r\n") == [
+        "250",
+        "250",
+        "550",
+    ]
+    assert c.codes("RCPT TO:<alice@example.test>\r\nDATA\r\n") == ["250", "354"]
+    assert c.codes("x\r\n.\r\n") == ["250"]
+    out = c.codes(
+        "MAIL FROM:<s@r.test>\r\nRCPT TO:<n1@example.test>\r\nRCPT TO:<n2@example.test>\r\n"
+    )
+    assert out == ["250", "550", "550"]  # would have been delayed and closed without the reset
+    assert not c.closed
+
+
+def test_temporary_replies_do_not_count() -> None:
+    h = Harness(soft_error_limit=1, max_errors=2, max_recipients=1)
+    c = h.connect()
+    assert c.codes("EHLO c\r\nMAIL FROM:<s@r.test>\r\nRCPT TO:<alice@example.test>\r\n") == [
+        "250",
+        "250",
+        "250",
+    ]
+    assert c.codes("RCPT TO:<bob@example.test>\r\n" * 3) == ["452", "452", "452"]
+    assert not c.closed

@@ -50,7 +50,9 @@ def directory() -> Directory:
 
 
 class Sub:
-    def __init__(self, implicit_tls: bool = False, **config: Any) -> None:
+    def __init__(
+        self, implicit_tls: bool = False, can_send_outside: bool = True, **config: Any
+    ) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.spool = FakeSpool()
@@ -64,6 +66,7 @@ class Sub:
             tls_options=object(),
             implicit_tls=implicit_tls,
             auth_failure_delay=1.0,
+            can_send_outside=can_send_outside,
         )
 
     def connect(self) -> Client:
@@ -227,6 +230,60 @@ def test_send_own_address_and_alias_adds_message_id_and_date() -> None:
             "553 5.7.1 From header",
         ),
         ("<alice@example.test>", "Subject: no from\r\n\r\nx\r\n.\r\n", "550 5.6.0"),
+        # Issue 10: a field name with a blank before the colon is a From for the IMAP
+        # ENVELOPE (mailgw.mime) but was ignored by the check.
+        (
+            "<alice@example.test>",
+            "To: carol@x.example\r\nSubject: s\r\nFrom : bob@example.test\r\n"
+            "From: alice@example.test\r\n\r\nhi\r\n.\r\n",
+            "550 5.7.1 Message header has a line that is not a header field",
+        ),
+        # A header-looking line without a colon ended the header for Python's parser.
+        (
+            "<alice@example.test>",
+            "From: alice@example.test\r\nX-Junk\r\nFrom: bob@example.test\r\n\r\nhi\r\n.\r\n",
+            "550 5.7.1 Message header has a line",
+        ),
+        (
+            "<alice@example.test>",
+            "From: alice@example.test\r\nFrom: bob@example.test\r\n\r\nhi\r\n.\r\n",
+            "550 5.7.1 Message has more than one From header",
+        ),
+        (
+            "<alice@example.test>",
+            "From: alice@example.test\r\nfrom: alice@example.test\r\n\r\nhi\r\n.\r\n",
+            "550 5.7.1 Message has more than one From header",
+        ),
+        (
+            "<alice@example.test>",
+            "From: alice@example.test\r\nSender: alice@example.test\r\n"
+            "Sender: bob@example.test\r\n\r\nhi\r\n.\r\n",
+            "550 5.7.1 Message has more than one Sender header",
+        ),
+        (
+            "<alice@example.test>",
+            "From: alice@example.test\r\nSender: bob@example.test\r\n\r\nhi\r\n.\r\n",
+            "553 5.7.1 Sender header address not owned",
+        ),
+        (
+            "<alice@example.test>",
+            "From: alice@example.test\r\nSender: a@example.test, alice@example.test\r\n"
+            "\r\nhi\r\n.\r\n",
+            "550 5.7.1 Sender header must hold exactly one address",
+        ),
+        (
+            "<alice@example.test>",
+            "From: alice@example.test, sales@example.test\r\n\r\nhi\r\n.\r\n",
+            "550 5.7.1 From header has several addresses: a Sender header",
+        ),
+        (
+            "<alice@example.test>",
+            "From: alice@example.test\r\nReply-To: a@x.example\r\nReply-To: b@x.example\r\n"
+            "\r\nhi\r\n.\r\n",
+            "550 5.7.1 Message has more than one Reply-To header",
+        ),
+        ("<alice@example.test>", "From: undisclosed:;\r\n\r\nhi\r\n.\r\n", "550 5.6.0"),
+        ("<alice@example.test>", "hello there\r\n\r\nhi\r\n.\r\n", "550 5.7.1"),
     ],
 )
 def test_spoofing_is_refused(mail: str, data: str | None, reply: str) -> None:
@@ -267,11 +324,21 @@ def test_recipient_limit_unknown_local_user_and_hourly_limit() -> None:
     assert c.codes("MAIL FROM:<alice@example.test>\r\n") == ["250"]
 
 
-def test_header_facts() -> None:
-    froms, has_from, has_id, has_date = header_facts(
+def test_header_facts_come_from_the_mime_parser() -> None:
+    facts = header_facts(
         b"From: =?utf-8?q?A?= <a@x.example>, b@y.example\r\nMessage-ID: <1@x>\r\n"
+        b'Sender: "q u"@x.example\r\nReply-To: r@z.example\r\n'
     )
-    assert froms == ["a@x.example", "b@y.example"] and has_from and has_id and not has_date
+    assert facts.from_fields == [["a@x.example", "b@y.example"]]
+    assert facts.sender_fields == [['"q u"@x.example']]
+    assert facts.reply_to_fields == 1 and facts.has_message_id and not facts.has_date
+    assert facts.malformed == 0
+    assert header_facts(b"From: team: a@x.example;\r\n").from_fields == [None]
+    assert header_facts(b"From: <>\r\n").from_fields == [None]
+    assert header_facts(b"From : a@x.example\r\nSubject: s\r\n").malformed == 1
+    assert header_facts(b"From: a@x.example\r\nno colon here\r\nTo: b\r\n").malformed == 1
+    assert header_facts(b"From: a@x.example\r\nbad name: x\r\n").malformed == 1
+    assert header_facts(b"From: a@x.example\r\n\tfolded: fine\r\n").malformed == 0
 
 
 def policy() -> SubmissionPolicy:
@@ -327,4 +394,83 @@ def test_webmail_submit_refusals(
     )
     assert isinstance(failure.value, SubmissionError)
     assert failure.value.reply.code == code
+    assert spool.committed == []
+
+
+def test_from_after_a_large_header_is_still_checked() -> None:
+    """Issue 10: the check read only the first 256 KiB of the header."""
+    s = Sub()
+    c = s.logged_in()
+    c.send("MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@far.example>\r\nDATA\r\n")
+    filler = "".join(f"X-Filler-{i}: {'y' * 90}\r\n" for i in range(3000))  # ~300 KiB
+    data = f"From: alice@example.test\r\n{filler}From: bob@example.test\r\n\r\nhi\r\n.\r\n"
+    assert c.send(data) == ["550 5.7.1 Message has more than one From header"]
+    assert s.spool.committed == []
+
+
+def test_header_over_the_limit_is_refused_whole() -> None:
+    s = Sub(max_header_size=4096)
+    c = s.logged_in()
+    c.send("MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@far.example>\r\nDATA\r\n")
+    filler = "".join(f"X-Filler-{i}: {'y' * 90}\r\n" for i in range(60))
+    assert c.send(f"From: alice@example.test\r\n{filler}\r\nhi\r\n.\r\n") == [
+        "552 5.3.4 Message header size exceeds fixed limit"
+    ]
+    assert s.spool.committed == []
+    # Under the limit the same session goes on.
+    c.send("MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@far.example>\r\nDATA\r\n")
+    assert c.codes(MESSAGE) == ["250"]
+
+
+def test_several_from_mailboxes_with_the_users_sender_pass() -> None:
+    s = Sub()
+    c = s.logged_in()
+    c.send("MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@far.example>\r\nDATA\r\n")
+    data = (
+        "From: alice@example.test, Sales <sales@example.test>\r\n"
+        "Sender: alice@example.test\r\nReply-To: list@far.example\r\n\r\nhi\r\n.\r\n"
+    )
+    assert c.codes(data) == ["250"]
+
+
+def test_webmail_submit_uses_the_same_header_rules() -> None:
+    spool = FakeSpool()
+    message = b"To: carol@x.example\nFrom : bob@example.test\nFrom: alice@example.test\n\nhi\n"
+    failure = run(
+        submit(
+            policy(),
+            spool,
+            "alice@example.test",
+            Envelope("alice@example.test", ["x@far.example"]),
+            message,
+        )
+    )
+    assert isinstance(failure.value, SubmissionError)
+    assert failure.value.reply.format().startswith("550 5.7.1")
+    assert spool.committed == []
+
+
+def test_remote_recipient_refused_at_rcpt_when_the_node_cannot_send_outside() -> None:
+    """Issue 9: it was accepted with 250, then deferred forever as "no such recipient"."""
+    s = Sub(can_send_outside=False)
+    c = s.logged_in()
+    assert c.codes("MAIL FROM:<alice@example.test>\r\n") == ["250"]
+    assert c.send("RCPT TO:<x@far.example>\r\n") == [
+        "554 5.7.1 Relay access denied: this server does not send mail to other domains"
+    ]
+    assert c.codes("RCPT TO:<bob@example.test>\r\nDATA\r\n") == ["250", "354"]
+    assert c.codes(MESSAGE) == ["250"]
+    assert s.spool.committed[0][0].recipients == ["bob@example.test"]
+
+
+def test_webmail_submit_refuses_remote_recipients_when_the_node_cannot_send_outside() -> None:
+    clock = Clock()
+    p = SubmissionPolicy(directory(), "smtp.example.test", clock, can_send_outside=False)
+    spool = FakeSpool()
+    envelope = Envelope("alice@example.test", ["bob@example.test", "x@far.example"])
+    failure = run(
+        submit(p, spool, "alice@example.test", envelope, b"From: alice@example.test\n\nx\n")
+    )
+    assert isinstance(failure.value, SubmissionError)
+    assert failure.value.reply.format().startswith("554 5.7.1 Relay access denied")
     assert spool.committed == []

@@ -20,11 +20,27 @@ def limits_from_config(config: MXConfig) -> Limits:
         max_message_size=config.max_message_size,
         max_line_length=config.max_line_length,
         max_errors=config.max_errors,
+        soft_error_limit=config.soft_error_limit,
+        error_delay=config.error_delay,
         idle_timeout=config.idle_timeout,
         session_timeout=config.session_timeout,
         max_connections=config.max_connections,
         max_connections_per_ip=config.max_connections_per_ip,
     )
+
+
+def postmaster_address(directory: IDirectory, hostname: str) -> Address | None:
+    """What ``RCPT TO:<Postmaster>`` (no domain, RFC 5321 4.5.1) stands for:
+    ``postmaster@`` the local domain that is this host's name or its nearest parent, else
+    the first local domain; the directory then resolves it like any ``postmaster@``
+    (``[server] postmaster``). None when there is no local domain."""
+    domains = directory.list_domains()
+    if not domains:
+        return None
+    labels = hostname.lower().rstrip(".").split(".")
+    parents = (".".join(labels[i:]) for i in range(len(labels)))
+    domain = next((d for d in parents if d in domains), domains[0])
+    return Address("postmaster", domain)
 
 
 class MXRole(Role):
@@ -50,11 +66,7 @@ class MXRole(Role):
         self.max_recipients = max_recipients
 
     def postmaster(self, session: Session) -> Address | None:
-        """``<Postmaster>``: postmaster of the first local domain that has one."""
-        for domain in self.directory.list_domains():
-            if self.directory.resolve(f"postmaster@{domain}"):
-                return Address("postmaster", domain)
-        return None
+        return postmaster_address(self.directory, self.hostname)
 
     def rcpt_to(self, session: Session, recipient: Address) -> Reply:
         if len(session.recipients) >= self.max_recipients:

@@ -6,6 +6,18 @@ Rules (one ``SubmissionPolicy`` for SMTP and the webmail API):
   without AUTH nothing is accepted: ``530 5.7.0`` (STARTTLS first / authentication required).
 - The envelope sender and every From header address must be the user's own address or one
   of the addresses delivered to the user (aliases, ``+detail``): else ``553 5.7.1``.
+- The header is read whole (up to ``max_header_size``, else ``552 5.3.4``) by the one header
+  parser (``mailgw.mime.headers``, as IMAP ENVELOPE and the recipient's view use it), and
+  every originator decision is made on that parse. Refused with ``550 5.7.1``: a line in
+  the header that is not a field (no colon, bad name) or a field name followed by blanks
+  before its colon (``From : x``: parsers disagree on both); more than one From, Sender or
+  Reply-To field; a From with several mailboxes without a Sender (RFC 5322 3.6.2); a
+  Sender with other than one mailbox; a From or Sender mailbox the user does not own
+  (``553 5.7.1``); a From without a mailbox (groups, empty: ``550 5.6.0``). Reply-To may
+  name any address (replies going elsewhere is a legitimate use) but only once.
+- A node that cannot send outside (``[relay] enabled = no``) refuses a recipient in another
+  domain at RCPT with ``554 5.7.1`` (Postfix's "Relay access denied": the same refusal it
+  gives a client not allowed to relay), rather than accepting mail that could only bounce.
 - Per user: at most ``max_recipients`` per message (``452 4.5.3``) and
   ``max_messages_per_hour`` messages in a sliding hour (``450 4.7.1``).
 - ``Message-ID`` and ``Date`` are added when missing; a Received header (``ESMTPSA``) first.
@@ -17,8 +29,7 @@ from __future__ import annotations
 
 import email.utils
 from collections import deque
-from email.parser import BytesHeaderParser
-from email.policy import compat32
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -28,15 +39,22 @@ from twisted.logger import Logger
 
 from mailgw.config.schema import SubmissionConfig
 from mailgw.interfaces import IDirectory, IIncomingMessage, ISpool
+from mailgw.mime.addresses import MISSING_DOMAIN, MISSING_MAILBOX, parse_address_list
+from mailgw.mime.headers import parse_header_block, unfold
 from mailgw.model import Address, AddressError, Envelope
+from mailgw.model.address import quote_local
 from mailgw.model.reply import R, Reply
 from mailgw.smtp.protocol import Limits, ReplyResult, Role, Session, SMTPFactory
+from mailgw.smtp.roles.mx import postmaster_address
 from mailgw.smtp.trace import received_header
 
 log = Logger(namespace="mailgw.submission")
 
-MAX_HEADER_BYTES = 256 * 1024
-"""Header section size up to which headers are inspected (From) and completed (Message-ID)."""
+MAX_HEADER_BYTES = 1024 * 1024
+"""Default largest header section (``[submission] max_header_size``); all of it is checked."""
+
+MAX_HEADER_FIELDS = 100_000
+"""Fields indexed per header (a 1 MiB header holds at most ~350,000 three-byte lines)."""
 
 
 class SubmissionError(Exception):
@@ -47,12 +65,57 @@ class SubmissionError(Exception):
         self.reply = reply
 
 
-def header_facts(header_block: bytes) -> tuple[list[str], bool, bool, bool]:
-    """(From addresses, has From, has Message-ID, has Date) of a header section."""
-    headers = BytesHeaderParser(policy=compat32).parsebytes(header_block)
-    froms = headers.get_all("From") or []
-    addresses = [a for _, a in email.utils.getaddresses([str(f) for f in froms]) if a]
-    return addresses, bool(froms), "Message-ID" in headers, "Date" in headers
+@dataclass
+class HeaderFacts:
+    """What the submission policy needs from a header section, from the one parser."""
+
+    malformed: int = 0
+    """Lines that are not fields, and field names with blanks before the colon."""
+    from_fields: list[list[str] | None] = field(default_factory=list)
+    """Per From field: its mailboxes as ``local@domain``, None when one is not a mailbox
+    (a group, a missing local part or domain)."""
+    sender_fields: list[list[str] | None] = field(default_factory=list)
+    reply_to_fields: int = 0
+    has_message_id: bool = False
+    has_date: bool = False
+    too_big: bool = False
+
+
+def _mailboxes(value: bytes) -> list[str] | None:
+    """The mailboxes of an address-list value, None when an item is not a plain mailbox."""
+    out = []
+    for item in parse_address_list(unfold(value)):
+        if item.host in (None, MISSING_DOMAIN) or item.mailbox in (None, MISSING_MAILBOX):
+            return None  # a group marker, or a mailbox without local part or domain
+        try:
+            local, host = item.mailbox.decode("utf-8"), item.host.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        out.append(f"{quote_local(local)}@{host}")
+    return out
+
+
+def header_facts(head: bytes) -> HeaderFacts:
+    """Parse a header section (CRLF lines, without the empty line) with ``mailgw.mime``."""
+    block = parse_header_block(head, 0, len(head), MAX_HEADER_FIELDS)
+    facts = HeaderFacts(malformed=len(block.malformed) + int(block.truncated))
+    if block.body_start == 0 and head:
+        facts.malformed += 1  # the first line is not a field: nothing here is a header
+    for f in block.fields:
+        if head[f.start + len(f.name) : f.start + len(f.name) + 1] != b":":
+            facts.malformed += 1  # ``From : x``, obsolete syntax that parsers read differently
+        key = f.key
+        if key == b"from":
+            facts.from_fields.append(_mailboxes(f.value))
+        elif key == b"sender":
+            facts.sender_fields.append(_mailboxes(f.value))
+        elif key == b"reply-to":
+            facts.reply_to_fields += 1
+        elif key == b"message-id":
+            facts.has_message_id = True
+        elif key == b"date":
+            facts.has_date = True
+    return facts
 
 
 class SubmissionPolicy:
@@ -65,12 +128,16 @@ class SubmissionPolicy:
         clock: IReactorTime,
         max_recipients: int = 100,
         max_messages_per_hour: int = 200,
+        max_header_size: int = MAX_HEADER_BYTES,
+        can_send_outside: bool = True,
     ) -> None:
         self.directory = directory
+        self.can_send_outside = can_send_outside
         self.hostname = hostname
         self.clock = clock
         self.max_recipients = max_recipients
         self.max_messages_per_hour = max_messages_per_hour
+        self.max_header_size = max_header_size
         self._sent: dict[str, deque[float]] = {}
 
     def owns(self, user: str, address: str) -> bool:
@@ -95,16 +162,45 @@ class SubmissionPolicy:
     def count(self, user: str) -> None:
         self._sent.setdefault(user, deque()).append(self.clock.seconds())
 
+    def recipient_check(self, recipient: Address) -> Reply | None:
+        """A recipient this node can deliver or send: local ones must exist, others need
+        the relay."""
+        if self.directory.is_local_domain(recipient.domain):
+            return None if self.directory.resolve(recipient.key) else R.UNKNOWN_USER
+        return None if self.can_send_outside else R.RELAY_OFF
+
     def sender_check(self, user: str, sender: str) -> Reply | None:
         if not sender or not self.owns(user, sender):
             return R.SENDER_NOT_OWNED
         return None
 
-    def header_check(self, user: str, from_addresses: list[str], has_from: bool) -> Reply | None:
-        if not has_from or not from_addresses:
+    def header_check(self, user: str, facts: HeaderFacts) -> Reply | None:
+        """The originator rules of the module docstring, first failing rule's reply."""
+        if facts.too_big:
+            return R.HEADER_TOO_BIG
+        if facts.malformed:
+            return R.HEADER_MALFORMED
+        if not facts.from_fields:
             return R.NO_FROM
-        if not all(self.owns(user, a) for a in from_addresses):
+        if len(facts.from_fields) > 1:
+            return R.DUPLICATE_FROM
+        if len(facts.sender_fields) > 1:
+            return R.DUPLICATE_SENDER
+        if facts.reply_to_fields > 1:
+            return R.DUPLICATE_REPLY_TO
+        froms = facts.from_fields[0]
+        if not froms:
+            return R.NO_FROM
+        if not all(self.owns(user, a) for a in froms):
             return R.FROM_NOT_OWNED
+        if facts.sender_fields:
+            senders = facts.sender_fields[0]
+            if senders is None or len(senders) != 1:
+                return R.SENDER_HEADER_INVALID
+            if not self.owns(user, senders[0]):
+                return R.SENDER_HEADER_NOT_OWNED
+        elif len(froms) > 1:
+            return R.SENDER_HEADER_REQUIRED
         return None
 
     def missing_headers(self, has_message_id: bool, has_date: bool, sender: str) -> bytes:
@@ -121,18 +217,25 @@ class SubmissionPolicy:
 
 
 class HeaderCompleter:
-    """An ``IIncomingMessage`` wrapper: holds the header section back until it is complete,
-    notes its From addresses, and adds ``Message-ID``/``Date`` when missing."""
+    """An ``IIncomingMessage`` wrapper: holds the header section back until it is complete
+    (at most ``max_header_size`` bytes), parses it (``facts``), and adds ``Message-ID`` /
+    ``Date`` when missing."""
 
-    def __init__(self, incoming: IIncomingMessage, policy: SubmissionPolicy, sender: str) -> None:
+    def __init__(
+        self,
+        incoming: IIncomingMessage,
+        policy: SubmissionPolicy,
+        sender: str,
+        max_header_size: int = MAX_HEADER_BYTES,
+    ) -> None:
         self.incoming = incoming
         self.policy = policy
         self.sender = sender
+        self.max_header_size = max_header_size
         self.queue_id: str = incoming.queue_id
-        self._head = b""
+        self._head = bytearray()
         self._passing = False
-        self.from_addresses: list[str] = []
-        self.has_from = False
+        self.facts = HeaderFacts()
 
     @property
     def size(self) -> int:
@@ -147,26 +250,31 @@ class HeaderCompleter:
         if self._passing:
             self.incoming.write(data)
             return
-        self._head += data
-        end = self._head.find(b"\r\n\r\n")
-        if end >= 0:
-            head, rest = self._head[: end + 2], self._head[end + 2 :]
-            self._head = b""
-            self._release(head, rest)
-        elif len(self._head) > MAX_HEADER_BYTES:
-            head, self._head = self._head, b""
-            self._release(head, b"", complete=False)
+        held = self._head
+        searched = max(0, len(held) - 3)  # linear: only new bytes (and 3 before) are searched
+        held += data
+        end = held.find(b"\r\n\r\n", searched)
+        if end < 0 and len(held) <= self.max_header_size:
+            return
+        self._head = bytearray()
+        if end >= 0 and end + 2 <= self.max_header_size:
+            self._release(bytes(held[: end + 2]), bytes(held[end + 2 :]))
+        else:
+            # Refused at the end of DATA: stop holding (and parsing) it.
+            self._passing = True
+            self.facts = HeaderFacts(too_big=True)
+            self.incoming.write(bytes(held))
 
-    def _release(self, head: bytes, rest: bytes, complete: bool = True) -> None:
+    def _release(self, head: bytes, rest: bytes) -> None:
         self._passing = True
-        self.from_addresses, self.has_from, has_id, has_date = header_facts(head)
-        added = self.policy.missing_headers(has_id, has_date, self.sender) if complete else b""
+        self.facts = facts = header_facts(head)
+        added = self.policy.missing_headers(facts.has_message_id, facts.has_date, self.sender)
         self.incoming.write(head + added + rest)
 
     def finish(self) -> None:
         """End of data: a message without a body still gets its headers completed."""
         if not self._passing:
-            head, self._head = self._head, b""
+            head, self._head = bytes(self._head), bytearray()
             if head and not head.endswith(b"\r\n"):
                 head += b"\r\n"
             self._release(head, b"\r\n")
@@ -235,20 +343,21 @@ class SubmissionRole(Role):
         )
         return refusal or R.SENDER_OK
 
+    def postmaster(self, session: Session) -> Address | None:
+        return postmaster_address(self.directory, self.hostname)
+
     def rcpt_to(self, session: Session, recipient: Address) -> ReplyResult:
         if session.authenticated is None:
             return R.AUTH_REQUIRED
         if len(session.recipients) >= self.policy.max_recipients:
             return R.TOO_MANY_RECIPIENTS
-        if self.directory.is_local_domain(recipient.domain) and not self.directory.resolve(
-            recipient.key
-        ):
-            return R.UNKNOWN_USER
-        return R.RECIPIENT_OK
+        return self.policy.recipient_check(recipient) or R.RECIPIENT_OK
 
     def begin_message(self, session: Session) -> IIncomingMessage:
         sender = str(session.sender) if session.sender is not None else ""
-        return HeaderCompleter(self.spool.begin(), self.policy, sender)  # type: ignore[return-value]
+        return HeaderCompleter(  # type: ignore[return-value]
+            self.spool.begin(), self.policy, sender, self.policy.max_header_size
+        )
 
     def data_header(self, session: Session, queue_id: str) -> bytes:
         return received_header(
@@ -269,8 +378,15 @@ class SubmissionRole(Role):
             return R.AUTH_REQUIRED
         if isinstance(incoming, HeaderCompleter):
             incoming.finish()
-            refusal = self.policy.header_check(user, incoming.from_addresses, incoming.has_from)
+            refusal = self.policy.header_check(user, incoming.facts)
             if refusal is not None:
+                log.info(
+                    "{sid} {qid}: refused for {user}: {reply}",
+                    sid=session.session_id,
+                    qid=incoming.queue_id,
+                    user=user,
+                    reply=refusal.format(),
+                )
                 return refusal
         return R.OK
 
@@ -292,14 +408,15 @@ def submit(
     if refusal is None:
         for rcpt in envelope.recipients:
             try:
-                Address.parse(rcpt)
+                refusal = policy.recipient_check(Address.parse(rcpt))
             except AddressError:
                 refusal = R.BAD_RECIPIENT_SYNTAX
+            if refusal is not None:
                 break
     if refusal is not None:
         return _fail(refusal)
     incoming = spool.begin()
-    wrapper = HeaderCompleter(incoming, policy, envelope.sender)
+    wrapper = HeaderCompleter(incoming, policy, envelope.sender, policy.max_header_size)
     now = policy.clock.seconds()
     received = (
         f"Received: by {policy.hostname} (mailgw) with webmail id {incoming.queue_id}"
@@ -308,7 +425,7 @@ def submit(
     wrapper.write(received.encode())
     wrapper.write(message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
     wrapper.finish()
-    refusal = policy.header_check(user, wrapper.from_addresses, wrapper.has_from)
+    refusal = policy.header_check(user, wrapper.facts)
     if refusal is not None:
         wrapper.abort()
         return _fail(refusal)
@@ -340,6 +457,8 @@ def limits_from_config(config: SubmissionConfig) -> Limits:
         max_message_size=config.max_message_size,
         max_line_length=config.max_line_length,
         max_errors=config.max_errors,
+        soft_error_limit=config.soft_error_limit,
+        error_delay=config.error_delay,
         idle_timeout=config.idle_timeout,
         session_timeout=config.session_timeout,
         max_connections=config.max_connections,
@@ -362,9 +481,16 @@ class SubmissionFactory(SMTPFactory):
         implicit_tls: bool = False,
         auth_failure_delay: float = 2.0,
         policy: SubmissionPolicy | None = None,
+        can_send_outside: bool = True,
     ) -> None:
         self.policy = policy or SubmissionPolicy(
-            directory, hostname, reactor, config.max_recipients, config.max_messages_per_hour
+            directory,
+            hostname,
+            reactor,
+            config.max_recipients,
+            config.max_messages_per_hour,
+            config.max_header_size,
+            can_send_outside,
         )
         role = SubmissionRole(
             spool, directory, hostname, reactor, self.policy, auth_failure_delay=auth_failure_delay
