@@ -97,6 +97,27 @@ class MailboxStatus:
     size: int
 
 
+@dataclass
+class StoreCheck:
+    """What ``MessageStore.check`` found: index rows whose Maildir file is missing (user,
+    folder, UID, file name), files the index does not know (user, folder, file), size
+    mismatches (user, folder, UID, index size, file size), folders whose tier-2 manifest is
+    out of step with the index (user, folder); folders and messages checked, folders
+    repaired."""
+
+    folders: int = 0
+    messages: int = 0
+    repaired: int = 0
+    missing: list[tuple[str, str, int, str]] = dataclasses.field(default_factory=list)
+    unknown: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    size: list[tuple[str, str, int, int, int]] = dataclasses.field(default_factory=list)
+    manifests: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unknown or self.size or self.manifests)
+
+
 @dataclass(frozen=True)
 class _Folder:
     id: int
@@ -547,6 +568,105 @@ class MessageStore:
         for name in changed:
             self._notify(user, name)
         return count
+
+    def check(self, user: str, repair: bool = False) -> StoreCheck:
+        """Compare ``user``'s index with the Maildir files and the tier-2 manifests, folder
+        by folder under the index's write lock (no writer of any process changes the folder
+        meanwhile): index rows whose file is missing, files the index does not know
+        (leftovers of a finished migration included), files whose size differs from the
+        index's, manifests that do not say what the index does. With ``repair`` each folder
+        with a problem is re-indexed from its files (``reindex`` for one folder: new files
+        get UIDs, vanished ones are dropped, sizes are read again) and its manifest is
+        rewritten from the index."""
+        report = StoreCheck()
+        u = self._user(user)
+        with u.lock:
+            for name in self._names_in_index(u):
+                try:
+                    f = self._folder(u, name)
+                    with u.index.write() as c:
+                        problems = self._check_folder(u, c, f, report)
+                        if repair and problems & {"manifest"} and not problems - {"manifest"}:
+                            self._rewrite_folder_manifest(u, c, f)
+                    if repair and problems - {"manifest"}:
+                        self._sync(u, f, force=True)
+                        with u.index.write() as c:
+                            self._rewrite_folder_manifest(u, c, f)
+                except MailboxNotFound:
+                    continue
+                report.folders += 1
+                report.repaired += bool(repair and problems)
+        return report
+
+    def _rewrite_folder_manifest(self, u: _User, c: sqlite3.Connection, f: _Folder) -> None:
+        row = c.execute(
+            "SELECT uidvalidity, uidnext, highestmodseq, t2_log_gen FROM mailboxes WHERE id = ?",
+            (f.id,),
+        ).fetchone()
+        has_tier2 = c.execute(
+            "SELECT 1 FROM messages WHERE mailbox = ? AND blob IS NOT NULL LIMIT 1", (f.id,)
+        ).fetchone()
+        if row is not None and (row[3] is not None or has_tier2):
+            path = os.path.join(f.path, manifest.LOG_NAME)
+            self._rewrite_manifest(c, f.id, path, int(row[0]), int(row[1]), int(row[2]))
+
+    def _check_folder(
+        self, u: _User, c: sqlite3.Connection, f: _Folder, report: StoreCheck
+    ) -> set[str]:
+        """One folder of ``check`` (in a write transaction); the kinds of problem found."""
+        problems: set[str] = set()
+        files = maildir.list_files(f.path)
+        tier2: dict[int, tuple[Any, ...]] = {}
+        for uid, base, filename, size, blob, flags, date, tz in c.execute(
+            "SELECT uid, base, filename, size, blob, flags, internaldate, internaldate_tz"
+            " FROM messages WHERE mailbox = ?",
+            (f.id,),
+        ).fetchall():
+            report.messages += 1
+            if blob is not None:
+                tier2[int(uid)] = (str(blob), int(size), str(flags), float(date), int(tz))
+                continue
+            rel = files.pop(str(base), None)
+            if rel is None:
+                report.missing.append((u.name, f.name, int(uid), str(filename)))
+                problems.add("missing")
+                continue
+            try:
+                on_disk = os.stat(os.path.join(f.path, rel)).st_size
+            except FileNotFoundError:
+                report.missing.append((u.name, f.name, int(uid), str(filename)))
+                problems.add("missing")
+                continue
+            if on_disk != int(size):
+                report.size.append((u.name, f.name, int(uid), int(size), on_disk))
+                problems.add("size")
+        for rel in sorted(files.values()):
+            report.unknown.append((u.name, f.name, rel))
+            problems.add("unknown")
+        box = c.execute(
+            "SELECT t2_log_gen, t2_log_size FROM mailboxes WHERE id = ?", (f.id,)
+        ).fetchone()
+        gen, size = box[0], int(box[1])
+        if gen is None and not tier2:
+            return problems
+        try:
+            with open(os.path.join(f.path, manifest.LOG_NAME), "rb") as fh:
+                data = fh.read(size)
+        except FileNotFoundError:
+            data = b""
+        found = manifest.parse(data.splitlines(keepends=True)) if len(data) == size else None
+        logged = (
+            None
+            if found is None
+            else {
+                uid: (r["blob"], r["size"], r["flags"], float(r["date"]), r["tz"])
+                for uid, r in found.messages.items()
+            }
+        )
+        if found is None or found.gen != gen or found.damaged or logged != tier2:
+            report.manifests.append((u.name, f.name))
+            problems.add("manifest")
+        return problems
 
     def delete_mailbox(self, user: str, name: str) -> None:
         """Delete a folder: its messages (the quota goes down), its directory and its index
