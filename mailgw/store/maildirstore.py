@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import os
 import shutil
 import sqlite3
@@ -192,6 +193,22 @@ def _put_record(row: Sequence[Any]) -> dict[str, Any]:
         str(base),
         str(filename),
     )
+
+
+# SQLite's "database or disk is full" (SQLITE_FULL).
+_SQLITE_FULL = 13
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """True when ``error`` says the filesystem (or the user's filesystem quota) is full: an
+    OSError ENOSPC/EDQUOT from a message file, blob or manifest, or SQLite's SQLITE_FULL from
+    the index. A temporary condition (IMAP ``NO [OVERQUOTA] Not enough disk space``, as
+    Dovecot maps ENOSPC; SMTP 452/4.3.1), not a server bug."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) == _SQLITE_FULL
+    return False
 
 
 def local_zone(ts: float) -> int:
