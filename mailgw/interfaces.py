@@ -121,6 +121,11 @@ class MailboxNotFound(KeyError):
     """No such mailbox for that user."""
 
 
+class InvalidMailbox(ValueError):
+    """The user's name cannot name a mailbox on disk (``/``, NUL, a hidden or over-long
+    part): a permanent failure, never retried (delivery bounces it)."""
+
+
 class IMailbox(Interface):
     """One folder of one user, as of the moment it was opened (refresh to see changes)."""
 

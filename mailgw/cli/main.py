@@ -277,23 +277,72 @@ def cmd_store_migrate(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def cmd_store_verify(ctx: Context, args: argparse.Namespace) -> None:
-    from mailgw.store.migration import verify
+    from mailgw.store import MessageStore
+    from mailgw.store.migration import tier2_from_config, verify
 
-    store, blobs = _tier2_store(ctx)
-    report = verify(store, blobs)
-    store.close()
-    for digest in report.corrupt:
-        _say(f"corrupt\t{digest}")
-    for digest, user, uid, folder in report.missing:
-        _say(f"missing\t{digest}\t{user}\t{folder}\t{uid}")
-    for digest in report.orphans:
-        _say(f"orphan\t{digest}")
-    _say(
-        f"checked {report.checked} blob(s): {len(report.corrupt)} corrupt,"
-        f" {len(report.missing)} missing reference(s), {len(report.orphans)} orphan(s)"
+    config = ctx.config
+    blobs = tier2_from_config(config.server.data_dir, config.store)
+    store = MessageStore(
+        root=os.path.join(config.server.data_dir, "mail"),
+        quota_for=ctx.directory.quota_for,
+        default_folders=config.store.default_folders,
+        hostname=config.server.hostname,
+        tier2=blobs,
     )
-    if not report.ok:
-        raise Failure("tier 2 has damaged or missing blobs")
+    if args.user:
+        found = ctx.directory.get_user(args.user)
+        if found is None:
+            raise Failure(f"no such user {args.user}")
+        users = [found.name]
+    else:
+        users = store.users()
+    problems = 0
+    try:
+        folders = messages = repaired = 0
+        counts = [0, 0, 0, 0]
+        for user in users:
+            check = store.check(user, repair=args.repair)
+            folders += check.folders
+            messages += check.messages
+            repaired += check.repaired
+            for _u, name, uid, filename in check.missing:
+                _say(f"missing\t{user}\t{name}\t{uid}\t{filename}")
+            for _u, name, filename in check.unknown:
+                _say(f"unknown\t{user}\t{name}\t{filename}")
+            for _u, name, uid, indexed, on_disk in check.size:
+                _say(f"size\t{user}\t{name}\t{uid}\t{indexed}\t{on_disk}")
+            for _u, name in check.manifests:
+                _say(f"manifest\t{user}\t{name}")
+            counts[0] += len(check.missing)
+            counts[1] += len(check.unknown)
+            counts[2] += len(check.size)
+            counts[3] += len(check.manifests)
+        _say(
+            f"checked {messages} message(s) in {folders} folder(s) of {len(users)} user(s):"
+            f" {counts[0]} missing file(s), {counts[1]} unknown file(s),"
+            f" {counts[2]} size mismatch(es), {counts[3]} tier-2 manifest(s) out of step"
+            + (f"; repaired {repaired} folder(s)" if args.repair else "")
+        )
+        if not args.repair:
+            problems += sum(counts)
+        if blobs is not None:
+            report = verify(store, blobs)
+            for digest in report.corrupt:
+                _say(f"corrupt\t{digest}")
+            for digest, user, uid, folder in report.missing:
+                _say(f"missing\t{digest}\t{user}\t{folder}\t{uid}")
+            for digest in report.orphans:
+                _say(f"orphan\t{digest}")
+            _say(
+                f"checked {report.checked} blob(s): {len(report.corrupt)} corrupt,"
+                f" {len(report.missing)} missing reference(s), {len(report.orphans)} orphan(s)"
+            )
+            if not report.ok:
+                raise Failure("tier 2 has damaged or missing blobs")
+    finally:
+        store.close()
+    if problems:
+        raise Failure("the index and the Maildir files disagree (mailgw store verify --repair)")
 
 
 def cmd_store_gc(ctx: Context, args: argparse.Namespace) -> None:
@@ -433,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user", nargs="?", metavar="USER", help="only this user")
     p.add_argument("--dry-run", action="store_true", help="list the candidates only")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N messages")
-    command(store, "verify", cmd_store_verify, "check tier-2 blobs: hashes, missing, orphans")
+    p = command(store, "verify", cmd_store_verify, "check index vs Maildir files and tier-2 blobs")
+    p.add_argument("user", nargs="?", metavar="USER", help="only this user (tier 1)")
+    p.add_argument("--repair", action="store_true", help="re-index folders whose files disagree")
     p = command(store, "gc", cmd_store_gc, "remove tier-2 blobs no index refers to")
     p.add_argument("--grace", type=float, default=3600.0, metavar="S", help="spare younger (3600)")
     p.add_argument("--dry-run", action="store_true", help="only count them")

@@ -58,9 +58,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailgw.interfaces import QuotaExceeded
+from mailgw.interfaces import InvalidMailbox, QuotaExceeded
 from mailgw.model import Envelope
-from mailgw.relay.dsn import RecipientStatus, build_dsn, should_bounce
+from mailgw.relay.dsn import MAX_ORIGINAL_HEADERS, RecipientStatus, build_dsn, should_bounce
 from mailgw.spool.threads import Runner, run_inline
 
 log = Logger(namespace="mailgw.delivery")
@@ -126,6 +126,8 @@ class LocalDelivery(Service):
         self._turn_call: DelayedCall | None = None
         self._retry_call: DelayedCall | None = None
         self._waiters: list[Deferred[None]] = []
+        # DSNs built by deliveries (any thread), queued by the reactor thread.
+        self._bounces: deque[tuple[str, str, list[str], bytes]] = deque()
         self._listening = False
 
     # -- service ---------------------------------------------------------------------------
@@ -214,6 +216,7 @@ class LocalDelivery(Service):
             self._queue_bounce(queue_id, result).addBoth(self._finished, queue_id)
             return
         self._in_flight.discard(queue_id)
+        self._queue_bounces()
         if isinstance(result, Failure):  # pragma: no cover - _process_safely catches all
             log.failure("{queue_id} delivery failed", result, queue_id=queue_id)
         elif result == queue_id and self.relay is not None:
@@ -391,6 +394,7 @@ class LocalDelivery(Service):
 
         remaining = sum(len(todo) for _, todo, _ in plan)
         stored: list[str] = []
+        failed: list[RecipientStatus] = []
         for rcpt, todo, completes in plan:
             rcpt_ok = True
             for user in todo:
@@ -407,6 +411,22 @@ class LocalDelivery(Service):
                         uid = self.store.deliver(
                             user, message.content_path, delivery_prefix(envelope.sender, user)
                         )
+                    except InvalidMailbox as e:
+                        # Never storable (a user created before names were checked): a
+                        # permanent failure, bounced, not retried.
+                        log.error(
+                            "{queue_id} <{rcpt}> -> {user}: {reason}; failed permanently",
+                            queue_id=queue_id,
+                            rcpt=rcpt,
+                            user=user,
+                            reason=e,
+                        )
+                        failed.append(
+                            RecipientStatus(
+                                rcpt, "5.1.3", "", "x-mailgw; the mailbox name cannot be stored"
+                            )
+                        )
+                        uid = None
                     except (QuotaExceeded, OSError) as e:
                         rcpt_ok = False
                         reason = "over quota" if isinstance(e, QuotaExceeded) else str(e)
@@ -418,8 +438,9 @@ class LocalDelivery(Service):
                             reason=reason,
                         )
                         continue
-                    delivered_users.add(user)
-                    stored.append(f"{user} uid={uid}")
+                    if uid is not None:
+                        delivered_users.add(user)
+                        stored.append(f"{user} uid={uid}")
                 envelope.done.append(f"{rcpt}>{user}")
                 if completes and rcpt_ok and user == todo[-1]:
                     envelope.done.append(rcpt)
@@ -428,6 +449,8 @@ class LocalDelivery(Service):
             if completes and rcpt_ok and not todo:
                 envelope.done.append(rcpt)
 
+        if failed:
+            self._bounce(queue_id, message.content_path, envelope, failed)
         if errors:
             if stored:
                 log.info(
@@ -447,9 +470,58 @@ class LocalDelivery(Service):
             queue_id=queue_id,
             sender=envelope.sender,
             nrcpt=len(envelope.recipients),
-            stored=", ".join(stored) or "(copies stored earlier)",
+            stored=", ".join(stored) or ("nobody" if failed else "(copies stored earlier)"),
         )
         return None
+
+    def _bounce(
+        self, queue_id: str, content_path: str, envelope: Envelope, failed: list[RecipientStatus]
+    ) -> None:
+        """Build the DSN for permanently failed recipients (in the delivery's thread) and
+        leave it for ``_finished`` to queue from the reactor thread, from the null sender.
+        The failed recipients are recorded as done with the message's next envelope update:
+        a crash in between loses the bounce, never mail."""
+        if not should_bounce(envelope):
+            log.warn(
+                "{queue_id} failed {rcpts}; null sender, no bounce",
+                queue_id=queue_id,
+                rcpts=",".join(f"<{f.recipient}>" for f in failed),
+            )
+            return
+        with open(content_path, "rb") as fh:
+            head = fh.read(MAX_ORIGINAL_HEADERS)
+        dsn = build_dsn(head, envelope, failed, self.hostname, now=self.reactor.seconds())
+        self._bounces.append((queue_id, envelope.sender, [f.recipient for f in failed], dsn))
+
+    def _queue_bounces(self) -> None:
+        """In the reactor thread: queue the DSNs ``_bounce`` built."""
+        while self._bounces:
+            queue_id, sender, rcpts, dsn = self._bounces.popleft()
+            incoming = self.spool.begin()
+            incoming.write(dsn)
+            envelope = Envelope(
+                sender="",
+                recipients=[sender],
+                received_at=self.reactor.seconds(),
+                protocol="local",
+                size=len(dsn),
+            )
+
+            def queued(
+                dsn_id: str, queue_id: str = queue_id, rcpts: list[str] = rcpts, to: str = sender
+            ) -> None:
+                log.info(
+                    "{queue_id} bounced {rcpts} to <{sender}> as {dsn_id}",
+                    queue_id=queue_id,
+                    rcpts=",".join(f"<{r}>" for r in rcpts),
+                    sender=to,
+                    dsn_id=dsn_id,
+                )
+
+            def lost(failure: Failure, queue_id: str = queue_id) -> None:
+                log.failure("{queue_id} bounce could not be queued", failure, queue_id=queue_id)
+
+            incoming.commit(envelope).addCallbacks(queued, lost)
 
     def _is_local(self, address: str) -> bool:
         return bool(self.directory.is_local_domain(address.rpartition("@")[2].lower()))

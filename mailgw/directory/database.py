@@ -16,6 +16,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailgw.directory.names import check_local_part
 from mailgw.directory.passwords import PasswordHashing, check_new_password
 from mailgw.interfaces import IDirectory
 from mailgw.model.address import Address, AddressError, normalise_domain, quote_local
@@ -172,6 +173,10 @@ class Directory:
             raise ValueError(
                 f"invalid address {text.strip()!r}: quoted local parts are not allowed"
             )
+        try:
+            check_local_part(address.local)
+        except ValueError as e:
+            raise ValueError(f"invalid address {text.strip()!r}: {e}") from None
         if not self.is_local_domain(address.domain):
             raise ValueError(f"{address.domain} is not a local domain (add it first)")
         return address.key

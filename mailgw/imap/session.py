@@ -41,6 +41,7 @@ from mailgw.interfaces import IMailbox, IMessageStore, MailboxNotFound, QuotaExc
 from mailgw.model import Address, AddressError
 from mailgw.net.proxy import is_loopback, peer_ip
 from mailgw.store.maildir import normalize_flags
+from mailgw.store.maildirstore import is_disk_full
 
 if TYPE_CHECKING:
     from mailgw.imap.factory import IMAPFactory
@@ -887,6 +888,14 @@ class IMAPServer(Protocol):
             self._no(tag, "No such mailbox", wire.TRYCREATE)
         elif failure.check(QuotaExceeded):
             self._no(tag, "Quota exceeded", wire.OVERQUOTA)
+        elif is_disk_full(failure.value):  # a temporary failure, as Dovecot answers ENOSPC
+            log.warn(
+                "imap {session} user {user}: APPEND failed, disk full: {error}",
+                session=self.session_id,
+                user=self.user,
+                error=failure.value,
+            )
+            self._no(tag, "Not enough disk space", wire.OVERQUOTA)
         else:
             self._internal_error(failure, tag)
         self._done()

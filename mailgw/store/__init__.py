@@ -6,7 +6,13 @@ behind/around it without changing callers.
 """
 
 from mailgw.interfaces import MailboxNotFound, QuotaExceeded
-from mailgw.store.maildirstore import Mailbox, MailboxStatus, MessageInfo, MessageStore
+from mailgw.store.maildirstore import (
+    Mailbox,
+    MailboxStatus,
+    MessageInfo,
+    MessageStore,
+    is_disk_full,
+)
 
 __all__ = [
     "Mailbox",
@@ -15,4 +21,5 @@ __all__ = [
     "MessageInfo",
     "MessageStore",
     "QuotaExceeded",
+    "is_disk_full",
 ]

@@ -6,8 +6,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from typing import Any
 
 INDEX_NAME = "mailgw-index.sqlite"
 SCHEMA_VERSION = "1"
@@ -33,7 +34,14 @@ CREATE TABLE IF NOT EXISTS mailboxes (
     -- 0: the mtimes were recorded by a mailgw writer after its own change (not yet verified).
     mtimes_verified INTEGER NOT NULL DEFAULT 0,
     -- The highest UID some session has seen as \\Recent (Dovecot's first_recent_uid - 1).
-    recent_uid INTEGER NOT NULL DEFAULT 0
+    recent_uid INTEGER NOT NULL DEFAULT 0,
+    -- The folder's tier-2 manifest (mailgw.store.manifest): generation (NULL: no manifest),
+    -- committed length, length after its last rewrite, reserved UIDNEXT and modseq.
+    t2_log_gen TEXT,
+    t2_log_size INTEGER NOT NULL DEFAULT 0,
+    t2_log_base INTEGER NOT NULL DEFAULT 0,
+    t2_uid_mark INTEGER NOT NULL DEFAULT 0,
+    t2_modseq_mark INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS messages (
     mailbox INTEGER NOT NULL,
@@ -71,6 +79,11 @@ _ADDED_COLUMNS = (
     ("mailboxes", "recent_uid", "INTEGER NOT NULL DEFAULT 0"),
     ("mailboxes", "mtimes_verified", "INTEGER NOT NULL DEFAULT 0"),
     ("messages", "internaldate_tz", "INTEGER NOT NULL DEFAULT 0"),
+    ("mailboxes", "t2_log_gen", "TEXT"),
+    ("mailboxes", "t2_log_size", "INTEGER NOT NULL DEFAULT 0"),
+    ("mailboxes", "t2_log_base", "INTEGER NOT NULL DEFAULT 0"),
+    ("mailboxes", "t2_uid_mark", "INTEGER NOT NULL DEFAULT 0"),
+    ("mailboxes", "t2_modseq_mark", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 
@@ -81,6 +94,10 @@ class UserIndex:
     def __init__(self, path: str) -> None:
         self.path = path
         self.lock = threading.RLock()
+        # Records for the folders' tier-2 manifests queued by the open write transaction
+        # (folder id -> records), and the hook that writes them just before COMMIT.
+        self.pending: dict[int, list[dict[str, Any]]] = {}
+        self.before_commit: Callable[[sqlite3.Connection], None] | None = None
         self.conn = sqlite3.connect(
             path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
         )
@@ -114,15 +131,28 @@ class UserIndex:
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction (``BEGIN IMMEDIATE``): committed on success, rolled back on
-        any exception."""
+        any exception. ``before_commit`` (when set) runs inside it, just before COMMIT, when
+        the transaction changed something."""
         with self.lock:
             self.conn.execute("BEGIN IMMEDIATE")
+            self.pending = {}
+            changes = self.conn.total_changes
             try:
                 yield self.conn
+                if self.before_commit is not None and (
+                    self.pending or self.conn.total_changes != changes
+                ):
+                    self.before_commit(self.conn)
             except BaseException:
+                self.pending = {}
                 self.conn.execute("ROLLBACK")
                 raise
+            self.pending = {}
             self.conn.execute("COMMIT")
+
+    def log(self, mailbox: int, record: dict[str, Any]) -> None:
+        """Queue a record for the tier-2 manifest of folder ``mailbox`` (inside ``write``)."""
+        self.pending.setdefault(mailbox, []).append(record)
 
     def check(self) -> None:
         """Raise sqlite3.DatabaseError (and close) when the index file is damaged."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import os
 
+from mailgw.interfaces import InvalidMailbox
+
 MAX_NAME_BYTES = 255
 INBOX = "INBOX"
 SEPARATOR = "/"
@@ -120,13 +122,14 @@ def folder_from_dirname(entry: str) -> str | None:
 
 def user_dir(root: str, user: str) -> str:
     """The maildir of ``local@domain``: ``root/domain/local`` (lower-cased). ValueError when
-    the name has no ``@`` or a part is empty, hidden (leading ``.``) or holds ``/`` or NUL."""
+    the name has no ``@`` or a part is empty, hidden (leading ``.``) or holds ``/`` or NUL
+    (``InvalidMailbox``, a ValueError)."""
     local, sep, domain = user.rpartition("@")
     if not sep:
-        raise ValueError(f"user name {user!r} is not local@domain")
+        raise InvalidMailbox(f"user name {user!r} is not local@domain")
     for part in (local, domain):
         if not part or part.startswith(".") or "/" in part or "\x00" in part:
-            raise ValueError(f"invalid user name {user!r}")
+            raise InvalidMailbox(f"invalid user name {user!r}")
         if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-            raise ValueError(f"user name {user!r} is too long")
+            raise InvalidMailbox(f"user name {user!r} is too long")
     return os.path.join(root, domain.lower(), local.lower())

@@ -57,7 +57,7 @@ def run(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]) -> Run:
     return make_run(path, capsys)
 
 
-@pytest.mark.parametrize("command", [["migrate"], ["migrate", "--dry-run"], ["verify"], ["gc"]])
+@pytest.mark.parametrize("command", [["migrate"], ["migrate", "--dry-run"], ["gc"]])
 def test_tier2_dir_not_set(
     tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str], command: list[str]
 ) -> None:
