@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from mailgw.net.handshake import HandshakeGuardFactory
 from mailgw.net.proxy import Network, ProxyHeaderFactory
 
 log = Logger()
@@ -55,9 +56,12 @@ def wrap_factory(
     proxy_trusted: Sequence[Network],
     tls_options: Any = None,
     header_timeout: float = 10.0,
+    handshake_timeout: float = 30.0,
 ) -> Any:
-    """Stack the layers: socket -> PROXY header (if asked) -> TLS (if given) -> protocol."""
+    """Stack the layers: socket -> PROXY header (if asked) -> TLS (if given) -> handshake
+    guard (with TLS: ``handshake_timeout``) -> protocol."""
     if tls_options is not None:
+        factory = HandshakeGuardFactory(factory, reactor, handshake_timeout)
         factory = TLSMemoryBIOFactory(tls_options, False, factory)
     if spec.proxy:
         factory = ProxyHeaderFactory(factory, proxy_trusted, reactor, header_timeout)

@@ -21,12 +21,15 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.cred.error import LoginFailed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailgw.config.schema import SubmissionConfig
+from mailgw.directory.penalty import AuthGuard, failure_delay, local_auth_guard
 from mailgw.interfaces import IDirectory, IIncomingMessage, ISpool
 from mailgw.model import Address, AddressError, Envelope
 from mailgw.model.reply import R, Reply
@@ -187,6 +190,7 @@ class SubmissionRole(Role):
         clock: IReactorTime,
         policy: SubmissionPolicy,
         auth_failure_delay: float = 2.0,
+        auth: AuthGuard | None = None,
     ) -> None:
         super().__init__(spool)
         self.directory = directory
@@ -194,6 +198,7 @@ class SubmissionRole(Role):
         self.clock = clock
         self.policy = policy
         self.auth_failure_delay = auth_failure_delay
+        self.auth = auth or local_auth_guard(directory, clock, auth_failure_delay)
 
     def extensions(self, session: Session) -> list[str]:
         return ["AUTH PLAIN LOGIN"] if session.tls and session.authenticated is None else []
@@ -213,13 +218,20 @@ class SubmissionRole(Role):
             session.authenticated = str(getattr(account, "name", user))
             return R.AUTH_OK
 
-        d: Deferred[Any] = maybeDeferred(self.directory.check_password, user, password)
-        return d.addCallback(ok).addErrback(lambda _: self._failed(R.AUTH_FAILED))
+        def failed(failure: Failure) -> Reply | Deferred[Reply]:
+            if not failure.check(LoginFailed):
+                log.failure("{sid} AUTH: directory error", failure, sid=session.session_id)
+            return self._failed(R.AUTH_FAILED, failure_delay(failure, self.auth_failure_delay))
 
-    def _failed(self, reply: Reply) -> Deferred[Reply]:
-        if self.auth_failure_delay <= 0:
+        d: Deferred[Any] = self.auth.check_password(user, password, session.client_ip)
+        return d.addCallbacks(ok, failed)
+
+    def _failed(self, reply: Reply, delay: float | None = None) -> Deferred[Reply]:
+        if delay is None:
+            delay = self.auth_failure_delay
+        if delay <= 0:
             return succeed(reply)
-        return deferLater(self.clock, self.auth_failure_delay, lambda: reply)
+        return deferLater(self.clock, delay, lambda: reply)
 
     def mail_from(self, session: Session, sender: Address | None) -> ReplyResult:
         user = session.authenticated
@@ -334,6 +346,9 @@ def limits_from_config(config: SubmissionConfig) -> Limits:
         session_timeout=config.session_timeout,
         max_connections=config.max_connections,
         max_connections_per_ip=config.max_connections_per_ip,
+        command_timeout=config.command_timeout,
+        min_data_rate=config.min_data_rate,
+        stress_idle_timeout=config.stress_idle_timeout,
     )
 
 
@@ -352,12 +367,19 @@ class SubmissionFactory(SMTPFactory):
         implicit_tls: bool = False,
         auth_failure_delay: float = 2.0,
         policy: SubmissionPolicy | None = None,
+        auth: AuthGuard | None = None,
     ) -> None:
         self.policy = policy or SubmissionPolicy(
             directory, hostname, reactor, config.max_recipients, config.max_messages_per_hour
         )
         role = SubmissionRole(
-            spool, directory, hostname, reactor, self.policy, auth_failure_delay=auth_failure_delay
+            spool,
+            directory,
+            hostname,
+            reactor,
+            self.policy,
+            auth_failure_delay=auth_failure_delay,
+            auth=auth,
         )
         super().__init__(role, hostname, limits_from_config(config), reactor, tls_options)
         self.implicit_tls = implicit_tls
