@@ -214,6 +214,7 @@ class AuthGuard:
 
     def check_password(self, name: str, password: str | bytes, ip: str) -> defer.Deferred[Any]:
         user = penalty_user(name)
+        ip = "" if ip == "-" else ip
         d: defer.Deferred[Any] = defer.maybeDeferred(self.penalty.locked, user, ip)
 
         def check(locked: bool) -> Any:
