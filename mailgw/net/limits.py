@@ -124,11 +124,12 @@ def fit_caps(nofile: int, reserved: int, total: int, roles: Mapping[str, int]) -
     """Caps that fit in ``nofile`` descriptors keeping ``reserved`` for everything else (files,
     spool, databases, pipes, listeners): the total is at most ``nofile - reserved``, and when
     the role caps add up to more than that, each is lowered in proportion, so that every role
-    keeps a share of the descriptors whatever the others do (at least 1 each)."""
+    keeps a share of the descriptors whatever the others do (at least 1 each). A configured
+    ``total`` below the sum of the role caps is the operator's choice and is kept as it is."""
     room = max(len(roles), nofile - reserved)
     new_total = min(total, room)
     wanted = sum(roles.values())
-    if wanted <= new_total:
+    if wanted <= room:
         return Budget(new_total, dict(roles), new_total < total)
-    scaled = {name: max(1, cap * new_total // wanted) for name, cap in roles.items()}
+    scaled = {name: max(1, cap * room // wanted) for name, cap in roles.items()}
     return Budget(new_total, scaled, True)

@@ -72,6 +72,8 @@ def test_fit_caps_keeps_a_share_for_every_role() -> None:
     assert tight.lowered and tight.total == 768
     assert tight.roles == {"mx": 192, "pop3": 192, "imap": 384}
     assert sum(tight.roles.values()) <= 768
+    chosen = fit_caps(100_000, 256, 24, {"mx": 1000, "pop3": 20})  # a total set on purpose
+    assert chosen.total == 24 and chosen.roles == {"mx": 1000, "pop3": 20}
 
 
 def test_raise_nofile_goes_to_the_hard_limit_or_what_is_asked() -> None:
