@@ -67,7 +67,7 @@ class MemoryAuthPenalty:
 
     def __init__(self, clock: IReactorTime, policy: PenaltyPolicy | None = None) -> None:
         self.clock = clock
-        self.policy = policy or PenaltyPolicy()
+        self.policy = policy if policy is not None else PenaltyPolicy()
         keep = max(self.policy.account_failures, self.policy.address_failures, 32)
         self._keep = keep
         self._failures: dict[tuple[str, str], deque[float]] = {}

@@ -177,7 +177,9 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         self.cache = cache if cache is not None else StructureCache(4096)
         self.admission: Admission = admission if admission is not None else local_admission(config)
         self.run_blocking = run_blocking
-        self.auth = auth or local_auth_guard(directory, reactor, auth_failure_delay)
+        self.auth = (
+            auth if auth is not None else local_auth_guard(directory, reactor, auth_failure_delay)
+        )
         self._sessions: dict[str, set[IMAPServer]] = {}
         store.add_listener(self.store_changed)
 

@@ -201,8 +201,10 @@ class WorkerPool(service.MultiService):
         self.limits = SessionLimits(
             imap.max_connections_per_ip, imap.max_connections_per_user, counter
         )
-        self.penalty = penalty or MemoryAuthPenalty(
-            reactor, PenaltyPolicy.from_config(config.directory)
+        self.penalty = (
+            penalty
+            if penalty is not None
+            else MemoryAuthPenalty(reactor, PenaltyPolicy.from_config(config.directory))
         )
         self.workers: dict[int, WorkerProcess] = {}
         self._sockets: list[tuple[int, int, Listener]] = []

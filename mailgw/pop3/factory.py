@@ -46,9 +46,13 @@ class POP3Factory(ServerFactory[POP3Server]):
         self.implicit_tls = implicit_tls
         self.auth_failure_delay = auth_failure_delay
         self._locks: dict[str, POP3Server] = {}
-        self.auth = auth or local_auth_guard(directory, reactor, auth_failure_delay)
-        self._connections = counter or ConnectionCounter(
-            config.max_connections_per_ip, config.max_connections
+        self.auth = (
+            auth if auth is not None else local_auth_guard(directory, reactor, auth_failure_delay)
+        )
+        self._connections = (
+            counter
+            if counter is not None
+            else ConnectionCounter(config.max_connections_per_ip, config.max_connections)
         )
 
     def buildProtocol(self, addr: IAddress | None) -> POP3Server:

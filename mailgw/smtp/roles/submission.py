@@ -198,7 +198,9 @@ class SubmissionRole(Role):
         self.clock = clock
         self.policy = policy
         self.auth_failure_delay = auth_failure_delay
-        self.auth = auth or local_auth_guard(directory, clock, auth_failure_delay)
+        self.auth = (
+            auth if auth is not None else local_auth_guard(directory, clock, auth_failure_delay)
+        )
 
     def extensions(self, session: Session) -> list[str]:
         return ["AUTH PLAIN LOGIN"] if session.tls and session.authenticated is None else []
