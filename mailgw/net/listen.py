@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from mailgw.net.handshake import HandshakeGuardFactory
+from mailgw.net.guard import ConnectionGuardFactory
 from mailgw.net.proxy import Network, ProxyHeaderFactory
 
 log = Logger()
@@ -58,10 +58,12 @@ def wrap_factory(
     header_timeout: float = 10.0,
     handshake_timeout: float = 30.0,
 ) -> Any:
-    """Stack the layers: socket -> PROXY header (if asked) -> TLS (if given) -> handshake
-    guard (with TLS: ``handshake_timeout``) -> protocol."""
+    """Stack the layers: socket -> PROXY header (if asked) -> TLS (if given) -> connection
+    guard (close deadline; with TLS, ``handshake_timeout``) -> protocol."""
+    factory = ConnectionGuardFactory(
+        factory, reactor, handshake_timeout if tls_options is not None else None
+    )
     if tls_options is not None:
-        factory = HandshakeGuardFactory(factory, reactor, handshake_timeout)
         factory = TLSMemoryBIOFactory(tls_options, False, factory)
     if spec.proxy:
         factory = ProxyHeaderFactory(factory, proxy_trusted, reactor, header_timeout)

@@ -319,3 +319,28 @@ def test_hoarded_mx_slots_do_not_lock_out_other_senders(
     assert turned_away >= 1  # it was full at first
     for sock in hoarders:
         sock.close()
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["imap-in-process", "imap-worker"])
+def test_starttls_without_a_handshake_is_closed_by_the_idle_timeout(
+    tls_node: Callable[..., MailgwServer], workers: int
+) -> None:
+    server = tls_node(
+        workers,
+        pop3={"idle_timeout": "2s"},
+        imap={"idle_timeout": "2s"},
+        submission={"idle_timeout": "2s"},
+    )
+    dialogues = {
+        "pop3": (b"+OK", b"STLS\r\n", b"+OK"),
+        "imap": (b"* OK", b"a STARTTLS\r\n", b"a OK"),
+        "submission": (b"220 ", b"EHLO c\r\nSTARTTLS\r\n", b"220 2.0.0"),
+    }
+    for role, (greeting, command, ready) in dialogues.items():
+        sock = connect(server.ports[role])
+        assert read_until(sock, b"\r\n").startswith(greeting)
+        sock.sendall(command)
+        read_until(sock, ready)
+        # Silence instead of a ClientHello: the idle timeout's goodbye cannot be sent before
+        # a handshake; the connection is dropped all the same.
+        closed_by_server(sock)
