@@ -349,6 +349,7 @@ def _submission_listeners(node: Node) -> None:
         sub.max_messages_per_hour,
     )
     node.submission_policy = policy  # for the webmail: mailgw.smtp.roles.submission.submit
+    sessions: set[Any] = set()
     for implicit in (False, True):
         if implicit and node.tls_options is None:
             break
@@ -364,7 +365,8 @@ def _submission_listeners(node: Node) -> None:
             policy=policy,
             auth=node.auth,
         )
-        factory.counter = node.counters["submission"]  # one count for both listeners
+        factory.counter = node.counters["submission"]  # one count for both listeners...
+        factory.sessions = sessions  # ...and one set of sessions to make room in at the cap
         key = "listen_tls" if implicit else "listen"
         node._listen(
             "submission",
