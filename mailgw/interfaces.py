@@ -48,6 +48,38 @@ class IDirectory(Interface):
         """Storage quota in bytes for the user (None: unlimited)."""
 
 
+class IAuthPenalty(Interface):
+    """Failed-login bookkeeping shared by every role that checks passwords (SMTP AUTH, IMAP in
+    any worker, POP3): counts failures per account and per client address within a window,
+    answers how long to delay a failure's answer, and locks an account or an address out for
+    a while after too many failures (Dovecot's auth penalty plus a fail2ban-style lockout).
+
+    Embedded: ``mailgw.directory.penalty.MemoryAuthPenalty``, in the main process (IMAP
+    workers reach it through their control pipe, ``mailgw.imap.worker.RemoteAuthPenalty``).
+    A cluster implements the same three calls on the gateway state (``IGatewayState``, Redis:
+    counters with a TTL of the window, a lock key with a TTL of the lockout), so that every
+    node sees the same counts. ``user`` is the login name as given, lower-case (it need not
+    exist: guesses at unknown accounts are counted the same), ``""`` when there is none;
+    ``ip`` is the client address text (after PROXY), ``""`` when unknown.
+    """
+
+    def locked(user: str, ip: str) -> object:
+        """Deferred firing with True while the account ``user`` or the address ``ip`` is
+        locked out: the caller then refuses the login exactly as a wrong password (same
+        answer, same delay from ``failed``), without checking the password, so a lockout
+        reveals nothing about the account and a correct password fails during it."""
+
+    def failed(user: str, ip: str) -> object:
+        """Count one failed login of ``user`` from ``ip``; this may start a lockout of the
+        account or the address (logged with both). Deferred firing with the delay in seconds
+        (float) to wait before answering the failure: growing with the failures counted in the
+        window (doubling from the base delay up to a maximum)."""
+
+    def succeeded(user: str, ip: str) -> object:
+        """A successful login: forget the failures counted for the account ``user`` (the
+        address keeps its count until the window forgets it). Deferred firing with None."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Spool: durable queue of accepted messages.
 

@@ -135,7 +135,49 @@ class Node(service.MultiService):
             self.delivery.setServiceParent(self)
         if self.relay is not None:
             self.relay.setServiceParent(self)  # after delivery: it starts after recovery
+        self._add_limits()
         self._add_roles()
+
+    def _add_limits(self) -> None:
+        """Connection caps (per role, and the process total they share) fitted to the
+        descriptor limit, raised first; the auth penalty shared by every role (and the IMAP
+        workers, through their pipe)."""
+        from mailgw.directory.penalty import AuthGuard, MemoryAuthPenalty, PenaltyPolicy
+        from mailgw.net.limits import ConnectionCounter, SharedTotal, fit_caps, raise_nofile
+
+        config = self.config
+        sections = {name: getattr(config, name) for name in ("mx", "submission", "pop3", "imap")}
+        enabled = {name: sec.max_connections for name, sec in sections.items() if sec.enabled}
+        soft, hard = raise_nofile()
+        budget = fit_caps(
+            soft, config.server.reserved_descriptors, config.server.max_connections, enabled
+        )
+        caps = ", ".join(f"{name} {cap}" for name, cap in budget.roles.items())
+        log.info(
+            "descriptor limit {soft} (hard {hard}): at most {total} connections ({caps})",
+            soft=soft,
+            hard=hard,
+            total=budget.total,
+            caps=caps,
+        )
+        if budget.lowered:
+            log.warn(
+                "connection caps lowered to fit {soft} descriptors minus {reserved} reserved: "
+                "raise the descriptor limit (LimitNOFILE=) or lower max_connections",
+                soft=soft,
+                reserved=config.server.reserved_descriptors,
+            )
+        self.connections = SharedTotal(budget.total)
+        self.counters = {
+            name: ConnectionCounter(
+                sections[name].max_connections_per_ip, cap, shared=self.connections
+            )
+            for name, cap in budget.roles.items()
+        }
+        self.auth_penalty = MemoryAuthPenalty(
+            self.reactor, PenaltyPolicy.from_config(config.directory)
+        )
+        self.auth = AuthGuard(self.directory, self.auth_penalty, self.reactor)
 
     def _add_migration(self, run_io: Any) -> None:
         """Tier-1 -> tier-2 migration in the background, in the I/O pool, at a bounded rate."""
@@ -180,7 +222,14 @@ class Node(service.MultiService):
     ) -> None:
         for description in descriptions:
             spec, _ = parse_listen(description)
-            wrapped = wrap_factory(factory, spec, self.reactor, trusted, tls_options=tls)
+            wrapped = wrap_factory(
+                factory,
+                spec,
+                self.reactor,
+                trusted,
+                tls_options=tls,
+                handshake_timeout=self.config.tls.handshake_timeout,
+            )
             where = f"{self.config.path}:{section}:{key}"
             ListenerService(self.reactor, description, wrapped, where).setServiceParent(self)
 
@@ -197,6 +246,7 @@ class Node(service.MultiService):
                 self.reactor,
                 tls_options=self.tls_options,
             )
+            mx.counter = self.counters["mx"]
             self._listen("mx", "listen", config.mx.listen, mx, config.mx.proxy_trusted)
         if config.submission.enabled:
             _submission_listeners(self)
@@ -212,6 +262,8 @@ class Node(service.MultiService):
                 self.reactor,
                 tls_options=pop3_tls,
                 auth_failure_delay=config.directory.auth_failure_delay,
+                auth=self.auth,
+                counter=self.counters["pop3"],
             )
             self._listen("pop3", "listen", config.pop3.listen, pop3, config.pop3.proxy_trusted)
             if pop3_tls is not None:
@@ -224,6 +276,8 @@ class Node(service.MultiService):
                     tls_options=pop3_tls,
                     implicit_tls=True,
                     auth_failure_delay=config.directory.auth_failure_delay,
+                    auth=self.auth,
+                    counter=self.counters["pop3"],
                 )
                 self._listen(
                     "pop3",
@@ -248,7 +302,8 @@ class Node(service.MultiService):
             return
         imap_tls = build_tls_options(config, "imap")  # its own ALPN ID
         cache = StructureCache(4096)
-        admission = local_admission(config.imap)  # one count for the plain and TLS listeners
+        # One count for the plain and TLS listeners, inside the process total.
+        admission = local_admission(config.imap, self.counters["imap"])
         for implicit in (False, True):
             if implicit and imap_tls is None:
                 break
@@ -264,6 +319,7 @@ class Node(service.MultiService):
                 cache=cache,
                 admission=admission,
                 run_blocking=self.run_io,
+                auth=self.auth,
             )
             key = "listen_tls" if implicit else "listen"
             self._listen(
@@ -284,7 +340,14 @@ class Node(service.MultiService):
         listeners = [Listener("listen", d, False) for d in imap.listen]
         if self.tls_options is not None:
             listeners += [Listener("listen_tls", d, True) for d in imap.listen_tls]
-        pool = WorkerPool(self.config, self.reactor, count, listeners)
+        pool = WorkerPool(
+            self.config,
+            self.reactor,
+            count,
+            listeners,
+            counter=self.counters["imap"],
+            penalty=self.auth_penalty,
+        )
         self.store.add_listener(pool.store_changed)
         pool.setServiceParent(self)
         self.imap_workers = pool
@@ -306,6 +369,7 @@ def _submission_listeners(node: Node) -> None:
         can_send_outside=node.relay is not None,
     )
     node.submission_policy = policy  # for the webmail: mailgw.smtp.roles.submission.submit
+    sessions: set[Any] = set()
     for implicit in (False, True):
         if implicit and node.tls_options is None:
             break
@@ -319,7 +383,10 @@ def _submission_listeners(node: Node) -> None:
             implicit_tls=implicit,
             auth_failure_delay=config.directory.auth_failure_delay,
             policy=policy,
+            auth=node.auth,
         )
+        factory.counter = node.counters["submission"]  # one count for both listeners...
+        factory.sessions = sessions  # ...and one set of sessions to make room in at the cap
         key = "listen_tls" if implicit else "listen"
         node._listen(
             "submission",

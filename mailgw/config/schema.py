@@ -67,6 +67,16 @@ def _workers(s: str) -> int | None:
     return value
 
 
+def _int0(s: str) -> int:
+    try:
+        value = int(s.strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {s!r}") from None
+    if value < 0:
+        raise ValueError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def _delimiter(s: str) -> str:
     s = s.strip()
     if len(s) > 1 or (s and (s.isalnum() or s in '@."')):
@@ -91,6 +101,16 @@ class ServerConfig:
         _address,
         "Who gets postmaster@ any local domain without its own; empty: the first user created.",
     )
+    max_connections: int = key(
+        "4000",
+        v.parse_positive_int,
+        "Client connections of all roles together (lowered to fit the descriptor limit).",
+    )
+    reserved_descriptors: int = key(
+        "256",
+        v.parse_positive_int,
+        "File descriptors kept out of the connection caps (files, databases, pipes).",
+    )
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,9 @@ class TLSConfig:
     private_key: str = key("", _text, "PEM private key; empty: read it from the certificate file.")
     min_version: str = key(
         "TLSv1.2", _tls_version, "Lowest TLS version accepted: TLSv1.2 or TLSv1.3."
+    )
+    handshake_timeout: float = key(
+        "30s", v.parse_duration, "Implicit-TLS connections must finish the handshake within this."
     )
 
 
@@ -119,6 +142,19 @@ class DirectoryConfig:
     )
     auth_failure_delay: float = key(
         "2s", v.parse_duration, "Delay before answering a failed login (slows guessing)."
+    )
+    auth_max_delay: float = key(
+        "15s", v.parse_duration, "The delay doubles with each failure counted, up to this."
+    )
+    auth_lockout_failures: int = key(
+        "10", _int0, "Failed logins of one account within the window that lock it (0: never)."
+    )
+    auth_lockout_address_failures: int = key(
+        "30", _int0, "Failed logins from one address within the window that lock it (0: never)."
+    )
+    auth_lockout_window: float = key("10m", v.parse_duration, "How long a failed login is counted.")
+    auth_lockout_time: float = key(
+        "15m", v.parse_duration, "How long a lockout lasts (every login then fails)."
     )
 
 
@@ -213,6 +249,15 @@ class MXConfig:
     )
     idle_timeout: float = key("5m", v.parse_duration, "Close after this long without input.")
     session_timeout: float = key("30m", v.parse_duration, "Close a session after this long.")
+    command_timeout: float = key(
+        "1m", v.parse_duration, "A command line (or DATA) must be complete within this (0: off)."
+    )
+    min_data_rate: int = key(
+        "1K", v.parse_size, "DATA gets 1 s more per this many bytes received (0: no extra time)."
+    )
+    stress_idle_timeout: float = key(
+        "10s", v.parse_duration, "Idle timeout from 80% of the connection caps (Postfix stress)."
+    )
 
 
 @dataclass(frozen=True)
@@ -238,6 +283,13 @@ class POP3Config:
     )
     idle_timeout: float = key("10m", v.parse_duration, "Close after this long without input.")
     max_errors: int = key("10", v.parse_positive_int, "Errors before the session is closed.")
+    max_connections: int = key("1000", v.parse_positive_int, "Concurrent sessions in all.")
+    login_timeout: float = key(
+        "3m", v.parse_duration, "Close a session not logged in this long after connecting (0: off)."
+    )
+    command_timeout: float = key(
+        "1m", v.parse_duration, "A command line must be complete within this (0: off)."
+    )
     max_connections_per_ip: int = key(
         "50", v.parse_positive_int, "Concurrent sessions from one client address."
     )
@@ -277,6 +329,16 @@ class IMAPConfig:
         "64M", v.parse_size, "Largest literal (APPEND message) accepted: NO [TOOBIG] beyond."
     )
     max_errors: int = key("20", v.parse_positive_int, "BAD commands before the session closes.")
+    max_connections: int = key("1000", v.parse_positive_int, "Concurrent sessions in all.")
+    login_timeout: float = key(
+        "3m", v.parse_duration, "Close a session not logged in this long after connecting (0: off)."
+    )
+    command_timeout: float = key(
+        "1m", v.parse_duration, "A command line must be complete within this (0: off)."
+    )
+    min_data_rate: int = key(
+        "1K", v.parse_size, "A literal gets 1 s more per this many bytes received (0: none)."
+    )
     max_connections_per_ip: int = key(
         "50", v.parse_positive_int, "Concurrent sessions from one client address."
     )
@@ -317,16 +379,6 @@ def _nonneg_float(s: str) -> float:
         raise ValueError(f"expected a number, got {s!r}") from None
     if value < 0:
         raise ValueError(f"expected a number >= 0, got {value:g}")
-    return value
-
-
-def _int0(s: str) -> int:
-    try:
-        value = int(s.strip())
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {s!r}") from None
-    if value < 0:
-        raise ValueError(f"expected a number >= 0, got {value}")
     return value
 
 
@@ -536,6 +588,15 @@ class SubmissionConfig:
     )
     idle_timeout: float = key("5m", v.parse_duration, "Close after this long without input.")
     session_timeout: float = key("30m", v.parse_duration, "Close a session after this long.")
+    command_timeout: float = key(
+        "1m", v.parse_duration, "A command line (or DATA) must be complete within this (0: off)."
+    )
+    min_data_rate: int = key(
+        "1K", v.parse_size, "DATA gets 1 s more per this many bytes received (0: no extra time)."
+    )
+    stress_idle_timeout: float = key(
+        "10s", v.parse_duration, "Idle timeout from 80% of the connection caps (Postfix stress)."
+    )
     dkim: bool = key("yes", v.parse_bool, "DKIM-sign mail of domains with a key in data_dir/dkim.")
 
 

@@ -382,8 +382,8 @@ class LocalDelivery(Service):
                     self.hostname,
                     now=self.reactor.seconds(),
                 )
-                failed = list(dict.fromkeys(r for r, _, _, _ in permanent))
-                return _Bounce(dsn, envelope.sender, entries, failed)
+                bounced = list(dict.fromkeys(r for r, _, _, _ in permanent))
+                return _Bounce(dsn, envelope.sender, entries, bounced)
             log.warn(
                 "{queue_id} failed {rcpts}; null sender, no bounce",
                 queue_id=queue_id,

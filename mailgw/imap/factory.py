@@ -11,6 +11,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import ServerFactory
 
 from mailgw.config.schema import IMAPConfig
+from mailgw.directory.penalty import AuthGuard, local_auth_guard
 from mailgw.imap.session import IMAPServer
 from mailgw.interfaces import IDirectory, IMessageStore
 from mailgw.mime import StructureCache
@@ -20,12 +21,15 @@ from mailgw.spool.threads import Runner, run_inline
 
 class SessionLimits:
     """``max_connections_per_ip`` and ``max_connections_per_user`` over every session it is
-    told about, remembering what each *holder* (a worker process; None in-process) holds so
+    told about (``counter``, if given, counts the connections instead: the role's counter with
+    its ``max_connections`` and the process total), remembering what each *holder* (a worker process; None in-process) holds so
     that everything a dead holder held can be released at once."""
 
-    def __init__(self, max_per_ip: int, max_per_user: int) -> None:
+    def __init__(
+        self, max_per_ip: int, max_per_user: int, counter: ConnectionCounter | None = None
+    ) -> None:
         self.max_per_user = max_per_user
-        self._ips = ConnectionCounter(max_per_ip)
+        self._ips = counter if counter is not None else ConnectionCounter(max_per_ip)
         self._users: Counter[str] = Counter()
         self._held_ips: dict[Hashable, Counter[str]] = {}
         self._held_users: dict[Hashable, Counter[str]] = {}
@@ -122,10 +126,13 @@ class LocalAdmission:
         self.limits.logout(user)
 
 
-def local_admission(config: IMAPConfig) -> LocalAdmission:
-    """Admission by this process's own counters, with the limits of ``config``."""
+def local_admission(config: IMAPConfig, counter: ConnectionCounter | None = None) -> LocalAdmission:
+    """Admission by this process's own counters, with the limits of ``config`` (connections
+    counted by ``counter`` when given, else by a counter of ``config``'s caps)."""
+    if counter is None:
+        counter = ConnectionCounter(config.max_connections_per_ip, config.max_connections)
     return LocalAdmission(
-        SessionLimits(config.max_connections_per_ip, config.max_connections_per_user)
+        SessionLimits(config.max_connections_per_ip, config.max_connections_per_user, counter)
     )
 
 
@@ -140,6 +147,8 @@ class IMAPFactory(ServerFactory[IMAPServer]):
     own counters; shared between the plain and TLS factories, or asked of the main process in
     an IMAP worker (``mailgw.imap.worker``). ``run_blocking`` runs blocking store writes
     (APPEND's files and fsyncs): in the server a thread pool, inline by default (tests).
+    ``auth`` checks passwords under the auth penalty (the node's, or the main process's from
+    a worker); by default one of this factory's own.
     """
 
     noisy = False  # no "Starting factory <...>" in the mail log
@@ -157,6 +166,7 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         cache: StructureCache | None = None,
         admission: Admission | None = None,
         run_blocking: Runner = run_inline,
+        auth: AuthGuard | None = None,
     ) -> None:
         self.config = config
         self.hostname = hostname
@@ -169,6 +179,9 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         self.cache = cache if cache is not None else StructureCache(4096)
         self.admission: Admission = admission if admission is not None else local_admission(config)
         self.run_blocking = run_blocking
+        self.auth = (
+            auth if auth is not None else local_auth_guard(directory, reactor, auth_failure_delay)
+        )
         self._sessions: dict[str, set[IMAPServer]] = {}
         store.add_listener(self.store_changed)
 

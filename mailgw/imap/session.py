@@ -15,13 +15,14 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from twisted.cred.error import LoginFailed
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailgw.directory.penalty import failure_delay
 from mailgw.imap import parser as p
 from mailgw.imap import wire
 from mailgw.imap.fetch import Fetcher, MessageGone, fetch_responses, sets_seen
@@ -39,6 +40,7 @@ from mailgw.imap.sortthread import (
 )
 from mailgw.interfaces import IMailbox, IMessageStore, MailboxNotFound, QuotaExceeded
 from mailgw.model import Address, AddressError
+from mailgw.net.progress import ProgressWatch
 from mailgw.net.proxy import is_loopback, peer_ip
 from mailgw.store.maildir import normalize_flags
 from mailgw.store.maildirstore import is_disk_full
@@ -161,6 +163,13 @@ class IMAPServer(Protocol):
         self._pump: _Pump | None = None
         self._counted_ip: str | None = None
         self._current: tuple[str, bool] = ("", False)
+        self._login_timer: IDelayedCall | None = None
+        self._progress = ProgressWatch(
+            factory.reactor,
+            self.config.command_timeout,
+            self._progress_expired,
+            self.config.min_data_rate,
+        )
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -190,6 +199,10 @@ class IMAPServer(Protocol):
             return
         self._counted_ip = ip
         self._timer = self.factory.reactor.callLater(self.config.idle_timeout, self._timeout)
+        if self.config.login_timeout > 0:
+            self._login_timer = self.factory.reactor.callLater(
+                self.config.login_timeout, self._login_expired
+            )
         self._write(
             wire.untagged_status(
                 "OK",
@@ -208,10 +221,11 @@ class IMAPServer(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._closing = True
-        for call in (self._timer, self._delay):
+        for call in (self._timer, self._delay, self._login_timer):
             if call is not None and call.active():
                 call.cancel()
-        self._timer = self._delay = None
+        self._timer = self._delay = self._login_timer = None
+        self._progress.cancel()
         if self._pump is not None:
             self._pump.stopProducing()
             self._pump = None
@@ -227,6 +241,31 @@ class IMAPServer(Protocol):
         self._touch()
         self.reader.receive(data)
         self._process()
+        self._watch_progress(len(data))
+
+    def _watch_progress(self, received: int) -> None:
+        """A command (line and literals) must be complete within ``command_timeout`` plus the
+        ``min_data_rate`` allowance (slowloris defence); while the server is busy, what waits
+        in the buffer is the server's delay, not the client's."""
+        if self._closing or self._busy or not (self.reader.in_command or self.reader.buffered):
+            self._progress.finished()
+        else:
+            self._progress.unfinished(received)
+
+    def _progress_expired(self) -> None:
+        log.info("imap {session} command not completed in time", session=self.session_id)
+        self._write(wire.untagged_status("BYE", "Command not completed in time"))
+        self._close()
+
+    def _login_expired(self) -> None:
+        self._login_timer = None
+        if self.state != NOT_AUTHENTICATED or self._closing:
+            return
+        log.info(
+            "imap {session} no login in time from {peer}", session=self.session_id, peer=self.peer
+        )
+        self._write(wire.untagged_status("BYE", "Disconnected for inactivity: no login in time"))
+        self._close()
 
     def _touch(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -289,6 +328,7 @@ class IMAPServer(Protocol):
         self._touch()
         if not self._closing:
             self._process()
+            self._watch_progress(0)
 
     def _event(self, event: p.Event) -> None:
         try:
@@ -589,7 +629,7 @@ class IMAPServer(Protocol):
         if key is None:
             self._fail_later(tag)
             return
-        d = maybeDeferred(self.factory.directory.check_password, key, password)
+        d = self.factory.auth.check_password(key, password, self.peer)
         d.addCallbacks(
             self._authenticated,
             self._not_authenticated,
@@ -643,16 +683,16 @@ class IMAPServer(Protocol):
                 user=key,
                 peer=self.peer,
             )
-            self._fail_later(tag)
+            self._fail_later(tag, failure_delay(failure, self.factory.auth_failure_delay))
             return
         log.failure("imap {session}: directory error", failure, session=self.session_id)
         self._tagged(tag, "NO", "Authentication temporarily unavailable", wire.UNAVAILABLE)
         self._done()
 
-    def _fail_later(self, tag: str) -> None:
-        self._delay = self.factory.reactor.callLater(
-            self.factory.auth_failure_delay, self._failed_reply, tag
-        )
+    def _fail_later(self, tag: str, delay: float | None = None) -> None:
+        if delay is None:
+            delay = self.factory.auth_failure_delay
+        self._delay = self.factory.reactor.callLater(delay, self._failed_reply, tag)
 
     def _failed_reply(self, tag: str) -> None:
         self._delay = None

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import IO, Any, cast
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionLost, ReactorNotRunning
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import (
@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from mailgw.config import Config
 from mailgw.imap.workers import LineBuffer, encode
+from mailgw.interfaces import IAuthPenalty
 from mailgw.maillog import without_noise
 
 log = Logger()
@@ -37,8 +38,8 @@ log = Logger()
 class Control(Protocol):
     """The worker's end of the control channel (stdin/stdout, JSON lines).
 
-    ``request`` asks the main process and fires with its ``ok`` answer; ``send`` tells it
-    something. Changes made elsewhere go to ``on_changed(user, folder)``. When the channel
+    ``request`` asks the main process and fires with its ``ok`` answer (``ask``: with the
+    whole reply message); ``send`` tells it something. Changes made elsewhere go to ``on_changed(user, folder)``. When the channel
     closes (the main process stopped or died), pending requests fail and ``on_lost`` runs.
     """
 
@@ -48,7 +49,7 @@ class Control(Protocol):
         self.on_lost = on_lost
         self.on_changed: Callable[[str, str], None] = lambda user, folder: None
         self._lines = LineBuffer()
-        self._pending: dict[int, Deferred[bool]] = {}
+        self._pending: dict[int, tuple[Deferred[Any], bool]] = {}
         self._next_id = 0
         self._lost = False
 
@@ -61,8 +62,8 @@ class Control(Protocol):
             message = json.loads(line)
             op = message["op"]
             if op == "reply":
-                d = self._pending.pop(int(message["id"]))
-                d.callback(bool(message["ok"]))
+                d, whole = self._pending.pop(int(message["id"]))
+                d.callback(message if whole else bool(message["ok"]))
             elif op == "changed":
                 self.on_changed(str(message["user"]), str(message["folder"]))
             else:
@@ -75,18 +76,24 @@ class Control(Protocol):
             self.transport.write(encode({"op": op, **fields}))
 
     def request(self, op: str, **fields: Any) -> Deferred[bool]:
+        return self._ask(op, False, fields)
+
+    def ask(self, op: str, **fields: Any) -> Deferred[dict[str, Any]]:
+        return self._ask(op, True, fields)
+
+    def _ask(self, op: str, whole: bool, fields: dict[str, Any]) -> Deferred[Any]:
         if self._lost:
             return fail(ConnectionLost("the main process is gone"))
         self._next_id += 1
-        d: Deferred[bool] = Deferred()
-        self._pending[self._next_id] = d
+        d: Deferred[Any] = Deferred()
+        self._pending[self._next_id] = (d, whole)
         self.send(op, id=self._next_id, **fields)
         return d
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         pending, self._pending = self._pending, {}
-        for d in pending.values():
+        for d, _ in pending.values():
             d.errback(ConnectionLost("the main process is gone"))
         self.on_lost()
 
@@ -110,6 +117,26 @@ class RemoteAdmission:
         self.control.send("logout", user=user)
 
 
+@implementer(IAuthPenalty)
+class RemoteAuthPenalty:
+    """The auth penalty of the main process (``IAuthPenalty``), asked over the control pipe,
+    so that failures count across the workers and the other roles of the node."""
+
+    def __init__(self, control: Control) -> None:
+        self.control = control
+
+    def locked(self, user: str, ip: str) -> Deferred[bool]:
+        return self.control.request("auth_locked", user=user, ip=ip)
+
+    def failed(self, user: str, ip: str) -> Deferred[float]:
+        d = self.control.ask("auth_failed", user=user, ip=ip)
+        return d.addCallback(lambda reply: float(reply.get("delay", 0.0)))
+
+    def succeeded(self, user: str, ip: str) -> Deferred[None]:
+        self.control.send("auth_ok", user=user, ip=ip)
+        return succeed(None)
+
+
 def accept_one_at_a_time(port: Any) -> None:
     """Let ``port`` accept at most one connection each time it is readable, so that a burst of
     connections is spread over the workers instead of being taken by the first to wake."""
@@ -129,6 +156,7 @@ def serve(
 ) -> list[Any]:
     """Build this worker's directory, store and IMAP factories (as ``mailgw.service.Node``
     does) and adopt the inherited listening sockets; returns the listening ports."""
+    from mailgw.directory.penalty import AuthGuard
     from mailgw.imap.factory import IMAPFactory
     from mailgw.mime import StructureCache
     from mailgw.net.listen import parse_listen, wrap_factory
@@ -141,6 +169,7 @@ def serve(
     store = build_store(config, directory, reactor, tier2_from_config(data_dir, config.store))
     tls_options = build_tls_options(config, "imap")
     admission = RemoteAdmission(control)
+    auth = AuthGuard(directory, RemoteAuthPenalty(control), reactor)
     cache = StructureCache(4096)
     io_pool = ThreadPool(minthreads=0, maxthreads=IO_THREADS, name="mailgw-imap-io")
     io_pool.start()
@@ -164,6 +193,7 @@ def serve(
                 cache=cache,
                 admission=admission,
                 run_blocking=run_io,
+                auth=auth,
             )
         spec, _ = parse_listen(listener["description"])
         wrapped = wrap_factory(
@@ -172,6 +202,7 @@ def serve(
             reactor,
             config.imap.proxy_trusted,
             tls_options=tls_options if implicit else None,
+            handshake_timeout=config.tls.handshake_timeout,
         )
         fd = int(listener["fd"])
         port = reactor.adoptStreamPort(fd, int(listener["family"]), wrapped)

@@ -7,6 +7,10 @@ JSON object per line:
 - worker -> main: ``{"op": "ready", "pid": N}``; ``{"op": "open", "id": N, "ip": IP}`` and
   ``{"op": "login", "id": N, "user": USER}`` (answered by ``{"op": "reply", "id": N, "ok": B}``);
   ``{"op": "close", "ip": IP}``, ``{"op": "logout", "user": USER}`` (releases, no answer);
+  the auth penalty (``mailgw.interfaces.IAuthPenalty``): ``{"op": "auth_locked", "id": N,
+  "user": USER, "ip": IP}`` (reply ``ok`` True when locked out), ``{"op": "auth_failed", "id":
+  N, "user": USER, "ip": IP}`` (reply with ``"delay": SECONDS``), ``{"op": "auth_ok", "user":
+  USER, "ip": IP}`` (no answer);
   ``{"op": "changed", "user": USER, "folder": FOLDER}`` (a change in the worker's store).
 - main -> worker: ``reply`` as above; ``{"op": "changed", ...}`` (a change made elsewhere:
   another worker, a local delivery, POP3).
@@ -31,7 +35,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailgw.config import Config
+from mailgw.directory.penalty import MemoryAuthPenalty, PenaltyPolicy
 from mailgw.imap.factory import SessionLimits
+from mailgw.net.limits import ConnectionCounter
 from mailgw.net.listen import ListenerService
 
 log = Logger()
@@ -177,6 +183,8 @@ class WorkerPool(service.MultiService):
         restart_delay: float = 0.5,
         max_restart_delay: float = 30.0,
         stop_timeout: float = 10.0,
+        counter: ConnectionCounter | None = None,
+        penalty: MemoryAuthPenalty | None = None,
     ) -> None:
         super().__init__()
         self.setName("imap workers")
@@ -189,8 +197,16 @@ class WorkerPool(service.MultiService):
         self.restart_delay = restart_delay
         self.max_restart_delay = max_restart_delay
         self.stop_timeout = stop_timeout
+        imap = config.imap
+        if counter is None:
+            counter = ConnectionCounter(imap.max_connections_per_ip, imap.max_connections)
         self.limits = SessionLimits(
-            config.imap.max_connections_per_ip, config.imap.max_connections_per_user
+            imap.max_connections_per_ip, imap.max_connections_per_user, counter
+        )
+        self.penalty = (
+            penalty
+            if penalty is not None
+            else MemoryAuthPenalty(reactor, PenaltyPolicy.from_config(config.directory))
         )
         self.workers: dict[int, WorkerProcess] = {}
         self._sockets: list[tuple[int, int, Listener]] = []
@@ -340,6 +356,14 @@ class WorkerPool(service.MultiService):
                 worker.send({"op": "reply", "id": message["id"], "ok": ok})
             elif op == "logout":
                 self.limits.logout(str(message["user"]), worker)
+            elif op == "auth_locked":
+                locked = self.penalty.is_locked(str(message["user"]), str(message["ip"]))
+                worker.send({"op": "reply", "id": message["id"], "ok": locked})
+            elif op == "auth_failed":
+                delay = self.penalty.record_failure(str(message["user"]), str(message["ip"]))
+                worker.send({"op": "reply", "id": message["id"], "ok": True, "delay": delay})
+            elif op == "auth_ok":
+                self.penalty.record_success(str(message["user"]), str(message["ip"]))
             elif op == "changed":
                 self._forward(str(message["user"]), str(message["folder"]), worker)
             elif op == "ready":

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from mailgw.net.guard import ConnectionGuardFactory
 from mailgw.net.proxy import Network, ProxyHeaderFactory
 
 log = Logger()
@@ -55,8 +56,13 @@ def wrap_factory(
     proxy_trusted: Sequence[Network],
     tls_options: Any = None,
     header_timeout: float = 10.0,
+    handshake_timeout: float = 30.0,
 ) -> Any:
-    """Stack the layers: socket -> PROXY header (if asked) -> TLS (if given) -> protocol."""
+    """Stack the layers: socket -> PROXY header (if asked) -> TLS (if given) -> connection
+    guard (close deadline; with TLS, ``handshake_timeout``) -> protocol."""
+    factory = ConnectionGuardFactory(
+        factory, reactor, handshake_timeout if tls_options is not None else None
+    )
     if tls_options is not None:
         factory = TLSMemoryBIOFactory(tls_options, False, factory)
     if spec.proxy:

@@ -8,8 +8,9 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import ServerFactory
 
 from mailgw.config.schema import POP3Config
+from mailgw.directory.penalty import AuthGuard, local_auth_guard
 from mailgw.interfaces import IDirectory, IMessageStore
-from mailgw.net.limits import ConnectionCounter
+from mailgw.net.limits import ConnectionCounter, Refusal
 from mailgw.pop3.protocol import POP3Server
 
 
@@ -18,7 +19,9 @@ class POP3Factory(ServerFactory[POP3Server]):
 
     ``tls_options``: a TLS context factory for STLS (None: STLS not offered).
     ``implicit_tls``: connections are already TLS (the listener wraps them), so STLS is not
-    offered and plaintext authentication is allowed.
+    offered and plaintext authentication is allowed. ``auth`` checks passwords under the
+    node's auth penalty; ``counter`` counts connections (one per role in the server, sharing
+    the process total; by default this factory's own).
     """
 
     noisy = False  # no "Starting factory <...>" in the mail log
@@ -33,6 +36,8 @@ class POP3Factory(ServerFactory[POP3Server]):
         tls_options: Any = None,
         implicit_tls: bool = False,
         auth_failure_delay: float = 2.0,
+        auth: AuthGuard | None = None,
+        counter: ConnectionCounter | None = None,
     ) -> None:
         self.config = config
         self.hostname = hostname
@@ -43,7 +48,14 @@ class POP3Factory(ServerFactory[POP3Server]):
         self.implicit_tls = implicit_tls
         self.auth_failure_delay = auth_failure_delay
         self._locks: dict[str, POP3Server] = {}
-        self._connections = ConnectionCounter(config.max_connections_per_ip)
+        self.auth = (
+            auth if auth is not None else local_auth_guard(directory, reactor, auth_failure_delay)
+        )
+        self._connections = (
+            counter
+            if counter is not None
+            else ConnectionCounter(config.max_connections_per_ip, config.max_connections)
+        )
 
     def buildProtocol(self, addr: IAddress | None) -> POP3Server:
         return POP3Server(self)
@@ -71,9 +83,9 @@ class POP3Factory(ServerFactory[POP3Server]):
 
     # -- connections per client address -------------------------------------------------------
 
-    def connection_opened(self, ip: str) -> bool:
-        """Count a session from ``ip``; False (not counted) when over the per-address limit."""
-        return self._connections.admit(ip) is None
+    def connection_opened(self, ip: str) -> Refusal | None:
+        """Count a session from ``ip``; why not (then it is not counted) when over a limit."""
+        return self._connections.admit(ip)
 
     def connection_closed(self, ip: str) -> None:
         self._connections.release(ip)

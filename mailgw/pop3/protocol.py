@@ -9,13 +9,15 @@ from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from twisted.cred.error import LoginFailed
-from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailgw.directory.penalty import failure_delay
 from mailgw.model import Address, AddressError
+from mailgw.net.limits import Refusal
+from mailgw.net.progress import ProgressWatch
 from mailgw.net.proxy import is_loopback, peer_ip
 from mailgw.pop3 import responses as P
 from mailgw.pop3.maildrop import Maildrop, NoSuchMessage, parse_number
@@ -69,6 +71,10 @@ class POP3Server(Protocol):
         self._delay: IDelayedCall | None = None
         self._sender: MessageSender | None = None
         self._counted_ip: str | None = None
+        self._login_timer: IDelayedCall | None = None
+        self._progress = ProgressWatch(
+            factory.reactor, factory.config.command_timeout, self._progress_expired
+        )
         self.peer = "-"
 
     # -- connection ----------------------------------------------------------------------------
@@ -76,26 +82,33 @@ class POP3Server(Protocol):
     def connectionMade(self) -> None:
         ip = peer_ip(self.transport.getPeer())
         self.peer = ip or "-"
-        if not self.factory.connection_opened(ip):
+        refusal = self.factory.connection_opened(ip)
+        if refusal is not None:
             log.warn(
-                "pop3 {session} refused: too many connections from {peer}",
+                "pop3 {session} refused: too many connections {where}",
                 session=self.session_id,
-                peer=self.peer,
+                where="in all" if refusal is Refusal.TOTAL else f"from {self.peer}",
             )
-            self._err(P.TOO_MANY_CONNECTIONS, count=False)
+            full = refusal is Refusal.TOTAL
+            self._err(P.SERVER_FULL if full else P.TOO_MANY_CONNECTIONS, count=False)
             self._close()
             return
         self._counted_ip = ip
         self._idle = self.factory.reactor.callLater(self.factory.config.idle_timeout, self._timeout)
+        if self.factory.config.login_timeout > 0:
+            self._login_timer = self.factory.reactor.callLater(
+                self.factory.config.login_timeout, self._login_expired
+            )
         self._ok(P.GREETING.format(hostname=self.factory.hostname))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._closing = True
-        for call in (self._idle, self._delay):
+        for call in (self._idle, self._delay, self._login_timer):
             if call is not None and call.active():
                 call.cancel()
-        self._idle = self._delay = None
+        self._idle = self._delay = self._login_timer = None
+        self._progress.cancel()
         if self._sender is not None:
             self._sender.stopProducing()
             self._sender = None
@@ -110,6 +123,30 @@ class POP3Server(Protocol):
         self._touch()
         self._buffer += data
         self._process()
+        self._watch_progress(len(data))
+
+    def _watch_progress(self, received: int) -> None:
+        """A command line must be complete within ``command_timeout`` (slowloris defence);
+        input buffered while the server is busy is the server's delay, not the client's."""
+        if self._closing or self._busy or not (self._buffer or self._skip_line):
+            self._progress.finished()
+        else:
+            self._progress.unfinished(received)
+
+    def _progress_expired(self) -> None:
+        log.info("pop3 {session} command not completed in time", session=self.session_id)
+        self._err(P.COMMAND_TIMEOUT, count=False)
+        self._close()
+
+    def _login_expired(self) -> None:
+        self._login_timer = None
+        if self.state != AUTHORIZATION or self._closing:
+            return
+        log.info(
+            "pop3 {session} no login in time from {peer}", session=self.session_id, peer=self.peer
+        )
+        self._err(P.LOGIN_TIMEOUT, count=False)
+        self._close()
 
     def _touch(self) -> None:
         if self._idle is not None and self._idle.active():
@@ -227,6 +264,7 @@ class POP3Server(Protocol):
         self._touch()
         if not self._closing:
             self._process()
+            self._watch_progress(0)
 
     def _internal_error(self, failure: Failure) -> None:
         log.failure(
@@ -378,7 +416,7 @@ class POP3Server(Protocol):
             )
             self._fail_later()
             return
-        d = maybeDeferred(self.factory.directory.check_password, key, password)
+        d = self.factory.auth.check_password(key, password, self.peer)
         d.addCallbacks(
             self._authenticated, self._not_authenticated, callbackArgs=(key,), errbackArgs=(key,)
         )
@@ -434,7 +472,7 @@ class POP3Server(Protocol):
                 user=key,
                 peer=self.peer,
             )
-            self._fail_later()
+            self._fail_later(failure_delay(failure, self.factory.auth_failure_delay))
             return
         log.failure(
             "pop3 {session} user {user}: directory error",
@@ -445,10 +483,10 @@ class POP3Server(Protocol):
         self._err(P.AUTH_UNAVAILABLE, count=False)
         self._done()
 
-    def _fail_later(self) -> None:
-        self._delay = self.factory.reactor.callLater(
-            self.factory.auth_failure_delay, self._failed_reply
-        )
+    def _fail_later(self, delay: float | None = None) -> None:
+        if delay is None:
+            delay = self.factory.auth_failure_delay
+        self._delay = self.factory.reactor.callLater(delay, self._failed_reply)
 
     def _failed_reply(self) -> None:
         self._delay = None

@@ -26,6 +26,7 @@ from mailgw.interfaces import IIncomingMessage, ISpool
 from mailgw.model import Address, AddressError, Envelope, parse_path
 from mailgw.model.reply import R, Reply
 from mailgw.net.limits import ConnectionCounter, Refusal
+from mailgw.net.progress import ProgressWatch
 from mailgw.smtp.trace import with_protocol
 
 ReplyResult = Reply | Deferred[Reply]
@@ -42,6 +43,8 @@ def is_error(reply: Reply) -> bool:
 
 
 _COMMAND, _DATA = "command", "data"
+JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
+"""Commands that move no mail forward (Postfix's junk commands)."""
 
 log = Logger()
 
@@ -67,6 +70,12 @@ class Limits:
     session_timeout: float = 1800.0
     max_connections: int = 1000
     max_connections_per_ip: int = 50
+    command_timeout: float = 60.0
+    """A command line, or a DATA phase, must be complete within this (0: off)..."""
+    min_data_rate: int = 1024
+    """... plus one second per this many bytes received meanwhile (0: no allowance)."""
+    stress_idle_timeout: float = 10.0
+    """Idle timeout (and sessions idle this long are closed for newcomers) under stress."""
 
 
 @dataclass
@@ -228,6 +237,11 @@ class SMTPServer(Protocol):
         self._idle_timer: IDelayedCall | None = None
         self._session_timer: IDelayedCall | None = None
         self._counted = False
+        self._last_input = 0.0
+        self._junk = 0
+        self._progress = ProgressWatch(
+            reactor, limits.command_timeout, self._progress_expired, limits.min_data_rate
+        )
         self._line_reader: Callable[[bytes], None] | None = None
         self._handlers: dict[str, Callable[[str], None]] = {
             "EHLO": self._do_ehlo,
@@ -266,7 +280,9 @@ class SMTPServer(Protocol):
                 self.transport.loseConnection()
                 return
             self._counted = True
-        self._idle_timer = self.reactor.callLater(self.limits.idle_timeout, self._idle_expired)
+            self.factory.sessions.add(self)
+        self._last_input = self.reactor.seconds()
+        self._idle_timer = self.reactor.callLater(self._idle_timeout(), self._idle_expired)
         self._session_timer = self.reactor.callLater(
             self.limits.session_timeout, self._session_expired
         )
@@ -276,6 +292,8 @@ class SMTPServer(Protocol):
         self._closed = True
         self._cancel_timers()
         self._abort_incoming()
+        if self.factory is not None:
+            self.factory.sessions.discard(self)
         if self._counted and self.factory is not None:
             self.factory.connection_closed(self.session.client_ip)
             self._counted = False
@@ -291,16 +309,73 @@ class SMTPServer(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
+        self._last_input = self.reactor.seconds()
         if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.reset(self.limits.idle_timeout)
+            self._idle_timer.reset(self._idle_timeout())
         self._buf = self._buf + data if self._buf else data
         self._process()
+        self._watch_progress(len(data))
 
     def _cancel_timers(self) -> None:
         for timer in (self._idle_timer, self._session_timer, self._error_wait):
             if timer is not None and timer.active():
                 timer.cancel()
         self._idle_timer = self._session_timer = self._error_wait = None
+        self._progress.cancel()
+
+    @property
+    def stressed(self) -> bool:
+        """The role is near its connection caps: Postfix-style short timeouts and limits."""
+        return self.factory is not None and self.factory.counter.stressed
+
+    def _idle_timeout(self) -> float:
+        if self.stressed:
+            return min(self.limits.idle_timeout, self.limits.stress_idle_timeout)
+        return self.limits.idle_timeout
+
+    def _watch_progress(self, received: int) -> None:
+        """Unfinished client input (a partial command line, a DATA phase) must be finished
+        within ``command_timeout`` (plus ``min_data_rate`` allowance): slowloris defence."""
+        if self._closed:
+            return
+        if self._waiting:  # the server, not the client, is behind
+            self._progress.finished()
+        elif self._mode is _DATA or self._buf or self._discarding_line:
+            self._progress.unfinished(received)
+        else:
+            self._progress.finished()
+
+    def _progress_expired(self) -> None:
+        in_data = self._mode is _DATA
+        log.info(
+            "{sid} {peer} {what} not completed in time, closing",
+            sid=self.session.session_id,
+            peer=self.session.client_ip,
+            what="DATA" if in_data else "command",
+        )
+        self._send(R.DATA_TOO_SLOW if in_data else R.COMMAND_TIMEOUT)
+        self._close()
+
+    def idle_for(self) -> float:
+        """Seconds since the client last sent anything; 0 while a command or message is in
+        progress or the server is working on one (such a session is not idle)."""
+        if self._closed or self._waiting or self._mode is _DATA or self._buf:
+            return 0.0
+        return self.reactor.seconds() - self._last_input
+
+    def close_idle(self) -> None:
+        """Closed to make room under load (``SMTPFactory``): 421, and the slot is free now."""
+        log.info(
+            "{sid} {peer} idle under load, closing",
+            sid=self.session.session_id,
+            peer=self.session.client_ip,
+        )
+        self._send(R.IDLE_UNDER_LOAD)
+        self._close()
+        if self._counted and self.factory is not None:
+            self.factory.sessions.discard(self)
+            self.factory.connection_closed(self.session.client_ip)
+            self._counted = False
 
     def _idle_expired(self) -> None:
         self._idle_timer = None
@@ -347,14 +422,20 @@ class SMTPServer(Protocol):
             )
         if is_error(reply):
             self._errors += 1
-            if self._errors >= self.limits.max_errors:
+            # Under stress one error is enough (Postfix: smtpd_hard_error_limit ${stress?1}).
+            stressed = self.stressed
+            if self._errors >= self.limits.max_errors or stressed:
                 log.info(
                     "{sid} {peer} too many errors ({n}), closing",
                     sid=self.session.session_id,
                     peer=self.session.client_ip,
                     n=self._errors,
                 )
-                if self.limits.error_delay > 0 and self._errors > self.limits.soft_error_limit:
+                if (
+                    not stressed
+                    and self.limits.error_delay > 0
+                    and self._errors > self.limits.soft_error_limit
+                ):
                     # Like Postfix, the 421 is slowed down too; nothing more is read.
                     self._buf = b""
                     self._waiting = True
@@ -404,9 +485,10 @@ class SMTPServer(Protocol):
             self._paused = False
             self.transport.resumeProducing()
         if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.reset(self.limits.idle_timeout)
+            self._idle_timer.reset(self._idle_timeout())
         then(reply)
         self._process()
+        self._watch_progress(0)
 
     # -- input ---------------------------------------------------------------------------------
 
@@ -508,6 +590,13 @@ class SMTPServer(Protocol):
             return
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
+        if verb in JUNK_COMMANDS:
+            self._junk += 1
+            # Postfix under stress: smtpd_junk_command_limit ${stress?1}, then hard errors.
+            if self._junk > 1 and self.stressed:
+                self._send(R.TOO_MANY_ERRORS)
+                self._close()
+                return
         handler = self._handlers.get(verb)
         if handler is not None:
             handler(argument.strip(" "))
@@ -1052,6 +1141,9 @@ class SMTPFactory(Factory):
         self.reactor = reactor
         self.tls_options = tls_options
         self.counter = ConnectionCounter(limits.max_connections_per_ip, limits.max_connections)
+        """Admits sessions; ``mailgw.service`` puts in one per role, sharing the process total."""
+        self.sessions: set[SMTPServer] = set()
+        self._last_sweep = -1.0
         self.implicit_tls = False
         """Connections arrive already in TLS (the listener wraps them): no STARTTLS."""
 
@@ -1063,6 +1155,8 @@ class SMTPFactory(Factory):
     def connection_opened(self, client_ip: str) -> Reply | None:
         """Count a new session; a reply (421) when it is over a limit (then it is not counted)."""
         refusal = self.counter.admit(client_ip)
+        if refusal is Refusal.TOTAL and self._close_idle_sessions():
+            refusal = self.counter.admit(client_ip)
         if refusal is Refusal.TOTAL:
             return R.TOO_MANY_CONNECTIONS
         if refusal is Refusal.PER_IP:
@@ -1072,3 +1166,17 @@ class SMTPFactory(Factory):
     def connection_closed(self, client_ip: str) -> None:
         """Forget a session counted by ``connection_opened``."""
         self.counter.release(client_ip)
+
+    def _close_idle_sessions(self) -> int:
+        """At the cap: close the sessions idle for ``stress_idle_timeout`` (at most one sweep a
+        second), so that connections held open doing nothing cannot lock new clients out for
+        the whole idle or session timeout. Returns how many were closed."""
+        now = self.reactor.seconds()
+        if now - self._last_sweep < 1.0:
+            return 0
+        self._last_sweep = now
+        limit = self.limits.stress_idle_timeout
+        idle = [s for s in self.sessions if s.idle_for() >= limit]
+        for session in idle:
+            session.close_idle()
+        return len(idle)

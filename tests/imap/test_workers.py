@@ -451,9 +451,9 @@ def test_node_with_zero_workers_shares_one_count(tmp_path: Path) -> None:
     path.write_text(f"[server]\ndata_dir = {tmp_path}/data\n[imap]\nworkers = 0\n")
     node = Node(load(str(path)), Clock())
     factories = [
-        s.factory
+        s.factory.wrappedFactory  # under the ConnectionGuard
         for s in node
-        if isinstance(s, ListenerService) and isinstance(s.factory, IMAPFactory)
+        if isinstance(s, ListenerService) and isinstance(s.factory.wrappedFactory, IMAPFactory)
     ]
     assert len(factories) == 1
     with pytest.raises(KeyError):

@@ -25,6 +25,7 @@ from mailgw.imap.worker import (
     serve,
     stderr_observer,
 )
+from mailgw.net.guard import ConnectionGuardFactory
 from mailgw.net.proxy import ProxyHeaderFactory
 
 
@@ -154,9 +155,13 @@ def test_serve_adopts_sockets_and_exchanges_changes(tmp_path: Path) -> None:
     assert len(ports) == 3
     adopted = reactor.adoptedPorts
     assert [a[0] for a in adopted] == fds
-    plain, proxied, tls = (a[2] for a in adopted)
+    guards = [a[2] for a in adopted]  # each listener's protocols under a ConnectionGuard
+    assert isinstance(guards[1], ProxyHeaderFactory)
+    guards[1] = guards[1].wrappedFactory
+    assert all(isinstance(g, ConnectionGuardFactory) for g in guards)
+    plain, proxied, tls = (g.wrappedFactory for g in guards)
     assert isinstance(plain, IMAPFactory) and not plain.implicit_tls
-    assert isinstance(proxied, ProxyHeaderFactory) and proxied.wrappedFactory is plain
+    assert proxied is plain
     assert isinstance(tls, IMAPFactory) and tls.implicit_tls  # no [tls]: no TLS wrapper
     assert isinstance(plain.admission, RemoteAdmission)
     for fd in fds:  # the worker closed its inherited descriptors (the ports hold duplicates)

@@ -477,7 +477,7 @@ def test_failed_logins_count_as_errors(env: Env) -> None:
     s = env.session(max_errors=2)
     for _ in range(2):
         s.login(ALICE, "wrong")
-        env.clock.advance(2.0)
+        env.clock.advance(15.0)  # the failure delay grows with each failure (auth penalty)
     assert s.take().endswith(b"-ERR Too many errors, closing connection\r\n")
     assert s.closed
 

@@ -169,7 +169,7 @@ def test_auth_failures_cancel_and_garbage() -> None:
     assert c.codes("AUTH CRAM-MD5\r\n") == ["504"]
     assert c.codes("AUTH\r\n") == ["501"]
     assert c.codes(f"AUTH PLAIN {plain('bob@example.test', 'secret')}\r\n") == []
-    s.clock.advance(1.0)
+    s.clock.advance(2.0)  # the second failure from this address: twice the base delay
     assert [line[:3] for line in c.lines()] == ["535"]
     authz = base64.b64encode(b"bob@example.test\0alice@example.test\0secret").decode()
     c.send(f"AUTH PLAIN {authz}\r\n")

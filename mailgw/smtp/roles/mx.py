@@ -26,6 +26,9 @@ def limits_from_config(config: MXConfig) -> Limits:
         session_timeout=config.session_timeout,
         max_connections=config.max_connections,
         max_connections_per_ip=config.max_connections_per_ip,
+        command_timeout=config.command_timeout,
+        min_data_rate=config.min_data_rate,
+        stress_idle_timeout=config.stress_idle_timeout,
     )
 
 

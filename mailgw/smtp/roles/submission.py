@@ -32,12 +32,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.cred.error import LoginFailed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailgw.config.schema import SubmissionConfig
+from mailgw.directory.penalty import AuthGuard, failure_delay, local_auth_guard
 from mailgw.interfaces import IDirectory, IIncomingMessage, ISpool
 from mailgw.mime.addresses import MISSING_DOMAIN, MISSING_MAILBOX, parse_address_list
 from mailgw.mime.headers import parse_header_block, unfold
@@ -300,6 +303,7 @@ class SubmissionRole(Role):
         clock: IReactorTime,
         policy: SubmissionPolicy,
         auth_failure_delay: float = 2.0,
+        auth: AuthGuard | None = None,
     ) -> None:
         super().__init__(spool)
         self.directory = directory
@@ -307,6 +311,9 @@ class SubmissionRole(Role):
         self.clock = clock
         self.policy = policy
         self.auth_failure_delay = auth_failure_delay
+        self.auth = (
+            auth if auth is not None else local_auth_guard(directory, clock, auth_failure_delay)
+        )
 
     def extensions(self, session: Session) -> list[str]:
         return ["AUTH PLAIN LOGIN"] if session.tls and session.authenticated is None else []
@@ -326,13 +333,20 @@ class SubmissionRole(Role):
             session.authenticated = str(getattr(account, "name", user))
             return R.AUTH_OK
 
-        d: Deferred[Any] = maybeDeferred(self.directory.check_password, user, password)
-        return d.addCallback(ok).addErrback(lambda _: self._failed(R.AUTH_FAILED))
+        def failed(failure: Failure) -> Reply | Deferred[Reply]:
+            if not failure.check(LoginFailed):
+                log.failure("{sid} AUTH: directory error", failure, sid=session.session_id)
+            return self._failed(R.AUTH_FAILED, failure_delay(failure, self.auth_failure_delay))
 
-    def _failed(self, reply: Reply) -> Deferred[Reply]:
-        if self.auth_failure_delay <= 0:
+        d: Deferred[Any] = self.auth.check_password(user, password, session.client_ip)
+        return d.addCallbacks(ok, failed)
+
+    def _failed(self, reply: Reply, delay: float | None = None) -> Deferred[Reply]:
+        if delay is None:
+            delay = self.auth_failure_delay
+        if delay <= 0:
             return succeed(reply)
-        return deferLater(self.clock, self.auth_failure_delay, lambda: reply)
+        return deferLater(self.clock, delay, lambda: reply)
 
     def mail_from(self, session: Session, sender: Address | None) -> ReplyResult:
         user = session.authenticated
@@ -463,6 +477,9 @@ def limits_from_config(config: SubmissionConfig) -> Limits:
         session_timeout=config.session_timeout,
         max_connections=config.max_connections,
         max_connections_per_ip=config.max_connections_per_ip,
+        command_timeout=config.command_timeout,
+        min_data_rate=config.min_data_rate,
+        stress_idle_timeout=config.stress_idle_timeout,
     )
 
 
@@ -482,6 +499,7 @@ class SubmissionFactory(SMTPFactory):
         auth_failure_delay: float = 2.0,
         policy: SubmissionPolicy | None = None,
         can_send_outside: bool = True,
+        auth: AuthGuard | None = None,
     ) -> None:
         self.policy = policy or SubmissionPolicy(
             directory,
@@ -493,7 +511,13 @@ class SubmissionFactory(SMTPFactory):
             can_send_outside,
         )
         role = SubmissionRole(
-            spool, directory, hostname, reactor, self.policy, auth_failure_delay=auth_failure_delay
+            spool,
+            directory,
+            hostname,
+            reactor,
+            self.policy,
+            auth_failure_delay=auth_failure_delay,
+            auth=auth,
         )
         super().__init__(role, hostname, limits_from_config(config), reactor, tls_options)
         self.implicit_tls = implicit_tls
