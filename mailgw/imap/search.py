@@ -8,7 +8,7 @@ on decoded text (RFC 2047 words and 8-bit UTF-8 headers alike), as RFC 3501 6.4.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from mailgw.imap import parser as p
@@ -30,6 +30,11 @@ class _Message:
         self.uid = uid
         self._raw: bytes | None = None
         self._structure: Any = None
+
+    @property
+    def read(self) -> bool:
+        """Whether the message's structure or bytes were needed."""
+        return self._structure is not None or self._raw is not None
 
     def structure(self) -> Any:
         if self._structure is None:
@@ -78,15 +83,31 @@ class Searcher:
 
     def search(self, key: p.SearchKey) -> list[int]:
         """The UIDs matching ``key``, ascending (expunged-elsewhere messages never match)."""
-        out = []
-        for seq, uid in enumerate(self.selected.uids, 1):
-            if uid in self.selected.gone:
-                continue
+        steps = self.search_steps(key)
+        while True:
             try:
-                if self.match(key, seq, uid, _Message(self.fetcher, uid)):
+                next(steps)
+            except StopIteration as done:
+                found: list[int] = done.value
+                return found
+
+    def search_steps(self, key: p.SearchKey) -> Generator[None, None, list[int]]:
+        """:meth:`search` as a generator that yields after each message it had to read, so
+        the session can let other sessions run during a long search (the list of UIDs is
+        its result); index-only keys run without yielding."""
+        out = []
+        uids = list(self.selected.uids)  # the session may not change it meanwhile, but be safe
+        for seq, uid in enumerate(uids, 1):
+            if uid in self.selected.gone or uid not in self.selected.infos:
+                continue
+            msg = _Message(self.fetcher, uid)
+            try:
+                if self.match(key, seq, uid, msg):
                     out.append(uid)
             except MessageGone:
                 continue
+            if msg.read:
+                yield
         return out
 
     def _ranges(self, key: p.SeqKey) -> Ranges:
