@@ -220,16 +220,16 @@ class Node(service.MultiService):
             self._add_imap()
 
     def _add_imap(self) -> None:
-        from mailgw.imap.factory import IMAPFactory, local_admission
+        from mailgw.imap.factory import IMAPFactory, local_admission, structure_cache
         from mailgw.imap.workers import worker_count
-        from mailgw.mime import StructureCache
 
         config = self.config
         workers = worker_count(config.imap.workers)
         if workers > 0:
             self._add_imap_workers(workers)
             return
-        cache = StructureCache(4096)
+        cache = structure_cache(config.imap)
+        literal_dir = os.path.join(config.server.data_dir, "tmp")
         admission = local_admission(config.imap)  # one count for the plain and TLS listeners
         for implicit in (False, True):
             if implicit and self.tls_options is None:
@@ -246,6 +246,7 @@ class Node(service.MultiService):
                 cache=cache,
                 admission=admission,
                 run_blocking=self.run_io,
+                literal_dir=literal_dir,
             )
             key = "listen_tls" if implicit else "listen"
             self._listen(

@@ -11,6 +11,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import ServerFactory
 
 from mailgw.config.schema import IMAPConfig
+from mailgw.imap.literal import SpooledLiteral, open_spool
 from mailgw.imap.session import IMAPServer
 from mailgw.interfaces import IDirectory, IMessageStore
 from mailgw.mime import StructureCache
@@ -122,6 +123,15 @@ class LocalAdmission:
         self.limits.logout(user)
 
 
+def structure_cache(config: IMAPConfig) -> StructureCache:
+    """The parsed-message cache of one IMAP process, bounded as ``[imap]`` says."""
+    return StructureCache(
+        max_entries=65536,
+        max_bytes=config.parsed_cache_size,
+        max_entry_bytes=config.parsed_cache_max_message,
+    )
+
+
 def local_admission(config: IMAPConfig) -> LocalAdmission:
     """Admission by this process's own counters, with the limits of ``config``."""
     return LocalAdmission(
@@ -140,6 +150,8 @@ class IMAPFactory(ServerFactory[IMAPServer]):
     own counters; shared between the plain and TLS factories, or asked of the main process in
     an IMAP worker (``mailgw.imap.worker``). ``run_blocking`` runs blocking store writes
     (APPEND's files and fsyncs): in the server a thread pool, inline by default (tests).
+    ``literal_dir``: where large APPEND literals are spooled (the system's temporary
+    directory when None).
     """
 
     def __init__(
@@ -155,6 +167,7 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         cache: StructureCache | None = None,
         admission: Admission | None = None,
         run_blocking: Runner = run_inline,
+        literal_dir: str | None = None,
     ) -> None:
         self.config = config
         self.hostname = hostname
@@ -164,14 +177,19 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         self.tls_options = tls_options
         self.implicit_tls = implicit_tls
         self.auth_failure_delay = auth_failure_delay
-        self.cache = cache if cache is not None else StructureCache(4096)
+        self.cache = cache if cache is not None else structure_cache(config)
         self.admission: Admission = admission if admission is not None else local_admission(config)
         self.run_blocking = run_blocking
+        self.literal_dir = literal_dir
         self._sessions: dict[str, set[IMAPServer]] = {}
         store.add_listener(self.store_changed)
 
     def buildProtocol(self, addr: IAddress | None) -> IMAPServer:
         return IMAPServer(self)
+
+    def spool_literal(self, size: int) -> SpooledLiteral:
+        """A temporary file for an APPEND literal of ``size`` bytes, in ``literal_dir``."""
+        return open_spool(self.literal_dir, size)
 
     def logPrefix(self) -> str:
         return "IMAPS" if self.implicit_tls else "IMAP"
@@ -205,6 +223,9 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         sessions.discard(session)
         if not sessions:
             del self._sessions[user]
+            # The user's last session here: their parsed messages go (as a Dovecot imap
+            # process ends with its user's last session). Keys start with the user.
+            self.cache.discard_if(lambda key: isinstance(key, tuple) and key[:1] == (user,))
         self.admission.logout(user)
 
     def sessions_of(self, user: str) -> set[IMAPServer]:

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mailgw.imap.literal import SpooledLiteral
 from mailgw.imap.sequence import SequenceError, SequenceSet, parse_sequence_set
 from mailgw.store.names import mutf7_decode
 
@@ -51,6 +52,14 @@ class String:
 
 
 @dataclass(frozen=True, slots=True)
+class LiteralFile:
+    """An APPEND message literal spooled to a temporary file (see ``CommandReader``)."""
+
+    file: SpooledLiteral
+    binary: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class PList:
     """A parenthesised list."""
 
@@ -71,7 +80,7 @@ class Section:
     raw: str | None = None
 
 
-Node = Atom | Number | Nil | String | PList | Section
+Node = Atom | Number | Nil | String | LiteralFile | PList | Section
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +190,11 @@ class CommandReader:
     non-synchronising one is then discarded as it arrives; lists deeper than ``max_depth`` and
     commands with more than ``max_args`` tokens are refused. After a BAD the reader resumes at
     the next command line. The limits are attributes a session may change (e.g. after login).
+
+    Spooling: with ``spool`` set (a function of the size returning a ``SpooledLiteral``), an
+    APPEND literal larger than ``spool_above`` is written to it as it arrives and becomes a
+    :class:`LiteralFile` node instead of bytes held in memory. ``close()`` drops a literal
+    being read (the connection is gone).
     """
 
     def __init__(
@@ -206,6 +220,9 @@ class CommandReader:
         self._skip_tail = b""  # last bytes of an overlong line being skipped
         self._want_line = False
         self._after_literal = False  # the line being read continues after a literal
+        self.spool: Callable[[int], SpooledLiteral] | None = None
+        self.spool_above = 256 * 1024
+        self._sink: SpooledLiteral | None = None  # the literal being spooled
 
     # -- input -----------------------------------------------------------------------------
 
@@ -238,6 +255,17 @@ class CommandReader:
             self._mode = _LINE
             self._builder = None
             self._literal = bytearray()
+            self._drop_sink()
+
+    def close(self) -> None:
+        """Drop what a half-read command holds (a literal being spooled is deleted)."""
+        self._drop_sink()
+        self._builder = None
+
+    def _drop_sink(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
 
     def discard_buffered(self) -> int:
         """Drop every buffered byte not yet parsed (pipelined input after STARTTLS); returns
@@ -304,18 +332,27 @@ class CommandReader:
     def _read_literal(self) -> bool:
         take = min(len(self._buf), self._remaining)
         if take:
-            self._literal += self._buf[:take]
+            if self._sink is not None:
+                self._sink.write(memoryview(self._buf)[:take])
+            else:
+                self._literal += self._buf[:take]
             del self._buf[:take]
             self._remaining -= take
         if self._remaining:
             return False
         builder = self._builder
         assert builder is not None
-        value = bytes(self._literal)
-        self._literal = bytearray()
         self._mode = _LINE
+        node: Node
+        if self._sink is not None:
+            self._sink.finish()
+            node = LiteralFile(self._sink, builder.literal_binary)
+            self._sink = None
+        else:
+            node = String(bytes(self._literal), literal=True, binary=builder.literal_binary)
+            self._literal = bytearray()
         # cannot exceed max_args: the slot was reserved when the literal was announced
-        self._push(builder, String(value, literal=True, binary=builder.literal_binary))
+        self._push(builder, node)
         self._after_literal = True
         return True
 
@@ -434,6 +471,9 @@ class CommandReader:
         self._mode = _LITERAL
         self._remaining = size
         self._literal = bytearray()
+        self._drop_sink()
+        if self.spool is not None and size > self.spool_above and builder.name == "APPEND":
+            self._sink = self.spool(size)
         if sync:
             return NeedContinuation(builder.tag, builder.name, size)
         return None
@@ -694,9 +734,12 @@ class Status:
 
 @dataclass(frozen=True, slots=True)
 class AppendMessage:
+    """One message of an APPEND: ``data`` is bytes, or a ``SpooledLiteral`` for a large one
+    (it reads like a file and has a ``len``)."""
+
     flags: tuple[str, ...]
     date: datetime.datetime | None
-    data: bytes
+    data: bytes | SpooledLiteral
     binary: bool = False
 
 
@@ -1359,9 +1402,12 @@ def _p_append(args: _Args, utf8: bool) -> Append:
             except (ValueError, UnicodeDecodeError) as e:
                 raise CommandError(f"Invalid date-time: {e}") from e
         data = args.take("message literal")
-        if not isinstance(data, String) or not data.literal:
+        if isinstance(data, LiteralFile):
+            messages.append(AppendMessage(flags, date, data.file, data.binary))
+        elif not isinstance(data, String) or not data.literal:
             raise CommandError("The message must be sent as a literal")
-        messages.append(AppendMessage(flags, date, data.value, data.binary))
+        else:
+            messages.append(AppendMessage(flags, date, data.value, data.binary))
         if not args.more():
             return Append(mailbox, tuple(messages))
 

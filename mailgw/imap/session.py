@@ -221,6 +221,7 @@ class IMAPServer(Protocol):
         if self._steps is not None:
             self._steps[1].close()
             self._steps = None
+        self.reader.close()
         if self._pump is not None:
             self._pump.stopProducing()
             self._pump = None
@@ -667,6 +668,9 @@ class IMAPServer(Protocol):
         self.reader.max_literal = self.config.max_literal_size
         self.reader.max_depth = 20
         self.reader.max_args = 100_000
+        # large APPEND literals go to a temporary file as they arrive (issue 10)
+        self.reader.spool = self.factory.spool_literal
+        self.reader.spool_above = self.config.literal_memory_max
         log.info(
             "imap {session} login {user} from {peer}",
             session=self.session_id,
@@ -741,6 +745,7 @@ class IMAPServer(Protocol):
         self.reader.max_literal = PREAUTH_MAX_LITERAL
         self.reader.max_depth = PREAUTH_MAX_DEPTH
         self.reader.max_args = PREAUTH_MAX_ARGS
+        self.reader.spool = None
         self._write(wire.tagged(tag, "OK", "UNAUTHENTICATE completed"))
 
     def do_NAMESPACE(self, tag: str, command: p.Simple) -> None:
@@ -778,6 +783,7 @@ class IMAPServer(Protocol):
         sel = SelectedMailbox(mailbox, readonly, claim, self.condstore, self.qresync)
         self.selected = sel
         self.fetcher = Fetcher(user, sel, self.factory.cache)
+        sel.on_gone = self.fetcher.forget  # expunged: its cached structure goes too
         self.state = SELECTED
         for line in sel.select_responses():
             self._write(line)
@@ -905,16 +911,19 @@ class IMAPServer(Protocol):
 
     def do_APPEND(self, tag: str, command: p.Append) -> None:
         if any(not message.data for message in command.messages):
+            _close_literals(command)
             self._no(tag, "Empty messages are not stored", wire.CANNOT)
             return
         # The date-time keeps its zone (FETCH INTERNALDATE, SEARCH BEFORE/ON/SINCE).
         messages = [(m.data, m.flags, m.date) for m in command.messages]
         # The writes and fsyncs run in the I/O pool (the factory's runner): other sessions
         # go on meanwhile; this one waits (commands run in order). All or none (RFC 3502).
+        # Spooled literals are read from their files there, then deleted.
         self._busy = True
         d = self.factory.run_blocking(
             self.factory.store.append_messages, self._user(), command.mailbox, messages
         )
+        d.addBoth(_passing(_close_literals, command))
         d.addCallbacks(self._appended, self._append_failed, callbackArgs=(tag,), errbackArgs=(tag,))
 
     def _appended(self, result: tuple[int, list[int]], tag: str) -> None:
@@ -1295,6 +1304,23 @@ class IMAPServer(Protocol):
         threads = format_threads(roots)
         self._write(b"* THREAD " + threads + b"\r\n" if threads else b"* THREAD\r\n")
         self._ok(tag, "THREAD completed")
+
+
+def _close_literals(command: p.Append) -> None:
+    """Delete the temporary files of an APPEND's spooled literals."""
+    for message in command.messages:
+        if not isinstance(message.data, bytes):
+            message.data.close()
+
+
+def _passing(action: Callable[[p.Append], None], command: p.Append) -> Callable[[Any], Any]:
+    """A Deferred callback running ``action(command)`` and passing the result on."""
+
+    def run(result: Any) -> Any:
+        action(command)
+        return result
+
+    return run
 
 
 def _enable_condstore(server: IMAPServer) -> None:

@@ -128,8 +128,7 @@ def serve(
 ) -> list[Any]:
     """Build this worker's directory, store and IMAP factories (as ``mailgw.service.Node``
     does) and adopt the inherited listening sockets; returns the listening ports."""
-    from mailgw.imap.factory import IMAPFactory
-    from mailgw.mime import StructureCache
+    from mailgw.imap.factory import IMAPFactory, structure_cache
     from mailgw.net.listen import parse_listen, wrap_factory
     from mailgw.service import IO_THREADS, build_directory, build_store, build_tls_options
     from mailgw.spool.threads import pool_runner
@@ -140,7 +139,7 @@ def serve(
     store = build_store(config, directory, reactor, tier2_from_config(data_dir, config.store))
     tls_options = build_tls_options(config)
     admission = RemoteAdmission(control)
-    cache = StructureCache(4096)
+    cache = structure_cache(config.imap)
     io_pool = ThreadPool(minthreads=0, maxthreads=IO_THREADS, name="mailgw-imap-io")
     io_pool.start()
     reactor.addSystemEventTrigger("during", "shutdown", io_pool.stop)
@@ -163,6 +162,7 @@ def serve(
                 cache=cache,
                 admission=admission,
                 run_blocking=run_io,
+                literal_dir=os.path.join(data_dir, "tmp"),
             )
         spec, _ = parse_listen(listener["description"])
         wrapped = wrap_factory(
