@@ -59,6 +59,18 @@ class LiteralFile:
     binary: bool = False
 
 
+def discard_literals(items: list[Node] | tuple[Node, ...]) -> None:
+    """Delete the spooled literals among ``items`` (nested lists included): a command that
+    will not run (refused, or its arguments invalid)."""
+    stack = list(items)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, LiteralFile):
+            node.file.close()
+        elif isinstance(node, PList):
+            stack.extend(node.items)
+
+
 @dataclass(frozen=True, slots=True)
 class PList:
     """A parenthesised list."""
@@ -174,6 +186,7 @@ class _Builder:
     stack: list[_Frame]
     count: int = 0
     literal_binary: bool = False
+    literal_total: int = 0  # bytes of the literals announced so far
 
 
 class CommandReader:
@@ -194,7 +207,8 @@ class CommandReader:
     Spooling: with ``spool`` set (a function of the size returning a ``SpooledLiteral``), an
     APPEND literal larger than ``spool_above`` is written to it as it arrives and becomes a
     :class:`LiteralFile` node instead of bytes held in memory. ``close()`` drops a literal
-    being read (the connection is gone).
+    being read (the connection is gone). ``max_command_literals`` (None: no bound) bounds
+    the literal bytes of one command: a literal beyond it is refused like a too large one.
     """
 
     def __init__(
@@ -222,6 +236,7 @@ class CommandReader:
         self._after_literal = False  # the line being read continues after a literal
         self.spool: Callable[[int], SpooledLiteral] | None = None
         self.spool_above = 256 * 1024
+        self.max_command_literals: int | None = None  # literal bytes in one command
         self._sink: SpooledLiteral | None = None  # the literal being spooled
 
     # -- input -----------------------------------------------------------------------------
@@ -253,14 +268,21 @@ class CommandReader:
         client will not send it, so the command is dropped and the next line is a new one."""
         if self._mode == _LITERAL:
             self._mode = _LINE
-            self._builder = None
+            self._abandon()
             self._literal = bytearray()
             self._drop_sink()
 
     def close(self) -> None:
         """Drop what a half-read command holds (a literal being spooled is deleted)."""
         self._drop_sink()
-        self._builder = None
+        self._abandon()
+
+    def _abandon(self) -> None:
+        """Drop the command being read, deleting the literals it spooled."""
+        builder, self._builder = self._builder, None
+        if builder is not None:
+            for frame in builder.stack:
+                discard_literals(frame.items)
 
     def _drop_sink(self) -> None:
         if self._sink is not None:
@@ -362,7 +384,7 @@ class CommandReader:
         self._buf.clear()
         self._scan = 0
         self._mode = _SKIP
-        self._builder = None
+        self._abandon()
         return BadCommand(tag, "Command line too long")
 
     def _skip_line(self) -> bool:
@@ -403,7 +425,7 @@ class CommandReader:
     def _refuse(
         self, tag: str | None, text: str, line: bytes, code: str | None = None
     ) -> BadCommand:
-        self._builder = None
+        self._abandon()
         self._discard_tail(line)
         return BadCommand(tag, text, code)
 
@@ -447,16 +469,20 @@ class CommandReader:
         except _Bad as bad:
             return self._refuse(builder.tag, bad.text, line, bad.code)
         if literal is None:
-            self._builder = None
             if len(builder.stack) != 1:
+                self._abandon()
                 return BadCommand(builder.tag, "Unbalanced parentheses or brackets")
+            self._builder = None
             return Command(builder.tag, builder.name, tuple(builder.stack[0].items), builder.uid)
         size, sync, binary = literal
         limit = self.max_literal
         if not sync and self.literal_minus:
             limit = min(limit, LITERAL_MINUS_MAX)
+        if self.max_command_literals is not None:
+            limit = min(limit, self.max_command_literals - builder.literal_total)
+        builder.literal_total += size
         if size > limit:
-            self._builder = None
+            self._abandon()
             if not sync:
                 self._mode = _DISCARD
                 self._remaining = size

@@ -14,7 +14,13 @@ from typing import Any
 from mailgw.imap import parser as p
 from mailgw.imap.fetch import Fetcher, MessageGone
 from mailgw.imap.sequence import Ranges, contains, resolve
-from mailgw.mime import decode_header_value, header_values, parse_date, text_parts
+from mailgw.mime import (
+    decode_bytes,
+    decode_header_value,
+    header_values,
+    parse_date,
+    text_parts,
+)
 from mailgw.mime.addresses import parse_address_list
 from mailgw.mime.text import date_offset
 
@@ -194,4 +200,12 @@ class Searcher:
         for _part, text in text_parts(structure, raw, MAX_TEXT_BYTES):
             if needle in text.casefold():
                 return True
+        if structure.truncated:
+            # Containers nested beyond the parser's depth limit are opaque leaves: their
+            # text is searched as stored (transfer encodings are not undone there).
+            for part in structure.walk():
+                if part.opaque:
+                    data = raw[part.body_start : min(part.end, part.body_start + MAX_TEXT_BYTES)]
+                    if needle in decode_bytes(data).casefold():
+                        return True
         return False

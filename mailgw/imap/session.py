@@ -364,6 +364,7 @@ class IMAPServer(Protocol):
         try:
             command = p.parse_command(raw)
         except CommandError as e:
+            p.discard_literals(raw.args)  # an APPEND's spooled literals
             if name == "SEARCH" and self.selected is not None and _saves(raw):
                 self.selected.saved = []  # a failed SEARCH RETURN (SAVE) empties $ (RFC 5182)
             if e.status == "BAD":
@@ -668,9 +669,12 @@ class IMAPServer(Protocol):
         self.reader.max_literal = self.config.max_literal_size
         self.reader.max_depth = 20
         self.reader.max_args = 100_000
-        # large APPEND literals go to a temporary file as they arrive (issue 10)
+        # large APPEND literals go to a temporary file as they arrive (issue 10); a
+        # MULTIAPPEND larger than the user's whole quota could never be stored, so it may
+        # not fill the disk with temporary files either
         self.reader.spool = self.factory.spool_literal
         self.reader.spool_above = self.config.literal_memory_max
+        self.reader.max_command_literals = self.factory.store.quota_usage(canonical)[1]
         log.info(
             "imap {session} login {user} from {peer}",
             session=self.session_id,
@@ -746,6 +750,7 @@ class IMAPServer(Protocol):
         self.reader.max_depth = PREAUTH_MAX_DEPTH
         self.reader.max_args = PREAUTH_MAX_ARGS
         self.reader.spool = None
+        self.reader.max_command_literals = None
         self._write(wire.tagged(tag, "OK", "UNAUTHENTICATE completed"))
 
     def do_NAMESPACE(self, tag: str, command: p.Simple) -> None:

@@ -165,3 +165,42 @@ def test_no_spooling_before_login(spool_env: Env, monkeypatch: pytest.MonkeyPatc
     client = spool_env.connect()
     client.send(b"a1 APPEND INBOX {2000+}\r\n" + b"x" * 2000 + b"\r\n")
     assert made == []
+
+
+def test_literals_of_one_command_are_bounded_in_total(tmp_path: Path) -> None:
+    made: list[SpooledLiteral] = []
+    reader = spooling_reader(tmp_path, made)
+    reader.max_command_literals = 10_000
+    events = reader.feed(b"a1 APPEND INBOX {6000+}\r\n" + b"x" * 6000 + b" {6000}\r\n")
+    assert len(events) == 1 and events[0].code == "TOOBIG"  # type: ignore[union-attr]
+    # a new command starts from zero
+    events = reader.feed(b"a2 APPEND INBOX {6000+}\r\n" + b"x" * 6000 + b"\r\n")
+    assert isinstance(events[0], Command)
+
+
+def test_multiappend_beyond_the_quota_is_refused_before_reading(
+    spool_env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool_env.directory.quotas["alice@example.test"] = 100_000
+    made = track(spool_env, monkeypatch)
+    client = spool_env.connect(login="alice@example.test")
+    body = message(1, 60_000)
+    out = client.send(b"a1 APPEND INBOX {%d+}\r\n" % len(body) + body + b" {%d}\r\n" % len(body))
+    assert b"a1 NO [TOOBIG]" in out
+    assert len(made) == 1 and made[0].closed  # the first literal's file is gone too
+    assert b"NOOP completed" in client.cmd("NOOP")  # the session goes on
+
+
+def test_invalid_append_arguments_delete_the_spooled_literals(
+    spool_env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = track(spool_env, monkeypatch)
+    client = spool_env.connect(login="alice@example.test")
+    body = message(1, 60_000)
+    # a literal, then an argument that is not a message literal
+    out = client.send(b"a1 APPEND INBOX {%d+}\r\n" % len(body) + body + b" (\\Seen)\r\n")
+    assert b"a1 BAD" in out
+    # unbalanced parentheses after a literal
+    out = client.send(b"a2 APPEND INBOX {%d+}\r\n" % len(body) + body + b" (\r\n")
+    assert b"a2 BAD" in out
+    assert len(made) == 2 and all(spool.closed for spool in made)
