@@ -399,9 +399,9 @@ class IMAPServer(Protocol):
         seconds = self.factory.reactor.seconds
         deadline = seconds() + SLICE_SECONDS
         try:
-            for n in range(1, SLICE_STEPS + 1):
+            for _ in range(SLICE_STEPS):
                 next(steps)
-                if n % 32 == 0 and seconds() >= deadline:
+                if seconds() >= deadline:
                     break
             self._slice_call = self.factory.reactor.callLater(0, self._slice)
             return
