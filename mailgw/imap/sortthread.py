@@ -7,7 +7,8 @@ code is iterative, so a reply chain thousands of messages deep needs no recursio
 
 Hostile input stays cheap: REFERENCES takes at most the last ``MAX_REFERENCES`` message IDs
 of each message and runs in near-linear time (a parent map whose loop check finds roots
-through path-compressed shortcuts, not by walking whole reply chains), and every algorithm
+through path-compressed shortcuts, or a link-cut forest once a subtree has moved, not by
+walking whole reply chains), and every algorithm
 has a ``*_steps`` generator form that yields every few hundred elementary steps, so the IMAP
 session can give the reactor back to other sessions during a long SORT or THREAD.
 """
@@ -429,17 +430,17 @@ def thread_references_steps(
     is a root, so it is "is B the root of A's tree": roots are found through shortcut
     pointers (each points to an ancestor, path-compressed as in union-find), which links
     keep valid. The only other change to the forest is a message leaving the parent an
-    earlier References guessed for it; that invalidates the shortcuts (an epoch counter),
-    and they are rebuilt from the parent map as they are next used.
+    earlier References guessed for it; when that message has replies below it, shortcuts
+    could jump over the cut edge, so from then on roots are found in a link-cut forest
+    (Sleator-Tarjan), O(log n) amortized per link, cut or root query.
     """
     steps = steps if steps is not None else Steps()
     number: dict[str, int] = {}  # message ID -> container
     parent: list[int] = []  # -1: a root
     children: list[int] = []  # how many children each container has
     held: list[SortMessage | None] = []
-    up: list[int] = []  # an ancestor (or the container itself) when up_epoch is current
-    up_epoch: list[int] = []
-    epoch = 0
+    up: list[int] = []  # an ancestor (or the container itself): root-finding shortcuts
+    forest: _LinkCutForest | None = None  # replaces the shortcuts once a subtree moved
 
     def container(mid: str) -> int:
         n = number.get(mid)
@@ -449,13 +450,16 @@ def thread_references_steps(
             children.append(0)
             held.append(None)
             up.append(n)
-            up_epoch.append(epoch)
+            if forest is not None:
+                forest.add()
         return n
 
     def root(x: int) -> int:
+        if forest is not None:
+            return forest.root(x)
         path: list[int] = []
         while True:
-            nxt = up[x] if up_epoch[x] == epoch else x
+            nxt = up[x]
             if nxt == x:
                 nxt = parent[x]
                 if nxt < 0:
@@ -464,9 +468,14 @@ def thread_references_steps(
             x = nxt
         for y in path:
             up[y] = x
-            up_epoch[y] = epoch
         steps.count += len(path)
         return x
+
+    def link(child: int, new_parent: int) -> None:
+        parent[child] = new_parent
+        children[new_parent] += 1
+        if forest is not None:
+            forest.link(child, new_parent)
 
     for m in sorted(messages, key=lambda m: m.seq):
         mid = m.message_id
@@ -482,8 +491,7 @@ def thread_references_steps(
             r = container(ref)
             # (1B) link prev -> r unless r already has a parent or it would make a loop
             if prev >= 0 and parent[r] < 0 and r != prev and root(prev) != r:
-                parent[r] = prev
-                children[prev] += 1
+                link(r, prev)
             prev = r
             if steps.add():
                 yield
@@ -492,13 +500,16 @@ def thread_references_steps(
             if parent[node] >= 0:
                 children[parent[node]] -= 1
                 parent[node] = -1
-                if children[node]:
-                    epoch += 1  # shortcuts from below through the old parent are stale
+                if forest is not None:
+                    forest.cut(node)
+                elif children[node]:
+                    # Shortcuts from below may jump over the edge just cut: from now on
+                    # roots are found in a link-cut forest (O(log n) per operation).
+                    forest = _LinkCutForest(parent, steps)
                 else:
                     up[node] = node  # no other container's shortcut passes through it
             if prev >= 0 and prev != node and root(prev) != node:
-                parent[node] = prev
-                children[prev] += 1
+                link(node, prev)
         if steps.add():
             yield
     nodes = [ThreadNode(held[i]) for i in range(len(parent))]
@@ -511,6 +522,96 @@ def thread_references_steps(
     yield from _sort_siblings(roots, steps)
     merged = yield from _merge_subjects(roots, steps)
     return merged
+
+
+class _LinkCutForest:
+    """A link-cut forest (Sleator and Tarjan) over container numbers: ``link`` a root
+    under a node, ``cut`` a node from its parent, find a node's ``root``, each in O(log n)
+    amortized. Each preferred path is a splay tree keyed by depth; ``par`` is the splay
+    parent, or for a splay root the path-parent. Every splay step counts in ``steps``."""
+
+    __slots__ = ("left", "right", "par", "steps")
+
+    def __init__(self, parent: list[int], steps: Steps) -> None:
+        # every node alone on its path, the path-parent being its parent in the forest
+        self.left = [-1] * len(parent)
+        self.right = [-1] * len(parent)
+        self.par = list(parent)
+        self.steps = steps
+        steps.count += len(parent)
+
+    def add(self) -> None:
+        self.left.append(-1)
+        self.right.append(-1)
+        self.par.append(-1)
+
+    def _is_root(self, x: int) -> bool:
+        p = self.par[x]
+        return p < 0 or (self.left[p] != x and self.right[p] != x)
+
+    def _rotate(self, x: int) -> None:
+        left, right, par = self.left, self.right, self.par
+        p = par[x]
+        g = par[p]
+        if not self._is_root(p):
+            if left[g] == p:
+                left[g] = x
+            else:
+                right[g] = x
+        par[x] = g
+        if left[p] == x:
+            b = right[x]
+            left[p] = b
+            right[x] = p
+        else:
+            b = left[x]
+            right[p] = b
+            left[x] = p
+        if b >= 0:
+            par[b] = p
+        par[p] = x
+        self.steps.count += 1
+
+    def _splay(self, x: int) -> None:
+        left, par = self.left, self.par
+        while not self._is_root(x):
+            p = par[x]
+            if not self._is_root(p):
+                g = par[p]
+                self._rotate(p if (left[g] == p) == (left[p] == x) else x)
+            self._rotate(x)
+
+    def _access(self, x: int) -> None:
+        last = -1
+        y = x
+        while y >= 0:
+            self._splay(y)
+            self.right[y] = last
+            last = y
+            y = self.par[y]
+        self._splay(x)
+
+    def root(self, x: int) -> int:
+        self._access(x)
+        left = self.left
+        while left[x] >= 0:
+            x = left[x]
+            self.steps.count += 1
+        self._splay(x)
+        return x
+
+    def link(self, child: int, parent: int) -> None:
+        """``child`` (a root) becomes a child of ``parent``."""
+        self._access(child)
+        self.par[child] = parent
+
+    def cut(self, x: int) -> None:
+        """``x`` leaves its parent (it must have one)."""
+        self._access(x)
+        above = self.left[x]
+        if above >= 0:
+            self.par[above] = -1
+            self.left[x] = -1
 
 
 def _merge_subjects(

@@ -9,10 +9,14 @@ Costs are counted in steps (``Steps``), never timed.
 
 from __future__ import annotations
 
+import random
+
+from mailgw.imap import sortthread
 from mailgw.imap.sortthread import (
     MAX_REFERENCES,
     SortMessage,
     Steps,
+    ThreadNode,
     format_threads,
     run_steps,
     sort_messages,
@@ -149,6 +153,77 @@ def test_long_reply_chains_cost_is_linear() -> None:
     ]
     _out, steps, _ = _run(full)
     assert steps.count <= 20 * 2000 * 51, steps.count
+
+
+def test_messages_leaving_guessed_parents_cost_n_log_n() -> None:
+    # One message's References guesses a chain c0 -> c1 -> ... ; then each c_i arrives
+    # naming the deepest one as its parent (a loop: refused), so it leaves its guessed parent
+    # with the rest of the chain below it. Walking up to the root each time was n*n/2.
+    n = 5000
+    first = msg(1, "Message-ID: <z@x>\nReferences: " + " ".join(f"<c{i}@x>" for i in range(n)))
+    rest = [msg(i + 1, f"Message-ID: <c{i}@x>\nReferences: <c{n - 1}@x>") for i in range(1, n)]
+    out, steps, _ = _run([first, *rest], max_references=None)
+    # each c_i leaves c_(i-1) and, its own reference looping, stays on top; the first
+    # message ends below the last one, which it named last
+    assert out == "".join(f"({i})" for i in range(2, n)) + f"({n} 1)"
+    assert steps.count <= 40 * n, steps.count
+
+
+def naive_threads(messages: list[SortMessage]) -> str:
+    """RFC 5256 step 1 written as the RFC says (walking up for every loop check), then the
+    module's own later steps: the reference the fast linking must agree with."""
+    table: dict[str, ThreadNode] = {}
+
+    def is_ancestor(node: ThreadNode, of: ThreadNode | None) -> bool:
+        while of is not None:
+            if of is node:
+                return True
+            of = of.parent
+        return False
+
+    def unlink(child: ThreadNode) -> None:
+        if child.parent is not None:
+            child.parent.children.remove(child)
+            child.parent = None
+
+    for m in sorted(messages, key=lambda m: m.seq):
+        mid = m.message_id
+        if mid is None or (mid in table and table[mid].message is not None):
+            mid = f"unique {m.seq}"
+        node = table.setdefault(mid, ThreadNode())
+        node.message = m
+        prev: ThreadNode | None = None
+        for ref in m.references:
+            ref_node = table.setdefault(ref, ThreadNode())
+            if prev is not None and ref_node.parent is None and not is_ancestor(ref_node, prev):
+                sortthread._link(prev, ref_node)
+            prev = ref_node
+        unlink(node)
+        if prev is not None and not is_ancestor(node, prev):
+            sortthread._link(prev, node)
+    steps = Steps()
+    roots = run_steps(sortthread._prune([n for n in table.values() if n.parent is None], steps))
+    run_steps(sortthread._sort_siblings(roots, steps))
+    return format_threads(run_steps(sortthread._merge_subjects(roots, steps))).decode()
+
+
+def test_fast_linking_agrees_with_the_rfc_walk() -> None:
+    rnd = random.Random(5256)
+    for _ in range(400):
+        ids = rnd.randint(3, 25)
+        messages = []
+        for seq in range(1, rnd.randint(2, 30)):
+            headers = f"Subject: {rnd.choice(['a', 'Re: a', 'b', 'c'])}"
+            headers += f"\nDate: Mon, 1 Jan 2024 10:{rnd.randint(0, 59):02d}:00 +0000"
+            if rnd.random() < 0.95:
+                headers += f"\nMessage-ID: <m{rnd.randint(1, ids)}@x>"
+            refs = rnd.choice([0, 1, 1, 2, 3, 5, 8])
+            if refs:
+                headers += "\nReferences: " + " ".join(
+                    f"<m{rnd.randint(1, ids)}@x>" for _ in range(refs)
+                )
+            messages.append(msg(seq, headers))
+        assert threads(messages) == naive_threads(messages)
 
 
 def m_headers(i: int) -> str:
