@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import deque
 from collections.abc import Generator, Iterable
 from functools import cached_property
 from typing import Any
@@ -143,11 +144,13 @@ def base_subject(subject: str) -> tuple[str, bool]:
         return s, reply
 
 
-def _ids(values: Iterable[bytes]) -> list[str]:
-    out: list[str] = []
+def _ids(values: Iterable[bytes], last: int | None = None) -> list[str]:
+    """The message IDs in ``values``; only the ``last`` ones when given (memory stays
+    bounded however long the field is)."""
+    out: deque[str] = deque(maxlen=last)
     for value in values:
-        out.extend(m.decode("latin-1") for m in _MSGID.findall(value))
-    return out
+        out.extend(m.group(1).decode("latin-1") for m in _MSGID.finditer(value))
+    return list(out)
 
 
 class SortMessage:
@@ -229,10 +232,14 @@ class SortMessage:
         found = _ids(self._header("Message-ID")[:1])
         return found[0] if found else None
 
-    @cached_property
+    @property
     def references(self) -> list[str]:
         """References, or the first message ID of In-Reply-To when there are none (3)."""
-        refs = _ids(self._header("References"))
+        return self.last_references(None)
+
+    def last_references(self, limit: int | None) -> list[str]:
+        """:attr:`references`, only the last ``limit`` of them when given."""
+        refs = _ids(self._header("References"), limit)
         if refs:
             return refs
         return _ids(self._header("In-Reply-To"))[:1]
@@ -483,9 +490,7 @@ def thread_references_steps(
             mid = f"\0{m.seq}"  # no or duplicate Message-ID: a unique one
         node = container(mid)
         held[node] = m
-        refs = m.references
-        if max_references is not None and len(refs) > max_references:
-            refs = refs[len(refs) - max_references :]
+        refs = m.last_references(max_references)
         prev = -1
         for ref in refs:
             r = container(ref)
