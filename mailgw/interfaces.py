@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import datetime
 from collections.abc import Sequence
+from typing import Any
 
 from zope.interface import Attribute, Interface
 
@@ -248,10 +249,11 @@ class IMessageStore(Interface):
     def append_messages(
         user: str,
         name: str,
-        messages: Sequence[tuple[bytes, Sequence[str], datetime.datetime | float | None]],
+        messages: Sequence[tuple[Any, Sequence[str], datetime.datetime | float | None]],
     ) -> tuple[int, list[int]]:
         """Store ``(data, flags, internaldate)`` messages in a folder, all or none (IMAP
-        APPEND/MULTIAPPEND): (UIDVALIDITY, new UIDs); ``internaldate`` as for
+        APPEND/MULTIAPPEND): (UIDVALIDITY, new UIDs); ``data`` is bytes, or a file read in
+        chunks whose ``len()`` is its size (a spooled literal); ``internaldate`` as for
         ``IMailbox.append`` (an aware datetime keeps its zone). Callable from any thread.
         QuotaExceeded (nothing stored), MailboxNotFound, ValueError."""
 

@@ -291,9 +291,8 @@ class Node(service.MultiService):
             self._add_imap()
 
     def _add_imap(self) -> None:
-        from mailgw.imap.factory import IMAPFactory, local_admission
+        from mailgw.imap.factory import IMAPFactory, local_admission, structure_cache
         from mailgw.imap.workers import worker_count
-        from mailgw.mime import StructureCache
 
         config = self.config
         workers = worker_count(config.imap.workers)
@@ -301,7 +300,8 @@ class Node(service.MultiService):
             self._add_imap_workers(workers)
             return
         imap_tls = build_tls_options(config, "imap")  # its own ALPN ID
-        cache = StructureCache(4096)
+        cache = structure_cache(config.imap)
+        literal_dir = os.path.join(config.server.data_dir, "tmp")
         # One count for the plain and TLS listeners, inside the process total.
         admission = local_admission(config.imap, self.counters["imap"])
         for implicit in (False, True):
@@ -320,6 +320,7 @@ class Node(service.MultiService):
                 admission=admission,
                 run_blocking=self.run_io,
                 auth=self.auth,
+                literal_dir=literal_dir,
             )
             key = "listen_tls" if implicit else "listen"
             self._listen(

@@ -350,6 +350,21 @@ class IMAPConfig:
         _workers,
         "Worker processes serving IMAP sessions: auto (one per CPU), a number, or 0 (in-process).",
     )
+    parsed_cache_size: int = key(
+        "32M",
+        v.parse_size,
+        "Memory each IMAP process keeps for parsed messages (headers, structure), estimated.",
+    )
+    parsed_cache_max_message: int = key(
+        "1M",
+        v.parse_size,
+        "A message whose parsed headers and structure take more is parsed on each use, not kept.",
+    )
+    literal_memory_max: int = key(
+        "256K",
+        v.parse_size,
+        "APPEND message literals larger than this are spooled to a temporary file as they arrive.",
+    )
 
 
 # -- relay, channels, routes, submission (issue 4) ---------------------------------------------

@@ -12,6 +12,7 @@ from twisted.internet.protocol import ServerFactory
 
 from mailgw.config.schema import IMAPConfig
 from mailgw.directory.penalty import AuthGuard, local_auth_guard
+from mailgw.imap.literal import SpooledLiteral, open_spool
 from mailgw.imap.session import IMAPServer
 from mailgw.interfaces import IDirectory, IMessageStore
 from mailgw.mime import StructureCache
@@ -126,6 +127,15 @@ class LocalAdmission:
         self.limits.logout(user)
 
 
+def structure_cache(config: IMAPConfig) -> StructureCache:
+    """The parsed-message cache of one IMAP process, bounded as ``[imap]`` says."""
+    return StructureCache(
+        max_entries=65536,
+        max_bytes=config.parsed_cache_size,
+        max_entry_bytes=config.parsed_cache_max_message,
+    )
+
+
 def local_admission(config: IMAPConfig, counter: ConnectionCounter | None = None) -> LocalAdmission:
     """Admission by this process's own counters, with the limits of ``config`` (connections
     counted by ``counter`` when given, else by a counter of ``config``'s caps)."""
@@ -149,6 +159,8 @@ class IMAPFactory(ServerFactory[IMAPServer]):
     (APPEND's files and fsyncs): in the server a thread pool, inline by default (tests).
     ``auth`` checks passwords under the auth penalty (the node's, or the main process's from
     a worker); by default one of this factory's own.
+    ``literal_dir``: where large APPEND literals are spooled (the system's temporary
+    directory when None).
     """
 
     noisy = False  # no "Starting factory <...>" in the mail log
@@ -167,6 +179,7 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         admission: Admission | None = None,
         run_blocking: Runner = run_inline,
         auth: AuthGuard | None = None,
+        literal_dir: str | None = None,
     ) -> None:
         self.config = config
         self.hostname = hostname
@@ -176,17 +189,22 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         self.tls_options = tls_options
         self.implicit_tls = implicit_tls
         self.auth_failure_delay = auth_failure_delay
-        self.cache = cache if cache is not None else StructureCache(4096)
+        self.cache = cache if cache is not None else structure_cache(config)
         self.admission: Admission = admission if admission is not None else local_admission(config)
         self.run_blocking = run_blocking
         self.auth = (
             auth if auth is not None else local_auth_guard(directory, reactor, auth_failure_delay)
         )
+        self.literal_dir = literal_dir
         self._sessions: dict[str, set[IMAPServer]] = {}
         store.add_listener(self.store_changed)
 
     def buildProtocol(self, addr: IAddress | None) -> IMAPServer:
         return IMAPServer(self)
+
+    def spool_literal(self, size: int) -> SpooledLiteral:
+        """A temporary file for an APPEND literal of ``size`` bytes, in ``literal_dir``."""
+        return open_spool(self.literal_dir, size)
 
     def logPrefix(self) -> str:
         return "IMAPS" if self.implicit_tls else "IMAP"
@@ -220,6 +238,9 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         sessions.discard(session)
         if not sessions:
             del self._sessions[user]
+            # The user's last session here: their parsed messages go (as a Dovecot imap
+            # process ends with its user's last session). Keys start with the user.
+            self.cache.discard_if(lambda key: isinstance(key, tuple) and key[:1] == (user,))
         self.admission.logout(user)
 
     def sessions_of(self, user: str) -> set[IMAPServer]:

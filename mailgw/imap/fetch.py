@@ -86,6 +86,10 @@ class Fetcher:
         sel = self.selected
         return (self.user, sel.name, int(sel.mailbox.uidvalidity), uid)
 
+    def forget(self, uid: int) -> None:
+        """Drop the cached structure of an expunged message."""
+        self.cache.discard(self._key(uid))
+
     def load(self, uid: int, want_bytes: bool, want_structure: bool) -> tuple[bytes, Any]:
         """The stored bytes (b"" unless wanted) and the structure (None unless wanted)."""
         raw = b""
@@ -99,6 +103,7 @@ class Fetcher:
             try:
                 raw = self.selected.mailbox.read_message(uid)
             except KeyError:
+                self.cache.discard(key)
                 raise MessageGone(uid) from None
         if want_structure:
             structure = self.cache.get_or_parse(key, raw)

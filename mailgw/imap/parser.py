@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mailgw.imap.literal import SpooledLiteral
 from mailgw.imap.sequence import SequenceError, SequenceSet, parse_sequence_set
 from mailgw.store.names import mutf7_decode
 
@@ -51,6 +52,26 @@ class String:
 
 
 @dataclass(frozen=True, slots=True)
+class LiteralFile:
+    """An APPEND message literal spooled to a temporary file (see ``CommandReader``)."""
+
+    file: SpooledLiteral
+    binary: bool = False
+
+
+def discard_literals(items: list[Node] | tuple[Node, ...]) -> None:
+    """Delete the spooled literals among ``items`` (nested lists included): a command that
+    will not run (refused, or its arguments invalid)."""
+    stack = list(items)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, LiteralFile):
+            node.file.close()
+        elif isinstance(node, PList):
+            stack.extend(node.items)
+
+
+@dataclass(frozen=True, slots=True)
 class PList:
     """A parenthesised list."""
 
@@ -71,7 +92,7 @@ class Section:
     raw: str | None = None
 
 
-Node = Atom | Number | Nil | String | PList | Section
+Node = Atom | Number | Nil | String | LiteralFile | PList | Section
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +186,7 @@ class _Builder:
     stack: list[_Frame]
     count: int = 0
     literal_binary: bool = False
+    literal_total: int = 0  # bytes of the literals announced so far
 
 
 class CommandReader:
@@ -181,6 +203,12 @@ class CommandReader:
     non-synchronising one is then discarded as it arrives; lists deeper than ``max_depth`` and
     commands with more than ``max_args`` tokens are refused. After a BAD the reader resumes at
     the next command line. The limits are attributes a session may change (e.g. after login).
+
+    Spooling: with ``spool`` set (a function of the size returning a ``SpooledLiteral``), an
+    APPEND literal larger than ``spool_above`` is written to it as it arrives and becomes a
+    :class:`LiteralFile` node instead of bytes held in memory. ``close()`` drops a literal
+    being read (the connection is gone). ``max_command_literals`` (None: no bound) bounds
+    the literal bytes of one command: a literal beyond it is refused like a too large one.
     """
 
     def __init__(
@@ -206,6 +234,10 @@ class CommandReader:
         self._skip_tail = b""  # last bytes of an overlong line being skipped
         self._want_line = False
         self._after_literal = False  # the line being read continues after a literal
+        self.spool: Callable[[int], SpooledLiteral] | None = None
+        self.spool_above = 256 * 1024
+        self.max_command_literals: int | None = None  # literal bytes in one command
+        self._sink: SpooledLiteral | None = None  # the literal being spooled
 
     # -- input -----------------------------------------------------------------------------
 
@@ -236,8 +268,26 @@ class CommandReader:
         client will not send it, so the command is dropped and the next line is a new one."""
         if self._mode == _LITERAL:
             self._mode = _LINE
-            self._builder = None
+            self._abandon()
             self._literal = bytearray()
+            self._drop_sink()
+
+    def close(self) -> None:
+        """Drop what a half-read command holds (a literal being spooled is deleted)."""
+        self._drop_sink()
+        self._abandon()
+
+    def _abandon(self) -> None:
+        """Drop the command being read, deleting the literals it spooled."""
+        builder, self._builder = self._builder, None
+        if builder is not None:
+            for frame in builder.stack:
+                discard_literals(frame.items)
+
+    def _drop_sink(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
 
     def discard_buffered(self) -> int:
         """Drop every buffered byte not yet parsed (pipelined input after STARTTLS); returns
@@ -304,18 +354,27 @@ class CommandReader:
     def _read_literal(self) -> bool:
         take = min(len(self._buf), self._remaining)
         if take:
-            self._literal += self._buf[:take]
+            if self._sink is not None:
+                self._sink.write(memoryview(self._buf)[:take])
+            else:
+                self._literal += self._buf[:take]
             del self._buf[:take]
             self._remaining -= take
         if self._remaining:
             return False
         builder = self._builder
         assert builder is not None
-        value = bytes(self._literal)
-        self._literal = bytearray()
         self._mode = _LINE
+        node: Node
+        if self._sink is not None:
+            self._sink.finish()
+            node = LiteralFile(self._sink, builder.literal_binary)
+            self._sink = None
+        else:
+            node = String(bytes(self._literal), literal=True, binary=builder.literal_binary)
+            self._literal = bytearray()
         # cannot exceed max_args: the slot was reserved when the literal was announced
-        self._push(builder, String(value, literal=True, binary=builder.literal_binary))
+        self._push(builder, node)
         self._after_literal = True
         return True
 
@@ -325,7 +384,7 @@ class CommandReader:
         self._buf.clear()
         self._scan = 0
         self._mode = _SKIP
-        self._builder = None
+        self._abandon()
         return BadCommand(tag, "Command line too long")
 
     def _skip_line(self) -> bool:
@@ -366,7 +425,7 @@ class CommandReader:
     def _refuse(
         self, tag: str | None, text: str, line: bytes, code: str | None = None
     ) -> BadCommand:
-        self._builder = None
+        self._abandon()
         self._discard_tail(line)
         return BadCommand(tag, text, code)
 
@@ -410,16 +469,20 @@ class CommandReader:
         except _Bad as bad:
             return self._refuse(builder.tag, bad.text, line, bad.code)
         if literal is None:
-            self._builder = None
             if len(builder.stack) != 1:
+                self._abandon()
                 return BadCommand(builder.tag, "Unbalanced parentheses or brackets")
+            self._builder = None
             return Command(builder.tag, builder.name, tuple(builder.stack[0].items), builder.uid)
         size, sync, binary = literal
         limit = self.max_literal
         if not sync and self.literal_minus:
             limit = min(limit, LITERAL_MINUS_MAX)
+        if self.max_command_literals is not None:
+            limit = min(limit, self.max_command_literals - builder.literal_total)
+        builder.literal_total += size
         if size > limit:
-            self._builder = None
+            self._abandon()
             if not sync:
                 self._mode = _DISCARD
                 self._remaining = size
@@ -434,6 +497,9 @@ class CommandReader:
         self._mode = _LITERAL
         self._remaining = size
         self._literal = bytearray()
+        self._drop_sink()
+        if self.spool is not None and size > self.spool_above and builder.name == "APPEND":
+            self._sink = self.spool(size)
         if sync:
             return NeedContinuation(builder.tag, builder.name, size)
         return None
@@ -694,9 +760,12 @@ class Status:
 
 @dataclass(frozen=True, slots=True)
 class AppendMessage:
+    """One message of an APPEND: ``data`` is bytes, or a ``SpooledLiteral`` for a large one
+    (it reads like a file and has a ``len``)."""
+
     flags: tuple[str, ...]
     date: datetime.datetime | None
-    data: bytes
+    data: bytes | SpooledLiteral
     binary: bool = False
 
 
@@ -1359,9 +1428,12 @@ def _p_append(args: _Args, utf8: bool) -> Append:
             except (ValueError, UnicodeDecodeError) as e:
                 raise CommandError(f"Invalid date-time: {e}") from e
         data = args.take("message literal")
-        if not isinstance(data, String) or not data.literal:
+        if isinstance(data, LiteralFile):
+            messages.append(AppendMessage(flags, date, data.file, data.binary))
+        elif not isinstance(data, String) or not data.literal:
             raise CommandError("The message must be sent as a literal")
-        messages.append(AppendMessage(flags, date, data.value, data.binary))
+        else:
+            messages.append(AppendMessage(flags, date, data.value, data.binary))
         if not args.more():
             return Append(mailbox, tuple(messages))
 

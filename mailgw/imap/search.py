@@ -8,13 +8,19 @@ on decoded text (RFC 2047 words and 8-bit UTF-8 headers alike), as RFC 3501 6.4.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from mailgw.imap import parser as p
 from mailgw.imap.fetch import Fetcher, MessageGone
 from mailgw.imap.sequence import Ranges, contains, resolve
-from mailgw.mime import decode_header_value, header_values, parse_date, text_parts
+from mailgw.mime import (
+    decode_bytes,
+    decode_header_value,
+    header_values,
+    parse_date,
+    text_parts,
+)
 from mailgw.mime.addresses import parse_address_list
 from mailgw.mime.text import date_offset
 
@@ -30,6 +36,11 @@ class _Message:
         self.uid = uid
         self._raw: bytes | None = None
         self._structure: Any = None
+
+    @property
+    def read(self) -> bool:
+        """Whether the message's structure or bytes were needed."""
+        return self._structure is not None or self._raw is not None
 
     def structure(self) -> Any:
         if self._structure is None:
@@ -78,15 +89,31 @@ class Searcher:
 
     def search(self, key: p.SearchKey) -> list[int]:
         """The UIDs matching ``key``, ascending (expunged-elsewhere messages never match)."""
-        out = []
-        for seq, uid in enumerate(self.selected.uids, 1):
-            if uid in self.selected.gone:
-                continue
+        steps = self.search_steps(key)
+        while True:
             try:
-                if self.match(key, seq, uid, _Message(self.fetcher, uid)):
+                next(steps)
+            except StopIteration as done:
+                found: list[int] = done.value
+                return found
+
+    def search_steps(self, key: p.SearchKey) -> Generator[None, None, list[int]]:
+        """:meth:`search` as a generator that yields after each message it had to read, so
+        the session can let other sessions run during a long search (the list of UIDs is
+        its result); index-only keys run without yielding."""
+        out = []
+        uids = list(self.selected.uids)  # the session may not change it meanwhile, but be safe
+        for seq, uid in enumerate(uids, 1):
+            if uid in self.selected.gone or uid not in self.selected.infos:
+                continue
+            msg = _Message(self.fetcher, uid)
+            try:
+                if self.match(key, seq, uid, msg):
                     out.append(uid)
             except MessageGone:
                 continue
+            if msg.read:
+                yield
         return out
 
     def _ranges(self, key: p.SeqKey) -> Ranges:
@@ -173,4 +200,12 @@ class Searcher:
         for _part, text in text_parts(structure, raw, MAX_TEXT_BYTES):
             if needle in text.casefold():
                 return True
+        if structure.truncated:
+            # Containers nested beyond the parser's depth limit are opaque leaves: their
+            # text is searched as stored (transfer encodings are not undone there).
+            for part in structure.walk():
+                if part.opaque:
+                    data = raw[part.body_start : min(part.end, part.body_start + MAX_TEXT_BYTES)]
+                    if needle in decode_bytes(data).casefold():
+                        return True
         return False

@@ -85,6 +85,9 @@ class SelectedMailbox:
         # Set by the session when the store reported a change; ``sync`` always refreshes
         # (an unchanged index costs one query), so it is only cleared there.
         self.dirty = False
+        # Called with each UID found expunged in the store (the session drops its cached
+        # structure: ``Fetcher.forget``).
+        self.on_gone: Callable[[int], None] | None = None
 
     @property
     def name(self) -> str:
@@ -207,6 +210,8 @@ class SelectedMailbox:
                 continue  # (an older UID turning up late stays unknown to the client)
             del told[uid]
             if now is None:
+                if self.on_gone is not None:
+                    self.on_gone(uid)
                 if self.seq_of(uid):
                     self.gone.add(uid)
                     self._held[uid] = before

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from twisted.cred.error import LoginFailed
@@ -33,10 +33,11 @@ from mailgw.imap.selected import SelectedMailbox, SequenceRangeError
 from mailgw.imap.sequence import format_uid_set
 from mailgw.imap.sortthread import (
     SortMessage,
+    Steps,
     format_threads,
-    sort_messages,
-    thread_orderedsubject,
-    thread_references,
+    sort_messages_steps,
+    thread_orderedsubject_steps,
+    thread_references_steps,
 )
 from mailgw.interfaces import IMailbox, IMessageStore, MailboxNotFound, QuotaExceeded
 from mailgw.model import Address, AddressError
@@ -59,6 +60,10 @@ PREAUTH_MAX_LITERAL = 8192  # LOGIN / AUTHENTICATE arguments before login
 PREAUTH_MAX_DEPTH = 4
 PREAUTH_MAX_ARGS = 64
 MAX_PENDING_INPUT = 256 * 1024  # buffered input while a command runs before reading pauses
+# A command written as a generator (SEARCH, SORT, THREAD) runs in slices: each slice ends
+# after this much time or this many yields, then the reactor serves other sessions.
+SLICE_SECONDS = 0.02
+SLICE_STEPS = 2000
 
 _ANY = frozenset({"CAPABILITY", "NOOP", "LOGOUT", "ID"})
 _NOT_AUTH = frozenset({"STARTTLS", "LOGIN", "AUTHENTICATE"})
@@ -170,6 +175,8 @@ class IMAPServer(Protocol):
             self._progress_expired,
             self.config.min_data_rate,
         )
+        self._steps: tuple[str, Generator[None, None, None]] | None = None
+        self._slice_call: IDelayedCall | None = None
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -221,11 +228,15 @@ class IMAPServer(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._closing = True
-        for call in (self._timer, self._delay, self._login_timer):
+        for call in (self._timer, self._delay, self._login_timer, self._slice_call):
             if call is not None and call.active():
                 call.cancel()
-        self._timer = self._delay = self._login_timer = None
+        self._timer = self._delay = self._login_timer = self._slice_call = None
         self._progress.cancel()
+        if self._steps is not None:
+            self._steps[1].close()
+            self._steps = None
+        self.reader.close()
         if self._pump is not None:
             self._pump.stopProducing()
             self._pump = None
@@ -394,6 +405,7 @@ class IMAPServer(Protocol):
         try:
             command = p.parse_command(raw)
         except CommandError as e:
+            p.discard_literals(raw.args)  # an APPEND's spooled literals
             if name == "SEARCH" and self.selected is not None and _saves(raw):
                 self.selected.saved = []  # a failed SEARCH RETURN (SAVE) empties $ (RFC 5182)
             if e.status == "BAD":
@@ -405,7 +417,41 @@ class IMAPServer(Protocol):
         if handler is None:
             self._tagged(raw.tag, "NO", f"{name} is not supported", wire.CANNOT)
             return
-        handler(raw.tag, command)
+        result = handler(raw.tag, command)
+        if isinstance(result, Generator):
+            self._run_in_slices(raw.tag, result)
+
+    # -- long commands in slices -----------------------------------------------------------------
+
+    def _run_in_slices(self, tag: str, steps: Generator[None, None, None]) -> None:
+        """Run a command written as a generator (it yields between units of work, e.g. each
+        message a SEARCH reads) in slices of at most ``SLICE_SECONDS`` / ``SLICE_STEPS``,
+        going back to the reactor between slices: other sessions of this process are served
+        meanwhile, this one waits (its later input stays buffered)."""
+        self._busy = True
+        self._steps = (tag, steps)
+        self._slice()
+
+    def _slice(self) -> None:
+        self._slice_call = None
+        if self._steps is None:
+            return
+        tag, steps = self._steps
+        seconds = self.factory.reactor.seconds
+        deadline = seconds() + SLICE_SECONDS
+        try:
+            for _ in range(SLICE_STEPS):
+                next(steps)
+                if seconds() >= deadline:
+                    break
+            self._slice_call = self.factory.reactor.callLater(0, self._slice)
+            return
+        except StopIteration:
+            pass
+        except Exception:
+            self._internal_error(Failure(), tag)
+        self._steps = None
+        self._done()
 
     def _allowed(self, name: str) -> bool:
         if name in _ANY:
@@ -664,6 +710,12 @@ class IMAPServer(Protocol):
         self.reader.max_literal = self.config.max_literal_size
         self.reader.max_depth = 20
         self.reader.max_args = 100_000
+        # large APPEND literals go to a temporary file as they arrive (issue 10); a
+        # MULTIAPPEND larger than the user's whole quota could never be stored, so it may
+        # not fill the disk with temporary files either
+        self.reader.spool = self.factory.spool_literal
+        self.reader.spool_above = self.config.literal_memory_max
+        self.reader.max_command_literals = self.factory.store.quota_usage(canonical)[1]
         log.info(
             "imap {session} login {user} from {peer}",
             session=self.session_id,
@@ -738,6 +790,8 @@ class IMAPServer(Protocol):
         self.reader.max_literal = PREAUTH_MAX_LITERAL
         self.reader.max_depth = PREAUTH_MAX_DEPTH
         self.reader.max_args = PREAUTH_MAX_ARGS
+        self.reader.spool = None
+        self.reader.max_command_literals = None
         self._write(wire.tagged(tag, "OK", "UNAUTHENTICATE completed"))
 
     def do_NAMESPACE(self, tag: str, command: p.Simple) -> None:
@@ -775,6 +829,7 @@ class IMAPServer(Protocol):
         sel = SelectedMailbox(mailbox, readonly, claim, self.condstore, self.qresync)
         self.selected = sel
         self.fetcher = Fetcher(user, sel, self.factory.cache)
+        sel.on_gone = self.fetcher.forget  # expunged: its cached structure goes too
         self.state = SELECTED
         for line in sel.select_responses():
             self._write(line)
@@ -902,16 +957,19 @@ class IMAPServer(Protocol):
 
     def do_APPEND(self, tag: str, command: p.Append) -> None:
         if any(not message.data for message in command.messages):
+            _close_literals(command)
             self._no(tag, "Empty messages are not stored", wire.CANNOT)
             return
         # The date-time keeps its zone (FETCH INTERNALDATE, SEARCH BEFORE/ON/SINCE).
         messages = [(m.data, m.flags, m.date) for m in command.messages]
         # The writes and fsyncs run in the I/O pool (the factory's runner): other sessions
         # go on meanwhile; this one waits (commands run in order). All or none (RFC 3502).
+        # Spooled literals are read from their files there, then deleted.
         self._busy = True
         d = self.factory.run_blocking(
             self.factory.store.append_messages, self._user(), command.mailbox, messages
         )
+        d.addBoth(_passing(_close_literals, command))
         d.addCallbacks(self._appended, self._append_failed, callbackArgs=(tag,), errbackArgs=(tag,))
 
     def _appended(self, result: tuple[int, list[int]], tag: str) -> None:
@@ -1206,6 +1264,12 @@ class IMAPServer(Protocol):
         assert fetcher is not None
         return Searcher(fetcher, self.factory.reactor.seconds).search(key)
 
+    def _search_steps(self, key: p.SearchKey) -> Generator[None, None, list[int]]:
+        """:meth:`_search` yielding after each message read (see ``_run_in_slices``)."""
+        fetcher = self.fetcher
+        assert fetcher is not None
+        return (yield from Searcher(fetcher, self.factory.reactor.seconds).search_steps(key))
+
     def _modseq_of(self, key: p.SearchKey, found: list[int]) -> int | None:
         """The highest MODSEQ of the result when the criteria use MODSEQ (RFC 7162 3.1.5)."""
         if not found or not _uses_modseq(key):
@@ -1213,11 +1277,11 @@ class IMAPServer(Protocol):
         infos = self._sel().infos
         return max(infos[u].modseq for u in found)
 
-    def do_SEARCH(self, tag: str, command: p.Search) -> None:
+    def do_SEARCH(self, tag: str, command: p.Search) -> Generator[None, None, None]:
         sel = self._sel()
         if _uses_modseq(command.key):
             _enable_condstore(self)
-        found = self._search(command.key)
+        found = yield from self._search_steps(command.key)
         numbers = found if command.uid else [sel.seq_of(u) for u in found]
         modseq = self._modseq_of(command.key, found)
         returns = command.returns
@@ -1249,7 +1313,11 @@ class IMAPServer(Protocol):
             self._write(_esearch(tag, command.uid, returns, numbers, modseq))
         self._ok(tag, "SEARCH completed")
 
-    def _sort_messages(self, uids: list[int], need_headers: bool, uid: bool) -> list[SortMessage]:
+    def _sort_messages(
+        self, uids: list[int], need_headers: bool, uid: bool
+    ) -> Generator[None, None, list[SortMessage]]:
+        """The messages SORT and THREAD order, yielding after each one whose headers were
+        read (see ``_run_in_slices``)."""
         sel = self._sel()
         fetcher = self.fetcher
         assert fetcher is not None
@@ -1265,28 +1333,48 @@ class IMAPServer(Protocol):
                     structure = fetcher.load(u, False, True)[1]
                 except MessageGone:
                     continue
+                yield
             out.append(SortMessage(seq, u if uid else seq, info.size, info.internaldate, structure))
         return out
 
-    def do_SORT(self, tag: str, command: p.Sort) -> None:
+    def do_SORT(self, tag: str, command: p.Sort) -> Generator[None, None, None]:
         if _uses_modseq(command.key):
             _enable_condstore(self)
-        found = self._search(command.key)
+        found = yield from self._search_steps(command.key)
         need = any(name not in ("ARRIVAL", "SIZE") for name, _rev in command.criteria)
-        ordered = sort_messages(self._sort_messages(found, need, command.uid), command.criteria)
+        messages = yield from self._sort_messages(found, need, command.uid)
+        ordered = yield from sort_messages_steps(messages, command.criteria, Steps())
         modseq = self._modseq_of(command.key, found)
         self._write(_numbers_line(b"SORT", [m.number for m in ordered], modseq))
         self._ok(tag, "SORT completed")
 
-    def do_THREAD(self, tag: str, command: p.Thread) -> None:
-        messages = self._sort_messages(self._search(command.key), True, command.uid)
+    def do_THREAD(self, tag: str, command: p.Thread) -> Generator[None, None, None]:
+        found = yield from self._search_steps(command.key)
+        messages = yield from self._sort_messages(found, True, command.uid)
         if command.algorithm == "REFERENCES":
-            roots = thread_references(messages)
+            roots = yield from thread_references_steps(messages, steps=Steps())
         else:
-            roots = thread_orderedsubject(messages)
+            roots = yield from thread_orderedsubject_steps(messages, Steps())
         threads = format_threads(roots)
         self._write(b"* THREAD " + threads + b"\r\n" if threads else b"* THREAD\r\n")
         self._ok(tag, "THREAD completed")
+
+
+def _close_literals(command: p.Append) -> None:
+    """Delete the temporary files of an APPEND's spooled literals."""
+    for message in command.messages:
+        if not isinstance(message.data, bytes):
+            message.data.close()
+
+
+def _passing(action: Callable[[p.Append], None], command: p.Append) -> Callable[[Any], Any]:
+    """A Deferred callback running ``action(command)`` and passing the result on."""
+
+    def run(result: Any) -> Any:
+        action(command)
+        return result
+
+    return run
 
 
 def _enable_condstore(server: IMAPServer) -> None:

@@ -157,8 +157,7 @@ def serve(
     """Build this worker's directory, store and IMAP factories (as ``mailgw.service.Node``
     does) and adopt the inherited listening sockets; returns the listening ports."""
     from mailgw.directory.penalty import AuthGuard
-    from mailgw.imap.factory import IMAPFactory
-    from mailgw.mime import StructureCache
+    from mailgw.imap.factory import IMAPFactory, structure_cache
     from mailgw.net.listen import parse_listen, wrap_factory
     from mailgw.service import IO_THREADS, build_directory, build_store, build_tls_options
     from mailgw.spool.threads import pool_runner
@@ -170,7 +169,7 @@ def serve(
     tls_options = build_tls_options(config, "imap")
     admission = RemoteAdmission(control)
     auth = AuthGuard(directory, RemoteAuthPenalty(control), reactor)
-    cache = StructureCache(4096)
+    cache = structure_cache(config.imap)
     io_pool = ThreadPool(minthreads=0, maxthreads=IO_THREADS, name="mailgw-imap-io")
     io_pool.start()
     reactor.addSystemEventTrigger("during", "shutdown", io_pool.stop)
@@ -194,6 +193,7 @@ def serve(
                 admission=admission,
                 run_blocking=run_io,
                 auth=auth,
+                literal_dir=os.path.join(data_dir, "tmp"),
             )
         spec, _ = parse_listen(listener["description"])
         wrapped = wrap_factory(

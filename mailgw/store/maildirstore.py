@@ -31,7 +31,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Protocol, cast
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -59,6 +59,18 @@ SCAN_INTERVAL_NS = 1_000_000_000
 TMP_MAX_AGE = 36 * 3600
 
 Listener = Callable[[str, str], object]
+
+
+class SizedReader(Protocol):
+    """A message given as a file (an IMAP literal spooled to disk): read from its position
+    to its end, whose size ``len()`` gives."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def __len__(self) -> int: ...
+
+
+MessageData = bytes | SizedReader
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,10 +492,12 @@ class MessageStore:
         self,
         user: str,
         name: str,
-        messages: Sequence[tuple[bytes, Iterable[str], datetime.datetime | float | None]],
+        messages: Sequence[tuple[MessageData, Iterable[str], datetime.datetime | float | None]],
     ) -> tuple[int, list[int]]:
         """Store ``(data, flags, internaldate)`` messages in a folder, all or none (IMAP
-        APPEND / MULTIAPPEND, RFC 3502): returns (UIDVALIDITY, new UIDs). ``internaldate``
+        APPEND / MULTIAPPEND, RFC 3502): returns (UIDVALIDITY, new UIDs). ``data`` is bytes
+        or a file read from its position to its end, in chunks, whose ``len()`` is that size
+        (an IMAP literal spooled to disk). ``internaldate``
         is as for ``Mailbox.append`` (an aware datetime keeps its zone). Safe to call from
         any thread: it does not touch the shared snapshots (sessions see the messages on
         their next refresh). QuotaExceeded when they do not all fit (nothing stored),
@@ -2057,7 +2071,7 @@ class Mailbox:
 
     def append(
         self,
-        data: bytes,
+        data: MessageData,
         flags: Iterable[str] = (),
         internaldate: datetime.datetime | float | None = None,
     ) -> int:
@@ -2071,7 +2085,11 @@ class Mailbox:
         with u.lock:
             limit = self._store._quota_for(self._user)
             self._store._check_quota(u, limit, len(data))
-            info = self._store._store(u, self._folder, limit, b"", None, data, normalized, when, tz)
+            if isinstance(data, bytes):
+                src, raw = None, data
+            else:  # a file-like message (a spooled IMAP literal): copied in chunks
+                src, raw = cast(BinaryIO, data), None
+            info = self._store._store(u, self._folder, limit, b"", src, raw, normalized, when, tz)
             if self._snap.loaded is None:
                 self.uidnext = max(self.uidnext, info.uid + 1)
                 self.highestmodseq = max(self.highestmodseq, info.modseq)
