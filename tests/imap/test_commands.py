@@ -124,9 +124,11 @@ def test_mailbox_name_decoding() -> None:
     assert parse(b"a CREATE Entw&APw-rfe\r\n") == Create("Entwürfe")
     assert parse('a CREATE "Entwürfe"\r\n'.encode(), utf8=True) == Create("Entwürfe")
     assert parse(b"a DELETE inbox/Sub\r\n") == Delete("INBOX/Sub")
-    assert error(b'a CREATE "Entw\xc3\xbcrfe"\r\n').text.startswith("Mailbox name must be")
-    assert error(b"a CREATE A&B\r\n").text == "Mailbox name is not valid modified UTF-7"
-    assert error(b'a CREATE "\xff"\r\n').text == "Mailbox name is not valid UTF-8"
+    err = error(b'a CREATE "Entw\xc3\xbcrfe"\r\n')
+    assert (err.status, err.text) == ("NO", "Mailbox name is not valid mUTF-7 (8-bit data sent)")
+    err = error(b"a CREATE A&B\r\n")
+    assert (err.status, err.text) == ("NO", "Mailbox name is not valid mUTF-7")
+    assert error(b'a CREATE "\xff"\r\n').status == "NO"
     assert decode_mailbox(b"&-") == "&"
 
 
