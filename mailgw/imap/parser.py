@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -1085,7 +1086,11 @@ def decode_mailbox(raw: bytes, utf8: bool = False) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CommandError("Mailbox name is not valid UTF-8", "NO") from e
-    if not utf8:
+    if utf8:
+        # RFC 9051 5.1 / RFC 6855 3: names are Net-Unicode; a de-normalised one is taken
+        # in Unicode normalisation form C.
+        text = unicodedata.normalize("NFC", text)
+    else:
         # A well-formed argument naming no possible mailbox: NO, as Dovecot answers.
         if not text.isascii():
             raise CommandError("Mailbox name is not valid mUTF-7 (8-bit data sent)", "NO")

@@ -82,6 +82,7 @@ class SelectedMailbox:
         self._told: dict[int, Any] = {}
         source.watch(self)
         self.recent: set[int] = claim_recent(list(self.uids))
+        self._recent_told = len(self.recent)  # the last RECENT count sent
         self.highest_uid = self.uids[-1] if self.uids else 0
         self.gone: set[int] = set()  # expunged in the store, EXPUNGE not sent yet
         self._held: dict[int, Any] = {}  # their infos, as the client knows them
@@ -246,7 +247,9 @@ class SelectedMailbox:
                         out.append(wire.untagged(b"%d EXPUNGE" % seq))
             self.uids = array("I", (u for u in self.uids if u not in self.gone))
             for uid in self.gone:
-                self.recent.discard(uid)
+                if uid in self.recent:  # the client counts it out of RECENT itself
+                    self.recent.discard(uid)
+                    self._recent_told -= 1
             self.gone = set()
             self._held = {}
         current = [now for _uid, _before, now in changed]
@@ -261,7 +264,9 @@ class SelectedMailbox:
             self.highest_uid = new[-1]
             self.recent |= self._claim(new)
             out.append(wire.untagged(b"%d EXISTS" % len(self.uids)))
-            if not self.rev2:
+            if not self.rev2 and len(self.recent) != self._recent_told:
+                # Only a changed count, as Dovecot (another session may have claimed them).
+                self._recent_told = len(self.recent)
                 out.append(wire.untagged(b"%d RECENT" % len(self.recent)))
         for uid, before, now in changed:
             if now.flags != before.flags or (self.condstore and now.modseq != before.modseq):

@@ -365,6 +365,11 @@ class IMAPServer(Protocol):
         except CommandError as e:
             if name == "SEARCH" and self.selected is not None and _saves(raw):
                 self.selected.saved = []  # a failed SEARCH RETURN (SAVE) empties $ (RFC 5182)
+            if name in ("SELECT", "EXAMINE") and e.status == "NO" and self.selected is not None:
+                # A SELECT that fails (a name that cannot exist) leaves no mailbox selected
+                # (RFC 3501 6.3.1), as Dovecot: the previous one is closed.
+                self._unselect()
+                self._write(wire.untagged_status("OK", "Previous mailbox closed", wire.CLOSED))
             if e.status == "BAD":
                 self._error(raw.tag, e.text, e.code.encode("ascii") if e.code else None)
             else:
@@ -847,9 +852,11 @@ class IMAPServer(Protocol):
         if command.mailbox not in names:
             prefix = command.mailbox + DELIMITER
             if any(name.startswith(prefix) for name in names):
-                # Only a level implied by its children (\Noselect): RFC 3501 6.3.4 makes
-                # that an error, RFC 9051 7.1 gives it the code HASCHILDREN.
-                self._no(tag, "Mailbox has children", wire.HASCHILDREN)
+                # Only a level implied by its children (\Noselect): an error (RFC 3501
+                # 6.3.4). IMAP4rev2 has a code for it (RFC 9051 7.1); IMAP4rev1 clients get
+                # NONEXISTENT, as from Dovecot.
+                code = wire.HASCHILDREN if self.rev2 else wire.NONEXISTENT
+                self._no(tag, "Mailbox has children", code)
                 return
             self._no(tag, "No such mailbox", wire.NONEXISTENT)
             return
