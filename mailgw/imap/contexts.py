@@ -63,42 +63,55 @@ class SearchContext:
     uids: list[int] = field(default_factory=list)
 
 
-def removals(
-    context: SearchContext, now: Sequence[int], number_of: Callable[[int], int]
-) -> tuple[bytes | None, set[int]]:
-    """The ``REMOVEFROM`` line for the messages of ``context`` no longer in ``now`` (the new
-    result), numbered with ``number_of`` (the client's numbering before this update), and
-    the UIDs removed. Sort positions are given from the last to the first, so each is the
-    position at the moment it is removed."""
+def update_lines(
+    context: SearchContext,
+    now: Sequence[int],
+    exists: Callable[[int], bool],
+    old_number: Callable[[int], int],
+    new_number: Callable[[int], int],
+) -> tuple[bytes | None, bytes | None]:
+    """What changed in ``context``'s result (``now``, the new result as UIDs in order), as
+    Dovecot sends it: a ``REMOVEFROM`` line for the expunged messages (numbered with
+    ``old_number``: it goes before the EXPUNGE responses) and one line with ``REMOVEFROM``
+    for the others and ``ADDTO`` (numbered with ``new_number``, after them). ``exists(uid)``
+    tells whether a message is still in the mailbox. Sort positions (CONTEXT=SORT) are taken
+    in order: removals from the last position to the first, then additions from the first
+    to the last, each position valid at the moment its pair is applied."""
     current = set(now)
-    gone = [(i, u) for i, u in enumerate(context.uids) if u not in current]
-    if not gone:
-        return None, set()
-    if context.criteria is None:
-        items = b"0 " + format_uid_set(sorted(number_of(u) for _i, u in gone)).encode("ascii")
-    else:
-        items = b" ".join(b"%d %d" % (i + 1, number_of(u)) for i, u in reversed(gone))
-    return _line(context, b"REMOVEFROM", items), {u for _i, u in gone}
+    removed = [(i, u) for i, u in enumerate(context.uids) if u not in current]
+    expunged = [(i, u) for i, u in removed if not exists(u)]
+    before = None
+    if expunged:
+        before = _line(context, [(b"REMOVEFROM", _pairs(context, expunged, old_number, True))])
+    gone = {u for _i, u in expunged}
+    kept = [u for u in context.uids if u not in gone]
+    others = [(i, u) for i, u in enumerate(kept) if u not in current]
+    known = set(kept)
+    added = [(i, u) for i, u in enumerate(now) if u not in known]
+    parts = []
+    if others:
+        parts.append((b"REMOVEFROM", _pairs(context, others, new_number, True)))
+    if added:
+        parts.append((b"ADDTO", _pairs(context, added, new_number, False)))
+    context.uids = list(now)
+    return before, _line(context, parts) if parts else None
 
 
-def additions(
-    context: SearchContext, now: Sequence[int], number_of: Callable[[int], int]
-) -> bytes | None:
-    """The ``ADDTO`` line for the messages of ``now`` that were not in the result; sort
-    positions ascending, each the message's position once it is inserted."""
-    before = set(context.uids)
-    new = [(i, u) for i, u in enumerate(now) if u not in before]
-    if not new:
-        return None
-    if context.criteria is None:
-        items = b"0 " + format_uid_set(sorted(number_of(u) for _i, u in new)).encode("ascii")
-    else:
-        items = b" ".join(b"%d %d" % (i + 1, number_of(u)) for i, u in new)
-    return _line(context, b"ADDTO", items)
+def _pairs(
+    context: SearchContext,
+    items: list[tuple[int, int]],
+    number: Callable[[int], int],
+    backwards: bool,
+) -> bytes:
+    if context.criteria is None:  # unordered: position 0 and one set
+        return b"0 " + format_uid_set(sorted(number(u) for _i, u in items)).encode("ascii")
+    ordered = reversed(items) if backwards else iter(items)
+    return b" ".join(b"%d %d" % (i + 1, number(u)) for i, u in ordered)
 
 
-def _line(context: SearchContext, what: bytes, items: bytes) -> bytes:
+def _line(context: SearchContext, parts: list[tuple[bytes, bytes]]) -> bytes:
     head = b"* ESEARCH (TAG " + wire.quote(context.tag) + b")"
     if context.uid:
         head += b" UID"
-    return head + b" " + what + b" (" + items + b")\r\n"
+    body = b" ".join(what + b" (" + items + b")" for what, items in parts)
+    return head + b" " + body + b"\r\n"

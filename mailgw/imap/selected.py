@@ -247,9 +247,7 @@ class SelectedMailbox:
                         out.append(wire.untagged(b"%d EXPUNGE" % seq))
             self.uids = array("I", (u for u in self.uids if u not in self.gone))
             for uid in self.gone:
-                if uid in self.recent:  # the client counts it out of RECENT itself
-                    self.recent.discard(uid)
-                    self._recent_told -= 1
+                self.recent.discard(uid)
             self.gone = set()
             self._held = {}
         current = [now for _uid, _before, now in changed]
@@ -264,10 +262,11 @@ class SelectedMailbox:
             self.highest_uid = new[-1]
             self.recent |= self._claim(new)
             out.append(wire.untagged(b"%d EXISTS" % len(self.uids)))
-            if not self.rev2 and len(self.recent) != self._recent_told:
-                # Only a changed count, as Dovecot (another session may have claimed them).
-                self._recent_told = len(self.recent)
-                out.append(wire.untagged(b"%d RECENT" % len(self.recent)))
+        if not self.rev2 and len(self.recent) != self._recent_told:
+            # Only a changed count (new messages another session claimed change nothing;
+            # an expunged recent one does), as Dovecot.
+            self._recent_told = len(self.recent)
+            out.append(wire.untagged(b"%d RECENT" % len(self.recent)))
         for uid, before, now in changed:
             if now.flags != before.flags or (self.condstore and now.modseq != before.modseq):
                 seq = self.seq_of(uid)

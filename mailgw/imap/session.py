@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from mailgw.imap import parser as p
 from mailgw.imap import wire
-from mailgw.imap.contexts import MAX_CONTEXTS, SearchContext, additions, esearch_line, removals
+from mailgw.imap.contexts import MAX_CONTEXTS, SearchContext, esearch_line, update_lines
 from mailgw.imap.fetch import Fetcher, MessageGone, fetch_responses, sets_seen
 from mailgw.imap.mailboxes import (
     DELIMITER,
@@ -417,9 +417,10 @@ class IMAPServer(Protocol):
             self._write(line)
 
     def _context_updates(self, numbering: list[int] | None) -> tuple[list[bytes], list[bytes]]:
-        """REMOVEFROM lines (numbered as before this update) and ADDTO lines (numbered as
-        after it) of the live search contexts, when the mailbox changed since they were last
-        evaluated."""
+        """The updates of the live search contexts, when the mailbox changed since they were
+        last evaluated: the REMOVEFROM lines of expunged messages (numbered as before this
+        update: they go before its EXPUNGE responses) and the lines of the other changes
+        (numbered as after it)."""
         sel = self._sel()
         mark = (sel.mailbox.highestmodseq, len(sel.uids), sel.uids[-1] if sel.uids else 0)
         if mark == self._contexts_seen:
@@ -431,16 +432,18 @@ class IMAPServer(Protocol):
             old_seq = positions.__getitem__
         before: list[bytes] = []
         after: list[bytes] = []
+
+        def exists(uid: int) -> bool:
+            return bool(sel.seq_of(uid))
+
         for context in self.contexts.values():
             now = self._evaluate(context)
-            removed, gone = removals(context, now, _identity if context.uid else old_seq)
-            if removed is not None:
-                before.append(removed)
-                context.uids = [u for u in context.uids if u not in gone]
-            added = additions(context, now, _identity if context.uid else sel.seq_of)
-            if added is not None:
-                after.append(added)
-            context.uids = list(now)
+            if context.uid:
+                first, then = update_lines(context, now, exists, _identity, _identity)
+            else:
+                first, then = update_lines(context, now, exists, old_seq, sel.seq_of)
+            before += [first] if first is not None else []
+            after += [then] if then is not None else []
         return before, after
 
     def _evaluate(self, context: SearchContext) -> list[int]:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import re
 import shutil
 import socket
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -45,16 +46,21 @@ namespace inbox {
 
 
 @contextmanager
-def dovecot(workdir: Path) -> Iterator[DovecotPeer]:
-    """A running private Dovecot with the user :data:`DOVECOT_USER`; stopped by PID after."""
+def dovecot() -> Iterator[DovecotPeer]:
+    """A running private Dovecot with the user :data:`DOVECOT_USER`; stopped by PID and its
+    directory removed after. The directory is made under the system's temporary directory,
+    not pytest's (that one is mode 0700: Dovecot's auth process, which runs as the
+    ``dovecot`` user, could not read its password file)."""
+    workdir = Path(tempfile.mkdtemp(prefix="mailgw-dovecot-"))
     peer = DovecotPeer(
         workdir, free_port(), {DOVECOT_USER: "{PLAIN}" + DOVECOT_PASSWORD}, extra=_NAMESPACE
     )
-    peer.start()
     try:
+        peer.start()
         yield peer
     finally:
         peer.stop()
+        peer.cleanup()
 
 
 class RawSession:
@@ -103,10 +109,8 @@ class RawSession:
                 return out
 
     def close(self) -> None:
-        try:
+        with suppress(OSError):
             self.sock.sendall(b"Z LOGOUT\r\n")
-        except OSError:
-            pass
         self.sock.close()
 
 
@@ -115,6 +119,8 @@ def _quote(text: str) -> bytes:
 
 
 _STATUS = re.compile(rb"^(\S+) (OK|NO|BAD|BYE|PREAUTH)(?: (\[[^\]]*\]))?")
+# FETCH items come in any order: UID goes first (Dovecot's order).
+_UID_FIRST = re.compile(rb"^(\* \d+ FETCH \()([^{]*?) (UID \d+)(?=[ )])")
 _FLAG_LIST = re.compile(rb"(FLAGS|PERMANENTFLAGS) \(([^()]*)\)")
 _NUMBERS = [
     (re.compile(rb"UIDVALIDITY \d+"), b"UIDVALIDITY #"),
@@ -126,10 +132,13 @@ _NUMBERS = [
 DEFAULT_IGNORE = (re.compile(rb"^\* OK \[HIGHESTMODSEQ \d+\]"),)
 
 
-def normalise(lines: Iterable[bytes], ignore: Sequence[re.Pattern[bytes]] = DEFAULT_IGNORE) -> list[str]:
+def normalise(
+    lines: Iterable[bytes], ignore: Sequence[re.Pattern[bytes]] = DEFAULT_IGNORE
+) -> list[str]:
     """Responses made comparable: status responses keep their tag, status and response code
     but not their text; UIDVALIDITY / APPENDUID / COPYUID / MODSEQ values become ``#``; flag
-    lists are sorted; lines matching an ``ignore`` pattern are left out."""
+    lists are sorted and a FETCH's UID item comes first; lines matching an ``ignore`` pattern
+    are left out."""
     out = []
     for line in lines:
         if any(p.search(line) for p in ignore):
@@ -137,6 +146,7 @@ def normalise(lines: Iterable[bytes], ignore: Sequence[re.Pattern[bytes]] = DEFA
         m = _STATUS.match(line)
         if m is not None:
             line = b" ".join(g for g in m.groups() if g is not None)
+        line = _UID_FIRST.sub(rb"\1\3 \2", line)
         line = _FLAG_LIST.sub(lambda f: f[1] + b" (" + b" ".join(sorted(f[2].split())) + b")", line)
         for pattern, replacement in _NUMBERS:
             line = pattern.sub(replacement, line)
