@@ -1327,13 +1327,11 @@ def _p_list(args: _Args, utf8: bool) -> ListMailboxes:
         pattern_nodes = node.items
     else:
         pattern_nodes = (node,)
-    try:
-        reference = decode_mailbox(astring(reference_node, "reference"), utf8)
-        patterns = tuple(_pattern(n, utf8) for n in pattern_nodes)
-    except CommandError as e:
-        if e.status == "BAD":
-            raise
-        reference, patterns = "", ()  # not a valid name: nothing matches (as Dovecot)
+    # A reference or pattern that is not a valid name matches nothing (as Dovecot): an
+    # invalid pattern drops out of the list, an invalid reference empties it.
+    reference = _valid_name(astring(reference_node, "reference"), utf8)
+    valid = (_valid_name(astring(n, "mailbox pattern"), utf8) for n in pattern_nodes)
+    patterns = tuple(p for p in valid if p is not None) if reference is not None else ()
     if args.more():
         if args.peek_atom() != "RETURN":
             raise CommandError("Expected RETURN")
@@ -1352,22 +1350,25 @@ def _p_list(args: _Args, utf8: bool) -> ListMailboxes:
                 raise CommandError("Unknown LIST return option")
     args.end()
     return ListMailboxes(
-        reference, patterns, frozenset(selection), frozenset(returns), status_items, extended
+        reference or "", patterns, frozenset(selection), frozenset(returns), status_items, extended
     )
 
 
 def _p_lsub(args: _Args, utf8: bool) -> Lsub:
-    reference_node = args.take("reference")
-    pattern_node = args.take("mailbox pattern")
+    reference = _valid_name(astring(args.take("reference"), "reference"), utf8)
+    pattern = _valid_name(astring(args.take("mailbox pattern"), "mailbox pattern"), utf8)
     args.end()
-    try:
-        return Lsub(
-            decode_mailbox(astring(reference_node, "reference"), utf8), _pattern(pattern_node, utf8)
-        )
-    except CommandError as e:
-        if e.status == "BAD":
-            raise
+    if reference is None or pattern is None:
         return Lsub("", None)  # not a valid name: nothing matches (as Dovecot)
+    return Lsub(reference, pattern)
+
+
+def _valid_name(raw: bytes, utf8: bool) -> str | None:
+    """A LIST/LSUB reference or pattern, None when it is not a valid mailbox name."""
+    try:
+        return decode_mailbox(raw, utf8)
+    except CommandError:
+        return None
 
 
 def _status_items(node: Node) -> tuple[str, ...]:
