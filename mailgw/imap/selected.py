@@ -238,6 +238,7 @@ class SelectedMailbox:
             else:
                 changed.append((uid, before, now))
         out: list[bytes] = []
+        recent_gone = False
         if allow_expunge and self.gone:
             if self.qresync:
                 out.append(wire.untagged(b"VANISHED", format_uid_set(sorted(self.gone))))
@@ -247,7 +248,9 @@ class SelectedMailbox:
                         out.append(wire.untagged(b"%d EXPUNGE" % seq))
             self.uids = array("I", (u for u in self.uids if u not in self.gone))
             for uid in self.gone:
-                self.recent.discard(uid)
+                if uid in self.recent:
+                    self.recent.discard(uid)
+                    recent_gone = True
             self.gone = set()
             self._held = {}
         current = [now for _uid, _before, now in changed]
@@ -262,9 +265,10 @@ class SelectedMailbox:
             self.highest_uid = new[-1]
             self.recent |= self._claim(new)
             out.append(wire.untagged(b"%d EXISTS" % len(self.uids)))
-        if not self.rev2 and len(self.recent) != self._recent_told:
-            # Only a changed count (new messages another session claimed change nothing;
-            # an expunged recent one does), as Dovecot.
+        if not self.rev2 and (recent_gone or len(self.recent) != self._recent_told):
+            # Only when the count changed (new messages another session claimed change
+            # nothing), as Dovecot; always after a recent message was expunged, so a client
+            # that counts it out itself and one that does not both end up right.
             self._recent_told = len(self.recent)
             out.append(wire.untagged(b"%d RECENT" % len(self.recent)))
         for uid, before, now in changed:
