@@ -61,6 +61,7 @@ class SearchContext:
     uid: bool
     criteria: tuple[tuple[str, bool], ...] | None
     uids: list[int] = field(default_factory=list)
+    mark: tuple[int, int, int] | None = None  # the mailbox state it was last evaluated in
 
 
 def update_lines(

@@ -149,7 +149,6 @@ class IMAPServer(Protocol):
         self.utf8_accept = False  # ENABLE UTF8=ACCEPT (RFC 6855)
         self.rev2 = False  # ENABLE IMAP4rev2 (RFC 9051)
         self.contexts: dict[str, SearchContext] = {}  # RETURN (UPDATE) searches (RFC 5267)
-        self._contexts_seen: tuple[int, int, int] | None = None
         self.reader = CommandReader(
             max_line=self.config.max_line_length,
             max_literal=PREAUTH_MAX_LITERAL,
@@ -417,15 +416,12 @@ class IMAPServer(Protocol):
             self._write(line)
 
     def _context_updates(self, numbering: list[int] | None) -> tuple[list[bytes], list[bytes]]:
-        """The updates of the live search contexts, when the mailbox changed since they were
+        """The updates of the live search contexts whose mailbox state changed since they were
         last evaluated: the REMOVEFROM lines of expunged messages (numbered as before this
         update: they go before its EXPUNGE responses) and the lines of the other changes
         (numbered as after it)."""
         sel = self._sel()
-        mark = (sel.mailbox.highestmodseq, len(sel.uids), sel.uids[-1] if sel.uids else 0)
-        if mark == self._contexts_seen:
-            return [], []
-        self._contexts_seen = mark
+        mark = self._context_mark()
         old_seq: Callable[[int], int] = sel.seq_of
         if numbering is not None:
             positions = {u: n for n, u in enumerate(numbering, 1)}
@@ -437,6 +433,9 @@ class IMAPServer(Protocol):
             return bool(sel.seq_of(uid))
 
         for context in self.contexts.values():
+            if context.mark == mark:
+                continue
+            context.mark = mark
             now = self._evaluate(context)
             if context.uid:
                 first, then = update_lines(context, now, exists, _identity, _identity)
@@ -445,6 +444,12 @@ class IMAPServer(Protocol):
             before += [first] if first is not None else []
             after += [then] if then is not None else []
         return before, after
+
+    def _context_mark(self) -> tuple[int, int, int]:
+        """What a context's result can depend on, cheaply: flag changes and expunges raise the
+        mailbox's HIGHESTMODSEQ, new messages the count and the last UID."""
+        sel = self._sel()
+        return (int(sel.mailbox.highestmodseq), len(sel.uids), sel.uids[-1] if sel.uids else 0)
 
     def _evaluate(self, context: SearchContext) -> list[int]:
         """The current result of a live context, as UIDs in result order."""
@@ -782,7 +787,6 @@ class IMAPServer(Protocol):
         self.selected = None
         self.fetcher = None
         self.contexts = {}  # search contexts end with the selection (RFC 5267 4.2)
-        self._contexts_seen = None
         self.state = AUTHENTICATED
 
     def do_SELECT(self, tag: str, command: p.Select) -> None:
@@ -1322,13 +1326,8 @@ class IMAPServer(Protocol):
             code = b"NOUPDATE " + wire.quote(context.tag)
             self._write(wire.untagged_status("NO", "Too many search contexts", code))
             return
+        context.mark = self._context_mark()
         self.contexts[context.tag] = context
-        sel = self._sel()
-        self._contexts_seen = (
-            sel.mailbox.highestmodseq,
-            len(sel.uids),
-            sel.uids[-1] if sel.uids else 0,
-        )
 
     def do_CANCELUPDATE(self, tag: str, command: p.CancelUpdate) -> None:
         unknown = [t for t in command.tags if t not in self.contexts]

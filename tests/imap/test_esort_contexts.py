@@ -167,3 +167,18 @@ def test_context_helpers() -> None:
     assert then == b'* ESEARCH (TAG "t") UID ADDTO (1 5 4 40)\r\n'
     assert ctx.uids == [5, 10, 30, 40]
     assert update_lines(ctx, [5, 10, 30, 40], lambda u: True, same, same) == (None, None)
+
+
+def test_a_new_context_does_not_hide_changes_from_an_older_one(env: Env) -> None:
+    _deliver(env, "one")
+    a = _selected(env)
+    a.cmd("SEARCH RETURN (UPDATE) ALL")  # a3
+    _deliver(env, "two")
+    # the session learns of the message during a FETCH, when no context update may be sent
+    # (RFC 3501 7.4.1), then makes a second context: the first still has to hear of it
+    out = a.cmd("FETCH 1 FLAGS")
+    assert b"* 2 EXISTS" in out and b"ADDTO" not in out, out
+    assert b"ADDTO" not in a.cmd("SEARCH RETURN (UPDATE) SUBJECT nothing")  # a5
+    out = a.cmd("NOOP")
+    assert b'* ESEARCH (TAG "a3") ADDTO (0 2)\r\n' in out, out
+    assert b'TAG "a5"' not in out
