@@ -159,3 +159,15 @@ def status_line(name: str, values: list[tuple[str, int]], utf8: bool = False) ->
         wire.mailbox_name(name, utf8),
         wire.plist(b"%s %d" % (k.encode("ascii"), v) for k, v in values),
     )
+
+
+def select_list_line(name: str, names: Iterable[str], utf8: bool = False) -> bytes:
+    """The ``* LIST (attributes) "/" name`` response an IMAP4rev2 SELECT/EXAMINE sends for
+    the selected mailbox (RFC 9051 6.3.2): child and special-use attributes as LIST gives."""
+    attrs = ["\\HasChildren" if name in _parents(names) else "\\HasNoChildren"]
+    use = special_use(name)
+    if use is not None:
+        attrs.append(use)
+    return wire.untagged(
+        b"LIST", wire.flag_list(attrs), wire.quote(DELIMITER), wire.mailbox_name(name, utf8)
+    )

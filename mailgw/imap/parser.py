@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -736,7 +737,8 @@ class Unsubscribe:
 class ListMailboxes:
     """LIST, basic or extended (RFC 5258): ``selection`` options (SUBSCRIBED, REMOTE,
     RECURSIVEMATCH, SPECIAL-USE), ``returns`` options (SUBSCRIBED, CHILDREN, SPECIAL-USE,
-    STATUS) and the STATUS items requested with RETURN (STATUS (...))."""
+    STATUS) and the STATUS items requested with RETURN (STATUS (...)). ``patterns`` is
+    empty when the reference or a pattern is not a valid mailbox name (nothing matches)."""
 
     reference: str
     patterns: tuple[str, ...]
@@ -748,8 +750,11 @@ class ListMailboxes:
 
 @dataclass(frozen=True, slots=True)
 class Lsub:
+    """LSUB; ``pattern`` None when the reference or pattern is not a valid mailbox name
+    (nothing matches: an empty OK, as Dovecot answers)."""
+
     reference: str
-    pattern: str
+    pattern: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -896,22 +901,27 @@ SearchKey = (
 @dataclass(frozen=True, slots=True)
 class Search:
     """SEARCH; ``returns`` is None for a plain SEARCH, the ESEARCH RETURN options otherwise
-    (``RETURN ()`` means ``("ALL",)``)."""
+    (RFC 4731, RFC 5182, RFC 5267: MIN MAX ALL COUNT SAVE PARTIAL CONTEXT UPDATE; ``RETURN
+    ()`` means ``("ALL",)``); ``partial`` the ``PARTIAL lo:hi`` range (1-based positions)."""
 
     key: SearchKey
     charset: str | None = None
     returns: tuple[str, ...] | None = None
     uid: bool = False
+    partial: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Sort:
-    """SORT (RFC 5256): ``criteria`` as ``(name, reverse)`` pairs."""
+    """SORT (RFC 5256): ``criteria`` as ``(name, reverse)`` pairs; ``returns`` and
+    ``partial`` as for :class:`Search` (ESORT, RFC 5267), None for a plain SORT."""
 
     criteria: tuple[tuple[str, bool], ...]
     charset: str
     key: SearchKey
     uid: bool = False
+    returns: tuple[str, ...] | None = None
+    partial: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1022,6 +1032,13 @@ class Id:
 
 
 @dataclass(frozen=True, slots=True)
+class CancelUpdate:
+    """CANCELUPDATE (RFC 5267 4.3): the tags of the searches whose updates stop."""
+
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class GetQuota:
     root: str
 
@@ -1057,6 +1074,7 @@ TypedCommand = (
     | Id
     | GetQuota
     | GetQuotaRoot
+    | CancelUpdate
 )
 
 SYSTEM_FLAGS = {f.upper(): f for f in ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")}
@@ -1072,7 +1090,10 @@ SORT_CRITERIA = frozenset(
     {"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM", "DISPLAYTO"}
 )
 THREAD_ALGORITHMS = frozenset({"ORDEREDSUBJECT", "REFERENCES"})
-ESEARCH_RETURNS = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})
+ESEARCH_RETURNS = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE", "PARTIAL", "CONTEXT", "UPDATE"})
+# RETURN options that ask for result data (or SAVE); without any, RETURN means ALL unless
+# UPDATE asks only for the notifications of later changes (RFC 5267 4.2).
+_RESULT_RETURNS = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE", "PARTIAL"})
 MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
 _MAX_SEARCH_DEPTH = 64
 _ATOM_CHARS = re.compile(r'[^\x00-\x20\x7f-\U0010ffff(){%*"\\\]]+\Z')
@@ -1127,19 +1148,25 @@ def _text(node: Node, what: str, ascii_only: bool = False) -> str:
 
 
 def decode_mailbox(raw: bytes, utf8: bool = False) -> str:
-    """A mailbox name as sent: modified UTF-7 (RFC 3501 5.1.3), or UTF-8 once UTF8=ACCEPT is
-    enabled; ``INBOX`` in any case becomes ``INBOX``. CommandError when undecodable."""
+    """A mailbox name as sent: modified UTF-7 (RFC 3501 5.1.3), or UTF-8 once UTF8=ACCEPT or
+    IMAP4rev2 is enabled; ``INBOX`` in any case becomes ``INBOX``. CommandError with status
+    NO when undecodable."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CommandError("Mailbox name is not valid UTF-8") from e
-    if not utf8:
+        raise CommandError("Mailbox name is not valid UTF-8", "NO") from e
+    if utf8:
+        # RFC 9051 5.1 / RFC 6855 3: names are Net-Unicode; a de-normalised one is taken
+        # in Unicode normalisation form C.
+        text = unicodedata.normalize("NFC", text)
+    else:
+        # A well-formed argument naming no possible mailbox: NO, as Dovecot answers.
         if not text.isascii():
-            raise CommandError("Mailbox name must be modified UTF-7 (8-bit data sent)")
+            raise CommandError("Mailbox name is not valid mUTF-7 (8-bit data sent)", "NO")
         try:
             text = mutf7_decode(text)
         except ValueError as e:
-            raise CommandError("Mailbox name is not valid modified UTF-7") from e
+            raise CommandError("Mailbox name is not valid mUTF-7", "NO") from e
     if text.upper() == "INBOX":
         return "INBOX"
     if text[:6].upper() == "INBOX/":
@@ -1181,7 +1208,10 @@ def _atoms_upper(items: tuple[Node, ...], what: str) -> list[str]:
 
 
 def _flag(node: Node) -> str:
-    """A flag: system flags in canonical case, keywords as sent (atoms without ``\\``)."""
+    """A flag: system flags in canonical case, keywords as sent (atoms without ``\\``).
+    ``NIL`` is an atom here (the keyword ``NIL``, as in Dovecot)."""
+    if isinstance(node, Nil):
+        return node.text
     if not isinstance(node, Atom):
         raise CommandError("Invalid flag")
     text = node.text
@@ -1357,15 +1387,20 @@ def _p_list(args: _Args, utf8: bool) -> ListMailboxes:
             selection.add(opt)
         if selection == {"RECURSIVEMATCH"} or selection == {"RECURSIVEMATCH", "REMOTE"}:
             raise CommandError("RECURSIVEMATCH needs another selection option")
-    reference = _mailbox(args, utf8, "reference")
+    reference_node = args.take("reference")
     node = args.take("mailbox pattern")
     if isinstance(node, PList):
         extended = True
         if not node.items:
             raise CommandError("Empty pattern list")
-        patterns = tuple(_pattern(n, utf8) for n in node.items)
+        pattern_nodes = node.items
     else:
-        patterns = (_pattern(node, utf8),)
+        pattern_nodes = (node,)
+    # A reference or pattern that is not a valid name matches nothing (as Dovecot): an
+    # invalid pattern drops out of the list, an invalid reference empties it.
+    reference = _valid_name(astring(reference_node, "reference"), utf8)
+    valid = (_valid_name(astring(n, "mailbox pattern"), utf8) for n in pattern_nodes)
+    patterns = tuple(p for p in valid if p is not None) if reference is not None else ()
     if args.more():
         if args.peek_atom() != "RETURN":
             raise CommandError("Expected RETURN")
@@ -1384,15 +1419,25 @@ def _p_list(args: _Args, utf8: bool) -> ListMailboxes:
                 raise CommandError("Unknown LIST return option")
     args.end()
     return ListMailboxes(
-        reference, patterns, frozenset(selection), frozenset(returns), status_items, extended
+        reference or "", patterns, frozenset(selection), frozenset(returns), status_items, extended
     )
 
 
 def _p_lsub(args: _Args, utf8: bool) -> Lsub:
-    reference = _mailbox(args, utf8, "reference")
-    pattern = _pattern(args.take("mailbox pattern"), utf8)
+    reference = _valid_name(astring(args.take("reference"), "reference"), utf8)
+    pattern = _valid_name(astring(args.take("mailbox pattern"), "mailbox pattern"), utf8)
     args.end()
+    if reference is None or pattern is None:
+        return Lsub("", None)  # not a valid name: nothing matches (as Dovecot)
     return Lsub(reference, pattern)
+
+
+def _valid_name(raw: bytes, utf8: bool) -> str | None:
+    """A LIST/LSUB reference or pattern, None when it is not a valid mailbox name."""
+    try:
+        return decode_mailbox(raw, utf8)
+    except CommandError:
+        return None
 
 
 def _status_items(node: Node) -> tuple[str, ...]:
@@ -1427,7 +1472,18 @@ def _p_append(args: _Args, utf8: bool) -> Append:
                 date = parse_date_time(node.value.decode("ascii"))
             except (ValueError, UnicodeDecodeError) as e:
                 raise CommandError(f"Invalid date-time: {e}") from e
-        data = args.take("message literal")
+        if args.peek_atom() == "UTF8":
+            # RFC 6855 4: APPEND ... UTF8 (~{n}...), only once UTF8=ACCEPT is enabled.
+            if not utf8:
+                raise CommandError("APPEND UTF8 needs ENABLE UTF8=ACCEPT")
+            args.take("UTF8")
+            inner = _Args(_plist(args.take("UTF8 message"), "UTF8"))
+            data = inner.take("message literal8")
+            inner.end()
+            if not isinstance(data, String | LiteralFile) or not data.binary:
+                raise CommandError("APPEND UTF8 takes a literal8 (~{n})")
+        else:
+            data = args.take("message literal")
         if isinstance(data, LiteralFile):
             messages.append(AppendMessage(flags, date, data.file, data.binary))
         elif not isinstance(data, String) or not data.literal:
@@ -1547,26 +1603,58 @@ def _charset(args: _Args) -> str:
     return charset
 
 
-def _p_search(args: _Args, utf8: bool, uid: bool = False) -> Search:
-    returns: tuple[str, ...] | None = None
-    charset = None
-    if args.peek_atom() == "RETURN" and isinstance(
+def _return_options(args: _Args) -> tuple[tuple[str, ...] | None, tuple[int, int] | None]:
+    """The ``RETURN (...)`` options of SEARCH / SORT, if any, and the PARTIAL range."""
+    if args.peek_atom() != "RETURN" or not isinstance(
         args.items[args.i + 1] if args.i + 1 < len(args.items) else None, PList
     ):
-        args.take("RETURN")
-        opts = _atoms_upper(_plist(args.take("return options"), "RETURN"), "RETURN")
-        for opt in opts:
-            if opt not in ESEARCH_RETURNS:
-                raise CommandError(f"Unknown SEARCH return option {opt}")
-        returns = tuple(dict.fromkeys(opts)) or ("ALL",)
+        return None, None
+    args.take("RETURN")
+    opts = _Args(_plist(args.take("return options"), "RETURN"))
+    names: list[str] = []
+    partial = None
+    while opts.more():
+        node = opts.take("return option")
+        name = node.text.upper() if isinstance(node, Atom) else ""
+        if name not in ESEARCH_RETURNS:
+            raise CommandError(f"Unknown SEARCH return option {getattr(node, 'text', '')}")
+        if name == "PARTIAL":
+            if partial is not None:
+                raise CommandError("PARTIAL given twice")
+            partial = _partial_range(opts.take("PARTIAL range"))
+        names.append(name)
+    if "PARTIAL" in names and "ALL" in names:
+        raise CommandError("PARTIAL conflicts with ALL")  # RFC 5267 4.4, as Dovecot
+    returns = tuple(dict.fromkeys(names))
+    if not _RESULT_RETURNS.intersection(returns) and "UPDATE" not in returns:
+        returns += ("ALL",)  # RETURN () and RETURN (CONTEXT): ALL (RFC 4731 3.1)
+    return returns, partial
+
+
+def _partial_range(node: Node) -> tuple[int, int]:
+    """RFC 5267 4.4 ``partial-range = nz-number ":" nz-number`` (either order)."""
+    text = node.text if isinstance(node, Atom) else ""
+    lo, sep, hi = text.partition(":")
+    if not (sep and lo.isdigit() and hi.isdigit() and lo.isascii() and hi.isascii()):
+        raise CommandError("PARTIAL range broken")
+    a, b = int(lo), int(hi)
+    if not (0 < a < 2**32 and 0 < b < 2**32):
+        raise CommandError("PARTIAL range broken")
+    return (min(a, b), max(a, b))
+
+
+def _p_search(args: _Args, utf8: bool, uid: bool = False) -> Search:
+    charset = None
+    returns, partial = _return_options(args)
     if args.peek_atom() == "CHARSET":
         args.take("CHARSET")
         charset = _charset(args)
     key = _SearchParser(charset).keys(args.items[args.i :], 0)
-    return Search(key, charset, returns, uid)
+    return Search(key, charset, returns, uid, partial)
 
 
 def _p_sort(args: _Args, utf8: bool, uid: bool = False) -> Sort:
+    returns, partial = _return_options(args)  # ESORT (RFC 5267 3)
     criteria: list[tuple[str, bool]] = []
     reverse = False
     for name in _atoms_upper(_plist(args.take("sort criteria"), "sort criteria"), "criteria"):
@@ -1581,7 +1669,7 @@ def _p_sort(args: _Args, utf8: bool, uid: bool = False) -> Sort:
         raise CommandError("Invalid sort criteria")
     charset = _charset(args)
     key = _SearchParser(charset).keys(args.items[args.i :], 0)
-    return Sort(tuple(criteria), charset, key, uid)
+    return Sort(tuple(criteria), charset, key, uid, returns, partial)
 
 
 def _p_thread(args: _Args, utf8: bool, uid: bool = False) -> Thread:
@@ -1754,6 +1842,18 @@ def _p_id(args: _Args, utf8: bool) -> Id:
     return Id(tuple(params))
 
 
+def _p_cancelupdate(args: _Args, utf8: bool) -> CancelUpdate:
+    tags = []
+    while args.more():
+        node = args.take("tag")
+        if not isinstance(node, String) or node.literal:
+            raise CommandError("CANCELUPDATE takes quoted tags")
+        tags.append(_text(node, "tag", ascii_only=True))
+    if not tags:
+        raise CommandError("Missing tag")
+    return CancelUpdate(tuple(tags))
+
+
 def _p_getquota(args: _Args, utf8: bool) -> GetQuota:
     root = _text(args.take("quota root"), "quota root")
     args.end()
@@ -1788,6 +1888,7 @@ _PARSERS: dict[str, Callable[[_Args, bool], TypedCommand]] = {
     "ID": _p_id,
     "GETQUOTA": _p_getquota,
     "GETQUOTAROOT": _p_getquotaroot,
+    "CANCELUPDATE": _p_cancelupdate,
 }
 _UID_PARSERS: dict[str, Callable[[_Args, bool, bool], TypedCommand]] = {
     "FETCH": _p_fetch,
@@ -1802,17 +1903,23 @@ _UID_PARSERS: dict[str, Callable[[_Args, bool, bool], TypedCommand]] = {
 COMMAND_NAMES = _NO_ARGS | _PARSERS.keys() | _UID_PARSERS.keys()
 
 
-def _check_literals(args: tuple[Node, ...], append: bool) -> None:
+def _check_literals(args: tuple[Node, ...], append: bool, utf8_data: bool = False) -> None:
     """NUL octets travel only in a literal8, and a literal8 only as APPEND's message data
-    (RFC 3516 4.4, RFC 3501 CHAR8): anything else is BAD."""
+    (RFC 3516 4.4, RFC 3501 CHAR8; inside ``UTF8 (...)``, RFC 6855 4): anything else is
+    BAD."""
     for n, node in enumerate(args):
         if isinstance(node, String):
-            if node.binary and not (append and n > 0):
+            if node.binary and not (utf8_data or (append and n > 0)):
                 raise CommandError("A literal8 is allowed only for APPEND message data")
             if not node.binary and b"\0" in node.value:
                 raise CommandError("NUL octets need a literal8 (~{n})")
         elif isinstance(node, PList | Section):
-            _check_literals(node.items, False)
+            inner = append and n > 0 and _is_atom(args[n - 1], "UTF8")
+            _check_literals(node.items, False, inner)
+
+
+def _is_atom(node: Node, text: str) -> bool:
+    return isinstance(node, Atom) and node.text.upper() == text
 
 
 def parse_command(command: Command, utf8: bool = False) -> TypedCommand:

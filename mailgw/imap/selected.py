@@ -67,6 +67,8 @@ class SelectedMailbox:
         self.readonly = readonly
         self.condstore = condstore or qresync
         self.qresync = qresync
+        # IMAP4rev2 (RFC 9051): no \\Recent flag, no RECENT response, no [UNSEEN] on SELECT.
+        self.rev2 = False
         self.saved: list[int] = []  # SEARCHRES: UIDs of the saved search result
         self._claim = claim_recent
         source = mailbox if hasattr(mailbox, "watch") else _PrivateSnapshot(mailbox)
@@ -75,10 +77,12 @@ class SelectedMailbox:
         messages = source.messages()
         self.uids: array[int] = array("I", (m.uid for m in messages))
         self.keywords: set[str] = self._keywords(messages)
+        self._announce = False  # keywords added by update_info, FLAGS not sent yet
         del messages
         self._told: dict[int, Any] = {}
         source.watch(self)
         self.recent: set[int] = claim_recent(list(self.uids))
+        self._recent_told = len(self.recent)  # the last RECENT count sent
         self.highest_uid = self.uids[-1] if self.uids else 0
         self.gone: set[int] = set()  # expunged in the store, EXPUNGE not sent yet
         self._held: dict[int, Any] = {}  # their infos, as the client knows them
@@ -165,7 +169,7 @@ class SelectedMailbox:
     def flags_of(self, uid: int) -> list[str]:
         info = self.info(uid)
         flags = sorted(info.flags, key=_flag_order) if info is not None else []
-        if uid in self.recent:
+        if uid in self.recent and not self.rev2:
             flags.append(RECENT)
         return flags
 
@@ -183,7 +187,28 @@ class SelectedMailbox:
         if told is not None and told != info.flags:
             info = dataclasses.replace(info, flags=told)
         self._told[uid] = info
-        self.keywords.update(f for f in info.flags if not f.startswith("\\"))
+        new = {f for f in info.flags if not f.startswith("\\")} - self.keywords
+        if new:
+            self.keywords |= new
+            self._announce = True
+
+    def keyword_announcement(self) -> list[bytes]:
+        """``* FLAGS`` and ``* OK [PERMANENTFLAGS]`` when :meth:`update_info` added keywords
+        the client was not told of: send them before the FETCH that shows them (RFC 3501
+        7.2.6, as Dovecot)."""
+        if not self._announce:
+            return []
+        self._announce = False
+        return self.flags_responses()
+
+    def flags_responses(self) -> list[bytes]:
+        """The mailbox's ``* FLAGS`` and ``* OK [PERMANENTFLAGS ...]`` responses."""
+        if self.readonly:
+            permanent = wire.untagged_status("OK", "Read-only mailbox", b"PERMANENTFLAGS ()")
+        else:
+            code = wire.code_permanentflags(self.all_flags(), True)
+            permanent = wire.untagged_status("OK", "Flags permitted", code)
+        return [wire.untagged(b"FLAGS", wire.flag_list(self.all_flags())), permanent]
 
     # -- updates -------------------------------------------------------------------------------
 
@@ -218,6 +243,7 @@ class SelectedMailbox:
             else:
                 changed.append((uid, before, now))
         out: list[bytes] = []
+        recent_gone = False
         if allow_expunge and self.gone:
             if self.qresync:
                 out.append(wire.untagged(b"VANISHED", format_uid_set(sorted(self.gone))))
@@ -227,20 +253,28 @@ class SelectedMailbox:
                         out.append(wire.untagged(b"%d EXPUNGE" % seq))
             self.uids = array("I", (u for u in self.uids if u not in self.gone))
             for uid in self.gone:
-                self.recent.discard(uid)
+                if uid in self.recent:
+                    self.recent.discard(uid)
+                    recent_gone = True
             self.gone = set()
             self._held = {}
         current = [now for _uid, _before, now in changed]
         current.extend(self._lookup(uid) for uid in new)
         new_keywords = self._keywords(current) - self.keywords
-        if new_keywords:
+        if new_keywords or self._announce:
             self.keywords |= new_keywords
-            out.append(wire.untagged(b"FLAGS", wire.flag_list(self.all_flags())))
+            self._announce = False
+            out.extend(self.flags_responses())
         if new:
             self.uids.extend(new)
             self.highest_uid = new[-1]
             self.recent |= self._claim(new)
             out.append(wire.untagged(b"%d EXISTS" % len(self.uids)))
+        if not self.rev2 and (recent_gone or len(self.recent) != self._recent_told):
+            # Only when the count changed (new messages another session claimed change
+            # nothing), as Dovecot; always after a recent message was expunged, so a client
+            # that counts it out itself and one that does not both end up right.
+            self._recent_told = len(self.recent)
             out.append(wire.untagged(b"%d RECENT" % len(self.recent)))
         for uid, before, now in changed:
             if now.flags != before.flags or (self.condstore and now.modseq != before.modseq):
@@ -297,19 +331,11 @@ class SelectedMailbox:
 
     def select_responses(self) -> list[bytes]:
         """The untagged responses of SELECT/EXAMINE (before the tagged OK)."""
-        out = [
-            wire.untagged(b"FLAGS", wire.flag_list(self.all_flags())),
-            wire.untagged_status(
-                "OK",
-                "Flags permitted" if not self.readonly else "Read-only mailbox",
-                wire.code_permanentflags(self.all_flags() if not self.readonly else [], True)
-                if not self.readonly
-                else b"PERMANENTFLAGS ()",
-            ),
-            wire.untagged(b"%d EXISTS" % len(self.uids)),
-            wire.untagged(b"%d RECENT" % len(self.recent)),
-        ]
-        for seq, uid in enumerate(self.uids, 1):
+        out = self.flags_responses()
+        out.append(wire.untagged(b"%d EXISTS" % len(self.uids)))
+        if not self.rev2:
+            out.append(wire.untagged(b"%d RECENT" % len(self.recent)))
+        for seq, uid in enumerate(self.uids if not self.rev2 else (), 1):
             info = self.info(uid)
             if info is not None and "\\Seen" not in info.flags:
                 out.append(wire.untagged_status("OK", "First unseen", wire.code_unseen(seq)))

@@ -25,16 +25,24 @@ from zope.interface import implementer
 from mailgw.directory.penalty import failure_delay
 from mailgw.imap import parser as p
 from mailgw.imap import wire
+from mailgw.imap.contexts import MAX_CONTEXTS, SearchContext, esearch_line, update_lines
 from mailgw.imap.fetch import Fetcher, MessageGone, fetch_responses, sets_seen
-from mailgw.imap.mailboxes import DELIMITER, list_lines, status_line, status_values
+from mailgw.imap.mailboxes import (
+    DELIMITER,
+    list_lines,
+    select_list_line,
+    status_line,
+    status_values,
+)
 from mailgw.imap.parser import CommandError, CommandReader
 from mailgw.imap.search import Searcher
 from mailgw.imap.selected import SelectedMailbox, SequenceRangeError
-from mailgw.imap.sequence import format_uid_set
 from mailgw.imap.sortthread import (
     SortMessage,
     Steps,
     format_threads,
+    run_steps,
+    sort_messages,
     sort_messages_steps,
     thread_orderedsubject_steps,
     thread_references_steps,
@@ -74,7 +82,7 @@ _AUTH = frozenset(
 )  # fmt: skip
 _SELECTED = frozenset(
     {"CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE",
-     "SORT", "THREAD"}
+     "SORT", "THREAD", "CANCELUPDATE"}
 )  # fmt: skip
 # Commands during which EXPUNGE responses must not be sent (RFC 3501 7.4.1), unless UID.
 _NO_EXPUNGE = frozenset({"FETCH", "STORE", "SEARCH", "SORT", "THREAD"})
@@ -148,6 +156,9 @@ class IMAPServer(Protocol):
         self.fetcher: Fetcher | None = None
         self.condstore = False
         self.qresync = False
+        self.utf8_accept = False  # ENABLE UTF8=ACCEPT (RFC 6855)
+        self.rev2 = False  # ENABLE IMAP4rev2 (RFC 9051)
+        self.contexts: dict[str, SearchContext] = {}  # RETURN (UPDATE) searches (RFC 5267)
         self.reader = CommandReader(
             max_line=self.config.max_line_length,
             max_literal=PREAUTH_MAX_LITERAL,
@@ -403,11 +414,16 @@ class IMAPServer(Protocol):
             self._error(raw.tag, f"{name} is not allowed in the {self.state} state")
             return
         try:
-            command = p.parse_command(raw)
+            command = p.parse_command(raw, self.utf8_names)
         except CommandError as e:
             p.discard_literals(raw.args)  # an APPEND's spooled literals
             if name == "SEARCH" and self.selected is not None and _saves(raw):
                 self.selected.saved = []  # a failed SEARCH RETURN (SAVE) empties $ (RFC 5182)
+            if name in ("SELECT", "EXAMINE") and e.status == "NO" and self.selected is not None:
+                # A SELECT that fails (a name that cannot exist) leaves no mailbox selected
+                # (RFC 3501 6.3.1), as Dovecot: the previous one is closed.
+                self._unselect()
+                self._write(wire.untagged_status("OK", "Previous mailbox closed", wire.CLOSED))
             if e.status == "BAD":
                 self._error(raw.tag, e.text, e.code.encode("ascii") if e.code else None)
             else:
@@ -473,14 +489,65 @@ class IMAPServer(Protocol):
             return
         name, uid = self._current
         allow = uid or name not in _NO_EXPUNGE
+        # Context updates are sent only where EXPUNGE could be; their REMOVEFROM lines use
+        # the numbers the client knows before this update's EXPUNGE responses (as Dovecot).
+        numbering = list(sel.uids) if self.contexts and allow else None
         try:
             # Every FETCH during a UID command carries the UID (RFC 3501 6.4.8; as Dovecot).
             lines = sel.sync(allow_expunge=allow, uid_fetch=uid)
         except MailboxNotFound:
             self._mailbox_vanished()
             return
+        if self.contexts and allow:
+            before, after = self._context_updates(numbering)
+            lines = before + lines + after
         for line in lines:
             self._write(line)
+
+    def _context_updates(self, numbering: list[int] | None) -> tuple[list[bytes], list[bytes]]:
+        """The updates of the live search contexts whose mailbox state changed since they were
+        last evaluated: the REMOVEFROM lines of expunged messages (numbered as before this
+        update: they go before its EXPUNGE responses) and the lines of the other changes
+        (numbered as after it)."""
+        sel = self._sel()
+        mark = self._context_mark()
+        old_seq: Callable[[int], int] = sel.seq_of
+        if numbering is not None:
+            positions = {u: n for n, u in enumerate(numbering, 1)}
+            old_seq = positions.__getitem__
+        before: list[bytes] = []
+        after: list[bytes] = []
+
+        def exists(uid: int) -> bool:
+            return bool(sel.seq_of(uid))
+
+        for context in self.contexts.values():
+            if context.mark == mark:
+                continue
+            context.mark = mark
+            now = self._evaluate(context)
+            if context.uid:
+                first, then = update_lines(context, now, exists, _identity, _identity)
+            else:
+                first, then = update_lines(context, now, exists, old_seq, sel.seq_of)
+            before += [first] if first is not None else []
+            after += [then] if then is not None else []
+        return before, after
+
+    def _context_mark(self) -> tuple[int, int, int]:
+        """What a context's result can depend on, cheaply: flag changes and expunges raise the
+        mailbox's HIGHESTMODSEQ, new messages the count and the last UID."""
+        sel = self._sel()
+        return (int(sel.mailbox.highestmodseq), len(sel.uids), sel.uids[-1] if sel.uids else 0)
+
+    def _evaluate(self, context: SearchContext) -> list[int]:
+        """The current result of a live context, as UIDs in result order."""
+        found = self._search(context.key)
+        if context.criteria is None:
+            return found
+        need = any(name not in ("ARRIVAL", "SIZE") for name, _rev in context.criteria)
+        messages = run_steps(self._sort_messages(found, need, True))
+        return [m.number for m in sort_messages(messages, context.criteria)]
 
     def _mailbox_vanished(self) -> None:
         log.info("imap {session}: selected mailbox was deleted", session=self.session_id)
@@ -520,8 +587,15 @@ class IMAPServer(Protocol):
             return True
         return mode == "loopback" and is_loopback(self.transport.getPeer())
 
+    @property
+    def utf8_names(self) -> bool:
+        """Mailbox names travel as UTF-8 (UTF8=ACCEPT or IMAP4rev2 enabled), not mUTF-7."""
+        return self.utf8_accept or self.rev2
+
     def capabilities(self) -> list[str]:
-        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"]
+        caps = [
+            "IMAP4rev1", "IMAP4rev2", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"
+        ]  # fmt: skip
         if self.state == NOT_AUTHENTICATED:
             if self.factory.tls_options is not None and not self.secure:
                 caps.append("STARTTLS")
@@ -534,7 +608,8 @@ class IMAPServer(Protocol):
             "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED",
             "LIST-STATUS", "ESEARCH", "CONDSTORE", "QRESYNC", "QUOTA", "SEARCHRES", "SORT",
             "SORT=DISPLAY", "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "UNAUTHENTICATE",
-            "BINARY",
+            "BINARY", "MULTIAPPEND", "ESORT", "CONTEXT=SEARCH", "CONTEXT=SORT", "UTF8=ACCEPT",
+            "STATUS=SIZE",
         ]  # fmt: skip
         return caps
 
@@ -772,9 +847,16 @@ class IMAPServer(Protocol):
             elif cap == "QRESYNC" and not self.qresync:
                 self.qresync = self.condstore = True  # QRESYNC implies CONDSTORE (RFC 7162)
                 enabled.append(cap)
+            elif cap == "UTF8=ACCEPT" and not self.utf8_accept:
+                self.utf8_accept = True
+                enabled.append(cap)
+            elif cap == "IMAP4REV2" and not self.rev2:
+                self.rev2 = True
+                enabled.append("IMAP4rev2")
         if self.selected is not None:
             self.selected.condstore = self.condstore
             self.selected.qresync = self.qresync
+            self.selected.rev2 = self.rev2
         self._write(wire.untagged(b"ENABLED", " ".join(enabled)) if enabled else b"* ENABLED\r\n")
         self._ok(tag, "ENABLE completed")
 
@@ -786,7 +868,7 @@ class IMAPServer(Protocol):
         log.info("imap {session} unauthenticate {user}", session=self.session_id, user=self.user)
         self.user = None
         self.state = NOT_AUTHENTICATED
-        self.condstore = self.qresync = False
+        self.condstore = self.qresync = self.utf8_accept = self.rev2 = False
         self.reader.max_literal = PREAUTH_MAX_LITERAL
         self.reader.max_depth = PREAUTH_MAX_DEPTH
         self.reader.max_args = PREAUTH_MAX_ARGS
@@ -801,6 +883,7 @@ class IMAPServer(Protocol):
     def _unselect(self) -> None:
         self.selected = None
         self.fetcher = None
+        self.contexts = {}  # search contexts end with the selection (RFC 5267 4.2)
         self.state = AUTHENTICATED
 
     def do_SELECT(self, tag: str, command: p.Select) -> None:
@@ -827,12 +910,17 @@ class IMAPServer(Protocol):
             return mailbox.claim_recent(uids)
 
         sel = SelectedMailbox(mailbox, readonly, claim, self.condstore, self.qresync)
+        sel.rev2 = self.rev2
         self.selected = sel
         self.fetcher = Fetcher(user, sel, self.factory.cache)
         sel.on_gone = self.fetcher.forget  # expunged: its cached structure goes too
         self.state = SELECTED
         for line in sel.select_responses():
             self._write(line)
+        if self.rev2:
+            # RFC 9051 6.3.2: a LIST response with the mailbox's name and attributes.
+            names = self.factory.store.list_mailboxes(user)
+            self._write(select_list_line(str(mailbox.name), names, self.utf8_names))
         if command.qresync is not None:
             for line in sel.resync(command.qresync):
                 self._write(line)
@@ -865,7 +953,16 @@ class IMAPServer(Protocol):
             self._no(tag, "INBOX cannot be deleted", wire.CANNOT)
             return
         delete = self.factory.store.delete_mailbox
-        if command.mailbox not in self.factory.store.list_mailboxes(user):
+        names = self.factory.store.list_mailboxes(user)
+        if command.mailbox not in names:
+            prefix = command.mailbox + DELIMITER
+            if any(name.startswith(prefix) for name in names):
+                # Only a level implied by its children (\Noselect): an error (RFC 3501
+                # 6.3.4). IMAP4rev2 has a code for it (RFC 9051 7.1); IMAP4rev1 clients get
+                # NONEXISTENT, as from Dovecot.
+                code = wire.HASCHILDREN if self.rev2 else wire.NONEXISTENT
+                self._no(tag, "Mailbox has children", code)
+                return
             self._no(tag, "No such mailbox", wire.NONEXISTENT)
             return
         if self.selected is not None and self.selected.name == command.mailbox:
@@ -925,14 +1022,15 @@ class IMAPServer(Protocol):
         def status(name: str) -> bytes | None:
             return self._status_line(name, command.status_items)
 
-        for line in list_lines(command, names, subscribed, status=status):
+        for line in list_lines(command, names, subscribed, utf8=self.utf8_names, status=status):
             self._write(line)
         self._ok(tag, "LIST completed")
 
     def do_LSUB(self, tag: str, command: p.Lsub) -> None:
         names = self.factory.store.list_mailboxes(self._user())
-        listing = p.ListMailboxes(command.reference, (command.pattern,))
-        for line in list_lines(listing, names, self._subscribed(), lsub=True):
+        patterns = (command.pattern,) if command.pattern is not None else ()
+        listing = p.ListMailboxes(command.reference, patterns)
+        for line in list_lines(listing, names, self._subscribed(), lsub=True, utf8=self.utf8_names):
             self._write(line)
         self._ok(tag, "LSUB completed")
 
@@ -943,7 +1041,7 @@ class IMAPServer(Protocol):
         except (MailboxNotFound, ValueError):
             return None
         recent = mailbox.recent_count() if "RECENT" in items else 0
-        return status_line(mailbox.name, status_values(mailbox, items, recent))
+        return status_line(mailbox.name, status_values(mailbox, items, recent), self.utf8_names)
 
     def do_STATUS(self, tag: str, command: p.Status) -> None:
         line = self._status_line(command.mailbox, command.items)
@@ -1002,7 +1100,8 @@ class IMAPServer(Protocol):
         if command.mailbox not in self.factory.store.list_mailboxes(self._user()):
             self._no(tag, "No such mailbox", wire.NONEXISTENT)
             return
-        self._write(wire.untagged(b"QUOTAROOT", wire.mailbox_name(command.mailbox), b'""'))
+        name = wire.mailbox_name(command.mailbox, self.utf8_names)
+        self._write(wire.untagged(b"QUOTAROOT", name, b'""'))
         self._write(self._quota_line())
         self._ok(tag, "GETQUOTAROOT completed")
 
@@ -1184,6 +1283,7 @@ class IMAPServer(Protocol):
         except ValueError as e:
             self._error(tag, str(e))
             return
+        changed = []
         for uid in uids:
             info = result.get(uid)
             if info is None:
@@ -1194,7 +1294,12 @@ class IMAPServer(Protocol):
                 sel.update_info(info, told)
             else:
                 sel.update_info(info)
-            if echo:
+            changed.append(uid)
+        # A new keyword: FLAGS and PERMANENTFLAGS first (RFC 3501 7.2.6, as Dovecot).
+        for line in sel.keyword_announcement():
+            self._write(line)
+        if echo:
+            for uid in changed:
                 seq = sel.seq_of(uid)
                 if seq:
                     self._write(sel.flags_response(seq, uid, command.uid or self.condstore))
@@ -1278,14 +1383,35 @@ class IMAPServer(Protocol):
         return max(infos[u].modseq for u in found)
 
     def do_SEARCH(self, tag: str, command: p.Search) -> Generator[None, None, None]:
-        sel = self._sel()
         if _uses_modseq(command.key):
             _enable_condstore(self)
         found = yield from self._search_steps(command.key)
-        numbers = found if command.uid else [sel.seq_of(u) for u in found]
-        modseq = self._modseq_of(command.key, found)
         returns = command.returns
-        if returns is not None and "SAVE" in returns:
+        if returns is None and self.rev2:
+            returns = ("ALL",)  # IMAP4rev2 answers with ESEARCH only (RFC 9051 6.4.4)
+        self._results(tag, command.key, command.uid, returns, command.partial, found, None)
+        self._ok(tag, "SEARCH completed")
+
+    def _results(
+        self,
+        tag: str,
+        key: p.SearchKey,
+        uid: bool,
+        returns: tuple[str, ...] | None,
+        partial: tuple[int, int] | None,
+        found: list[int],
+        criteria: tuple[tuple[str, bool], ...] | None,
+    ) -> None:
+        """Send the result of a SEARCH (``criteria`` None; ``found`` ascending) or SORT
+        (``found`` in sorted order): ``* SEARCH`` / ``* SORT``, or with RETURN options an
+        ``* ESEARCH`` (RFC 4731, RFC 5267); SAVE (RFC 5182) and UPDATE (a live context)."""
+        sel = self._sel()
+        numbers = found if uid else [sel.seq_of(u) for u in found]
+        modseq = self._modseq_of(key, found)
+        if returns is None:
+            self._write(_numbers_line(b"SEARCH" if criteria is None else b"SORT", numbers, modseq))
+            return
+        if "SAVE" in returns:
             # RFC 5182 2.4: with MIN and/or MAX but neither ALL nor COUNT, save only those.
             saved = found
             if not ("ALL" in returns or "COUNT" in returns) and (
@@ -1296,22 +1422,36 @@ class IMAPServer(Protocol):
                     picks.add(found[0])
                 if found and "MAX" in returns:
                     picks.add(found[-1])
-                saved = sorted(picks)
-            sel.saved = list(saved)
+                saved = list(picks)
+            sel.saved = sorted(saved)
             returns = tuple(r for r in returns if r != "SAVE")
-            if not returns:
-                self._ok(tag, "SEARCH completed (saved)")
-                return
-        if returns is None:
-            self._write(_numbers_line(b"SEARCH", numbers, modseq))
-        else:
-            if modseq is not None and not ("ALL" in returns or "COUNT" in returns):
-                # RFC 7162 3.1.5: the highest MODSEQ of the messages returned, here MIN/MAX.
-                picked = [found[0]] if "MIN" in returns else []
-                picked += [found[-1]] if "MAX" in returns else []
-                modseq = max((sel.infos[u].modseq for u in picked), default=modseq)
-            self._write(_esearch(tag, command.uid, returns, numbers, modseq))
-        self._ok(tag, "SEARCH completed")
+        if "UPDATE" in returns:
+            self._add_context(SearchContext(tag, key, uid, criteria, list(found)))
+        if not returns:
+            return  # only SAVE: no ESEARCH response (RFC 5182 2.1)
+        if modseq is not None and not ("ALL" in returns or "COUNT" in returns):
+            # RFC 7162 3.1.5: the highest MODSEQ of the messages returned, here MIN/MAX.
+            picked = [found[0]] if "MIN" in returns else []
+            picked += [found[-1]] if "MAX" in returns else []
+            modseq = max((sel.infos[u].modseq for u in picked), default=modseq)
+        self._write(esearch_line(tag, uid, returns, numbers, modseq, partial))
+
+    def _add_context(self, context: SearchContext) -> None:
+        if context.tag not in self.contexts and len(self.contexts) >= MAX_CONTEXTS:
+            code = b"NOUPDATE " + wire.quote(context.tag)
+            self._write(wire.untagged_status("NO", "Too many search contexts", code))
+            return
+        context.mark = self._context_mark()
+        self.contexts[context.tag] = context
+
+    def do_CANCELUPDATE(self, tag: str, command: p.CancelUpdate) -> None:
+        unknown = [t for t in command.tags if t not in self.contexts]
+        for t in command.tags:
+            self.contexts.pop(t, None)
+        if unknown:
+            self._no(tag, "Unknown tag")
+            return
+        self._ok(tag, "Updates cancelled")
 
     def _sort_messages(
         self, uids: list[int], need_headers: bool, uid: bool
@@ -1342,10 +1482,17 @@ class IMAPServer(Protocol):
             _enable_condstore(self)
         found = yield from self._search_steps(command.key)
         need = any(name not in ("ARRIVAL", "SIZE") for name, _rev in command.criteria)
-        messages = yield from self._sort_messages(found, need, command.uid)
+        messages = yield from self._sort_messages(found, need, True)
         ordered = yield from sort_messages_steps(messages, command.criteria, Steps())
-        modseq = self._modseq_of(command.key, found)
-        self._write(_numbers_line(b"SORT", [m.number for m in ordered], modseq))
+        self._results(
+            tag,
+            command.key,
+            command.uid,
+            command.returns,
+            command.partial,
+            [m.number for m in ordered],
+            command.criteria,
+        )
         self._ok(tag, "SORT completed")
 
     def do_THREAD(self, tag: str, command: p.Thread) -> Generator[None, None, None]:
@@ -1431,24 +1578,8 @@ def _uses_modseq(key: p.SearchKey) -> bool:
     return False
 
 
-def _esearch(
-    tag: str, uid: bool, returns: tuple[str, ...], numbers: list[int], modseq: int | None
-) -> bytes:
-    parts = [b"* ESEARCH (TAG " + wire.quote(tag) + b")"]
-    if uid:
-        parts.append(b"UID")
-    if numbers:
-        if "MIN" in returns:
-            parts.append(b"MIN %d" % numbers[0])
-        if "MAX" in returns:
-            parts.append(b"MAX %d" % numbers[-1])
-        if "ALL" in returns:
-            parts.append(b"ALL " + format_uid_set(numbers).encode("ascii"))
-    if "COUNT" in returns:
-        parts.append(b"COUNT %d" % len(numbers))
-    if modseq is not None and numbers:
-        parts.append(b"MODSEQ %d" % modseq)
-    return b" ".join(parts) + b"\r\n"
+def _identity(n: int) -> int:
+    return n
 
 
 def _normalise(name: str) -> str | None:

@@ -13,6 +13,7 @@ from mailgw.imap.parser import (
     Append,
     AppendMessage,
     Authenticate,
+    CancelUpdate,
     Command,
     CommandError,
     CommandReader,
@@ -124,9 +125,11 @@ def test_mailbox_name_decoding() -> None:
     assert parse(b"a CREATE Entw&APw-rfe\r\n") == Create("Entwürfe")
     assert parse('a CREATE "Entwürfe"\r\n'.encode(), utf8=True) == Create("Entwürfe")
     assert parse(b"a DELETE inbox/Sub\r\n") == Delete("INBOX/Sub")
-    assert error(b'a CREATE "Entw\xc3\xbcrfe"\r\n').text.startswith("Mailbox name must be")
-    assert error(b"a CREATE A&B\r\n").text == "Mailbox name is not valid modified UTF-7"
-    assert error(b'a CREATE "\xff"\r\n').text == "Mailbox name is not valid UTF-8"
+    err = error(b'a CREATE "Entw\xc3\xbcrfe"\r\n')
+    assert (err.status, err.text) == ("NO", "Mailbox name is not valid mUTF-7 (8-bit data sent)")
+    err = error(b"a CREATE A&B\r\n")
+    assert (err.status, err.text) == ("NO", "Mailbox name is not valid mUTF-7")
+    assert error(b'a CREATE "\xff"\r\n').status == "NO"
     assert decode_mailbox(b"&-") == "&"
 
 
@@ -466,3 +469,50 @@ def test_non_atoms_where_atoms_are_needed() -> None:
     assert error(b'a SEARCH CHARSET "\xff" ALL\r\n').text == "Invalid ASCII in charset"
     assert parse(b'a LOGIN "\xff" x\r\n') == Login(b"\xff", b"x")
     assert error(b'a SEARCH HEADER "\xc3\xa9" x\r\n').text == "Invalid ASCII in header field name"
+
+
+def test_nil_is_a_flag_atom() -> None:
+    """As in Dovecot: ``NIL`` in a flag position is the keyword NIL, not a missing list."""
+    assert parse(b"a STORE 1 +FLAGS NIL\r\n") == Store(seq("1"), "+", False, ("NIL",))
+    assert parse(b"a STORE 1 FLAGS (nil \\Seen)\r\n") == Store(
+        seq("1"), "", False, ("nil", "\\Seen")
+    )
+    assert parse(b"a SEARCH KEYWORD NIL\r\n") == Search(FlagKey("NIL"))
+
+
+def test_invalid_names_are_no_and_match_nothing_in_list() -> None:
+    for line in (b"a SELECT &Jjo\r\n", b"a STATUS &Jjo (MESSAGES)\r\n", b"a UID COPY 1 &Jjo\r\n"):
+        assert error(line).status == "NO", line
+    assert parse(b'a LIST "" (&Jjo INBOX)\r\n') == ListMailboxes("", ("INBOX",), extended=True)
+    assert parse(b"a LIST &Jjo *\r\n") == ListMailboxes("", ())
+    assert parse(b"a LSUB x &Jjo\r\n") == Lsub("", None)
+    assert error(b"a LIST &Jjo\r\n").status == "BAD"  # a syntax error stays BAD
+
+
+def test_return_options_for_search_and_sort() -> None:
+    cmd = parse(b"a SEARCH RETURN (PARTIAL 10:1 COUNT UPDATE) ALL\r\n")
+    assert cmd == Search(All(), None, ("PARTIAL", "COUNT", "UPDATE"), partial=(1, 10))
+    assert parse(b"a SEARCH RETURN (UPDATE) ALL\r\n") == Search(All(), None, ("UPDATE",))
+    assert parse(b"a SEARCH RETURN (CONTEXT) ALL\r\n") == Search(All(), None, ("CONTEXT", "ALL"))
+    cmd = parse(b"a UID SORT RETURN (MIN MAX) (DATE) UTF-8 ALL\r\n")
+    assert cmd == Sort((("DATE", False),), "UTF-8", All(), True, ("MIN", "MAX"))
+    assert parse(b"a SORT RETURN () (DATE) UTF-8 ALL\r\n") == Sort(
+        (("DATE", False),), "UTF-8", All(), False, ("ALL",)
+    )
+    assert error(b"a SEARCH RETURN (PARTIAL 1:2 ALL) ALL\r\n").text == "PARTIAL conflicts with ALL"
+    assert error(b"a SORT RETURN (PARTIAL 0:2) (DATE) UTF-8 ALL\r\n").text == "PARTIAL range broken"
+
+
+def test_cancelupdate() -> None:
+    assert parse(b'a CANCELUPDATE "t1" "t2"\r\n') == CancelUpdate(("t1", "t2"))
+    assert error(b"a CANCELUPDATE\r\n").text == "Missing tag"
+    assert error(b"a CANCELUPDATE t1\r\n").text == "CANCELUPDATE takes quoted tags"
+
+
+def test_append_utf8_data() -> None:
+    data = b"a APPEND INBOX (\\Seen) UTF8 (~{5+}\r\nhello)\r\n"
+    cmd = parse(data, utf8=True)
+    assert cmd == Append("INBOX", (AppendMessage(("\\Seen",), None, b"hello", True),))
+    assert error(data).text == "APPEND UTF8 needs ENABLE UTF8=ACCEPT"
+    with pytest.raises(CommandError, match="literal8 is allowed only"):
+        parse(b"a APPEND INBOX (~{5+}\r\nhello)\r\n", utf8=True)

@@ -143,8 +143,7 @@ def test_unexplained_difference_falls_back_to_full_comparison(
     conn.close()
     assert sel.sync(allow_expunge=True) == [
         b"* 7 EXPUNGE\r\n",
-        b"* 30 EXISTS\r\n",
-        b"* 0 RECENT\r\n",
+        b"* 30 EXISTS\r\n",  # no RECENT: the count did not change (as Dovecot)
         b"* 7 FETCH (FLAGS (\\Flagged))\r\n",
     ]
     assert 7 not in sel.uids
