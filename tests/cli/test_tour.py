@@ -80,9 +80,12 @@ def test_make_run_uses_the_local_config_when_there_is_one(tmp_path: Path) -> Non
     (tmp_path / "etc").mkdir()
 
     def run_command() -> str:
+        # Not as a sub-make of `make test`: no inherited MAKEFLAGS, no directory lines.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
         done = subprocess.run(
-            ["make", "-n", "run", "VENV=venv"],
+            ["make", "--no-print-directory", "-n", "run", "VENV=venv"],
             cwd=tmp_path,
+            env=env,
             capture_output=True,
             text=True,
             timeout=30,
