@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -140,6 +141,34 @@ class MailgwServer:
         )
 
     def start(self, wait: bool = True) -> None:
+        """Start twistd; when another process took one of the free ports chosen a moment ago
+        (the server exits with EADDRINUSE), move every listener to fresh ports and try again."""
+        for attempt in range(3):
+            try:
+                self._launch(wait)
+                return
+            except RuntimeError:
+                if attempt == 2 or "Address already in use" not in self.log():
+                    raise
+                self.stop()
+                self._move_ports()
+
+    def _move_ports(self) -> None:
+        moves: dict[int, int] = {}
+
+        def fresh(match: re.Match[str]) -> str:
+            old = int(match.group(2))
+            return match.group(1) + str(moves.setdefault(old, free_port(self.host)))
+
+        for keys in self.sections.values():
+            for key, value in keys.items():
+                if key.startswith("listen"):
+                    keys[key] = re.sub(r"(tcp:)(\d+)", fresh, value)
+        self.ports = {name: moves.get(port, port) for name, port in self.ports.items()}
+        self.config_path.write_text(render_config(self.sections))
+        self.log_path.write_text("")
+
+    def _launch(self, wait: bool) -> None:
         # Under coverage (make test), twistd runs through a wrapper that saves coverage data
         # when it shuts down; otherwise it is the twistd script itself.
         if self.launcher is not None:

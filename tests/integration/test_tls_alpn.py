@@ -62,7 +62,9 @@ def node(
         "imap": {"workers": "2" if request.param == "workers" else "0"},
     }
     server = make_server(tmp_path_factory.mktemp(request.param), overrides)
-    server.ports["submission"], server.ports["submissions"] = ports
+    # The ports the server really listens on (start() moves them if one was taken meanwhile).
+    server.ports["submission"] = server.listen_port("submission")
+    server.ports["submissions"] = int(server.sections["submission"]["listen_tls"].split(":")[1])
     yield server
     server.stop()
 
