@@ -1,9 +1,9 @@
-"""Fakes and fixtures for delivery tests: an in-memory store and directory, a Clock reactor."""
+"""Fakes and fixtures for delivery tests: an in-memory store, the shared in-memory directory,
+a Clock reactor."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,33 +13,7 @@ from mailgw.delivery import LocalDelivery
 from mailgw.interfaces import QuotaExceeded
 from mailgw.model import Envelope
 from mailgw.spool import Spool
-
-
-@dataclass
-class FakeUser:
-    name: str
-
-
-class FakeDirectory:
-    """Users and aliases in dicts; ``resolve`` follows one level of aliases."""
-
-    def __init__(self, users: list[str], aliases: dict[str, list[str]] | None = None) -> None:
-        self.users = {u: FakeUser(u) for u in users}
-        self.aliases = aliases or {}
-        self.broken: set[str] = set()
-
-    def resolve(self, address: str) -> list[str]:
-        if address in self.broken:
-            raise RuntimeError("directory database is locked")
-        if address in self.aliases:
-            return list(self.aliases[address])
-        return [address] if address in self.users else []
-
-    def get_user(self, name: str) -> FakeUser | None:
-        return self.users.get(name)
-
-    def is_local_domain(self, domain: str) -> bool:
-        return domain == "example.test"
+from mailgw.testing.fakes import FakeDirectory
 
 
 class FakeStore:

@@ -24,7 +24,7 @@ def test_store_refuses_the_name(tmp_path) -> None:
 def test_bad_name_is_bounced_once_and_not_deferred(
     spool, store, directory, clock, make_delivery, submit, run
 ) -> None:
-    directory.users[BAD] = type(directory.users["alice@example.test"])(BAD)
+    directory.add_user(BAD)
     store.failing[BAD] = InvalidMailbox(f"invalid user name {BAD!r}")
     delivery = make_delivery(hostname="mx.example.test")
     delivery.startService()
@@ -50,7 +50,7 @@ def test_bad_name_is_bounced_once_and_not_deferred(
 def test_bad_name_with_null_sender_is_dropped_without_bounce(
     spool, store, directory, make_delivery, submit, run
 ) -> None:
-    directory.users[BAD] = type(directory.users["alice@example.test"])(BAD)
+    directory.add_user(BAD)
     store.failing[BAD] = InvalidMailbox("invalid user name")
     delivery = make_delivery()
     delivery.startService()

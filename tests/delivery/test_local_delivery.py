@@ -267,7 +267,7 @@ def test_unknown_recipient_bounces_at_once_and_lookup_failure_defers(
     spool, store, directory, make_delivery, submit, run
 ):
     """Issue 9: "no such recipient" was deferred every 5 minutes forever, without a DSN."""
-    directory.broken.add("carol@example.test")
+    directory.resolve_errors["carol@example.test"] = RuntimeError("directory database is locked")
     delivery = make_delivery()
     delivery.startService()
     qid = submit(

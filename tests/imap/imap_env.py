@@ -4,75 +4,20 @@ Clock, and a client driving an ``IMAPServer`` over a StringTransport (with START
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer
-from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailgw.config.schema import IMAPConfig
 from mailgw.imap.factory import IMAPFactory
 from mailgw.imap.session import IMAPServer
-from mailgw.interfaces import IDirectory
 from mailgw.store import MessageStore
+from mailgw.testing.fakes import FakeDirectory, TLSStringTransport, peer_address
 
 PASSWORDS = {"alice@example.test": "secret", "bob@example.test": "bobpw"}
-
-
-@dataclass(frozen=True)
-class FakeUser:
-    name: str
-
-
-@implementer(IDirectory)
-class FakeDirectory:
-    def __init__(self) -> None:
-        self.quotas: dict[str, int | None] = {}
-        self.broken = False
-
-    def is_local_domain(self, domain: str) -> bool:
-        return domain == "example.test"
-
-    def list_domains(self) -> list[str]:
-        return ["example.test"]
-
-    def resolve(self, address: str) -> list[str]:
-        return [address] if address in PASSWORDS else []
-
-    def get_user(self, name: str) -> object | None:
-        return FakeUser(name) if name in PASSWORDS else None
-
-    def check_password(self, name: str, password: str) -> Any:
-        if self.broken:
-            return defer.fail(RuntimeError("directory down"))
-        if PASSWORDS.get(name) == password:
-            return defer.succeed(FakeUser(name))
-        return defer.fail(UnauthorizedLogin())
-
-    def quota_for(self, name: str) -> int | None:
-        return self.quotas.get(name)
-
-
-class TLSTransport(StringTransport):
-    """A StringTransport that records startTLS."""
-
-    def __init__(self, peer: IPv4Address) -> None:
-        super().__init__(peerAddress=peer)
-        self.tls_started: Any = None
-
-    def startTLS(self, options: Any) -> None:
-        self.tls_started = options
-
-    def abortConnection(self) -> None:
-        self.disconnecting = True
-        self.aborted = True
 
 
 class Env:
@@ -80,7 +25,7 @@ class Env:
 
     def __init__(self, root: Path, **config: Any) -> None:
         self.clock = Clock()
-        self.directory = FakeDirectory()
+        self.directory = FakeDirectory(PASSWORDS)
         self.store = MessageStore(str(root / "mail"), quota_for=self.directory.quota_for)
         defaults = {"allow_plaintext_auth": "yes"}
         defaults.update(config)
@@ -117,7 +62,7 @@ class Client:
 
     def __init__(self, env: Env, ip: str) -> None:
         self.env = env
-        self.transport = TLSTransport(IPv4Address("TCP", ip, 40000))
+        self.transport = TLSStringTransport(peerAddress=peer_address(ip))
         self.server: IMAPServer = env.factory.buildProtocol(None)
         self.server.makeConnection(self.transport)
         self.greeting = self.take()

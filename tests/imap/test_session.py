@@ -22,7 +22,7 @@ def test_greeting_and_capabilities_follow_tls_and_policy(tmp_path: Path) -> None
     assert b"PRIVACYREQUIRED" in c.cmd("AUTHENTICATE PLAIN")
     out = c.cmd("STARTTLS")
     assert out.endswith(b"OK Begin TLS negotiation now\r\n")
-    assert c.transport.tls_started is env.tls
+    assert c.transport.tls_started == [env.tls]
     caps = c.cmd("CAPABILITY")
     assert b"AUTH=PLAIN" in caps and b"STARTTLS" not in caps and b"LOGINDISABLED" not in caps
     assert b"BAD" in c.cmd("STARTTLS")
@@ -83,7 +83,7 @@ def test_failed_login_is_delayed(env: Env) -> None:
 
 
 def test_directory_failure_is_no_not_traceback(env: Env) -> None:
-    env.directory.broken = True
+    env.directory.error = RuntimeError("directory down")
     c = env.connect()
     out = c.cmd("LOGIN alice@example.test secret")
     assert b"NO [UNAVAILABLE]" in out and b"Traceback" not in out

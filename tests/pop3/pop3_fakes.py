@@ -1,4 +1,5 @@
-"""In-memory IMessageStore / IMailbox / IDirectory and a StringTransport with STLS for POP3 tests."""
+"""In-memory IMessageStore / IMailbox and a session driver for the POP3 tests (the directory and
+the transport are the shared ones of ``mailgw.testing.fakes``)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,15 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.config.schema import POP3Config
-from mailgw.interfaces import IDirectory, IMailbox, IMessageStore, MailboxNotFound
+from mailgw.interfaces import IMailbox, IMessageStore, MailboxNotFound
 from mailgw.pop3 import POP3Factory, POP3Server
+from mailgw.testing.fakes import FakeDirectory, TLSStringTransport, peer_address
 
 
 @dataclass(frozen=True)
@@ -26,11 +24,6 @@ class Info:
     uid: int
     size: int
     flags: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True)
-class FakeUser:
-    name: str
 
 
 @dataclass
@@ -238,61 +231,6 @@ class FakeStore:
         return {"messages": len(folder.data), "uidnext": folder.uidnext, "unseen": unseen}
 
 
-@implementer(IDirectory)
-class FakeDirectory:
-    """Users with plain passwords. ``hold`` makes check_password return unfired Deferreds."""
-
-    def __init__(self, users: dict[str, str]) -> None:
-        self.users = dict(users)
-        self.calls: list[tuple[str, str]] = []
-        self.hold = False
-        self.pending: list[defer.Deferred[Any]] = []
-        self.error: Exception | None = None
-
-    def is_local_domain(self, domain: str) -> bool:
-        return any(name.endswith("@" + domain) for name in self.users)
-
-    def list_domains(self) -> list[str]:
-        return sorted({name.partition("@")[2] for name in self.users})
-
-    def resolve(self, address: str) -> list[str]:
-        return [address.lower()] if address.lower() in self.users else []
-
-    def get_user(self, name: str) -> FakeUser | None:
-        return FakeUser(name) if name in self.users else None
-
-    def check_password(self, name: str, password: str) -> defer.Deferred[Any]:
-        self.calls.append((name, password))
-        if self.error is not None:
-            return defer.fail(self.error)
-        if self.hold:
-            d: defer.Deferred[Any] = defer.Deferred()
-            self.pending.append(d)
-            return d
-        if self.users.get(name) == password:
-            return defer.succeed(FakeUser(name))
-        return defer.fail(UnauthorizedLogin())
-
-    def quota_for(self, name: str) -> int | None:
-        return None
-
-
-class TLSStringTransport(StringTransport):
-    """StringTransport recording ``startTLS`` (the bytes written before it are kept apart)."""
-
-    def __init__(self, peer: str = "192.0.2.7") -> None:
-        address = (
-            IPv6Address("TCP", peer, 40000) if ":" in peer else IPv4Address("TCP", peer, 40000)
-        )
-        super().__init__(peerAddress=address)
-        self.tls_started_with: Any = None
-        self.before_tls = b""
-
-    def startTLS(self, options: Any) -> None:
-        self.tls_started_with = options
-        self.before_tls = self.value()
-
-
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
 PASSWORDS = {ALICE: "alice secret", BOB: "bob-pw"}
@@ -303,7 +241,7 @@ class Session:
 
     def __init__(self, factory: POP3Factory, peer: str = "192.0.2.7") -> None:
         self.factory = factory
-        self.transport = TLSStringTransport(peer)
+        self.transport = TLSStringTransport(peerAddress=peer_address(peer))
         self.proto: POP3Server = factory.buildProtocol(None)
         self.proto.makeConnection(self.transport)
         self.greeting = self.take()

@@ -387,7 +387,7 @@ def test_stls_discards_pipelined_plaintext_and_resets_state(env: Env) -> None:
     s.cmd("USER mallory@example.test")  # refused, and never remembered anyway
     out = s.send(f"STLS\r\nUSER {ALICE}\r\nPASS {PASSWORDS[ALICE]}\r\n".encode())
     assert out == b"+OK Begin TLS negotiation\r\n"
-    assert s.transport.tls_started_with is options
+    assert s.transport.tls_started == [options]
     assert s.transport.before_tls == b"+OK Begin TLS negotiation\r\n"
     assert env.directory.calls == []
     # After the handshake: plaintext is allowed, STLS no longer offered, state is fresh.
@@ -413,7 +413,7 @@ def test_stls_refused_without_options_and_after_login(env: Env) -> None:
     s = env.session("127.0.0.1")
     s.login()
     assert s.cmd("STLS") == "-ERR Command not valid in this state\r\n"
-    assert s.transport.tls_started_with is None
+    assert s.transport.tls_started == []
 
 
 # -- locking, limits, timeouts, errors ------------------------------------------------------------

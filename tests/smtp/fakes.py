@@ -5,18 +5,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from mailgw.config import MXConfig
-from mailgw.interfaces import IDirectory, IIncomingMessage, ISpool
+from mailgw.interfaces import IIncomingMessage, ISpool
 from mailgw.model import Envelope
 from mailgw.smtp.protocol import SMTPServer
 from mailgw.smtp.roles.mx import MXFactory
+from mailgw.testing.fakes import FakeDirectory, TLSStringTransport, peer_address
 
 
 @implementer(IIncomingMessage)
@@ -116,41 +115,10 @@ class FakeSpool:
         pass
 
 
-@implementer(IDirectory)
-class FakeDirectory:
-    def __init__(self, domains: set[str], users: dict[str, list[str]]) -> None:
-        self.domains = domains
-        self.users = users
-        self.lookups: list[str] = []
-
-    def is_local_domain(self, domain: str) -> bool:
-        return domain in self.domains
-
-    def list_domains(self) -> list[str]:
-        return sorted(self.domains)
-
-    def resolve(self, address: str) -> list[str]:
-        self.lookups.append(address)
-        return list(self.users.get(address, []))
-
-    def get_user(self, name: str) -> object | None:
-        return None
-
-    def check_password(self, name: str, password: str) -> object:
-        return defer.fail(UnauthorizedLogin())
-
-    def quota_for(self, name: str) -> int | None:
-        return None
-
-
 def default_directory() -> FakeDirectory:
     return FakeDirectory(
-        {"example.test", "other.test"},
-        {
-            "alice@example.test": ["alice@example.test"],
-            "bob@example.test": ["bob@example.test"],
-            "carol@other.test": ["carol@other.test"],
-        },
+        ["alice@example.test", "bob@example.test", "carol@other.test"],
+        domains={"example.test", "other.test"},
     )
 
 
@@ -195,17 +163,6 @@ class Client:
         return bool(self.transport.disconnecting)
 
 
-class TLSStringTransport(StringTransport):
-    """A StringTransport that records startTLS calls (no real TLS)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.tls_started: list[Any] = []
-
-    def startTLS(self, options: Any, normal: bool = True) -> None:
-        self.tls_started.append(options)
-
-
 class Harness:
     """An MXFactory with fake spool/directory and a Clock; ``connect()`` opens sessions."""
 
@@ -221,7 +178,7 @@ class Harness:
         )
 
     def connect(self, ip: str = "192.0.2.7", port: int = 40000, greet: bool = True) -> Client:
-        addr = IPv6Address("TCP", ip, port) if ":" in ip else IPv4Address("TCP", ip, port)
+        addr = peer_address(ip, port)
         protocol = self.factory.buildProtocol(addr)
         assert isinstance(protocol, SMTPServer)
         transport = TLSStringTransport(peerAddress=addr)

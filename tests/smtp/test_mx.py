@@ -209,7 +209,7 @@ def test_envelope_round_trips_through_json() -> None:
 
 def test_bare_postmaster_is_postmaster_of_the_hosts_own_domain() -> None:
     h = Harness()  # host name mx.example.test: example.test is local
-    h.directory.users["postmaster@example.test"] = ["alice@example.test"]
+    h.directory.aliases["postmaster@example.test"] = ["alice@example.test"]
     c = h.connect()
     assert c.exchange(MAIL + "RCPT TO:<Postmaster>\r\nDATA\r\nx\r\n.\r\n") == [
         "250",
@@ -224,7 +224,7 @@ def test_bare_postmaster_is_postmaster_of_the_hosts_own_domain() -> None:
 def test_bare_postmaster_of_a_host_outside_the_local_domains_is_the_first_domains() -> None:
     h = Harness()
     h.factory.role.hostname = "gw.provider.example"  # type: ignore[attr-defined]
-    h.directory.users["postmaster@example.test"] = ["alice@example.test"]
+    h.directory.aliases["postmaster@example.test"] = ["alice@example.test"]
     c = h.connect()
     assert c.codes(MAIL + "RCPT TO:<POSTMASTER>\r\n") == ["250", "250", "250"]
     assert c.protocol.session.recipients[0].key == "postmaster@example.test"

@@ -4,11 +4,9 @@ Message-ID/Date completion, and the webmail ``submit`` with the same checks."""
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -23,29 +21,14 @@ from mailgw.smtp.roles.submission import (
     header_facts,
     submit,
 )
-from tests.smtp.fakes import Client, FakeDirectory, FakeSpool, Harness, TLSStringTransport
+from mailgw.testing.fakes import FakeDirectory, TLSStringTransport
+from tests.smtp.fakes import Client, FakeSpool, Harness
 
 
-@dataclass
-class User:
-    name: str
-
-
-class Directory(FakeDirectory):
-    def check_password(self, name: str, password: str) -> object:
-        if name.lower() == "alice@example.test" and password == "secret":
-            return defer.succeed(User("alice@example.test"))
-        return defer.fail(UnauthorizedLogin())
-
-
-def directory() -> Directory:
-    return Directory(
-        {"example.test"},
-        {
-            "alice@example.test": ["alice@example.test"],
-            "sales@example.test": ["alice@example.test", "bob@example.test"],
-            "bob@example.test": ["bob@example.test"],
-        },
+def directory() -> FakeDirectory:
+    return FakeDirectory(
+        {"alice@example.test": "secret", "bob@example.test": None},
+        aliases={"sales@example.test": ["alice@example.test", "bob@example.test"]},
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue as queue_module
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from mailgw.spool import CorruptEnvelope, QueuedMessage, Spool, encode_envelope,
 from mailgw.spool import spool as spool_module
 from mailgw.spool.queueid import ALPHABET, QueueIdGenerator, encode
 from mailgw.spool.threads import pool_runner
+from mailgw.testing.fakes import CallsFromThreads
 
 T = TypeVar("T")
 
@@ -395,24 +395,6 @@ def test_move_fsyncs_both_directories_unless_told_not_to(spool: Spool, monkeypat
 # -- memory buffer, thread pool, group commit ----------------------------------------------
 
 
-class ThreadReactor:
-    """Just enough reactor for ``deferToThreadPool``: calls from threads are queued and run
-    by ``run_until`` in the test's thread (the "reactor thread")."""
-
-    def __init__(self) -> None:
-        self.calls: queue_module.Queue[tuple[Any, tuple[Any, ...], dict[str, Any]]] = (
-            queue_module.Queue()
-        )
-
-    def callFromThread(self, f: Any, *args: Any, **kw: Any) -> None:
-        self.calls.put((f, args, kw))
-
-    def run_until(self, done: Any) -> None:
-        while not done():
-            f, args, kw = self.calls.get(timeout=30)
-            f(*args, **kw)
-
-
 @pytest.fixture
 def pool() -> Iterator[ThreadPool]:
     p = ThreadPool(minthreads=0, maxthreads=8, name="spool-test")
@@ -444,7 +426,7 @@ def test_large_message_spills_to_tmp_and_commits(tmp_path: Path) -> None:
 
 
 def test_commit_in_a_thread_pool_fires_in_the_reactor_thread(tmp_path, pool) -> None:
-    reactor = ThreadReactor()
+    reactor = CallsFromThreads()
     root = tmp_path / "spool"
     spool = Spool(str(root), run=pool_runner(reactor, pool))
     reactor_thread = threading.get_ident()
@@ -472,7 +454,7 @@ def test_commit_in_a_thread_pool_fires_in_the_reactor_thread(tmp_path, pool) -> 
 
 
 def test_failed_threaded_commit_fails_the_deferred(tmp_path, pool, monkeypatch) -> None:
-    reactor = ThreadReactor()
+    reactor = CallsFromThreads()
     spool = Spool(str(tmp_path / "spool"), run=pool_runner(reactor, pool))
     monkeypatch.setattr(spool_module, "_write_file", raise_enospc)
     failures: list[Failure] = []

@@ -12,17 +12,10 @@ import pytest
 from mailgw.interfaces import MailboxNotFound, QuotaExceeded
 from mailgw.store import MailboxStatus, MessageStore
 from mailgw.store.index import INDEX_NAME, UserIndex
+from mailgw.testing.fakes import Quotas
 
 USER = "alice@example.test"
 MSG = b"From: bob@example.org\r\nSubject: hi\r\n\r\nHello\r\n"
-
-
-class Quotas:
-    def __init__(self) -> None:
-        self.limits: dict[str, int | None] = {}
-
-    def __call__(self, user: str) -> int | None:
-        return self.limits.get(user)
 
 
 @pytest.fixture

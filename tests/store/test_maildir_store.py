@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import queue
 import re
 import sqlite3
 import threading
@@ -18,6 +17,7 @@ from zope.interface.verify import verifyObject
 from mailgw.interfaces import IMailbox, IMessageStore, MailboxNotFound, QuotaExceeded
 from mailgw.store import MessageInfo, MessageStore, maildir, maildirstore
 from mailgw.store.index import INDEX_NAME
+from mailgw.testing.fakes import CallsFromThreads, Quotas
 
 USER = "alice@example.test"
 MSG = b"From: bob@example.org\r\nSubject: hi\r\n\r\nHello \xc3\xa9\x00 world\r\n"
@@ -25,14 +25,6 @@ NAME_RE = re.compile(
     r"^(?P<sec>\d+)\.M(?P<usec>\d+)P(?P<pid>\d+)Q(?P<q>\d+)\.mx\.example,"
     r"S=(?P<size>\d+),W=(?P<vsize>\d+)(?::2,(?P<info>[A-Z]*))?$"
 )
-
-
-class Quotas:
-    def __init__(self) -> None:
-        self.limits: dict[str, int | None] = {}
-
-    def __call__(self, user: str) -> int | None:
-        return self.limits.get(user)
 
 
 @pytest.fixture
@@ -752,21 +744,6 @@ def test_concurrent_processes_allocate_distinct_uids(root: Path, tmp_path: Path)
 
 
 # -- threads: a delivery thread next to the reactor thread ----------------------------------------
-
-
-class CallsFromThreads:
-    """The ``callFromThread`` of a reactor: calls are queued for the test thread to run."""
-
-    def __init__(self) -> None:
-        self.calls: queue.Queue[tuple[Any, tuple[Any, ...]]] = queue.Queue()
-
-    def callFromThread(self, f: Any, *args: Any) -> None:
-        self.calls.put((f, args))
-
-    def run_pending(self) -> None:
-        while not self.calls.empty():
-            f, args = self.calls.get_nowait()
-            f(*args)
 
 
 def test_delivery_thread_and_reader_thread_share_the_store(root: Path, tmp_path: Path) -> None:

@@ -36,17 +36,10 @@ from mailgw.store.migration import (
     stats,
     verify,
 )
+from mailgw.testing.fakes import Quotas
 
 USER = "alice@example.test"
 MSG = b"From: bob@example.org\r\nSubject: hi\r\n\r\n" + b"Hello tier two\r\n" * 50
-
-
-class Quotas:
-    def __init__(self) -> None:
-        self.limits: dict[str, int | None] = {}
-
-    def __call__(self, user: str) -> int | None:
-        return self.limits.get(user)
 
 
 @pytest.fixture
