@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import maybeDeferred
 from twisted.python.threadpool import ThreadPool
 
@@ -20,7 +21,7 @@ from mailgw.relay.mx import (
     parse_nameserver,
 )
 from tests.relay.dnsserver import Zone, start_dns
-from tests.relay.reactorhelper import reactor, spin
+from tests.relay.reactorhelper import reactor, within
 
 
 @pytest.fixture
@@ -54,95 +55,115 @@ def pool() -> Iterator[ThreadPool]:
     p.stop()
 
 
-@pytest.fixture
-def resolver(zone: Zone, pool: ThreadPool) -> Iterator[MXResolver]:
+@pytest_twisted.async_yield_fixture
+async def resolver(zone: Zone, pool: ThreadPool) -> AsyncIterator[MXResolver]:
     port, listeners = start_dns(reactor, zone)
     yield MXResolver(
         reactor, pool, nameservers=[f"127.0.0.1:{port}"], timeout=0.5, rng=random.Random(1)
     )
     for listener in listeners:
-        spin(maybeDeferred(listener.stopListening))
+        await within(maybeDeferred(listener.stopListening))
 
 
-def test_mx_hosts_sorted_by_preference_with_addresses(resolver: MXResolver) -> None:
-    hosts = spin(resolver.resolve_mx("example.test"))
+@pytest_twisted.ensureDeferred
+async def test_mx_hosts_sorted_by_preference_with_addresses(resolver: MXResolver) -> None:
+    hosts = await within(resolver.resolve_mx("example.test"))
     assert hosts == [
         MXHost(10, "mx1.example.test", ("127.0.0.2",)),
         MXHost(20, "mx2.example.test", ("127.0.0.3", "::1")),
     ]
 
 
-def test_ipv6_lookups_can_be_disabled(zone: Zone, pool: ThreadPool) -> None:
+@pytest_twisted.ensureDeferred
+async def test_ipv6_lookups_can_be_disabled(zone: Zone, pool: ThreadPool) -> None:
     port, listeners = start_dns(reactor, zone)
     try:
         r = MXResolver(reactor, pool, [f"127.0.0.1:{port}"], timeout=0.5, ipv6=False)
-        hosts = spin(r.resolve_mx("example.test"))
+        hosts = await within(r.resolve_mx("example.test"))
         assert hosts[1].addresses == ("127.0.0.3",)
         assert ("mx2.example.test", "AAAA") not in zone.queries
     finally:
         for listener in listeners:
-            spin(maybeDeferred(listener.stopListening))
+            await within(maybeDeferred(listener.stopListening))
 
 
-def test_no_mx_gives_implicit_mx_from_address(resolver: MXResolver) -> None:
-    assert spin(resolver.resolve_mx("implicit.test")) == [
+@pytest_twisted.ensureDeferred
+async def test_no_mx_gives_implicit_mx_from_address(resolver: MXResolver) -> None:
+    assert await within(resolver.resolve_mx("implicit.test")) == [
         MXHost(0, "implicit.test", ("127.0.0.4",))
     ]
 
 
-def test_null_mx_is_a_permanent_nullmx_failure(resolver: MXResolver) -> None:
+@pytest_twisted.ensureDeferred
+async def test_null_mx_is_a_permanent_nullmx_failure(resolver: MXResolver) -> None:
     with pytest.raises(NullMX) as info:
-        spin(resolver.resolve_mx("nullmx.test"))
+        await within(resolver.resolve_mx("nullmx.test"))
     assert info.value.permanent and "RFC 7505" in str(info.value)
 
 
-def test_nxdomain_is_permanent(resolver: MXResolver) -> None:
+@pytest_twisted.ensureDeferred
+async def test_nxdomain_is_permanent(resolver: MXResolver) -> None:
     with pytest.raises(NoSuchDomain) as info:
-        spin(resolver.resolve_mx("nowhere.test"))
+        await within(resolver.resolve_mx("nowhere.test"))
     assert info.value.permanent and info.value.domain == "nowhere.test"
 
 
-def test_no_mx_and_no_address_is_permanent(resolver: MXResolver) -> None:
+@pytest_twisted.ensureDeferred
+async def test_no_mx_and_no_address_is_permanent(resolver: MXResolver) -> None:
     with pytest.raises(NoSuchDomain, match="no MX and no address"):
-        spin(resolver.resolve_mx("noaddr.test"))
+        await within(resolver.resolve_mx("noaddr.test"))
 
 
-def test_servfail_is_temporary(resolver: MXResolver) -> None:
+@pytest_twisted.ensureDeferred
+async def test_servfail_is_temporary(resolver: MXResolver) -> None:
     with pytest.raises(TemporaryDNSError, match="server failure") as info:
-        spin(resolver.resolve_mx("servfail.test"))
+        await within(resolver.resolve_mx("servfail.test"))
     assert not info.value.permanent
 
 
-def test_timeout_is_temporary(resolver: MXResolver) -> None:
+@pytest_twisted.ensureDeferred
+async def test_timeout_is_temporary(resolver: MXResolver) -> None:
     with pytest.raises(TemporaryDNSError, match="timeout|timed out|lifetime"):
-        spin(resolver.resolve_mx("silent.test"))
+        await within(resolver.resolve_mx("silent.test"))
 
 
-def test_mx_host_without_address_is_skipped(resolver: MXResolver) -> None:
-    assert spin(resolver.resolve_mx("broken.test")) == [
+@pytest_twisted.ensureDeferred
+async def test_mx_host_without_address_is_skipped(resolver: MXResolver) -> None:
+    assert await within(resolver.resolve_mx("broken.test")) == [
         MXHost(20, "ok.broken.test", ("127.0.0.9",))
     ]
 
 
-def test_all_mx_hosts_without_address_is_temporary(resolver: MXResolver) -> None:
+@pytest_twisted.ensureDeferred
+async def test_all_mx_hosts_without_address_is_temporary(resolver: MXResolver) -> None:
     with pytest.raises(TemporaryDNSError, match="no MX host has an address"):
-        spin(resolver.resolve_mx("allbroken.test"))
+        await within(resolver.resolve_mx("allbroken.test"))
 
 
-def test_mx_host_lookup_timeout_is_temporary(resolver: MXResolver) -> None:
+@pytest_twisted.ensureDeferred
+async def test_mx_host_lookup_timeout_is_temporary(resolver: MXResolver) -> None:
     with pytest.raises(TemporaryDNSError, match="slow.test"):
-        spin(resolver.resolve_mx("slowhost.test"))
+        await within(resolver.resolve_mx("slowhost.test"))
 
 
-def test_equal_preferences_come_in_random_order(resolver: MXResolver) -> None:
-    orders = {tuple(h.name for h in spin(resolver.resolve_mx("equal.test"))) for _ in range(8)}
+@pytest_twisted.ensureDeferred
+async def test_equal_preferences_come_in_random_order(resolver: MXResolver) -> None:
+    orders = set()
+    for _ in range(8):
+        hosts = await within(resolver.resolve_mx("equal.test"))
+        orders.add(tuple(h.name for h in hosts))
     assert len(orders) > 1
     assert all(sorted(o) == [f"m{i}.equal.test" for i in range(6)] for o in orders)
 
 
-def test_address_literal_bypasses_dns(resolver: MXResolver, zone: Zone) -> None:
-    assert spin(resolver.resolve_mx("[192.0.2.1]")) == [MXHost(0, "[192.0.2.1]", ("192.0.2.1",))]
-    assert spin(resolver.resolve_mx("[IPv6:2001:db8::1]"))[0].addresses == ("2001:db8::1",)
+@pytest_twisted.ensureDeferred
+async def test_address_literal_bypasses_dns(resolver: MXResolver, zone: Zone) -> None:
+    assert await within(resolver.resolve_mx("[192.0.2.1]")) == [
+        MXHost(0, "[192.0.2.1]", ("192.0.2.1",))
+    ]
+    assert (await within(resolver.resolve_mx("[IPv6:2001:db8::1]")))[0].addresses == (
+        "2001:db8::1",
+    )
     assert zone.queries == []
 
 
