@@ -4,6 +4,7 @@
   and sets that a test reads and changes, with switches for the failures the roles must handle.
 - ``Quotas``: the ``quota_for`` callable a ``MessageStore`` takes, as a dict.
 - ``CallsFromThreads``: the ``callFromThread`` of a reactor; the test's thread runs the queue.
+- ``HeldRunner``: a ``run(function, *args) -> Deferred`` that holds the work until released.
 - ``TLSStringTransport``: a ``StringTransport`` that records ``startTLS`` (no TLS is done).
 """
 
@@ -163,6 +164,32 @@ class CallsFromThreads:
         while not done():
             f, args, kwargs = self.calls.get(timeout=timeout)
             f(*args, **kwargs)
+
+
+class HeldRunner:
+    """A runner (``run(function, *args)`` returning a Deferred: where code hands blocking work
+    to a thread pool) that holds the work until the test runs it, so that a test sees what
+    happens while the work is in flight. ``held``: the work not run yet, oldest first; its
+    errors go to its Deferred, as a thread pool's would."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.held.append((function, args, d))
+        return d
+
+    def run_one(self) -> None:
+        """Run the oldest held work."""
+        function, args, d = self.held.pop(0)
+        defer.maybeDeferred(function, *args).chainDeferred(d)
+
+    def release(self) -> None:
+        """Run the work held so far (not what that queues meanwhile)."""
+        held, self.held = self.held, []
+        for function, args, d in held:
+            defer.maybeDeferred(function, *args).chainDeferred(d)
 
 
 def peer_address(ip: str, port: int = 40000) -> IPv4Address | IPv6Address:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger, formatEvent
 
 from mailgw.delivery import LocalDelivery, delivery_prefix
 from mailgw.delivery import local as local_module
 from mailgw.spool import Spool
+from mailgw.testing.fakes import HeldRunner
 
 BODY = b"Subject: test\r\n\r\nHello\r\n"
 
@@ -499,22 +497,6 @@ def test_failure_to_move_to_corrupt_is_logged(
     delivery.startService()
     run(delivery)
     assert any(line.startswith(f"{qid} could not move to corrupt") for line in logged)
-
-
-class HeldRunner:
-    """A runner that keeps the work until the test runs it (as a thread pool would, later)."""
-
-    def __init__(self) -> None:
-        self.held: list[tuple[Deferred[object], Any, tuple[Any, ...]]] = []
-
-    def __call__(self, function: Any, *args: Any) -> Deferred[object]:
-        d: Deferred[object] = Deferred()
-        self.held.append((d, function, args))
-        return d
-
-    def run_one(self) -> None:
-        d, function, args = self.held.pop(0)
-        d.callback(function(*args))
 
 
 def test_at_most_concurrency_messages_in_flight(spool, store, clock, make_delivery, submit):

@@ -11,15 +11,9 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from mailgw.directory import Directory, DirectoryChecker
+from mailgw.testing.deferreds import fired
 
 FAST = {"argon2_time_cost": 1, "argon2_memory_kib": 8}
-
-
-def result_of(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    return out[0]
 
 
 class IAvatar(Interface):
@@ -46,7 +40,7 @@ def login(setup, credentials):
     portal = Portal(Realm(), [DirectoryChecker(directory)])
     d = portal.login(credentials, None, IAvatar)
     reactor.pool.run_all()
-    return result_of(d)
+    return fired(d)
 
 
 def test_provides_interface(setup):

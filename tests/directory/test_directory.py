@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 
 from mailgw.directory import MAX_DEPTH, Directory, User
 from mailgw.interfaces import IDirectory
+from mailgw.testing.deferreds import fired
 
 FAST = {"argon2_time_cost": 1, "argon2_memory_kib": 8}
 
@@ -27,13 +28,6 @@ def directory(path, reactor):
     d.add_domain("example.test")
     yield d
     d.close()
-
-
-def result_of(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    return out[0]
 
 
 # -- schema and files ----------------------------------------------------------------------
@@ -455,7 +449,7 @@ def test_rehash_when_parameters_change(populated, path, reactor):
         assert stored() == before  # no rehash without the right password
         d = stronger.check_password("alice@example.test", "pw")
         reactor.pool.run_all()
-        assert result_of(d).name == "alice@example.test"
+        assert fired(d).name == "alice@example.test"
         after = stored()
         assert after != before and "m=16,t=2,p=1" in after
         # The old instance still verifies the new hash (parameters are in the hash).
@@ -470,7 +464,7 @@ def test_check_password_runs_in_thread_pool(populated, reactor):
     assert not d.called
     assert len(reactor.pool.jobs) == 1
     reactor.pool.run_all()
-    assert result_of(d) == User("alice@example.test", None, True)
+    assert fired(d) == User("alice@example.test", None, True)
 
 
 @pytest.mark.parametrize(
@@ -487,13 +481,13 @@ def test_check_password_failures(populated, reactor, name, password, disable):
     d = populated.check_password(name, password)
     assert len(reactor.pool.jobs) == 1  # the same work in every case
     reactor.pool.run_all()
-    failure = result_of(d)
+    failure = fired(d)
     assert isinstance(failure, Failure) and failure.check(UnauthorizedLogin)
 
 
 def test_check_password_database_error_is_a_failure(populated, reactor):
     populated.close()
-    failure = result_of(populated.check_password("alice@example.test", "pw"))
+    failure = fired(populated.check_password("alice@example.test", "pw"))
     assert isinstance(failure, Failure) and failure.check(sqlite3.ProgrammingError)
 
 
@@ -508,7 +502,7 @@ def test_check_password_uses_global_reactor_when_none(path, monkeypatch, reactor
         d.add_user("alice@example.test", "pw")
         deferred = d.check_password("alice@example.test", "pw")
         fake.pool.run_all()
-        assert result_of(deferred).name == "alice@example.test"
+        assert fired(deferred).name == "alice@example.test"
 
 
 def test_lookups_never_raise_on_garbage(populated):

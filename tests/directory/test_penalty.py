@@ -3,14 +3,12 @@ guard that answers a locked-out login exactly like a wrong password."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from mailgw.directory import User
 from mailgw.directory.penalty import (
     AuthGuard,
     MemoryAuthPenalty,
@@ -18,6 +16,8 @@ from mailgw.directory.penalty import (
     PenaltyPolicy,
     failure_delay,
 )
+from mailgw.testing.deferreds import fired
+from mailgw.testing.fakes import FakeDirectory
 
 POLICY = PenaltyPolicy(
     base_delay=2.0,
@@ -101,60 +101,34 @@ def test_sweep_drops_what_the_window_forgot() -> None:
     assert len(penalty) == 0
 
 
-@dataclass
-class Account:
-    name: str
-
-
-class Directory:
-    def __init__(self) -> None:
-        self.checks = 0
-
-    def check_password(self, name: str, password: str) -> defer.Deferred[Account]:
-        self.checks += 1
-        if name == "alice@x" and password == "right":
-            return defer.succeed(Account("alice@x"))
-        return defer.fail(UnauthorizedLogin())
-
-
-def outcome(d: defer.Deferred[object]) -> object:
-    result: list[object] = []
-    d.addBoth(result.append)
-    assert result, "the guard answered later than expected"
-    return result[0]
-
-
 def test_guard_locked_account_fails_like_a_wrong_password_even_with_the_right_one() -> None:
     clock = Clock()
-    directory = Directory()
-    guard = AuthGuard(directory, MemoryAuthPenalty(clock, POLICY), clock)  # type: ignore[arg-type]
+    directory = FakeDirectory({"alice@x": "right"})
+    guard = AuthGuard(directory, MemoryAuthPenalty(clock, POLICY), clock)
     delays = []
     for _ in range(5):
-        failure = outcome(guard.check_password("Alice@X", "wrong", "192.0.2.1"))
+        failure = fired(guard.check_password("Alice@X", "wrong", "192.0.2.1"))
         assert isinstance(failure, Failure) and failure.check(UnauthorizedLogin)
         delays.append(failure_delay(failure, 0.0))
     assert delays == [2.0, 4.0, 8.0, 15.0, 15.0]
-    checks = directory.checks
-    locked = outcome(guard.check_password("alice@x", "right", "198.51.100.7"))
+    checks = len(directory.calls)
+    locked = fired(guard.check_password("alice@x", "right", "198.51.100.7"))
     assert isinstance(locked, Failure)
     assert type(locked.value) is PenalisedLogin  # the same error as a wrong password
     assert failure_delay(locked, 0.0) == 15.0
-    assert directory.checks == checks  # the password was not even checked
+    assert len(directory.calls) == checks  # the password was not even checked
     clock.advance(900.0)
-    account = outcome(guard.check_password("alice@x", "right", "198.51.100.7"))
-    assert account == Account("alice@x")
+    account = fired(guard.check_password("alice@x", "right", "198.51.100.7"))
+    assert account == User("alice@x", None, True)
 
 
 def test_guard_passes_other_errors_through() -> None:
     clock = Clock()
-
-    class Broken:
-        def check_password(self, name: str, password: str) -> defer.Deferred[Account]:
-            return defer.fail(RuntimeError("database is locked"))
-
+    broken = FakeDirectory({"alice@x": "pw"})
+    broken.error = RuntimeError("database is locked")
     penalty = MemoryAuthPenalty(clock, POLICY)
-    guard = AuthGuard(Broken(), penalty, clock)  # type: ignore[arg-type]
-    failure = outcome(guard.check_password("alice@x", "pw", "192.0.2.1"))
+    guard = AuthGuard(broken, penalty, clock)
+    failure = fired(guard.check_password("alice@x", "pw", "192.0.2.1"))
     assert isinstance(failure, Failure) and failure.check(RuntimeError)
     assert penalty.failures(user="alice@x") == 0
 
@@ -163,6 +137,6 @@ def test_guard_passes_other_errors_through() -> None:
 def test_guard_without_a_client_address_counts_the_account_only(ip: str) -> None:
     clock = Clock()
     penalty = MemoryAuthPenalty(clock, POLICY)
-    guard = AuthGuard(Directory(), penalty, clock)  # type: ignore[arg-type]
-    outcome(guard.check_password("bob@x", "pw", ip))
+    guard = AuthGuard(FakeDirectory({"alice@x": "right"}), penalty, clock)
+    fired(guard.check_password("bob@x", "pw", ip))
     assert penalty.failures(user="bob@x") == 1 and len(penalty) == 1

@@ -3,33 +3,15 @@ the session waits for it in order, other sessions go on, and MULTIAPPEND is all 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, maybeDeferred
 
+from mailgw.testing.fakes import HeldRunner
 from tests.imap.imap_env import Env
 
 ALICE = "alice@example.test"
-
-
-class HeldRunner:
-    """Runs nothing until ``release``: stands in for the I/O thread pool."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
-
-    def __call__(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.calls.append((function, args, d))
-        return d
-
-    def release(self) -> None:
-        calls, self.calls = self.calls, []
-        for function, args, d in calls:
-            maybeDeferred(function, *args).chainDeferred(d)
 
 
 @pytest.fixture
@@ -45,7 +27,7 @@ def test_append_waits_for_the_runner_and_keeps_command_order(env: Env) -> None:
     out = c.send(b"a1 APPEND INBOX {12+}\r\nSubject: x\r\n\r\na2 NOOP\r\n")
     assert out == b""  # nothing answered while the write is under way
     assert b"a9 OK" in other.send(b"a9 NOOP\r\n")  # another session is not held up
-    assert len(runner.calls) == 1
+    assert len(runner.held) == 1
     runner.release()
     out = c.take()
     assert out.index(b"a1 OK [APPENDUID ") < out.index(b"a2 OK"), out

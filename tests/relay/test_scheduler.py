@@ -20,6 +20,7 @@ from mailgw.relay.mx import MXHost, NoSuchDomain, NullMX, TemporaryDNSError
 from mailgw.relay.schedule import RetrySchedule
 from mailgw.relay.scheduler import RelayScheduler, RelaySettings, _split_host
 from mailgw.spool import Spool
+from mailgw.testing.fakes import FakeDirectory
 
 
 class FakeResolver:
@@ -498,20 +499,11 @@ def test_split_host() -> None:
     assert _split_host("[::1]") == ("::1", 25)
 
 
-class Directory:
-    def __init__(self) -> None:
-        self.users = {"carol@example.test"}
-
-    def resolve(self, address: str) -> list[str]:
-        if address == "team@example.test":
-            return ["carol@example.test", "dave@partner.example"]
-        return [address] if address in self.users else []
-
-    def get_user(self, name: str) -> object | None:
-        return name if name in self.users else None
-
-    def is_local_domain(self, domain: str) -> bool:
-        return domain == "example.test"
+def directory() -> FakeDirectory:
+    return FakeDirectory(
+        ["carol@example.test"],
+        {"team@example.test": ["carol@example.test", "dave@partner.example"]},
+    )
 
 
 class Store:
@@ -525,7 +517,7 @@ class Store:
 
 def test_local_delivery_hands_external_recipients_over(env: Env) -> None:
     store = Store()
-    local = LocalDelivery(env.spool, store, Directory(), env.clock, relay=env.relay)
+    local = LocalDelivery(env.spool, store, directory(), env.clock, relay=env.relay)
     local.startService()
     incoming = env.spool.begin()
     incoming.write(b"Subject: x\r\n\r\nbody\r\n")
@@ -543,7 +535,7 @@ def test_crash_after_handover_rewrite_is_handed_over_again(env: Env) -> None:
     active back to incoming and local delivery hands it over again, with no local copy."""
     store = Store()
     qid = env.queue(["erin@far.example"], state="active")
-    local = LocalDelivery(env.spool, store, Directory(), env.clock, relay=env.relay)
+    local = LocalDelivery(env.spool, store, directory(), env.clock, relay=env.relay)
     local.startService()  # recovers active -> incoming, then dispatches
     env.clock.advance(0)
     assert store.got == []

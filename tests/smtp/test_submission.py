@@ -7,7 +7,6 @@ import base64
 from typing import Any
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 
@@ -21,6 +20,7 @@ from mailgw.smtp.roles.submission import (
     header_facts,
     submit,
 )
+from mailgw.testing.deferreds import fired
 from mailgw.testing.fakes import FakeDirectory, TLSStringTransport
 from tests.smtp.fakes import Client, FakeSpool, Harness
 
@@ -330,16 +330,10 @@ def policy() -> SubmissionPolicy:
     return SubmissionPolicy(directory(), "smtp.example.test", clock, 3, 1)
 
 
-def run(d: defer.Deferred[Any]) -> Any:
-    box: list[Any] = []
-    d.addBoth(box.append)
-    return box[0]
-
-
 def test_webmail_submit_applies_the_same_checks() -> None:
     p, spool = policy(), FakeSpool()
     msg = b"From: alice@example.test\nSubject: web\n\nhello\n"
-    qid = run(
+    qid = fired(
         submit(
             p, spool, "alice@example.test", Envelope("alice@example.test", ["x@far.example"]), msg
         )
@@ -350,7 +344,7 @@ def test_webmail_submit_applies_the_same_checks() -> None:
     assert b"with webmail id Q0001 (authenticated user alice@example.test)" in content
     assert b"\r\nMessage-ID: " in content and b"\nhello\r\n" in content
     # the hourly limit (1) is now used up
-    failure = run(
+    failure = fired(
         submit(
             p, spool, "alice@example.test", Envelope("alice@example.test", ["x@far.example"]), msg
         )
@@ -372,7 +366,7 @@ def test_webmail_submit_refusals(
     sender: str, recipients: list[str], message: bytes, code: int
 ) -> None:
     spool = FakeSpool()
-    failure = run(
+    failure = fired(
         submit(policy(), spool, "alice@example.test", Envelope(sender, recipients), message)
     )
     assert isinstance(failure.value, SubmissionError)
@@ -419,7 +413,7 @@ def test_several_from_mailboxes_with_the_users_sender_pass() -> None:
 def test_webmail_submit_uses_the_same_header_rules() -> None:
     spool = FakeSpool()
     message = b"To: carol@x.example\nFrom : bob@example.test\nFrom: alice@example.test\n\nhi\n"
-    failure = run(
+    failure = fired(
         submit(
             policy(),
             spool,
@@ -451,7 +445,7 @@ def test_webmail_submit_refuses_remote_recipients_when_the_node_cannot_send_outs
     p = SubmissionPolicy(directory(), "smtp.example.test", clock, can_send_outside=False)
     spool = FakeSpool()
     envelope = Envelope("alice@example.test", ["bob@example.test", "x@far.example"])
-    failure = run(
+    failure = fired(
         submit(p, spool, "alice@example.test", envelope, b"From: alice@example.test\n\nx\n")
     )
     assert isinstance(failure.value, SubmissionError)

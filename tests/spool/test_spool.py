@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
@@ -21,6 +20,7 @@ from mailgw.spool import CorruptEnvelope, QueuedMessage, Spool, encode_envelope,
 from mailgw.spool import spool as spool_module
 from mailgw.spool.queueid import ALPHABET, QueueIdGenerator, encode
 from mailgw.spool.threads import pool_runner
+from mailgw.testing.deferreds import result_of
 from mailgw.testing.fakes import CallsFromThreads
 
 T = TypeVar("T")
@@ -49,17 +49,6 @@ def contents(root: Path) -> list[str]:
 
 def content_file(root: Path, qid: str) -> Path:
     return root / "incoming" / f"{qid}.msg"
-
-
-def result_of(d: Deferred[T]) -> T:
-    """The result of an already fired Deferred (the default runner works inline)."""
-    results: list[T] = []
-    failures: list[Failure] = []
-    d.addCallbacks(results.append, failures.append)
-    if failures:
-        failures[0].raiseException()
-    assert results, "the Deferred has not fired"
-    return results[0]
 
 
 def queue(spool: Spool, data: bytes = b"Subject: hi\r\n\r\nbody\r\n", rcpts=None) -> str:

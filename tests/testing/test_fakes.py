@@ -11,15 +11,18 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyClass, verifyObject
 
 from mailgw.directory import Directory, User
 from mailgw.interfaces import IDirectory
+from mailgw.testing.deferreds import fired, result_of
 from mailgw.testing.fakes import (
     CallsFromThreads,
     FakeDirectory,
+    HeldRunner,
     Quotas,
     TLSStringTransport,
     peer_address,
@@ -34,10 +37,8 @@ ALIASES = {
 
 def outcome(d: Any) -> Any:
     """What a Deferred that has fired holds (a Failure's exception type for a failure)."""
-    box: list[Any] = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    return box[0].type if isinstance(box[0], Failure) else box[0]
+    result = fired(d)
+    return result.type if isinstance(result, Failure) else result
 
 
 @pytest.fixture
@@ -184,3 +185,33 @@ def test_tls_string_transport_records_start_tls() -> None:
     assert not transport.aborted
     transport.abortConnection()
     assert transport.aborted and transport.disconnecting
+
+
+def test_fired_and_result_of_read_a_fired_deferred() -> None:
+    assert fired(succeed(3)) == 3 and result_of(succeed(3)) == 3
+    failure = fired(fail(ValueError("no")))
+    assert isinstance(failure, Failure) and failure.check(ValueError)
+    with pytest.raises(ValueError, match="no"):
+        result_of(fail(ValueError("no")))
+    with pytest.raises(AssertionError, match="has not fired"):
+        fired(Deferred())
+
+
+def test_held_runner_runs_work_only_when_told() -> None:
+    runner = HeldRunner()
+    ran: list[int] = []
+
+    def work(n: int) -> int:
+        if n < 0:
+            raise ValueError("bad")
+        ran.append(n)
+        return n * 10
+
+    first, second, bad = runner(work, 1), runner(work, 2), runner(work, -1)
+    assert ran == [] and len(runner.held) == 3 and not first.called
+    runner.run_one()
+    assert ran == [1] and result_of(first) == 10 and not second.called
+    runner.release()
+    assert ran == [1, 2] and result_of(second) == 20 and runner.held == []
+    failure = fired(bad)
+    assert isinstance(failure, Failure) and failure.check(ValueError)
