@@ -15,14 +15,10 @@ from twisted.internet.task import Clock
 
 from mailgw.config.schema import SubmissionConfig
 from mailgw.model import Envelope
+from mailgw.policy.submission import SubmissionPolicy, header_facts
+from mailgw.policy.submit import SubmissionError, submit
 from mailgw.smtp.protocol import SMTPServer
-from mailgw.smtp.roles.submission import (
-    SubmissionError,
-    SubmissionFactory,
-    SubmissionPolicy,
-    header_facts,
-    submit,
-)
+from mailgw.smtp.roles.submission import SubmissionFactory
 from tests.smtp.fakes import Client, FakeDirectory, FakeSpool, Harness, TLSStringTransport
 
 
