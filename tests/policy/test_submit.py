@@ -191,3 +191,50 @@ def test_the_policy_package_does_not_import_smtp() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == ""
+
+
+def test_the_node_gives_the_webmail_a_submitter_sharing_the_smtp_pipeline(
+    tmp_path: Path,
+) -> None:
+    from mailgw.config import load
+    from mailgw.service import Node
+    from mailgw.smtp.roles.submission import SubmissionFactory
+    from mailgw.spool.threads import run_inline
+
+    path = tmp_path / "mailgw.ini"
+    path.write_text(
+        f"[server]\ndata_dir = {tmp_path}/data\nhostname = mail.example.test\n"
+        "[mx]\nenabled = no\n[pop3]\nenabled = no\n[imap]\nenabled = no\n"
+        "[delivery]\nenabled = no\n"
+        "[submission]\nenabled = yes\nlisten = tcp:0:interface=127.0.0.1\n"
+    )
+    node = Node(load(str(path)), Clock())
+    node.directory.add_domain("example.test")
+    node.directory.add_user("alice@example.test", "secret")
+    factories = []
+    for child in node:
+        factory = getattr(child, "factory", None)
+        while factory is not None and not isinstance(factory, SubmissionFactory):
+            factory = getattr(factory, "wrappedFactory", None)  # guard, TLS, PROXY layers
+        if factory is not None:
+            factories.append(factory)
+    assert factories
+    submitter = node.submitter
+    assert isinstance(submitter, Submitter)
+    for factory in factories:
+        assert factory.role.pipeline is submitter.pipeline
+        assert factory.policy is submitter.policy is node.submission_policy
+    node.spool.run = run_inline  # the node's thread pool runs only once the node is started
+    envelope = Envelope("alice@example.test", ["alice@example.test"])
+    qid = result(
+        submitter.submit("alice@example.test", envelope, b"From: alice@example.test\n\nhi\n")
+    )
+    assert node.spool.list("incoming") == [qid]
+    failure = result(
+        submitter.submit(
+            "alice@example.test",
+            Envelope("bob@example.test", ["alice@example.test"]),
+            b"From: alice@example.test\n\nhi\n",
+        )
+    )
+    assert failure.value.reply == R.SENDER_NOT_OWNED
