@@ -125,13 +125,9 @@ class Verdict:
 
     def combine(self, later: Verdict) -> Verdict:
         """This verdict followed by ``later`` (rules in the module docstring)."""
-        if self.is_final:
+        if later is ACCEPT or self.is_final:
             return self
-        if later.is_final:
-            return later
-        if later == ACCEPT:
-            return self
-        if self == ACCEPT:
+        if self is ACCEPT or later.is_final:
             return later
         quarantined = self.is_quarantined or later.is_quarantined
         return Verdict(
