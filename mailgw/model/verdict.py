@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mailgw.model.reply import Reply
 
@@ -51,6 +51,13 @@ class Verdict:
     """Header fields to add, ``(name, value)``, in order."""
     message_class: str | None = None
     channel: str | None = None
+    is_final: bool = field(init=False, repr=False, compare=False)
+    """``reject`` or ``tempfail``: nothing decided later changes it (derived, an attribute
+    rather than a property: it is read for every command)."""
+
+    def __post_init__(self) -> None:
+        final = self.disposition in (Disposition.REJECT, Disposition.TEMPFAIL)
+        object.__setattr__(self, "is_final", final)
 
     # -- constructors ---------------------------------------------------------------------
 
@@ -108,10 +115,6 @@ class Verdict:
 
     # -- reading --------------------------------------------------------------------------
 
-    @property
-    def is_final(self) -> bool:
-        """``reject`` or ``tempfail``: nothing decided later changes it."""
-        return self.disposition in (Disposition.REJECT, Disposition.TEMPFAIL)
 
     @property
     def is_quarantined(self) -> bool:

@@ -62,7 +62,7 @@ class Stage(enum.Enum):
     DATA = "data"
 
 
-@dataclass
+@dataclass(slots=True)
 class CheckContext:
     """What a check may look at; one per message transaction (see the module docstring).
 
@@ -127,20 +127,24 @@ class Pipeline:
         """The stage's verdict (a Deferred only when a check answered with one)."""
         context.stage = stage
         context.decided_by = ""
-        return self._run(self._by_stage[stage], 0, ACCEPT, context)
+        checks = self._by_stage[stage]
+        return self._run(checks, 0, ACCEPT, context) if checks else ACCEPT
 
     def _run(
         self, checks: tuple[ICheck, ...], start: int, verdict: Verdict, context: CheckContext
     ) -> VerdictResult:
         for i in range(start, len(checks)):
             result = checks[i].check(context)
+            if result is ACCEPT:  # the common answer: nothing to combine
+                continue
             if isinstance(result, Deferred):
                 d: Deferred[Verdict] = result.addCallback(self._resume, checks, i, verdict, context)
                 return d
             verdict = self._add(verdict, result, checks[i], context)
             if verdict.is_final:
                 return verdict
-        context.outcome = context.outcome.combine(verdict)
+        if verdict is not ACCEPT:
+            context.outcome = context.outcome.combine(verdict)
         return verdict
 
     def _resume(

@@ -93,7 +93,12 @@ class CheckedRole(Role):
         context = self.checks(session).context
         context.recipients = session.recipients
         context.recipient = recipient
-        return _then(self.pipeline.run(Stage.RCPT, context), _recipient_reply)
+        verdict = self.pipeline.run(Stage.RCPT, context)
+        if isinstance(verdict, Deferred):
+            return verdict.addCallback(_recipient_reply)
+        if verdict.is_final:
+            return verdict.reply or R.LOCAL_ERROR
+        return R.RECIPIENT_OK
 
     def check_data(
         self, session: Session, incoming: IIncomingMessage, envelope: Envelope
