@@ -115,7 +115,6 @@ class Verdict:
 
     # -- reading --------------------------------------------------------------------------
 
-
     @property
     def is_quarantined(self) -> bool:
         return self.disposition is Disposition.QUARANTINE
