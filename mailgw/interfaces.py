@@ -9,7 +9,7 @@ from __future__ import annotations
 import builtins
 import datetime
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 from zope.interface import Attribute, Interface
 
@@ -97,6 +97,12 @@ class IIncomingMessage(Interface):
 
     def write(data: bytes) -> None:
         """Append message bytes (already dot-unstuffed, CRLF line ends)."""
+
+    def open_content() -> IO[bytes]:
+        """A readable binary file over the bytes written so far (``size`` of them, as they
+        will be committed), for content checks before the message is acknowledged; later
+        writes do not show in it. The caller closes it. ValueError once ``commit`` has
+        started or after ``abort``; OSError when the bytes cannot be read back."""
 
     def commit(envelope: object) -> object:
         """Write the ``Envelope`` (its queue_id set to ours), fsync content, envelope and

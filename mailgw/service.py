@@ -113,6 +113,7 @@ class Node(service.MultiService):
         self.tls_options = build_tls_options(config)  # SMTP's (no ALPN ID); POP3, IMAP: theirs
         self.relay: Any = None
         self.submission_policy: Any = None
+        self.submitter: Any = None
         if config.relay.enabled:
             from mailgw.relay.setup import build_relay
 
@@ -356,7 +357,9 @@ class Node(service.MultiService):
 
 def _submission_listeners(node: Node) -> None:
     """The submission role: STARTTLS listeners, and implicit-TLS ones when TLS is set."""
-    from mailgw.smtp.roles.submission import SubmissionFactory, SubmissionPolicy
+    from mailgw.policy.submission import SubmissionPolicy, submission_pipeline
+    from mailgw.policy.submit import Submitter
+    from mailgw.smtp.roles.submission import SubmissionFactory
 
     config = node.config
     sub = config.submission
@@ -369,7 +372,9 @@ def _submission_listeners(node: Node) -> None:
         sub.max_header_size,
         can_send_outside=node.relay is not None,
     )
-    node.submission_policy = policy  # for the webmail: mailgw.smtp.roles.submission.submit
+    pipeline = submission_pipeline(policy)
+    node.submission_policy = policy
+    node.submitter = Submitter(policy, node.spool, pipeline)  # the webmail's and OA API's way in
     sessions: set[Any] = set()
     for implicit in (False, True):
         if implicit and node.tls_options is None:
@@ -385,6 +390,7 @@ def _submission_listeners(node: Node) -> None:
             auth_failure_delay=config.directory.auth_failure_delay,
             policy=policy,
             auth=node.auth,
+            pipeline=pipeline,
         )
         factory.counter = node.counters["submission"]  # one count for both listeners...
         factory.sessions = sessions  # ...and one set of sessions to make room in at the cap

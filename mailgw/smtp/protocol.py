@@ -94,6 +94,8 @@ class Session:
     body_8bitmime: bool = False
     smtputf8: bool = False
     declared_size: int = 0
+    checks: Any = None
+    """The role's policy-check state for this session (``mailgw.smtp.roles.checked``)."""
 
     @property
     def protocol_name(self) -> str:

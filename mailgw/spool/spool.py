@@ -50,13 +50,14 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import io
 import itertools
 import json
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -547,6 +548,30 @@ class HeaderSniffer:
         return ""
 
 
+class _Prefix(io.RawIOBase):
+    """The first ``length`` bytes of a raw file (``IncomingMessage.open_content``)."""
+
+    def __init__(self, raw: io.FileIO, length: int) -> None:
+        self._raw = raw
+        self._left = length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")[: self._left]
+        if not len(view):
+            return 0
+        n = self._raw.readinto(view) or 0
+        self._left -= n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
 @implementer(IIncomingMessage)
 class IncomingMessage:
     """A message being received. Up to ``spool.memory_limit`` bytes stay in memory; a larger
@@ -587,6 +612,18 @@ class IncomingMessage:
             chunks, self._chunks = self._chunks, []
             for chunk in chunks:
                 self._file.write(chunk)
+
+    def open_content(self) -> IO[bytes]:
+        """See ``IIncomingMessage.open_content``: the bytes in memory, or the spill file
+        (flushed, opened again read-only) limited to the ``size`` written so far."""
+        if self._state != "open":
+            raise ValueError(f"{self.queue_id}: message already committed or aborted")
+        if self._file is None:
+            if len(self._chunks) > 1:
+                self._chunks = [b"".join(self._chunks)]
+            return io.BytesIO(self._chunks[0] if self._chunks else b"")
+        self._file.flush()
+        return io.BufferedReader(_Prefix(open(self._spill_path, "rb", buffering=0), self.size))
 
     def commit(self, envelope: object) -> Deferred[str]:
         """See ``IIncomingMessage.commit``. TypeError/ValueError (raised at once) for a

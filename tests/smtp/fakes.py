@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 from typing import Any
 
 from twisted.internet import defer
@@ -38,6 +39,12 @@ class FakeIncoming:
         self.spool.largest_write = max(self.spool.largest_write, len(data))
         if self.spool.keep_content:
             self.chunks.append(data)
+
+    def open_content(self) -> io.BytesIO:
+        assert self.spool.keep_content, "open_content needs keep_content"
+        if self.aborted or self.committing or self.committed:
+            raise ValueError("message already committed or aborted")
+        return io.BytesIO(b"".join(self.chunks))
 
     def commit(self, envelope: Envelope) -> defer.Deferred[str]:
         assert not self.aborted and not self.committing

@@ -12,14 +12,10 @@ from twisted.internet.task import Clock
 
 from mailgw.config.schema import SubmissionConfig
 from mailgw.model import Envelope
+from mailgw.policy.submission import SubmissionPolicy, header_facts
+from mailgw.policy.submit import SubmissionError, submit
 from mailgw.smtp.protocol import SMTPServer
-from mailgw.smtp.roles.submission import (
-    SubmissionError,
-    SubmissionFactory,
-    SubmissionPolicy,
-    header_facts,
-    submit,
-)
+from mailgw.smtp.roles.submission import SubmissionFactory
 from mailgw.testing.deferreds import fired
 from mailgw.testing.fakes import FakeDirectory, TLSStringTransport
 from tests.smtp.fakes import Client, FakeSpool, Harness

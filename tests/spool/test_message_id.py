@@ -43,7 +43,7 @@ def test_header_section_beyond_the_limit_is_not_kept() -> None:
 def test_submission_reports_the_message_id_it_adds(tmp_path: Path) -> None:
     from twisted.internet.task import Clock
 
-    from mailgw.smtp.roles.submission import HeaderCompleter, SubmissionPolicy
+    from mailgw.policy.submission import HeaderCompleter, SubmissionPolicy
 
     spool = Spool(str(tmp_path / "spool"), hostname="mx.example.test")
     policy = SubmissionPolicy(None, "mx.example.test", Clock())  # type: ignore[arg-type]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
 from mailgw.config import MXConfig
-from mailgw.interfaces import IDirectory, ISpool
-from mailgw.model import Address
-from mailgw.model.reply import R, Reply
-from mailgw.smtp.protocol import Limits, Role, Session, SMTPFactory
+from mailgw.interfaces import IDirectory, IIncomingMessage, ISpool
+from mailgw.model import Address, Envelope
+from mailgw.policy.mx import mx_checks
+from mailgw.policy.pipeline import ICheck, Pipeline
+from mailgw.smtp.protocol import Limits, ReplyResult, Session, SMTPFactory
+from mailgw.smtp.roles.checked import CheckedRole
 from mailgw.smtp.trace import received_header
 
 
@@ -46,13 +49,9 @@ def postmaster_address(directory: IDirectory, hostname: str) -> Address | None:
     return Address("postmaster", domain)
 
 
-class MXRole(Role):
-    """Accepts mail from anyone (null sender included) for existing local recipients only.
-
-    Recipient local parts are never interpreted for routing (``%``, ``!``, quoted ``@``): they
-    are looked up as they are, so such forms are unknown users (550 5.1.1); a foreign domain is
-    refused (550 5.7.1) whatever source route preceded it.
-    """
+class MXRole(CheckedRole):
+    """Accepts mail from anyone (null sender included) for existing local recipients only:
+    the checks of ``mailgw.policy.mx`` (the default), followed by ``extra_checks``."""
 
     def __init__(
         self,
@@ -61,8 +60,9 @@ class MXRole(Role):
         hostname: str,
         clock: IReactorTime,
         max_recipients: int,
+        extra_checks: Sequence[ICheck] = (),
     ) -> None:
-        super().__init__(spool)
+        super().__init__(spool, Pipeline([*mx_checks(directory, max_recipients), *extra_checks]))
         self.directory = directory
         self.hostname = hostname
         self.clock = clock
@@ -71,14 +71,16 @@ class MXRole(Role):
     def postmaster(self, session: Session) -> Address | None:
         return postmaster_address(self.directory, self.hostname)
 
-    def rcpt_to(self, session: Session, recipient: Address) -> Reply:
-        if len(session.recipients) >= self.max_recipients:
-            return R.TOO_MANY_RECIPIENTS
-        if not self.directory.is_local_domain(recipient.domain):
-            return R.RELAY_DENIED
-        if not self.directory.resolve(recipient.key):
-            return R.UNKNOWN_USER
-        return R.RECIPIENT_OK
+    def mail_from(self, session: Session, sender: Address | None) -> ReplyResult:
+        return self.check_mail(session, sender)
+
+    def rcpt_to(self, session: Session, recipient: Address) -> ReplyResult:
+        return self.check_rcpt(session, recipient)
+
+    def data_end(
+        self, session: Session, incoming: IIncomingMessage, envelope: Envelope
+    ) -> ReplyResult:
+        return self.check_data(session, incoming, envelope)
 
     def data_header(self, session: Session, queue_id: str) -> bytes:
         return received_header(
@@ -89,7 +91,7 @@ class MXRole(Role):
             queue_id=queue_id,
             recipients=[str(r) for r in session.recipients],
             when=self.clock.seconds(),
-        )
+        ) + self.added_headers(session)
 
 
 class MXFactory(SMTPFactory):
@@ -103,7 +105,8 @@ class MXFactory(SMTPFactory):
         directory: IDirectory,
         reactor: IReactorTime,
         tls_options: Any = None,
+        extra_checks: Sequence[ICheck] = (),
     ) -> None:
-        role = MXRole(spool, directory, hostname, reactor, config.max_recipients)
+        role = MXRole(spool, directory, hostname, reactor, config.max_recipients, extra_checks)
         super().__init__(role, hostname, limits_from_config(config), reactor, tls_options)
         self.config = config
