@@ -8,8 +8,6 @@ work is delegated to ``selected`` (sequence numbers, untagged updates), ``fetch`
 
 from __future__ import annotations
 
-import base64
-import binascii
 import secrets
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -48,9 +46,9 @@ from mailgw.imap.sortthread import (
     thread_references_steps,
 )
 from mailgw.interfaces import IMailbox, IMessageStore, MailboxNotFound, QuotaExceeded
-from mailgw.model import Address, AddressError
+from mailgw.net import sasl
 from mailgw.net.progress import ProgressWatch
-from mailgw.net.proxy import is_loopback, peer_ip
+from mailgw.net.proxy import peer_ip
 from mailgw.store.maildir import normalize_flags
 from mailgw.store.maildirstore import is_disk_full
 
@@ -580,12 +578,8 @@ class IMAPServer(Protocol):
     # -- capabilities, policy ---------------------------------------------------------------------
 
     def plaintext_allowed(self) -> bool:
-        if self.secure:
-            return True
-        mode = self.config.allow_plaintext_auth
-        if mode == "yes":
-            return True
-        return mode == "loopback" and is_loopback(self.transport.getPeer())
+        policy = sasl.PlaintextPolicy(self.config.allow_plaintext_auth)
+        return policy.allows(self.secure, self.transport.getPeer)
 
     @property
     def utf8_names(self) -> bool:
@@ -600,7 +594,7 @@ class IMAPServer(Protocol):
             if self.factory.tls_options is not None and not self.secure:
                 caps.append("STARTTLS")
             if self.plaintext_allowed():
-                caps += ["AUTH=PLAIN", "AUTH=LOGIN"]
+                caps += [f"AUTH={m}" for m in sasl.IMAP.mechanisms]
             else:
                 caps.append("LOGINDISABLED")
             return caps
@@ -670,82 +664,41 @@ class IMAPServer(Protocol):
         self._authenticate(tag, name, password)
 
     def do_AUTHENTICATE(self, tag: str, command: p.Authenticate) -> None:
-        if command.mechanism not in ("PLAIN", "LOGIN"):
+        if not sasl.IMAP.supports(command.mechanism):
             self._tagged(tag, "NO", "Unsupported authentication mechanism", wire.CANNOT)
             return
         if not self.plaintext_allowed():
             self._tagged(tag, "NO", "Use STARTTLS first", wire.PRIVACYREQUIRED)
             return
-        if command.mechanism == "LOGIN":
-            if command.initial_response is not None:
-                self._auth_login_user(tag, command.initial_response, initial=True)
-            else:
-                self._challenge(b"Username:", lambda line: self._auth_login_user(tag, line))
-            return
-        if command.initial_response is not None:
-            self._auth_plain(tag, command.initial_response, initial=True)
-            return
-        self._challenge(b"", lambda line: self._auth_plain(tag, line))
+        exchange = sasl.SaslExchange(command.mechanism, sasl.IMAP)
+        self._sasl_step(tag, exchange, exchange.start(command.initial_response))
 
-    def _challenge(self, text: bytes, handler: Callable[[bytes], None]) -> None:
-        """A SASL continuation (``+ base64``); the client's answer goes to ``handler``."""
-        self._write(b"+ " + base64.b64encode(text) + b"\r\n")
-        self.reader.expect_line()
-        self._line_handler = handler
-
-    def _sasl_decode(self, tag: str, response: bytes, initial: bool) -> bytes | None:
-        """A client SASL response decoded; None (after answering BAD) when cancelled with
-        ``*`` (RFC 3501 6.2.2) or not base64."""
-        if response.strip() == b"*":
-            self._error(tag, "Authentication cancelled")
-            return None
-        if initial and response == b"=":
-            return b""
-        try:
-            return base64.b64decode(response.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            self._error(tag, "Invalid base64 data")
-            return None
-
-    def _auth_login_user(self, tag: str, response: bytes, initial: bool = False) -> None:
-        raw = self._sasl_decode(tag, response, initial)
-        if raw is None:
-            return
-        self._challenge(b"Password:", lambda line: self._auth_login_password(tag, raw, line))
-
-    def _auth_login_password(self, tag: str, user: bytes, response: bytes) -> None:
-        password = self._sasl_decode(tag, response, False)
-        if password is None:
-            return
-        try:
-            name, secret = user.decode("utf-8"), password.decode("utf-8")
-        except UnicodeDecodeError:
+    def _sasl_step(self, tag: str, exchange: sasl.SaslExchange, step: sasl.Step) -> None:
+        """A step of the SASL exchange (``net/sasl.py``): a continuation (``+ base64``) whose
+        answer comes back here, a BAD (cancelled with ``*``, RFC 3501 6.2.2, or malformed), a
+        failed login, or credentials to check."""
+        if isinstance(step, sasl.Challenge):
+            self._write(b"+ " + step.encoded + b"\r\n")
+            self.reader.expect_line()
+            self._line_handler = lambda line: self._sasl_step(tag, exchange, exchange.respond(line))
+        elif isinstance(step, sasl.Refused):
+            if step.reason is sasl.SaslError.CANCELLED:
+                self._error(tag, "Authentication cancelled")
+            elif step.reason is sasl.SaslError.BAD_BASE64:
+                self._error(tag, "Invalid base64 data")
+            elif step.reason is sasl.SaslError.MALFORMED:
+                self._error(tag, "Invalid PLAIN response")
+            else:  # a LOGIN name or password that is not UTF-8: an ordinary failed login
+                self._busy = True
+                self._fail_later(tag)
+        elif not sasl.acts_as_self(step):
             self._busy = True
             self._fail_later(tag)
-            return
-        self._authenticate(tag, name, secret)
-
-    def _auth_plain(self, tag: str, response: bytes, initial: bool = False) -> None:
-        raw = self._sasl_decode(tag, response, initial)
-        if raw is None:
-            return
-        parts = raw.split(b"\0")
-        if len(parts) != 3:
-            self._error(tag, "Invalid PLAIN response")
-            return
-        try:
-            authzid, authcid, password = (x.decode("utf-8") for x in parts)
-        except UnicodeDecodeError:
-            self._error(tag, "Invalid PLAIN response")
-            return
-        if authzid and _normalise(authzid) != _normalise(authcid):
-            self._busy = True
-            self._fail_later(tag)
-            return
-        self._authenticate(tag, authcid, password)
+        else:
+            self._authenticate(tag, step.authcid, step.password)
 
     def _authenticate(self, tag: str, name: str, password: str) -> None:
-        key = _normalise(name)
+        key = sasl.login_key(name)
         self._busy = True
         if key is None:
             self._fail_later(tag)
@@ -1580,14 +1533,6 @@ def _uses_modseq(key: p.SearchKey) -> bool:
 
 def _identity(n: int) -> int:
     return n
-
-
-def _normalise(name: str) -> str | None:
-    """The directory key of a login name (an address), or None if it is not an address."""
-    try:
-        return Address.parse(name).key
-    except AddressError:
-        return None
 
 
 def _open_target(store: IMessageStore, user: str, name: str) -> IMailbox:
