@@ -225,8 +225,9 @@ PLAINTEXT_MODES = ("yes", "no", "loopback")
 class PlaintextPolicy:
     """May a password travel on this connection? Always over TLS; without TLS as configured
     (``allow_plaintext_auth`` of ``[pop3]`` and ``[imap]``): ``yes``, ``no``, or ``loopback``
-    (only from 127.0.0.0/8 and ::1). A refusal is the protocol's (STARTTLS first, 538,
-    ``[PRIVACYREQUIRED]``, LOGINDISABLED); so is what it advertises."""
+    (only from 127.0.0.0/8 and ::1). SMTP submission has no such setting: :data:`TLS_ONLY`.
+    A refusal is the protocol's (STARTTLS first, 538, ``[PRIVACYREQUIRED]``, LOGINDISABLED);
+    so is what it advertises."""
 
     mode: str = "no"
 
@@ -234,12 +235,12 @@ class PlaintextPolicy:
         if self.mode not in PLAINTEXT_MODES:
             raise ValueError(f"allow_plaintext_auth: expected yes, no or loopback: {self.mode!r}")
 
-    def allows(self, secure: bool, peer: Callable[[], IAddress]) -> bool:
+    def allows(self, secure: bool, peer: Callable[[], IAddress] | None = None) -> bool:
         """``secure``: the connection is TLS; ``peer`` gives the client's address (asked only
-        in ``loopback`` mode, e.g. ``transport.getPeer``)."""
+        in ``loopback`` mode, e.g. ``transport.getPeer``; without it no peer is loopback)."""
         if secure or self.mode == "yes":
             return True
-        return self.mode == "loopback" and is_loopback(peer())
+        return self.mode == "loopback" and peer is not None and is_loopback(peer())
 
 
 TLS_ONLY = PlaintextPolicy("no")

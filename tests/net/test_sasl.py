@@ -215,6 +215,8 @@ def test_plaintext_policy() -> None:
     assert not loopback.allows(False, lambda: REMOTE)
     assert not loopback.allows(False, lambda: UNIXAddress(None))
     assert no == sasl.TLS_ONLY
+    assert sasl.TLS_ONLY.allows(True) and not sasl.TLS_ONLY.allows(False)
+    assert yes.allows(False) and not loopback.allows(False)  # no peer given: not loopback
 
 
 def test_plaintext_policy_asks_for_the_peer_only_when_needed() -> None:
