@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 
 from mailgw.directory.penalty import failure_delay
 from mailgw.net import sasl
+from mailgw.net.commandloop import CommandLoop
 from mailgw.net.limits import Refusal
 from mailgw.net.progress import ProgressWatch
 from mailgw.net.proxy import peer_ip
@@ -57,11 +58,17 @@ class POP3Server(Protocol):
         self.maildrop: Maildrop | None = None
         self._buffer = bytearray()
         self._skip_line = False  # discarding the rest of an overlong line
-        self._busy = False
-        self._processing = False
         self._closing = False
         self._lost = False
-        self._paused = False
+        self._input = CommandLoop(
+            self._next_line,
+            self._handle_line,
+            lambda: len(self._buffer),
+            lambda: self._closing,
+            lambda: self.transport.pauseProducing(),
+            lambda: self.transport.resumeProducing(),
+            MAX_BUFFER,
+        )
         self._errors = 0
         self._pending_user: str | None = None
         self._continuation: Callable[[bytes], None] | None = None
@@ -120,13 +127,13 @@ class POP3Server(Protocol):
             return
         self._touch()
         self._buffer += data
-        self._process()
+        self._input.run()
         self._watch_progress(len(data))
 
     def _watch_progress(self, received: int) -> None:
         """A command line must be complete within ``command_timeout`` (slowloris defence);
         input buffered while the server is busy is the server's delay, not the client's."""
-        if self._closing or self._busy or not (self._buffer or self._skip_line):
+        if self._closing or self._input.busy or not (self._buffer or self._skip_line):
             self._progress.finished()
         else:
             self._progress.unfinished(received)
@@ -177,30 +184,6 @@ class POP3Server(Protocol):
             self.factory.unlock(self.user, self)
 
     # -- input framing and the command loop ---------------------------------------------------
-
-    def _process(self) -> None:
-        if self._processing:
-            return
-        self._processing = True
-        try:
-            while not self._busy and not self._closing:
-                line = self._next_line()
-                if line is None:
-                    break
-                self._handle_line(line)
-        finally:
-            self._processing = False
-        self._flow_control()
-
-    def _flow_control(self) -> None:
-        if self._closing:
-            return
-        if not self._paused and len(self._buffer) > MAX_BUFFER:
-            self._paused = True
-            self.transport.pauseProducing()
-        elif self._paused and len(self._buffer) <= MAX_BUFFER:
-            self._paused = False
-            self.transport.resumeProducing()
 
     def _next_line(self) -> bytes | None:
         while not self._closing:
@@ -258,10 +241,10 @@ class POP3Server(Protocol):
 
     def _done(self) -> None:
         """An asynchronous command has answered: go on with buffered input."""
-        self._busy = False
+        self._input.busy = False
         self._touch()
         if not self._closing:
-            self._process()
+            self._input.run()
             self._watch_progress(0)
 
     def _internal_error(self, failure: Failure) -> None:
@@ -274,7 +257,7 @@ class POP3Server(Protocol):
         self._continuation = None
         if not self._closing:
             self._err(P.INTERNAL, count=False)
-        self._busy = False
+        self._input.busy = False
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -385,14 +368,14 @@ class POP3Server(Protocol):
                 authzid=step.authzid,
                 authcid=step.authcid,
             )
-            self._busy = True
+            self._input.busy = True
             self._fail_later()
         else:
             self._authenticate(step.authcid, step.password)
 
     def _authenticate(self, name: str, password: str) -> None:
         key = sasl.login_key(name)
-        self._busy = True
+        self._input.busy = True
         if key is None:
             log.info(
                 "pop3 {session} login with invalid name {name!r} from {peer}",
@@ -608,7 +591,7 @@ class POP3Server(Protocol):
             self._err(P.MESSAGE_GONE, count=False)
             return
         self._ok(header)
-        self._busy = True
+        self._input.busy = True
         sender = MessageSender(
             cast(IO[bytes], file), self.transport, body_lines, on_progress=self._touch
         )
