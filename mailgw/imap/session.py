@@ -32,8 +32,9 @@ from mailgw.imap.parser import CommandError, CommandReader
 from mailgw.imap.selected import SelectedMailbox, SequenceRangeError
 from mailgw.imap.states import AUTHENTICATED, LOGOUT, NOT_AUTHENTICATED, SELECTED
 from mailgw.interfaces import MailboxNotFound
+from mailgw.net import sasl
 from mailgw.net.progress import ProgressWatch
-from mailgw.net.proxy import is_loopback, peer_ip
+from mailgw.net.proxy import peer_ip
 
 if TYPE_CHECKING:
     from mailgw.imap.factory import IMAPFactory
@@ -626,12 +627,8 @@ class IMAPServer(Protocol):
     # -- capabilities, policy ---------------------------------------------------------------------
 
     def plaintext_allowed(self) -> bool:
-        if self.secure:
-            return True
-        mode = self.config.allow_plaintext_auth
-        if mode == "yes":
-            return True
-        return mode == "loopback" and is_loopback(self.transport.getPeer())
+        policy = sasl.PlaintextPolicy(self.config.allow_plaintext_auth)
+        return policy.allows(self.secure, self.transport.getPeer)
 
     @property
     def utf8_names(self) -> bool:
@@ -646,7 +643,7 @@ class IMAPServer(Protocol):
             if self.factory.tls_options is not None and not self.secure:
                 caps.append("STARTTLS")
             if self.plaintext_allowed():
-                caps += ["AUTH=PLAIN", "AUTH=LOGIN"]
+                caps += [f"AUTH={m}" for m in sasl.IMAP.mechanisms]
             else:
                 caps.append("LOGINDISABLED")
             return caps

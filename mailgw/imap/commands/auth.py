@@ -4,9 +4,6 @@ settings (RFC 3501 6.1-6.2, RFC 2971 ID, RFC 5161 ENABLE, RFC 2342 NAMESPACE, RF
 
 from __future__ import annotations
 
-import base64
-import binascii
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.cred.error import LoginFailed
@@ -19,7 +16,7 @@ from mailgw.imap import parser as p
 from mailgw.imap import wire
 from mailgw.imap.commands.registry import Command
 from mailgw.imap.states import ANY, AUTH, NOT_AUTH
-from mailgw.model import Address, AddressError
+from mailgw.net import sasl
 
 if TYPE_CHECKING:
     from mailgw.imap.session import IMAPServer
@@ -117,87 +114,42 @@ def login(session: IMAPServer, tag: str, command: p.Login) -> None:
 
 
 def authenticate(session: IMAPServer, tag: str, command: p.Authenticate) -> None:
-    if command.mechanism not in ("PLAIN", "LOGIN"):
+    if not sasl.IMAP.supports(command.mechanism):
         session.tagged(tag, "NO", "Unsupported authentication mechanism", wire.CANNOT)
         return
     if not session.plaintext_allowed():
         session.tagged(tag, "NO", "Use STARTTLS first", wire.PRIVACYREQUIRED)
         return
-    if command.mechanism == "LOGIN":
-        if command.initial_response is not None:
-            _auth_login_user(session, tag, command.initial_response, initial=True)
-        else:
-            _challenge(session, b"Username:", lambda line: _auth_login_user(session, tag, line))
-        return
-    if command.initial_response is not None:
-        _auth_plain(session, tag, command.initial_response, initial=True)
-        return
-    _challenge(session, b"", lambda line: _auth_plain(session, tag, line))
+    exchange = sasl.SaslExchange(command.mechanism, sasl.IMAP)
+    _sasl_step(session, tag, exchange, exchange.start(command.initial_response))
 
 
-def _challenge(session: IMAPServer, text: bytes, handler: Callable[[bytes], None]) -> None:
-    """A SASL continuation (``+ base64``); the client's answer goes to ``handler``."""
-    session.write(b"+ " + base64.b64encode(text) + b"\r\n")
-    session.expect_line(handler)
-
-
-def _sasl_decode(session: IMAPServer, tag: str, response: bytes, initial: bool) -> bytes | None:
-    """A client SASL response decoded; None (after answering BAD) when cancelled with
-    ``*`` (RFC 3501 6.2.2) or not base64."""
-    if response.strip() == b"*":
-        session.bad(tag, "Authentication cancelled")
-        return None
-    if initial and response == b"=":
-        return b""
-    try:
-        return base64.b64decode(response.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        session.bad(tag, "Invalid base64 data")
-        return None
-
-
-def _auth_login_user(session: IMAPServer, tag: str, response: bytes, initial: bool = False) -> None:
-    raw = _sasl_decode(session, tag, response, initial)
-    if raw is None:
-        return
-    _challenge(session, b"Password:", lambda line: _auth_login_password(session, tag, raw, line))
-
-
-def _auth_login_password(session: IMAPServer, tag: str, user: bytes, response: bytes) -> None:
-    password = _sasl_decode(session, tag, response, False)
-    if password is None:
-        return
-    try:
-        name, secret = user.decode("utf-8"), password.decode("utf-8")
-    except UnicodeDecodeError:
+def _sasl_step(session: IMAPServer, tag: str, exchange: sasl.SaslExchange, step: sasl.Step) -> None:
+    """A step of the SASL exchange (``net/sasl.py``): a continuation (``+ base64``) whose
+    answer comes back here, a BAD (cancelled with ``*``, RFC 3501 6.2.2, or malformed), a
+    failed login, or credentials to check."""
+    if isinstance(step, sasl.Challenge):
+        session.write(b"+ " + step.encoded + b"\r\n")
+        session.expect_line(lambda line: _sasl_step(session, tag, exchange, exchange.respond(line)))
+    elif isinstance(step, sasl.Refused):
+        if step.reason is sasl.SaslError.CANCELLED:
+            session.bad(tag, "Authentication cancelled")
+        elif step.reason is sasl.SaslError.BAD_BASE64:
+            session.bad(tag, "Invalid base64 data")
+        elif step.reason is sasl.SaslError.MALFORMED:
+            session.bad(tag, "Invalid PLAIN response")
+        else:  # a LOGIN name or password that is not UTF-8: an ordinary failed login
+            session.suspend()
+            _fail_later(session, tag)
+    elif not sasl.acts_as_self(step):
         session.suspend()
         _fail_later(session, tag)
-        return
-    _authenticate(session, tag, name, secret)
-
-
-def _auth_plain(session: IMAPServer, tag: str, response: bytes, initial: bool = False) -> None:
-    raw = _sasl_decode(session, tag, response, initial)
-    if raw is None:
-        return
-    parts = raw.split(b"\0")
-    if len(parts) != 3:
-        session.bad(tag, "Invalid PLAIN response")
-        return
-    try:
-        authzid, authcid, password = (x.decode("utf-8") for x in parts)
-    except UnicodeDecodeError:
-        session.bad(tag, "Invalid PLAIN response")
-        return
-    if authzid and _normalise(authzid) != _normalise(authcid):
-        session.suspend()
-        _fail_later(session, tag)
-        return
-    _authenticate(session, tag, authcid, password)
+    else:
+        _authenticate(session, tag, step.authcid, step.password)
 
 
 def _authenticate(session: IMAPServer, tag: str, name: str, password: str) -> None:
-    key = _normalise(name)
+    key = sasl.login_key(name)
     session.suspend()
     if key is None:
         _fail_later(session, tag)
@@ -273,14 +225,6 @@ def _fail_later(session: IMAPServer, tag: str, delay: float | None = None) -> No
 def _failed_reply(session: IMAPServer, tag: str) -> None:
     session.tagged(tag, "NO", "Authentication failed", wire.AUTHENTICATIONFAILED)
     session.done()
-
-
-def _normalise(name: str) -> str | None:
-    """The directory key of a login name (an address), or None if it is not an address."""
-    try:
-        return Address.parse(name).key
-    except AddressError:
-        return None
 
 
 COMMANDS = (

@@ -47,6 +47,7 @@ from mailgw.mime.headers import parse_header_block, unfold
 from mailgw.model import Address, AddressError, Envelope
 from mailgw.model.address import quote_local
 from mailgw.model.reply import R, Reply
+from mailgw.net import sasl
 from mailgw.smtp.protocol import Limits, ReplyResult, Role, Session, SMTPFactory
 from mailgw.smtp.roles.mx import postmaster_address
 from mailgw.smtp.trace import received_header
@@ -316,12 +317,14 @@ class SubmissionRole(Role):
         )
 
     def extensions(self, session: Session) -> list[str]:
-        return ["AUTH PLAIN LOGIN"] if session.tls and session.authenticated is None else []
+        if session.authenticated is None and sasl.TLS_ONLY.allows(session.tls):
+            return [" ".join(["AUTH", *sasl.SMTP.mechanisms])]
+        return []
 
     def auth_start(self, session: Session, mechanism: str) -> Reply | None:
         if session.authenticated is not None:
             return R.AUTH_ALREADY
-        if not session.tls:
+        if not sasl.TLS_ONLY.allows(session.tls):
             return R.AUTH_NEEDS_TLS
         return None
 
