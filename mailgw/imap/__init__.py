@@ -1,1 +1,2 @@
-"""IMAP4rev1/rev2 access role: wire format (parser, wire), sequence sets, and the session."""
+"""IMAP4rev1/rev2 access role: wire format (parser, wire, names), sequence sets, the session core
+and its commands (``commands/``), one module per command family."""

@@ -1,6 +1,7 @@
 """FETCH: one ``* n FETCH (...)`` response per message, built from the stored bytes.
 
-Every body item is a slice of the stored message (``mailgw.mime``), so ``BODY[]`` is the
+Every body item is a slice of the stored message (``mailgw.mime`` parses it,
+``mailgw.imap.render`` slices and renders), so ``BODY[]`` is the
 stored bytes and its length is ``RFC822.SIZE``; ENVELOPE and BODYSTRUCTURE come from the
 cached structure and need the message bytes only on a cache miss.
 """
@@ -13,10 +14,8 @@ from typing import Any
 
 from mailgw.imap import wire
 from mailgw.imap.parser import FetchAtt
-from mailgw.imap.selected import SelectedMailbox
-from mailgw.mime import Section as MimeSection
-from mailgw.mime import (
-    StructureCache,
+from mailgw.imap.render import Section as MimeSection
+from mailgw.imap.render import (
     UnknownTransferEncoding,
     binary_section,
     binary_text,
@@ -24,7 +23,9 @@ from mailgw.mime import (
     envelope,
     partial,
 )
-from mailgw.mime import section as mime_section
+from mailgw.imap.render import section as mime_section
+from mailgw.imap.selected import SelectedMailbox
+from mailgw.mime import StructureCache
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 # Items answered from the index alone.

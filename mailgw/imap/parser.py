@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import datetime
 import re
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mailgw.imap import names
 from mailgw.imap.literal import SpooledLiteral
 from mailgw.imap.sequence import SequenceError, SequenceSet, parse_sequence_set
-from mailgw.store.names import mutf7_decode
 
 # ---------------------------------------------------------------------------------------------
 # Generic argument tree
@@ -1152,26 +1151,10 @@ def decode_mailbox(raw: bytes, utf8: bool = False) -> str:
     IMAP4rev2 is enabled; ``INBOX`` in any case becomes ``INBOX``. CommandError with status
     NO when undecodable."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CommandError("Mailbox name is not valid UTF-8", "NO") from e
-    if utf8:
-        # RFC 9051 5.1 / RFC 6855 3: names are Net-Unicode; a de-normalised one is taken
-        # in Unicode normalisation form C.
-        text = unicodedata.normalize("NFC", text)
-    else:
+        return names.from_wire(raw, utf8)
+    except names.InvalidName as e:
         # A well-formed argument naming no possible mailbox: NO, as Dovecot answers.
-        if not text.isascii():
-            raise CommandError("Mailbox name is not valid mUTF-7 (8-bit data sent)", "NO")
-        try:
-            text = mutf7_decode(text)
-        except ValueError as e:
-            raise CommandError("Mailbox name is not valid mUTF-7", "NO") from e
-    if text.upper() == "INBOX":
-        return "INBOX"
-    if text[:6].upper() == "INBOX/":
-        return "INBOX" + text[5:]
-    return text
+        raise CommandError(str(e), "NO") from e
 
 
 def _number(node: Node, what: str, nz: bool = False, bits: int = 32) -> int:

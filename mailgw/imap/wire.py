@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from mailgw.imap.names import to_wire
 from mailgw.imap.sequence import format_uid_set
-from mailgw.store.names import mutf7_encode
 
 CRLF = b"\r\n"
 # ATOM-CHAR: CHAR except atom-specials ( ) { SP CTL % * " \ ]
@@ -81,9 +81,7 @@ def mailbox_name(name: str, utf8: bool = False) -> bytes:
     as an atom when possible, else quoted or a literal."""
     if name.upper() == "INBOX":
         return b"INBOX"
-    if utf8:
-        return astring(name.encode("utf-8"), utf8=True)
-    return astring(mutf7_encode(name).encode("ascii"))
+    return astring(to_wire(name, utf8), utf8=utf8)
 
 
 # -- responses --------------------------------------------------------------------------------

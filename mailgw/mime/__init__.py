@@ -7,19 +7,6 @@ the stored message, so every IMAP section is an exact slice of the stored bytes.
 from mailgw.mime.addresses import AddressItem, parse_address_list
 from mailgw.mime.cache import StructureCache
 from mailgw.mime.headers import HeaderField, decode_bytes, decode_header_value
-from mailgw.mime.imap import (
-    Section,
-    UnknownTransferEncoding,
-    binary_section,
-    binary_text,
-    body_structure,
-    envelope,
-    header_fields,
-    imap_string,
-    parse_section,
-    partial,
-    section,
-)
 from mailgw.mime.structure import DEFAULT_LIMITS, Limits, MessageStructure, Part, find_part, parse
 from mailgw.mime.text import (
     addresses,
@@ -38,28 +25,17 @@ __all__ = [
     "Limits",
     "MessageStructure",
     "Part",
-    "Section",
     "StructureCache",
-    "UnknownTransferEncoding",
     "addresses",
-    "binary_section",
-    "binary_text",
-    "body_structure",
     "date",
     "decode_bytes",
     "decode_header_value",
     "decode_quoted_printable",
     "decode_transfer",
-    "envelope",
     "find_part",
-    "header_fields",
     "header_values",
-    "imap_string",
     "parse",
     "parse_address_list",
     "parse_date",
-    "parse_section",
-    "partial",
-    "section",
     "text_parts",
 ]

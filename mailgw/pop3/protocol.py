@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import secrets
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any, cast
@@ -15,10 +13,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailgw.directory.penalty import failure_delay
-from mailgw.model import Address, AddressError
+from mailgw.net import sasl
+from mailgw.net.commandloop import CommandLoop
 from mailgw.net.limits import Refusal
 from mailgw.net.progress import ProgressWatch
-from mailgw.net.proxy import is_loopback, peer_ip
+from mailgw.net.proxy import peer_ip
 from mailgw.pop3 import responses as P
 from mailgw.pop3.maildrop import Maildrop, NoSuchMessage, parse_number
 from mailgw.pop3.transfer import MessageSender
@@ -59,11 +58,17 @@ class POP3Server(Protocol):
         self.maildrop: Maildrop | None = None
         self._buffer = bytearray()
         self._skip_line = False  # discarding the rest of an overlong line
-        self._busy = False
-        self._processing = False
         self._closing = False
         self._lost = False
-        self._paused = False
+        self._input = CommandLoop(
+            self._next_line,
+            self._handle_line,
+            lambda: len(self._buffer),
+            lambda: self._closing,
+            lambda: self.transport.pauseProducing(),
+            lambda: self.transport.resumeProducing(),
+            MAX_BUFFER,
+        )
         self._errors = 0
         self._pending_user: str | None = None
         self._continuation: Callable[[bytes], None] | None = None
@@ -122,13 +127,13 @@ class POP3Server(Protocol):
             return
         self._touch()
         self._buffer += data
-        self._process()
+        self._input.run()
         self._watch_progress(len(data))
 
     def _watch_progress(self, received: int) -> None:
         """A command line must be complete within ``command_timeout`` (slowloris defence);
         input buffered while the server is busy is the server's delay, not the client's."""
-        if self._closing or self._busy or not (self._buffer or self._skip_line):
+        if self._closing or self._input.busy or not (self._buffer or self._skip_line):
             self._progress.finished()
         else:
             self._progress.unfinished(received)
@@ -179,30 +184,6 @@ class POP3Server(Protocol):
             self.factory.unlock(self.user, self)
 
     # -- input framing and the command loop ---------------------------------------------------
-
-    def _process(self) -> None:
-        if self._processing:
-            return
-        self._processing = True
-        try:
-            while not self._busy and not self._closing:
-                line = self._next_line()
-                if line is None:
-                    break
-                self._handle_line(line)
-        finally:
-            self._processing = False
-        self._flow_control()
-
-    def _flow_control(self) -> None:
-        if self._closing:
-            return
-        if not self._paused and len(self._buffer) > MAX_BUFFER:
-            self._paused = True
-            self.transport.pauseProducing()
-        elif self._paused and len(self._buffer) <= MAX_BUFFER:
-            self._paused = False
-            self.transport.resumeProducing()
 
     def _next_line(self) -> bytes | None:
         while not self._closing:
@@ -260,10 +241,10 @@ class POP3Server(Protocol):
 
     def _done(self) -> None:
         """An asynchronous command has answered: go on with buffered input."""
-        self._busy = False
+        self._input.busy = False
         self._touch()
         if not self._closing:
-            self._process()
+            self._input.run()
             self._watch_progress(0)
 
     def _internal_error(self, failure: Failure) -> None:
@@ -276,7 +257,7 @@ class POP3Server(Protocol):
         self._continuation = None
         if not self._closing:
             self._err(P.INTERNAL, count=False)
-        self._busy = False
+        self._input.busy = False
 
     # -- output ---------------------------------------------------------------------------------
 
@@ -308,12 +289,8 @@ class POP3Server(Protocol):
 
     def plaintext_allowed(self) -> bool:
         """May a password be sent in this state (TLS, or config yes/loopback)?"""
-        if self.secure:
-            return True
-        mode = self.factory.config.allow_plaintext_auth
-        if mode == "yes":
-            return True
-        return mode == "loopback" and is_loopback(self.transport.getPeer())
+        policy = sasl.PlaintextPolicy(self.factory.config.allow_plaintext_auth)
+        return policy.allows(self.secure, self.transport.getPeer)
 
     def capabilities(self) -> list[str]:
         caps = ["TOP"]
@@ -322,7 +299,7 @@ class POP3Server(Protocol):
         caps += ["UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
         if self.state == AUTHORIZATION:
             if self.plaintext_allowed():
-                caps.append("SASL PLAIN")
+                caps.append(" ".join(["SASL", *sasl.POP3.mechanisms]))
             if self.factory.tls_options is not None and not self.secure:
                 caps.append("STLS")
         caps.append(f"IMPLEMENTATION {IMPLEMENTATION}")
@@ -353,9 +330,11 @@ class POP3Server(Protocol):
     def do_AUTH(self, arg: str) -> None:
         args = arg.split()
         if not args:
-            self._multiline(P.AUTH_MECHANISMS, ["PLAIN"] if self.plaintext_allowed() else [])
+            mechanisms = list(sasl.POP3.mechanisms) if self.plaintext_allowed() else []
+            self._multiline(P.AUTH_MECHANISMS, mechanisms)
             return
-        if args[0].upper() != "PLAIN":
+        mechanism = args[0].upper()
+        if not sasl.POP3.supports(mechanism):
             self._err(P.AUTH_UNSUPPORTED)
             return
         if not self.plaintext_allowed():
@@ -364,49 +343,39 @@ class POP3Server(Protocol):
         if len(args) > 2:
             self._err(P.SYNTAX)
             return
-        if len(args) == 2:
-            self._auth_plain(args[1].encode("ascii", "replace"), initial=True)
-            return
-        self.transport.write(b"+ \r\n")
-        self._continuation = self._auth_plain
+        exchange = sasl.SaslExchange(mechanism, sasl.POP3)
+        initial = args[1].encode("ascii", "replace") if len(args) == 2 else None
+        self._sasl_step(exchange, exchange.start(initial))
 
-    def _auth_plain(self, response: bytes, initial: bool = False) -> None:
-        if response.strip() == b"*":
-            self._err(P.AUTH_CANCELLED, count=False)
-            return
-        if initial and response == b"=":
-            raw = b""
-        else:
-            try:
-                raw = base64.b64decode(response, validate=True)
-            except (binascii.Error, ValueError):
+    def _sasl_step(self, exchange: sasl.SaslExchange, step: sasl.Step) -> None:
+        """A step of the SASL exchange (``net/sasl.py``): a continuation (``+ base64``) whose
+        answer comes back here, an error, or credentials to check."""
+        if isinstance(step, sasl.Challenge):
+            self.transport.write(b"+ " + step.encoded + b"\r\n")
+            self._continuation = lambda line: self._sasl_step(exchange, exchange.respond(line))
+        elif isinstance(step, sasl.Refused):
+            if step.reason is sasl.SaslError.CANCELLED:
+                self._err(P.AUTH_CANCELLED, count=False)
+            elif step.reason is sasl.SaslError.BAD_BASE64:
                 self._err(P.AUTH_BAD_BASE64)
-                return
-        parts = raw.split(b"\0")
-        if len(parts) != 3:
-            self._err(P.AUTH_BAD_PLAIN)
-            return
-        try:
-            authzid, authcid, password = (p.decode("utf-8") for p in parts)
-        except UnicodeDecodeError:
-            self._err(P.AUTH_BAD_PLAIN)
-            return
-        if authzid and _normalise(authzid) != _normalise(authcid):
+            else:  # MALFORMED (BAD_UTF8 is LOGIN's, which POP3 does not offer)
+                self._err(P.AUTH_BAD_PLAIN)
+        elif not sasl.acts_as_self(step):
             # Acting as another user is not supported: an ordinary failed login.
             log.info(
                 "pop3 {session} authzid {authzid} refused for {authcid}",
                 session=self.session_id,
-                authzid=authzid,
-                authcid=authcid,
+                authzid=step.authzid,
+                authcid=step.authcid,
             )
-            self._busy = True
+            self._input.busy = True
             self._fail_later()
-            return
-        self._authenticate(authcid, password)
+        else:
+            self._authenticate(step.authcid, step.password)
 
     def _authenticate(self, name: str, password: str) -> None:
-        key = _normalise(name)
-        self._busy = True
+        key = sasl.login_key(name)
+        self._input.busy = True
         if key is None:
             log.info(
                 "pop3 {session} login with invalid name {name!r} from {peer}",
@@ -622,7 +591,7 @@ class POP3Server(Protocol):
             self._err(P.MESSAGE_GONE, count=False)
             return
         self._ok(header)
-        self._busy = True
+        self._input.busy = True
         sender = MessageSender(
             cast(IO[bytes], file), self.transport, body_lines, on_progress=self._touch
         )
@@ -676,11 +645,3 @@ class POP3Server(Protocol):
 
     def do_NOOP(self, arg: str) -> None:
         self._ok()
-
-
-def _normalise(name: str) -> str | None:
-    """The directory key of a login name (an address), or None if it is not an address."""
-    try:
-        return Address.parse(name).key
-    except AddressError:
-        return None

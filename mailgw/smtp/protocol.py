@@ -8,8 +8,6 @@ PIPELINING, never reading ahead into DATA).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import secrets
 from collections.abc import Callable
 from contextlib import suppress
@@ -25,6 +23,7 @@ from twisted.python.failure import Failure
 from mailgw.interfaces import IIncomingMessage, ISpool
 from mailgw.model import Address, AddressError, Envelope, parse_path
 from mailgw.model.reply import R, Reply
+from mailgw.net import sasl
 from mailgw.net.limits import ConnectionCounter, Refusal
 from mailgw.net.progress import ProgressWatch
 from mailgw.smtp.trace import with_protocol
@@ -883,55 +882,24 @@ class SMTPServer(Protocol):
         if s.helo is None or s.has_sender:
             self._reply(R.BAD_SEQUENCE, verb="AUTH")
             return
-        if mechanism not in ("PLAIN", "LOGIN"):
+        if not sasl.SMTP.supports(mechanism):
             self._reply(R.AUTH_MECHANISM_UNKNOWN, verb="AUTH")
             return
         initial = initial.strip()
+        exchange = sasl.SaslExchange(mechanism, sasl.SMTP)
+        self._sasl_step(exchange, exchange.start(initial.encode("ascii", "replace") or None))
 
-        def decoded(line: bytes) -> str | None:
-            """The decoded response; None after answering (cancel or bad base64)."""
-            if line.strip() == b"*":
-                self._reply(R.AUTH_CANCELLED, verb="AUTH")
-                return None
-            try:
-                return base64.b64decode(line.strip(), validate=True).decode("utf-8")
-            except (binascii.Error, UnicodeDecodeError):
-                self._reply(R.AUTH_BAD_RESPONSE, verb="AUTH")
-                return None
-
-        def plain(line: bytes) -> None:
-            text = decoded(line) if line != b"=" else ""
-            if text is None:
-                return
-            parts = text.split("\0")
-            if len(parts) != 3 or not parts[1]:
-                self._reply(R.AUTH_BAD_RESPONSE, verb="AUTH")
-                return
-            self._check_credentials(parts[0], parts[1], parts[2])
-
-        def login_user(line: bytes) -> None:
-            user = decoded(line)
-            if user is None:
-                return
-            self._send(Reply(334, "", "UGFzc3dvcmQ6"))
-            self._line_reader = lambda pw: login_password(user, pw)
-
-        def login_password(user: str, line: bytes) -> None:
-            password = decoded(line)
-            if password is not None:
-                self._check_credentials("", user, password)
-
-        if mechanism == "PLAIN":
-            if initial:
-                plain(initial.encode("ascii", "replace"))
-            else:
-                self._send(Reply(334, "", ""))
-                self._line_reader = plain
-        elif initial:
-            login_user(initial.encode("ascii", "replace"))
+    def _sasl_step(self, exchange: sasl.SaslExchange, step: sasl.Step) -> None:
+        """A step of the SASL exchange (``net/sasl.py``): a ``334`` continuation whose answer
+        the line reader brings back here, a ``501``, or credentials for the role to check."""
+        if isinstance(step, sasl.Challenge):
+            self._send(Reply(334, "", step.encoded.decode("ascii")))
+            self._line_reader = lambda line: self._sasl_step(exchange, exchange.respond(line))
+        elif isinstance(step, sasl.Refused):
+            cancelled = step.reason is sasl.SaslError.CANCELLED
+            self._reply(R.AUTH_CANCELLED if cancelled else R.AUTH_BAD_RESPONSE, verb="AUTH")
         else:
-            self._send(Reply(334, "", "VXNlcm5hbWU6"))
-            self._line_reader = login_user
+            self._check_credentials(step.authzid, step.authcid, step.password)
 
     def _check_credentials(self, authzid: str, user: str, password: str) -> None:
         s = self.session

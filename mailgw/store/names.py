@@ -1,17 +1,17 @@
-"""Mailbox and user names: validation, IMAP modified UTF-7, and their Maildir++ paths.
+"""Mailbox and user names: validation and their Maildir++ paths.
 
 Folder names are IMAP style (``/`` separates levels, ``INBOX`` is case-insensitive). On disk a
 folder ``Archive/2024`` is the Maildir++ directory ``.Archive.2024`` and every level is stored in
-IMAP modified UTF-7 (RFC 3501 5.1.3), as Dovecot does by default, so ``Entwürfe`` is
-``.Entw&APw-rfe``.
+IMAP modified UTF-7 (RFC 3501 5.1.3, the codec in ``mailgw.model.mutf7``), as Dovecot does
+by default, so ``Entwürfe`` is ``.Entw&APw-rfe``.
 """
 
 from __future__ import annotations
 
-import base64
 import os
 
 from mailgw.interfaces import InvalidMailbox
+from mailgw.model.mutf7 import mutf7_decode, mutf7_encode
 
 MAX_NAME_BYTES = 255
 INBOX = "INBOX"
@@ -19,56 +19,6 @@ SEPARATOR = "/"
 
 # '.' is the Maildir++ level separator on disk; '%' and '*' are IMAP LIST wildcards.
 _FORBIDDEN_CHARS = frozenset(".%*")
-
-
-def mutf7_encode(text: str) -> str:
-    """Encode ``text`` in IMAP modified UTF-7."""
-    out: list[str] = []
-    pending: list[str] = []
-
-    def flush() -> None:
-        if pending:
-            raw = "".join(pending).encode("utf-16-be")
-            b64 = base64.b64encode(raw).decode("ascii").rstrip("=").replace("/", ",")
-            out.append("&" + b64 + "-")
-            pending.clear()
-
-    for ch in text:
-        if 0x20 <= ord(ch) <= 0x7E:
-            flush()
-            out.append("&-" if ch == "&" else ch)
-        else:
-            pending.append(ch)
-    flush()
-    return "".join(out)
-
-
-def mutf7_decode(text: str) -> str:
-    """Decode IMAP modified UTF-7; ValueError when ``text`` is not valid."""
-    out: list[str] = []
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch != "&":
-            if not 0x20 <= ord(ch) <= 0x7E:
-                raise ValueError(f"not modified UTF-7: {text!r}")
-            out.append(ch)
-            i += 1
-            continue
-        end = text.find("-", i + 1)
-        if end < 0:
-            raise ValueError(f"unterminated modified UTF-7 shift: {text!r}")
-        if end == i + 1:
-            out.append("&")
-        else:
-            b64 = text[i + 1 : end].replace(",", "/")
-            try:
-                raw = base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True)
-                out.append(raw.decode("utf-16-be"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ValueError(f"bad modified UTF-7: {text!r}") from e
-        i = end + 1
-    return "".join(out)
 
 
 def normalize_folder(name: str) -> str:

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from mailgw.imap.commands.store import open_target
 from mailgw.imap.selected import SelectedMailbox
-from mailgw.imap.session import _open_target
 from mailgw.store import MessageStore
 from mailgw.store.index import INDEX_NAME
 
@@ -184,6 +184,6 @@ def test_sessions_share_the_snapshot_memory(store: MessageStore) -> None:
 
 
 def test_maildir_targets_are_opened_without_their_messages(store: MessageStore) -> None:
-    box = _open_target(store, USER, "INBOX")
+    box = open_target(store, USER, "INBOX")
     assert box.snapshot_count() == 0 and box.uidnext == 31
     assert len(box.messages()) == 30

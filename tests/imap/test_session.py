@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from mailgw.imap.session import IMAPServer
+import pytest
+
+from mailgw.imap.commands import COMMANDS
 from tests.imap.imap_env import Env
 
 MSG = b"From: A <a@x.test>\r\nSubject: hello\r\nTo: b@y.test\r\n\r\nbody text\r\n"
@@ -211,17 +214,13 @@ def test_hostile_structures_answer_in_bounded_time(env: Env) -> None:
     assert out.count(b" FETCH (") == 2 and out.endswith(b"OK FETCH completed\r\n")
 
 
-def test_internal_error_is_no_serverbug(env: Env, monkeypatch: object) -> None:
+def test_internal_error_is_no_serverbug(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     c = env.connect(login="alice@example.test")
 
     def boom(*args: object) -> None:
         raise RuntimeError("kaputt")
 
-    IMAPServer_do_list = IMAPServer.do_LIST
-    try:
-        IMAPServer.do_LIST = boom  # type: ignore[method-assign]
-        out = c.cmd('LIST "" *')
-    finally:
-        IMAPServer.do_LIST = IMAPServer_do_list  # type: ignore[method-assign]
+    monkeypatch.setitem(COMMANDS, "LIST", replace(COMMANDS["LIST"], handler=boom))
+    out = c.cmd('LIST "" *')
     assert b"NO [SERVERBUG]" in out and b"kaputt" not in out
     assert c.cmd("NOOP").endswith(b"OK NOOP completed\r\n")

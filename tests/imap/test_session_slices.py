@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mailgw.imap import session as session_module
+from mailgw.imap.commands import search as search_commands
 from tests.imap.imap_env import Env
 
 
@@ -72,7 +73,7 @@ def test_error_in_a_sliced_command_is_answered(env: Env, monkeypatch: pytest.Mon
         yield
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(session_module, "thread_references_steps", broken)
+    monkeypatch.setattr(search_commands, "thread_references_steps", broken)
     out = a.send(b"t1 THREAD REFERENCES UTF-8 ALL\r\nt2 NOOP\r\n")
     assert b"t1 NO [SERVERBUG]" in out
     assert b"t2 OK" in out

@@ -6,13 +6,8 @@ import base64
 
 import pytest
 
-from mailgw.mime import (
-    UnknownTransferEncoding,
-    binary_section,
-    decode_quoted_printable,
-    decode_transfer,
-    parse,
-)
+from mailgw.imap.render import UnknownTransferEncoding, binary_section
+from mailgw.mime import decode_quoted_printable, decode_transfer, parse
 
 
 def _multipart(*parts: tuple[str, bytes]) -> bytes:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mailgw.mime import body_structure, envelope, parse, section, text_parts
+from mailgw.imap.render import body_structure, envelope, section
+from mailgw.mime import parse, text_parts
 
 
 def _nested_multipart(levels: int) -> bytes:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from mailgw.mime import Limits, body_structure, find_part, parse, section
+from mailgw.imap.render import body_structure, section
+from mailgw.mime import Limits, find_part, parse
 from tests.mime.fixtures import FORWARDED, MIXED_ALTERNATIVE, RFC2231, crlf
 
 

@@ -245,6 +245,24 @@ def test_auth_plain_cancel_and_bad_input(env: Env) -> None:
     assert s.cmd("NOOP") == "-ERR Command not valid in this state\r\n"
 
 
+def test_auth_plain_continuation_edges(filled: Env) -> None:
+    """The shared SASL exchange keeps POP3's own rules: a continuation is decoded as sent
+    (no whitespace allowed), ``=`` is empty only as the initial response, an empty
+    authentication identity is a failed login, not a malformed message."""
+    s = filled.session()
+    assert s.cmd("AUTH PLAIN") == "+ \r\n"
+    assert s.cmd(" " + plain("", ALICE, PASSWORDS[ALICE])) == "-ERR Invalid base64 data\r\n"
+    assert s.cmd("AUTH PLAIN") == "+ \r\n"
+    assert s.cmd("=") == "-ERR Invalid base64 data\r\n"
+    assert s.cmd("AUTH PLAIN") == "+ \r\n"
+    assert s.cmd(" *") == "-ERR Authentication cancelled\r\n"
+    assert s.cmd(f"AUTH PLAIN {plain('', '', 'x')}") == ""
+    filled.clock.advance(2.0)
+    assert s.take() == b"-ERR [AUTH] Authentication failed\r\n"
+    assert s.cmd("AUTH plain") == "+ \r\n"
+    assert s.cmd(plain("alice@EXAMPLE.test", ALICE, PASSWORDS[ALICE])).startswith("+OK Logged in")
+
+
 def test_auth_plain_refuses_another_authzid(filled: Env) -> None:
     s = filled.session()
     assert s.cmd(f"AUTH PLAIN {plain(BOB, ALICE, PASSWORDS[ALICE])}") == ""

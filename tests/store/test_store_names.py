@@ -1,4 +1,5 @@
-"""Tests for mailgw.store.names and the file-level helpers of mailgw.store.maildir."""
+"""Tests for mailgw.store.names and the file-level helpers of mailgw.store.maildir (the
+modified UTF-7 codec: tests/imap/test_names.py)."""
 
 from __future__ import annotations
 
@@ -11,32 +12,9 @@ from mailgw.store import maildir
 from mailgw.store.names import (
     folder_dirname,
     folder_from_dirname,
-    mutf7_decode,
-    mutf7_encode,
     normalize_folder,
     user_dir,
 )
-
-
-@pytest.mark.parametrize(
-    "text, encoded",
-    [
-        ("Sent", "Sent"),
-        ("Entwürfe", "Entw&APw-rfe"),
-        ("A&B", "A&-B"),
-        ("台北", "&U,BTFw-"),
-        ("~peter/mail/日本語", "~peter/mail/&ZeVnLIqe-"),
-    ],
-)
-def test_mutf7_round_trip(text: str, encoded: str) -> None:
-    assert mutf7_encode(text) == encoded
-    assert mutf7_decode(encoded) == text
-
-
-@pytest.mark.parametrize("bad", ["&ZeVnLIqe", "&!!-", "caf\xe9", "&AA-"])
-def test_mutf7_decode_rejects_garbage(bad: str) -> None:
-    with pytest.raises(ValueError):
-        mutf7_decode(bad)
 
 
 @pytest.mark.parametrize(

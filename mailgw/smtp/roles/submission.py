@@ -32,6 +32,7 @@ from mailgw.directory.penalty import AuthGuard, failure_delay, local_auth_guard
 from mailgw.interfaces import IDirectory, IIncomingMessage, ISpool
 from mailgw.model import Address, Envelope
 from mailgw.model.reply import R, Reply
+from mailgw.net import sasl
 from mailgw.policy.pipeline import Pipeline
 from mailgw.policy.submission import HeaderCompleter, SubmissionPolicy, submission_pipeline
 from mailgw.smtp.protocol import Limits, ReplyResult, Session, SMTPFactory
@@ -71,12 +72,14 @@ class SubmissionRole(CheckedRole):
         )
 
     def extensions(self, session: Session) -> list[str]:
-        return ["AUTH PLAIN LOGIN"] if session.tls and session.authenticated is None else []
+        if session.authenticated is None and sasl.TLS_ONLY.allows(session.tls):
+            return [" ".join(["AUTH", *sasl.SMTP.mechanisms])]
+        return []
 
     def auth_start(self, session: Session, mechanism: str) -> Reply | None:
         if session.authenticated is not None:
             return R.AUTH_ALREADY
-        if not session.tls:
+        if not sasl.TLS_ONLY.allows(session.tls):
             return R.AUTH_NEEDS_TLS
         return None
 

@@ -1,4 +1,9 @@
-"""IMAP renderings of a parsed message: BODYSTRUCTURE, ENVELOPE, BODY[section] slices."""
+"""IMAP renderings of a parsed message: BODYSTRUCTURE, ENVELOPE, BODY[section] and
+BINARY[section] slices.
+
+The parse itself is ``mailgw.mime`` (protocol-neutral: webmail and policy checks use it too);
+this module turns its tree into IMAP's syntax, so it lives with IMAP.
+"""
 
 from __future__ import annotations
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from mailgw.mime import (
+from mailgw.imap.render import (
     Section,
     body_structure,
     envelope,
     header_fields,
     imap_string,
-    parse,
     parse_section,
     partial,
     section,
 )
+from mailgw.mime import parse
 from tests.mime.fixtures import (
     FORWARDED,
     MIXED_ALTERNATIVE,
