@@ -92,7 +92,7 @@ class SubmissionRole(CheckedRole):
             return R.AUTH_OK
 
         def failed(failure: Failure) -> Reply | Deferred[Reply]:
-            if not failure.check(LoginFailed):  # type: ignore[no-untyped-call]
+            if not failure.check(LoginFailed):
                 log.failure("{sid} AUTH: directory error", failure, sid=session.session_id)
             return self._failed(R.AUTH_FAILED, failure_delay(failure, self.auth_failure_delay))
 
