@@ -79,8 +79,8 @@ class Node(service.MultiService):
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()
         from mailgw.delivery import LocalDelivery
+        from mailgw.runtime.threads import pool_runner
         from mailgw.spool import Spool
-        from mailgw.spool.threads import pool_runner
 
         self.config = config
         self.reactor = reactor
@@ -292,7 +292,7 @@ class Node(service.MultiService):
 
     def _add_imap(self) -> None:
         from mailgw.imap.factory import IMAPFactory, local_admission, structure_cache
-        from mailgw.imap.workers import worker_count
+        from mailgw.imap.worker_pool import worker_count
 
         config = self.config
         workers = worker_count(config.imap.workers)
@@ -335,7 +335,7 @@ class Node(service.MultiService):
     def _add_imap_workers(self, count: int) -> None:
         """IMAP sessions in ``count`` worker processes sharing this process's listeners; this
         process arbitrates limits and forwards its store changes (deliveries) to them."""
-        from mailgw.imap.workers import Listener, WorkerPool
+        from mailgw.imap.worker_pool import Listener, WorkerPool
 
         imap = self.config.imap
         listeners = [Listener("listen", d, False) for d in imap.listen]

@@ -1,6 +1,6 @@
-"""An IMAP worker process (``python -m mailgw.imap.worker``): serves IMAP sessions on the
+"""An IMAP worker process (``python -m mailgw.imap.worker_process``): serves IMAP sessions on the
 listening sockets inherited from the main process, which it asks for connection limits and
-exchanges store changes with over stdin/stdout (see ``mailgw.imap.workers``)."""
+exchanges store changes with over stdin/stdout (see ``mailgw.imap.worker_pool``)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailgw.config import Config
-from mailgw.imap.workers import LineBuffer, encode
+from mailgw.imap.worker_pool import LineBuffer, encode
 from mailgw.interfaces import IAuthPenalty
 from mailgw.maillog import without_noise
 
@@ -159,8 +159,8 @@ def serve(
     from mailgw.directory.penalty import AuthGuard
     from mailgw.imap.factory import IMAPFactory, structure_cache
     from mailgw.net.listen import parse_listen, wrap_factory
+    from mailgw.runtime.threads import pool_runner
     from mailgw.service import IO_THREADS, build_directory, build_store, build_tls_options
-    from mailgw.spool.threads import pool_runner
     from mailgw.store.migration import tier2_from_config
 
     data_dir = config.server.data_dir
@@ -233,7 +233,7 @@ def stderr_observer(stream: IO[str]) -> ILogObserver:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mailgw.imap.worker")
+    parser = argparse.ArgumentParser(prog="python -m mailgw.imap.worker_process")
     parser.add_argument("--config", required=True, help="the main process's config file")
     parser.add_argument("--index", type=int, default=0, help="this worker's number")
     parser.add_argument(
