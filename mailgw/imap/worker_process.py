@@ -154,13 +154,15 @@ def accept_one_at_a_time(port: Any) -> None:
 def serve(
     config: Config, reactor: Any, control: Control, listeners: Sequence[dict[str, Any]]
 ) -> list[Any]:
-    """Build this worker's directory, store and IMAP factories (as ``mailgw.service.Node``
-    does) and adopt the inherited listening sockets; returns the listening ports."""
+    """Build this worker's directory, store and IMAP factories (as the main process does:
+    ``mailgw.runtime.process``, ``mailgw.imap.setup``) and adopt the inherited listening
+    sockets; returns the listening ports."""
     from mailgw.directory.penalty import AuthGuard
     from mailgw.imap.factory import IMAPFactory, structure_cache
+    from mailgw.imap.setup import build_imap_factory
     from mailgw.net.listen import parse_listen, wrap_factory
+    from mailgw.runtime.process import IO_THREADS, build_directory, build_store, build_tls_options
     from mailgw.runtime.threads import pool_runner
-    from mailgw.service import IO_THREADS, build_directory, build_store, build_tls_options
     from mailgw.store.migration import tier2_from_config
 
     data_dir = config.server.data_dir
@@ -180,20 +182,17 @@ def serve(
         implicit = bool(listener["tls"])
         factory = factories.get(implicit)
         if factory is None:
-            factory = factories[implicit] = IMAPFactory(
-                config.imap,
-                config.server.hostname,
+            factory = factories[implicit] = build_imap_factory(
+                config,
                 store,
                 directory,
                 reactor,
-                tls_options=tls_options,
                 implicit_tls=implicit,
-                auth_failure_delay=config.directory.auth_failure_delay,
+                tls_options=tls_options,
                 cache=cache,
                 admission=admission,
                 run_blocking=run_io,
                 auth=auth,
-                literal_dir=os.path.join(data_dir, "tmp"),
             )
         spec, _ = parse_listen(listener["description"])
         wrapped = wrap_factory(
