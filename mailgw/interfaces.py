@@ -56,7 +56,7 @@ class IAuthPenalty(Interface):
     a while after too many failures (Dovecot's auth penalty plus a fail2ban-style lockout).
 
     Embedded: ``mailgw.directory.penalty.MemoryAuthPenalty``, in the main process (IMAP
-    workers reach it through their control pipe, ``mailgw.imap.worker.RemoteAuthPenalty``).
+    workers reach it through their control pipe, ``mailgw.imap.worker_process.RemoteAuthPenalty``).
     A cluster implements the same three calls on the gateway state (``IGatewayState``, Redis:
     counters with a TTL of the window, a lock key with a TTL of the lockout), so that every
     node sees the same counts. ``user`` is the login name as given, lower-case (it need not

@@ -15,7 +15,7 @@ Builder = Callable[[Any, Any], IService]
 def default_config_path() -> str:
     """``$MAILGW_CONFIG``, else ``./etc/local.ini`` or ``./etc/mailgw.ini`` (the first that
     exists), else ``/etc/mailgw/mailgw.ini``: as the ``mailgw`` command."""
-    from mailgw.cli.main import default_config_path as same_as_the_admin_command
+    from mailgw.cli.context import default_config_path as same_as_the_admin_command
 
     return same_as_the_admin_command()
 

@@ -10,21 +10,15 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from mailgw.cli.context import LOCAL_CONFIG, SYSTEM_CONFIG, Context, Failure
+from mailgw.cli.context import default_config_path as default_config_path  # tap, tests
+from mailgw.cli.queue import register_relay_commands
 from mailgw.cli.sizes import format_size
 from mailgw.config import values
-
-SYSTEM_CONFIG = "/etc/mailgw/mailgw.ini"
-LOCAL_CONFIG = os.path.join("etc", "mailgw.ini")
-OWN_CONFIG = os.path.join("etc", "local.ini")
-"""A checkout's own config (git ignores it): ``make run``, twistd and this command prefer it."""
 
 
 class UsageError(Exception):
     """The command line is wrong (exit code 2)."""
-
-
-class Failure(Exception):
-    """The command could not be done (exit code 1)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,18 +27,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         where = self.prog.partition(" ")[2]
         raise UsageError(f"{where}: {message}" if where else message)
-
-
-def default_config_path() -> str:
-    """``$MAILGW_CONFIG``, else ``./etc/local.ini`` or ``./etc/mailgw.ini`` (the first that
-    exists), else the system file. Also twistd's default (``mailgw.tap``)."""
-    env = os.environ.get("MAILGW_CONFIG")
-    if env:
-        return env
-    for path in (OWN_CONFIG, LOCAL_CONFIG):
-        if os.path.isfile(path):
-            return path
-    return SYSTEM_CONFIG
 
 
 def parse_quota(text: str) -> int | None:
@@ -63,44 +45,6 @@ def _quota_arg(text: str) -> int | None:
         return parse_quota(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-class Context:
-    """What a command needs, loaded on first use: the config and the directory."""
-
-    def __init__(self, config_path: str | None) -> None:
-        self.config_path = config_path or default_config_path()
-        self._config: Any = None
-        self._directory: Any = None
-
-    @property
-    def config(self) -> Any:
-        if self._config is None:
-            from mailgw.config import load
-
-            self._config = load(self.config_path)
-        return self._config
-
-    @property
-    def directory(self) -> Any:
-        if self._directory is None:
-            from mailgw.directory import Directory
-
-            config = self.config
-            self._directory = Directory(
-                os.path.join(config.server.data_dir, "directory.sqlite"),
-                recipient_delimiter=config.directory.recipient_delimiter,
-                argon2_time_cost=config.directory.argon2_time_cost,
-                argon2_memory_kib=config.directory.argon2_memory_kib,
-                default_quota=config.store.default_quota,
-                postmaster=config.server.postmaster,
-            )
-        return self._directory
-
-    def close(self) -> None:
-        if self._directory is not None:
-            self._directory.close()
-            self._directory = None
 
 
 def _say(text: str) -> None:
@@ -497,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=365, metavar="N", help="validity (365)")
     p.add_argument("--key-type", choices=("ec", "rsa"), default="ec", help="ec (P-256) or rsa")
     p.add_argument("--force", action="store_true", help="replace existing files")
-    __import__("mailgw.cli.queue").cli.queue.register_relay_commands(group, command)  # issue 4
+    register_relay_commands(group, command)
     return parser
 
 

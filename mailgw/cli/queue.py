@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from mailgw.cli.main import Context, Failure
+from mailgw.cli.context import Context, Failure
 from mailgw.cli.sizes import human_size
 from mailgw.relay import queueadmin as qa
 

@@ -1,6 +1,6 @@
 """Local delivery: takes committed messages from the spool and stores them in user mailboxes.
 
-Each message's work (steps 1-4) runs through the runner ``run`` (``mailgw.spool.threads``; a
+Each message's work (steps 1-4) runs through the runner ``run`` (``mailgw.runtime.threads``; a
 thread pool in the server), at most ``concurrency`` messages at a time, and a new message is
 started at most once per reactor turn, so SMTP stays responsive. The spool, the store and the
 directory are thread-safe; scheduling state lives in the reactor thread only. Flow per
@@ -61,7 +61,7 @@ from twisted.python.failure import Failure
 from mailgw.interfaces import InvalidMailbox, QuotaExceeded
 from mailgw.model import Envelope
 from mailgw.relay.dsn import MAX_ORIGINAL_HEADERS, RecipientStatus, build_dsn, should_bounce
-from mailgw.spool.threads import Runner, run_inline
+from mailgw.runtime.threads import Runner, run_inline
 
 log = Logger(namespace="mailgw.delivery")
 

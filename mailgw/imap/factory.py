@@ -17,7 +17,7 @@ from mailgw.imap.session import IMAPServer
 from mailgw.interfaces import IDirectory, IMessageStore
 from mailgw.mime import StructureCache
 from mailgw.net.limits import ConnectionCounter
-from mailgw.spool.threads import Runner, run_inline
+from mailgw.runtime.threads import Runner, run_inline
 
 
 class SessionLimits:
@@ -155,7 +155,7 @@ class IMAPFactory(ServerFactory[IMAPServer]):
     ``cache`` (parsed message structures) may be shared between factories. ``admission``
     decides on connections and logins (per-IP and per-user limits): by default this factory's
     own counters; shared between the plain and TLS factories, or asked of the main process in
-    an IMAP worker (``mailgw.imap.worker``). ``run_blocking`` runs blocking store writes
+    an IMAP worker (``mailgw.imap.worker_process``). ``run_blocking`` runs blocking store writes
     (APPEND's files and fsyncs): in the server a thread pool, inline by default (tests).
     ``auth`` checks passwords under the auth penalty (the node's, or the main process's from
     a worker); by default one of this factory's own.

@@ -61,8 +61,8 @@ from mailgw.relay.client import (
 )
 from mailgw.relay.dsn import RecipientStatus, build_dsn, should_bounce
 from mailgw.relay.mx import MXError, MXHost, NoSuchDomain, NullMX
-from mailgw.relay.schedule import RetrySchedule
-from mailgw.spool.threads import Runner, run_inline
+from mailgw.relay.retry_schedule import RetrySchedule
+from mailgw.runtime.threads import Runner, run_inline
 
 log = Logger(namespace="mailgw.relay")
 

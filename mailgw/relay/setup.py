@@ -12,9 +12,9 @@ from mailgw.relay.channels import Channel, ChannelSelector, Router, RoutingRule,
 from mailgw.relay.client import DEFAULT_CHANNEL_PATTERNS, Classifier, ConnectionPool, Timeouts
 from mailgw.relay.dkim import DKIMSigner
 from mailgw.relay.mx import MXResolver
-from mailgw.relay.schedule import RetrySchedule
+from mailgw.relay.retry_schedule import RetrySchedule
 from mailgw.relay.scheduler import RelayScheduler, RelaySettings
-from mailgw.spool.threads import Runner
+from mailgw.runtime.threads import Runner
 
 
 def build_channels(config: Config) -> list[Channel]:

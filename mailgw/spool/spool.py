@@ -35,7 +35,7 @@ queue tools) opens that path and reads the whole file; an envelope embedded in t
 would need a content offset in the API.
 
 A message being received stays in memory up to ``memory_limit`` bytes (then it spills into
-``tmp/``). ``commit`` runs its file work through the spool's *runner* (``mailgw.spool.threads``;
+``tmp/``). ``commit`` runs its file work through the spool's *runner* (``mailgw.runtime.threads``;
 a thread pool in the server): it writes and fsyncs ``incoming/<qid>.msg`` and
 ``tmp/<qid>.env``, then hands the envelope to ``GroupCommit``, which publishes the envelopes of
 concurrent commits into ``incoming/`` with one fsync of ``incoming/`` for the whole group. The
@@ -66,8 +66,8 @@ from zope.interface import implementer
 
 from mailgw.interfaces import IIncomingMessage, ISpool
 from mailgw.model import Envelope
+from mailgw.runtime.threads import Runner, run_inline
 from mailgw.spool.queueid import QueueIdGenerator, is_queue_id
-from mailgw.spool.threads import Runner, run_inline
 
 log = Logger(namespace="mailgw.spool")
 

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from mailgw.config import load
 from mailgw.imap.factory import LocalAdmission, SessionLimits
-from mailgw.imap.workers import (
+from mailgw.imap.worker_pool import (
     LineBuffer,
     Listener,
     WorkerPool,
@@ -220,7 +220,7 @@ def test_start_binds_without_accepting_and_spawns_workers(tmp_path: Path) -> Non
     assert len(reactor.spawned) == 2 and sorted(pool.workers) == [0, 1]
     proto, executable, args, env, fds = reactor.spawned[1]
     assert executable == "/usr/bin/python3"
-    assert args[:3] == ["/usr/bin/python3", "-m", "mailgw.imap.worker"]
+    assert args[:3] == ["/usr/bin/python3", "-m", "mailgw.imap.worker_process"]
     assert args[args.index("--config") + 1] == pool.config.path
     assert args[args.index("--index") + 1] == "1"
     specs = json.loads(args[args.index("--listeners") + 1])

@@ -9,8 +9,8 @@ from twisted.internet.task import Clock
 
 from mailgw.config import load
 from mailgw.directory.penalty import MemoryAuthPenalty, PenaltyPolicy
-from mailgw.imap.worker import RemoteAuthPenalty
-from mailgw.imap.workers import Listener, WorkerPool
+from mailgw.imap.worker_pool import Listener, WorkerPool
+from mailgw.imap.worker_process import RemoteAuthPenalty
 from tests.imap.test_workers import FakeReactor, config_file, control, sent
 from tests.imap.test_workers_child import connected, lines
 

@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 
 from mailgw.config import load
 from mailgw.imap.factory import IMAPFactory
-from mailgw.imap.worker import (
+from mailgw.imap.worker_process import (
     Control,
     RemoteAdmission,
     accept_one_at_a_time,

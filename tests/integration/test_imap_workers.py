@@ -106,7 +106,7 @@ def worker_pids(server: MailgwServer) -> set[int]:
             continue
         fields = stat.rsplit(")", 1)[1].split()
         parent, state = int(fields[1]), fields[0]
-        if parent == server.proc.pid and state != "Z" and b"mailgw.imap.worker" in cmdline:
+        if parent == server.proc.pid and state != "Z" and b"mailgw.imap.worker_process" in cmdline:
             out.add(int(entry))
     return out
 

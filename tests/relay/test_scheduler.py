@@ -17,7 +17,7 @@ from mailgw.model import Envelope, Reply
 from mailgw.relay.channels import Channel, ChannelSelector, Router, RoutingRule, parse_tiers
 from mailgw.relay.client import ConnectFailed, DeliveryResult
 from mailgw.relay.mx import MXHost, NoSuchDomain, NullMX, TemporaryDNSError
-from mailgw.relay.schedule import RetrySchedule
+from mailgw.relay.retry_schedule import RetrySchedule
 from mailgw.relay.scheduler import RelayScheduler, RelaySettings, _split_host
 from mailgw.spool import Spool
 from mailgw.testing.fakes import FakeDirectory

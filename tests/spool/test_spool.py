@@ -16,10 +16,10 @@ from zope.interface.verify import verifyObject
 
 from mailgw.interfaces import IIncomingMessage, ISpool
 from mailgw.model import Envelope
+from mailgw.runtime.threads import pool_runner
 from mailgw.spool import CorruptEnvelope, QueuedMessage, Spool, encode_envelope, is_queue_id
 from mailgw.spool import spool as spool_module
 from mailgw.spool.queueid import ALPHABET, QueueIdGenerator, encode
-from mailgw.spool.threads import pool_runner
 from mailgw.testing.deferreds import result_of
 from mailgw.testing.fakes import CallsFromThreads
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-from mailgw.spool.threads import run_inline
+from mailgw.runtime.threads import run_inline
 from mailgw.store import MessageStore
 from mailgw.store import blobs as blobs_mod
 from mailgw.store import maildirstore as mds

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from mailgw.relay.schedule import DEFAULT_SCHEDULE, RetrySchedule, next_attempt, parse_duration
+from mailgw.relay.retry_schedule import (
+    DEFAULT_SCHEDULE,
+    RetrySchedule,
+    next_attempt,
+    parse_duration,
+)
 
 
 def test_parse_duration() -> None:

@@ -1,6 +1,6 @@
-"""An IMAP worker process (``python -m mailgw.imap.worker``): serves IMAP sessions on the
+"""An IMAP worker process (``python -m mailgw.imap.worker_process``): serves IMAP sessions on the
 listening sockets inherited from the main process, which it asks for connection limits and
-exchanges store changes with over stdin/stdout (see ``mailgw.imap.workers``)."""
+exchanges store changes with over stdin/stdout (see ``mailgw.imap.worker_pool``)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailgw.config import Config
-from mailgw.imap.workers import LineBuffer, encode
+from mailgw.imap.worker_pool import LineBuffer, encode
 from mailgw.interfaces import IAuthPenalty
 from mailgw.maillog import without_noise
 
@@ -154,13 +154,15 @@ def accept_one_at_a_time(port: Any) -> None:
 def serve(
     config: Config, reactor: Any, control: Control, listeners: Sequence[dict[str, Any]]
 ) -> list[Any]:
-    """Build this worker's directory, store and IMAP factories (as ``mailgw.service.Node``
-    does) and adopt the inherited listening sockets; returns the listening ports."""
+    """Build this worker's directory, store and IMAP factories (as the main process does:
+    ``mailgw.runtime.process``, ``mailgw.imap.setup``) and adopt the inherited listening
+    sockets; returns the listening ports."""
     from mailgw.directory.penalty import AuthGuard
     from mailgw.imap.factory import IMAPFactory, structure_cache
+    from mailgw.imap.setup import build_imap_factory
     from mailgw.net.listen import parse_listen, wrap_factory
-    from mailgw.service import IO_THREADS, build_directory, build_store, build_tls_options
-    from mailgw.spool.threads import pool_runner
+    from mailgw.runtime.process import IO_THREADS, build_directory, build_store, build_tls_options
+    from mailgw.runtime.threads import pool_runner
     from mailgw.store.migration import tier2_from_config
 
     data_dir = config.server.data_dir
@@ -180,20 +182,17 @@ def serve(
         implicit = bool(listener["tls"])
         factory = factories.get(implicit)
         if factory is None:
-            factory = factories[implicit] = IMAPFactory(
-                config.imap,
-                config.server.hostname,
+            factory = factories[implicit] = build_imap_factory(
+                config,
                 store,
                 directory,
                 reactor,
-                tls_options=tls_options,
                 implicit_tls=implicit,
-                auth_failure_delay=config.directory.auth_failure_delay,
+                tls_options=tls_options,
                 cache=cache,
                 admission=admission,
                 run_blocking=run_io,
                 auth=auth,
-                literal_dir=os.path.join(data_dir, "tmp"),
             )
         spec, _ = parse_listen(listener["description"])
         wrapped = wrap_factory(
@@ -233,7 +232,7 @@ def stderr_observer(stream: IO[str]) -> ILogObserver:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mailgw.imap.worker")
+    parser = argparse.ArgumentParser(prog="python -m mailgw.imap.worker_process")
     parser.add_argument("--config", required=True, help="the main process's config file")
     parser.add_argument("--index", type=int, default=0, help="this worker's number")
     parser.add_argument(

@@ -42,7 +42,7 @@ from mailgw.net.listen import ListenerService
 
 log = Logger()
 
-WORKER_MODULE = "mailgw.imap.worker"
+WORKER_MODULE = "mailgw.imap.worker_process"
 MAX_CONTROL_LINE = 65536
 """Longest line kept whole on a control or log pipe; longer ones are cut there."""
 FIRST_FD = 3

@@ -1,0 +1,411 @@
+"""The role registry: every role a mailgw node can run, with its config section, its
+factories and its services. Part of the composition root (with ``mailgw.service``).
+
+A role (``RoleSpec``) declares
+
+- ``name``, and ``section``: the config section holding its keys. By default the role runs
+  when ``[section] enabled`` is yes (``enabled`` overrides that: the IMAP roles also look at
+  ``workers``, migration at ``[store] tier2_dir``);
+- ``build(node)``: makes the role's *part* (its listener factories, or the object other roles
+  use, such as the relay), kept in ``node.parts[name]``. Nothing is added to the node here.
+  A role reads the parts of the roles named in ``uses``: those are built first (when they are
+  enabled; a disabled one has no part);
+- ``services(node, part)``: the services the role adds to the node. The node adds them in
+  registry order, which is the start order (the relay starts after local delivery has
+  recovered the spool; listeners last);
+- ``requires``: roles that must be enabled with it (else a config error at ``[section]
+  enabled``);
+- ``listens``: the role accepts connections, so it gets a connection counter (``[section]
+  max_connections``, ``max_connections_per_ip``) inside the process total.
+
+``ROLES`` holds today's roles. A new role (the HTTP role, the DNS role) adds a ``RoleSpec``
+with ``ROLES.register``; the choice of the roles a node runs is ``RoleRegistry.enabled``.
+
+Imports: this module imports the role packages (smtp, pop3, imap, delivery, relay, store
+migration), inside the build functions; nothing but ``mailgw.service`` imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.application.service import IService
+
+from mailgw.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from mailgw.service import Node
+
+
+def _section_enabled(section: str) -> Callable[[Config], bool]:
+    def enabled(config: Config) -> bool:
+        return bool(getattr(config, section).enabled)
+
+    return enabled
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """One role: see the module's docstring."""
+
+    name: str
+    section: str
+    build: Callable[[Node], Any]
+    services: Callable[[Node, Any], Iterable[IService]]
+    uses: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    listens: bool = False
+    enabled: Callable[[Config], bool] | None = None
+
+    def is_enabled(self, config: Config) -> bool:
+        """Whether ``config`` runs this role."""
+        check = self.enabled if self.enabled is not None else _section_enabled(self.section)
+        return check(config)
+
+
+class RoleRegistry:
+    """The roles in start order, by unique name."""
+
+    def __init__(self, roles: Iterable[RoleSpec] = ()) -> None:
+        self._roles: dict[str, RoleSpec] = {}
+        for role in roles:
+            self.register(role)
+
+    def register(self, role: RoleSpec) -> RoleSpec:
+        """Add ``role`` after the others (it starts after them); ValueError if its name is
+        taken."""
+        if role.name in self._roles:
+            raise ValueError(f"role {role.name!r} is registered already")
+        self._roles[role.name] = role
+        return role
+
+    def __iter__(self) -> Iterator[RoleSpec]:
+        return iter(list(self._roles.values()))
+
+    def __len__(self) -> int:
+        return len(self._roles)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._roles
+
+    def __getitem__(self, name: str) -> RoleSpec:
+        return self._roles[name]
+
+    def check(self) -> None:
+        """ValueError unless every role ``uses`` and ``requires`` registered roles only and
+        no role uses itself, directly or through others."""
+        for role in self:
+            for other in role.uses + role.requires:
+                if other not in self._roles:
+                    raise ValueError(f"role {role.name!r} refers to unknown role {other!r}")
+        self.build_order(list(self))
+
+    def enabled(self, config: Config) -> list[RoleSpec]:
+        """The roles ``config`` runs, in start order; a config error if one of them requires
+        a role that does not run."""
+        roles = [role for role in self if role.is_enabled(config)]
+        names = {role.name for role in roles}
+        for role in roles:
+            for needed in role.requires:
+                if needed not in names:
+                    section = self._roles[needed].section
+                    raise ConfigError(
+                        config.path, role.section, "enabled", f"needs [{section}] enabled"
+                    )
+        return roles
+
+    def build_order(self, roles: Sequence[RoleSpec]) -> list[RoleSpec]:
+        """``roles`` with each one after the roles it uses (those among ``roles``), otherwise
+        in the given order; ValueError on a cycle."""
+        chosen = {role.name: role for role in roles}
+        order: list[RoleSpec] = []
+        done: set[str] = set()
+        visiting: list[str] = []
+
+        def visit(role: RoleSpec) -> None:
+            if role.name in done:
+                return
+            if role.name in visiting:
+                cycle = " -> ".join([*visiting[visiting.index(role.name) :], role.name])
+                raise ValueError(f"roles use each other: {cycle}")
+            visiting.append(role.name)
+            for name in role.uses:
+                if name in chosen:
+                    visit(chosen[name])
+            visiting.pop()
+            done.add(role.name)
+            order.append(role)
+
+        for role in roles:
+            visit(role)
+        return order
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A listener factory for the listen key ``key`` (``listen`` or ``listen_tls``) of a role's
+    section; ``tls``: the TLS options of a listener that starts TLS at once."""
+
+    key: str
+    factory: Any
+    tls: Any = None
+
+
+def listener_services(section: str) -> Callable[[Node, Sequence[Endpoint]], list[IService]]:
+    """The ``services`` of a role whose part is its endpoints: one listener per description of
+    each endpoint's key, behind the section's PROXY protocol setting."""
+
+    def services(node: Node, endpoints: Sequence[Endpoint]) -> list[IService]:
+        settings = getattr(node.config, section)
+        out: list[IService] = []
+        for e in endpoints:
+            descriptions = getattr(settings, e.key)
+            out += node.listeners(
+                section, e.key, descriptions, e.factory, settings.proxy_trusted, tls=e.tls
+            )
+        return out
+
+    return services
+
+
+def _one(node: Node, part: Any) -> list[IService]:
+    """The ``services`` of a role whose part is its one service."""
+    return [part]
+
+
+# -- background roles --------------------------------------------------------------------
+
+
+def _build_migration(node: Node) -> Any:
+    """Tier-1 -> tier-2 migration in the background, in the I/O pool, at a bounded rate."""
+    from mailgw.store.migration import MigrationPolicy, MigrationService, Migrator
+
+    store_config = node.config.store
+    migrator = Migrator(node.store, MigrationPolicy.from_config(store_config))
+    return MigrationService(
+        migrator,
+        node.reactor,
+        node.run_io,
+        rate=store_config.migrate_rate,
+        interval=store_config.migrate_interval,
+    )
+
+
+def _build_delivery(node: Node) -> Any:
+    from mailgw.delivery import LocalDelivery
+
+    config = node.config
+    delivery = LocalDelivery(
+        node.spool,
+        node.store,
+        node.directory,
+        node.reactor,
+        retry_interval=config.delivery.retry_interval,
+        hostname=config.server.hostname,
+        run=node.run_io,
+        relay=node.parts.get("relay"),
+    )
+    delivery.setName("delivery")  # type: ignore[no-untyped-call]  # Twisted: untyped
+    return delivery
+
+
+def _build_relay(node: Node) -> Any:
+    from mailgw.relay.setup import build_relay
+
+    return build_relay(node.config, node.spool, node.reactor, node.run_io)
+
+
+# -- listening roles ---------------------------------------------------------------------
+
+
+def _build_mx(node: Node) -> list[Endpoint]:
+    from mailgw.smtp.roles.mx import MXFactory
+
+    config = node.config
+    mx = MXFactory(
+        config.mx,
+        config.server.hostname,
+        node.spool,
+        node.directory,
+        node.reactor,
+        tls_options=node.tls_options,
+    )
+    mx.counter = node.counters["mx"]
+    return [Endpoint("listen", mx)]
+
+
+def _build_submission(node: Node) -> list[Endpoint]:
+    """STARTTLS listeners, and implicit-TLS ones when TLS is set."""
+    from mailgw.policy.submission import SubmissionPolicy, submission_pipeline
+    from mailgw.policy.submit import Submitter
+    from mailgw.smtp.roles.submission import SubmissionFactory
+
+    config = node.config
+    sub = config.submission
+    policy = SubmissionPolicy(
+        node.directory,
+        config.server.hostname,
+        node.reactor,
+        sub.max_recipients,
+        sub.max_messages_per_hour,
+        sub.max_header_size,
+        can_send_outside=node.parts.get("relay") is not None,
+    )
+    pipeline = submission_pipeline(policy)
+    node.submission_policy = policy
+    node.submitter = Submitter(policy, node.spool, pipeline)  # the webmail's and OA API's way in
+    sessions: set[Any] = set()
+    endpoints = []
+    for implicit in (False, True):
+        if implicit and node.tls_options is None:
+            break
+        factory = SubmissionFactory(
+            sub,
+            config.server.hostname,
+            node.spool,
+            node.directory,
+            node.reactor,
+            tls_options=node.tls_options,
+            implicit_tls=implicit,
+            auth_failure_delay=config.directory.auth_failure_delay,
+            policy=policy,
+            auth=node.auth,
+            pipeline=pipeline,
+        )
+        factory.counter = node.counters["submission"]  # one count for both listeners...
+        factory.sessions = sessions  # ...and one set of sessions to make room in at the cap
+        key = "listen_tls" if implicit else "listen"
+        endpoints.append(Endpoint(key, factory, node.tls_options if implicit else None))
+    return endpoints
+
+
+def _build_pop3(node: Node) -> list[Endpoint]:
+    from mailgw.pop3 import POP3Factory
+    from mailgw.runtime.process import build_tls_options
+
+    config = node.config
+    pop3_tls = build_tls_options(config, "pop3")  # its own ALPN ID
+    endpoints = []
+    for implicit in (False, True):
+        if implicit and pop3_tls is None:
+            break
+        factory = POP3Factory(
+            config.pop3,
+            config.server.hostname,
+            node.store,
+            node.directory,
+            node.reactor,
+            tls_options=pop3_tls,
+            implicit_tls=implicit,
+            auth_failure_delay=config.directory.auth_failure_delay,
+            auth=node.auth,
+            counter=node.counters["pop3"],
+        )
+        key = "listen_tls" if implicit else "listen"
+        endpoints.append(Endpoint(key, factory, pop3_tls if implicit else None))
+    return endpoints
+
+
+def _imap_workers(config: Config) -> int:
+    from mailgw.imap.worker_pool import worker_count
+
+    return worker_count(config.imap.workers)
+
+
+def _build_imap(node: Node) -> list[Endpoint]:
+    """IMAP sessions in this process (``[imap] workers = 0``)."""
+    from mailgw.imap.factory import local_admission, structure_cache
+    from mailgw.imap.setup import build_imap_factory
+    from mailgw.runtime.process import build_tls_options
+
+    config = node.config
+    imap_tls = build_tls_options(config, "imap")  # its own ALPN ID
+    cache = structure_cache(config.imap)
+    # One count for the plain and TLS listeners, inside the process total.
+    admission = local_admission(config.imap, node.counters["imap"])
+    endpoints = []
+    for implicit in (False, True):
+        if implicit and imap_tls is None:
+            break
+        factory = build_imap_factory(
+            config,
+            node.store,
+            node.directory,
+            node.reactor,
+            implicit_tls=implicit,
+            tls_options=imap_tls,
+            cache=cache,
+            admission=admission,
+            run_blocking=node.run_io,
+            auth=node.auth,
+        )
+        key = "listen_tls" if implicit else "listen"
+        endpoints.append(Endpoint(key, factory, imap_tls if implicit else None))
+    return endpoints
+
+
+def _build_imap_workers(node: Node) -> Any:
+    """IMAP sessions in worker processes sharing this process's listeners; this process
+    arbitrates limits and forwards its store changes (deliveries) to them."""
+    from mailgw.imap.worker_pool import Listener, WorkerPool
+
+    imap = node.config.imap
+    listeners = [Listener("listen", d, False) for d in imap.listen]
+    if node.tls_options is not None:
+        listeners += [Listener("listen_tls", d, True) for d in imap.listen_tls]
+    pool = WorkerPool(
+        node.config,
+        node.reactor,
+        _imap_workers(node.config),
+        listeners,
+        counter=node.counters["imap"],
+        penalty=node.auth_penalty,
+    )
+    node.store.add_listener(pool.store_changed)
+    node.imap_workers = pool
+    return pool
+
+
+ROLES = RoleRegistry(
+    [
+        RoleSpec(
+            "migration",
+            "store",
+            _build_migration,
+            _one,
+            enabled=lambda config: bool(config.store.tier2_dir),
+        ),
+        # Before the relay: the relay starts after local delivery has recovered the spool.
+        RoleSpec("delivery", "delivery", _build_delivery, _one, uses=("relay",)),
+        RoleSpec("relay", "relay", _build_relay, _one, requires=("delivery",)),
+        RoleSpec("mx", "mx", _build_mx, listener_services("mx"), listens=True),
+        RoleSpec(
+            "submission",
+            "submission",
+            _build_submission,
+            listener_services("submission"),
+            uses=("relay",),
+            listens=True,
+        ),
+        RoleSpec("pop3", "pop3", _build_pop3, listener_services("pop3"), listens=True),
+        RoleSpec(
+            "imap",
+            "imap",
+            _build_imap,
+            listener_services("imap"),
+            listens=True,
+            enabled=lambda config: config.imap.enabled and _imap_workers(config) == 0,
+        ),
+        RoleSpec(
+            "imap-workers",
+            "imap",
+            _build_imap_workers,
+            _one,  # the pool owns the IMAP listeners: it stops the workers before closing them
+            listens=True,
+            enabled=lambda config: config.imap.enabled and _imap_workers(config) > 0,
+        ),
+    ]
+)
+"""Today's roles, in start order."""
