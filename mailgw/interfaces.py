@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import builtins
 import datetime
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, BinaryIO
 
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+from mailgw.model.blob import BlobRef
+from mailgw.model.envelope import Envelope
+from mailgw.model.message import MailboxStatus, MessageInfo
+from mailgw.model.queue import QueuedMessage
+from mailgw.model.user import User
 
 # ---------------------------------------------------------------------------------------------
 # Directory: domains, users, aliases, authentication.
@@ -37,10 +44,10 @@ class IDirectory(Interface):
         order. Empty list: no such recipient. Errors: none for unknown input.
         """
 
-    def get_user(name: str) -> object | None:
-        """Return the ``mailgw.directory.User`` for canonical ``name`` or None."""
+    def get_user(name: str) -> User | None:
+        """Return the ``mailgw.model.User`` for canonical ``name`` or None."""
 
-    def check_password(name: str, password: str) -> object:
+    def check_password(name: str, password: str) -> Deferred[User]:
         """Deferred firing with the ``User`` when the password matches, else failing with
         ``twisted.cred.error.UnauthorizedLogin``. Hashing runs in a thread; an unknown user
         costs the same time as a wrong password."""
@@ -64,19 +71,19 @@ class IAuthPenalty(Interface):
     ``ip`` is the client address text (after PROXY), ``""`` when unknown.
     """
 
-    def locked(user: str, ip: str) -> object:
+    def locked(user: str, ip: str) -> Deferred[bool]:
         """Deferred firing with True while the account ``user`` or the address ``ip`` is
         locked out: the caller then refuses the login exactly as a wrong password (same
         answer, same delay from ``failed``), without checking the password, so a lockout
         reveals nothing about the account and a correct password fails during it."""
 
-    def failed(user: str, ip: str) -> object:
+    def failed(user: str, ip: str) -> Deferred[float]:
         """Count one failed login of ``user`` from ``ip``; this may start a lockout of the
         account or the address (logged with both). Deferred firing with the delay in seconds
         (float) to wait before answering the failure: growing with the failures counted in the
         window (doubling from the base delay up to a maximum)."""
 
-    def succeeded(user: str, ip: str) -> object:
+    def succeeded(user: str, ip: str) -> Deferred[None]:
         """A successful login: forget the failures counted for the account ``user`` (the
         address keeps its count until the window forgets it). Deferred firing with None."""
 
@@ -98,7 +105,7 @@ class IIncomingMessage(Interface):
     def write(data: bytes) -> None:
         """Append message bytes (already dot-unstuffed, CRLF line ends)."""
 
-    def commit(envelope: object) -> object:
+    def commit(envelope: Envelope) -> Deferred[str]:
         """Write the ``Envelope`` (its queue_id set to ours), fsync content, envelope and
         directories, and make the message visible in the ``incoming`` queue. Returns a
         ``Deferred[str]`` firing with the queue ID (in the reactor thread, after the spool's
@@ -120,14 +127,14 @@ class ISpool(Interface):
     def list(state: str) -> builtins.list[str]:
         """Queue IDs currently in ``state`` (oldest first)."""
 
-    def load(queue_id: str) -> object:
-        """Return ``mailgw.spool.QueuedMessage`` (state, envelope, content path).
+    def load(queue_id: str) -> QueuedMessage:
+        """Return the ``mailgw.model.QueuedMessage`` (state, envelope, content path).
         Raises KeyError if the queue ID is unknown."""
 
     def move(queue_id: str, to_state: str) -> None:
         """Rename the message into ``to_state`` (fsyncs the directories)."""
 
-    def update(queue_id: str, envelope: object) -> None:
+    def update(queue_id: str, envelope: Envelope) -> None:
         """Atomically replace the stored envelope (write temp, fsync, rename)."""
 
     def remove(queue_id: str) -> None:
@@ -167,28 +174,28 @@ class IMailbox(Interface):
     uidnext = Attribute("Next UID to be assigned (int).")
     highestmodseq = Attribute("Highest modification sequence (int).")
 
-    def messages() -> list[object]:
-        """``mailgw.store.MessageInfo`` of every message, ordered by UID."""
+    def messages() -> builtins.list[MessageInfo]:
+        """``mailgw.model.MessageInfo`` of every message, ordered by UID."""
 
     def refresh() -> None:
         """Reload from the index, picking up changes from other sessions/processes."""
 
-    def open_message(uid: int) -> object:
+    def open_message(uid: int) -> BinaryIO:
         """A readable binary file object with the stored bytes (as delivered). KeyError if
         the UID is gone."""
 
     def read_message(uid: int) -> bytes:
         """The stored bytes of the message. KeyError if the UID is gone."""
 
-    def set_flags(uids: list[int], flags: list[str], mode: str) -> dict[int, object]:
+    def set_flags(uids: Iterable[int], flags: Iterable[str], mode: str) -> dict[int, MessageInfo]:
         """mode ``set``/``add``/``remove``; returns updated ``MessageInfo`` by UID."""
 
-    def expunge(uids: list[int]) -> list[int]:
+    def expunge(uids: Iterable[int]) -> builtins.list[int]:
         """Remove the messages; returns the UIDs actually removed."""
 
     def append(
         data: bytes,
-        flags: Sequence[str] = (),
+        flags: Iterable[str] = (),
         internaldate: datetime.datetime | float | None = None,
     ) -> int:
         """Store a new message in this folder; returns its UID. ``internaldate`` is an aware
@@ -196,7 +203,7 @@ class IMailbox(Interface):
         take the date in it), a UTC epoch (zone +0000), or None for now in the server's zone.
         QuotaExceeded if over quota; ValueError for a naive datetime."""
 
-    def changes_since(modseq: int) -> tuple[list[object], list[int]]:
+    def changes_since(modseq: int) -> tuple[builtins.list[MessageInfo], builtins.list[int]]:
         """(``MessageInfo`` of messages whose modseq is above ``modseq``, UIDs expunged since
         ``modseq``), both ordered by UID and read from the index now (not the snapshot); the
         store keeps expunged UIDs with their modseq (tombstones) for CONDSTORE/QRESYNC
@@ -282,8 +289,8 @@ class IMessageStore(Interface):
     def list_subscribed(user: str) -> list[str]:
         """Subscribed folder names, INBOX first, existing or not (LSUB, LIST (SUBSCRIBED))."""
 
-    def mailbox_status(user: str, name: str) -> object:
-        """``mailgw.store.MailboxStatus`` (messages, recent, uidnext, uidvalidity, unseen,
+    def mailbox_status(user: str, name: str) -> MailboxStatus:
+        """``mailgw.model.MailboxStatus`` (messages, recent, uidnext, uidvalidity, unseen,
         highestmodseq, size) computed from the index without opening message files (IMAP
         STATUS). MailboxNotFound if it does not exist, ValueError for an invalid name."""
 
@@ -302,23 +309,23 @@ class IBlobStore(Interface):
     """Tier-2 storage of message bodies: immutable, content-addressed blobs (sha256 of the
     bytes), small enough to sit on a file tree now and an object store later."""
 
-    def put(data: object) -> object:
+    def put(data: bytes | BinaryIO) -> BlobRef:
         """Store ``bytes`` or a binary file's remaining bytes durably; returns a
-        ``mailgw.store.blobs.BlobRef`` (digest, size). Storing bytes that exist already
+        ``mailgw.model.BlobRef`` (digest, size). Storing bytes that exist already
         writes nothing (dedup). OSError when it cannot be written."""
 
-    def get(ref: object) -> bytes:
+    def get(ref: BlobRef | str) -> bytes:
         """The bytes of a blob, verified against its digest: BlobNotFound when missing,
         BlobCorrupt when damaged (never wrong bytes)."""
 
-    def open(ref: object) -> object:
+    def open(ref: BlobRef | str) -> BinaryIO:
         """A readable binary file of the verified bytes (errors as ``get``)."""
 
-    def exists(ref: object) -> bool:
+    def exists(ref: BlobRef | str) -> bool:
         """True when the blob is stored."""
 
-    def delete(ref: object) -> bool:
+    def delete(ref: BlobRef | str) -> bool:
         """Remove the blob; False when it was not there."""
 
-    def iter_refs() -> object:
+    def iter_refs() -> Iterator[str]:
         """Iterator over the digests of every stored blob."""

@@ -7,7 +7,6 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
@@ -20,6 +19,7 @@ from mailgw.directory.names import check_local_part
 from mailgw.directory.passwords import PasswordHashing, check_new_password
 from mailgw.interfaces import IDirectory
 from mailgw.model.address import Address, AddressError, normalise_domain, quote_local
+from mailgw.model.user import User
 
 log = Logger()
 
@@ -47,15 +47,6 @@ CREATE TABLE IF NOT EXISTS aliases (
 );
 CREATE INDEX IF NOT EXISTS aliases_domain ON aliases(domain);
 """
-
-
-@dataclass(frozen=True)
-class User:
-    """A mailbox owner. ``quota``: bytes, None = the default quota applies, 0 = unlimited."""
-
-    name: str
-    quota: int | None
-    enabled: bool
 
 
 def _split(key: str) -> tuple[str, str]:

@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgw.interfaces import IMailbox, IMessageStore, MailboxNotFound, QuotaExceeded
+from mailgw.model.message import MailboxStatus, MessageInfo, StoreCheck
 from mailgw.store import blobs, maildir, manifest
 from mailgw.store.index import INDEX_NAME, UserIndex, new_uidvalidity, quarantine_index
 from mailgw.store.names import (
@@ -71,64 +72,6 @@ class SizedReader(Protocol):
 
 
 MessageData = bytes | SizedReader
-
-
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
-    """One message of a folder. ``filename`` is the path relative to the folder's directory
-    (``new/<name>`` or ``cur/<name>:2,<letters>``); ``size`` is the message's byte size (the
-    logical size, whatever the tier). ``blob`` is None for a message in tier 1 (its Maildir
-    file), else its tier-2 reference (``<header sha256>:<header size>+<body sha256>``, or
-    one sha256 for a message stored whole, see ``mailgw.store.blobs``) and ``filename`` is
-    only the name it had in tier 1. ``internaldate`` is the instant (UTC epoch seconds) and
-    ``internaldate_tz`` the zone it was given in, in minutes east of UTC (RFC 3501 keeps the
-    zone of an APPEND's date-time; a delivery gets the server's zone)."""
-
-    uid: int
-    size: int
-    flags: frozenset[str]
-    internaldate: float
-    modseq: int
-    filename: str
-    blob: str | None = None
-    internaldate_tz: int = 0
-
-
-@dataclass(frozen=True)
-class MailboxStatus:
-    """What IMAP STATUS reports of a folder, computed from the index alone. ``recent`` counts
-    the messages no session has claimed as ``\\Recent`` yet (UIDs above the folder's claim
-    mark, see ``Mailbox.claim_recent``); ``size`` is the sum of the messages' sizes (RFC 8438
-    STATUS=SIZE)."""
-
-    messages: int
-    recent: int
-    uidnext: int
-    uidvalidity: int
-    unseen: int
-    highestmodseq: int
-    size: int
-
-
-@dataclass
-class StoreCheck:
-    """What ``MessageStore.check`` found: index rows whose Maildir file is missing (user,
-    folder, UID, file name), files the index does not know (user, folder, file), size
-    mismatches (user, folder, UID, index size, file size), folders whose tier-2 manifest is
-    out of step with the index (user, folder); folders and messages checked, folders
-    repaired."""
-
-    folders: int = 0
-    messages: int = 0
-    repaired: int = 0
-    missing: list[tuple[str, str, int, str]] = dataclasses.field(default_factory=list)
-    unknown: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
-    size: list[tuple[str, str, int, int, int]] = dataclasses.field(default_factory=list)
-    manifests: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unknown or self.size or self.manifests)
 
 
 @dataclass(frozen=True)
@@ -1758,8 +1701,7 @@ class Mailbox:
     def _changed(self) -> None:
         self._store._notify(self._user, self.name)
 
-    # The interface declares list[object]/dict[int, object]; the precise types help callers.
-    def messages(self) -> list[MessageInfo]:  # type: ignore[override]
+    def messages(self) -> list[MessageInfo]:
         """Every message of the snapshot, ordered by UID."""
         if self._snap.loaded is None:  # opened without a snapshot
             self.refresh()
@@ -1922,7 +1864,7 @@ class Mailbox:
         with self.open_message(uid) as fh:
             return fh.read()
 
-    def set_flags(  # type: ignore[override]
+    def set_flags(
         self, uids: Iterable[int], flags: Iterable[str], mode: str
     ) -> dict[int, MessageInfo]:
         """Set, add or remove flags (``mode`` ``set``/``add``/``remove``); renames the files
@@ -2098,7 +2040,7 @@ class Mailbox:
         self._changed()
         return info.uid
 
-    def changes_since(self, modseq: int) -> tuple[list[MessageInfo], list[int]]:  # type: ignore[override]
+    def changes_since(self, modseq: int) -> tuple[list[MessageInfo], list[int]]:
         """(messages whose modseq is above ``modseq``, UIDs expunged since then), both read
         from the index now and ordered by UID (CONDSTORE CHANGEDSINCE, QRESYNC VANISHED)."""
         u = self._u()

@@ -282,7 +282,7 @@ class HeaderCompleter:
                 head += b"\r\n"
             self._release(head, b"\r\n")
 
-    def commit(self, envelope: object) -> object:
+    def commit(self, envelope: Envelope) -> Deferred[str]:
         self.finish()
         if isinstance(envelope, Envelope):
             envelope.size = int(self.incoming.size)  # headers may have been added
@@ -445,7 +445,7 @@ def submit(
         return _fail(refusal)
     envelope.protocol = "webmail"
     envelope.received_at = now if not envelope.received_at else envelope.received_at
-    d: Deferred[str] = wrapper.commit(envelope)  # type: ignore[assignment]
+    d: Deferred[str] = wrapper.commit(envelope)
 
     def done(queue_id: str) -> str:
         policy.count(user)
