@@ -52,7 +52,7 @@ from mailgw.model import Address, AddressError
 from mailgw.net.progress import ProgressWatch
 from mailgw.net.proxy import is_loopback, peer_ip
 from mailgw.store.maildir import normalize_flags
-from mailgw.store.maildirstore import is_disk_full
+from mailgw.store.rows import is_disk_full
 
 if TYPE_CHECKING:
     from mailgw.imap.factory import IMAPFactory
