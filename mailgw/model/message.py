@@ -46,11 +46,11 @@ class MailboxStatus:
 
 @dataclass
 class StoreCheck:
-    """What ``MessageStore.check`` (``mailgw.store``) found: index rows whose Maildir file is missing (user,
-    folder, UID, file name), files the index does not know (user, folder, file), size
-    mismatches (user, folder, UID, index size, file size), folders whose tier-2 manifest is
-    out of step with the index (user, folder); folders and messages checked, folders
-    repaired."""
+    """What ``mailgw.store.MessageStore.check`` found: index rows whose Maildir file is
+    missing (user, folder, UID, file name), files the index does not know (user, folder,
+    file), size mismatches (user, folder, UID, index size, file size), folders whose tier-2
+    manifest is out of step with the index (user, folder); folders and messages checked,
+    folders repaired."""
 
     folders: int = 0
     messages: int = 0

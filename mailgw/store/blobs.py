@@ -129,7 +129,7 @@ class FileBlobStore:
             out.close()
             raise
         out.seek(0)
-        return out  # type: ignore[return-value]
+        return cast(BinaryIO, out)
 
     def get(self, ref: BlobRef | str) -> bytes:
         """The blob's bytes (verified). BlobNotFound when missing, BlobCorrupt when damaged."""

@@ -59,7 +59,10 @@ Listener = Callable[[str, str], object]
 
 @implementer(IMessageStore)
 class MessageStore:
-    """Maildir++ message store for all users under ``root`` (``data_dir/mail``).
+    """The message store of all users under ``root`` (``data_dir/mail``): the facade over
+    the tier-1 backend ``backend`` (an ``IMessageBackend``; default: ``MaildirBackend`` on
+    ``root``, Maildir++ named for ``hostname``) and the tier-2 placement (``tier2``, an
+    ``IBlobStore``; None: no tier 2).
 
     Thread-safe: local delivery calls ``deliver`` from worker threads while the protocols
     use the store from the reactor thread. Each user's index connection is shared by the
@@ -78,8 +81,11 @@ class MessageStore:
         reactor: Any = None,
         tier2: IBlobStore | None = None,
         promote_on_read: bool = False,
+        backend: IMessageBackend | None = None,
     ) -> None:
-        self.tier1: IMessageBackend = MaildirBackend(root, hostname)
+        self.tier1: IMessageBackend = (
+            backend if backend is not None else MaildirBackend(root, hostname)
+        )
         self.root = self.tier1.root
         self.placement = Tier2Placement(self.tier1, tier2, self._patch_snapshot)
         self.promote_on_read = promote_on_read and tier2 is not None

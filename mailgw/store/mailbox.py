@@ -12,7 +12,7 @@ import dataclasses
 import datetime
 import sqlite3
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from zope.interface import implementer
@@ -102,9 +102,7 @@ class Mailbox:
             u = self._u()
             with u.lock:
                 row = self._state_row(u)
-            self.uidvalidity = int(row[0])  # type: ignore[call-overload]
-            self.uidnext = int(row[1])  # type: ignore[call-overload]
-            self.highestmodseq = int(row[2])  # type: ignore[call-overload]
+            self.uidvalidity, self.uidnext, self.highestmodseq = row[0], row[1], row[2]
 
     def _u(self) -> UserHandle:
         return self._store._user(self._user)
@@ -131,7 +129,8 @@ class Mailbox:
         ``Snapshot``. Its callbacks run under the user's lock and must not use the store."""
         self._snap.watchers.add(watcher)
 
-    def _state_row(self, u: UserHandle) -> Sequence[object]:
+    def _state_row(self, u: UserHandle) -> tuple[int, int, int, int]:
+        """(UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ, message count) of the folder's row."""
         # The name too: the id may now be another folder's (renamed, deleted, re-created).
         row = u.index.conn.execute(
             "SELECT uidvalidity, uidnext, highestmodseq, message_count FROM mailboxes"
@@ -140,7 +139,7 @@ class Mailbox:
         ).fetchone()
         if row is None:
             raise folder_gone(self._folder)
-        return cast(Sequence[object], row)
+        return (int(row[0]), int(row[1]), int(row[2]), int(row[3]))
 
     def refresh(self) -> None:
         """Repair the index if the folder's files changed, then bring the snapshot up to
@@ -165,14 +164,14 @@ class Mailbox:
             conn.execute("BEGIN")
         try:
             row = self._state_row(u)
-            state = (int(row[0]), int(row[1]), int(row[2]))  # type: ignore[call-overload]
+            state = (row[0], row[1], row[2])
             loaded = snap.loaded
             if state != loaded:
                 if loaded is None or loaded[0] != state[0] or state[2] < loaded[2]:
                     snap.replace(self._rows(conn))
                 else:
                     self._apply_changes(conn, loaded[2])
-                    if len(snap.infos) != int(row[3]):  # type: ignore[call-overload]
+                    if len(snap.infos) != row[3]:
                         snap.replace(self._rows(conn))
                 snap.loaded = state
         finally:
@@ -229,7 +228,7 @@ class Mailbox:
     def _box_state(self, u: UserHandle) -> tuple[int, int, int]:
         """(UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ) of the folder's row; MailboxNotFound."""
         row = self._state_row(u)
-        return (int(row[0]), int(row[1]), int(row[2]))  # type: ignore[call-overload]
+        return (row[0], row[1], row[2])
 
     def _lookup(self, u: UserHandle, uid: int) -> MessageInfo | None:
         row = u.index.conn.execute(

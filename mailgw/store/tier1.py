@@ -314,13 +314,14 @@ class MaildirBackend:
     @staticmethod
     def settled(mtimes: tuple[int, int]) -> tuple[int, int]:
         now = time.time_ns()
-        return tuple(m if now - m > RACY_NS else -1 for m in mtimes)  # type: ignore[return-value]
+        new, cur = mtimes
+        return (new if now - new > RACY_NS else -1, cur if now - cur > RACY_NS else -1)
 
     def record_mtimes(self, c: sqlite3.Connection, u: UserHandle, f: Folder) -> None:
         """After this writer's own change of ``new/``/``cur/`` (in its write transaction, so
         no other mailgw writer changes them meanwhile): remember their mtimes as "the index
         matches these, not yet verified", so readers need not list the directories. Another
-        program's change in the same clock tick is caught by ``_sync``'s verification scan."""
+        program's change in the same clock tick is caught by ``sync``'s verification scan."""
         c.execute(
             "UPDATE mailboxes SET new_mtime = ?, cur_mtime = ?, mtimes_verified = 0 WHERE id = ?",
             (*self.dir_mtimes(u, f), f.id),
