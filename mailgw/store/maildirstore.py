@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgw.interfaces import IMailbox, IMessageStore, MailboxNotFound, QuotaExceeded
+from mailgw.journal.store import StoreJournal
 from mailgw.store import blobs, maildir, manifest
 from mailgw.store.index import INDEX_NAME, UserIndex, new_uidvalidity, quarantine_index
 from mailgw.store.names import (
@@ -57,8 +58,6 @@ RACY_NS = 2_000_000_000
 SCAN_INTERVAL_NS = 1_000_000_000
 # tmp/ files older than this are leftovers of crashed writers (the Maildir convention).
 TMP_MAX_AGE = 36 * 3600
-
-Listener = Callable[[str, str], object]
 
 
 class SizedReader(Protocol):
@@ -264,7 +263,9 @@ class MessageStore:
     Thread-safe: local delivery calls ``deliver`` from worker threads while the protocols
     use the store from the reactor thread. Each user's index connection is shared by the
     threads under the index's lock; message files are written and fsynced outside it.
-    Listeners run in the thread that created the store (the reactor thread): a change made
+    Every change is journaled in its write transaction (``mailgw.journal``, one
+    ``self._journal`` call per write site); listeners hear of the committed entries
+    (``changes``) in the thread that created the store (the reactor thread): a change made
     in another thread is reported through ``reactor.callFromThread``.
     """
 
@@ -290,7 +291,9 @@ class MessageStore:
         self._max_open = max(1, max_open_users)
         self._users: OrderedDict[str, _User] = OrderedDict()
         self._users_lock = threading.Lock()
-        self._listeners: list[Listener] = []
+        self._journal = StoreJournal(self.root, reactor)
+        self.changes = self._journal.changes
+        """This process's view of the node's change journal (``IChangeLog``)."""
         # (user, folder id) -> when this process last listed the folder's directories.
         self._scanned: dict[tuple[str, int], int] = {}
         # One snapshot per open folder, shared by its Mailbox objects (alive while one is).
@@ -345,6 +348,7 @@ class MessageStore:
             log.warn("store: index of {user} unreadable, moved to {moved}", user=user, moved=moved)
             index = UserIndex(index_path)
         u = _User(user, path, index)
+        self._journal.bind(index)
         index.before_commit = lambda c: self._before_commit(u, c)
         try:
             if index.get_meta("initialized") is None:
@@ -377,10 +381,13 @@ class MessageStore:
                 names.append(name)
         return names
 
-    def _register(self, c: sqlite3.Connection, u: _User, name: str, subscribe: bool = True) -> bool:
+    def _register(
+        self, c: sqlite3.Connection, u: _User, name: str, subscribe: bool = True, found: bool = True
+    ) -> bool:
         """Create the folder's directories and index row if missing (in a write txn). A new
         folder is subscribed when ``subscribe``: the defaults of a new user and folders found
-        on disk are; IMAP CREATE is not (RFC 3501 6.3.3: the client subscribes)."""
+        on disk are; IMAP CREATE is not (RFC 3501 6.3.3: the client subscribes). ``found``
+        false: made by CREATE (journaled as such)."""
         path = os.path.join(u.path, folder_dirname(name))
         maildir.make_maildir(path, subfolder=name != INBOX)
         if c.execute("SELECT 1 FROM mailboxes WHERE name = ?", (name,)).fetchone():
@@ -392,6 +399,7 @@ class MessageStore:
         if subscribe:
             c.execute("INSERT OR IGNORE INTO subscriptions(name) VALUES (?)", (name,))
         self._restore_manifest(c, u, int(row[0]), name, path)
+        self._journal.created(u, c, int(row[0]), name, subscribe, found)
         return True
 
     def _names_in_index(self, u: _User) -> list[str]:
@@ -421,28 +429,12 @@ class MessageStore:
     # -- listeners -----------------------------------------------------------------------
 
     def add_listener(self, callback: object) -> None:
-        """``callback(user, folder)`` is called after each change: at once for changes made
-        in the thread that created the store, through ``reactor.callFromThread`` for changes
-        made in other threads (exceptions it raises are logged, never propagated).
-        TypeError if it is not callable."""
-        if not callable(callback):
-            raise TypeError(f"listener {callback!r} is not callable")
-        self._listeners.append(cast(Listener, callback))
-
-    def _notify(self, user: str, folder: str) -> None:
-        if not self._listeners:
-            return
-        if self._reactor is not None and threading.get_ident() != self._home_thread:
-            self._reactor.callFromThread(self._notify_here, user, folder)
-        else:
-            self._notify_here(user, folder)
-
-    def _notify_here(self, user: str, folder: str) -> None:
-        for callback in list(self._listeners):
-            try:
-                callback(user, folder)
-            except Exception:
-                log.failure("store: listener {callback!r} failed", callback=callback)
+        """``callback(user, folder)`` is called for each folder a committed journal entry
+        concerns (``ChangeEntry.folders``): at once for changes made in the thread that
+        created the store, through ``reactor.callFromThread`` for changes made in other
+        threads, and for other processes' changes while ``changes`` tails the journal
+        (exceptions it raises are logged, never propagated). TypeError if not callable."""
+        self.changes.add_listener(callback)
 
     # -- IMessageStore -------------------------------------------------------------------
 
@@ -466,7 +458,6 @@ class MessageStore:
             written = self._write_tmp(f, prefix, src, None)
         info = self._place(u, f, limit, written, frozenset(), None, None)
         self._make_durable(u, f, info)
-        self._notify(user, f.name)
         return info.uid
 
     def open_mailbox(self, user: str, name: str = INBOX, snapshot: bool = True) -> Mailbox:
@@ -553,8 +544,7 @@ class MessageStore:
                     (canonical,),
                 )
                 c.execute("DELETE FROM mailboxes WHERE name = ?", (canonical,))
-                self._register(c, u, canonical, subscribe=False)
-        self._notify(user, canonical)
+                self._register(c, u, canonical, subscribe=False, found=False)
 
     def quota_usage(self, user: str) -> tuple[int, int | None]:
         """(bytes used in all folders, limit or None)."""
@@ -586,18 +576,15 @@ class MessageStore:
                                 (name,),
                             )
                             c.execute("DELETE FROM mailboxes WHERE name = ?", (name,))
-                changed = []
+                            self._journal.deleted(u, name)
                 for name in self._names_in_index(u):
                     f = self._folder(u, name)
                     self._clean_tmp(f.path)
-                    if self._sync(u, f, force=True):
-                        changed.append(name)
+                    self._sync(u, f, force=True)
                 row = u.index.conn.execute("SELECT COALESCE(SUM(message_count), 0) FROM mailboxes")
                 count = int(row.fetchone()[0])
         finally:
             u.index.close()
-        for name in changed:
-            self._notify(user, name)
         return count
 
     def check(self, user: str, repair: bool = False) -> StoreCheck:
@@ -714,6 +701,7 @@ class MessageStore:
                 c.execute("DELETE FROM messages WHERE mailbox = ?", (f.id,))
                 c.execute("DELETE FROM tombstones WHERE mailbox = ?", (f.id,))
                 c.execute("DELETE FROM mailboxes WHERE id = ?", (f.id,))
+                self._journal.deleted(u, canonical)
                 try:
                     os.rename(f.path, trash)
                 except FileNotFoundError:
@@ -721,7 +709,6 @@ class MessageStore:
         if trash:
             maildir.fsync_dir(u.path)
             shutil.rmtree(trash, ignore_errors=True)
-        self._notify(user, canonical)
 
     def rename_mailbox(self, user: str, old: str, new: str) -> None:
         """Rename a folder and its children (``A`` -> ``B`` also moves ``A/x`` -> ``B/x``)
@@ -751,8 +738,6 @@ class MessageStore:
                     ]
                     self._move_rows(c, u, source, target, uids)
                 self._sync_dirs(source, target)
-                self._notify(user, INBOX)
-                self._notify(user, dst)
                 return
             present = set(self.list_mailboxes(user))
             moving = sorted(n for n in present if n == src or n.startswith(src + "/"))
@@ -778,14 +763,12 @@ class MessageStore:
                         c.execute("UPDATE mailboxes SET name = ? WHERE name = ?", (t, n))
                         c.execute("DELETE FROM subscriptions WHERE name = ?", (t,))
                         c.execute("UPDATE subscriptions SET name = ? WHERE name = ?", (t, n))
+                        self._journal.renamed(u, n, t)
             except BaseException:
                 for from_path, to_path in reversed(done):
                     os.rename(to_path, from_path)
                 raise
             maildir.fsync_dir(u.path)
-        for n, t in plan:
-            self._notify(user, n)
-            self._notify(user, t)
 
     def set_subscribed(self, user: str, name: str, subscribed: bool) -> None:
         """Subscribe to or unsubscribe from a folder name; the folder need not exist (RFC
@@ -797,6 +780,7 @@ class MessageStore:
                 c.execute("INSERT OR IGNORE INTO subscriptions(name) VALUES (?)", (canonical,))
             else:
                 c.execute("DELETE FROM subscriptions WHERE name = ?", (canonical,))
+            self._journal.subscribed(u, canonical, subscribed)
 
     def list_subscribed(self, user: str) -> list[str]:
         """Subscribed names (INBOX first if subscribed, then sorted), existing or not."""
@@ -936,6 +920,7 @@ class MessageStore:
                         (ref, f.id, uid),
                     )
                     self._log_put(u, c, f.id, uid)
+                    self._journal.migrated(u, f.name, uid, ref)
                     # Make the next sync list the folder, so a leftover file is found.
                     c.execute(
                         "UPDATE mailboxes SET new_mtime = -1, cur_mtime = -1 WHERE id = ?", (f.id,)
@@ -996,6 +981,7 @@ class MessageStore:
                     (rel, f.id, uid),
                 )
                 u.index.log(f.id, manifest.delete(uid))
+                self._journal.promoted(u, f.name, uid, rel)
                 self._patch_snapshot(u, f, uid, blob=None, filename=rel)
         finally:
             maildir.unlink_quiet(tmp)
@@ -1327,6 +1313,7 @@ class MessageStore:
         )
         self._record_mtimes(c, u, src)
         self._record_mtimes(c, u, dst)
+        self._journal.moved(u, src.name, dst.name, pairs)
         return pairs
 
     @staticmethod
@@ -1408,6 +1395,7 @@ class MessageStore:
                 ).fetchone()
                 if row is not None:
                     add_tombstones(c, f.id, [info.uid], int(row[0]))
+                    self._journal.expunged(u, f.name, [info.uid], int(row[0]))
                 maildir.unlink_quiet(path)
             raise
 
@@ -1444,10 +1432,12 @@ class MessageStore:
                     (f.id, uid, base, rel, size, maildir.flags_to_text(flags), mtime, modseq, zone),
                 )
                 self._record_mtimes(c, u, f)
+                info = MessageInfo(uid, size, flags, mtime, modseq, rel, internaldate_tz=zone)
+                self._journal.added(u, f.name, info)
         except BaseException:
             maildir.unlink_quiet(placed or tmp)
             raise
-        return MessageInfo(uid, size, flags, mtime, modseq, rel, internaldate_tz=zone)
+        return info
 
     def _place_blob(
         self,
@@ -1483,7 +1473,9 @@ class MessageStore:
                 ),
             )
             self._log_put(u, c, f.id, uid)
-        return MessageInfo(uid, size, flags, internaldate, modseq, filename, blob, tz)
+            info = MessageInfo(uid, size, flags, internaldate, modseq, filename, blob, tz)
+            self._journal.added(u, f.name, info)
+        return info
 
     def _clean_tmp(self, folder_path: str) -> None:
         tmp = os.path.join(folder_path, "tmp")
@@ -1591,6 +1583,8 @@ class MessageStore:
             (f.id,),
         ).fetchall()
         gone: list[int] = []
+        added: list[list[Any]] = []
+        altered: list[list[Any]] = []
         for uid, base, filename, size, flags_text in rows:
             rel = files.pop(base, None)
             if rel is None:
@@ -1619,6 +1613,7 @@ class MessageStore:
                     " WHERE mailbox = ? AND uid = ?",
                     (rel, new_size, maildir.flags_to_text(new_flags), modseq, f.id, uid),
                 )
+                altered.append([uid, sorted(new_flags), new_size])
                 changed = True
             else:
                 c.execute(
@@ -1658,6 +1653,7 @@ class MessageStore:
                     local_zone(st.st_mtime),
                 ),
             )
+            added.append([uidnext, rel])
             uidnext += 1
             changed = True
         if changed:
@@ -1670,6 +1666,7 @@ class MessageStore:
             " message_count = (SELECT COUNT(*) FROM messages WHERE mailbox = ?) WHERE id = ?",
             (uidnext, modseq, *mtimes, int(self._settled(mtimes) == mtimes), f.id, f.id, f.id),
         )
+        self._journal.resynced(u, f.name, modseq, added, gone, altered)
         return changed
 
 
@@ -1755,9 +1752,6 @@ class Mailbox:
     def _u(self) -> _User:
         return self._store._user(self._user)
 
-    def _changed(self) -> None:
-        self._store._notify(self._user, self.name)
-
     # The interface declares list[object]/dict[int, object]; the precise types help callers.
     def messages(self) -> list[MessageInfo]:  # type: ignore[override]
         """Every message of the snapshot, ordered by UID."""
@@ -1794,10 +1788,8 @@ class Mailbox:
         date (``_load``)."""
         u = self._u()
         with u.lock:
-            changed = self._store._sync(u, self._folder)
+            self._store._sync(u, self._folder)
             self._load(u)
-        if changed:
-            self._changed()
 
     def _load(self, u: _User) -> None:
         """Bring the shared snapshot up to date from the index, in one read transaction:
@@ -1970,10 +1962,9 @@ class Mailbox:
                         (modseq, self._folder.id),
                     )
                     self._store._record_mtimes(c, u, self._folder)
+                    self._store._journal.flags(u, self.name, modseq, put, removed)
             if changed:
                 self._wrote(u, before, (before[0], before[1], modseq), put, removed)
-        if changed:
-            self._changed()
         return result
 
     def _rename_for(
@@ -2063,10 +2054,9 @@ class Mailbox:
                         (modseq, freed, len(removed), self._folder.id),
                     )
                     self._store._record_mtimes(c, u, self._folder)
+                    self._store._journal.expunged(u, self.name, removed, modseq)
             if removed:
                 self._wrote(u, before, (before[0], before[1], modseq), (), removed)
-        if removed:
-            self._changed()
         return removed
 
     def append(
@@ -2095,7 +2085,6 @@ class Mailbox:
                 self.highestmodseq = max(self.highestmodseq, info.modseq)
             else:
                 self._load(u)
-        self._changed()
         return info.uid
 
     def changes_since(self, modseq: int) -> tuple[list[MessageInfo], list[int]]:  # type: ignore[override]
@@ -2177,12 +2166,13 @@ class Mailbox:
         destination does not exist."""
         u = self._u()
         pairs: list[tuple[int, int]] = []
-        with u.lock:
+        with u.lock, self._store._journal.copying():
             dest = self._store._folder(u, dest_name)
             infos = [i for i in (self._lookup(u, uid) for uid in sorted(set(uids))) if i]
             limit = self._store._quota_for(self._user)
             self._store._check_quota(u, limit, sum(i.size for i in infos))
             for info in infos:
+                self._store._journal.copy_source(self.name, info.uid)
                 if info.blob is not None:
                     new = self._store._place_blob(
                         u,
@@ -2215,8 +2205,6 @@ class Mailbox:
                 pairs.append((info.uid, new.uid))
             if pairs and dest.id == self._folder.id and self._snap.loaded is not None:
                 self._load(u)
-        if pairs:
-            self._store._notify(self._user, dest.name)
         return pairs
 
     def move_to(self, uids: Iterable[int], dest_name: str) -> list[tuple[int, int]]:
@@ -2241,7 +2229,4 @@ class Mailbox:
                     self.highestmodseq = int(row[0])
                 else:
                     self._load(u)
-        if pairs:
-            self._changed()
-            self._store._notify(self._user, dest.name)
         return pairs
