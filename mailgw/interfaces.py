@@ -305,6 +305,26 @@ class IMessageStore(Interface):
         """``callback(user, folder)`` after any change (delivery, flags, expunge)."""
 
 
+class IChangeLog(Interface):
+    """The node's durable change journal (``mailgw.journal``): every store and directory
+    mutation, by any process of the node, as a ``mailgw.model.change.ChangeEntry`` with a
+    sequence number that grows in commit order, written in the mutation's own transaction."""
+
+    def last_seq() -> int:
+        """The highest sequence number handed out so far (committed or rolled back)."""
+
+    def read(after_seq: int, limit: int = 1000) -> builtins.list[Any]:
+        """Up to ``limit`` committed entries with ``seq > after_seq``, in order (gaps where a
+        transaction rolled back; entries older than the retention may be gone)."""
+
+    def subscribe(callback: object) -> None:
+        """``callback(entries)`` for each batch of newly committed entries (this process's at
+        once; other processes' while the log tails the journal). TypeError if not callable."""
+
+    def wake() -> None:
+        """A hint that another process committed something: look now, not at the next poll."""
+
+
 class IBlobStore(Interface):
     """Tier-2 storage of message bodies: immutable, content-addressed blobs (sha256 of the
     bytes), small enough to sit on a file tree now and an object store later."""

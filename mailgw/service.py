@@ -108,6 +108,11 @@ class Node(service.MultiService):
                 config.path, "store", "tier2_dir", f"cannot create: {e.strerror}"
             ) from None
         self.store = build_store(config, self.directory, reactor, tier2)
+        from mailgw.journal.changelog import JournalTail
+
+        JournalTail(
+            self.store.changes, config.store.journal_poll_interval, config.store.journal_retention
+        ).setServiceParent(self)
         if tier2 is not None:
             self._add_migration(run_io)
         self.tls_options = build_tls_options(config)  # SMTP's (no ALPN ID); POP3, IMAP: theirs
@@ -348,8 +353,8 @@ class Node(service.MultiService):
             listeners,
             counter=self.counters["imap"],
             penalty=self.auth_penalty,
+            changes=self.store.changes,
         )
-        self.store.add_listener(pool.store_changed)
         pool.setServiceParent(self)
         self.imap_workers = pool
 

@@ -9,10 +9,10 @@ and manifests) sits beside it and reaches tier-1 files only through this interfa
 
 Rules every backend keeps: the index is the facade's, the backend changes rows only where a
 method says so (``place``, ``make_durable``, ``record_mtimes``, ``sync``), always inside the
-index's write transaction it is given or opens itself; a file operation done in a write
-transaction is the one the transaction commits (a crash in between is repaired by ``sync``);
-and methods are called with the user's lock (``UserHandle.lock``) held unless they say
-otherwise.
+index's write transaction it is given or opens itself, and journals each such change there
+(``journal``); a file operation done in a write transaction is the one the transaction
+commits (a crash in between is repaired by ``sync``); and methods are called with the
+user's lock (``UserHandle.lock``) held unless they say otherwise.
 """
 
 from __future__ import annotations
@@ -82,6 +82,11 @@ class IMessageBackend(Interface):
     """Tier-1 storage of message bytes and folder directories for the store facade."""
 
     root = Attribute("The directory all users' mail lives under (str, absolute).")
+    journal = Attribute(
+        "Where the backend records the index changes it makes itself, in their transactions"
+        " (a message placed or taken out again, a resync): the facade's"
+        " ``mailgw.journal.store.StoreJournal``, set by the facade; None records nothing."
+    )
 
     # -- users and folders -----------------------------------------------------------
 

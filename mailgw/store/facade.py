@@ -30,12 +30,13 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgw.interfaces import IBlobStore, IMessageStore, MailboxNotFound, QuotaExceeded
+from mailgw.journal.store import StoreJournal
 from mailgw.model.message import MailboxStatus, MessageInfo, StoreCheck
 from mailgw.store.backend import (
     Allocate,
@@ -54,8 +55,6 @@ from mailgw.store.tier2 import Tier2Placement
 
 log = Logger()
 
-Listener = Callable[[str, str], object]
-
 
 @implementer(IMessageStore)
 class MessageStore:
@@ -67,8 +66,11 @@ class MessageStore:
     Thread-safe: local delivery calls ``deliver`` from worker threads while the protocols
     use the store from the reactor thread. Each user's index connection is shared by the
     threads under the index's lock; message files are written and fsynced outside it.
-    Listeners run in the thread that created the store (the reactor thread): a change made
-    in another thread is reported through ``reactor.callFromThread``.
+    Every change is journaled in its write transaction (``mailgw.journal``, one
+    ``self._journal`` call per write site, here, in ``Mailbox``, the backend and the tier-2
+    placement); listeners hear of the committed entries (``changes``) in the thread that
+    created the store (the reactor thread): a change made in another thread is reported
+    through ``reactor.callFromThread``.
     """
 
     def __init__(
@@ -87,7 +89,11 @@ class MessageStore:
             backend if backend is not None else MaildirBackend(root, hostname)
         )
         self.root = self.tier1.root
-        self.placement = Tier2Placement(self.tier1, tier2, self._patch_snapshot)
+        self._journal = StoreJournal(self.root, reactor)
+        self.changes = self._journal.changes
+        """This process's view of the node's change journal (``IChangeLog``)."""
+        self.tier1.journal = self._journal
+        self.placement = Tier2Placement(self.tier1, tier2, self._patch_snapshot, self._journal)
         self.promote_on_read = promote_on_read and tier2 is not None
         self._reactor = reactor
         self._home_thread = threading.get_ident()
@@ -96,7 +102,6 @@ class MessageStore:
         self._max_open = max(1, max_open_users)
         self._users: OrderedDict[str, UserHandle] = OrderedDict()
         self._users_lock = threading.Lock()
-        self._listeners: list[Listener] = []
         # One snapshot per open folder, shared by its Mailbox objects (alive while one is).
         self._snapshots: weakref.WeakValueDictionary[tuple[str, int, str], Snapshot] = (
             weakref.WeakValueDictionary()
@@ -157,6 +162,7 @@ class MessageStore:
             log.warn("store: index of {user} unreadable, moved to {moved}", user=user, moved=moved)
             index = UserIndex(index_path)
         u = UserHandle(user, path, index)
+        self._journal.bind(index)
         index.before_commit = lambda c: self._before_commit(u, c)
         try:
             if index.get_meta("initialized") is None:
@@ -182,11 +188,17 @@ class MessageStore:
             self.tier1.sync(u, self._folder(u, name), force=True)
 
     def _register(
-        self, c: sqlite3.Connection, u: UserHandle, name: str, subscribe: bool = True
+        self,
+        c: sqlite3.Connection,
+        u: UserHandle,
+        name: str,
+        subscribe: bool = True,
+        found: bool = True,
     ) -> bool:
         """Create the folder's directories and index row if missing (in a write txn). A new
         folder is subscribed when ``subscribe``: the defaults of a new user and folders found
-        on disk are; IMAP CREATE is not (RFC 3501 6.3.3: the client subscribes)."""
+        on disk are; IMAP CREATE is not (RFC 3501 6.3.3: the client subscribes). ``found``
+        false: made by CREATE (journaled as such)."""
         path = self.tier1.make_folder(u, name)
         if c.execute("SELECT 1 FROM mailboxes WHERE name = ?", (name,)).fetchone():
             return False
@@ -197,6 +209,7 @@ class MessageStore:
         if subscribe:
             c.execute("INSERT OR IGNORE INTO subscriptions(name) VALUES (?)", (name,))
         self.placement.restore_manifest(c, u, int(row[0]), name, path)
+        self._journal.created(u, c, int(row[0]), name, subscribe, found)
         return True
 
     def _names_in_index(self, u: UserHandle) -> list[str]:
@@ -227,28 +240,12 @@ class MessageStore:
     # -- listeners -----------------------------------------------------------------------
 
     def add_listener(self, callback: object) -> None:
-        """``callback(user, folder)`` is called after each change: at once for changes made
-        in the thread that created the store, through ``reactor.callFromThread`` for changes
-        made in other threads (exceptions it raises are logged, never propagated).
-        TypeError if it is not callable."""
-        if not callable(callback):
-            raise TypeError(f"listener {callback!r} is not callable")
-        self._listeners.append(cast(Listener, callback))
-
-    def _notify(self, user: str, folder: str) -> None:
-        if not self._listeners:
-            return
-        if self._reactor is not None and threading.get_ident() != self._home_thread:
-            self._reactor.callFromThread(self._notify_here, user, folder)
-        else:
-            self._notify_here(user, folder)
-
-    def _notify_here(self, user: str, folder: str) -> None:
-        for callback in list(self._listeners):
-            try:
-                callback(user, folder)
-            except Exception:
-                log.failure("store: listener {callback!r} failed", callback=callback)
+        """``callback(user, folder)`` is called for each folder a committed journal entry
+        concerns (``ChangeEntry.folders``): at once for changes made in the thread that
+        created the store, through ``reactor.callFromThread`` for changes made in other
+        threads, and for other processes' changes while ``changes`` tails the journal
+        (exceptions it raises are logged, never propagated). TypeError if not callable."""
+        self.changes.add_listener(callback)
 
     # -- IMessageStore -------------------------------------------------------------------
 
@@ -274,7 +271,6 @@ class MessageStore:
             u, f, written, frozenset(), None, None, self._allocator(u, f, limit)
         )
         self.tier1.make_durable(u, f, info)
-        self._notify(user, f.name)
         return info.uid
 
     def open_mailbox(self, user: str, name: str = INBOX, snapshot: bool = True) -> Mailbox:
@@ -356,8 +352,7 @@ class MessageStore:
                     (canonical,),
                 )
                 c.execute("DELETE FROM mailboxes WHERE name = ?", (canonical,))
-                self._register(c, u, canonical, subscribe=False)
-        self._notify(user, canonical)
+                self._register(c, u, canonical, subscribe=False, found=False)
 
     def quota_usage(self, user: str) -> tuple[int, int | None]:
         """(bytes used in all folders, limit or None)."""
@@ -389,18 +384,15 @@ class MessageStore:
                                 (name,),
                             )
                             c.execute("DELETE FROM mailboxes WHERE name = ?", (name,))
-                changed = []
+                            self._journal.deleted(u, name)
                 for name in self._names_in_index(u):
                     f = self._folder(u, name)
                     self.tier1.clean_tmp(f.path)
-                    if self.tier1.sync(u, f, force=True):
-                        changed.append(name)
+                    self.tier1.sync(u, f, force=True)
                 row = u.index.conn.execute("SELECT COALESCE(SUM(message_count), 0) FROM mailboxes")
                 count = int(row.fetchone()[0])
         finally:
             u.index.close()
-        for name in changed:
-            self._notify(user, name)
         return count
 
     def check(self, user: str, repair: bool = False) -> StoreCheck:
@@ -468,10 +460,10 @@ class MessageStore:
                 c.execute("DELETE FROM messages WHERE mailbox = ?", (f.id,))
                 c.execute("DELETE FROM tombstones WHERE mailbox = ?", (f.id,))
                 c.execute("DELETE FROM mailboxes WHERE id = ?", (f.id,))
+                self._journal.deleted(u, canonical)
                 trash = self.tier1.remove_folder(u, f)
         if trash:
             self.tier1.purge(u, trash)
-        self._notify(user, canonical)
 
     def rename_mailbox(self, user: str, old: str, new: str) -> None:
         """Rename a folder and its children (``A`` -> ``B`` also moves ``A/x`` -> ``B/x``)
@@ -501,8 +493,6 @@ class MessageStore:
                     ]
                     self._move_rows(c, u, source, target, uids)
                 self.tier1.sync_dirs(source, target)
-                self._notify(user, INBOX)
-                self._notify(user, dst)
                 return
             present = set(self.list_mailboxes(user))
             moving = sorted(n for n in present if n == src or n.startswith(src + "/"))
@@ -525,14 +515,12 @@ class MessageStore:
                         c.execute("UPDATE mailboxes SET name = ? WHERE name = ?", (t, n))
                         c.execute("DELETE FROM subscriptions WHERE name = ?", (t,))
                         c.execute("UPDATE subscriptions SET name = ? WHERE name = ?", (t, n))
+                        self._journal.renamed(u, n, t)
             except BaseException:
                 for moved in reversed(done):
                     self.tier1.undo_rename(moved)
                 raise
             self.tier1.sync_root(u)
-        for n, t in plan:
-            self._notify(user, n)
-            self._notify(user, t)
 
     def set_subscribed(self, user: str, name: str, subscribed: bool) -> None:
         """Subscribe to or unsubscribe from a folder name; the folder need not exist (RFC
@@ -544,6 +532,7 @@ class MessageStore:
                 c.execute("INSERT OR IGNORE INTO subscriptions(name) VALUES (?)", (canonical,))
             else:
                 c.execute("DELETE FROM subscriptions WHERE name = ?", (canonical,))
+            self._journal.subscribed(u, canonical, subscribed)
 
     def list_subscribed(self, user: str) -> list[str]:
         """Subscribed names (INBOX first if subscribed, then sorted), existing or not."""
@@ -725,6 +714,7 @@ class MessageStore:
         )
         self.tier1.record_mtimes(c, u, src)
         self.tier1.record_mtimes(c, u, dst)
+        self._journal.moved(u, src.name, dst.name, pairs)
         return pairs
 
     @staticmethod

@@ -107,9 +107,6 @@ class Mailbox:
     def _u(self) -> UserHandle:
         return self._store._user(self._user)
 
-    def _changed(self) -> None:
-        self._store._notify(self._user, self.name)
-
     def messages(self) -> list[MessageInfo]:
         """Every message of the snapshot, ordered by UID."""
         if self._snap.loaded is None:  # opened without a snapshot
@@ -146,10 +143,8 @@ class Mailbox:
         date (``_load``)."""
         u = self._u()
         with u.lock:
-            changed = self._store.tier1.sync(u, self._folder)
+            self._store.tier1.sync(u, self._folder)
             self._load(u)
-        if changed:
-            self._changed()
 
     def _load(self, u: UserHandle) -> None:
         """Bring the shared snapshot up to date from the index, in one read transaction:
@@ -322,10 +317,9 @@ class Mailbox:
                         (modseq, self._folder.id),
                     )
                     self._store.tier1.record_mtimes(c, u, self._folder)
+                    self._store._journal.flags(u, self.name, modseq, put, removed)
             if changed:
                 self._wrote(u, before, (before[0], before[1], modseq), put, removed)
-        if changed:
-            self._changed()
         return result
 
     def _rename_for(
@@ -408,10 +402,9 @@ class Mailbox:
                         (modseq, freed, len(removed), self._folder.id),
                     )
                     self._store.tier1.record_mtimes(c, u, self._folder)
+                    self._store._journal.expunged(u, self.name, removed, modseq)
             if removed:
                 self._wrote(u, before, (before[0], before[1], modseq), (), removed)
-        if removed:
-            self._changed()
         return removed
 
     def append(
@@ -440,7 +433,6 @@ class Mailbox:
                 self.highestmodseq = max(self.highestmodseq, info.modseq)
             else:
                 self._load(u)
-        self._changed()
         return info.uid
 
     def changes_since(self, modseq: int) -> tuple[list[MessageInfo], list[int]]:
@@ -521,12 +513,13 @@ class Mailbox:
         destination does not exist."""
         u = self._u()
         pairs: list[tuple[int, int]] = []
-        with u.lock:
+        with u.lock, self._store._journal.copying():
             dest = self._store._folder(u, dest_name)
             infos = [i for i in (self._lookup(u, uid) for uid in sorted(set(uids))) if i]
             limit = self._store._quota_for(self._user)
             self._store._check_quota(u, limit, sum(i.size for i in infos))
             for info in infos:
+                self._store._journal.copy_source(self.name, info.uid)
                 if info.blob is not None:
                     new = self._store._place_blob(
                         u,
@@ -559,8 +552,6 @@ class Mailbox:
                 pairs.append((info.uid, new.uid))
             if pairs and dest.id == self._folder.id and self._snap.loaded is not None:
                 self._load(u)
-        if pairs:
-            self._store._notify(self._user, dest.name)
         return pairs
 
     def move_to(self, uids: Iterable[int], dest_name: str) -> list[tuple[int, int]]:
@@ -585,7 +576,4 @@ class Mailbox:
                     self.highestmodseq = int(row[0])
                 else:
                     self._load(u)
-        if pairs:
-            self._changed()
-            self._store._notify(self._user, dest.name)
         return pairs

@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 
 from zope.interface import implementer
 
+from mailgw.journal.store import StoreJournal
 from mailgw.model.message import MessageInfo, StoreCheck
 from mailgw.store import maildir
 from mailgw.store.backend import (
@@ -62,8 +63,11 @@ class MaildirBackend:
     docstring. Thread-safe as the facade uses it: callers hold the user's lock where
     ``IMessageBackend`` says so; ``write`` runs without it."""
 
-    def __init__(self, root: str, hostname: str = "localhost") -> None:
+    def __init__(
+        self, root: str, hostname: str = "localhost", journal: StoreJournal | None = None
+    ) -> None:
         self.root = os.path.abspath(root)
+        self.journal = journal
         self._names = maildir.UniqueNames(hostname)
         # (user, folder id) -> when this process last listed the folder's directories.
         self._scanned: dict[tuple[str, int], int] = {}
@@ -190,10 +194,13 @@ class MaildirBackend:
                     (f.id, uid, base, rel, size, maildir.flags_to_text(flags), mtime, modseq, zone),
                 )
                 self.record_mtimes(c, u, f)
+                info = MessageInfo(uid, size, flags, mtime, modseq, rel, internaldate_tz=zone)
+                if self.journal is not None:
+                    self.journal.added(u, f.name, info)
         except BaseException:
             maildir.unlink_quiet(placed or tmp)
             raise
-        return MessageInfo(uid, size, flags, mtime, modseq, rel, internaldate_tz=zone)
+        return info
 
     def make_durable(self, u: UserHandle, f: Folder, info: MessageInfo) -> None:
         """fsync the directory of a placed message; if that fails, take the message out
@@ -212,6 +219,8 @@ class MaildirBackend:
                 ).fetchone()
                 if row is not None:
                     add_tombstones(c, f.id, [info.uid], int(row[0]))
+                    if self.journal is not None:
+                        self.journal.expunged(u, f.name, [info.uid], int(row[0]))
                 maildir.unlink_quiet(path)
             raise
 
@@ -395,6 +404,8 @@ class MaildirBackend:
             (f.id,),
         ).fetchall()
         gone: list[int] = []
+        added: list[list[Any]] = []
+        altered: list[list[Any]] = []
         for uid, base, filename, size, flags_text in rows:
             rel = files.pop(base, None)
             if rel is None:
@@ -423,6 +434,7 @@ class MaildirBackend:
                     " WHERE mailbox = ? AND uid = ?",
                     (rel, new_size, maildir.flags_to_text(new_flags), modseq, f.id, uid),
                 )
+                altered.append([uid, sorted(new_flags), new_size])
                 changed = True
             else:
                 c.execute(
@@ -462,6 +474,7 @@ class MaildirBackend:
                     local_zone(st.st_mtime),
                 ),
             )
+            added.append([uidnext, rel])
             uidnext += 1
             changed = True
         if changed:
@@ -474,6 +487,8 @@ class MaildirBackend:
             " message_count = (SELECT COUNT(*) FROM messages WHERE mailbox = ?) WHERE id = ?",
             (uidnext, modseq, *mtimes, int(self.settled(mtimes) == mtimes), f.id, f.id, f.id),
         )
+        if self.journal is not None:
+            self.journal.resynced(u, f.name, modseq, added, gone, altered)
         return changed
 
     def check(self, u: UserHandle, f: Folder, rows: Sequence[Any], report: StoreCheck) -> set[str]:

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 from twisted.logger import Logger
 
 from mailgw.interfaces import IBlobStore
+from mailgw.journal.store import StoreJournal
 from mailgw.model.message import MessageInfo, StoreCheck
 from mailgw.store import blobs, maildir, manifest
 from mailgw.store.backend import Allocate, Folder, IMessageBackend, UserHandle
@@ -53,13 +54,21 @@ class Tier2Placement:
     ``blob_store`` is the ``IBlobStore`` (None: no tier 2 configured; reading a tier-2
     message then fails with OSError); ``tier1`` the backend holding tier-1 files; ``patch``
     is called as ``patch(u, f, uid, blob=..., filename=...)`` after a message moved between
-    the tiers.
+    the tiers; ``journal`` records the changes (tier moves, messages added) in their
+    transactions.
     """
 
-    def __init__(self, tier1: IMessageBackend, blob_store: IBlobStore | None, patch: Patch) -> None:
+    def __init__(
+        self,
+        tier1: IMessageBackend,
+        blob_store: IBlobStore | None,
+        patch: Patch,
+        journal: StoreJournal,
+    ) -> None:
         self.tier1 = tier1
         self.blob_store = blob_store
         self._patch = patch
+        self._journal = journal
 
     def store(self) -> IBlobStore:
         """The blob store; OSError when tier 2 is not configured."""
@@ -126,6 +135,7 @@ class Tier2Placement:
                         (ref, f.id, uid),
                     )
                     self.log_put(u, c, f.id, uid)
+                    self._journal.migrated(u, f.name, uid, ref)
                     # Make the next sync list the folder, so a leftover file is found.
                     c.execute(
                         "UPDATE mailboxes SET new_mtime = -1, cur_mtime = -1 WHERE id = ?", (f.id,)
@@ -168,6 +178,7 @@ class Tier2Placement:
                     (rel, f.id, uid),
                 )
                 u.index.log(f.id, manifest.delete(uid))
+                self._journal.promoted(u, f.name, uid, rel)
                 self._patch(u, f, uid, blob=None, filename=rel)
         finally:
             maildir.unlink_quiet(tmp)
@@ -208,7 +219,9 @@ class Tier2Placement:
                 ),
             )
             self.log_put(u, c, f.id, uid)
-        return MessageInfo(uid, size, flags, internaldate, modseq, filename, blob, tz)
+            info = MessageInfo(uid, size, flags, internaldate, modseq, filename, blob, tz)
+            self._journal.added(u, f.name, info)
+        return info
 
     # -- tier-2 manifests (mailgw.store.manifest) ---------------------------------------
 
