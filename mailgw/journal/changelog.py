@@ -311,10 +311,10 @@ class JournalTail(Service):
         self.retention = retention
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.changes.sequencer.set_retention(self.retention)
         self.changes.start(self.poll_interval)
 
     def stopService(self) -> None:
         self.changes.stop()
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
