@@ -452,3 +452,27 @@ def test_the_tail_waits_for_a_writer_between_numbering_and_commit(tmp_path: Path
     clock.advance(0.01)
     assert not clock.getDelayedCalls()
     changes.stop()
+
+
+def test_the_tail_reads_this_processs_changes_it_was_not_handed(tmp_path: Path) -> None:
+    clock = Clock()
+    store = make_store(tmp_path, reactor=clock)
+    deliver(store, tmp_path)
+    heard: list[ChangeEntry] = []
+    store.changes.subscribe(heard.extend)
+    store.changes.start(poll_interval=0)
+    try:
+        directory = Directory(str(tmp_path / "directory.sqlite"), **FAST)  # type: ignore[arg-type]
+        directory.add_domain("own.test")  # journaled here, not handed to the store's log
+        deliver(store, tmp_path)  # handed over at once
+        assert [e.kind for e in heard] == ["message.added"]
+        store.changes.wake()
+        assert [(e.kind, e.pid) for e in heard] == [
+            ("message.added", os.getpid()),
+            ("domain.added", os.getpid()),
+        ]
+        store.changes.wake()
+        assert len(heard) == 2  # each once
+        directory.close()
+    finally:
+        store.changes.stop()
