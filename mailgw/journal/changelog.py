@@ -43,7 +43,6 @@ class ChangeLog:
     def __init__(self, path: str, reactor: Any = None) -> None:
         self.sequencer = Sequencer.for_dir(path)
         self.data_dir = self.sequencer.data_dir
-        self.pid = os.getpid()
         self._reactor = reactor
         self._home_thread = threading.get_ident()
         self._subscribers: list[Subscriber] = []
@@ -53,6 +52,8 @@ class ChangeLog:
         # Where the last read stopped: (segment, offset, last seq routed before the offset).
         self._position: tuple[str, int, int] | None = None
         self._batch = threading.local()
+        # Databases whose entries this process's writers hand to ``committed``.
+        self._local: set[str] = set()
         # The tail (``start``): entries up to ``_cursor`` were dispatched.
         self._cursor = 0
         self._poll: Any = None
@@ -76,7 +77,8 @@ class ChangeLog:
         self, after_seq: int, limit: int, blocking: bool, skip_pid: int = -1
     ) -> tuple[list[ChangeEntry], int]:
         """(entries, the last sequence number the routes covered): routes written by
-        ``skip_pid`` are passed over without reading their rows."""
+        ``skip_pid`` to a database this log publishes itself (``publishes``) are passed over
+        without reading their rows."""
         with self.sequencer.shared(blocking) as state:
             names = self.sequencer.segments()
             sizes = {}
@@ -93,7 +95,7 @@ class ChangeLog:
             if wanted >= limit:
                 break
             covered = max(covered, route.last)
-            if route.last <= after_seq or route.pid == skip_pid:
+            if route.last <= after_seq or (route.pid == skip_pid and route.db in self._local):
                 continue
             routes.append(route)
             wanted += route.count
@@ -206,6 +208,11 @@ class ChangeLog:
     def listeners(self) -> list[Listener]:
         return self._listeners
 
+    def publishes(self, db: str) -> None:
+        """This process's writer of ``db`` (relative to the data directory) hands its entries
+        to ``committed``: the tail need not read them back."""
+        self._local.add(db)
+
     def committed(self, entries: list[ChangeEntry]) -> None:
         """This process committed ``entries`` (``DBJournal.on_commit``)."""
         if not self._subscribers and not self._listeners:
@@ -287,7 +294,7 @@ class ChangeLog:
         self._retry = None
         try:
             while True:
-                entries, covered = self._read(self._cursor, 1000, False, skip_pid=self.pid)
+                entries, covered = self._read(self._cursor, 1000, False, skip_pid=os.getpid())
                 self._cursor = max(self._cursor, covered)
                 if entries:
                     self._dispatch(entries)
@@ -311,10 +318,10 @@ class JournalTail(Service):
         self.retention = retention
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.changes.sequencer.set_retention(self.retention)
         self.changes.start(self.poll_interval)
 
     def stopService(self) -> None:
         self.changes.stop()
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]

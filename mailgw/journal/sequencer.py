@@ -144,7 +144,11 @@ class Sequencer:
         self._read_lock = threading.Lock()
         self._route_fd = -1
         self._route_segment = 0
-        self.pid = os.getpid()
+
+    @property
+    def pid(self) -> int:
+        """This process (read each time: twistd may fork after the sequencer was opened)."""
+        return os.getpid()
 
     # -- writers ------------------------------------------------------------------------------
 

@@ -63,7 +63,9 @@ class StoreJournal:
 
     def bind(self, index: _Index) -> None:
         """Journal the write transactions of a user's index."""
-        index.journal = DBJournal(self.changes.sequencer, index.path, self.changes.committed)
+        journal = DBJournal(self.changes.sequencer, index.path, self.changes.committed)
+        self.changes.publishes(journal.db)
+        index.journal = journal
 
     @staticmethod
     def _record(u: _User, kind: str, folder: str, **payload: Any) -> None:
