@@ -5,9 +5,12 @@ Layers (each imports only those below it):
 
 - ``facade`` (this module): ``MessageStore``, what callers use. It owns the user handles
   (index connections, LRU-bounded), folder resolution, UID/modseq allocation and the quota
-  check (``_allocate``, in the same write transaction as the message's row), listeners, and
-  the hook run inside every index write transaction before COMMIT (``_before_commit``:
-  today the tier-2 manifests; the change journal belongs there too).
+  check (``_allocate``, in the same write transaction as the message's row), the change
+  journal (``mailgw.journal.store.StoreJournal``: bound to each index, handed to the
+  backend and the placement; every write site records its entries, ``UserIndex.write``
+  writes them in the same transaction), the listeners (fed from the journal) and the hook
+  run inside every index write transaction before COMMIT (``_before_commit``: the tier-2
+  manifests).
 - ``mailbox``: ``Mailbox`` (``IMailbox``), one open folder and its shared snapshot.
 - ``backend``: ``IMessageBackend``, the seam to where tier-1 bytes live, with the handle
   types; ``tier1``: ``MaildirBackend``, Dovecot-compatible Maildir++ (the files are the
@@ -612,7 +615,7 @@ class MessageStore:
         a crash after it leaves a redundant file that the next sync of the folder removes.
         Returns True when the message moved, False when it was gone or already in tier 2.
         Raises MailboxNotFound, OSError."""
-        self.placement.store()
+        self.placement.store()  # OSError without a tier 2, before the folder is looked up
         u = self._user(user)
         with u.lock:
             f = self._folder(u, folder)
@@ -623,7 +626,7 @@ class MessageStore:
         same UID); the blob stays until ``gc`` finds it unreferenced. Returns False when the
         message is gone or in tier 1 already. BlobCorrupt/BlobNotFound when the blob is
         damaged (the message stays in tier 2)."""
-        self.placement.store()
+        self.placement.store()  # OSError without a tier 2, before the folder is looked up
         u = self._user(user)
         with u.lock:
             f = self._folder(u, folder)
