@@ -283,8 +283,6 @@ class MessageStore:
         self.root = os.path.abspath(root)
         self.tier2 = tier2
         self.promote_on_read = promote_on_read and tier2 is not None
-        self._reactor = reactor
-        self._home_thread = threading.get_ident()
         self._quota_for = quota_for
         self._default_folders = tuple(normalize_folder(f) for f in default_folders)
         self._names = maildir.UniqueNames(hostname)
