@@ -98,8 +98,6 @@ class MessageStore:
         self.tier1.journal = self._journal
         self.placement = Tier2Placement(self.tier1, tier2, self._patch_snapshot, self._journal)
         self.promote_on_read = promote_on_read and tier2 is not None
-        self._reactor = reactor
-        self._home_thread = threading.get_ident()
         self._quota_for = quota_for
         self._default_folders = tuple(normalize_folder(f) for f in default_folders)
         self._max_open = max(1, max_open_users)
