@@ -32,8 +32,8 @@ class MessageInfo:
 class MailboxStatus:
     """What IMAP STATUS reports of a folder, computed from the index alone. ``recent`` counts
     the messages no session has claimed as ``\\Recent`` yet (UIDs above the folder's claim
-    mark, see ``mailgw.store.Mailbox.claim_recent``); ``size`` is the sum of the messages' sizes (RFC 8438
-    STATUS=SIZE)."""
+    mark, see ``mailgw.store.Mailbox.claim_recent``); ``size`` is the sum of the messages'
+    sizes (RFC 8438 STATUS=SIZE)."""
 
     messages: int
     recent: int
