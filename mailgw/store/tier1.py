@@ -173,8 +173,8 @@ class MaildirBackend:
     ) -> MessageInfo:
         """Under the index write lock: quota check and UID allocation (``allocate``),
         rename of the written tmp file into new/ or cur/, index row (and its journal entry).
-        The caller fsyncs the directory. On error the file is removed. ``internaldate`` None is the file's mtime (now); ``tz`` None is the
-        server's zone at that instant."""
+        The caller fsyncs the directory. On error the file is removed. ``internaldate`` None
+        is the file's mtime (now); ``tz`` None is the server's zone at that instant."""
         head, tmp, size, vsize, mtime = written
         placed: str | None = None
         try:
