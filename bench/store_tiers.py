@@ -36,9 +36,8 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
-from mailgw.store import MessageStore  # noqa: E402
+from mailgw.store import Mailbox, MessageStore  # noqa: E402
 from mailgw.store.blobs import FileBlobStore, split_ref  # noqa: E402
-from mailgw.store.maildirstore import Mailbox  # noqa: E402
 from mailgw.store.migration import MigrationPolicy, Migrator, stats  # noqa: E402
 
 DOMAIN = "bench.test"

@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import builtins
 import datetime
-from collections.abc import Sequence
-from typing import IO, Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import IO, Any, BinaryIO
 
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+from mailgw.model.blob import BlobRef
+from mailgw.model.envelope import Envelope
+from mailgw.model.message import MailboxStatus, MessageInfo
+from mailgw.model.queue import QueuedMessage
+from mailgw.model.user import User
 
 # ---------------------------------------------------------------------------------------------
 # Directory: domains, users, aliases, authentication.
@@ -37,10 +44,10 @@ class IDirectory(Interface):
         order. Empty list: no such recipient. Errors: none for unknown input.
         """
 
-    def get_user(name: str) -> object | None:
-        """Return the ``mailgw.directory.User`` for canonical ``name`` or None."""
+    def get_user(name: str) -> User | None:
+        """Return the ``mailgw.model.User`` for canonical ``name`` or None."""
 
-    def check_password(name: str, password: str) -> object:
+    def check_password(name: str, password: str) -> Deferred[User]:
         """Deferred firing with the ``User`` when the password matches, else failing with
         ``twisted.cred.error.UnauthorizedLogin``. Hashing runs in a thread; an unknown user
         costs the same time as a wrong password."""
@@ -64,19 +71,19 @@ class IAuthPenalty(Interface):
     ``ip`` is the client address text (after PROXY), ``""`` when unknown.
     """
 
-    def locked(user: str, ip: str) -> object:
+    def locked(user: str, ip: str) -> Deferred[bool]:
         """Deferred firing with True while the account ``user`` or the address ``ip`` is
         locked out: the caller then refuses the login exactly as a wrong password (same
         answer, same delay from ``failed``), without checking the password, so a lockout
         reveals nothing about the account and a correct password fails during it."""
 
-    def failed(user: str, ip: str) -> object:
+    def failed(user: str, ip: str) -> Deferred[float]:
         """Count one failed login of ``user`` from ``ip``; this may start a lockout of the
         account or the address (logged with both). Deferred firing with the delay in seconds
         (float) to wait before answering the failure: growing with the failures counted in the
         window (doubling from the base delay up to a maximum)."""
 
-    def succeeded(user: str, ip: str) -> object:
+    def succeeded(user: str, ip: str) -> Deferred[None]:
         """A successful login: forget the failures counted for the account ``user`` (the
         address keeps its count until the window forgets it). Deferred firing with None."""
 
@@ -104,7 +111,7 @@ class IIncomingMessage(Interface):
         writes do not show in it. The caller closes it. ValueError once ``commit`` has
         started or after ``abort``; OSError when the bytes cannot be read back."""
 
-    def commit(envelope: object) -> object:
+    def commit(envelope: Envelope) -> Deferred[str]:
         """Write the ``Envelope`` (its queue_id set to ours), fsync content, envelope and
         directories, and make the message visible in the ``incoming`` queue. Returns a
         ``Deferred[str]`` firing with the queue ID (in the reactor thread, after the spool's
@@ -126,14 +133,14 @@ class ISpool(Interface):
     def list(state: str) -> builtins.list[str]:
         """Queue IDs currently in ``state`` (oldest first)."""
 
-    def load(queue_id: str) -> object:
-        """Return ``mailgw.spool.QueuedMessage`` (state, envelope, content path).
+    def load(queue_id: str) -> QueuedMessage:
+        """Return the ``mailgw.model.QueuedMessage`` (state, envelope, content path).
         Raises KeyError if the queue ID is unknown."""
 
     def move(queue_id: str, to_state: str) -> None:
         """Rename the message into ``to_state`` (fsyncs the directories)."""
 
-    def update(queue_id: str, envelope: object) -> None:
+    def update(queue_id: str, envelope: Envelope) -> None:
         """Atomically replace the stored envelope (write temp, fsync, rename)."""
 
     def remove(queue_id: str) -> None:
@@ -173,28 +180,28 @@ class IMailbox(Interface):
     uidnext = Attribute("Next UID to be assigned (int).")
     highestmodseq = Attribute("Highest modification sequence (int).")
 
-    def messages() -> list[object]:
-        """``mailgw.store.MessageInfo`` of every message, ordered by UID."""
+    def messages() -> builtins.list[MessageInfo]:
+        """``mailgw.model.MessageInfo`` of every message, ordered by UID."""
 
     def refresh() -> None:
         """Reload from the index, picking up changes from other sessions/processes."""
 
-    def open_message(uid: int) -> object:
+    def open_message(uid: int) -> BinaryIO:
         """A readable binary file object with the stored bytes (as delivered). KeyError if
         the UID is gone."""
 
     def read_message(uid: int) -> bytes:
         """The stored bytes of the message. KeyError if the UID is gone."""
 
-    def set_flags(uids: list[int], flags: list[str], mode: str) -> dict[int, object]:
+    def set_flags(uids: Iterable[int], flags: Iterable[str], mode: str) -> dict[int, MessageInfo]:
         """mode ``set``/``add``/``remove``; returns updated ``MessageInfo`` by UID."""
 
-    def expunge(uids: list[int]) -> list[int]:
+    def expunge(uids: Iterable[int]) -> builtins.list[int]:
         """Remove the messages; returns the UIDs actually removed."""
 
     def append(
         data: bytes,
-        flags: Sequence[str] = (),
+        flags: Iterable[str] = (),
         internaldate: datetime.datetime | float | None = None,
     ) -> int:
         """Store a new message in this folder; returns its UID. ``internaldate`` is an aware
@@ -202,7 +209,7 @@ class IMailbox(Interface):
         take the date in it), a UTC epoch (zone +0000), or None for now in the server's zone.
         QuotaExceeded if over quota; ValueError for a naive datetime."""
 
-    def changes_since(modseq: int) -> tuple[list[object], list[int]]:
+    def changes_since(modseq: int) -> tuple[builtins.list[MessageInfo], builtins.list[int]]:
         """(``MessageInfo`` of messages whose modseq is above ``modseq``, UIDs expunged since
         ``modseq``), both ordered by UID and read from the index now (not the snapshot); the
         store keeps expunged UIDs with their modseq (tombstones) for CONDSTORE/QRESYNC
@@ -288,8 +295,8 @@ class IMessageStore(Interface):
     def list_subscribed(user: str) -> list[str]:
         """Subscribed folder names, INBOX first, existing or not (LSUB, LIST (SUBSCRIBED))."""
 
-    def mailbox_status(user: str, name: str) -> object:
-        """``mailgw.store.MailboxStatus`` (messages, recent, uidnext, uidvalidity, unseen,
+    def mailbox_status(user: str, name: str) -> MailboxStatus:
+        """``mailgw.model.MailboxStatus`` (messages, recent, uidnext, uidvalidity, unseen,
         highestmodseq, size) computed from the index without opening message files (IMAP
         STATUS). MailboxNotFound if it does not exist, ValueError for an invalid name."""
 
@@ -304,27 +311,47 @@ class IMessageStore(Interface):
         """``callback(user, folder)`` after any change (delivery, flags, expunge)."""
 
 
+class IChangeLog(Interface):
+    """The node's durable change journal (``mailgw.journal``): every store and directory
+    mutation, by any process of the node, as a ``mailgw.model.change.ChangeEntry`` with a
+    sequence number that grows in commit order, written in the mutation's own transaction."""
+
+    def last_seq() -> int:
+        """The highest sequence number handed out so far (committed or rolled back)."""
+
+    def read(after_seq: int, limit: int = 1000) -> builtins.list[Any]:
+        """Up to ``limit`` committed entries with ``seq > after_seq``, in order (gaps where a
+        transaction rolled back; entries older than the retention may be gone)."""
+
+    def subscribe(callback: object) -> None:
+        """``callback(entries)`` for each batch of newly committed entries (this process's at
+        once; other processes' while the log tails the journal). TypeError if not callable."""
+
+    def wake() -> None:
+        """A hint that another process committed something: look now, not at the next poll."""
+
+
 class IBlobStore(Interface):
     """Tier-2 storage of message bodies: immutable, content-addressed blobs (sha256 of the
     bytes), small enough to sit on a file tree now and an object store later."""
 
-    def put(data: object) -> object:
+    def put(data: bytes | BinaryIO) -> BlobRef:
         """Store ``bytes`` or a binary file's remaining bytes durably; returns a
-        ``mailgw.store.blobs.BlobRef`` (digest, size). Storing bytes that exist already
+        ``mailgw.model.BlobRef`` (digest, size). Storing bytes that exist already
         writes nothing (dedup). OSError when it cannot be written."""
 
-    def get(ref: object) -> bytes:
+    def get(ref: BlobRef | str) -> bytes:
         """The bytes of a blob, verified against its digest: BlobNotFound when missing,
         BlobCorrupt when damaged (never wrong bytes)."""
 
-    def open(ref: object) -> object:
+    def open(ref: BlobRef | str) -> BinaryIO:
         """A readable binary file of the verified bytes (errors as ``get``)."""
 
-    def exists(ref: object) -> bool:
+    def exists(ref: BlobRef | str) -> bool:
         """True when the blob is stored."""
 
-    def delete(ref: object) -> bool:
+    def delete(ref: BlobRef | str) -> bool:
         """Remove the blob; False when it was not there."""
 
-    def iter_refs() -> object:
+    def iter_refs() -> Iterator[str]:
         """Iterator over the digests of every stored blob."""

@@ -31,6 +31,7 @@ STATE_ENTRIES = (
     "relay",
     "dkim",
     "tls",
+    "journal",
 )
 """What mailgw keeps directly under ``[server] data_dir`` (``[store] tier2_dir`` besides)."""
 

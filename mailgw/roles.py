@@ -362,8 +362,8 @@ def _build_imap_workers(node: Node) -> Any:
         listeners,
         counter=node.counters["imap"],
         penalty=node.auth_penalty,
+        changes=node.store.changes,
     )
-    node.store.add_listener(pool.store_changed)
     node.imap_workers = pool
     return pool
 

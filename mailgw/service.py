@@ -60,6 +60,11 @@ class Node(service.MultiService):
                 config.path, "store", "tier2_dir", f"cannot create: {e.strerror}"
             ) from None
         self.store = build_store(config, self.directory, reactor, tier2)
+        from mailgw.journal.changelog import JournalTail
+
+        JournalTail(
+            self.store.changes, config.store.journal_poll_interval, config.store.journal_retention
+        ).setServiceParent(self)
         self.tls_options = build_tls_options(config)  # SMTP's (no ALPN ID); POP3, IMAP: theirs
         self.submission_policy: Any = None  # set by the submission role
         self.submitter: Any = None  # set by the submission role: the webmail's way to submit

@@ -204,6 +204,12 @@ class StoreConfig:
     promote_on_read: bool = key(
         "no", v.parse_bool, "Move a tier-2 message back to tier 1 when it is read."
     )
+    journal_retention: float = key(
+        "7d", v.parse_duration, "Keep change journal entries (data_dir/journal) this long."
+    )
+    journal_poll_interval: float = key(
+        "1s", v.parse_duration, "Look for other processes' journal entries this often (0: off)."
+    )
 
 
 @dataclass(frozen=True)

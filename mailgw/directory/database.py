@@ -7,7 +7,6 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
@@ -19,7 +18,12 @@ from zope.interface import implementer
 from mailgw.directory.names import check_local_part
 from mailgw.directory.passwords import PasswordHashing, check_new_password
 from mailgw.interfaces import IDirectory
+from mailgw.journal.sequencer import Sequencer
+from mailgw.journal.writer import TABLE as JOURNAL_TABLE
+from mailgw.journal.writer import DBJournal
+from mailgw.model import change
 from mailgw.model.address import Address, AddressError, normalise_domain, quote_local
+from mailgw.model.user import User
 
 log = Logger()
 
@@ -47,15 +51,6 @@ CREATE TABLE IF NOT EXISTS aliases (
 );
 CREATE INDEX IF NOT EXISTS aliases_domain ON aliases(domain);
 """
-
-
-@dataclass(frozen=True)
-class User:
-    """A mailbox owner. ``quota``: bytes, None = the default quota applies, 0 = unlimited."""
-
-    name: str
-    quota: int | None
-    enabled: bool
 
 
 def _split(key: str) -> tuple[str, str]:
@@ -112,9 +107,14 @@ class Directory:
                 self._db.executescript(
                     f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
                 )
+            self._db.execute(JOURNAL_TABLE)
         except BaseException:
             self._db.close()
             raise
+        # Each change is journaled in its own transaction (``mailgw.journal``).
+        self._journal = DBJournal(
+            Sequencer.for_dir(os.path.join(parent, "journal")), os.path.abspath(path)
+        )
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -135,10 +135,18 @@ class Directory:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._journal.flush(self._db)
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                self._journal.end(False)
                 raise
-            self._db.execute("COMMIT")
+            self._journal.end(True)
+
+    def _record(self, kind: str, name: str, **payload: Any) -> None:
+        """Journal a change of the open transaction (``mailgw.model.change``)."""
+        self._journal.record(kind, name, "", payload)
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self._lock:
@@ -199,6 +207,7 @@ class Directory:
         try:
             with self._transaction() as db:
                 db.execute("INSERT INTO domains(name) VALUES (?)", (domain,))
+                self._record(change.DOMAIN_ADDED, "", domain=domain)
         except sqlite3.IntegrityError:
             raise ValueError(f"domain {domain} already exists") from None
         return domain
@@ -222,6 +231,7 @@ class Directory:
             db.execute("DELETE FROM aliases WHERE domain=?", (domain,))
             db.execute("DELETE FROM users WHERE domain=?", (domain,))
             db.execute("DELETE FROM domains WHERE name=?", (domain,))
+            self._record(change.DOMAIN_REMOVED, "", domain=domain, users=users, aliases=aliases)
 
     def list_domains(self) -> list[str]:
         """All local domains, sorted."""
@@ -245,6 +255,7 @@ class Directory:
                     "INSERT INTO users(name, domain, password, quota, enabled) VALUES (?,?,?,?,1)",
                     (name, _split(name)[1], hashed, quota),
                 )
+                self._record(change.USER_CREATED, name, quota=quota)
         except sqlite3.IntegrityError:
             raise ValueError(f"user {name} already exists") from None
         return User(name, quota, True)
@@ -254,6 +265,7 @@ class Directory:
         name = self._existing_user(address)
         with self._transaction() as db:
             db.execute("DELETE FROM users WHERE name=?", (name,))
+            self._record(change.USER_DELETED, name)
 
     def set_password(self, address: str, password: str) -> None:
         """Replace the user's password."""
@@ -262,6 +274,7 @@ class Directory:
         hashed = self._hashing.hash(password)
         with self._transaction() as db:
             db.execute("UPDATE users SET password=? WHERE name=?", (hashed, name))
+            self._record(change.USER_CHANGED, name, password=True)
 
     def set_quota(self, address: str, quota: int | None) -> None:
         """Set the quota in bytes (None: the default applies; 0: unlimited)."""
@@ -269,12 +282,14 @@ class Directory:
         _check_quota(quota)
         with self._transaction() as db:
             db.execute("UPDATE users SET quota=? WHERE name=?", (quota, name))
+            self._record(change.QUOTA_CHANGED, name, quota=quota)
 
     def set_enabled(self, address: str, enabled: bool) -> None:
         """Enable or disable a user (a disabled user cannot log in; mail is still accepted)."""
         name = self._existing_user(address)
         with self._transaction() as db:
             db.execute("UPDATE users SET enabled=? WHERE name=?", (int(enabled), name))
+            self._record(change.USER_CHANGED, name, enabled=enabled)
 
     def list_users(self, domain: str | None = None) -> list[User]:
         """Users of ``domain`` (or all), sorted by name. ValueError for an unknown domain."""
@@ -329,10 +344,11 @@ class Directory:
         if new_hash is not None:
             # Only replace the hash we verified: a concurrent `user passwd` wins.
             with self._transaction() as db:
-                db.execute(
+                if db.execute(
                     "UPDATE users SET password=? WHERE name=? AND password=?",
                     (new_hash, user.name, stored),
-                )
+                ).rowcount:
+                    self._record(change.USER_CHANGED, user.name, password=True, rehash=True)
         return user
 
     def authenticate(self, name: str, password: str | bytes) -> User:
@@ -390,6 +406,7 @@ class Directory:
                     "INSERT INTO aliases(source, destination, domain) VALUES (?,?,?)",
                     (src, dest, _split(src)[1]),
                 )
+                self._record(change.ALIAS_ADDED, src, destination=dest)
         except sqlite3.IntegrityError:
             raise ValueError(f"alias {src} -> {dest} already exists") from None
         return src, dest
@@ -402,11 +419,14 @@ class Directory:
         with self._transaction() as db:
             if destination is None:
                 count = db.execute("DELETE FROM aliases WHERE source=?", (src,)).rowcount
+                dest = None
             else:
                 dest = _destination_key(self._address(destination))
                 count = db.execute(
                     "DELETE FROM aliases WHERE source=? AND destination=?", (src, dest)
                 ).rowcount
+            if count:
+                self._record(change.ALIAS_REMOVED, src, destination=dest, count=count)
         if not count:
             what = src if destination is None else f"{src} -> {destination.strip()}"
             raise ValueError(f"no such alias {what}")

@@ -11,9 +11,11 @@ JSON object per line:
   "user": USER, "ip": IP}`` (reply ``ok`` True when locked out), ``{"op": "auth_failed", "id":
   N, "user": USER, "ip": IP}`` (reply with ``"delay": SECONDS``), ``{"op": "auth_ok", "user":
   USER, "ip": IP}`` (no answer);
-  ``{"op": "changed", "user": USER, "folder": FOLDER}`` (a change in the worker's store).
+  ``{"op": "changed", "user": USER, "folder": FOLDER}`` (a change in the worker's store: a
+  hint; the main process reads what changed from the change journal, ``mailgw.journal``).
 - main -> worker: ``reply`` as above; ``{"op": "changed", ...}`` (a change made elsewhere:
-  another worker, a local delivery, POP3).
+  another worker, a local delivery, POP3, the ``mailgw`` command), one per folder of each
+  journal entry, to every worker but the one that made the change.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from twisted.python.failure import Failure
 from mailgw.config import Config
 from mailgw.directory.penalty import MemoryAuthPenalty, PenaltyPolicy
 from mailgw.imap.factory import SessionLimits
+from mailgw.interfaces import IChangeLog
+from mailgw.model.change import ChangeEntry
 from mailgw.net.limits import ConnectionCounter
 from mailgw.net.listen import ListenerService
 
@@ -165,8 +169,8 @@ class WorkerPool(service.MultiService):
     usual ``file:imap:key: cannot listen`` error, but this process never accepts on them: the
     workers inherit the sockets (``childFDs``) and the kernel spreads the connections among
     them. The pool is the arbiter of ``max_connections_per_ip`` / ``_per_user`` across the
-    workers (a dead worker's share is released) and forwards store changes between them and
-    from this process (``store_changed``, registered with this process's store). A worker that
+    workers (a dead worker's share is released) and forwards the change journal's entries
+    (``changes``: every process's, woken by the workers' hints) to them. A worker that
     ends is restarted after a delay doubling on each quick crash (``restart_delay`` up to
     ``max_restart_delay``). Stopping sends SIGTERM and waits up to ``stop_timeout``, then
     SIGKILL.
@@ -185,6 +189,7 @@ class WorkerPool(service.MultiService):
         stop_timeout: float = 10.0,
         counter: ConnectionCounter | None = None,
         penalty: MemoryAuthPenalty | None = None,
+        changes: IChangeLog | None = None,
     ) -> None:
         super().__init__()
         self.setName("imap workers")
@@ -214,6 +219,11 @@ class WorkerPool(service.MultiService):
         self._quick_failures: dict[int, int] = {}
         self._stopping = False
         self._listener_services: list[ListenerService] = []
+        # The node's change journal: its entries are forwarded (``journal_changed``); a
+        # worker's "changed" is a hint to read it now. Without it, "changed" is forwarded.
+        self.changes = changes
+        if changes is not None:
+            changes.subscribe(self.journal_changed)
         for listener in self.listeners:
             where = f"{config.path}:imap:{listener.key}"
             svc = ListenerService(reactor, listener.description, _NotAccepting(), where)
@@ -365,7 +375,10 @@ class WorkerPool(service.MultiService):
             elif op == "auth_ok":
                 self.penalty.record_success(str(message["user"]), str(message["ip"]))
             elif op == "changed":
-                self._forward(str(message["user"]), str(message["folder"]), worker)
+                if self.changes is not None:
+                    self.changes.wake()
+                else:
+                    self._forward(str(message["user"]), str(message["folder"]), worker)
             elif op == "ready":
                 worker.ready = True
                 log.info(
@@ -394,8 +407,20 @@ class WorkerPool(service.MultiService):
             )
 
     def store_changed(self, user: str, folder: str) -> None:
-        """Listener of this process's store (deliveries, POP3, migration): tell every worker."""
+        """A change made in this process (deliveries, POP3, migration): tell every worker."""
         self._forward(user, folder, None)
+
+    def journal_changed(self, entries: list[ChangeEntry]) -> None:
+        """Subscriber of the change journal: each folder of each entry goes to every worker
+        but the one whose process made the change (its sessions heard of it already)."""
+        told: set[tuple[int, str, str]] = set()
+        for entry in entries:
+            origin = next((w for w in self.workers.values() if w.pid == entry.pid), None)
+            for folder in entry.folders():
+                key = (entry.pid, entry.user, folder)
+                if key not in told:
+                    told.add(key)
+                    self._forward(entry.user, folder, origin)
 
     def _forward(self, user: str, folder: str, origin: WorkerProcess | None) -> None:
         message = {"op": "changed", "user": user, "folder": folder}

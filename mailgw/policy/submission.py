@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
@@ -269,10 +270,9 @@ class HeaderCompleter:
                 head += b"\r\n"
             self._release(head, b"\r\n")
 
-    def commit(self, envelope: object) -> object:
+    def commit(self, envelope: Envelope) -> Deferred[str]:
         self.finish()
-        if isinstance(envelope, Envelope):
-            envelope.size = int(self.incoming.size)  # headers may have been added
+        envelope.size = int(self.incoming.size)  # headers may have been added
         return self.incoming.commit(envelope)
 
     def abort(self) -> None:

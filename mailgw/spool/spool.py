@@ -65,7 +65,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.interfaces import IIncomingMessage, ISpool
-from mailgw.model import Envelope
+from mailgw.model import Envelope, QueuedMessage
 from mailgw.runtime.threads import Runner, run_inline
 from mailgw.spool.queueid import QueueIdGenerator, is_queue_id
 
@@ -82,16 +82,6 @@ MEMORY_LIMIT = 256 * 1024
 
 class CorruptEnvelope(ValueError):
     """The envelope file of a queued message cannot be parsed."""
-
-
-@dataclass(frozen=True)
-class QueuedMessage:
-    """A committed message as found in the spool."""
-
-    queue_id: str
-    state: str
-    envelope: Envelope
-    content_path: str
 
 
 def encode_envelope(envelope: Envelope) -> bytes:

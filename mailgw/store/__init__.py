@@ -1,18 +1,16 @@
-"""Mailbox store: the IMessageStore facade and its tier-1 Maildir++ backend.
+"""Mailbox store: the IMessageStore facade over the tier-1 Maildir++ backend and tier 2.
 
-``MessageStore`` (tier 1, Maildir++ with a per-user SQLite index) is the facade callers use;
-a colder tier and change consumers (IMAP IDLE, mirror sync via ``add_listener``) plug in
-behind/around it without changing callers.
+``MessageStore`` (``mailgw.store.facade``) is what callers use: per-user folders, quota,
+listeners, tiering. Behind it, ``IMessageBackend`` (``backend``) is the seam to the tier-1
+storage, ``MaildirBackend`` (``tier1``: Maildir++ with a per-user SQLite index), and
+``Tier2Placement`` (``tier2``: blobs and manifests). Values live in ``mailgw.model``.
 """
 
 from mailgw.interfaces import MailboxNotFound, QuotaExceeded
-from mailgw.store.maildirstore import (
-    Mailbox,
-    MailboxStatus,
-    MessageInfo,
-    MessageStore,
-    is_disk_full,
-)
+from mailgw.model.message import MailboxStatus, MessageInfo
+from mailgw.store.facade import MessageStore
+from mailgw.store.mailbox import Mailbox
+from mailgw.store.rows import is_disk_full
 
 __all__ = [
     "Mailbox",

@@ -23,13 +23,13 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, cast
 
 import zstandard
 from zope.interface import implementer
 
 from mailgw.interfaces import IBlobStore
+from mailgw.model.blob import BlobRef
 from mailgw.store import maildir
 
 SUFFIX = ".zst"
@@ -55,17 +55,6 @@ class BlobNotFound(BlobError):
     """No blob with that reference."""
 
 
-@dataclass(frozen=True)
-class BlobRef:
-    """A stored blob: ``digest`` (sha256 hex of the logical bytes) and logical ``size``."""
-
-    digest: str
-    size: int
-
-    def __str__(self) -> str:
-        return self.digest
-
-
 def check_digest(ref: BlobRef | str) -> str:
     """The hex digest of ``ref``; ValueError when it is not 64 lower-case hex digits."""
     digest = ref.digest if isinstance(ref, BlobRef) else ref
@@ -88,7 +77,7 @@ class FileBlobStore:
         digest = check_digest(ref)
         return os.path.join(self.root, digest[:2], digest[2:4], digest + SUFFIX)
 
-    def put(self, data: bytes | BinaryIO) -> BlobRef:  # type: ignore[override]
+    def put(self, data: bytes | BinaryIO) -> BlobRef:
         """Store bytes (or a binary file's remaining bytes) and return their reference.
 
         When the blob exists already nothing is written, but its mtime is refreshed so that
@@ -129,7 +118,7 @@ class FileBlobStore:
             raise
         return ref
 
-    def open(self, ref: BlobRef | str) -> BinaryIO:  # type: ignore[override]
+    def open(self, ref: BlobRef | str) -> BinaryIO:
         """A binary file with the blob's bytes, verified against its hash before it is
         returned. BlobNotFound when missing, BlobCorrupt when damaged."""
         digest = check_digest(ref)
@@ -140,9 +129,9 @@ class FileBlobStore:
             out.close()
             raise
         out.seek(0)
-        return out  # type: ignore[return-value]
+        return cast(BinaryIO, out)
 
-    def get(self, ref: BlobRef | str) -> bytes:  # type: ignore[override]
+    def get(self, ref: BlobRef | str) -> bytes:
         """The blob's bytes (verified). BlobNotFound when missing, BlobCorrupt when damaged."""
         digest = check_digest(ref)
         out = io.BytesIO()
@@ -170,7 +159,7 @@ class FileBlobStore:
         if hasher.hexdigest() != digest:
             raise BlobCorrupt(f"blob {digest}: content hash is {hasher.hexdigest()}")
 
-    def exists(self, ref: BlobRef | str) -> bool:  # type: ignore[override]
+    def exists(self, ref: BlobRef | str) -> bool:
         return os.path.exists(self.path(ref))
 
     def stat(self, ref: BlobRef | str) -> tuple[int, float]:
@@ -181,7 +170,7 @@ class FileBlobStore:
             raise BlobNotFound(check_digest(ref)) from None
         return st.st_size, st.st_mtime
 
-    def delete(self, ref: BlobRef | str) -> bool:  # type: ignore[override]
+    def delete(self, ref: BlobRef | str) -> bool:
         """Remove a blob; False when it did not exist."""
         path = self.path(ref)
         try:

@@ -10,11 +10,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+from mailgw.journal.writer import TABLE as JOURNAL_TABLE
+from mailgw.journal.writer import DBJournal
+
 INDEX_NAME = "mailgw-index.sqlite"
 SCHEMA_VERSION = "1"
 BUSY_TIMEOUT = 30.0
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -72,6 +76,8 @@ CREATE INDEX IF NOT EXISTS messages_blob ON messages(blob) WHERE blob IS NOT NUL
 CREATE INDEX IF NOT EXISTS messages_modseq ON messages(mailbox, modseq);
 CREATE INDEX IF NOT EXISTS tombstones_modseq ON tombstones(mailbox, modseq);
 """
+    + JOURNAL_TABLE
+)
 
 # Columns added after schema 1 was released: (table, column, declaration).
 _ADDED_COLUMNS = (
@@ -98,6 +104,9 @@ class UserIndex:
         # (folder id -> records), and the hook that writes them just before COMMIT.
         self.pending: dict[int, list[dict[str, Any]]] = {}
         self.before_commit: Callable[[sqlite3.Connection], None] | None = None
+        # The change journal of this index (``mailgw.journal``): entries recorded in the open
+        # write transaction are numbered and inserted just before its COMMIT.
+        self.journal: DBJournal | None = None
         self.conn = sqlite3.connect(
             path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
         )
@@ -132,23 +141,32 @@ class UserIndex:
     def write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction (``BEGIN IMMEDIATE``): committed on success, rolled back on
         any exception. ``before_commit`` (when set) runs inside it, just before COMMIT, when
-        the transaction changed something."""
+        the transaction changed something; then the journal entries it recorded are written
+        (``DBJournal.flush``: the node's sequencer lock is held from there to the end)."""
         with self.lock:
             self.conn.execute("BEGIN IMMEDIATE")
             self.pending = {}
             changes = self.conn.total_changes
+            journal = self.journal
             try:
                 yield self.conn
                 if self.before_commit is not None and (
                     self.pending or self.conn.total_changes != changes
                 ):
                     self.before_commit(self.conn)
+                if journal is not None:
+                    journal.flush(self.conn)
+                self.pending = {}
+                self.conn.execute("COMMIT")
             except BaseException:
                 self.pending = {}
-                self.conn.execute("ROLLBACK")
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                if journal is not None:
+                    journal.end(False)
                 raise
-            self.pending = {}
-            self.conn.execute("COMMIT")
+            if journal is not None:
+                journal.end(True)
 
     def log(self, mailbox: int, record: dict[str, Any]) -> None:
         """Queue a record for the tier-2 manifest of folder ``mailbox`` (inside ``write``)."""

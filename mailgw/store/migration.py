@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from mailgw.interfaces import MailboxNotFound
 from mailgw.store.blobs import BlobError, FileBlobStore, ref_parts, split_ref
-from mailgw.store.maildirstore import MessageStore
+from mailgw.store.facade import MessageStore
 
 log = Logger()
 

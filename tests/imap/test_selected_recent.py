@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mailgw.store import MessageStore, maildirstore
+from mailgw.store import MailboxNotFound, MessageStore
+from mailgw.store.index import UserIndex
 from tests.imap.imap_env import Env
 
 ALICE = "alice@example.test"
@@ -66,13 +67,13 @@ def test_claims_write_only_when_something_is_new(
     box = store.open_mailbox(ALICE)
     uids = [box.append(b"Subject: x\r\n\r\nx\r\n") for _ in range(3)]
     writes: list[int] = []
-    original = maildirstore.UserIndex.write
+    original = UserIndex.write
 
-    def counting(self: maildirstore.UserIndex) -> object:
+    def counting(self: UserIndex) -> object:
         writes.append(1)
         return original(self)
 
-    monkeypatch.setattr(maildirstore.UserIndex, "write", counting)
+    monkeypatch.setattr(UserIndex, "write", counting)
     assert box.unclaimed_recent(uids) == {1, 2, 3} and writes == []
     assert box.claim_recent(uids) == {1, 2, 3} and len(writes) == 1
     assert box.claim_recent(uids) == set() and len(writes) == 1
@@ -102,7 +103,7 @@ def test_the_mark_survives_a_restart_and_is_per_folder(tmp_path: Path) -> None:
         assert again.open_mailbox(ALICE).claim_recent([1]) == set()
         assert again.open_mailbox(ALICE, "Work").claim_recent([1]) == {1}
         again.delete_mailbox(ALICE, "Work")
-        with pytest.raises(maildirstore.MailboxNotFound):
+        with pytest.raises(MailboxNotFound):
             work.recent_count()
     finally:
         again.close()

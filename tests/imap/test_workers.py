@@ -436,8 +436,9 @@ def test_node_with_workers_hands_both_listeners_to_the_pool(
         f"{path}:imap:listen",
         f"{path}:imap:listen_tls",
     ]
-    # Changes in the main process's store (deliveries, POP3) go to the workers.
-    assert pool.store_changed in node.store._listeners
+    # The change journal's entries (deliveries, POP3, other workers) go to the workers.
+    assert pool.changes is node.store.changes
+    assert pool.journal_changed in node.store.changes._subscribers
 
 
 def test_node_with_zero_workers_shares_one_count(tmp_path: Path) -> None:

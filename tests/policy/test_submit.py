@@ -197,9 +197,9 @@ def test_the_node_gives_the_webmail_a_submitter_sharing_the_smtp_pipeline(
     tmp_path: Path,
 ) -> None:
     from mailgw.config import load
+    from mailgw.runtime.threads import run_inline
     from mailgw.service import Node
     from mailgw.smtp.roles.submission import SubmissionFactory
-    from mailgw.runtime.threads import run_inline
 
     path = tmp_path / "mailgw.ini"
     path.write_text(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mailgw.store import MessageStore, maildirstore
+from mailgw.store import MailboxNotFound, MessageInfo, MessageStore, mailbox, rows
 from mailgw.store.index import INDEX_NAME
 
 USER = "alice@example.test"
@@ -27,14 +27,14 @@ def store(tmp_path: Path) -> Iterator[MessageStore]:
 def rows_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """UIDs of the index rows turned into MessageInfo (every row a refresh reads)."""
     seen: list[int] = []
-    original = maildirstore._info_from_row
+    original = mailbox.info_from_row
 
-    def counting(row: object) -> maildirstore.MessageInfo:
+    def counting(row: object) -> MessageInfo:
         info = original(row)  # type: ignore[arg-type]
         seen.append(info.uid)
         return info
 
-    monkeypatch.setattr(maildirstore, "_info_from_row", counting)
+    monkeypatch.setattr(mailbox, "info_from_row", counting)
     return seen
 
 
@@ -228,7 +228,7 @@ def test_open_without_snapshot_reads_no_row_until_asked(
     assert box.uidnext == 7 and rows_read == []
     assert [i.uid for i in box.messages()] == [1, 2, 3, 4, 5, 6]
     assert {i.uid: i.flags for i in box.messages()}[6] == {"\\Seen"}
-    with pytest.raises(maildirstore.MailboxNotFound):
+    with pytest.raises(MailboxNotFound):
         store.open_mailbox(USER, "Nope", snapshot=False)
 
 
@@ -238,7 +238,7 @@ def test_refresh_of_a_deleted_folder_raises(store: MessageStore) -> None:
     with index(store) as conn:  # the row vanished (another process deleted the folder)
         conn.execute("DELETE FROM mailboxes WHERE name = 'Gone'")
     conn.close()
-    with pytest.raises(maildirstore.MailboxNotFound):
+    with pytest.raises(MailboxNotFound):
         box.refresh()
 
 
@@ -248,11 +248,11 @@ def test_flag_sets_are_shared_and_their_table_bounded(
     box = store.open_mailbox(USER)
     for flags in (["\\Seen"], ["\\Seen"], ["$A"], ["$B"], ["\\Seen"]):
         box.append(MSG, flags)
-    monkeypatch.setattr(maildirstore, "_FLAG_SETS_MAX", 2)
-    maildirstore._FLAG_SETS.clear()
+    monkeypatch.setattr(rows, "_FLAG_SETS_MAX", 2)
+    rows._FLAG_SETS.clear()
     elsewhere = other_store(store)
     infos = elsewhere.open_mailbox(USER).messages()
     assert infos[0].flags is infos[1].flags  # one frozenset per distinct flag text
     assert [set(i.flags) for i in infos] == [{"\\Seen"}, {"\\Seen"}, {"$A"}, {"$B"}, {"\\Seen"}]
-    assert len(maildirstore._FLAG_SETS) <= 2
+    assert len(rows._FLAG_SETS) <= 2
     elsewhere.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mailgw.store import MessageStore, maildirstore
+from mailgw.store import MessageStore, rows
 from mailgw.store.blobs import FileBlobStore
 from mailgw.store.index import INDEX_NAME, UserIndex
 
@@ -52,13 +52,13 @@ def zones(store: MessageStore, folder: str = "INBOX") -> list[tuple[float, int]]
 
 
 def test_split_internaldate() -> None:
-    assert maildirstore.split_internaldate(None) == (None, None)
-    assert maildirstore.split_internaldate(WHEN) == (WHEN.timestamp(), -300)
-    assert maildirstore.split_internaldate(1_600_000_000) == (1_600_000_000.0, 0)
+    assert rows.split_internaldate(None) == (None, None)
+    assert rows.split_internaldate(WHEN) == (WHEN.timestamp(), -300)
+    assert rows.split_internaldate(1_600_000_000) == (1_600_000_000.0, 0)
     plus = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone(datetime.timedelta(minutes=345)))
-    assert maildirstore.split_internaldate(plus)[1] == 345
+    assert rows.split_internaldate(plus)[1] == 345
     with pytest.raises(ValueError, match="no time zone"):
-        maildirstore.split_internaldate(datetime.datetime(2020, 1, 1))
+        rows.split_internaldate(datetime.datetime(2020, 1, 1))
 
 
 def test_append_keeps_the_zone_through_copy_move_and_reopen(
@@ -176,9 +176,9 @@ def test_old_index_without_the_column_upgrades_with_zero(tmp_path: Path) -> None
     index = UserIndex(path)
     try:
         row = index.conn.execute(
-            f"SELECT {maildirstore._ROW_COLUMNS} FROM messages WHERE uid = 7"
+            f"SELECT {rows.ROW_COLUMNS} FROM messages WHERE uid = 7"
         ).fetchone()
-        info = maildirstore._info_from_row(row)
+        info = rows.info_from_row(row)
         assert (info.uid, info.internaldate, info.internaldate_tz) == (7, 1600000000.5, 0)
     finally:
         index.close()

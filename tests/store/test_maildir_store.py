@@ -15,7 +15,7 @@ import pytest
 from zope.interface.verify import verifyObject
 
 from mailgw.interfaces import IMailbox, IMessageStore, MailboxNotFound, QuotaExceeded
-from mailgw.store import MessageInfo, MessageStore, maildir, maildirstore
+from mailgw.store import MessageInfo, MessageStore, mailbox, maildir, tier1
 from mailgw.store.index import INDEX_NAME
 from mailgw.testing.fakes import CallsFromThreads, Quotas
 
@@ -703,9 +703,9 @@ def test_store_reopens_after_close(store: MessageStore, spool: Path) -> None:
 
 def test_racy_mtimes_are_not_trusted() -> None:
     now = time.time_ns()
-    assert maildirstore.MessageStore._settled((now, now - 10 * maildirstore.RACY_NS)) == (
+    assert tier1.MaildirBackend.settled((now, now - 10 * tier1.RACY_NS)) == (
         -1,
-        now - 10 * maildirstore.RACY_NS,
+        now - 10 * tier1.RACY_NS,
     )
 
 
@@ -806,7 +806,7 @@ def test_own_writes_are_not_followed_by_a_directory_listing(
         return real(path)
 
     monkeypatch.setattr(maildir, "list_files", counting)
-    monkeypatch.setattr(maildirstore, "SCAN_INTERVAL_NS", 10**15)  # no periodic check here
+    monkeypatch.setattr(tier1, "SCAN_INTERVAL_NS", 10**15)  # no periodic check here
     uid2 = box.append(MSG + b"2")
     box.set_flags([uid], ["\\Seen"], "add")
     box.expunge([uid2])
@@ -827,10 +827,10 @@ def test_foreign_file_hidden_by_an_unchanged_mtime_is_found(
     (md / "new" / "1700000000.foreign.host").write_bytes(MSG + b"foreign")
     for sub, ns in zip(("new", "cur"), recorded, strict=True):
         os.utime(md / sub, ns=(ns, ns))
-    monkeypatch.setattr(maildirstore, "SCAN_INTERVAL_NS", 10**15)
+    monkeypatch.setattr(tier1, "SCAN_INTERVAL_NS", 10**15)
     box.refresh()
     assert len(box.messages()) == 1  # trusted for now: a mailgw writer recorded these mtimes
-    monkeypatch.setattr(maildirstore, "SCAN_INTERVAL_NS", 0)  # the periodic check is due
+    monkeypatch.setattr(tier1, "SCAN_INTERVAL_NS", 0)  # the periodic check is due
     box.refresh()
     assert len(box.messages()) == 2
 
@@ -842,7 +842,7 @@ def test_recorded_mtimes_are_verified_once_settled(
     box.append(MSG)
     md = maildir_of(root)
     (md / "new" / "1700000000.foreign.host").write_bytes(MSG + b"foreign")
-    past = time.time_ns() - 10 * maildirstore.RACY_NS
+    past = time.time_ns() - 10 * tier1.RACY_NS
     index = sqlite3.connect(md / INDEX_NAME)
     with index:  # as recorded by a writer, long ago: settled but not verified
         index.execute(
@@ -853,7 +853,7 @@ def test_recorded_mtimes_are_verified_once_settled(
     index.close()
     for sub in ("new", "cur"):
         os.utime(md / sub, ns=(past, past))
-    monkeypatch.setattr(maildirstore, "SCAN_INTERVAL_NS", 10**15)
+    monkeypatch.setattr(tier1, "SCAN_INTERVAL_NS", 10**15)
     box.refresh()
     assert len(box.messages()) == 2
     verified = (
@@ -869,7 +869,7 @@ def test_append_messages_is_all_or_nothing(
 ) -> None:
     uidvalidity, uids = store.append_messages(USER, "INBOX", [(MSG, ["\\Seen"], None)] * 2)
     assert uidvalidity == store.open_mailbox(USER).uidvalidity and len(uids) == 2
-    real = maildirstore.Mailbox.append
+    real = mailbox.Mailbox.append
     calls: list[int] = []
 
     def failing_second(self: Any, data: bytes, flags: Any = (), when: Any = None) -> int:
@@ -878,7 +878,7 @@ def test_append_messages_is_all_or_nothing(
             raise OSError("disk full")
         return real(self, data, flags, when)
 
-    monkeypatch.setattr(maildirstore.Mailbox, "append", failing_second)
+    monkeypatch.setattr(mailbox.Mailbox, "append", failing_second)
     with pytest.raises(OSError):
         store.append_messages(USER, "INBOX", [(MSG, [], None), (MSG, [], None)])
     assert [m.uid for m in store.open_mailbox(USER).messages()] == uids  # the first went again

@@ -12,9 +12,8 @@ import pytest
 from twisted.internet.task import Clock
 
 from mailgw.runtime.threads import run_inline
-from mailgw.store import MessageStore
+from mailgw.store import MessageStore, tier1, tier2
 from mailgw.store import blobs as blobs_mod
-from mailgw.store import maildirstore as mds
 from mailgw.store.blobs import (
     BlobCorrupt,
     BlobNotFound,
@@ -242,7 +241,7 @@ def test_crash_after_switch_before_unlink(
     def crash(self: Any, f: Any, filename: str) -> None:
         raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(mds.MessageStore, "_unlink_message", crash)
+    monkeypatch.setattr(tier1.MaildirBackend, "unlink", crash)
     with pytest.raises(KeyboardInterrupt):
         store.migrate_message(USER, "INBOX", uid)
     monkeypatch.undo()
@@ -343,7 +342,7 @@ def test_expunge_of_tier2_message_removes_leftover(
 ) -> None:
     box = store.open_mailbox(USER)
     uid = box.append(MSG)
-    monkeypatch.setattr(mds.MessageStore, "_unlink_message", lambda *a: None)
+    monkeypatch.setattr(tier1.MaildirBackend, "unlink", lambda *a: None)
     store.migrate_message(USER, "INBOX", uid)
     monkeypatch.undo()
     assert len(folder_files(store)) == 1
@@ -597,7 +596,7 @@ def test_legacy_whole_message_rows_still_read(
     box = store.open_mailbox(USER)
     old = box.append(trace(USER, 1) + MSG)
     new = box.append(trace(USER, 2) + MSG)
-    monkeypatch.setattr(mds.blobs, "put_message", whole)
+    monkeypatch.setattr(tier2.blobs, "put_message", whole)
     assert store.migrate_message(USER, "INBOX", old)
     monkeypatch.undo()
     assert store.migrate_message(USER, "INBOX", new)

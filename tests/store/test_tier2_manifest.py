@@ -328,7 +328,7 @@ def test_promoted_message_leaves_the_manifest(
 CHILD = textwrap.dedent(
     """
     import os, signal, sys
-    from mailgw.store import MessageStore, maildirstore, blobs as blobs_mod
+    from mailgw.store import MessageStore, blobs as blobs_mod, tier1, tier2 as tier2_mod
     from mailgw.store.blobs import FileBlobStore
     from mailgw.store.migration import MigrationPolicy, Migrator
 
@@ -352,13 +352,14 @@ CHILD = textwrap.dedent(
             return func(*args, **kwargs)
         return wrapper
 
-    S = maildirstore.MessageStore
     if point == "blob":  # blobs written, index not switched
         blobs_mod.put_message = die_after(blobs_mod.put_message)
     elif point == "manifest":  # manifest record fsynced, COMMIT not done
-        S._append_manifest = die_after(S._append_manifest)
+        P = tier2_mod.Tier2Placement
+        P._append_manifest = die_after(P._append_manifest)
     elif point == "unlink":  # COMMIT done, Maildir file not unlinked
-        S._unlink_message = die_before(S._unlink_message)
+        B = tier1.MaildirBackend
+        B.unlink = die_before(B.unlink)
     store = MessageStore(root, lambda u: None, hostname="mx", tier2=FileBlobStore(tier2))
     Migrator(store, MigrationPolicy(after=1.0), clock=lambda: 4e9).run()
     """
