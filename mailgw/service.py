@@ -62,9 +62,11 @@ class Node(service.MultiService):
         self.store = build_store(config, self.directory, reactor, tier2)
         from mailgw.journal.changelog import JournalTail
 
-        JournalTail(
+        # Before every role: the node's change journal, read by IMAP (and next, replication).
+        self.journal_tail = JournalTail(
             self.store.changes, config.store.journal_poll_interval, config.store.journal_retention
-        ).setServiceParent(self)
+        )
+        self.journal_tail.setServiceParent(self)
         self.tls_options = build_tls_options(config)  # SMTP's (no ALPN ID); POP3, IMAP: theirs
         self.submission_policy: Any = None  # set by the submission role
         self.submitter: Any = None  # set by the submission role: the webmail's way to submit

@@ -85,7 +85,8 @@ def test_the_node_runs_the_services_of_its_enabled_roles_in_registry_order(
     enabled = [r.name for r in ROLES if r.name != "imap-workers"]
     assert list(node.role_services) == enabled
     assert set(node.parts) == set(enabled)
-    assert list(node) == [s for services in node.role_services.values() for s in services]
+    roles = [s for services in node.role_services.values() for s in services]
+    assert list(node) == [node.journal_tail, *roles]  # the journal's tail, then the roles
     counts = {name: len(services) for name, services in node.role_services.items()}
     assert counts == {
         "migration": 1,
@@ -120,7 +121,8 @@ def test_a_role_disabled_in_the_config_builds_nothing(
     node = Node(config, Clock())
     everything = {r.name for r in ROLES} - {"imap-workers"}
     assert set(node.role_services) == set(node.parts) == everything - gone
-    assert list(node) == [s for services in node.role_services.values() for s in services]
+    roles = [s for services in node.role_services.values() for s in services]
+    assert list(node) == [node.journal_tail, *roles]
     wheres = {getattr(s, "where", "").split(":")[-2] for s in node if hasattr(s, "where")}
     if section != "store" and section != "relay":
         assert section not in wheres  # no listener of the role
@@ -174,7 +176,7 @@ def test_a_registered_role_plugs_into_the_node(tmp_path: Path) -> None:
     registry.check()
     node = Node(write_config(tmp_path, ""), Clock(), roles=registry)
     assert built == ["second", "first"]
-    assert [s.name for s in node] == ["first", "second"]
+    assert [s.name for s in node][1:] == ["first", "second"]  # after the journal's tail
     assert node.counters == {} and node.delivery is None and node.relay is None
 
 

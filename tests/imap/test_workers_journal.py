@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mailgw.imap.workers import Listener, WorkerPool
+from mailgw.imap.worker_pool import Listener, WorkerPool
 
 from mailgw.config import load
 from mailgw.journal import ChangeLog

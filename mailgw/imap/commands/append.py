@@ -14,7 +14,7 @@ from mailgw.imap import wire
 from mailgw.imap.commands.registry import Command
 from mailgw.imap.states import AUTH
 from mailgw.interfaces import MailboxNotFound, QuotaExceeded
-from mailgw.store.maildirstore import is_disk_full
+from mailgw.store.rows import is_disk_full
 
 if TYPE_CHECKING:
     from mailgw.imap.session import IMAPServer
