@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mailgw.imap.worker_pool import Listener, WorkerPool
-
 from mailgw.config import load
+from mailgw.imap.worker_pool import Listener, WorkerPool
 from mailgw.journal import ChangeLog
 from mailgw.model.change import ChangeEntry
 from tests.imap.test_workers import FakeReactor, config_file, control, sent
