@@ -176,9 +176,10 @@ class Sequencer:
         if sync:
             os.fsync(self._fd)
 
-    def allocate(self, count: int, db: str) -> int:
+    def allocate(self, count: int, db: str, above: int = 0) -> int:
         """Under the lock: reserve ``count`` numbers for database ``db`` (relative to the data
-        directory) and route them; returns the first."""
+        directory) and route them; returns the first, which is greater than ``above`` (the
+        highest number already in ``db``)."""
         state = self._read_state(self._fd)
         sync = False
         if state.boot != BOOT_ID or not BOOT_ID:
@@ -188,7 +189,7 @@ class Sequencer:
             state.next = max(state.next, state.mark, 1)
             state.boot = BOOT_ID
             sync = True
-        first = state.next
+        first = state.next = max(state.next, above + 1)
         state.next += count
         if state.next > state.mark or sync:
             state.mark = state.next + RESERVE

@@ -72,7 +72,11 @@ class DBJournal:
         pending, self._pending = self._pending, []
         self.sequencer.begin()
         try:
-            first = self.sequencer.allocate(len(pending), self.db)
+            # A database copied or restored from another data directory (a backup, a moved
+            # user) brings journal rows numbered by that node: number above them, so the
+            # node's sequence stays unique in every database and still only grows.
+            (above,) = conn.execute("SELECT coalesce(max(seq), 0) FROM journal").fetchone()
+            first = self.sequencer.allocate(len(pending), self.db, above=int(above))
             now = time.time()
             pid = self.sequencer.pid
             entries = [

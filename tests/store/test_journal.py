@@ -4,10 +4,12 @@ with a node-wide sequence number in the mutation's own SQLite transaction."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -197,6 +199,28 @@ def test_store_and_directory_share_one_sequence(tmp_path: Path) -> None:
 
 
 # -- sequence numbers -----------------------------------------------------------------------------
+
+
+def test_an_index_copied_from_another_node_is_numbered_above_its_rows(tmp_path: Path) -> None:
+    """A user's index restored from elsewhere (here: a whole mail root copied, as
+    bench/store_tiers.py does) keeps its journal rows; new entries go above them."""
+    first = tmp_path / "first"
+    store = make_store(first)
+    for _ in range(3):
+        deliver(store, tmp_path)
+    store.close()
+    copied_max = max(e.seq for e in changelog(first).read(0))
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copytree(first / "mail", second / "mail")  # the journal/ sequencer is not copied
+    store = make_store(second)
+    deliver(store, tmp_path)  # numbered 1.. by the new node's sequencer, but above the copy
+    store.close()
+    with closing(sqlite3.connect(index_of(second))) as c:
+        seqs = [row[0] for row in c.execute("SELECT seq FROM journal ORDER BY seq")]
+    assert len(seqs) == len(set(seqs)) and seqs[-1] > copied_max
+    assert [e.kind for e in changelog(second).read(copied_max)] == ["message.added"]
+
 
 WRITER = """
 import sys
