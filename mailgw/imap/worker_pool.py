@@ -46,6 +46,8 @@ from mailgw.net.listen import ListenerService
 
 log = Logger()
 
+HINT_COALESCE = 0.005
+"""Seconds a worker's "changed" hint waits for others before the journal is read."""
 WORKER_MODULE = "mailgw.imap.worker_process"
 MAX_CONTROL_LINE = 65536
 """Longest line kept whole on a control or log pipe; longer ones are cut there."""
@@ -222,6 +224,7 @@ class WorkerPool(service.MultiService):
         # The node's change journal: its entries are forwarded (``journal_changed``); a
         # worker's "changed" is a hint to read it now. Without it, "changed" is forwarded.
         self.changes = changes
+        self._wake: IDelayedCall | None = None
         if changes is not None:
             changes.subscribe(self.journal_changed)
         for listener in self.listeners:
@@ -323,6 +326,8 @@ class WorkerPool(service.MultiService):
             if call.active():
                 call.cancel()
         self._restarts.clear()
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
         running = list(self.workers.values())
         for worker in running:
             worker.signal("TERM")
@@ -376,7 +381,7 @@ class WorkerPool(service.MultiService):
                 self.penalty.record_success(str(message["user"]), str(message["ip"]))
             elif op == "changed":
                 if self.changes is not None:
-                    self.changes.wake()
+                    self._hinted()
                 else:
                     self._forward(str(message["user"]), str(message["folder"]), worker)
             elif op == "ready":
@@ -409,6 +414,18 @@ class WorkerPool(service.MultiService):
     def store_changed(self, user: str, folder: str) -> None:
         """A change made in this process (deliveries, POP3, migration): tell every worker."""
         self._forward(user, folder, None)
+
+    def _hinted(self) -> None:
+        """A worker changed the store: read the journal soon. Hints that arrive together
+        (a busy node sends hundreds a second) are read in one pass ``HINT_COALESCE`` later,
+        instead of one journal read per hint."""
+        if self._wake is None or not self._wake.active():
+            self._wake = self.reactor.callLater(HINT_COALESCE, self._wake_journal)
+
+    def _wake_journal(self) -> None:
+        self._wake = None
+        if self.changes is not None:
+            self.changes.wake()
 
     def journal_changed(self, entries: list[ChangeEntry]) -> None:
         """Subscriber of the change journal: each folder of each entry goes to every worker

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mailgw.config import load
-from mailgw.imap.worker_pool import Listener, WorkerPool
+from mailgw.imap.worker_pool import HINT_COALESCE, Listener, WorkerPool
 from mailgw.journal import ChangeLog
 from mailgw.model.change import ChangeEntry
 from tests.imap.test_workers import FakeReactor, config_file, control, sent
@@ -62,5 +62,12 @@ def test_a_workers_changed_message_is_a_hint_to_read_the_journal(tmp_path: Path)
     woken: list[None] = []
     changes.wake = lambda: woken.append(None)  # type: ignore[method-assign]
     control(workers[1], op="changed", user="alice", folder="INBOX")
+    control(workers[2], op="changed", user="alice", folder="Sent")
+    assert woken == []  # hints arriving together are read in one pass, a moment later
+    assert isinstance(pool.reactor, FakeReactor)
+    pool.reactor.advance(HINT_COALESCE)
     assert woken == [None]
     assert [sent(w) for w in workers] == [[], [], []]  # nothing forwarded unread
+    control(workers[1], op="changed", user="alice", folder="INBOX")
+    pool.reactor.advance(HINT_COALESCE)
+    assert woken == [None, None]
