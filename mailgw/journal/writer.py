@@ -59,6 +59,9 @@ class DBJournal:
         self._pending: list[tuple[str, str, str, Mapping[str, Any]]] = []
         self._held: list[ChangeEntry] | None = None
         self._next_prune = 0.0
+        # The highest number the database held when this writer first numbered (None: not
+        # looked yet). Once the node's counter has passed it, every later number is above it.
+        self._found: int | None = None
 
     def record(self, kind: str, user: str, folder: str, payload: Mapping[str, Any]) -> None:
         """Queue an entry of the open transaction."""
@@ -74,9 +77,12 @@ class DBJournal:
         try:
             # A database copied or restored from another data directory (a backup, a moved
             # user) brings journal rows numbered by that node: number above them, so the
-            # node's sequence stays unique in every database and still only grows.
-            (above,) = conn.execute("SELECT coalesce(max(seq), 0) FROM journal").fetchone()
-            first = self.sequencer.allocate(len(pending), self.db, above=int(above))
+            # node's sequence stays unique in every database and still only grows. Rows can
+            # only come from outside before the database is opened: look once per writer.
+            if self._found is None:
+                (found,) = conn.execute("SELECT coalesce(max(seq), 0) FROM journal").fetchone()
+                self._found = int(found)
+            first = self.sequencer.allocate(len(pending), self.db, above=self._found)
             now = time.time()
             pid = self.sequencer.pid
             entries = [
