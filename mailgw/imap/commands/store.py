@@ -14,6 +14,7 @@ from mailgw.interfaces import IMailbox, IMessageStore, MailboxNotFound, QuotaExc
 from mailgw.store.maildir import normalize_flags
 
 if TYPE_CHECKING:
+    from mailgw.imap.selected import SelectedMailbox
     from mailgw.imap.session import IMAPServer
 
 _STORE_MODES = {"": "set", "+": "add", "-": "remove"}
@@ -28,10 +29,18 @@ def _modseq_code(session: IMAPServer) -> bytes | None:
     return wire.code_highestmodseq(sel.mailbox.highestmodseq)
 
 
-def expunge(session: IMAPServer, tag: str, command: p.Expunge) -> None:
+def _writable(session: IMAPServer, tag: str) -> SelectedMailbox | None:
+    """The selected mailbox when it may be changed; else answer ``NO [READ-ONLY]``."""
     sel = session.sel()
     if sel.readonly:
         session.no(tag, "Mailbox is read-only", wire.READ_ONLY)
+        return None
+    return sel
+
+
+def expunge(session: IMAPServer, tag: str, command: p.Expunge) -> None:
+    sel = _writable(session, tag)
+    if sel is None:
         return
     only = None
     if command.uids is not None:
@@ -41,9 +50,8 @@ def expunge(session: IMAPServer, tag: str, command: p.Expunge) -> None:
 
 
 def store(session: IMAPServer, tag: str, command: p.Store) -> None:
-    sel = session.sel()
-    if sel.readonly:
-        session.no(tag, "Mailbox is read-only", wire.READ_ONLY)
+    sel = _writable(session, tag)
+    if sel is None:
         return
     uids = session.resolve(tag, command.sequence, command.uid)
     if uids is None:
@@ -142,9 +150,8 @@ def copy(session: IMAPServer, tag: str, command: p.Copy) -> None:
 
 
 def move(session: IMAPServer, tag: str, command: p.Move) -> None:
-    sel = session.sel()
-    if sel.readonly:
-        session.no(tag, "Mailbox is read-only", wire.READ_ONLY)
+    sel = _writable(session, tag)
+    if sel is None:
         return
     uids = session.resolve(tag, command.sequence, command.uid)
     if uids is None:
