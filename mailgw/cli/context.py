@@ -51,17 +51,10 @@ class Context:
     @property
     def directory(self) -> Any:
         if self._directory is None:
-            from mailgw.directory import Directory
+            from mailgw.runtime.process import build_directory
 
-            config = self.config
-            self._directory = Directory(
-                os.path.join(config.server.data_dir, "directory.sqlite"),
-                recipient_delimiter=config.directory.recipient_delimiter,
-                argon2_time_cost=config.directory.argon2_time_cost,
-                argon2_memory_kib=config.directory.argon2_memory_kib,
-                default_quota=config.store.default_quota,
-                postmaster=config.server.postmaster,
-            )
+            # The same directory as the server's (no reactor: the command blocks).
+            self._directory = build_directory(self.config, None)
         return self._directory
 
     def close(self) -> None:
