@@ -91,11 +91,15 @@ class Tier2Placement:
         Returns True when the message moved, False when it was gone or already in tier 2.
         Raises MailboxNotFound, OSError."""
         tier2 = self.store()
-        with u.lock:
-            row = u.index.conn.execute(
+
+        def tier1_row() -> Any:
+            return u.index.conn.execute(
                 "SELECT filename, size, blob FROM messages WHERE mailbox = ? AND uid = ?",
                 (f.id, uid),
             ).fetchone()
+
+        with u.lock:
+            row = tier1_row()
         if row is None or row[2] is not None:
             return False
         try:
@@ -104,10 +108,7 @@ class Tier2Placement:
             # Renamed by a flag change meanwhile: ask the index again.
             with u.lock:
                 self.tier1.sync(u, f)
-                row = u.index.conn.execute(
-                    "SELECT filename, size, blob FROM messages WHERE mailbox = ? AND uid = ?",
-                    (f.id, uid),
-                ).fetchone()
+                row = tier1_row()
             if row is None or row[2] is not None:
                 return False
             try:
