@@ -75,6 +75,10 @@ class SessionLimits:
         else:
             del self._users[user]
 
+    def connections_held(self, holder: Hashable) -> int:
+        """How many connections ``holder`` holds (open and not yet closed)."""
+        return sum(self._held_ips.get(holder, Counter()).values())
+
     def connections_from(self, ip: str) -> int:
         return self._ips.count(ip)
 

@@ -13,7 +13,8 @@ JSON object per line:
   USER, "ip": IP}`` (no answer);
   ``{"op": "changed", "user": USER, "folder": FOLDER}`` (a change in the worker's store: a
   hint; the main process reads what changed from the change journal, ``mailgw.journal``).
-- main -> worker: ``reply`` as above; ``{"op": "changed", ...}`` (a change made elsewhere:
+- main -> worker: ``reply`` as above; ``{"op": "accept", "on": B}`` (stop or go on accepting
+  connections: the least-connections balance, ``BALANCE_SLACK``); ``{"op": "changed", ...}`` (a change made elsewhere:
   another worker, a local delivery, POP3, the ``mailgw`` command), one per folder of each
   journal entry, to every worker but the one that made the change.
 """
@@ -53,6 +54,9 @@ MAX_CONTROL_LINE = 65536
 """Longest line kept whole on a control or log pipe; longer ones are cut there."""
 FIRST_FD = 3
 """The first file descriptor of the inherited listening sockets in a worker."""
+BALANCE_SLACK = 2
+"""A ready worker stops accepting while it holds more than this many connections above the
+least-loaded ready worker: new connections go to the others (least connections, within this)."""
 STABLE_AFTER = 10.0
 """A worker that ran this long before it ended is restarted at once (no backoff)."""
 
@@ -122,6 +126,7 @@ class WorkerProcess(ProcessProtocol):
         self.started = pool.reactor.seconds()
         self.ready = False
         self.alive = True
+        self.accepting = True
         self.ended: defer.Deferred[None] = defer.Deferred()
         self._control = LineBuffer()
         self._log = LineBuffer()
@@ -294,6 +299,7 @@ class WorkerPool(service.MultiService):
         self.limits.release(worker)
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
+        self.balance()  # the dead worker no longer counts as the least loaded
         how = describe_end(reason)
         if self._stopping:
             log.info(
@@ -363,9 +369,11 @@ class WorkerPool(service.MultiService):
             op = message["op"]
             if op == "open":
                 ok = self.limits.open(str(message["ip"]), worker)
+                self.balance()  # before the reply: the next connection already sees it
                 worker.send({"op": "reply", "id": message["id"], "ok": ok})
             elif op == "close":
                 self.limits.close(str(message["ip"]), worker)
+                self.balance()
             elif op == "login":
                 ok = self.limits.login(str(message["user"]), worker)
                 worker.send({"op": "reply", "id": message["id"], "ok": ok})
@@ -386,6 +394,7 @@ class WorkerPool(service.MultiService):
                     self._forward(str(message["user"]), str(message["folder"]), worker)
             elif op == "ready":
                 worker.ready = True
+                self.balance()
                 log.info(
                     "imap worker {index} (pid {pid}) ready", index=worker.index, pid=worker.pid
                 )
@@ -399,6 +408,21 @@ class WorkerPool(service.MultiService):
                 line=line[:200],
                 error=e,
             )
+
+    def balance(self) -> None:
+        """Least connections: a ready worker holding more than ``BALANCE_SLACK`` connections
+        above the least-loaded ready one stops accepting until the others catch up (the
+        kernel hands a connection on the shared sockets to whichever worker wakes first)."""
+        ready = [w for w in self.workers.values() if w.ready and w.alive]
+        if not ready:
+            return
+        held = {w: self.limits.connections_held(w) for w in ready}
+        least = min(held.values())
+        for worker, n in held.items():
+            accepting = n <= least + BALANCE_SLACK
+            if accepting != worker.accepting:
+                worker.accepting = accepting
+                worker.send({"op": "accept", "on": accepting})
 
     def log_line(self, worker: WorkerProcess, line: bytes) -> None:
         """One line of ``worker``'s log (its stderr) into this process's log."""

@@ -39,7 +39,8 @@ class Control(Protocol):
     """The worker's end of the control channel (stdin/stdout, JSON lines).
 
     ``request`` asks the main process and fires with its ``ok`` answer (``ask``: with the
-    whole reply message); ``send`` tells it something. Changes made elsewhere go to ``on_changed(user, folder)``. When the channel
+    whole reply message); ``send`` tells it something. Changes made elsewhere go to
+    ``on_changed(user, folder)``; the balance's "accept" to ``on_accept(on)``. When the channel
     closes (the main process stopped or died), pending requests fail and ``on_lost`` runs.
     """
 
@@ -48,6 +49,7 @@ class Control(Protocol):
     def __init__(self, on_lost: Callable[[], None]) -> None:
         self.on_lost = on_lost
         self.on_changed: Callable[[str, str], None] = lambda user, folder: None
+        self.on_accept: Callable[[bool], None] = lambda on: None
         self._lines = LineBuffer()
         self._pending: dict[int, tuple[Deferred[Any], bool]] = {}
         self._next_id = 0
@@ -66,6 +68,8 @@ class Control(Protocol):
                 d.callback(message if whole else bool(message["ok"]))
             elif op == "changed":
                 self.on_changed(str(message["user"]), str(message["folder"]))
+            elif op == "accept":
+                self.on_accept(bool(message["on"]))
             else:
                 raise ValueError(f"unknown op {op!r}")
         except (ValueError, KeyError, TypeError) as e:
@@ -214,6 +218,17 @@ def serve(
             factory.store_changed(user, folder)
 
     control.on_changed = changed_elsewhere
+
+    def accept(on: bool) -> None:  # the main process's least-connections balance
+        for port in ports:
+            if not port.connected:  # stopped listening (shutting down)
+                continue
+            if on:
+                port.startReading()
+            else:
+                port.stopReading()
+
+    control.on_accept = accept
     store.add_listener(lambda user, folder: control.send("changed", user=user, folder=folder))
     return ports
 

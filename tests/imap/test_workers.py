@@ -459,3 +459,41 @@ def test_node_with_zero_workers_shares_one_count(tmp_path: Path) -> None:
     assert len(factories) == 1
     with pytest.raises(KeyError):
         node.getServiceNamed("imap workers")
+
+
+def test_the_busiest_worker_stops_accepting_until_the_others_catch_up(tmp_path: Path) -> None:
+    from mailgw.imap.worker_pool import BALANCE_SLACK
+
+    pool, _ = started(tmp_path, count=2)
+    w0, w1 = pool.workers[0], pool.workers[1]
+    control(w0, op="ready", pid=w0.pid)
+    control(w1, op="ready", pid=w1.pid)
+    sent(w0), sent(w1)
+    for n in range(BALANCE_SLACK):
+        control(w0, op="open", id=n, ip="192.0.2.1")
+    assert all(m["op"] == "reply" for m in sent(w0))
+    # One more than the slack above the other: told to stop before its reply, so the next
+    # connection (made after this one's greeting) goes to the other worker.
+    control(w0, op="open", id=99, ip="192.0.2.1")
+    assert sent(w0) == [{"op": "accept", "on": False}, {"op": "reply", "id": 99, "ok": True}]
+    assert sent(w1) == []
+    control(w1, op="open", id=1, ip="192.0.2.2")
+    assert sent(w0) == [{"op": "accept", "on": True}]
+    # Closing is counted too; a dead worker no longer holds the others back.
+    control(w1, op="close", ip="192.0.2.2")
+    assert sent(w0) == [{"op": "accept", "on": False}]
+    w1.transport.gone = True
+    w1.processEnded(Failure(ProcessTerminated(signal=9)))
+    assert sent(w0) == [{"op": "accept", "on": True}]
+
+
+def test_a_worker_not_ready_yet_is_not_the_least_loaded(tmp_path: Path) -> None:
+    pool, _ = started(tmp_path, count=2)
+    w0, w1 = pool.workers[0], pool.workers[1]
+    control(w0, op="ready", pid=w0.pid)
+    sent(w0)
+    for n in range(5):
+        control(w0, op="open", id=n, ip="192.0.2.1")
+    assert [m["op"] for m in sent(w0)] == ["reply"] * 5
+    control(w1, op="ready", pid=w1.pid)
+    assert sent(w0) == [{"op": "accept", "on": False}]

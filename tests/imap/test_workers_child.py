@@ -78,6 +78,7 @@ def test_changes_from_elsewhere_and_bad_lines() -> None:
 def test_default_change_handler_ignores() -> None:
     control, _, _ = connected()
     control.dataReceived(b'{"op":"changed","user":"alice","folder":"INBOX"}\n')
+    control.dataReceived(b'{"op":"accept","on":false}\n')
 
 
 def test_lost_channel_fails_pending_and_later_requests() -> None:
@@ -180,6 +181,14 @@ def test_serve_adopts_sockets_and_exchanges_changes(tmp_path: Path) -> None:
     tls.store_changed = lambda u, f: seen.append(("tls", f))  # type: ignore[method-assign]
     control.dataReceived(b'{"op":"changed","user":"alice@example.test","folder":"Sent"}\n')
     assert seen == [("plain", "Sent"), ("tls", "Sent")]
+    # The main process's balance stops and resumes accepting on every listening port.
+    calls: list[tuple[int, str]] = []
+    for n, port in enumerate(ports):
+        port.connected = n != 2  # type: ignore[attr-defined]  # the third stopped listening
+        port.stopReading = lambda n=n: calls.append((n, "stop"))  # type: ignore[attr-defined]
+        port.startReading = lambda n=n: calls.append((n, "start"))  # type: ignore[attr-defined]
+    control.dataReceived(b'{"op":"accept","on":false}\n{"op":"accept","on":true}\n')
+    assert calls == [(0, "stop"), (1, "stop"), (0, "start"), (1, "start")]
 
 
 def test_run_reports_a_bad_config(tmp_path: Path) -> None:
