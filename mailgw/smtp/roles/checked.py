@@ -22,6 +22,7 @@ from mailgw.model.reply import R, Reply
 from mailgw.model.verdict import Verdict
 from mailgw.policy.pipeline import CheckContext, Pipeline, Stage, VerdictResult, refusal_at_end
 from mailgw.smtp.protocol import ReplyResult, Role, Session
+from mailgw.tracking import Kind
 
 T = TypeVar("T")
 
@@ -29,11 +30,13 @@ T = TypeVar("T")
 class SessionChecks:
     """Per-session state of a ``CheckedRole`` (``Session.checks``)."""
 
-    __slots__ = ("connect", "context")
+    __slots__ = ("connect", "connect_trail", "context")
 
     def __init__(self) -> None:
         self.connect: Verdict | None = None
         """The CONNECT stage's verdict, None until it has run."""
+        self.connect_trail: list[dict[str, str]] = []
+        """The CONNECT stage's ``CheckContext.trail``, copied into each transaction's."""
         self.context = CheckContext()
 
 
@@ -77,6 +80,9 @@ class CheckedRole(Role):
         def mail(connect: Verdict) -> ReplyResult:
             if state.connect is None:
                 state.connect = connect if connect.is_final else context.outcome
+                state.connect_trail = list(context.trail)
+            else:
+                context.trail[:0] = state.connect_trail
             if state.connect.is_final:
                 return _refusal(state.connect) or R.LOCAL_ERROR
             context.outcome = state.connect
@@ -112,6 +118,13 @@ class CheckedRole(Role):
             return refusal_at_end(verdict, context) or R.OK
 
         return _then(self.pipeline.run(Stage.DATA, context), answer)
+
+    def track_received(self, session: Session, envelope: Envelope, message_id: str) -> None:
+        """The ``received`` event, then a ``policy`` event with every check's verdict."""
+        super().track_received(session, envelope, message_id)
+        state = session.checks
+        if isinstance(state, SessionChecks) and state.context.trail:
+            self.tracker.record(Kind.POLICY, envelope.queue_id, verdicts=state.context.trail)
 
     def added_headers(self, session: Session) -> bytes:
         """Header fields the stages so far asked for (CRLF lines)."""
