@@ -27,8 +27,8 @@ def cmd_track(ctx: Context, args: argparse.Namespace) -> None:
     except ValueError as e:
         raise Failure(str(e)) from None
     path = os.path.join(ctx.config.server.data_dir, DB_NAME)
-    if not ctx.config.tracking.enabled and not os.path.exists(path):
-        raise Failure("message tracking is off ([tracking] enabled = no)")
+    if not ctx.config.tracking.record and not os.path.exists(path):
+        raise Failure("message tracking is off ([tracking] record = no)")
     messages = timeline.lookup(path, args.query, since, until)
     if args.json:
         body: dict[str, Any] = {

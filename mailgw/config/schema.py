@@ -683,7 +683,9 @@ def _check_routes(config: Config) -> None:
 class TrackingConfig:
     """[tracking] message tracking: every step of every message, in data_dir/tracking.sqlite."""
 
-    enabled: bool = key("yes", v.parse_bool, "Record message events (mailgw track).")
+    record: bool = key(
+        "yes", v.parse_bool, "Record message events (mailgw track); no: count them only."
+    )
     retention: float = key("30d", v.parse_duration, "Keep events this long.")
     max_size: int = key(
         "1G", v.parse_size, "Largest database; above it the oldest events are removed first."

@@ -9,7 +9,7 @@ prunes (``store.prune``) every ``prune_interval`` when ``prune`` is set (the ser
 process). Thread-safe: the reactor thread and the I/O pool's threads record.
 
 A tracker that is never started (the ``mailgw`` command) writes what it recorded in
-``close()``. ``Tracker(None)`` (``NO_TRACKING``, and ``[tracking] enabled = no``) only counts.
+``close()``. ``Tracker(None)`` (``NO_TRACKING``, and ``[tracking] record = no``) only counts.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def tracker_from_config(config: Any, prune: bool = False) -> Tracker:
     """The tracker of a process running ``config`` (``[tracking]``; the database in
     ``data_dir``); ``prune``: this process prunes (the server's main process)."""
     t = config.tracking
-    path = os.path.join(config.server.data_dir, DB_NAME) if t.enabled else None
+    path = os.path.join(config.server.data_dir, DB_NAME) if t.record else None
     return Tracker(
         path,
         flush_interval=t.flush_interval,
