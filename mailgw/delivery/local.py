@@ -252,13 +252,18 @@ class LocalDelivery(Service):
         def queued(dsn_id: str) -> Deferred[Any]:
             log.info(
                 "{queue_id} bounced {rcpts} to <{sender}> as {dsn_id}",
+                event="bounced",
                 queue_id=queue_id,
                 rcpts=",".join(f"<{r}>" for r in bounce.failed),
                 sender=bounce.sender,
                 dsn_id=dsn_id,
             )
             self.tracker.bounced(
-                queue_id, bounce.failed, bounce.reason, dsn_id, bounce.sender,
+                queue_id,
+                bounce.failed,
+                bounce.reason,
+                dsn_id,
+                bounce.sender,
                 len(bounce.dsn),
             )
             return self.run(self._after_bounce, queue_id, bounce.done)
@@ -490,6 +495,7 @@ class LocalDelivery(Service):
         self.spool.remove(queue_id, "active")
         log.info(
             "{queue_id} delivered: from=<{sender}> nrcpt={nrcpt} to {stored}",
+            event="delivered",
             queue_id=queue_id,
             sender=envelope.sender,
             nrcpt=len(envelope.recipients),
@@ -544,6 +550,7 @@ class LocalDelivery(Service):
             ) -> None:
                 log.info(
                     "{queue_id} bounced {rcpts} to <{sender}> as {dsn_id}",
+                event="bounced",
                     queue_id=queue_id,
                     rcpts=",".join(f"<{r}>" for r in rcpts),
                     sender=to,
@@ -580,6 +587,7 @@ class LocalDelivery(Service):
         self.tracker.record(Kind.QUEUED, queue_id, addresses=targets, recipients=list(targets))
         log.info(
             "{queue_id} handed to the relay: to={targets}{local}",
+            event="queued",
             queue_id=queue_id,
             targets=",".join(f"<{t}>" for t in targets),
             local=f"; delivered locally to {', '.join(stored)}" if stored else "",
@@ -604,6 +612,7 @@ class LocalDelivery(Service):
         )
         log.warn(
             "{queue_id} deferred (attempt {attempts}, retry in {delay:.0f}s): {error}",
+            event="deferred",
             queue_id=queue_id,
             attempts=envelope.attempts,
             delay=self.retry_interval,
@@ -632,4 +641,3 @@ class LocalDelivery(Service):
             self.spool.move(queue_id, "corrupt")
         except (KeyError, OSError) as e:
             log.error("{queue_id} could not move to corrupt: {error}", queue_id=queue_id, error=e)
-

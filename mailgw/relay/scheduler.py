@@ -505,6 +505,7 @@ class RelayScheduler(Service):
                 log.info(
                     "{queue_id} from=<{sender}> to=<{rcpt}> channel={channel} source={source}"
                     " mx={mx} tls={tls} reused={reused} result={kind} reply={reply}",
+                    event="relayed" if kind == OK else "attempt",
                     queue_id=job.queue_id,
                     sender=envelope.sender,
                     rcpt=rcpt,
@@ -657,6 +658,7 @@ class RelayScheduler(Service):
                     )
                 log.warn(
                     "{queue_id} expired after {age:.0f}s: bouncing {n} recipient(s)",
+                    event="expired",
                     queue_id=queue_id,
                     age=now - envelope.received_at,
                     n=len(defer),
@@ -697,6 +699,7 @@ class RelayScheduler(Service):
         )
         log.warn(
             "{queue_id} deferred (attempt {attempts}, next in {delay:.0f}s): {error}",
+            event="deferred",
             queue_id=queue_id,
             attempts=envelope.attempts,
             delay=next_time - now,
@@ -776,6 +779,7 @@ class RelayScheduler(Service):
             )
             log.info(
                 "{queue_id} bounced {rcpts} to <{sender}> as {dsn_id}",
+                event="bounced",
                 queue_id=queue_id,
                 rcpts=",".join(f"<{r}>" for r in bounce),
                 sender=envelope.sender,

@@ -1081,6 +1081,8 @@ class SMTPServer(Protocol):
             log.info(
                 "{sid} {qid}: accepted from={sender} to={recipients} size={size} peer={peer}"
                 " message-id={msgid}",
+                event="received",
+                user=s.authenticated or "",
                 sid=sid,
                 qid=queue_id,
                 msgid=incoming.message_id or "-",

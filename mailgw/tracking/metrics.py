@@ -22,8 +22,7 @@ RECEIVED = Counter(
 )
 DELIVERED = Counter(
     "mailgw_messages_delivered",
-    "Recipients delivered: to a local mailbox (role=delivery) or to a remote server"
-    " (role=relay).",
+    "Recipients delivered: to a local mailbox (role=delivery) or to a remote server (role=relay).",
     ["role"],
 )
 RELAYED = Counter(

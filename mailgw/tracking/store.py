@@ -132,8 +132,8 @@ def prune(conn: sqlite3.Connection, now: float, retention: float, max_size: int)
         if gone == 0:  # every remaining event has the same time: drop them all
             gone = _delete_before(conn, float("inf"))
         removed += gone
-        conn.execute("PRAGMA incremental_vacuum")
-    conn.execute("PRAGMA incremental_vacuum")
+        conn.executescript("PRAGMA incremental_vacuum;")  # execute() frees one page only
+    conn.executescript("PRAGMA incremental_vacuum;")  # execute() frees one page only
     if removed:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return removed
