@@ -43,9 +43,9 @@ def fields_of(event: LogEvent) -> dict[str, str]:
 
 
 def level_name(event: LogEvent) -> str:
-    level = event.get("log_level")
-    if isinstance(level, LogLevel):
-        return level.name
+    name = getattr(event.get("log_level"), "name", None)  # a LogLevel constant
+    if isinstance(name, str):
+        return name
     return "error" if event.get("isError") else "info"
 
 

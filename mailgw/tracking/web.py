@@ -39,6 +39,13 @@ class TrackingResource(resource.Resource):
     def _lookup(self, query: str, since: float | None, until: float | None) -> Any:
         return timeline.lookup(self.path, query, since, until)
 
+    def render(self, request: IRequest) -> bytes | int:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _json(request, 405, {"error": "only GET"})
+        result: bytes | int = super().render(request)
+        return result
+
     def render_GET(self, request: IRequest) -> bytes | int:
         args = request.args or {}
 
