@@ -550,7 +550,7 @@ class LocalDelivery(Service):
             ) -> None:
                 log.info(
                     "{queue_id} bounced {rcpts} to <{sender}> as {dsn_id}",
-                event="bounced",
+                    event="bounced",
                     queue_id=queue_id,
                     rcpts=",".join(f"<{r}>" for r in rcpts),
                     sender=to,

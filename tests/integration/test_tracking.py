@@ -159,7 +159,7 @@ def test_bounced_with_the_dsn_timeline(node: MailgwServer) -> None:
     assert received["role"] == "dsn" and received["bounce_of"] == qid
     assert received["sender"] == "" and received["recipients"] == ["carol@sender.test"]
     text = node.cli("track", qid).stdout
-    assert f" bounced    <nobody@user.example>: " in text and f"DSN {dsn_id}" in text
+    assert " bounced    <nobody@user.example>: " in text and f"DSN {dsn_id}" in text
     by_address = [x["queue_id"] for x in track(node, "nobody@user.example")["messages"]]
     assert qid in by_address
 
