@@ -136,7 +136,7 @@ class Submitter:
             size=envelope.size,
         )
         if context.trail:
-            self.tracker.record(Kind.POLICY, queue_id, verdicts=context.trail)
+            self.tracker.record(Kind.POLICY, queue_id, verdicts=list(context.trail))
         log.info(
             "{qid}: submitted by {user} via {protocol} message-id={msgid}",
             qid=queue_id,

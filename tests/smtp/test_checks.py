@@ -192,3 +192,35 @@ def test_a_refused_recipient_leaves_no_annotation(tmp_path: Path) -> None:
     data = s.content(reply.rsplit(" ", 1)[1])
     assert b"\r\nX-Ok: alice\r\nX-Ok: carol\r\n" in data and b"bob" not in data
     assert before == [[], [], ["alice@example.test"]]  # recipients accepted before each RCPT
+
+
+def test_each_queued_message_is_tracked_with_every_verdict(tmp_path: Path) -> None:
+    """``received`` then ``policy`` per queued message; the CONNECT stage (run once) is in the
+    trail of every message of the session; a later check (here a DATA scan) shows up without
+    any change to the role."""
+    from mailgw.tracking import Tracker
+    from mailgw.tracking.timeline import lookup
+
+    path = str(tmp_path / "t.sqlite")
+    s = Server(tmp_path, Scripted({Stage.CONNECT}, ACCEPT), ContentScan())
+    s.factory.role.tracker = Tracker(path)
+    c = s.connect()
+    qids = []
+    for i in range(2):
+        (reply,) = transaction(c, f"clean {i}")
+        qids.append(reply.rsplit(" ", 1)[1])
+    s.factory.role.tracker.close()
+    for qid in qids:
+        [m] = lookup(path, qid)
+        received, policy = m["events"]
+        assert (received["kind"], policy["kind"]) == ("received", "policy")
+        assert received["role"] == "mx" and received["client"] == "192.0.2.7"
+        assert received["helo"] == "c.example" and received["sender"] == "x@far.example"
+        assert received["recipients"] == ["alice@example.test"] and received["size"] > 0
+        assert [(v["stage"], v["check"]) for v in policy["verdicts"]] == [
+            ("connect", "scripted"),
+            ("rcpt", "recipient-limit"),
+            ("rcpt", "local-recipient"),
+            ("data", "scan"),
+        ]
+    assert [m["queue_id"] for m in lookup(path, "x@far.example")] == qids

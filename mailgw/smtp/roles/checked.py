@@ -124,7 +124,7 @@ class CheckedRole(Role):
         super().track_received(session, envelope, message_id)
         state = session.checks
         if isinstance(state, SessionChecks) and state.context.trail:
-            self.tracker.record(Kind.POLICY, envelope.queue_id, verdicts=state.context.trail)
+            self.tracker.record(Kind.POLICY, envelope.queue_id, verdicts=list(state.context.trail))
 
     def added_headers(self, session: Session) -> bytes:
         """Header fields the stages so far asked for (CRLF lines)."""
