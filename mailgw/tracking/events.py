@@ -20,6 +20,8 @@ class Kind(enum.StrEnum):
       attempts, recipients, channel;
     - ``bounced``: recipients, reason, dsn (the DSN's queue ID; '' for a null sender);
     - ``expired``: the relay gave up (age, recipients);
+    - ``rejected``: a check refused the transaction or a recipient (role, stage, check,
+      reply, client, sender, recipients); filed under ``session:SID`` before DATA;
     - ``deleted``: by an administrator (``mailgw queue delete``): by;
     - ``replicated``, ``read``: reserved for the replication and access paths.
     """
@@ -34,5 +36,6 @@ class Kind(enum.StrEnum):
     BOUNCED = "bounced"
     EXPIRED = "expired"
     DELETED = "deleted"
+    REJECTED = "rejected"
     REPLICATED = "replicated"
     READ = "read"

@@ -39,6 +39,11 @@ ATTEMPTS_FAILED = Counter(
     " deferred; or refused permanently), by channel.",
     ["channel"],
 )
+REJECTED = Counter(
+    "mailgw_messages_rejected",
+    "Transactions or recipients refused by a policy check, by role and stage.",
+    ["role", "stage"],
+)
 BOUNCED = Counter("mailgw_messages_bounced", "Messages with recipients that failed permanently.")
 EXPIRED = Counter("mailgw_messages_expired", "Messages given up after the maximum queue time.")
 DELETED = Counter("mailgw_messages_deleted", "Messages deleted from the queue by an admin.")
@@ -76,6 +81,8 @@ def count(kind: str, detail: Mapping[str, Any]) -> None:
         _child(ATTEMPTS_FAILED, str(detail.get("channel", "")) or "direct").inc()
     elif kind == Kind.DEFERRED:
         _child(DEFERRED, str(detail.get("channel", "")) or "local").inc()
+    elif kind == Kind.REJECTED:
+        REJECTED.labels(str(detail.get("role", "")), str(detail.get("stage", ""))).inc()
     elif kind == Kind.BOUNCED:
         BOUNCED.inc()
     elif kind == Kind.EXPIRED:

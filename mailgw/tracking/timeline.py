@@ -84,6 +84,8 @@ def status(events: Sequence[Event]) -> str:
     for e in reversed(events):
         if e.kind == "deleted":
             return "deleted"
+        if e.kind == "rejected":
+            return "rejected"
         if e.kind == "expired":
             return "expired"
         if e.kind == "deferred":
@@ -170,6 +172,14 @@ def describe(event: dict[str, Any]) -> str:
     if kind == "expired":
         rcpts = ",".join(_addr(r) for r in g("recipients", []))
         return f"{rcpts} given up after {float(g('age', 0)):.0f}s in the queue"
+    if kind == "rejected":
+        rcpts = ",".join(_addr(r) for r in g("recipients", []))
+        who = f" user={g('user')}" if g("user") else ""
+        return (
+            f"at {g('stage', '')} by {g('check', '') or '-'}: {g('reply', '')}"
+            f" (via {g('role', '')} from {g('client', '')}{who}"
+            f" sender={_addr(g('sender', ''))} to={rcpts})"
+        )
     if kind == "deleted":
         return f"from the {g('state', '')} queue by {g('by', 'admin')}"
     rest = {k: v for k, v in event.items() if k not in ("time", "kind", "queue_id")}

@@ -199,6 +199,22 @@ def test_deleted_by_the_admin(node: MailgwServer) -> None:
     assert m["status"] == "deleted" and deleted["state"] == "retry" and deleted["by"]
 
 
+def test_rejected_recipient(node: MailgwServer) -> None:
+    with smtplib.SMTP("127.0.0.1", node.ports["mx"], timeout=10) as s:
+        s.ehlo("client.sender.test")
+        s.mail("carol@sender.test")
+        code, reply = s.rcpt("no-such-user@example.test")
+    assert code == 550
+    body = timeline_with(node, "no-such-user@example.test", "rejected")
+    [m] = body["messages"]
+    [event] = m["events"]
+    assert m["status"] == "rejected" and m["queue_id"].startswith("session:")
+    assert event["stage"] == "rcpt" and event["check"] == "local-recipient"
+    assert event["reply"].startswith("550 5.1.1") and event["client"] == "127.0.0.1"
+    text = node.cli("track", "no-such-user@example.test").stdout
+    assert " rejected   at rcpt by local-recipient: 550 5.1.1 " in text
+
+
 def test_no_match_and_bad_window(node: MailgwServer) -> None:
     r = node.cli("track", "nothing-like-it@nowhere.test", check=False)
     assert r.returncode == 1 and "no message found" in r.stderr

@@ -189,6 +189,12 @@ def test_metrics_follow_the_events(tmp_path: Path) -> None:
         (Kind.BOUNCED, {}, "mailgw_messages_bounced_total", {}),
         (Kind.EXPIRED, {}, "mailgw_messages_expired_total", {}),
         (Kind.DELETED, {}, "mailgw_messages_deleted_total", {}),
+        (
+            Kind.REJECTED,
+            {"role": "mx", "stage": "rcpt"},
+            "mailgw_messages_rejected_total",
+            {"role": "mx", "stage": "rcpt"},
+        ),
     ]
     for kind, detail, name, labels in checks:
         before = value(name, **labels)
