@@ -13,13 +13,14 @@ from __future__ import annotations
 import imaplib
 import json
 import smtplib
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mailgw.testing.server import MailgwServer
+from mailgw.testing.server import MailgwServer, free_port
 from tests.integration.helpers import PASSWORD, wait_until
 from tests.integration.test_relay import TARGETS, Peers, relay_overrides, start_node
 
@@ -33,12 +34,23 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peers]:
 
 
 @pytest.fixture(scope="module")
-def node(peers: Peers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailgwServer]:
+def node(
+    peers: Peers, tmp_path_factory: pytest.TempPathFactory, selfsigned: tuple[Path, Path]
+) -> Iterator[MailgwServer]:
+    cert, key = selfsigned
     overrides = relay_overrides(peers)
+    overrides["tls"] = {"certificate": str(cert), "private_key": str(key)}
+    submission = free_port()
+    overrides["submission"] = {
+        "enabled": "yes",
+        "listen": f"tcp:{submission}:interface=127.0.0.1",
+        "listen_tls": f"tcp:{free_port()}:interface=127.0.0.1",
+    }
     overrides["log"] = {"format": "json"}
     overrides["tracking"] = {"flush_interval": "50ms"}
     overrides["imap"] = {"workers": "1"}
     server = start_node(tmp_path_factory.mktemp("node"), overrides)
+    server.ports["submission"] = submission
     yield server
     server.stop()
 
@@ -197,6 +209,25 @@ def test_deleted_by_the_admin(node: MailgwServer) -> None:
     [m] = track(node, qid)["messages"]
     deleted = the(m["events"], "deleted")
     assert m["status"] == "deleted" and deleted["state"] == "retry" and deleted["by"]
+
+
+def test_submitted_with_tls_and_the_user(node: MailgwServer) -> None:
+    body = "From: alice@example.test\r\nSubject: sub\r\n\r\nhi\r\n"
+    with smtplib.SMTP("127.0.0.1", node.ports["submission"], timeout=10) as s:
+        s.starttls(context=ssl._create_unverified_context())
+        s.login("alice@example.test", PASSWORD)
+        s.mail("alice@example.test")
+        s.rcpt("bob@example.test")
+        code, reply = s.data(body.encode())
+    assert code == 250
+    qid = reply.decode().rsplit(" ", 1)[1]
+    [m] = timeline_with(node, qid, "delivered")["messages"]
+    received = the(m["events"], "received")
+    assert received["role"] == "submission" and received["user"] == "alice@example.test"
+    assert received["tls"] is True and m["message_id"].startswith("<")  # added by submission
+    stages = {v["stage"] for v in the(m["events"], "policy")["verdicts"]}
+    assert {"mail", "rcpt", "data"} <= stages
+    assert [x["queue_id"] for x in track(node, m["message_id"])["messages"]] == [qid]
 
 
 def test_rejected_recipient(node: MailgwServer) -> None:
