@@ -226,8 +226,8 @@ def drive(
 class ProfiledMailgw(MailgwServer):
     """MailgwServer started under twistd's cProfile (stats written at a clean stop)."""
 
-    def __init__(self, workdir: Path, profile_path: Path | None) -> None:
-        super().__init__(workdir)
+    def __init__(self, workdir: Path, profile_path: Path | None, tracking: bool = True) -> None:
+        super().__init__(workdir, None if tracking else {"tracking": {"record": "no"}})
         self.profile_path = profile_path
         self.output = bytearray()
         self._drain: threading.Thread | None = None
@@ -279,8 +279,10 @@ class ProfiledMailgw(MailgwServer):
 
 
 @contextlib.contextmanager
-def mailgw_server(workdir: Path, profile: Path | None) -> Iterator[tuple[int, Path, int]]:
-    server = ProfiledMailgw(workdir, profile)
+def mailgw_server(
+    workdir: Path, profile: Path | None, tracking: bool = True
+) -> Iterator[tuple[int, Path, int]]:
+    server = ProfiledMailgw(workdir, profile, tracking)
     try:
         server.cli("domain", "add", DOMAIN)
         server.cli("user", "add", RCPT, "--password", "bench-password-1")
@@ -317,7 +319,12 @@ def run_one(name: str, args: argparse.Namespace, root: Path, rnd: int) -> RunRes
         server=name, messages=args.messages, sessions=args.sessions, size=args.size, round=rnd
     )
     workdir = root / f"{name}-{rnd}"
-    cm = mailgw_server(workdir, args.profile) if name == "mailgw" else postfix_server(workdir)
+    tracking = args.tracking == "on"
+    cm = (
+        mailgw_server(workdir, args.profile, tracking)
+        if name == "mailgw"
+        else postfix_server(workdir)
+    )
     print(f"[{name}] starting on a fresh data dir {workdir}", flush=True)
     try:
         with cm as (port, maildir, pid):
@@ -440,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=1, help="repeat postfix+mailgw; ratios use the medians"
     )
     ap.add_argument("--timeout", type=float, default=900, help="seconds per server")
+    ap.add_argument(
+        "--tracking",
+        choices=("on", "off"),
+        default="on",
+        help="mailgw's message tracking database ([tracking] record; counters stay on)",
+    )
     ap.add_argument(
         "--profile", type=Path, default=None, help="run mailgw under cProfile, stats to this file"
     )

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogFilterPredicate,
     ILogObserver,
@@ -56,12 +57,15 @@ def without_noise(observer: Any) -> ILogObserver:
     )
 
 
-def use_mail_log(application: object, twistd_options: Mapping[str, Any]) -> None:
+def use_mail_log(
+    application: object, twistd_options: Mapping[str, Any], log_format: str = "text"
+) -> None:
     """Make twistd log ``application`` through ``without_noise``: the log observer twistd
     would make itself from ``twistd_options`` (``--logfile``, ``--syslog``, stdout with
     ``-n``; SIGUSR1 reopens the file), set as the application's ``ILogObserver``, which
-    twistd prefers. Nothing changes when ``--logger`` names another observer factory, or
-    when the application already has one (a .tac file's)."""
+    twistd prefers. ``log_format`` ``json``: the same file gets JSON lines
+    (``mailgw.logjson``; syslog keeps text). Nothing changes when ``--logger`` names another
+    observer factory, or when the application already has one (a .tac file's)."""
     if not isinstance(application, Componentized) or twistd_options.get("logger"):
         return
     if application.getComponent(ILogObserver, None) is not None:
@@ -69,4 +73,9 @@ def use_mail_log(application: object, twistd_options: Mapping[str, Any]) -> None
     from twisted.scripts.twistd import _SomeApplicationRunner  # twistd's runner on this OS
 
     app_logger = _SomeApplicationRunner.loggerFactory(twistd_options)
-    application.setComponent(ILogObserver, without_noise(app_logger._getLogObserver()))
+    observer = app_logger._getLogObserver()
+    if log_format == "json" and isinstance(observer, FileLogObserver):
+        from mailgw.logjson import json_line
+
+        observer = FileLogObserver(observer._outFile, json_line)
+    application.setComponent(ILogObserver, without_noise(observer))

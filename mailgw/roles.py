@@ -208,13 +208,16 @@ def _build_delivery(node: Node) -> Any:
         relay=node.parts.get("relay"),
     )
     delivery.setName("delivery")  # type: ignore[no-untyped-call]  # Twisted: untyped
+    delivery.tracker = node.tracker
     return delivery
 
 
 def _build_relay(node: Node) -> Any:
     from mailgw.relay.setup import build_relay
 
-    return build_relay(node.config, node.spool, node.reactor, node.run_io)
+    relay = build_relay(node.config, node.spool, node.reactor, node.run_io)
+    relay.tracker = node.tracker
+    return relay
 
 
 # -- listening roles ---------------------------------------------------------------------
@@ -233,6 +236,7 @@ def _build_mx(node: Node) -> list[Endpoint]:
         tls_options=node.tls_options,
     )
     mx.counter = node.counters["mx"]
+    mx.role.tracker = node.tracker
     return [Endpoint("listen", mx)]
 
 
@@ -256,6 +260,7 @@ def _build_submission(node: Node) -> list[Endpoint]:
     pipeline = submission_pipeline(policy)
     node.submission_policy = policy
     node.submitter = Submitter(policy, node.spool, pipeline)  # the webmail's and OA API's way in
+    node.submitter.tracker = node.tracker
     sessions: set[Any] = set()
     endpoints = []
     for implicit in (False, True):
@@ -274,6 +279,7 @@ def _build_submission(node: Node) -> list[Endpoint]:
             auth=node.auth,
             pipeline=pipeline,
         )
+        factory.role.tracker = node.tracker
         factory.counter = node.counters["submission"]  # one count for both listeners...
         factory.sessions = sessions  # ...and one set of sessions to make room in at the cap
         key = "listen_tls" if implicit else "listen"

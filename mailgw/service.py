@@ -46,6 +46,10 @@ class Node(service.MultiService):
         if not os.access(data_dir, os.W_OK):
             raise ConfigError(config.path, "server", "data_dir", f"not writable: {data_dir}")
         self.directory = build_directory(config, reactor)
+        from mailgw.tracking import tracker_from_config
+
+        # Message events of every role, written by one thread of this process (and pruned).
+        self.tracker = tracker_from_config(config, prune=True)
         self.io_pool = io_pool("mailgw-io")
         run_io = self.run_io = pool_runner(reactor, self.io_pool)
         self.spool = Spool(
@@ -135,11 +139,12 @@ class Node(service.MultiService):
         if self.twistd_options is not None:  # parent: twistd's Application
             from mailgw.maillog import use_mail_log
 
-            use_mail_log(parent, self.twistd_options)
+            use_mail_log(parent, self.twistd_options, self.config.log.format)
         super().setServiceParent(parent)
 
     def startService(self) -> None:
         self.io_pool.start()
+        self.tracker.start()
         super().startService()
 
     def stopService(self) -> Any:
@@ -148,6 +153,7 @@ class Node(service.MultiService):
         def stop_pool(result: object) -> object:
             # Joins the threads: work already started (a commit, a delivery) finishes first.
             self.io_pool.stop()
+            self.tracker.stop()  # writes the events still waiting
             return result
 
         return d.addBoth(stop_pool)

@@ -102,8 +102,25 @@ def cmd_queue_release(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def cmd_queue_delete(ctx: Context, args: argparse.Namespace) -> None:
-    _run(lambda: qa.delete(_spool(ctx), args.id))
+    from mailgw.tracking import Kind, tracker_from_config
+
+    spool = _spool(ctx)
+    state = _run(lambda: qa.message_row(spool, args.id))["state"]
+    _run(lambda: qa.delete(spool, args.id))
+    tracker = tracker_from_config(ctx.config)
+    tracker.record(Kind.DELETED, args.id, state=state, by=_who())
+    tracker.close()  # written now, by this process (WAL: safe beside the server's writer)
     print(f"{args.id}: deleted")
+
+
+def _who() -> str:
+    """The administrator running the command (login name, else the user ID)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
 
 
 def cmd_channel_status(ctx: Context, args: argparse.Namespace) -> None:

@@ -680,6 +680,52 @@ def _check_routes(config: Config) -> None:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """[tracking] message tracking: every step of every message, in data_dir/tracking.sqlite."""
+
+    record: bool = key(
+        "yes", v.parse_bool, "Record message events (mailgw track); no: count them only."
+    )
+    retention: float = key("30d", v.parse_duration, "Keep events this long.")
+    max_size: int = key(
+        "1G", v.parse_size, "Largest database; above it the oldest events are removed first."
+    )
+    flush_interval: float = key(
+        "200ms", v.parse_duration, "Write queued events at least this often (one transaction)."
+    )
+    flush_events: int = key(
+        "500", v.parse_positive_int, "... or as soon as this many events are waiting."
+    )
+    max_pending: int = key(
+        "100000",
+        v.parse_positive_int,
+        "Events waiting for the writer before new ones are dropped (and counted).",
+    )
+    prune_interval: float = key(
+        "10m", v.parse_duration, "Look for events past retention or max_size this often."
+    )
+
+
+def _log_format(s: str) -> str:
+    value = s.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError(f"expected text or json, got {s!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """[log] the mail log written by twistd (--logfile, stdout with -n)."""
+
+    format: str = key(
+        "text",
+        _log_format,
+        "text: classic lines; json: one JSON object per line (time, level, system, text,"
+        " queue_id, message_id, session, client, user, event when known).",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -696,6 +742,8 @@ class Config:
     submission: SubmissionConfig
     channels: tuple[ChannelConfig, ...]
     routes: tuple[RouteConfig, ...]
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def tls_enabled(self) -> bool:
@@ -713,6 +761,8 @@ _SECTIONS: dict[str, type] = {
     "imap": IMAPConfig,
     "relay": RelayConfig,
     "submission": SubmissionConfig,
+    "tracking": TrackingConfig,
+    "log": LogConfig,
 }
 
 # Keys whose value is a file path, resolved against the config file's folder.

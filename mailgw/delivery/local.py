@@ -62,6 +62,7 @@ from mailgw.interfaces import InvalidMailbox, QuotaExceeded
 from mailgw.model import Envelope
 from mailgw.relay.dsn import MAX_ORIGINAL_HEADERS, RecipientStatus, build_dsn, should_bounce
 from mailgw.runtime.threads import Runner, run_inline
+from mailgw.tracking import NO_TRACKING, Kind, Tracker
 
 log = Logger(namespace="mailgw.delivery")
 
@@ -81,6 +82,7 @@ class _Bounce:
     done: list[str]
     """``envelope.done`` entries recording the failures once the DSN is queued."""
     failed: list[str]
+    reason: str = ""
 
 
 def delivery_prefix(sender: str, user: str) -> bytes:
@@ -89,9 +91,11 @@ def delivery_prefix(sender: str, user: str) -> bytes:
 
 
 class LocalDelivery(Service):
-    """Delivers spooled messages to local mailboxes (see the module docstring)."""
+    """Delivers spooled messages to local mailboxes (see the module docstring); ``tracker``
+    records each step (``mailgw.tracking``)."""
 
     name = "delivery"
+    tracker: Tracker = NO_TRACKING
 
     def __init__(
         self,
@@ -127,7 +131,7 @@ class LocalDelivery(Service):
         self._retry_call: DelayedCall | None = None
         self._waiters: list[Deferred[None]] = []
         # DSNs built by deliveries (any thread), queued by the reactor thread.
-        self._bounces: deque[tuple[str, str, list[str], bytes]] = deque()
+        self._bounces: deque[tuple[str, str, list[str], bytes, str]] = deque()
         self._listening = False
 
     # -- service ---------------------------------------------------------------------------
@@ -248,10 +252,19 @@ class LocalDelivery(Service):
         def queued(dsn_id: str) -> Deferred[Any]:
             log.info(
                 "{queue_id} bounced {rcpts} to <{sender}> as {dsn_id}",
+                event="bounced",
                 queue_id=queue_id,
                 rcpts=",".join(f"<{r}>" for r in bounce.failed),
                 sender=bounce.sender,
                 dsn_id=dsn_id,
+            )
+            self.tracker.bounced(
+                queue_id,
+                bounce.failed,
+                bounce.reason,
+                dsn_id,
+                bounce.sender,
+                len(bounce.dsn),
             )
             return self.run(self._after_bounce, queue_id, bounce.done)
 
@@ -383,11 +396,17 @@ class LocalDelivery(Service):
                     now=self.reactor.seconds(),
                 )
                 bounced = list(dict.fromkeys(r for r, _, _, _ in permanent))
-                return _Bounce(dsn, envelope.sender, entries, bounced)
+                reason = "; ".join(f"{status} {text}" for _, _, status, text in permanent)
+                return _Bounce(dsn, envelope.sender, entries, bounced, reason)
             log.warn(
                 "{queue_id} failed {rcpts}; null sender, no bounce",
                 queue_id=queue_id,
                 rcpts=",".join(f"<{r}>" for r, _, _, _ in permanent),
+            )
+            self.tracker.bounced(
+                queue_id,
+                list(dict.fromkeys(r for r, _, _, _ in permanent)),
+                "; ".join(f"{status} {text}" for _, _, status, text in permanent),
             )
             envelope.done.extend(entries)
             self.spool.update(queue_id, envelope)
@@ -441,6 +460,15 @@ class LocalDelivery(Service):
                     if uid is not None:
                         delivered_users.add(user)
                         stored.append(f"{user} uid={uid}")
+                        self.tracker.record(
+                            Kind.DELIVERED,
+                            queue_id,
+                            addresses=(rcpt, user),
+                            recipient=rcpt,
+                            user=user,
+                            folder="INBOX",
+                            uid=uid,
+                        )
                 envelope.done.append(f"{rcpt}>{user}")
                 if completes and rcpt_ok and user == todo[-1]:
                     envelope.done.append(rcpt)
@@ -467,6 +495,7 @@ class LocalDelivery(Service):
         self.spool.remove(queue_id, "active")
         log.info(
             "{queue_id} delivered: from=<{sender}> nrcpt={nrcpt} to {stored}",
+            event="delivered",
             queue_id=queue_id,
             sender=envelope.sender,
             nrcpt=len(envelope.recipients),
@@ -481,22 +510,26 @@ class LocalDelivery(Service):
         leave it for ``_finished`` to queue from the reactor thread, from the null sender.
         The failed recipients are recorded as done with the message's next envelope update:
         a crash in between loses the bounce, never mail."""
+        reason = "; ".join(f"{f.status} {f.diagnostic}" for f in failed)
         if not should_bounce(envelope):
             log.warn(
                 "{queue_id} failed {rcpts}; null sender, no bounce",
                 queue_id=queue_id,
                 rcpts=",".join(f"<{f.recipient}>" for f in failed),
             )
+            self.tracker.bounced(queue_id, [f.recipient for f in failed], reason)
             return
         with open(content_path, "rb") as fh:
             head = fh.read(MAX_ORIGINAL_HEADERS)
         dsn = build_dsn(head, envelope, failed, self.hostname, now=self.reactor.seconds())
-        self._bounces.append((queue_id, envelope.sender, [f.recipient for f in failed], dsn))
+        self._bounces.append(
+            (queue_id, envelope.sender, [f.recipient for f in failed], dsn, reason)
+        )
 
     def _queue_bounces(self) -> None:
         """In the reactor thread: queue the DSNs ``_bounce`` built."""
         while self._bounces:
-            queue_id, sender, rcpts, dsn = self._bounces.popleft()
+            queue_id, sender, rcpts, dsn, reason = self._bounces.popleft()
             incoming = self.spool.begin()
             incoming.write(dsn)
             envelope = Envelope(
@@ -508,15 +541,22 @@ class LocalDelivery(Service):
             )
 
             def queued(
-                dsn_id: str, queue_id: str = queue_id, rcpts: list[str] = rcpts, to: str = sender
+                dsn_id: str,
+                queue_id: str = queue_id,
+                rcpts: list[str] = rcpts,
+                to: str = sender,
+                reason: str = reason,
+                size: int = len(dsn),
             ) -> None:
                 log.info(
                     "{queue_id} bounced {rcpts} to <{sender}> as {dsn_id}",
+                    event="bounced",
                     queue_id=queue_id,
                     rcpts=",".join(f"<{r}>" for r in rcpts),
                     sender=to,
                     dsn_id=dsn_id,
                 )
+                self.tracker.bounced(queue_id, rcpts, reason, dsn_id, to, size)
 
             def lost(failure: Failure, queue_id: str = queue_id) -> None:
                 log.failure("{queue_id} bounce could not be queued", failure, queue_id=queue_id)
@@ -544,8 +584,10 @@ class LocalDelivery(Service):
         )
         self.spool.update(queue_id, outbound)
         self.spool.move(queue_id, "outbound", from_state="active")
+        self.tracker.record(Kind.QUEUED, queue_id, addresses=targets, recipients=list(targets))
         log.info(
             "{queue_id} handed to the relay: to={targets}{local}",
+            event="queued",
             queue_id=queue_id,
             targets=",".join(f"<{t}>" for t in targets),
             local=f"; delivered locally to {', '.join(stored)}" if stored else "",
@@ -559,8 +601,18 @@ class LocalDelivery(Service):
         envelope.last_error = error
         self.spool.update(queue_id, envelope)
         self.spool.move(queue_id, "deferred", from_state="active")
+        self.tracker.record(
+            Kind.DEFERRED,
+            queue_id,
+            channel="local",
+            reason=error,
+            attempts=envelope.attempts,
+            next_try=envelope.next_attempt,
+            recipients=[r for r in envelope.recipients if r not in envelope.done],
+        )
         log.warn(
             "{queue_id} deferred (attempt {attempts}, retry in {delay:.0f}s): {error}",
+            event="deferred",
             queue_id=queue_id,
             attempts=envelope.attempts,
             delay=self.retry_interval,

@@ -41,6 +41,7 @@ from mailgw.config import Config
 from mailgw.directory.penalty import MemoryAuthPenalty, PenaltyPolicy
 from mailgw.imap.factory import SessionLimits
 from mailgw.interfaces import IChangeLog
+from mailgw.logjson import relayed_fields
 from mailgw.model.change import ChangeEntry
 from mailgw.net.limits import ConnectionCounter
 from mailgw.net.listen import ListenerService
@@ -282,6 +283,8 @@ class WorkerPool(service.MultiService):
             "--listeners",
             json.dumps(specs),
         ]
+        if self.config.log.format == "json":
+            args += ["--log-format", "json"]
         worker = WorkerProcess(self, index)
         try:
             self.reactor.spawnProcess(
@@ -427,7 +430,17 @@ class WorkerPool(service.MultiService):
     def log_line(self, worker: WorkerProcess, line: bytes) -> None:
         """One line of ``worker``'s log (its stderr) into this process's log."""
         text = line.decode("utf-8", "replace").rstrip("\r")
-        if text:
+        relayed = relayed_fields(text) if text else None
+        if relayed is not None:  # [log] format = json: the worker's fields stay fields
+            log.emit(
+                relayed["level"],
+                "imap worker {index} (pid {pid}): {line}",
+                index=worker.index,
+                pid=worker.pid,
+                line=relayed["line"],
+                **relayed["fields"],
+            )
+        elif text:
             log.info(
                 "imap worker {index} (pid {pid}): {line}",
                 index=worker.index,

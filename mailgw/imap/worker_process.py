@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionLost, ReactorNotRunning
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import (
+    FileLogObserver,
     ILogObserver,
     LogEvent,
     Logger,
@@ -251,6 +252,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="the main process's config file")
     parser.add_argument("--index", type=int, default=0, help="this worker's number")
     parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="[log] format"
+    )
+    parser.add_argument(
         "--listeners",
         type=json.loads,
         required=True,
@@ -299,9 +303,13 @@ def run(args: argparse.Namespace, reactor: Any) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The process entry point: log to stderr (relayed by the main process), then ``run``."""
     args = parse_args(argv)
-    globalLogBeginner.beginLoggingTo(
-        [without_noise(stderr_observer(sys.stderr))], redirectStandardIO=False
-    )
+    if args.log_format == "json":
+        from mailgw.logjson import json_line
+
+        observer: ILogObserver = FileLogObserver(sys.stderr, json_line)
+    else:
+        observer = stderr_observer(sys.stderr)
+    globalLogBeginner.beginLoggingTo([without_noise(observer)], redirectStandardIO=False)
     from twisted.internet import reactor
 
     return run(args, reactor)

@@ -92,6 +92,10 @@ class CheckContext:
     """Annotations and quarantine collected by the stages passed so far."""
     decided_by: str = ""
     """The name of the check whose reject/tempfail ended the last stage ('' if none)."""
+    trail: list[dict[str, str]] = field(default_factory=list)
+    """Every check's verdict so far, in order: ``{stage, check, verdict}`` plus
+    ``recipient`` (RCPT), ``reply`` (a refusal), ``reason`` (a quarantine), ``class``,
+    ``channel``, ``headers`` (names); for message tracking (``mailgw.tracking``)."""
 
 
 class ICheck(Interface):
@@ -136,6 +140,7 @@ class Pipeline:
         for i in range(start, len(checks)):
             result = checks[i].check(context)
             if result is ACCEPT:  # the common answer: nothing to combine
+                _note(context, checks[i], result)
                 continue
             if isinstance(result, Deferred):
                 d: Deferred[Verdict] = result.addCallback(self._resume, checks, i, verdict, context)
@@ -164,9 +169,31 @@ class Pipeline:
     def _add(verdict: Verdict, result: object, check: ICheck, context: CheckContext) -> Verdict:
         if not isinstance(result, Verdict):
             raise TypeError(f"check {check.name} returned {result!r}, not a Verdict")
+        _note(context, check, result)
         if result.is_final:
             context.decided_by = str(check.name)
         return verdict.combine(result)
+
+
+def _note(context: CheckContext, check: ICheck, verdict: Verdict) -> None:
+    """Add ``check``'s ``verdict`` to ``context.trail`` (where verdicts are combined, so every
+    check, present and future, is tracked)."""
+    entry = {"stage": context.stage.value, "check": str(check.name)}
+    entry["verdict"] = verdict.disposition.value
+    if context.stage is Stage.RCPT and context.recipient is not None:
+        entry["recipient"] = str(context.recipient)
+    if verdict is not ACCEPT:
+        if verdict.reply is not None:
+            entry["reply"] = verdict.reply.format()
+        if verdict.reason:
+            entry["reason"] = verdict.reason
+        if verdict.message_class:
+            entry["class"] = verdict.message_class
+        if verdict.channel:
+            entry["channel"] = verdict.channel
+        if verdict.headers:
+            entry["headers"] = ",".join(name for name, _ in verdict.headers)
+    context.trail.append(entry)
 
 
 def refusal_at_end(verdict: Verdict, context: CheckContext) -> Reply | None:

@@ -31,6 +31,7 @@ from mailgw.model.reply import R, Reply
 from mailgw.model.verdict import Verdict
 from mailgw.policy.pipeline import CheckContext, Pipeline, Stage, refusal_at_end
 from mailgw.policy.submission import HeaderCompleter, SubmissionPolicy, submission_pipeline
+from mailgw.tracking import NO_TRACKING, Kind, Tracker
 
 log = Logger(namespace="mailgw.submission")
 
@@ -44,7 +45,10 @@ class SubmissionError(Exception):
 
 
 class Submitter:
-    """Queues messages of authenticated users through the submission checks."""
+    """Queues messages of authenticated users through the submission checks; ``tracker``
+    records each queued message (``mailgw.tracking``)."""
+
+    tracker: Tracker = NO_TRACKING
 
     def __init__(
         self,
@@ -118,6 +122,21 @@ class Submitter:
             raise
         queue_id: str = yield wrapper.commit(envelope)
         policy.count(user)
+        msgid = incoming.message_id
+        self.tracker.record(
+            Kind.RECEIVED,
+            queue_id,
+            message_id=msgid,
+            addresses=[envelope.sender, *envelope.recipients],
+            role=protocol,
+            client=client_ip,
+            user=user,
+            sender=envelope.sender,
+            recipients=list(envelope.recipients),
+            size=envelope.size,
+        )
+        if context.trail:
+            self.tracker.record(Kind.POLICY, queue_id, verdicts=list(context.trail))
         log.info(
             "{qid}: submitted by {user} via {protocol} message-id={msgid}",
             qid=queue_id,

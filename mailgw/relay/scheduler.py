@@ -63,6 +63,7 @@ from mailgw.relay.dsn import RecipientStatus, build_dsn, should_bounce
 from mailgw.relay.mx import MXError, MXHost, NoSuchDomain, NullMX
 from mailgw.relay.retry_schedule import RetrySchedule
 from mailgw.runtime.threads import Runner, run_inline
+from mailgw.tracking import NO_TRACKING, Kind, Tracker
 
 log = Logger(namespace="mailgw.relay")
 
@@ -97,6 +98,7 @@ class Outcome:
     status: str = ""
     diagnostic: str = ""
     remote: str = ""
+    channel: str = ""
 
 
 MEMORY_SEND_LIMIT = 256 * 1024
@@ -134,6 +136,8 @@ class RelayScheduler(Service):
     """
 
     name = "relay"
+    tracker: Tracker = NO_TRACKING
+    """Records each attempt's outcome, deferrals, bounces (``mailgw.tracking``)."""
 
     def __init__(
         self,
@@ -481,14 +485,27 @@ class RelayScheduler(Service):
                         _status_of(result, rcpt, "4.4.1"),
                         f"via {channel.name}: {text}",
                         result.mx,
+                        channel.name,
                     )
                 else:
                     outcomes[rcpt] = Outcome(
                         BOUNCE, _status_of(result, rcpt, "5.0.0"), text, result.mx
                     )
+                self.tracker.record(
+                    Kind.RELAYED if kind == OK else Kind.ATTEMPT,
+                    job.queue_id,
+                    recipient=rcpt,
+                    channel=channel.name,
+                    mx=where,
+                    source=result.source_address or "",
+                    tls=bool(result.tls),
+                    result=kind,
+                    reply=text,
+                )
                 log.info(
                     "{queue_id} from=<{sender}> to=<{rcpt}> channel={channel} source={source}"
                     " mx={mx} tls={tls} reused={reused} result={kind} reply={reply}",
+                    event="relayed" if kind == OK else "attempt",
                     queue_id=job.queue_id,
                     sender=envelope.sender,
                     rcpt=rcpt,
@@ -625,6 +642,13 @@ class RelayScheduler(Service):
         if defer:
             next_time = self.schedule.next_attempt(envelope.attempts + 1, envelope.received_at, now)
             if next_time is None:
+                self.tracker.record(
+                    Kind.EXPIRED,
+                    queue_id,
+                    recipients=list(defer),
+                    age=now - envelope.received_at,
+                    reason="; ".join(f"<{r}>: {o.diagnostic}" for r, o in defer.items()),
+                )
                 for rcpt, o in defer.items():
                     bounce[rcpt] = Outcome(
                         BOUNCE,
@@ -634,6 +658,7 @@ class RelayScheduler(Service):
                     )
                 log.warn(
                     "{queue_id} expired after {age:.0f}s: bouncing {n} recipient(s)",
+                    event="expired",
                     queue_id=queue_id,
                     age=now - envelope.received_at,
                     n=len(defer),
@@ -662,8 +687,19 @@ class RelayScheduler(Service):
         await self.run(self.spool.move, queue_id, "retry", True, "active")
         self.deferred += 1
         self._schedule_retry(queue_id, next_time)
+        channels = [o.channel for o in defer.values() if o.channel]
+        self.tracker.record(
+            Kind.DEFERRED,
+            queue_id,
+            channel=channels[-1] if channels else "",
+            reason=envelope.last_error,
+            attempts=envelope.attempts,
+            next_try=next_time,
+            recipients=list(defer),
+        )
         log.warn(
             "{queue_id} deferred (attempt {attempts}, next in {delay:.0f}s): {error}",
+            event="deferred",
             queue_id=queue_id,
             attempts=envelope.attempts,
             delay=next_time - now,
@@ -733,14 +769,28 @@ class RelayScheduler(Service):
                 now=now,
             )
             dsn_id = await self._queue_dsn(dsn, envelope.sender, now)
+            self.tracker.bounced(
+                queue_id,
+                list(bounce),
+                "; ".join(f"<{r}>: {o.status} {o.diagnostic}" for r, o in bounce.items()),
+                dsn_id,
+                envelope.sender,
+                len(dsn),
+            )
             log.info(
                 "{queue_id} bounced {rcpts} to <{sender}> as {dsn_id}",
+                event="bounced",
                 queue_id=queue_id,
                 rcpts=",".join(f"<{r}>" for r in bounce),
                 sender=envelope.sender,
                 dsn_id=dsn_id,
             )
         else:
+            self.tracker.bounced(
+                queue_id,
+                list(bounce),
+                "; ".join(f"<{r}>: {o.status} {o.diagnostic}" for r, o in bounce.items()),
+            )
             log.warn(
                 "{queue_id} failed {rcpts}; null sender, no bounce",
                 queue_id=queue_id,

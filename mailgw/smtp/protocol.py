@@ -27,6 +27,7 @@ from mailgw.net import sasl
 from mailgw.net.limits import ConnectionCounter, Refusal
 from mailgw.net.progress import ProgressWatch
 from mailgw.smtp.trace import with_protocol
+from mailgw.tracking import NO_TRACKING, Kind, Tracker
 
 ReplyResult = Reply | Deferred[Reply]
 
@@ -119,6 +120,11 @@ class Role:
     Deferred) is logged and answered ``451 4.3.0``.
     """
 
+    name = "smtp"
+    """The role's name in message tracking and metrics (``mx``, ``submission``)."""
+    tracker: Tracker = NO_TRACKING
+    """Where the role records its messages' events (``mailgw.tracking``)."""
+
     def __init__(self, spool: ISpool) -> None:
         self.spool = spool
 
@@ -162,6 +168,24 @@ class Role:
 
     def message_committed(self, session: Session, envelope: Envelope) -> None:
         """Called after the spool committed the message (for counters, notifications)."""
+
+    def track_received(self, session: Session, envelope: Envelope, message_id: str) -> None:
+        """Record the committed message's ``received`` event (``mailgw.tracking``)."""
+        self.tracker.record(
+            Kind.RECEIVED,
+            envelope.queue_id,
+            message_id=message_id,
+            addresses=[envelope.sender, *envelope.recipients],
+            role=self.name,
+            session=session.session_id,
+            client=session.client_ip,
+            helo=session.helo or "",
+            user=session.authenticated or "",
+            tls=session.tls,
+            sender=envelope.sender,
+            recipients=list(envelope.recipients),
+            size=envelope.size,
+        )
 
     def unknown_command(self, session: Session, verb: str, argument: str) -> ReplyResult | None:
         """A verb the protocol does not know; None: ``500 5.5.2``."""
@@ -1057,6 +1081,8 @@ class SMTPServer(Protocol):
             log.info(
                 "{sid} {qid}: accepted from={sender} to={recipients} size={size} peer={peer}"
                 " message-id={msgid}",
+                event="received",
+                user=s.authenticated or "",
                 sid=sid,
                 qid=queue_id,
                 msgid=incoming.message_id or "-",
@@ -1065,6 +1091,10 @@ class SMTPServer(Protocol):
                 size=envelope.size,
                 peer=s.client_ip,
             )
+            try:
+                self.role.track_received(s, envelope, incoming.message_id)
+            except Exception:
+                log.failure("{sid} {qid}: tracking failed", sid=sid, qid=queue_id)
             try:
                 self.role.message_committed(s, envelope)
             except Exception:

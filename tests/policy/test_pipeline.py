@@ -219,3 +219,46 @@ def test_mx_checks(recipient: str, before: int, reply: Any) -> None:
         if reply is None
         else p.checks_for(Stage.RCPT)[0 if reply is R.TOO_MANY_RECIPIENTS else 1].name
     )
+
+
+def test_every_verdict_is_noted_in_the_trail_for_tracking() -> None:
+    """The trail (``CheckContext.trail``, read by message tracking) gets each check's verdict
+    where the pipeline combines them: accepts, annotations, a deferred answer, a refusal."""
+    log: list[tuple[str, Stage]] = []
+    p = Pipeline(
+        [
+            Scripted("greet", {Stage.CONNECT}, ACCEPT, log),
+            Scripted("who", {Stage.RCPT}, lambda c: _by_recipient(c), log),
+            Scripted("tag", {Stage.DATA}, Verdict.add_headers(("X-Spam", "no")), log),
+            Scripted("later", {Stage.DATA}, defer.succeed(Verdict.set_class("bulk")), log),
+            Scripted("vault", {Stage.DATA}, Verdict.quarantine("looks odd"), log),
+        ]
+    )
+    ctx = CheckContext()
+    p.run(Stage.CONNECT, ctx)
+    for rcpt in ("ok@example.test", "gone@example.test"):
+        ctx.recipient = Address.parse(rcpt)
+        p.run(Stage.RCPT, ctx)
+    ctx.recipient = None
+    p.run(Stage.DATA, ctx)
+    assert ctx.trail == [
+        {"stage": "connect", "check": "greet", "verdict": "accept"},
+        {"stage": "rcpt", "check": "who", "verdict": "accept", "recipient": "ok@example.test"},
+        {
+            "stage": "rcpt",
+            "check": "who",
+            "verdict": "reject",
+            "recipient": "gone@example.test",
+            "reply": "550 5.1.1 Recipient address rejected: user unknown",
+        },
+        {"stage": "data", "check": "tag", "verdict": "accept", "headers": "X-Spam"},
+        {"stage": "data", "check": "later", "verdict": "accept", "class": "bulk"},
+        {"stage": "data", "check": "vault", "verdict": "quarantine", "reason": "looks odd"},
+    ]
+
+
+def _by_recipient(context: CheckContext) -> Verdict:
+    assert context.recipient is not None
+    if context.recipient.local == "gone":
+        return Verdict.reject(R.UNKNOWN_USER)
+    return ACCEPT

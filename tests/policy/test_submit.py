@@ -238,3 +238,22 @@ def test_the_node_gives_the_webmail_a_submitter_sharing_the_smtp_pipeline(
         )
     )
     assert failure.value.reply == R.SENDER_NOT_OWNED
+
+
+def test_a_submitted_message_is_tracked_with_its_user_and_verdicts(tmp_path: Path) -> None:
+    from mailgw.tracking import Tracker
+    from mailgw.tracking.timeline import lookup
+
+    submitter, spool = setup(tmp_path)
+    submitter.tracker = Tracker(str(tmp_path / "t.sqlite"))
+    envelope = Envelope("alice@example.test", ["bob@example.test"])
+    message = b"From: alice@example.test\nMessage-ID: <w1@example.test>\n\nhi\n"
+    qid = result(submitter.submit("alice@example.test", envelope, message, client_ip="192.0.2.9"))
+    submitter.tracker.close()
+    [m] = lookup(str(tmp_path / "t.sqlite"), "<w1@example.test>")
+    assert m["queue_id"] == qid and [e["kind"] for e in m["events"]] == ["received", "policy"]
+    received, policy = m["events"]
+    assert received["role"] == "webmail" and received["user"] == "alice@example.test"
+    assert received["client"] == "192.0.2.9" and received["size"] == spool.load(qid).envelope.size
+    stages = [v["stage"] for v in policy["verdicts"]]
+    assert stages[0] in ("connect", "mail") and "rcpt" in stages and stages[-1] == "data"

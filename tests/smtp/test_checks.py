@@ -192,3 +192,64 @@ def test_a_refused_recipient_leaves_no_annotation(tmp_path: Path) -> None:
     data = s.content(reply.rsplit(" ", 1)[1])
     assert b"\r\nX-Ok: alice\r\nX-Ok: carol\r\n" in data and b"bob" not in data
     assert before == [[], [], ["alice@example.test"]]  # recipients accepted before each RCPT
+
+
+def test_each_queued_message_is_tracked_with_every_verdict(tmp_path: Path) -> None:
+    """``received`` then ``policy`` per queued message; the CONNECT stage (run once) is in the
+    trail of every message of the session; a later check (here a DATA scan) shows up without
+    any change to the role."""
+    from mailgw.tracking import Tracker
+    from mailgw.tracking.timeline import lookup
+
+    path = str(tmp_path / "t.sqlite")
+    s = Server(tmp_path, Scripted({Stage.CONNECT}, ACCEPT), ContentScan())
+    s.factory.role.tracker = Tracker(path)
+    c = s.connect()
+    qids = []
+    for i in range(2):
+        (reply,) = transaction(c, f"clean {i}")
+        qids.append(reply.rsplit(" ", 1)[1])
+    s.factory.role.tracker.close()
+    for qid in qids:
+        [m] = lookup(path, qid)
+        received, policy = m["events"]
+        assert (received["kind"], policy["kind"]) == ("received", "policy")
+        assert received["role"] == "mx" and received["client"] == "192.0.2.7"
+        assert received["helo"] == "c.example" and received["sender"] == "x@far.example"
+        assert received["recipients"] == ["alice@example.test"] and received["size"] > 0
+        assert [(v["stage"], v["check"]) for v in policy["verdicts"]] == [
+            ("connect", "scripted"),
+            ("rcpt", "recipient-limit"),
+            ("rcpt", "local-recipient"),
+            ("data", "scan"),
+        ]
+    assert [m["queue_id"] for m in lookup(path, "x@far.example")] == qids
+
+
+def test_refusals_are_tracked_with_the_check_and_reply(tmp_path: Path) -> None:
+    """A refused recipient (before DATA: filed under the session) and a message refused at
+    DATA (under its queue ID) are ``rejected`` events, found by address."""
+    from mailgw.tracking import Tracker
+    from mailgw.tracking.timeline import lookup
+
+    path = str(tmp_path / "t.sqlite")
+    s = Server(tmp_path, ContentScan())
+    s.factory.role.tracker = Tracker(path)
+    c = s.connect()
+    assert c.codes("MAIL FROM:<x@far.example>\r\n") == ["250"]
+    assert c.codes("RCPT TO:<nobody@example.test>\r\n") == ["550"]
+    assert c.codes("RCPT TO:<alice@example.test>\r\n") == ["250"]
+    assert c.codes("DATA\r\n") == ["354"]
+    assert c.send(f"Subject: t\r\n\r\n{EICAR}\r\n.\r\n") == [VIRUS.format()]
+    s.factory.role.tracker.close()
+    [rcpt] = lookup(path, "nobody@example.test")
+    assert rcpt["queue_id"].startswith("session:") and rcpt["status"] == "rejected"
+    [event] = rcpt["events"]
+    assert event["stage"] == "rcpt" and event["check"] == "local-recipient"
+    assert event["reply"].startswith("550 5.1.1") and event["client"] == "192.0.2.7"
+    assert event["recipients"] == ["nobody@example.test"] and event["sender"] == "x@far.example"
+    [data] = [m for m in lookup(path, "alice@example.test") if m["queue_id"] != rcpt["queue_id"]]
+    [event] = data["events"]
+    assert event["kind"] == "rejected" and event["stage"] == "data" and event["check"] == "scan"
+    assert event["reply"] == VIRUS.format() and event["recipients"] == ["alice@example.test"]
+    assert s.spool.list("incoming") == []  # nothing queued under that ID

@@ -22,6 +22,7 @@ from mailgw.model.reply import R, Reply
 from mailgw.model.verdict import Verdict
 from mailgw.policy.pipeline import CheckContext, Pipeline, Stage, VerdictResult, refusal_at_end
 from mailgw.smtp.protocol import ReplyResult, Role, Session
+from mailgw.tracking import Kind
 
 T = TypeVar("T")
 
@@ -29,11 +30,13 @@ T = TypeVar("T")
 class SessionChecks:
     """Per-session state of a ``CheckedRole`` (``Session.checks``)."""
 
-    __slots__ = ("connect", "context")
+    __slots__ = ("connect", "connect_trail", "context")
 
     def __init__(self) -> None:
         self.connect: Verdict | None = None
         """The CONNECT stage's verdict, None until it has run."""
+        self.connect_trail: list[dict[str, str]] = []
+        """The CONNECT stage's ``CheckContext.trail``, copied into each transaction's."""
         self.context = CheckContext()
 
 
@@ -77,10 +80,20 @@ class CheckedRole(Role):
         def mail(connect: Verdict) -> ReplyResult:
             if state.connect is None:
                 state.connect = connect if connect.is_final else context.outcome
+                state.connect_trail = list(context.trail)
+            else:
+                context.trail[:0] = state.connect_trail
             if state.connect.is_final:
+                self.track_refusal(session, context, Stage.CONNECT, state.connect)
                 return _refusal(state.connect) or R.LOCAL_ERROR
             context.outcome = state.connect
-            return _then(self.pipeline.run(Stage.MAIL, context), _sender_reply)
+
+            def sender_reply(verdict: Verdict) -> Reply:
+                if verdict.is_final:
+                    self.track_refusal(session, context, Stage.MAIL, verdict)
+                return _sender_reply(verdict)
+
+            return _then(self.pipeline.run(Stage.MAIL, context), sender_reply)
 
         if state.connect is not None:
             return mail(state.connect)
@@ -93,11 +106,17 @@ class CheckedRole(Role):
         context = self.checks(session).context
         context.recipients = session.recipients
         context.recipient = recipient
+
+        def recipient_reply(verdict: Verdict) -> Reply:
+            if verdict.is_final:
+                self.track_refusal(session, context, Stage.RCPT, verdict, recipient=recipient)
+            return _recipient_reply(verdict)
+
         verdict = self.pipeline.run(Stage.RCPT, context)
         if isinstance(verdict, Deferred):
-            return verdict.addCallback(_recipient_reply)
+            return verdict.addCallback(recipient_reply)
         if verdict.is_final:
-            return verdict.reply or R.LOCAL_ERROR
+            return recipient_reply(verdict)
         return R.RECIPIENT_OK
 
     def check_data(
@@ -109,9 +128,54 @@ class CheckedRole(Role):
 
         def answer(verdict: Verdict) -> Reply:
             context.message = None  # the context outlives the message
-            return refusal_at_end(verdict, context) or R.OK
+            refusal = refusal_at_end(verdict, context)
+            if refusal is not None:
+                self.track_refusal(
+                    session, context, Stage.DATA, verdict, refusal, queue_id=incoming.queue_id
+                )
+            return refusal or R.OK
 
         return _then(self.pipeline.run(Stage.DATA, context), answer)
+
+    def track_received(self, session: Session, envelope: Envelope, message_id: str) -> None:
+        """The ``received`` event, then a ``policy`` event with every check's verdict."""
+        super().track_received(session, envelope, message_id)
+        state = session.checks
+        if isinstance(state, SessionChecks) and state.context.trail:
+            self.tracker.record(Kind.POLICY, envelope.queue_id, verdicts=list(state.context.trail))
+
+    def track_refusal(
+        self,
+        session: Session,
+        context: CheckContext,
+        stage: Stage,
+        verdict: Verdict,
+        reply: Reply | None = None,
+        recipient: Address | None = None,
+        queue_id: str = "",
+    ) -> None:
+        """Record a ``rejected`` event: the transaction (or one recipient) was refused by a
+        check. Before DATA there is no queue ID: the event is filed under ``session:SID``
+        and found by the sender's and recipients' addresses."""
+        reply = reply or verdict.reply or R.LOCAL_ERROR
+        recipients = (
+            [str(recipient)] if recipient is not None else [str(r) for r in session.recipients]
+        )
+        self.tracker.record(
+            Kind.REJECTED,
+            queue_id or f"session:{session.session_id}",
+            addresses=[context.sender, *recipients],
+            role=self.name,
+            stage=stage.value,
+            check=context.decided_by,
+            reply=reply.format(),
+            session=session.session_id,
+            client=session.client_ip,
+            helo=session.helo or "",
+            user=session.authenticated or "",
+            sender=context.sender,
+            recipients=recipients,
+        )
 
     def added_headers(self, session: Session) -> bytes:
         """Header fields the stages so far asked for (CRLF lines)."""

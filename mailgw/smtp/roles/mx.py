@@ -53,6 +53,8 @@ class MXRole(CheckedRole):
     """Accepts mail from anyone (null sender included) for existing local recipients only:
     the checks of ``mailgw.policy.mx`` (the default), followed by ``extra_checks``."""
 
+    name = "mx"
+
     def __init__(
         self,
         spool: ISpool,

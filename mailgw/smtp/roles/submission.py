@@ -49,6 +49,7 @@ class SubmissionRole(CheckedRole):
     """SMTP hooks of the submission role (see the module docstring)."""
 
     protocol = "submission"
+    name = "submission"
 
     def __init__(
         self,
