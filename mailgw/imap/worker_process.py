@@ -50,6 +50,7 @@ class Control(Protocol):
         self.on_lost = on_lost
         self.on_changed: Callable[[str, str], None] = lambda user, folder: None
         self.on_accept: Callable[[bool], None] = lambda on: None
+        self.on_reload: Callable[[], None] = lambda: None
         self._lines = LineBuffer()
         self._pending: dict[int, tuple[Deferred[Any], bool]] = {}
         self._next_id = 0
@@ -70,6 +71,8 @@ class Control(Protocol):
                 self.on_changed(str(message["user"]), str(message["folder"]))
             elif op == "accept":
                 self.on_accept(bool(message["on"]))
+            elif op == "reload":
+                self.on_reload()
             else:
                 raise ValueError(f"unknown op {op!r}")
         except (ValueError, KeyError, TypeError) as e:
@@ -161,18 +164,20 @@ def serve(
     """Build this worker's directory, store and IMAP factories (as the main process does:
     ``mailgw.runtime.process``, ``mailgw.imap.setup``) and adopt the inherited listening
     sockets; returns the listening ports."""
+    from mailgw.config.reload import ReloadableConfig
     from mailgw.directory.penalty import AuthGuard
     from mailgw.imap.factory import IMAPFactory, structure_cache
     from mailgw.imap.setup import build_imap_factory
     from mailgw.net.listen import parse_listen, wrap_factory
-    from mailgw.runtime.process import IO_THREADS, build_directory, build_store, build_tls_options
+    from mailgw.runtime.process import IO_THREADS, ServerTLSSet, build_directory, build_store
     from mailgw.runtime.threads import pool_runner
     from mailgw.store.migration import tier2_from_config
 
     data_dir = config.server.data_dir
     directory = build_directory(config, reactor)
     store = build_store(config, directory, reactor, tier2_from_config(data_dir, config.store))
-    tls_options = build_tls_options(config, "imap")
+    tls = ServerTLSSet(config)
+    tls_options = tls.get("imap")
     admission = RemoteAdmission(control)
     auth = AuthGuard(directory, RemoteAuthPenalty(control), reactor)
     cache = structure_cache(config.imap)
@@ -229,6 +234,18 @@ def serve(
                 port.stopReading()
 
     control.on_accept = accept
+    # The main process reloaded the config file: re-read it here too (the same file, checked
+    # there a moment ago); TLS, the directory and the factories take what applies.
+    settings = ReloadableConfig(config)
+    settings.subscribe(tls.reconfigure, tls.check)
+    settings.subscribe(directory.reconfigure)
+    for factory in factories.values():
+        settings.subscribe(factory.reconfigure)
+
+    def reload() -> None:
+        settings.reload()
+
+    control.on_reload = reload
     store.add_listener(lambda user, folder: control.send("changed", user=user, folder=folder))
     return ports
 
