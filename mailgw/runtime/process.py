@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mailgw.config import Config, ConfigError
@@ -20,6 +21,8 @@ from mailgw.net.tls import ServerTLS, TLSError, server_tls
 if TYPE_CHECKING:
     from mailgw.directory import Directory
     from mailgw.store import MessageStore
+
+log = Logger()
 
 IO_THREADS = 16
 """Threads doing the spool's and the store's blocking file work (fsyncs wait in parallel)."""
@@ -121,6 +124,14 @@ class ServerTLSSet:
         _, options = self._pending
         self._pending = None
         self.config = config
+        renewed = []
         for service, tls in self._by_service.items():
             if tls is not None and service in options:
                 tls.replace(options[service])
+                renewed.append(service)
+        if renewed:
+            log.info(
+                "TLS: new connections get {certificate} ({services})",
+                certificate=config.tls.certificate,
+                services=", ".join(renewed),
+            )
