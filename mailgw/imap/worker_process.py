@@ -302,6 +302,9 @@ def run(args: argparse.Namespace, reactor: Any) -> int:
     # Ctrl-C on `twistd -n` reaches the whole process group: the main process stops the
     # workers itself (SIGTERM), so a worker ignores SIGINT instead of dying early.
     reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    # Likewise SIGHUP (a hangup of `twistd -n`'s terminal, `kill -HUP` of the group): the main
+    # process reloads and tells its workers over the control pipe ({"op": "reload"}).
+    reactor.callWhenRunning(signal.signal, signal.SIGHUP, signal.SIG_IGN)
     # Stopping, a second SIGTERM (systemd signals the whole control group, then the main
     # process signals its workers) must not kill the worker before it has closed its sessions.
     reactor.addSystemEventTrigger(
