@@ -215,6 +215,10 @@ def test_reload_command_applies_limits_and_names_restart_keys(tmp_path: Path) ->
         new_imap = f"tcp:{free_port()}:interface=127.0.0.1"
         server.sections["imap"]["listen"] = new_imap
         rewrite(server)
+        # The real command checks and shows the new file first.
+        assert server.cli("config", "check").stdout == ""
+        shown = server.cli("config", "show", "--non-default").stdout
+        assert "max_connections_per_ip = 2" in shown and f"listen = {new_imap}" in shown
         done = server.cli("reload")
         assert "1 change(s) applied, 1 need a restart" in done.stdout, done.stdout
         assert "applied: [mx] max_connections_per_ip: 5 -> 2" in done.stdout
@@ -245,6 +249,13 @@ def test_reload_without_a_running_server_fails(tmp_path: Path) -> None:
     provision(server)
     done = server.cli("reload", check=False)
     assert done.returncode == 1 and "is the server running?" in done.stderr
+    server.sections["mx"]["max_errors"] = "0"
+    rewrite(server)
+    bad = server.cli("config", "check", check=False)
+    assert bad.returncode == 1
+    assert bad.stdout == (
+        f"{server.config_path}: [mx] max_errors: expected a number above 0, got 0\n"
+    )
 
 
 @pytest.fixture
