@@ -69,7 +69,14 @@ def test_reload_reaches_every_part(tmp_path: Path) -> None:
             pop3={"idle_timeout": "1m", "max_connections_per_ip": "4"},
             imap={"max_connections_per_user": "3", "idle_timeout": "31m"},
             submission={"max_recipients": "9"},
-            relay={"default_route": "b", "retry_schedule": "1m", "window": "7"},
+            relay={
+                "default_route": "b",
+                "retry_schedule": "1m",
+                "window": "7",
+                "resolvers": "127.0.0.1:5353",
+                "dns_timeout": "3s",
+                "connection_reuse": "5",
+            },
             server={"max_connections": "100"},
             mx={"max_connections_per_ip": "2", "max_message_size": "1M"},
         )
@@ -98,6 +105,8 @@ def test_reload_reaches_every_part(tmp_path: Path) -> None:
     assert relay.selector.channels["b"].weight == 4
     assert relay.selector.router.default == (("b",),)
     assert relay.settings.window == 7 and relay.schedule.delays[0] == 60.0
+    assert relay.pool.max_reuse == 5 and relay.resolver.timeout == 3.0
+    assert [ns.port for ns in relay.resolver.resolver.nameservers] == [5353]
     assert status(node)["ok"] is True
     assert "[mx] max_connections_per_ip: 50 -> 2" in status(node)["applied"]
 

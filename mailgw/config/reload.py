@@ -86,6 +86,12 @@ RELOADABLE: dict[str, frozenset[str]] = {
             "connect_timeout",
             "command_timeout",
             "delay_warning_after",
+            "resolvers",
+            "dns_timeout",
+            "connection_idle",
+            "connection_reuse",
+            "scan_interval",
+            "status_interval",
         }
     ),
     "channel": frozenset({_ALL}),

@@ -157,7 +157,8 @@ def reconfigure_relay(relay: RelayScheduler, config: Config) -> None:
     """Apply a reloaded config to the running relay (``mailgw.config.reload``): channels and
     routes, failover thresholds, retry schedule, window and limits, timeouts, failure
     patterns. Messages being sent finish with what they started with; the next choice of a
-    channel, the next retry time and the next connection use the new values."""
+    channel, the next retry time, the next connection and the next DNS lookup use the new
+    values."""
     r = config.relay
     channels = build_channels(config)
     relay.selector.reconfigure(
@@ -166,3 +167,9 @@ def reconfigure_relay(relay: RelayScheduler, config: Config) -> None:
     relay.settings = _settings(config)
     relay.schedule = _schedule(config)
     relay.classifier = _classifier(r)
+    relay.pool.idle_timeout = r.connection_idle
+    relay.pool.max_reuse = r.connection_reuse
+    if relay.threadpool is not None:  # DNS servers and time limit (its cache starts empty)
+        relay.resolver = MXResolver(
+            relay.reactor, relay.threadpool, r.resolvers, timeout=r.dns_timeout
+        )
