@@ -149,6 +149,9 @@ def test_sighup_renews_certificate_and_keeps_sessions(tls_node: MailgwServer) ->
     assert served_name(pop3s) == "new.example.test"
     assert openssl_name(imaps) == "new.example.test"
     assert openssl_name(server.ports["imap"], "imap") == "new.example.test"
+    with smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=10) as smtp:
+        smtp.starttls(context=client_context())
+        assert common_name(smtp.sock.getpeercert(binary_form=True)) == "new.example.test"
     # The session opened before goes on, over the TLS it started with.
     assert old.noop()[0] == "OK"
     assert old.select("INBOX")[0] == "OK"
