@@ -16,7 +16,11 @@ A role (``RoleSpec``) declares
 - ``requires``: roles that must be enabled with it (else a config error at ``[section]
   enabled``);
 - ``listens``: the role accepts connections, so it gets a connection counter (``[section]
-  max_connections``, ``max_connections_per_ip``) inside the process total.
+  max_connections``, ``max_connections_per_ip``) inside the process total;
+- ``reconfigure`` / ``check``: how a reloaded config (SIGHUP, ``mailgw reload``) reaches the
+  part (by default its own ``reconfigure(config)``, or its listener factories'), and what
+  may refuse it first. Keys a role cannot take while running are named in
+  ``mailgw.config.reload.RELOADABLE`` by their absence.
 
 ``ROLES`` holds today's roles. A new role (the HTTP role, the DNS role) adds a ``RoleSpec``
 with ``ROLES.register``; the choice of the roles a node runs is ``RoleRegistry.enabled``.
@@ -58,6 +62,11 @@ class RoleSpec:
     requires: tuple[str, ...] = ()
     listens: bool = False
     enabled: Callable[[Config], bool] | None = None
+    reconfigure: Callable[[Any, Config], None] | None = None
+    """``reconfigure(part, config)`` on reload (``mailgw.config.reload``); None: the part's
+    own ``reconfigure(config)`` if it has one, or each listener factory's."""
+    check: Callable[[Config], None] | None = None
+    """``check(config)`` before a reload applies: ConfigError refuses the new config."""
 
     def is_enabled(self, config: Config) -> bool:
         """Whether ``config`` runs this role."""
@@ -220,6 +229,22 @@ def _build_relay(node: Node) -> Any:
     return relay
 
 
+def _reconfigure_relay(relay: Any, config: Config) -> None:
+    from mailgw.relay.setup import reconfigure_relay
+
+    reconfigure_relay(relay, config)
+
+
+def _check_relay(config: Config) -> None:
+    from mailgw.relay.setup import check_relay
+
+    check_relay(config)
+
+
+def _reconfigure_delivery(delivery: Any, config: Config) -> None:
+    delivery.retry_interval = config.delivery.retry_interval
+
+
 # -- listening roles ---------------------------------------------------------------------
 
 
@@ -289,10 +314,9 @@ def _build_submission(node: Node) -> list[Endpoint]:
 
 def _build_pop3(node: Node) -> list[Endpoint]:
     from mailgw.pop3 import POP3Factory
-    from mailgw.runtime.process import build_tls_options
 
     config = node.config
-    pop3_tls = build_tls_options(config, "pop3")  # its own ALPN ID
+    pop3_tls = node.tls.get("pop3")  # its own ALPN ID
     endpoints = []
     for implicit in (False, True):
         if implicit and pop3_tls is None:
@@ -324,10 +348,9 @@ def _build_imap(node: Node) -> list[Endpoint]:
     """IMAP sessions in this process (``[imap] workers = 0``)."""
     from mailgw.imap.factory import local_admission, structure_cache
     from mailgw.imap.setup import build_imap_factory
-    from mailgw.runtime.process import build_tls_options
 
     config = node.config
-    imap_tls = build_tls_options(config, "imap")  # its own ALPN ID
+    imap_tls = node.tls.get("imap")  # its own ALPN ID
     cache = structure_cache(config.imap)
     # One count for the plain and TLS listeners, inside the process total.
     admission = local_admission(config.imap, node.counters["imap"])
@@ -384,8 +407,23 @@ ROLES = RoleRegistry(
             enabled=lambda config: bool(config.store.tier2_dir),
         ),
         # Before the relay: the relay starts after local delivery has recovered the spool.
-        RoleSpec("delivery", "delivery", _build_delivery, _one, uses=("relay",)),
-        RoleSpec("relay", "relay", _build_relay, _one, requires=("delivery",)),
+        RoleSpec(
+            "delivery",
+            "delivery",
+            _build_delivery,
+            _one,
+            uses=("relay",),
+            reconfigure=_reconfigure_delivery,
+        ),
+        RoleSpec(
+            "relay",
+            "relay",
+            _build_relay,
+            _one,
+            requires=("delivery",),
+            reconfigure=_reconfigure_relay,
+            check=_check_relay,
+        ),
         RoleSpec("mx", "mx", _build_mx, listener_services("mx"), listens=True),
         RoleSpec(
             "submission",

@@ -6,18 +6,28 @@ The roles themselves (their config sections, factories and services) are in the 
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import time
+from functools import partial
 from typing import Any
 
 from twisted.application import service
 from twisted.logger import Logger
 
 from mailgw.config import Config, ConfigError
+from mailgw.config.reload import ReloadableConfig, ReloadResult
 from mailgw.net.listen import ListenerService, parse_listen, wrap_factory
 from mailgw.roles import ROLES, RoleRegistry
-from mailgw.runtime.process import build_directory, build_store, build_tls_options, io_pool
+from mailgw.runtime.process import ServerTLSSet, build_directory, build_store, io_pool
 
 log = Logger()
+
+PID_FILE = "mailgw.pid"
+"""In ``[server] data_dir``: the main process's PID while it runs (``mailgw reload``)."""
+RELOAD_STATUS_FILE = "reload.json"
+"""In ``[server] data_dir``: the outcome of the last reload (``mailgw reload`` prints it)."""
 
 
 class Node(service.MultiService):
@@ -71,7 +81,8 @@ class Node(service.MultiService):
             self.store.changes, config.store.journal_poll_interval, config.store.journal_retention
         )
         self.journal_tail.setServiceParent(self)
-        self.tls_options = build_tls_options(config)  # SMTP's (no ALPN ID); POP3, IMAP: theirs
+        self.tls = ServerTLSSet(config)  # one ServerTLS per service, renewed on reload
+        self.tls_options = self.tls.get("smtp")  # SMTP's (no ALPN ID); POP3, IMAP: theirs
         self.submission_policy: Any = None  # set by the submission role
         self.submitter: Any = None  # set by the submission role: the webmail's way to submit
         self.imap_workers: Any = None  # set by the IMAP workers role
@@ -90,6 +101,75 @@ class Node(service.MultiService):
             )
             for s in services:
                 s.setServiceParent(self)
+        self.settings = ReloadableConfig(config)
+        """The running config: SIGHUP and ``mailgw reload`` re-read it (``reload``); a part
+        holding config values subscribes its ``reconfigure`` (roles: ``RoleSpec``)."""
+        self._subscribe_parts(enabled)
+        self._sighup_installed = False
+        self._previous_sighup: Any = None
+
+    def _subscribe_parts(self, enabled: list[Any]) -> None:
+        """Who hears of a reloaded config, in this order: the node itself, TLS (which may
+        refuse a certificate that does not load), the directory, the connection limits and
+        auth penalty, then each role's part."""
+        settings = self.settings
+        settings.subscribe(self._set_config)
+        settings.subscribe(self.tls.reconfigure, self.tls.check)
+        settings.subscribe(self.directory.reconfigure)
+        settings.subscribe(self._reconfigure_limits)
+        for role in self.roles.build_order(enabled):
+            part = self.parts[role.name]
+            if role.reconfigure is not None:
+                settings.subscribe(partial(role.reconfigure, part), role.check)
+                continue
+            items = part if isinstance(part, list | tuple) else [part]
+            for item in items:
+                target = getattr(item, "factory", item)  # a listener Endpoint: its factory
+                reconfigure = getattr(target, "reconfigure", None)
+                if callable(reconfigure):
+                    settings.subscribe(reconfigure, role.check)
+
+    def _set_config(self, config: Config) -> None:
+        self.config = config
+
+    def _reconfigure_limits(self, config: Config) -> None:
+        """Reloaded connection caps (fitted to the descriptor limit again, as at start) and
+        per-address limits of the listening roles; the auth penalty schedule."""
+        from mailgw.directory.penalty import PenaltyPolicy
+        from mailgw.net.limits import fit_caps, raise_nofile
+
+        sections = {name: getattr(config, name) for name in self.counters}
+        soft, _ = raise_nofile()
+        budget = fit_caps(
+            soft,
+            config.server.reserved_descriptors,
+            config.server.max_connections,
+            {name: sec.max_connections for name, sec in sections.items()},
+        )
+        self.connections.limit = budget.total
+        for name, counter in self.counters.items():
+            counter.max_total = budget.roles[name]
+            counter.max_per_ip = sections[name].max_connections_per_ip
+        self.auth_penalty.set_policy(PenaltyPolicy.from_config(config.directory))
+
+    def reload(self) -> ReloadResult:
+        """Re-read the config file and apply what can be applied while running (SIGHUP,
+        ``mailgw reload``); the outcome is logged and written to ``RELOAD_STATUS_FILE``."""
+        result = self.settings.reload()
+        status = {"time": time.time(), "pid": os.getpid(), **result.as_dict()}
+        path = os.path.join(self.config.server.data_dir, RELOAD_STATUS_FILE)
+        try:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(status, f)
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            log.warn("cannot write {path}: {error}", path=path, error=e.strerror)
+        return result
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        # A signal handler runs between two bytecodes of the reactor thread: reload from the
+        # reactor's loop instead (callFromThread is safe here).
+        self.reactor.callFromThread(self.reload)
 
     def _add_limits(self, listening: list[str]) -> None:
         """Connection caps (per listening role's section, and the process total they share)
@@ -146,8 +226,37 @@ class Node(service.MultiService):
         self.io_pool.start()
         self.tracker.start()
         super().startService()
+        if self.twistd_options is not None:  # the twistd process: not in-process tests
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+            self._sighup_installed = True
+            self._write_pid_file()
+
+    @property
+    def pid_file(self) -> str:
+        return os.path.join(self.config.server.data_dir, PID_FILE)
+
+    def _write_pid_file(self) -> None:
+        try:
+            with open(self.pid_file + ".tmp", "w", encoding="ascii") as f:
+                f.write(f"{os.getpid()}\n")
+            os.replace(self.pid_file + ".tmp", self.pid_file)
+        except OSError as e:
+            log.warn("cannot write {path}: {error}", path=self.pid_file, error=e.strerror)
+
+    def _remove_pid_file(self) -> None:
+        try:
+            with open(self.pid_file, encoding="ascii") as f:
+                mine = f.read().strip() == str(os.getpid())
+            if mine:
+                os.unlink(self.pid_file)
+        except OSError:
+            pass
 
     def stopService(self) -> Any:
+        if self._sighup_installed:
+            self._sighup_installed = False
+            signal.signal(signal.SIGHUP, self._previous_sighup or signal.SIG_DFL)
+            self._remove_pid_file()
         d = super().stopService()
 
         def stop_pool(result: object) -> object:

@@ -1,4 +1,5 @@
-"""``mailgw [--config PATH] COMMAND``: manage domains, users, aliases, the store and dev certs."""
+"""``mailgw [--config PATH] COMMAND``: manage domains, users, aliases, the store and dev certs;
+check, show and reload the configuration."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from mailgw.cli.config import register_config_commands
 from mailgw.cli.context import LOCAL_CONFIG, SYSTEM_CONFIG, Context, Failure
 from mailgw.cli.context import default_config_path as default_config_path  # tap, tests
 from mailgw.cli.queue import register_relay_commands
@@ -444,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace existing files")
     register_relay_commands(group, command)
     register_track_command(top)
+    register_config_commands(group, command, top)
     return parser
 
 
@@ -457,6 +460,8 @@ def _become_data_owner(ctx: Context, args: argparse.Namespace) -> None:
     files, spool entries) must stay writable by the server. ``cert`` with ``--out`` writes
     where it is told, as root."""
     if os.geteuid() != 0 or getattr(args, "out", None) is not None:
+        return
+    if not getattr(args, "as_data_owner", True):  # config check/show, reload: read only
         return
     from mailgw import privileges
 

@@ -118,6 +118,17 @@ class Directory:
 
     # -- plumbing ------------------------------------------------------------------------
 
+    def reconfigure(self, config: Any) -> None:
+        """A reloaded config (``mailgw.config.reload``): ``[directory]`` recipient delimiter
+        and hashing cost of new hashes, ``[store] default_quota``, ``[server] postmaster``."""
+        postmaster = config.server.postmaster
+        self.postmaster = _destination_key(self._address(postmaster)) if postmaster else ""
+        self.recipient_delimiter = config.directory.recipient_delimiter
+        self.default_quota = config.store.default_quota or None
+        self._hashing = PasswordHashing(
+            config.directory.argon2_time_cost, config.directory.argon2_memory_kib
+        )
+
     def close(self) -> None:
         """Close the database connection."""
         with self._lock:

@@ -76,6 +76,12 @@ class MemoryAuthPenalty:
 
     # -- IAuthPenalty ------------------------------------------------------------------------
 
+    def set_policy(self, policy: PenaltyPolicy) -> None:
+        """A reloaded ``[directory] auth_*`` schedule: applies to the next failure; the
+        failures already counted stay counted."""
+        self.policy = policy
+        self._keep = max(policy.account_failures, policy.address_failures, 32)
+
     def locked(self, user: str, ip: str) -> defer.Deferred[bool]:
         return defer.succeed(self.is_locked(user, ip))
 

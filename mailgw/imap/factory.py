@@ -203,6 +203,15 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         self._sessions: dict[str, set[IMAPServer]] = {}
         store.add_listener(self.store_changed)
 
+    def reconfigure(self, config: Any) -> None:
+        """A reloaded config (``mailgw.config.reload``): ``[imap]`` settings for new sessions,
+        the failed-login delay, and ``max_connections_per_user`` when this process admits
+        sessions itself (in worker processes the main process does)."""
+        self.config = config.imap
+        self.auth_failure_delay = config.directory.auth_failure_delay
+        if isinstance(self.admission, LocalAdmission):
+            self.admission.limits.max_per_user = config.imap.max_connections_per_user
+
     def buildProtocol(self, addr: IAddress | None) -> IMAPServer:
         return IMAPServer(self)
 

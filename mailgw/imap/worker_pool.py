@@ -363,6 +363,15 @@ class WorkerPool(service.MultiService):
                 )
                 worker.signal("KILL")
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config (``mailgw.config.reload``): the per-user limit this process
+        arbitrates (the per-address and total ones are the node's counter's), and a ``reload``
+        to every running worker (one started later reads the file anew)."""
+        self.config = config
+        self.limits.max_per_user = config.imap.max_connections_per_user
+        for worker in list(self.workers.values()):
+            worker.send({"op": "reload"})
+
     # -- the arbiter ------------------------------------------------------------------------------
 
     def control_line(self, worker: WorkerProcess, line: bytes) -> None:

@@ -51,6 +51,7 @@ class Control(Protocol):
         self.on_lost = on_lost
         self.on_changed: Callable[[str, str], None] = lambda user, folder: None
         self.on_accept: Callable[[bool], None] = lambda on: None
+        self.on_reload: Callable[[], None] = lambda: None
         self._lines = LineBuffer()
         self._pending: dict[int, tuple[Deferred[Any], bool]] = {}
         self._next_id = 0
@@ -71,6 +72,8 @@ class Control(Protocol):
                 self.on_changed(str(message["user"]), str(message["folder"]))
             elif op == "accept":
                 self.on_accept(bool(message["on"]))
+            elif op == "reload":
+                self.on_reload()
             else:
                 raise ValueError(f"unknown op {op!r}")
         except (ValueError, KeyError, TypeError) as e:
@@ -162,18 +165,20 @@ def serve(
     """Build this worker's directory, store and IMAP factories (as the main process does:
     ``mailgw.runtime.process``, ``mailgw.imap.setup``) and adopt the inherited listening
     sockets; returns the listening ports."""
+    from mailgw.config.reload import ReloadableConfig
     from mailgw.directory.penalty import AuthGuard
     from mailgw.imap.factory import IMAPFactory, structure_cache
     from mailgw.imap.setup import build_imap_factory
     from mailgw.net.listen import parse_listen, wrap_factory
-    from mailgw.runtime.process import IO_THREADS, build_directory, build_store, build_tls_options
+    from mailgw.runtime.process import IO_THREADS, ServerTLSSet, build_directory, build_store
     from mailgw.runtime.threads import pool_runner
     from mailgw.store.migration import tier2_from_config
 
     data_dir = config.server.data_dir
     directory = build_directory(config, reactor)
     store = build_store(config, directory, reactor, tier2_from_config(data_dir, config.store))
-    tls_options = build_tls_options(config, "imap")
+    tls = ServerTLSSet(config)
+    tls_options = tls.get("imap")
     admission = RemoteAdmission(control)
     auth = AuthGuard(directory, RemoteAuthPenalty(control), reactor)
     cache = structure_cache(config.imap)
@@ -230,6 +235,18 @@ def serve(
                 port.stopReading()
 
     control.on_accept = accept
+    # The main process reloaded the config file: re-read it here too (the same file, checked
+    # there a moment ago); TLS, the directory and the factories take what applies.
+    settings = ReloadableConfig(config)
+    settings.subscribe(tls.reconfigure, tls.check)
+    settings.subscribe(directory.reconfigure)
+    for factory in factories.values():
+        settings.subscribe(factory.reconfigure)
+
+    def reload() -> None:
+        settings.reload()
+
+    control.on_reload = reload
     store.add_listener(lambda user, folder: control.send("changed", user=user, folder=folder))
     return ports
 
@@ -289,6 +306,9 @@ def run(args: argparse.Namespace, reactor: Any) -> int:
     # Ctrl-C on `twistd -n` reaches the whole process group: the main process stops the
     # workers itself (SIGTERM), so a worker ignores SIGINT instead of dying early.
     reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    # Likewise SIGHUP (a hangup of `twistd -n`'s terminal, `kill -HUP` of the group): the main
+    # process reloads and tells its workers over the control pipe ({"op": "reload"}).
+    reactor.callWhenRunning(signal.signal, signal.SIGHUP, signal.SIG_IGN)
     # Stopping, a second SIGTERM (systemd signals the whole control group, then the main
     # process signals its workers) must not kill the worker before it has closed its sessions.
     reactor.addSystemEventTrigger(

@@ -86,9 +86,19 @@ class ServerTLS:
 
     def __init__(self, options: CertificateOptions, alpn: Sequence[bytes] = ()) -> None:
         self.alpn = tuple(alpn)
+        self.context: SSL.Context = self._context_of(options)
+
+    def _context_of(self, options: CertificateOptions) -> SSL.Context:
         # Our own context (not shared with another ServerTLS): the ALPN answer is per service.
-        self.context: SSL.Context = options.getContext()
-        self.context.set_alpn_select_callback(self._select)
+        context = options.getContext()
+        context.set_alpn_select_callback(self._select)
+        return context
+
+    def replace(self, options: CertificateOptions) -> None:
+        """Serve new connections with ``options`` (a renewed certificate, another minimum
+        version); connections already made keep the context they started with. Every
+        listener and STARTTLS holding this object sees the change: no restart."""
+        self.context = self._context_of(options)
 
     def _select(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
         chosen = select_alpn(offered, self.alpn)

@@ -57,6 +57,12 @@ class POP3Factory(ServerFactory[POP3Server]):
             else ConnectionCounter(config.max_connections_per_ip, config.max_connections)
         )
 
+    def reconfigure(self, config: Any) -> None:
+        """A reloaded config (``mailgw.config.reload``): ``[pop3]`` settings for new sessions
+        (the connection counter is the node's, updated by it)."""
+        self.config = config.pop3
+        self.auth_failure_delay = config.directory.auth_failure_delay
+
     def buildProtocol(self, addr: IAddress | None) -> POP3Server:
         return POP3Server(self)
 

@@ -180,6 +180,18 @@ class ChannelHealth:
     current_weight: int = field(default=0, repr=False)
 
 
+def _check_router(router: Router, channels: dict[str, Channel]) -> None:
+    unknown = {
+        n
+        for rule in [*router.rules, RoutingRule(router.default)]
+        for tier in rule.tiers
+        for n in tier
+        if n not in channels
+    }
+    if unknown:
+        raise ValueError(f"routes name unknown channels: {', '.join(sorted(unknown))}")
+
+
 class ChannelSelector:
     """Choose a channel per message; track in-flight work, rate, health and counters.
 
@@ -206,17 +218,44 @@ class ChannelSelector:
         self.buckets: dict[str, TokenBucket] = {}
         for c in self.channels.values():
             if c.rate_per_minute > 0:
-                capacity = c.burst or max(1, int(c.rate_per_minute // 10))
-                self.buckets[c.name] = TokenBucket(c.rate_per_minute / 60.0, capacity, clock)
-        unknown = {
-            n
-            for rule in [*router.rules, RoutingRule(router.default)]
-            for tier in rule.tiers
-            for n in tier
-            if n not in self.channels
-        }
-        if unknown:
-            raise ValueError(f"routes name unknown channels: {', '.join(sorted(unknown))}")
+                self.buckets[c.name] = self._bucket(c)
+        _check_router(router, self.channels)
+
+    def _bucket(self, c: Channel) -> TokenBucket:
+        capacity = c.burst or max(1, int(c.rate_per_minute // 10))
+        return TokenBucket(c.rate_per_minute / 60.0, capacity, self.clock)
+
+    def reconfigure(
+        self,
+        channels: Iterable[Channel],
+        router: Router,
+        failure_threshold: int,
+        cooldown: float,
+    ) -> None:
+        """Reloaded channels and routes (ValueError, changing nothing, when a route names an
+        unknown channel). A channel kept by name keeps its health, counters and, when its
+        rate is unchanged, its token bucket; deliveries in flight through a removed channel
+        finish and are released as usual; the next choice uses the new routes."""
+        new = {c.name: c for c in channels}
+        _check_router(router, new)
+        buckets: dict[str, TokenBucket] = {}
+        for c in new.values():
+            if c.rate_per_minute <= 0:
+                continue
+            old = self.channels.get(c.name)
+            same = old is not None and (old.rate_per_minute, old.burst) == (
+                c.rate_per_minute,
+                c.burst,
+            )
+            kept = self.buckets.get(c.name)
+            buckets[c.name] = kept if same and kept is not None else self._bucket(c)
+        for name in list(self.health):
+            if name not in new and self.health[name].in_flight == 0:
+                del self.health[name]
+        for name in new:
+            self.health.setdefault(name, ChannelHealth())
+        self.channels, self.router, self.buckets = new, router, buckets
+        self.failure_threshold, self.cooldown = failure_threshold, cooldown
 
     # -- state --
 

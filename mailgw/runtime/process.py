@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from mailgw.config import Config, ConfigError
@@ -20,6 +21,8 @@ from mailgw.net.tls import ServerTLS, TLSError, server_tls
 if TYPE_CHECKING:
     from mailgw.directory import Directory
     from mailgw.store import MessageStore
+
+log = Logger()
 
 IO_THREADS = 16
 """Threads doing the spool's and the store's blocking file work (fsyncs wait in parallel)."""
@@ -73,3 +76,62 @@ def build_tls_options(config: Config, service: str = "smtp") -> ServerTLS | None
     except TLSError as e:  # unreadable for the user twistd --uid switches to, changed since
         bad_key = "private_key" if e.which == "key" else "certificate"
         raise ConfigError(config.path, "tls", bad_key, str(e)) from None
+
+
+class ServerTLSSet:
+    """The server TLS of one process, one ``ServerTLS`` per service (its ALPN ID), built from
+    ``[tls]`` on first use and renewed in place on reload (``check`` then ``reconfigure``):
+    listeners and STARTTLS keep the same objects, new connections get the new certificate.
+    Turning TLS on or off needs a restart (``mailgw.config.reload``)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._by_service: dict[str, ServerTLS | None] = {}
+        self._pending: tuple[Config, dict[str, Any]] | None = None
+
+    def get(self, service: str = "smtp") -> ServerTLS | None:
+        """This process's ``ServerTLS`` for ``service``; None without a certificate."""
+        if service not in self._by_service:
+            self._by_service[service] = build_tls_options(self.config, service)
+        return self._by_service[service]
+
+    def check(self, config: Config) -> None:
+        """Load the certificate and key of ``config`` for every service in use: ConfigError
+        (the reload is refused) when they do not load or do not match."""
+        from mailgw.net.tls import load_certificate_options
+
+        options: dict[str, Any] = {}
+        if config.tls_enabled:
+            for service, tls in self._by_service.items():
+                if tls is None:
+                    continue
+                try:
+                    options[service] = load_certificate_options(
+                        config.tls.certificate,
+                        config.tls.private_key or None,
+                        config.tls.min_version,
+                    )
+                except TLSError as e:
+                    bad_key = "private_key" if e.which == "key" else "certificate"
+                    raise ConfigError(config.path, "tls", bad_key, str(e)) from None
+        self._pending = (config, options)
+
+    def reconfigure(self, config: Config) -> None:
+        """Serve new connections with the certificate ``check`` loaded for ``config``."""
+        if self._pending is None or self._pending[0] is not config:
+            self.check(config)
+        assert self._pending is not None
+        _, options = self._pending
+        self._pending = None
+        self.config = config
+        renewed = []
+        for service, tls in self._by_service.items():
+            if tls is not None and service in options:
+                tls.replace(options[service])
+                renewed.append(service)
+        if renewed:
+            log.info(
+                "TLS: new connections get {certificate} ({services})",
+                certificate=config.tls.certificate,
+                services=", ".join(renewed),
+            )

@@ -497,3 +497,18 @@ def test_a_worker_not_ready_yet_is_not_the_least_loaded(tmp_path: Path) -> None:
     assert [m["op"] for m in sent(w0)] == ["reply"] * 5
     control(w1, op="ready", pid=w1.pid)
     assert sent(w0) == [{"op": "accept", "on": False}]
+
+
+def test_reconfigure_sets_the_user_limit_and_tells_every_worker_to_reload(tmp_path: Path) -> None:
+    pool, _ = started(tmp_path, count=2, max_connections_per_user="1")
+    w0, w1 = pool.workers[0], pool.workers[1]
+    sent(w0), sent(w1)
+    control(w0, op="login", id=1, user="alice")
+    control(w1, op="login", id=2, user="alice")
+    assert sent(w0) == [{"op": "reply", "id": 1, "ok": True}]
+    assert sent(w1) == [{"op": "reply", "id": 2, "ok": False}]
+    pool.reconfigure(load(config_file(tmp_path, max_connections_per_user="2")))
+    assert pool.config.imap.max_connections_per_user == 2
+    assert sent(w0) == [{"op": "reload"}] and sent(w1) == [{"op": "reload"}]
+    control(w1, op="login", id=3, user="alice")
+    assert sent(w1) == [{"op": "reply", "id": 3, "ok": True}]

@@ -191,6 +191,42 @@ def test_serve_adopts_sockets_and_exchanges_changes(tmp_path: Path) -> None:
     assert calls == [(0, "stop"), (1, "stop"), (0, "start"), (1, "start")]
 
 
+def test_reload_op_rereads_the_config_and_renews_tls(
+    tmp_path: Path, selfsigned: tuple[Path, Path]
+) -> None:
+    cert, key = selfsigned
+    path = Path(write_config(tmp_path))
+    path.write_text(
+        path.read_text() + f"[tls]\ncertificate = {cert}\nprivate_key = {key}\n"
+        "[imap]\nidle_timeout = 30m\n"
+    )
+    config = load(str(path))
+    control, _, _ = connected()
+    fd = listening_fd()
+    spec = {"fd": fd, "family": int(socket.AF_INET), "description": "tcp:1", "tls": True}
+    reactor = MemoryReactorClock()
+    serve(config, reactor, control, [spec])
+    wrapped = reactor.adoptedPorts[0][2]  # TLS -> connection guard -> the IMAP factory
+    imap = wrapped.wrappedFactory.wrappedFactory
+    assert isinstance(imap, IMAPFactory) and imap.config.idle_timeout == 30 * 60.0
+    imap_factories = [imap]
+    tls = imap.tls_options
+    context = tls.context
+    path.write_text(path.read_text().replace("idle_timeout = 30m", "idle_timeout = 45m"))
+    with capturedLogs() as events:
+        control.dataReceived(b'{"op":"reload"}\n')
+    assert imap_factories[0].config.idle_timeout == 45 * 60.0
+    assert tls.context is not context  # the certificate files read again, same object
+    texts = [formatEvent(e) for e in events]
+    assert "reload: [imap] idle_timeout: 1800.0 -> 2700.0" in texts
+    # A file that does not load: refused, nothing changes.
+    path.write_text(path.read_text().replace("idle_timeout = 45m", "idle_timeout = soon"))
+    with capturedLogs() as events:
+        control.dataReceived(b'{"op":"reload"}\n')
+    assert imap_factories[0].config.idle_timeout == 45 * 60.0
+    assert any("reload refused" in formatEvent(e) for e in events)
+
+
 def test_run_reports_a_bad_config(tmp_path: Path) -> None:
     path = tmp_path / "bad.ini"
     path.write_text("[imap]\nworkers = many\n")

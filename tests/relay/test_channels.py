@@ -212,3 +212,48 @@ def test_channel_validation() -> None:
         Channel("x", tls="maybe")
     with pytest.raises(ValueError, match="unknown channels: nope"):
         ChannelSelector([Channel("a")], Router([], default=(("a", "nope"),)), Clock())
+
+
+def test_reconfigure_keeps_health_of_kept_channels_and_in_flight_work() -> None:
+    clock = Clock()
+    s = selector(clock, failure_threshold=1, cooldown=60)
+    cn = MessageRoute("x.cn")
+    first = s.choose(cn)
+    assert first is not None and first.name == "domestic"
+    s.release("domestic", failed=True, error="421 busy")  # suspended (threshold 1)
+    in_flight = s.choose(MessageRoute("example.com"))  # overseas or sdn, still in flight
+    assert in_flight is not None
+    old_bucket_channels = [
+        Channel("domestic", rate_per_minute=60),
+        Channel("backup", rate_per_minute=30),
+    ]
+    s.reconfigure(
+        old_bucket_channels,
+        Router(
+            [RoutingRule(parse_tiers("domestic; backup"), recipient_domains=(".cn",))],
+            parse_tiers("backup"),
+        ),
+        failure_threshold=3,
+        cooldown=10,
+    )
+    assert set(s.channels) == {"domestic", "backup"}
+    assert s.health["domestic"].state == SUSPENDED  # kept by name
+    assert s.health[in_flight.name].in_flight == 1  # removed, but its delivery goes on ...
+    s.release(in_flight.name)  # ... and is released as usual
+    assert s.failure_threshold == 3 and s.cooldown == 10
+    assert s.choose(MessageRoute("example.com")).name == "backup"  # the new default route
+    assert s.choose(cn).name == "backup"  # domestic suspended: the next tier
+    assert [row["name"] for row in s.status()] == ["domestic", "backup"]
+    bucket = s.buckets["backup"]
+    s.reconfigure(s.channels.values(), s.router, 3, 10)  # same rates: same buckets
+    assert s.buckets["backup"] is bucket
+    s.reconfigure([Channel("domestic"), Channel("backup", rate_per_minute=5)], s.router, 3, 10)
+    assert "domestic" not in s.buckets and s.buckets["backup"] is not bucket
+
+
+def test_reconfigure_refuses_routes_to_unknown_channels() -> None:
+    s = selector()
+    before = dict(s.channels)
+    with pytest.raises(ValueError, match="unknown channels: nowhere"):
+        s.reconfigure([Channel("a")], Router([], parse_tiers("nowhere")), 5, 300)
+    assert s.channels == before

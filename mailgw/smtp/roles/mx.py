@@ -112,3 +112,8 @@ class MXFactory(SMTPFactory):
         role = MXRole(spool, directory, hostname, reactor, config.max_recipients, extra_checks)
         super().__init__(role, hostname, limits_from_config(config), reactor, tls_options)
         self.config = config
+
+    def reconfigure(self, config: Any) -> None:
+        """A reloaded config (``mailgw.config.reload``): ``[mx]`` limits for new sessions."""
+        self.config = config.mx
+        self.limits = limits_from_config(config.mx)

@@ -219,5 +219,17 @@ class SubmissionFactory(SMTPFactory):
             pipeline=pipeline,
         )
         super().__init__(role, hostname, limits_from_config(config), reactor, tls_options)
+        self.submission_role = role
         self.implicit_tls = implicit_tls
         self.config = config
+
+    def reconfigure(self, config: Any) -> None:
+        """A reloaded config (``mailgw.config.reload``): ``[submission]`` limits for new
+        sessions; the policy's recipient, rate and header limits; the failed-login delay."""
+        sub = config.submission
+        self.config = sub
+        self.limits = limits_from_config(sub)
+        self.policy.max_recipients = sub.max_recipients
+        self.policy.max_messages_per_hour = sub.max_messages_per_hour
+        self.policy.max_header_size = sub.max_header_size
+        self.submission_role.auth_failure_delay = config.directory.auth_failure_delay
