@@ -772,7 +772,7 @@ def _tokens(text: str) -> list[str]:
     return out
 
 
-_CLOSED = re.compile(r"/.*/[ims]*", re.S)
+_CLOSED = re.compile(r"/.*/[A-Za-z]*", re.S)
 
 
 def parse_rules(
