@@ -141,6 +141,9 @@ class PolicyMessage:
         outcome = self.outcome
         edit = header_edit(self.new_headers, outcome.subject_tags)
         try:
+            finish = getattr(self.incoming, "finish", None)
+            if callable(finish):  # a HeaderCompleter: the header section completed first
+                finish()
             if edit is not None:
                 self.incoming.rewrite_header(edit)
         except OSError as e:
