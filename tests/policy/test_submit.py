@@ -238,3 +238,45 @@ def test_the_node_gives_the_webmail_a_submitter_sharing_the_smtp_pipeline(
         )
     )
     assert failure.value.reply == R.SENDER_NOT_OWNED
+
+
+def test_the_webmail_submitter_runs_the_rules_and_quarantines(tmp_path: Path) -> None:
+    """With ``[policy] rules_file`` the node's submitter (webmail, OA API) runs the same
+    rules as SMTP submission and keeps quarantined mail in the node's quarantine."""
+    from mailgw.config import load
+    from mailgw.runtime.threads import run_inline
+    from mailgw.service import Node
+
+    (tmp_path / "rules.txt").write_text(
+        "rule no-secrets\n match body /top secret/i\n action quarantine secret words\n"
+        "rule tag\n match subject report\n action class bulk\n"
+    )
+    path = tmp_path / "mailgw.ini"
+    path.write_text(
+        f"[server]\ndata_dir = {tmp_path}/data\nhostname = mail.example.test\n"
+        "[mx]\nenabled = no\n[pop3]\nenabled = no\n[imap]\nenabled = no\n"
+        "[delivery]\nenabled = no\n"
+        "[submission]\nenabled = yes\nlisten = tcp:0:interface=127.0.0.1\n"
+        "[policy]\nrules_file = rules.txt\n"
+    )
+    node = Node(load(str(path)), Clock())
+    node.directory.add_domain("example.test")
+    node.directory.add_user("alice@example.test", "secret")
+    assert node.policy.rules in node.submitter.pipeline.checks
+    node.spool.run = run_inline
+    node.policy.quarantine.run = run_inline
+    alice = "alice@example.test"
+    qid = result(
+        node.submitter.submit(
+            alice, Envelope(alice, [alice]), b"From: alice@example.test\nSubject: report\n\nhi\n"
+        )
+    )
+    assert node.spool.load(qid).envelope.message_class == "bulk"
+    qid2 = result(
+        node.submitter.submit(
+            alice, Envelope(alice, [alice]), b"From: alice@example.test\n\nTop Secret plans\n"
+        )
+    )
+    kept = node.policy.quarantine.get(qid2)
+    assert (kept.rule, kept.reason, kept.direction) == ("no-secrets", "secret words", "outbound")
+    assert node.spool.list("incoming") == [qid]
