@@ -72,7 +72,7 @@ class RulesError(ValueError):
     """A rules file cannot be used; ``str()`` is ``file:line: what is wrong``."""
 
     def __init__(self, path: str, line: int, message: str) -> None:
-        super().__init__(f"{path}:{line}: {message}")
+        super().__init__(f"{path}:{line}: {message}" if line else f"{path}: {message}")
         self.path, self.line, self.message = path, line, message
 
 
@@ -856,8 +856,8 @@ def parse_rules(
 
 
 def load_rules(path: str, counter: Any = None, channels: Sequence[str] | None = None) -> list[Rule]:
-    """Read and parse the rules file ``path`` (RulesError, with line 0 when it cannot be
-    read)."""
+    """Read and parse the rules file ``path`` (RulesError, without a line number when it
+    cannot be read)."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
