@@ -259,6 +259,8 @@ def _build_mx(node: Node) -> list[Endpoint]:
         node.directory,
         node.reactor,
         tls_options=node.tls_options,
+        extra_checks=node.policy.inbound,
+        quarantine=node.policy.quarantine,
     )
     mx.counter = node.counters["mx"]
     mx.role.tracker = node.tracker
@@ -282,9 +284,10 @@ def _build_submission(node: Node) -> list[Endpoint]:
         sub.max_header_size,
         can_send_outside=node.parts.get("relay") is not None,
     )
-    pipeline = submission_pipeline(policy)
+    pipeline = submission_pipeline(policy, node.policy.outbound)
     node.submission_policy = policy
-    node.submitter = Submitter(policy, node.spool, pipeline)  # the webmail's and OA API's way in
+    # The webmail's and OA API's way in: the same checks and quarantine as SMTP submission.
+    node.submitter = Submitter(policy, node.spool, pipeline, quarantine=node.policy.quarantine)
     node.submitter.tracker = node.tracker
     sessions: set[Any] = set()
     endpoints = []
@@ -303,6 +306,7 @@ def _build_submission(node: Node) -> list[Endpoint]:
             policy=policy,
             auth=node.auth,
             pipeline=pipeline,
+            quarantine=node.policy.quarantine,
         )
         factory.role.tracker = node.tracker
         factory.counter = node.counters["submission"]  # one count for both listeners...

@@ -83,6 +83,10 @@ class Node(service.MultiService):
         self.journal_tail.setServiceParent(self)
         self.tls = ServerTLSSet(config)  # one ServerTLS per service, renewed on reload
         self.tls_options = self.tls.get("smtp")  # SMTP's (no ALPN ID); POP3, IMAP: theirs
+        from mailgw.policy.setup import build_policy
+
+        # The quarantine and the checks the SMTP roles add to their own (rules, antivirus...).
+        self.policy = build_policy(config, self.directory, reactor, run_io)
         self.submission_policy: Any = None  # set by the submission role
         self.submitter: Any = None  # set by the submission role: the webmail's way to submit
         self.imap_workers: Any = None  # set by the IMAP workers role

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from mailgw.cli.config import register_config_commands
 from mailgw.cli.context import LOCAL_CONFIG, SYSTEM_CONFIG, Context, Failure
 from mailgw.cli.context import default_config_path as default_config_path  # tap, tests
+from mailgw.cli.policy import register_policy_commands
 from mailgw.cli.queue import register_relay_commands
 from mailgw.cli.sizes import format_size
 from mailgw.cli.track import register_track_command
@@ -447,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_relay_commands(group, command)
     register_track_command(top)
     register_config_commands(group, command, top)
+    register_policy_commands(group, command)
     return parser
 
 
@@ -461,7 +463,8 @@ def _become_data_owner(ctx: Context, args: argparse.Namespace) -> None:
     where it is told, as root."""
     if os.geteuid() != 0 or getattr(args, "out", None) is not None:
         return
-    if not getattr(args, "as_data_owner", True):  # config check/show, reload: read only
+    if not getattr(args, "as_data_owner", True) or getattr(args, "no_data_dir", False):
+        # config check/show, reload, policy check FILE: they read, they create nothing
         return
     from mailgw import privileges
 

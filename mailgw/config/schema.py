@@ -621,6 +621,29 @@ class SubmissionConfig:
     dkim: bool = key("yes", v.parse_bool, "DKIM-sign mail of domains with a key in data_dir/dkim.")
 
 
+@dataclass(frozen=True)
+class PolicyConfig:
+    """[policy]: the security rules and the bounds of the content scan (docs/policy.md)."""
+
+    rules_file: str = key(
+        "",
+        _text,
+        "Security rules file (docs/policy.md); relative to this file's folder; empty: none.",
+    )
+    max_scan_size: int = key(
+        "10M", v.parse_size, "Bytes of a message the content rules read (the rest: mime-error)."
+    )
+    max_parts: int = key(
+        "1000", v.parse_positive_int, "MIME parts the content rules look at (more: mime-error)."
+    )
+    max_depth: int = key(
+        "20", v.parse_positive_int, "MIME nesting the content rules open (deeper: mime-error)."
+    )
+    max_zip_members: int = key(
+        "1000", v.parse_positive_int, "Files listed per zip attachment (nested zips included)."
+    )
+
+
 _PREFIXED: dict[str, type] = {"channel": ChannelConfig, "route": RouteConfig}
 
 
@@ -740,6 +763,7 @@ class Config:
     imap: IMAPConfig
     relay: RelayConfig
     submission: SubmissionConfig
+    policy: PolicyConfig
     channels: tuple[ChannelConfig, ...]
     routes: tuple[RouteConfig, ...]
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -763,10 +787,12 @@ _SECTIONS: dict[str, type] = {
     "submission": SubmissionConfig,
     "tracking": TrackingConfig,
     "log": LogConfig,
+    "policy": PolicyConfig,
 }
 
 # Keys whose value is a file path, resolved against the config file's folder.
 _PATH_KEYS = {("server", "data_dir"), ("tls", "certificate"), ("tls", "private_key")}
+_PATH_KEYS.add(("policy", "rules_file"))
 # Keys whose values are listen endpoint descriptions, checked with Twisted's parser.
 _LISTEN_KEYS = {("mx", "listen"), ("pop3", "listen"), ("pop3", "listen_tls")}
 _LISTEN_KEYS |= {("imap", "listen"), ("imap", "listen_tls")}

@@ -257,3 +257,45 @@ def test_a_submitted_message_is_tracked_with_its_user_and_verdicts(tmp_path: Pat
     assert received["client"] == "192.0.2.9" and received["size"] == spool.load(qid).envelope.size
     stages = [v["stage"] for v in policy["verdicts"]]
     assert stages[0] in ("connect", "mail") and "rcpt" in stages and stages[-1] == "data"
+
+
+def test_the_webmail_submitter_runs_the_rules_and_quarantines(tmp_path: Path) -> None:
+    """With ``[policy] rules_file`` the node's submitter (webmail, OA API) runs the same
+    rules as SMTP submission and keeps quarantined mail in the node's quarantine."""
+    from mailgw.config import load
+    from mailgw.runtime.threads import run_inline
+    from mailgw.service import Node
+
+    (tmp_path / "rules.txt").write_text(
+        "rule no-secrets\n match body /top secret/i\n action quarantine secret words\n"
+        "rule tag\n match subject report\n action class bulk\n"
+    )
+    path = tmp_path / "mailgw.ini"
+    path.write_text(
+        f"[server]\ndata_dir = {tmp_path}/data\nhostname = mail.example.test\n"
+        "[mx]\nenabled = no\n[pop3]\nenabled = no\n[imap]\nenabled = no\n"
+        "[delivery]\nenabled = no\n"
+        "[submission]\nenabled = yes\nlisten = tcp:0:interface=127.0.0.1\n"
+        "[policy]\nrules_file = rules.txt\n"
+    )
+    node = Node(load(str(path)), Clock())
+    node.directory.add_domain("example.test")
+    node.directory.add_user("alice@example.test", "secret")
+    assert node.policy.rules in node.submitter.pipeline.checks
+    node.spool.run = run_inline
+    node.policy.quarantine.run = run_inline
+    alice = "alice@example.test"
+    qid = result(
+        node.submitter.submit(
+            alice, Envelope(alice, [alice]), b"From: alice@example.test\nSubject: report\n\nhi\n"
+        )
+    )
+    assert node.spool.load(qid).envelope.message_class == "bulk"
+    qid2 = result(
+        node.submitter.submit(
+            alice, Envelope(alice, [alice]), b"From: alice@example.test\n\nTop Secret plans\n"
+        )
+    )
+    kept = node.policy.quarantine.get(qid2)
+    assert (kept.rule, kept.reason, kept.direction) == ("no-secrets", "secret words", "outbound")
+    assert node.spool.list("incoming") == [qid]

@@ -708,3 +708,33 @@ def test_recover_leaves_other_files_in_incoming_alone(spool: Spool, tmp_path: Pa
     spool.recover()
     assert files(root, "incoming") == sorted(["README", qid, qid + ".msg"])
     assert spool.list("incoming") == [qid]
+
+
+def test_inject_queues_a_copy_in_a_state(tmp_path: Path) -> None:
+    """``Spool.inject`` (the quarantine's release): content and envelope written durably into
+    a state, from another process; refused for a bad ID or state, or an ID already queued."""
+    spool = Spool(str(tmp_path / "spool"))
+    source = tmp_path / "msg"
+    source.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    qid = "0000000000000ABC"
+    spool.inject(qid, str(source), Envelope("a@b.test", ["c@d.test"], channel="sdn"), "deferred")
+    m = spool.load(qid)
+    assert m.state == "deferred" and m.envelope.channel == "sdn" and m.envelope.queue_id == qid
+    with open(m.content_path, "rb") as f:
+        assert f.read() == b"Subject: x\r\n\r\nbody\r\n"
+    with pytest.raises(FileExistsError):
+        spool.inject(qid, str(source), Envelope("a@b.test", ["c@d.test"]), "hold")
+    with pytest.raises(ValueError):
+        spool.inject("../x", str(source), Envelope("a@b.test", ["c@d.test"]), "hold")
+    with pytest.raises(ValueError):
+        spool.inject("0000000000000ABD", str(source), Envelope("a@b.test", []), "nowhere")
+    assert spool.recover() == [] and spool.list("deferred") == [qid]  # nothing orphaned
+
+
+def test_rewrite_header_after_commit_or_abort_is_refused(tmp_path: Path) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    m = spool.begin()
+    m.write(b"x\r\n")
+    m.abort()
+    with pytest.raises(ValueError):
+        m.rewrite_header(lambda h: h)
