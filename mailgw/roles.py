@@ -220,6 +220,45 @@ def _build_relay(node: Node) -> Any:
 # -- listening roles ---------------------------------------------------------------------
 
 
+def _antivirus_checks(node: Node) -> list[Any]:
+    """``[antivirus]``: the clamd check (MX and submission), or none."""
+    av = node.config.antivirus
+    if not av.enabled:
+        return []
+    from mailgw.policy.antivirus import AntivirusCheck
+    from mailgw.policy.clamd import ClamdPool
+
+    if node.clamd_pool is None:
+        node.clamd_pool = ClamdPool(node.reactor, av.servers, av.timeout)
+    return [AntivirusCheck(node.clamd_pool, av.on_failure, av.max_scan_size)]
+
+
+def _inbound_auth_checks(node: Node) -> list[Any]:
+    """``[inbound_auth]``: SPF, DKIM, DMARC and DNSBL at the MX, or none."""
+    ia = node.config.inbound_auth
+    if not ia.enabled:
+        return []
+    from mailgw.policy.inbound_auth import DNS, Authenticator, InboundAuthCheck, Scores
+
+    scores = Scores(
+        spf_fail=ia.spf_fail_score,
+        spf_softfail=ia.spf_softfail_score,
+        dkim_fail=ia.dkim_fail_score,
+        dmarc_fail=ia.dmarc_fail_score,
+        dnsbl=ia.dnsbl_score,
+        junk=ia.junk_score,
+        quarantine=ia.quarantine_score,
+        reject=ia.reject_score,
+    )
+    authenticator = Authenticator(
+        DNS(ia.resolvers, ia.dns_timeout),
+        ia.authserv_id or node.config.server.hostname,
+        ia.dnsbl,
+        max_size=node.config.mx.max_message_size,
+    )
+    return [InboundAuthCheck(authenticator, node.run_io, scores, ia.dmarc_reject)]
+
+
 def _build_mx(node: Node) -> list[Endpoint]:
     from mailgw.smtp.roles.mx import MXFactory
 
@@ -231,6 +270,7 @@ def _build_mx(node: Node) -> list[Endpoint]:
         node.directory,
         node.reactor,
         tls_options=node.tls_options,
+        extra_checks=[*_inbound_auth_checks(node), *_antivirus_checks(node)],
     )
     mx.counter = node.counters["mx"]
     return [Endpoint("listen", mx)]
@@ -253,7 +293,7 @@ def _build_submission(node: Node) -> list[Endpoint]:
         sub.max_header_size,
         can_send_outside=node.parts.get("relay") is not None,
     )
-    pipeline = submission_pipeline(policy)
+    pipeline = submission_pipeline(policy, _antivirus_checks(node))
     node.submission_policy = policy
     node.submitter = Submitter(policy, node.spool, pipeline)  # the webmail's and OA API's way in
     sessions: set[Any] = set()

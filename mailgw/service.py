@@ -69,6 +69,7 @@ class Node(service.MultiService):
         self.journal_tail.setServiceParent(self)
         self.tls_options = build_tls_options(config)  # SMTP's (no ALPN ID); POP3, IMAP: theirs
         self.submission_policy: Any = None  # set by the submission role
+        self.clamd_pool: Any = None  # [antivirus]: one rotation shared by MX and submission
         self.submitter: Any = None  # set by the submission role: the webmail's way to submit
         self.imap_workers: Any = None  # set by the IMAP workers role
         self.roles = roles
