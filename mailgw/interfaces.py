@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import builtins
 import datetime
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, BinaryIO
 
 from twisted.internet.defer import Deferred
@@ -110,6 +110,13 @@ class IIncomingMessage(Interface):
         will be committed), for content checks before the message is acknowledged; later
         writes do not show in it. The caller closes it. ValueError once ``commit`` has
         started or after ``abort``; OSError when the bytes cannot be read back."""
+
+    def rewrite_header(edit: Callable[[bytes], bytes]) -> None:
+        """Replace the header section written so far (the bytes up to and including the
+        CRLF before the first empty line; all of it when there is no empty line) with
+        ``edit(section)``: how the policy adds header fields and tags the Subject after the
+        end of DATA. ``size`` follows. ValueError once ``commit`` has started or after
+        ``abort``; OSError when a spilled message cannot be rewritten."""
 
     def commit(envelope: Envelope) -> Deferred[str]:
         """Write the ``Envelope`` (its queue_id set to ours), fsync content, envelope and

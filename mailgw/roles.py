@@ -270,7 +270,8 @@ def _build_mx(node: Node) -> list[Endpoint]:
         node.directory,
         node.reactor,
         tls_options=node.tls_options,
-        extra_checks=[*_inbound_auth_checks(node), *_antivirus_checks(node)],
+        extra_checks=[*node.policy.inbound, *_inbound_auth_checks(node), *_antivirus_checks(node)],
+        quarantine=node.policy.quarantine,
     )
     mx.counter = node.counters["mx"]
     return [Endpoint("listen", mx)]
@@ -293,9 +294,10 @@ def _build_submission(node: Node) -> list[Endpoint]:
         sub.max_header_size,
         can_send_outside=node.parts.get("relay") is not None,
     )
-    pipeline = submission_pipeline(policy, _antivirus_checks(node))
+    pipeline = submission_pipeline(policy, [*node.policy.outbound, *_antivirus_checks(node)])
     node.submission_policy = policy
-    node.submitter = Submitter(policy, node.spool, pipeline)  # the webmail's and OA API's way in
+    # The webmail's and OA API's way in: the same checks and quarantine as SMTP submission.
+    node.submitter = Submitter(policy, node.spool, pipeline, quarantine=node.policy.quarantine)
     sessions: set[Any] = set()
     endpoints = []
     for implicit in (False, True):
@@ -313,6 +315,7 @@ def _build_submission(node: Node) -> list[Endpoint]:
             policy=policy,
             auth=node.auth,
             pipeline=pipeline,
+            quarantine=node.policy.quarantine,
         )
         factory.counter = node.counters["submission"]  # one count for both listeners...
         factory.sessions = sessions  # ...and one set of sessions to make room in at the cap

@@ -68,6 +68,10 @@ class Node(service.MultiService):
         )
         self.journal_tail.setServiceParent(self)
         self.tls_options = build_tls_options(config)  # SMTP's (no ALPN ID); POP3, IMAP: theirs
+        from mailgw.policy.setup import build_policy
+
+        # The quarantine and the checks the SMTP roles add to their own (rules, antivirus...).
+        self.policy = build_policy(config, self.directory, reactor, run_io)
         self.submission_policy: Any = None  # set by the submission role
         self.clamd_pool: Any = None  # [antivirus]: one rotation shared by MX and submission
         self.submitter: Any = None  # set by the submission role: the webmail's way to submit

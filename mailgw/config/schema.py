@@ -692,9 +692,7 @@ class InboundAuthConfig:
     dmarc_fail_score: float = key("3", _nonneg_float, "Score of a DMARC fail (any policy).")
     dnsbl_score: float = key("5", _nonneg_float, "Score of each DNSBL zone listing the client.")
     junk_score: float = key("3", _nonneg_float, "From this score: deliver to Junk (0: never).")
-    quarantine_score: float = key(
-        "6", _nonneg_float, "From this score: quarantine (0: never)."
-    )
+    quarantine_score: float = key("6", _nonneg_float, "From this score: quarantine (0: never).")
     reject_score: float = key("10", _nonneg_float, "From this score: 550 5.7.1 (0: never).")
 
 

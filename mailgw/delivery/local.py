@@ -48,6 +48,7 @@ message:
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +59,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailgw.interfaces import InvalidMailbox, QuotaExceeded
+from mailgw.interfaces import InvalidMailbox, MailboxNotFound, QuotaExceeded
 from mailgw.model import Envelope
 from mailgw.relay.dsn import MAX_ORIGINAL_HEADERS, RecipientStatus, build_dsn, should_bounce
 from mailgw.runtime.threads import Runner, run_inline
@@ -408,8 +409,12 @@ class LocalDelivery(Service):
                     )
                 else:
                     try:
-                        uid = self.store.deliver(
-                            user, message.content_path, delivery_prefix(envelope.sender, user)
+                        uid = self._store_copy(
+                            queue_id,
+                            user,
+                            message.content_path,
+                            delivery_prefix(envelope.sender, user),
+                            envelope.folder,
                         )
                     except InvalidMailbox as e:
                         # Never storable (a user created before names were checked): a
@@ -523,6 +528,39 @@ class LocalDelivery(Service):
 
             incoming.commit(envelope).addCallbacks(queued, lost)
 
+    def _store_copy(
+        self, queue_id: str, user: str, content_path: str, prefix: bytes, folder: str
+    ) -> int:
+        """Store one copy into ``folder`` of ``user`` (the policy's ``file_into``; empty:
+        INBOX), creating the folder when missing; a folder name the store refuses gets the
+        copy into INBOX instead (logged)."""
+        if not folder or folder.upper() == "INBOX":
+            return int(self.store.deliver(user, content_path, prefix))
+        try:
+            try:
+                return int(self.store.deliver(user, content_path, prefix, folder))
+            except MailboxNotFound:
+                with contextlib.suppress(ValueError):  # made meanwhile by someone else
+                    self.store.create_mailbox(user, folder)
+                    log.info(
+                        "{queue_id} created folder {folder} of {user}",
+                        queue_id=queue_id,
+                        folder=folder,
+                        user=user,
+                    )
+                return int(self.store.deliver(user, content_path, prefix, folder))
+        except InvalidMailbox:
+            raise
+        except (ValueError, MailboxNotFound) as e:
+            log.warn(
+                "{queue_id} folder {folder!r} of {user} unusable ({e}): delivered to INBOX",
+                queue_id=queue_id,
+                folder=folder,
+                user=user,
+                e=e,
+            )
+            return int(self.store.deliver(user, content_path, prefix))
+
     def _is_local(self, address: str) -> bool:
         return bool(self.directory.is_local_domain(address.rpartition("@")[2].lower()))
 
@@ -541,6 +579,8 @@ class LocalDelivery(Service):
             body_8bitmime=envelope.body_8bitmime,
             smtputf8=envelope.smtputf8,
             size=envelope.size,
+            message_class=envelope.message_class,
+            channel=envelope.channel,
         )
         self.spool.update(queue_id, outbound)
         self.spool.move(queue_id, "outbound", from_state="active")

@@ -15,6 +15,11 @@ class Envelope:
     ``recipients`` are the forward-paths still to be delivered; ``done`` those delivered;
     ``attempts``/``next_attempt``/``last_error`` are updated by delivery on deferral;
     ``delay_warned`` once the sender has been told the message is delayed.
+
+    What the policy decided (``mailgw.model.verdict``), kept with the queued message:
+    ``message_class`` (e.g. ``spam``: the relay's ``[route:*] message_class``), ``channel``
+    (the relay sends only through this channel), ``folder`` (local delivery stores into
+    this folder of each recipient instead of INBOX, creating it when missing).
     """
 
     sender: str
@@ -32,6 +37,9 @@ class Envelope:
     next_attempt: float = 0.0
     last_error: str = ""
     delay_warned: bool = False
+    message_class: str = ""
+    channel: str = ""
+    folder: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,9 +4,11 @@ A ``Verdict`` has one *disposition* and any number of *annotations*:
 
 - disposition: ``accept`` (go on), ``reject(reply)`` (a 5xx reply), ``tempfail(reply)`` (a 4xx
   reply) or ``quarantine(reason)`` (take the message, keep it apart instead of delivering it);
-- annotations: header fields to add (``add_headers``), a message class (``set_class``, e.g.
-  ``spam``: the relay's ``[route:*] message_class``), a channel to send it through
-  (``reroute``).
+- annotations: header fields to add (``add_headers``), a tag put before the Subject
+  (``tag_subject``), a message class (``set_class``, e.g. ``spam``: the relay's
+  ``[route:*] message_class``), a channel to send it through (``reroute``), a folder of the
+  recipient's mailbox to deliver into (``file_into``, e.g. ``Junk``), recipients to add
+  (``add_bcc``, e.g. an archive) or to send to instead (``redirect``).
 
 Combining (``a.combine(b)``: ``b`` was decided after ``a``; ``combine(vs)`` folds in order):
 
@@ -14,9 +16,10 @@ Combining (``a.combine(b)``: ``b`` was decided after ``a``; ``combine(vs)`` fold
    not looked at (a pipeline stops there) and annotations collected so far are dropped (a
    refused message gets no headers, class or route).
 2. ``quarantine`` is not final (a later check may still refuse the message); the first
-   quarantine reason is kept, later ones do not replace it.
-3. Headers accumulate in order (earlier checks' fields first); the class and the channel are
-   the last one set (a later, more specific check overrides an earlier one).
+   quarantine reason (and ``rule``) is kept, later ones do not replace it.
+3. Headers, subject tags and BCC recipients accumulate in order (earlier checks' first,
+   without repeating one); the class, the channel, the folder and the redirection are the
+   last one set (a later, more specific check overrides an earlier one).
 4. ``accept`` is the neutral element: ``accept().combine(v) == v == v.combine(accept())``.
 """
 
@@ -51,6 +54,17 @@ class Verdict:
     """Header fields to add, ``(name, value)``, in order."""
     message_class: str | None = None
     channel: str | None = None
+    rule: str = ""
+    """Who asked for the quarantine (a rule or check name; the pipeline fills in the check's
+    name when the check left it empty)."""
+    folder: str | None = None
+    """The recipient's folder to deliver into (``file_into``); None: the INBOX."""
+    subject_tags: tuple[str, ...] = ()
+    """Tags put before the Subject (``[SPAM]``), in order."""
+    bcc: tuple[str, ...] = ()
+    """Recipients added to the envelope (``add_bcc``)."""
+    redirect: tuple[str, ...] = ()
+    """When not empty: the recipients the message goes to instead of the envelope's."""
     is_final: bool = field(init=False, repr=False, compare=False)
     """``reject`` or ``tempfail``: nothing decided later changes it (derived, an attribute
     rather than a property: it is read for every command)."""
@@ -85,10 +99,12 @@ class Verdict:
         return cls.tempfail(reply) if reply.is_transient else cls.reject(reply)
 
     @classmethod
-    def quarantine(cls, reason: str) -> Verdict:
+    def quarantine(cls, reason: str, rule: str = "") -> Verdict:
+        """Keep the message apart (accepted, not delivered) because of ``reason``; ``rule``
+        names what decided it (default: the check's name)."""
         if not reason:
             raise ValueError("quarantine needs a reason")
-        return cls(Disposition.QUARANTINE, reason=reason)
+        return cls(Disposition.QUARANTINE, reason=reason, rule=rule)
 
     @classmethod
     def add_headers(cls, *fields: tuple[str, str]) -> Verdict:
@@ -113,6 +129,30 @@ class Verdict:
             raise ValueError("reroute needs a channel name")
         return cls(channel=channel)
 
+    @classmethod
+    def file_into(cls, folder: str) -> Verdict:
+        """Deliver to ``folder`` of each local recipient (created when missing)."""
+        if not folder or any(ord(c) < 32 for c in folder):
+            raise ValueError(f"invalid folder name {folder!r}")
+        return cls(folder=folder)
+
+    @classmethod
+    def tag_subject(cls, tag: str) -> Verdict:
+        """Put ``tag`` (e.g. ``[SPAM]``) before the Subject (once)."""
+        if not tag.strip() or "\r" in tag or "\n" in tag:
+            raise ValueError(f"invalid subject tag {tag!r}")
+        return cls(subject_tags=(tag,))
+
+    @classmethod
+    def add_bcc(cls, *addresses: str) -> Verdict:
+        """Send a copy to ``addresses`` too (envelope recipients; no header changes)."""
+        return cls(bcc=_addresses(addresses, "add_bcc"))
+
+    @classmethod
+    def redirect_to(cls, *addresses: str) -> Verdict:
+        """Send the message to ``addresses`` instead of its envelope recipients."""
+        return cls(redirect=_addresses(addresses, "redirect"))
+
     # -- reading --------------------------------------------------------------------------
 
     @property
@@ -132,13 +172,32 @@ class Verdict:
         if self is ACCEPT or later.is_final:
             return later
         quarantined = self.is_quarantined or later.is_quarantined
+        first = self if self.is_quarantined or not later.is_quarantined else later
         return Verdict(
             Disposition.QUARANTINE if quarantined else Disposition.ACCEPT,
-            reason=self.reason or later.reason,
+            reason=first.reason,
             headers=self.headers + later.headers,
             message_class=later.message_class or self.message_class,
             channel=later.channel or self.channel,
+            rule=first.rule,
+            folder=later.folder or self.folder,
+            subject_tags=_union(self.subject_tags, later.subject_tags),
+            bcc=_union(self.bcc, later.bcc),
+            redirect=later.redirect or self.redirect,
         )
+
+
+def _union(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
+    if not b:
+        return a
+    return a + tuple(x for x in dict.fromkeys(b) if x not in a)
+
+
+def _addresses(addresses: Iterable[str], what: str) -> tuple[str, ...]:
+    out = tuple(a.strip() for a in addresses)
+    if not out or any(not a or "@" not in a or any(c in a for c in " <>\r\n") for a in out):
+        raise ValueError(f"{what} needs addresses (local@domain), not {addresses!r}")
+    return out
 
 
 ACCEPT = Verdict()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPullProducer
@@ -147,9 +147,13 @@ class ClamdServer:
         self.timeout = timeout
         kind, host, port = parse_server(address)
         if kind == "unix":
-            self.endpoint: Any = UNIXClientEndpoint(reactor, host, timeout=timeout)
+            self.endpoint: Any = UNIXClientEndpoint(  # type: ignore[no-untyped-call]
+                reactor, host, timeout=timeout
+            )
         elif kind == "tcp6":
-            self.endpoint = TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+            self.endpoint = TCP6ClientEndpoint(  # type: ignore[no-untyped-call]
+                reactor, host, port, timeout=timeout
+            )
         else:
             self.endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
 
@@ -213,9 +217,9 @@ class ClamdPool:
             server = order[i]
             d = server.scan(open_content())
 
-            def failed(f: Failure) -> Deferred[ScanResult] | Failure:
+            def failed(f: Failure) -> Deferred[ScanResult]:
                 if not f.check(ClamdUnavailable):
-                    return f
+                    return fail(f)
                 log.warn(
                     "clamd {server} unavailable: {why}",
                     server=server.address,
@@ -224,8 +228,9 @@ class ClamdPool:
                 errors.append(f"{server.address}: {f.getErrorMessage()}")
                 if i + 1 < len(order):
                     return attempt(i + 1)
-                return Failure(ClamdUnavailable("; ".join(errors)))
+                return fail(ClamdUnavailable("; ".join(errors)))
 
-            return d.addErrback(failed)
+            scanned: Deferred[ScanResult] = d.addErrback(failed)
+            return scanned
 
         return attempt(0)

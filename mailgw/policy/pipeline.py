@@ -22,12 +22,16 @@ A check returns a ``Verdict`` or a ``Deferred`` firing with one; the pipeline re
 exception (or a failed Deferred) is not caught here: the caller answers it as a local error
 (SMTP: ``451 4.3.0``).
 
-What the end of DATA answers is ``refusal_at_end(verdict, context)``: the DATA stage's
-refusal, else ``451 4.3.0`` for a message some check wants quarantined (there is no
-quarantine store yet: such a message must not be delivered as if clean), else None (queue
-it). The annotations in ``context.outcome`` (headers of the stages before DATA are written
-into the message by the caller; DATA-stage headers, class and channel) are not applied to
-the queued message yet: the envelope has no place for them (the security pipeline adds it).
+What the end of DATA answers is ``refusal_at_end(verdict, context, can_quarantine)``: the
+DATA stage's refusal, else ``451 4.3.0`` for a message some check wants quarantined when
+there is no quarantine store (such a message must not be delivered as if clean), else None
+(queue it). The caller applies ``context.outcome`` to the queued message through
+``mailgw.policy.apply.PolicyMessage``: header fields of the stages before DATA are written
+with the trace header, those of the DATA stage are put first at commit; class, channel,
+folder and recipient changes go on the envelope; a quarantined message goes to the
+quarantine store (``mailgw.policy.quarantine``) instead of the queue.
+
+A quarantine verdict without a ``rule`` gets the name of the check that returned it.
 
 ``mailgw.policy`` imports no protocol: ``model``, ``interfaces``, ``mime`` and Twisted only.
 """
@@ -36,7 +40,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -166,15 +170,20 @@ class Pipeline:
             raise TypeError(f"check {check.name} returned {result!r}, not a Verdict")
         if result.is_final:
             context.decided_by = str(check.name)
+        elif result.is_quarantined and not result.rule:
+            result = replace(result, rule=str(check.name))
         return verdict.combine(result)
 
 
-def refusal_at_end(verdict: Verdict, context: CheckContext) -> Reply | None:
+def refusal_at_end(
+    verdict: Verdict, context: CheckContext, can_quarantine: bool = False
+) -> Reply | None:
     """The answer to a received message after its ``DATA`` stage: the stage's refusal, a
-    local error (``451 4.3.0``) for a quarantine that cannot be kept, or None to queue it."""
+    local error (``451 4.3.0``) for a quarantine that cannot be kept (``can_quarantine``
+    false: no quarantine store), or None to take it (queue or quarantine it)."""
     if verdict.is_final:
         return verdict.reply
-    if context.outcome.is_quarantined:
+    if context.outcome.is_quarantined and not can_quarantine:
         log.warn(
             "{sid}: quarantine requested ({reason}) but no quarantine store: refused for now",
             sid=context.session_id,

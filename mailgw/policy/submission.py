@@ -270,6 +270,11 @@ class HeaderCompleter:
                 head += b"\r\n"
             self._release(head, b"\r\n")
 
+    def rewrite_header(self, edit: Callable[[bytes], bytes]) -> None:
+        """Completes the header section first (``finish``), then edits it."""
+        self.finish()
+        self.incoming.rewrite_header(edit)
+
     def commit(self, envelope: Envelope) -> Deferred[str]:
         self.finish()
         envelope.size = int(self.incoming.size)  # headers may have been added

@@ -10,7 +10,10 @@ both), stage by stage as an SMTP client would meet them:
 3. each recipient parsed (``501 5.1.3`` if it is not an address) and run through ``RCPT``;
 4. a ``Received`` header (``with <protocol>``), the header fields the stages so far added,
    then the message (line ends made CRLF) written through a ``HeaderCompleter`` into the
-   spool; the ``DATA`` stage (header rules, content checks) before the commit.
+   spool; the ``DATA`` stage (header rules, content checks) before the commit, whose
+   outcome is applied as for SMTP (``mailgw.policy.apply.PolicyMessage``: DATA-stage
+   header fields, class, channel, recipient changes; a quarantined message goes to the
+   ``quarantine`` store and its ID is returned like a queue ID).
 
 It fires with the queue ID, or fails with ``SubmissionError`` whose ``reply`` is what SMTP
 would have answered. This module imports nothing from ``mailgw.smtp``.
@@ -29,6 +32,7 @@ from mailgw.interfaces import ISpool
 from mailgw.model import Address, AddressError, Envelope
 from mailgw.model.reply import R, Reply
 from mailgw.model.verdict import Verdict
+from mailgw.policy.apply import OUTBOUND, PolicyMessage
 from mailgw.policy.pipeline import CheckContext, Pipeline, Stage, refusal_at_end
 from mailgw.policy.submission import HeaderCompleter, SubmissionPolicy, submission_pipeline
 
@@ -52,11 +56,14 @@ class Submitter:
         spool: ISpool,
         pipeline: Pipeline | None = None,
         protocol: str = "webmail",
+        quarantine: Any = None,
     ) -> None:
         self.policy = policy
         self.spool = spool
         self.pipeline = pipeline if pipeline is not None else submission_pipeline(policy)
         self.protocol = protocol
+        self.quarantine = quarantine
+        """The ``QuarantineStore`` for quarantined messages (None: refused with 451)."""
 
     def submit(
         self,
@@ -96,7 +103,13 @@ class Submitter:
             context.recipients.append(context.recipient)
         context.recipient = None
         incoming = self.spool.begin()
-        wrapper = HeaderCompleter(incoming, policy, envelope.sender, policy.max_header_size)
+        wrapper = PolicyMessage(
+            HeaderCompleter(incoming, policy, envelope.sender, policy.max_header_size),
+            self.quarantine,
+            OUTBOUND,
+        )
+        completer = wrapper.incoming
+        assert isinstance(completer, HeaderCompleter)
         try:
             now = policy.clock.seconds()
             received = (
@@ -105,25 +118,29 @@ class Submitter:
                 "\r\n"
             )
             wrapper.write(received.encode() + context.outcome.header_bytes())
+            written = len(context.outcome.headers)
             wrapper.write(message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
-            wrapper.finish()
+            completer.finish()
             envelope.protocol = protocol
             envelope.received_at = now if not envelope.received_at else envelope.received_at
             context.message, context.envelope = wrapper, envelope
-            refusal = refusal_at_end((yield pipeline.run(Stage.DATA, context)), context)
+            verdict = yield pipeline.run(Stage.DATA, context)
+            refusal = refusal_at_end(verdict, context, self.quarantine is not None)
             if refusal is not None:
                 raise SubmissionError(refusal)
+            wrapper.decide(context.outcome, written)
         except BaseException:
             wrapper.abort()
             raise
         queue_id: str = yield wrapper.commit(envelope)
         policy.count(user)
         log.info(
-            "{qid}: submitted by {user} via {protocol} message-id={msgid}",
+            "{qid}: submitted by {user} via {protocol} message-id={msgid}{quarantined}",
             qid=queue_id,
             user=user,
             protocol=protocol,
             msgid=incoming.message_id or "-",
+            quarantined=" (quarantined)" if wrapper.quarantined else "",
         )
         return queue_id
 

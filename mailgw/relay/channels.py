@@ -60,11 +60,13 @@ class Channel:
 
 @dataclass(frozen=True)
 class MessageRoute:
-    """What routing looks at: recipient domain, sender domain, class set by earlier checks."""
+    """What routing looks at: recipient domain, sender domain, class set by earlier checks;
+    ``channel``: a channel the policy forced (``Verdict.reroute``): the only one used."""
 
     recipient_domain: str
     sender_domain: str = ""
     message_class: str = ""
+    channel: str = ""
 
 
 def domain_matches(pattern: str, domain: str) -> bool:
@@ -123,6 +125,8 @@ class Router:
         self.default = default
 
     def tiers(self, route: MessageRoute) -> tuple[tuple[str, ...], ...]:
+        if route.channel:
+            return ((route.channel,),)
         for rule in self.rules:
             if rule.matches(route):
                 return rule.tiers
@@ -240,9 +244,19 @@ class ChannelSelector:
         bucket = self.buckets.get(name)
         return bucket is None or bucket.available()
 
+    def tiers(self, route: MessageRoute) -> tuple[tuple[str, ...], ...]:
+        """The route's tiers; a forced channel this node does not have gives none (the
+        message is deferred, and bounces when it stays so)."""
+        if route.channel and route.channel not in self.channels:
+            return ()
+        return self.router.tiers(route)
+
+    def eligible(self, route: MessageRoute) -> list[str]:
+        return [name for tier in self.tiers(route) for name in tier]
+
     def _tier(self, route: MessageRoute, exclude: Iterable[str]) -> tuple[str, ...]:
         excluded = set(exclude)
-        for tier in self.router.tiers(route):
+        for tier in self.tiers(route):
             usable = tuple(n for n in tier if n not in excluded and self._healthy(n))
             if usable:
                 return usable
@@ -283,7 +297,7 @@ class ChannelSelector:
             excluded = set(exclude)
             pending = [
                 self.health[n].suspended_until - self.clock.seconds()
-                for t in self.router.tiers(route)
+                for t in self.tiers(route)
                 for n in t
                 if n not in excluded and self.health[n].state == SUSPENDED
             ]

@@ -418,11 +418,22 @@ class RelayScheduler(Service):
         self, job: _Job, domain: str, recipients: list[str]
     ) -> dict[str, Outcome]:
         envelope = job.envelope
-        route = MessageRoute(domain, envelope.sender.rpartition("@")[2].lower())
+        route = MessageRoute(
+            domain,
+            envelope.sender.rpartition("@")[2].lower(),
+            envelope.message_class,
+            envelope.channel,
+        )
+        if route.channel and route.channel not in self.selector.channels:
+            log.warn(
+                "{queue_id} routed to channel {channel}, which this node does not have",
+                queue_id=job.queue_id,
+                channel=route.channel,
+            )
         outcomes: dict[str, Outcome] = {}
         mx_hosts: list[MXHost] | None = None
         needs_mx = any(
-            self.selector.channels[n].kind == DIRECT for n in self.selector.router.eligible(route)
+            self.selector.channels[n].kind == DIRECT for n in self.selector.eligible(route)
         )
         if needs_mx:
             try:

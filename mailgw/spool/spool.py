@@ -254,6 +254,34 @@ class Spool:
                 _unlink_quietly(path)
             raise
 
+    def inject(self, queue_id: str, source_path: str, envelope: Envelope, state: str) -> None:
+        """Queue a copy of the file ``source_path`` as ``queue_id`` directly in ``state``
+        (e.g. ``deferred`` with ``next_attempt`` 0: local delivery's next scan takes it),
+        from any process: content written and fsynced, envelope written, fsynced and renamed
+        into ``state``, both directories fsynced. FileExistsError when the spool holds
+        ``queue_id`` already; ValueError for a bad ID or state."""
+        self._check_state(state)
+        if not is_queue_id(queue_id):
+            raise ValueError(f"not a queue ID: {queue_id!r}")
+        for other in self.STATES:
+            if os.path.exists(self.envelope_path(other, queue_id)):
+                raise FileExistsError(queue_id)
+        content = self.content_path(queue_id)
+        env_tmp = os.path.join(self.tmp_dir, f"{queue_id}.inject")
+        envelope.queue_id = queue_id
+        with open(source_path, "rb") as src:
+            _write_file(content, src.read())
+        try:
+            _write_file(env_tmp, encode_envelope(envelope), _REPLACE_FLAGS)
+            os.rename(env_tmp, self.envelope_path(state, queue_id))
+            self.fsync_dir("incoming")
+            self.fsync_dir(state)
+        except OSError:
+            _unlink_quietly(env_tmp)
+            _unlink_quietly(self.envelope_path(state, queue_id))
+            _unlink_quietly(content)
+            raise
+
     def list(self, state: str) -> list[str]:
         self._check_state(state)
         return sorted(n for n in os.listdir(os.path.join(self.root, state)) if is_queue_id(n))
@@ -505,6 +533,19 @@ class GroupCommit:
                     item.error = e
 
 
+HEADER_SCAN = 1024 * 1024
+"""Bytes of a spilled message searched for the end of its header section (``rewrite_header``)."""
+
+
+def _header_end(data: bytes) -> int:
+    """Where the header section of ``data`` ends (after the CRLF before the empty line; at
+    the start when ``data`` begins with the empty line); ``len(data)`` when there is none."""
+    if data.startswith(b"\r\n"):
+        return 0
+    end = data.find(b"\r\n\r\n")
+    return len(data) if end < 0 else end + 2
+
+
 class HeaderSniffer:
     """Keeps the start of a message being written, up to the end of its header section (at
     most ``limit`` bytes), to read a header field from (the Message-ID for the log)."""
@@ -614,6 +655,43 @@ class IncomingMessage:
             return io.BytesIO(self._chunks[0] if self._chunks else b"")
         self._file.flush()
         return io.BufferedReader(_Prefix(open(self._spill_path, "rb", buffering=0), self.size))
+
+    def rewrite_header(self, edit: Callable[[bytes], bytes]) -> None:
+        """See ``IIncomingMessage.rewrite_header``. In memory: the chunks are joined and
+        edited; spilled: the header section (looked for in the first ``HEADER_SCAN`` bytes;
+        nothing is taken as header beyond) is edited and the rest copied into a new spill
+        file, which replaces the old one."""
+        if self._state != "open":
+            raise ValueError(f"{self.queue_id}: message already committed or aborted")
+        if self._file is None:
+            data = b"".join(self._chunks)
+            end = _header_end(data)
+            new = edit(data[:end]) + data[end:]
+            self._chunks = [new]
+            self.size = len(new)
+            return
+        self._file.flush()
+        path, new_path = self._spill_path, self._spill_path + ".new"
+        with open(path, "rb") as old:
+            start = old.read(HEADER_SCAN)
+            end = _header_end(start) if len(start) < HEADER_SCAN or b"\r\n\r\n" in start else 0
+            head = edit(start[:end])
+            fd = os.open(new_path, _WRITE_FLAGS, 0o600)
+            out = open(fd, "wb", buffering=_CONTENT_BUFFER)  # noqa: SIM115
+            try:
+                out.write(head)
+                out.write(start[end:])
+                while block := old.read(_CONTENT_BUFFER):
+                    out.write(block)
+                out.flush()
+            except BaseException:
+                out.close()
+                _unlink_quietly(new_path)
+                raise
+        os.replace(new_path, path)
+        self._file.close()
+        self._file = out
+        self.size = out.tell()
 
     def commit(self, envelope: object) -> Deferred[str]:
         """See ``IIncomingMessage.commit``. TypeError/ValueError (raised at once) for a

@@ -524,3 +524,42 @@ def test_at_most_concurrency_messages_in_flight(spool, store, clock, make_delive
     assert len(store.mailboxes["alice@example.test"]) == 3
     for state in Spool.STATES:
         assert spool.list(state) == []
+
+
+def test_file_into_a_folder_created_when_missing(spool, store, make_delivery, run, logged):
+    """``Envelope.folder`` (the policy's ``file_into``): each local copy goes to that folder,
+    created first when the store does not have it; a name the store refuses: INBOX."""
+    from mailgw.interfaces import MailboxNotFound
+    from mailgw.model import Envelope
+
+    folders: dict[str, set[str]] = {"alice@example.test": {"INBOX"}}
+    stored: list[tuple[str, str]] = []
+    plain = store.deliver
+
+    def deliver(user, content_path, prefix=b"", folder="INBOX"):
+        if folder == "Bad/Name":
+            raise ValueError("invalid name")
+        if folder not in folders.setdefault(user, {"INBOX"}):
+            raise MailboxNotFound(folder)
+        stored.append((user, folder))
+        return plain(user, content_path, prefix, folder)
+
+    def create_mailbox(user, name):
+        folders.setdefault(user, {"INBOX"}).add(name)
+
+    store.deliver, store.create_mailbox = deliver, create_mailbox
+    delivery = make_delivery()
+    delivery.startService()
+    for folder in ("Junk", "Junk", "Bad/Name", ""):
+        msg = spool.begin()
+        msg.write(BODY)
+        msg.commit(Envelope("s@x.example", ["alice@example.test"], folder=folder))
+        run(delivery)
+    assert stored == [
+        ("alice@example.test", "Junk"),
+        ("alice@example.test", "Junk"),
+        ("alice@example.test", "INBOX"),
+        ("alice@example.test", "INBOX"),
+    ]
+    assert any("created folder Junk of alice@example.test" in line for line in logged)
+    assert any("unusable" in line for line in logged)

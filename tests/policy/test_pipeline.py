@@ -219,3 +219,18 @@ def test_mx_checks(recipient: str, before: int, reply: Any) -> None:
         if reply is None
         else p.checks_for(Stage.RCPT)[0 if reply is R.TOO_MANY_RECIPIENTS else 1].name
     )
+
+
+def test_a_quarantine_gets_the_name_of_its_check() -> None:
+    log: list[tuple[str, Stage]] = []
+    p = Pipeline(
+        [
+            Scripted("scanner", {Stage.DATA}, Verdict.quarantine("x"), log),
+            Scripted("other", {Stage.DATA}, Verdict.quarantine("y", "named"), log),
+        ]
+    )
+    ctx = CheckContext()
+    v = p.run(Stage.DATA, ctx)
+    assert v.rule == "scanner" and ctx.outcome.rule == "scanner" and ctx.outcome.reason == "x"
+    assert refusal_at_end(v, ctx) == R.LOCAL_ERROR
+    assert refusal_at_end(v, ctx, can_quarantine=True) is None

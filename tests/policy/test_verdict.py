@@ -130,3 +130,43 @@ def test_combine_stops_at_the_first_final_verdict() -> None:
 def test_header_bytes_are_utf8() -> None:
     v = Verdict.add_headers(("X-Note", "café"))
     assert v.header_bytes() == "X-Note: café\r\n".encode()
+
+
+def test_the_policy_actions_of_the_rules() -> None:
+    assert Verdict.file_into("Junk").folder == "Junk"
+    assert Verdict.tag_subject("[SPAM]").subject_tags == ("[SPAM]",)
+    assert Verdict.add_bcc("a@x.test").bcc == ("a@x.test",)
+    assert Verdict.redirect_to("b@x.test", "c@x.test").redirect == ("b@x.test", "c@x.test")
+    assert Verdict.quarantine("r", "rule1").rule == "rule1"
+    for make in (
+        lambda: Verdict.file_into(""),
+        lambda: Verdict.file_into("a\nb"),
+        lambda: Verdict.tag_subject(" "),
+        lambda: Verdict.tag_subject("[a]\r\nBcc: x"),
+        lambda: Verdict.add_bcc(),
+        lambda: Verdict.add_bcc("no-at-sign"),
+        lambda: Verdict.redirect_to("a@b> , <c@d"),
+    ):
+        with pytest.raises(ValueError):
+            make()
+
+
+def test_combining_the_new_annotations() -> None:
+    v = combine(
+        [
+            Verdict.file_into("Junk"),
+            Verdict.tag_subject("[A]"),
+            Verdict.add_bcc("x@t.test"),
+            Verdict.quarantine("first", "r1"),
+            Verdict.tag_subject("[A]"),
+            Verdict.tag_subject("[B]"),
+            Verdict.add_bcc("x@t.test", "y@t.test"),
+            Verdict.redirect_to("r@t.test"),
+            Verdict.quarantine("second", "r2"),
+            Verdict.file_into("Spam"),
+        ]
+    )
+    assert v.is_quarantined and (v.reason, v.rule) == ("first", "r1")
+    assert v.folder == "Spam" and v.subject_tags == ("[A]", "[B]")
+    assert v.bcc == ("x@t.test", "y@t.test") and v.redirect == ("r@t.test",)
+    assert v.combine(REJECT) == REJECT

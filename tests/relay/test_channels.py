@@ -212,3 +212,18 @@ def test_channel_validation() -> None:
         Channel("x", tls="maybe")
     with pytest.raises(ValueError, match="unknown channels: nope"):
         ChannelSelector([Channel("a")], Router([], default=(("a", "nope"),)), Clock())
+
+
+def test_a_forced_channel_is_the_only_one_used() -> None:
+    """``Verdict.reroute``: the envelope's channel overrides class and domain rules; a channel
+    this node does not have gives no tier (the message waits and is deferred)."""
+    s = selector()
+    route = MessageRoute("example.cn", message_class="spam", channel="sdn")
+    assert s.eligible(route) == ["sdn"]
+    for _ in range(3):
+        chosen = s.choose(route)
+        assert chosen is not None and chosen.name == "sdn"
+        s.release("sdn")
+    missing = MessageRoute("example.cn", channel="nowhere")
+    assert s.eligible(missing) == []
+    assert s.choose(missing) is None and s.wait_hint(missing) is None

@@ -46,6 +46,14 @@ class FakeIncoming:
             raise ValueError("message already committed or aborted")
         return io.BytesIO(b"".join(self.chunks))
 
+    def rewrite_header(self, edit: Any) -> None:
+        assert self.spool.keep_content, "rewrite_header needs keep_content"
+        data = b"".join(self.chunks)
+        end = data.find(b"\r\n\r\n")
+        end = len(data) if end < 0 else end + 2
+        self.chunks = [edit(data[:end]) + data[end:]]
+        self.size = len(self.chunks[0])
+
     def commit(self, envelope: Envelope) -> defer.Deferred[str]:
         assert not self.aborted and not self.committing
         self.committing = True

@@ -7,12 +7,17 @@ the ``CheckContext`` of the current transaction, made afresh at each MAIL FROM. 
 the end of DATA run their stage; a reject or tempfail is sent as the reply, anything else is
 the role's usual positive reply. Header fields added by the stages before DATA are written
 after the role's own trace header.
+
+The message is received through a ``mailgw.policy.apply.PolicyMessage`` (``wrap``): after
+the DATA stage it gets the transaction's outcome, and its commit applies it (DATA-stage
+header fields and subject tags, class, channel, folder, recipient changes; a quarantined
+message goes to the role's ``quarantine`` store and is answered 250 like a queued one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 
@@ -20,6 +25,7 @@ from mailgw.interfaces import IIncomingMessage, ISpool
 from mailgw.model import Address, Envelope
 from mailgw.model.reply import R, Reply
 from mailgw.model.verdict import Verdict
+from mailgw.policy.apply import PolicyMessage, direction_of
 from mailgw.policy.pipeline import CheckContext, Pipeline, Stage, VerdictResult, refusal_at_end
 from mailgw.smtp.protocol import ReplyResult, Role, Session
 
@@ -49,9 +55,18 @@ class CheckedRole(Role):
     protocol = "smtp"
     """``CheckContext.protocol`` of this role's transactions."""
 
-    def __init__(self, spool: ISpool, pipeline: Pipeline) -> None:
+    def __init__(self, spool: ISpool, pipeline: Pipeline, quarantine: Any = None) -> None:
         super().__init__(spool)
         self.pipeline = pipeline
+        self.quarantine = quarantine
+        """The ``QuarantineStore`` quarantined messages go to (None: they get 451)."""
+
+    def wrap(self, incoming: IIncomingMessage) -> PolicyMessage:
+        """``incoming`` in the wrapper that applies the policy outcome at commit."""
+        return PolicyMessage(incoming, self.quarantine, direction_of(self.protocol))
+
+    def begin_message(self, session: Session) -> IIncomingMessage:
+        return self.wrap(self.spool.begin())
 
     @staticmethod
     def checks(session: Session) -> SessionChecks:
@@ -106,10 +121,18 @@ class CheckedRole(Role):
         context = self.checks(session).context
         context.recipient = None
         context.message, context.envelope = incoming, envelope
+        written = len(context.outcome.headers)  # before DATA: with the trace header
 
         def answer(verdict: Verdict) -> Reply:
             context.message = None  # the context outlives the message
-            return refusal_at_end(verdict, context) or R.OK
+            policy = incoming if isinstance(incoming, PolicyMessage) else None
+            can_quarantine = policy is not None and policy.quarantine is not None
+            refusal = refusal_at_end(verdict, context, can_quarantine)
+            if refusal is not None:
+                return refusal
+            if policy is not None:
+                policy.decide(context.outcome, written, session.session_id)
+            return R.OK
 
         return _then(self.pipeline.run(Stage.DATA, context), answer)
 

@@ -61,8 +61,11 @@ class MXRole(CheckedRole):
         clock: IReactorTime,
         max_recipients: int,
         extra_checks: Sequence[ICheck] = (),
+        quarantine: Any = None,
     ) -> None:
-        super().__init__(spool, Pipeline([*mx_checks(directory, max_recipients), *extra_checks]))
+        super().__init__(
+            spool, Pipeline([*mx_checks(directory, max_recipients), *extra_checks]), quarantine
+        )
         self.directory = directory
         self.hostname = hostname
         self.clock = clock
@@ -106,7 +109,10 @@ class MXFactory(SMTPFactory):
         reactor: IReactorTime,
         tls_options: Any = None,
         extra_checks: Sequence[ICheck] = (),
+        quarantine: Any = None,
     ) -> None:
-        role = MXRole(spool, directory, hostname, reactor, config.max_recipients, extra_checks)
+        role = MXRole(
+            spool, directory, hostname, reactor, config.max_recipients, extra_checks, quarantine
+        )
         super().__init__(role, hostname, limits_from_config(config), reactor, tls_options)
         self.config = config

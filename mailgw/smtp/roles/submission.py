@@ -60,8 +60,11 @@ class SubmissionRole(CheckedRole):
         auth_failure_delay: float = 2.0,
         auth: AuthGuard | None = None,
         pipeline: Pipeline | None = None,
+        quarantine: Any = None,
     ) -> None:
-        super().__init__(spool, pipeline if pipeline is not None else submission_pipeline(policy))
+        super().__init__(
+            spool, pipeline if pipeline is not None else submission_pipeline(policy), quarantine
+        )
         self.directory = directory
         self.hostname = hostname
         self.clock = clock
@@ -121,7 +124,9 @@ class SubmissionRole(CheckedRole):
 
     def begin_message(self, session: Session) -> IIncomingMessage:
         sender = str(session.sender) if session.sender is not None else ""
-        return HeaderCompleter(self.spool.begin(), self.policy, sender, self.policy.max_header_size)
+        return self.wrap(
+            HeaderCompleter(self.spool.begin(), self.policy, sender, self.policy.max_header_size)
+        )
 
     def data_header(self, session: Session, queue_id: str) -> bytes:
         return received_header(
@@ -197,6 +202,7 @@ class SubmissionFactory(SMTPFactory):
         can_send_outside: bool = True,
         auth: AuthGuard | None = None,
         pipeline: Pipeline | None = None,
+        quarantine: Any = None,
     ) -> None:
         self.policy = policy or SubmissionPolicy(
             directory,
@@ -216,6 +222,7 @@ class SubmissionFactory(SMTPFactory):
             auth_failure_delay=auth_failure_delay,
             auth=auth,
             pipeline=pipeline,
+            quarantine=quarantine,
         )
         super().__init__(role, hostname, limits_from_config(config), reactor, tls_options)
         self.implicit_tls = implicit_tls
