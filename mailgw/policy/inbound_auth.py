@@ -47,6 +47,7 @@ import dns.resolver
 import spf
 from authheaders import dmarc_per_from
 from authheaders.dmarc_lookup import DMARCException
+from authres.dmarc import DMARCAuthenticationResult
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -138,23 +139,38 @@ class _SPFQuery(spf.query):  # type: ignore[misc]  # pyspf: untyped
 
     def __init__(self, lookup: DNS, *args: Any, **kwargs: Any) -> None:
         self._lookup = lookup
+        self._answers: dict[tuple[str, str], list[Any]] = {}
         super().__init__(*args, **kwargs)
 
-    def dns(self, name: str, qtype: str, cnames: Any = None) -> list[Any]:
+    def dns(
+        self, name: str, qtype: str, cnames: Any = None, ignore_void: bool = False
+    ) -> list[Any]:
+        """pyspf's lookup: the values of ``name``/``qtype`` (CNAMEs followed by dnspython),
+        cached for this check; void lookups counted (RFC 7208 4.6.4)."""
         name = str(name).rstrip(".").lower()
         if not name or not all(0 < len(x) < 64 for x in name.split(".")):
             return []
+        key = (name, qtype)
+        if key in self._answers:
+            return self._answers[key]
         try:
             records = self._lookup.query(name, qtype)
         except DNSTempError as e:
             raise spf.TempError(f"DNS {e}") from None
         if qtype in ("A", "AAAA"):
-            return [r.address for r in records]
-        if qtype == "MX":
-            return [(r.preference, r.exchange.to_text(True)) for r in records]
-        if qtype == "PTR":
-            return [r.target.to_text(True) for r in records]
-        return [tuple(r.strings) for r in records]  # TXT, SPF
+            result: list[Any] = [r.address for r in records]
+        elif qtype == "MX":
+            result = [(r.preference, r.exchange.to_text(True)) for r in records]
+        elif qtype == "PTR":
+            result = [r.target.to_text(True) for r in records]
+        else:  # TXT, SPF
+            result = [tuple(r.strings) for r in records]
+        self._answers[key] = result
+        if not result and not ignore_void:
+            self.void_lookups += 1
+            if self.void_lookups > spf.MAX_VOID_LOOKUPS:
+                raise spf.PermError(f"Void lookup limit of {spf.MAX_VOID_LOOKUPS} exceeded")
+        return result
 
 
 def dnsbl_name(ip: str, zone: str) -> str | None:
@@ -331,7 +347,7 @@ class Authenticator:
         else:
             out.dmarc = "none" if not domains else "permerror"
         results.append(
-            authres.DMARCAuthenticationResult(
+            DMARCAuthenticationResult(
                 result=out.dmarc,
                 header_from=out.from_domain or None,
                 policy=out.dmarc_policy.upper() or None,
