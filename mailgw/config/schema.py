@@ -696,6 +696,29 @@ class InboundAuthConfig:
     reject_score: float = key("10", _nonneg_float, "From this score: 550 5.7.1 (0: never).")
 
 
+@dataclass(frozen=True)
+class PolicyConfig:
+    """[policy]: the security rules and the bounds of the content scan (docs/policy.md)."""
+
+    rules_file: str = key(
+        "",
+        _text,
+        "Security rules file (docs/policy.md); relative to this file's folder; empty: none.",
+    )
+    max_scan_size: int = key(
+        "10M", v.parse_size, "Bytes of a message the content rules read (the rest: mime-error)."
+    )
+    max_parts: int = key(
+        "1000", v.parse_positive_int, "MIME parts the content rules look at (more: mime-error)."
+    )
+    max_depth: int = key(
+        "20", v.parse_positive_int, "MIME nesting the content rules open (deeper: mime-error)."
+    )
+    max_zip_members: int = key(
+        "1000", v.parse_positive_int, "Files listed per zip attachment (nested zips included)."
+    )
+
+
 _PREFIXED: dict[str, type] = {"channel": ChannelConfig, "route": RouteConfig}
 
 
@@ -769,6 +792,7 @@ class Config:
     imap: IMAPConfig
     relay: RelayConfig
     submission: SubmissionConfig
+    policy: PolicyConfig
     channels: tuple[ChannelConfig, ...]
     routes: tuple[RouteConfig, ...]
     antivirus: AntivirusConfig = field(default_factory=AntivirusConfig)
@@ -792,10 +816,12 @@ _SECTIONS: dict[str, type] = {
     "submission": SubmissionConfig,
     "antivirus": AntivirusConfig,
     "inbound_auth": InboundAuthConfig,
+    "policy": PolicyConfig,
 }
 
 # Keys whose value is a file path, resolved against the config file's folder.
 _PATH_KEYS = {("server", "data_dir"), ("tls", "certificate"), ("tls", "private_key")}
+_PATH_KEYS.add(("policy", "rules_file"))
 # Keys whose values are listen endpoint descriptions, checked with Twisted's parser.
 _LISTEN_KEYS = {("mx", "listen"), ("pop3", "listen"), ("pop3", "listen_tls")}
 _LISTEN_KEYS |= {("imap", "listen"), ("imap", "listen_tls")}

@@ -41,6 +41,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -96,6 +97,9 @@ class CheckContext:
     """Annotations and quarantine collected by the stages passed so far."""
     decided_by: str = ""
     """The name of the check whose reject/tempfail ended the last stage ('' if none)."""
+    state: dict[str, Any] = field(default_factory=dict)
+    """Per-transaction scratch space of the checks, by check name (the one thing a check
+    may change: e.g. what the rules decided at MAIL, read again at DATA)."""
 
 
 class ICheck(Interface):

@@ -12,9 +12,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.logger import Logger
+
+from mailgw.config import ConfigError
+from mailgw.policy.content import ContentLimits
 from mailgw.policy.pipeline import ICheck
 from mailgw.policy.quarantine import QuarantineStore
+from mailgw.policy.ratelimit import MemoryRateCounter
+from mailgw.policy.rules import RulesCheck, RulesError, load_rules
 from mailgw.runtime.threads import Runner, run_inline
+
+log = Logger(namespace="mailgw.policy")
 
 
 @dataclass
@@ -26,6 +34,8 @@ class PolicySetup:
     """Checks of the MX role (mail arriving for local users)."""
     outbound: list[ICheck] = field(default_factory=list)
     """Checks of submission, webmail and the OA API (mail users send)."""
+    rules: RulesCheck | None = None
+    """The security rules (``[policy] rules_file``), in both lists; None without a file."""
 
 
 def quarantine_dir(data_dir: str) -> str:
@@ -33,7 +43,41 @@ def quarantine_dir(data_dir: str) -> str:
     return os.path.join(data_dir, "quarantine")
 
 
-def build_policy(config: Any, directory: Any, clock: Any, run: Runner = run_inline) -> PolicySetup:
-    """The policy of a node with ``config`` (a ``mailgw.config.Config``)."""
+def content_limits(config: Any) -> ContentLimits:
+    """The content scan's bounds from ``[policy]``."""
+    p = config.policy
+    return ContentLimits(
+        max_scan=p.max_scan_size,
+        max_parts=p.max_parts,
+        max_depth=p.max_depth,
+        max_zip_members=p.max_zip_members,
+    )
+
+
+def build_policy(
+    config: Any,
+    directory: Any,
+    clock: Any,
+    run: Runner = run_inline,
+    rate_counter: Any = None,
+) -> PolicySetup:
+    """The policy of a node with ``config`` (a ``mailgw.config.Config``): the quarantine
+    store, and the security rules of ``[policy] rules_file`` first in both directions (a
+    rules file with an error stops start-up: ``ConfigError`` holding ``file:line: ...``).
+    ``rate_counter``: the ``IRateCounter`` of ``rate`` matches (default: in memory)."""
     quarantine = QuarantineStore(quarantine_dir(config.server.data_dir), run=run, clock=clock)
-    return PolicySetup(quarantine)
+    setup = PolicySetup(quarantine)
+    path = config.policy.rules_file
+    if path:
+        channels = [c.name for c in config.channels] or ["direct"]
+        counter = rate_counter if rate_counter is not None else MemoryRateCounter(clock)
+        try:
+            rules = load_rules(path, counter, channels)
+        except RulesError as e:
+            raise ConfigError(config.path, "policy", "rules_file", str(e)) from None
+        check = RulesCheck(rules, directory.is_local_domain, content_limits(config))
+        setup.rules = check
+        setup.inbound.append(check)
+        setup.outbound.append(check)
+        log.info("security rules: {n} from {path}", n=len(rules), path=path)
+    return setup
