@@ -236,3 +236,10 @@ async def test_stream_max_length_and_max_scan_size(tmp_path: Path, pool: ClamdPo
         assert verdict.headers == (("X-Virus-Scanned", "skipped"),)
     finally:
         small.stop()
+
+
+def test_on_failure_must_be_known(pool: ClamdPool) -> None:
+    with pytest.raises(ValueError):
+        AntivirusCheck(pool, on_failure="ignore")
+    with pytest.raises(ValueError):
+        ClamdPool(reactor, [], 1)

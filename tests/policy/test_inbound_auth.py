@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 
-from mailgw.model.verdict import Disposition
+from mailgw.model.verdict import Disposition, Verdict
 from mailgw.policy.inbound_auth import (
     DNS,
     Authenticator,
@@ -190,3 +191,33 @@ def test_scores_and_bands() -> None:
     assert decide(AuthResults(spf="fail", dnsbl=["a", "b"], header="h"), off).headers == (
         ("Authentication-Results", "h"),
     )
+
+
+def test_the_check_skips_authenticated_users_and_runs_in_the_runner(
+    auth: Authenticator,
+) -> None:
+    from mailgw.policy.inbound_auth import InboundAuthCheck
+    from mailgw.policy.pipeline import CheckContext
+    from mailgw.runtime.threads import run_inline
+    from tests.policy.test_antivirus import Received
+
+    calls: list[object] = []
+
+    def run(f: Any, *args: Any) -> Any:
+        calls.append(f)
+        return run_inline(f, *args)
+
+    check = InboundAuthCheck(auth, run)
+    user = CheckContext(user="alice@example.test", message=Received(message("hard.example.com")))
+    assert check.check(user) == Verdict.accept() and not calls
+    anon = CheckContext(
+        client_ip="127.0.0.1",
+        helo="client.test",
+        sender="x@hard.example.com",
+        message=Received(message("hard.example.com")),
+    )
+    results: list[Verdict] = []
+    d = check.check(anon)
+    assert isinstance(d, Deferred)
+    d.addCallback(results.append)
+    assert calls and results[0].disposition is Disposition.REJECT  # SPF fail under p=reject
