@@ -7,10 +7,11 @@ when they are set:
 
 - SPF (pyspf, RFC 7208) of the client address, ``MAIL FROM`` (``postmaster@HELO`` for the
   null sender) and HELO;
-- DKIM (dkimpy): the first ``DKIM-Signature``; ``none`` without one;
+- DKIM (dkimpy): each ``DKIM-Signature`` (the first ``MAX_SIGNATURES``), one result each in
+  the header; ``none`` without one;
 - DMARC (authheaders, RFC 7489): the From domain's policy (or its organizational domain's
   ``sp``), passing when SPF passes for an aligned MAIL FROM domain or DKIM for an aligned
-  ``d=`` (relaxed or strict as ``aspf``/``adkim`` say);
+  ``d=`` of any passing signature (relaxed or strict as ``aspf``/``adkim`` say);
 - DNSBL: the client address (reversed, nibbles for IPv6) under each ``dnsbl`` zone; an A
   record in 127.0.0.0/8 is a listing.
 
@@ -35,7 +36,7 @@ import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
-from typing import Any
+from typing import IO, Any
 
 import authres
 import dkim
@@ -63,6 +64,8 @@ Runner = Callable[..., Deferred[Any]]
 
 DMARC_REJECTED = "Message rejected: DMARC policy of {domain} (p=reject)"
 AUTH_REJECTED = "Message rejected: sender authentication failed ({why})"
+MAX_SIGNATURES = 5
+"""DKIM signatures verified per message (a sender adding hundreds costs lookups)."""
 MAX_SIZE = 50 * 1024 * 1024
 """Largest message read for DKIM (a larger one gets ``dkim=policy``)."""
 
@@ -268,21 +271,23 @@ class Authenticator:
             return "permerror", str(e)
         return str(result), str(why)
 
-    def dkim(self, message: bytes) -> tuple[str, str]:
-        """(result, d= domain) of the first DKIM-Signature."""
+    def dkim(self, message: bytes) -> list[tuple[str, str]]:
+        """(result, d= domain) of each DKIM-Signature (the first ``MAX_SIGNATURES``);
+        [] without one."""
         verifier = dkim.DKIM(message)
-        try:
-            if not verifier.present():
-                return "none", ""
-        except dkim.DKIMException:
-            return "permerror", ""
-        try:
-            ok = verifier.verify(dnsfunc=self.lookup.dkim_txt)
-        except dkim.DnsTimeoutError:
-            return "temperror", _d_tag(verifier)
-        except dkim.DKIMException:
-            return "fail", _d_tag(verifier)
-        return ("pass" if ok else "fail"), _d_tag(verifier)
+        count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
+        out = []
+        for idx in range(min(count, MAX_SIGNATURES)):
+            try:
+                ok = verifier.verify(idx=idx, dnsfunc=self.lookup.dkim_txt)
+                result = "pass" if ok else "fail"
+            except dkim.DnsTimeoutError:
+                result = "temperror"
+            except dkim.DKIMException:
+                result = "fail"
+            out.append((result, _d_tag(verifier)))
+            verifier.signature_fields = {}  # not carried over to the next signature
+        return out
 
     def dmarc(
         self,
@@ -329,21 +334,34 @@ class Authenticator:
         results: list[Any] = [spf_result]
         if len(message) > self.max_size:
             out.dkim = "policy"
-            dkim_result = authres.DKIMAuthenticationResult(
-                result="policy", result_comment="message too big to verify"
-            )
+            dkim_results = [
+                authres.DKIMAuthenticationResult(
+                    result="policy", result_comment="message too big to verify"
+                )
+            ]
         else:
-            out.dkim, out.dkim_domain = self.dkim(message)
-            dkim_result = authres.DKIMAuthenticationResult(
-                result=out.dkim, header_d=out.dkim_domain or None
-            )
-        results.append(dkim_result)
+            signatures = self.dkim(message)
+            passed = [d for r, d in signatures if r == "pass"]
+            if passed:
+                out.dkim, out.dkim_domain = "pass", passed[0]
+            elif signatures:
+                out.dkim, out.dkim_domain = signatures[0]
+            dkim_results = [
+                authres.DKIMAuthenticationResult(result=r, header_d=d or None)
+                for r, d in signatures
+            ] or [authres.DKIMAuthenticationResult(result="none")]
+        results.extend(dkim_results)
         domains = _from_domains(message)
         out.from_domain = domains[0] if len(domains) == 1 else ""
         if len(domains) == 1:
-            out.dmarc, out.dmarc_policy = self.dmarc(out.from_domain, spf_result, dkim_result)
-            # dmarc_per_from shortened smtp_mailfrom to its domain: give the header the address
-            spf_result.smtp_mailfrom = mailfrom or None
+            # Any passing signature may be the aligned one: the first that makes DMARC pass.
+            candidates = [r for r in dkim_results if r.result == "pass"] or dkim_results[:1]
+            for dkim_result in candidates:
+                out.dmarc, out.dmarc_policy = self.dmarc(out.from_domain, spf_result, dkim_result)
+                # dmarc_per_from shortened smtp_mailfrom to its domain: put the address back
+                spf_result.smtp_mailfrom = mailfrom or None
+                if out.dmarc == "pass":
+                    break
         else:
             out.dmarc = "none" if not domains else "permerror"
         results.append(
@@ -405,12 +423,10 @@ class InboundAuthCheck:
         self.scores = scores or Scores()
         self.dmarc_reject = dmarc_reject
 
-    def _evaluate(self, context: CheckContext) -> AuthResults:
-        assert context.message is not None
-        limit = self.authenticator.max_size
-        with context.message.open_content() as f:
-            message = f.read(limit + 1)
-        return self.authenticator.evaluate(message, context.client_ip, context.sender, context.helo)
+    def _evaluate(self, content: IO[bytes], ip: str, sender: str, helo: str) -> AuthResults:
+        with content:
+            message = content.read(self.authenticator.max_size + 1)
+        return self.authenticator.evaluate(message, ip, sender, helo)
 
     def check(self, context: CheckContext) -> VerdictResult:
         if context.user is not None:
@@ -427,5 +443,9 @@ class InboundAuthCheck:
             )
             return verdict
 
-        d: Deferred[Verdict] = self.run(self._evaluate, context).addCallback(decided)
+        assert context.message is not None
+        content = context.message.open_content()  # opened here, read in the worker thread
+        d: Deferred[Verdict] = self.run(
+            self._evaluate, content, context.client_ip, context.sender, context.helo
+        ).addCallback(decided)
         return d

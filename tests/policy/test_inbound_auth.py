@@ -221,3 +221,21 @@ def test_the_check_skips_authenticated_users_and_runs_in_the_runner(
     assert isinstance(d, Deferred)
     d.addCallback(results.append)
     assert calls and results[0].disposition is Disposition.REJECT  # SPF fail under p=reject
+
+
+def test_every_signature_is_verified_and_any_aligned_one_passes_dmarc(
+    auth: Authenticator, keys: Keys
+) -> None:
+    """An ESP's signature first, the author domain's second: DMARC passes on the second."""
+    msg = signed(
+        signed(message("good.example.com"), "good.example.com", keys), "other.example.net", keys
+    )
+    assert msg.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/simple; d=other")
+    r = evaluate(auth, msg, "x@other.example.net")
+    assert (r.dkim, r.dkim_domain, r.dmarc) == ("pass", "other.example.net", "pass")
+    assert "dkim=pass header.d=other.example.net" in r.header
+    assert "dkim=pass header.d=good.example.com" in r.header
+    assert auth.dkim(msg.replace(b"Hello.", b"Bye.")) == [
+        ("fail", "other.example.net"),
+        ("fail", "good.example.com"),
+    ]
