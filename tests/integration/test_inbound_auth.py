@@ -5,13 +5,14 @@ Authentication-Results header; read back over IMAP and from the quarantine store
 from __future__ import annotations
 
 import smtplib
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mailgw.policy.quarantine import QuarantineStore
-from mailgw.testing.server import MailgwServer
+from mailgw.testing.server import MailgwServer, free_port
 from tests.integration.conftest import make_server
 from tests.integration.helpers import wait_until
 from tests.integration.test_antivirus import imap_messages
@@ -31,9 +32,11 @@ def dns_server(keys: Keys) -> Iterator[ThreadedDNS]:
     server.stop()
 
 
-def auth_node(workdir: Path, dns_server: ThreadedDNS, **keys: str) -> MailgwServer:
+def auth_node(
+    workdir: Path, dns_server: ThreadedDNS, mx: dict[str, str] | None = None, **keys: str
+) -> MailgwServer:
     section = {"enabled": "yes", "resolvers": dns_server.address, "dns_timeout": "5s"}
-    return make_server(workdir, {"inbound_auth": {**section, **keys}})
+    return make_server(workdir, {"inbound_auth": {**section, **keys}, "mx": mx or {}})
 
 
 @pytest.fixture(scope="module")
@@ -140,5 +143,51 @@ def test_dnsbl_listing_quarantines_or_refuses(tmp_path: Path, dns_server: Thread
         with pytest.raises(smtplib.SMTPDataError) as info:
             send(node, "x@good.example.com", tagged("good.example.com", "t-refused"))
         assert info.value.smtp_code == 550 and b"listed in bl.test" in info.value.smtp_error
+    finally:
+        node.stop()
+
+
+def test_dnsbl_and_spf_see_the_real_client_behind_the_proxy_protocol(
+    tmp_path: Path, dns_server: ThreadedDNS, keys: Keys
+) -> None:
+    """A PROXY v1 header says the client is 192.0.2.10: that address is looked up in the
+    DNSBL (``10.2.0.192.bl.test``) and checked by SPF (good.example.com allows 127.0.0.1
+    only), not the proxy's 127.0.0.1: spf fail (3) + listed (5) = 8, quarantined (6); the
+    aligned DKIM signature still makes DMARC pass (no p=reject refusal)."""
+    dns_server.zone.add("10.2.0.192.bl.test", "A", "127.0.0.2")
+    port = free_port()
+    listen = {"listen": f"haproxy:tcp:{port}:interface=127.0.0.1"}
+    node = auth_node(tmp_path, dns_server, listen, dnsbl="bl.test")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"PROXY TCP4 192.0.2.10 127.0.0.1 40000 25\r\n")
+            client = sock.makefile("rwb")
+
+            def command(line: bytes | None) -> bytes:
+                if line is not None:
+                    client.write(line + b"\r\n")
+                    client.flush()
+                reply = client.readline()
+                while reply[3:4] == b"-":
+                    reply = client.readline()
+                return reply
+
+            assert command(None).startswith(b"220 ")
+            assert command(b"EHLO client.test").startswith(b"250 ")
+            assert command(b"MAIL FROM:<x@good.example.com>").startswith(b"250 ")
+            assert command(b"RCPT TO:<alice@example.test>").startswith(b"250 ")
+            assert command(b"DATA").startswith(b"354 ")
+            data = signed(tagged("good.example.com", "t-proxied"), "good.example.com", keys)
+            client.write(data + b".\r\n")
+            client.flush()
+            assert command(None).startswith(b"250 ")
+            command(b"QUIT")
+        store = QuarantineStore(str(node.data_dir / "quarantine"))
+        (kept,) = wait_until(store.list, what="quarantined")
+        assert "spf=fail" in kept.reason and "listed in bl.test" in kept.reason
+        with open(store.content_path(kept.id), "rb") as f:
+            line = auth_results(f.read())
+        assert "spf=fail" in line and "dkim=pass" in line and "dmarc=pass" in line
+        assert ("10.2.0.192.bl.test", "A") in dns_server.zone.queries
     finally:
         node.stop()
