@@ -32,12 +32,17 @@ larger than ``max_size`` is not DKIM-checked (``dkim=policy``: too big).
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import ipaddress
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import IO, Any
 
+import authheaders
+import authheaders.dmarc_lookup as _dmarc_lookup
 import authres
 import dkim
 import dns.exception
@@ -68,6 +73,39 @@ MAX_SIGNATURES = 5
 """DKIM signatures verified per message (a sender adding hundreds costs lookups)."""
 MAX_SIZE = 50 * 1024 * 1024
 """Largest message read for DKIM (a larger one gets ``dkim=policy``)."""
+
+
+# authheaders reads and parses the whole public suffix list (~270 ms) on each call of its
+# ``get_org_domain`` (four or more per DMARC evaluation): parse it once, keep the answers.
+_psl_lock = threading.Lock()
+_psl: list[Any] = []
+
+
+def _public_suffix_list() -> Any:
+    with _psl_lock:
+        if not _psl:
+            from publicsuffix2 import PublicSuffixList
+
+            try:
+                from authheaders.findpsl import location  # a system list, when packaged so
+
+                with open(location, encoding="utf-8") as f:
+                    _psl.append(PublicSuffixList(f))
+            except ModuleNotFoundError:
+                ref = importlib.resources.files("authheaders") / "public_suffix_list.txt"
+                with importlib.resources.as_file(ref) as path, open(path, encoding="utf-8") as f:
+                    _psl.append(PublicSuffixList(f))
+        return _psl[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def org_domain(domain: str) -> str:
+    """The organizational domain of ``domain`` (RFC 7489 3.2), as authheaders computes it."""
+    return str(_public_suffix_list().get_public_suffix(domain))
+
+
+_dmarc_lookup.get_org_domain = org_domain
+authheaders.get_org_domain = org_domain
 
 
 class DNSTempError(Exception):

@@ -239,3 +239,15 @@ def test_every_signature_is_verified_and_any_aligned_one_passes_dmarc(
         ("fail", "other.example.net"),
         ("fail", "good.example.com"),
     ]
+
+
+def test_org_domain_is_parsed_once_and_used_by_authheaders() -> None:
+    import authheaders
+    import authheaders.dmarc_lookup
+
+    from mailgw.policy.inbound_auth import org_domain
+
+    assert org_domain("a.b.example.com") == "example.com"
+    assert org_domain("mail.example.co.uk") == "example.co.uk"
+    assert authheaders.get_org_domain is org_domain
+    assert authheaders.dmarc_lookup.get_org_domain is org_domain
