@@ -32,6 +32,7 @@ STATE_ENTRIES = (
     "dkim",
     "tls",
     "journal",
+    "quarantine",
 )
 """What mailgw keeps directly under ``[server] data_dir`` (``[store] tier2_dir`` besides)."""
 

@@ -10,8 +10,9 @@ message:
 2. Each recipient not yet in ``envelope.done`` is expanded with ``IDirectory.resolve``. Every
    local user target gets the content via ``IMessageStore.deliver`` with the prefix
    ``Return-Path: <sender>`` (RFC 5321 4.4; ``<>`` for the null sender) and
-   ``Delivered-To: user``. One user reached through several recipients of the same message
-   gets one copy.
+   ``Delivered-To: user``, into ``envelope.folder`` when the policy set one (``file_into``:
+   created when missing; a name the store refuses: INBOX), else INBOX. One user reached
+   through several recipients of the same message gets one copy.
 3. Progress is recorded in ``envelope.done`` and written with ``ISpool.update`` after each
    successful delivery that is followed by more work, so a crash never repeats a finished
    delivery except the very last one (a duplicate is acceptable, a loss is not):

@@ -28,6 +28,7 @@ from zope.interface import implementer
 from mailgw.interfaces import IIncomingMessage
 from mailgw.model import Envelope
 from mailgw.model.verdict import ACCEPT, Verdict
+from mailgw.policy.submission import HeaderCompleter
 
 log = Logger(namespace="mailgw.policy")
 
@@ -141,6 +142,8 @@ class PolicyMessage:
         outcome = self.outcome
         edit = header_edit(self.new_headers, outcome.subject_tags)
         try:
+            if isinstance(self.incoming, HeaderCompleter):
+                self.incoming.finish()  # the header section completed first
             if edit is not None:
                 self.incoming.rewrite_header(edit)
         except OSError as e:

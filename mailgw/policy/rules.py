@@ -745,14 +745,34 @@ class Rule:
 
 
 def _tokens(text: str) -> list[str]:
+    """The words of a line (shlex: quotes group, no escapes, no comments); on a ``match``
+    line a ``/regex/`` holding blanks may be written without quotes."""
     lexer = shlex.shlex(text, posix=True)
     lexer.whitespace_split = True
     lexer.escape = ""
     lexer.commenters = ""
     try:
-        return list(lexer)
+        words = list(lexer)
     except ValueError as e:
         raise _Bad(f"cannot split the line: {e}") from None
+    if not words or words[0] != "match":
+        return words
+    # A /regex/ written with blanks and without quotes: its words joined by one blank.
+    out: list[str] = []
+    open_regex = False
+    for word in words:
+        if open_regex:
+            out[-1] += " " + word
+        else:
+            out.append(word)
+        current = out[-1]
+        open_regex = current.startswith("/") and not _CLOSED.fullmatch(current)
+    if open_regex:
+        raise _Bad(f"regex {out[-1]} is not closed with /")
+    return out
+
+
+_CLOSED = re.compile(r"/.*/[A-Za-z]*", re.S)
 
 
 def parse_rules(

@@ -366,3 +366,23 @@ def test_policy_message_commit_failure_of_the_rewrite_aborts(tmp_path: Path) -> 
     msg.decide(Verdict.add_headers(("X", "1")))
     failure = result(msg.commit(Envelope("a@b", ["c@d"])))
     assert isinstance(failure.value, OSError) and inner.aborted
+
+
+def test_a_quarantined_submission_gets_its_header_completed(tmp_path: Path) -> None:
+    """A message whose header never ended (no body) is completed (Message-ID, Date) before
+    it is kept, as it would have been queued."""
+    from mailgw.policy.submission import HeaderCompleter
+
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    policy = SubmissionPolicy(default_directory(), "mail.example.test", clock, 10, 100)
+    spool = Spool(str(tmp_path / "spool"))
+    store = QuarantineStore(str(tmp_path / "q"))
+    completer = HeaderCompleter(spool.begin(), policy, "alice@example.test")
+    msg = PolicyMessage(completer, store, "outbound")
+    msg.write(b"From: alice@example.test\r\nSubject: no body")
+    msg.decide(Verdict.quarantine("q", "r"))
+    qid = result(msg.commit(Envelope("alice@example.test", ["bob@example.test"])))
+    data = Path(store.content_path(qid)).read_bytes()
+    assert b"\r\nMessage-ID: <" in data and b"\r\nDate: " in data
+    assert store.get(qid).size == len(data)
