@@ -305,14 +305,19 @@ class Authenticator:
             result, _code, why = _SPFQuery(self.lookup, i=ip, s=sender, h=helo, timeout=20).check()
         except spf.TempError as e:
             return "temperror", str(e)
-        except (spf.PermError, ValueError) as e:
-            return "permerror", str(e)
+        except (spf.PermError, ValueError, IndexError, TypeError, UnicodeError) as e:
+            return "permerror", str(e)  # PermError; the others: pyspf on hostile input
         return str(result), str(why)
 
     def dkim(self, message: bytes) -> list[tuple[str, str]]:
         """(result, d= domain) of each DKIM-Signature (the first ``MAX_SIGNATURES``);
-        [] without one."""
-        verifier = dkim.DKIM(message)
+        [] without one; one ``permerror`` when the header section cannot be parsed."""
+        try:
+            verifier = dkim.DKIM(message)
+        except (dkim.DKIMException, IndexError, ValueError):
+            end = message.find(b"\r\n\r\n")
+            signed = b"dkim-signature:" in message[: end if end >= 0 else None].lower()
+            return [("permerror", "")] if signed else []
         count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
         out = []
         for idx in range(min(count, MAX_SIGNATURES)):
@@ -321,7 +326,7 @@ class Authenticator:
                 result = "pass" if ok else "fail"
             except dkim.DnsTimeoutError:
                 result = "temperror"
-            except dkim.DKIMException:
+            except (dkim.DKIMException, IndexError, ValueError, TypeError):
                 result = "fail"
             out.append((result, _d_tag(verifier)))
             verifier.signature_fields = {}  # not carried over to the next signature
@@ -342,7 +347,7 @@ class Authenticator:
             )
         except DNSTempError:
             return "temperror", ""
-        except (DMARCException, ValueError, IndexError):
+        except (DMARCException, ValueError, IndexError, TypeError, UnicodeError):
             return "permerror", ""
         return str(result), str(policy or "")
 
@@ -366,10 +371,14 @@ class Authenticator:
         out = AuthResults()
         out.spf, out.spf_reason = self.spf(ip, sender, helo)
         mailfrom = sender or (f"postmaster@{helo}" if helo else "")
-        spf_result = authres.SPFAuthenticationResult(
-            result=out.spf, smtp_mailfrom=mailfrom or None, smtp_helo=helo or None
-        )
-        results: list[Any] = [spf_result]
+        identities = {"smtp_mailfrom": mailfrom, "smtp_helo": helo}
+        identities = {k: v for k, v in identities.items() if v}
+
+        def spf_result() -> authres.SPFAuthenticationResult:
+            # A new one each time: dmarc_per_from rewrites its smtp_mailfrom to the domain.
+            return authres.SPFAuthenticationResult(result=out.spf, **identities)
+
+        results: list[Any] = [spf_result()]
         if len(message) > self.max_size:
             out.dkim = "policy"
             dkim_results = [
@@ -395,9 +404,7 @@ class Authenticator:
             # Any passing signature may be the aligned one: the first that makes DMARC pass.
             candidates = [r for r in dkim_results if r.result == "pass"] or dkim_results[:1]
             for dkim_result in candidates:
-                out.dmarc, out.dmarc_policy = self.dmarc(out.from_domain, spf_result, dkim_result)
-                # dmarc_per_from shortened smtp_mailfrom to its domain: put the address back
-                spf_result.smtp_mailfrom = mailfrom or None
+                out.dmarc, out.dmarc_policy = self.dmarc(out.from_domain, spf_result(), dkim_result)
                 if out.dmarc == "pass":
                     break
         else:

@@ -251,3 +251,43 @@ def test_org_domain_is_parsed_once_and_used_by_authheaders() -> None:
     assert org_domain("mail.example.co.uk") == "example.co.uk"
     assert authheaders.get_org_domain is org_domain
     assert authheaders.dmarc_lookup.get_org_domain is org_domain
+
+
+HOSTILE = [
+    b"",
+    b"\r\n",
+    b"no header at all",
+    b"\x00\xff\xfe binary\r\n\r\nx",
+    b"From: \r\n\r\n",
+    b"From: a@\r\n\r\n",
+    b"From: <@>\r\n\r\n",
+    b"From: x@" + b"a" * 300 + b".com\r\n\r\n",
+    b"DKIM-Signature: garbage\r\nFrom: a@good.example.com\r\n\r\nx",
+    b"DKIM-Signature: v=1; d=good.example.com; s=sel; b=; bh=; h=from\r\n"
+    b"From: a@good.example.com\r\n\r\nx",
+    b" folded first\r\nFrom: a@b.example\r\n\r\n",
+    b"From: a@b.example\nSubject: lf only\n\nbody\n",
+    b"From: a@[127.0.0.1]\r\n\r\n",
+    b"From: a@b..example\r\n\r\n",
+    b"From: a@good.example.com, b@none.example.com\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("data", HOSTILE)
+@pytest.mark.parametrize(
+    ("ip", "sender", "helo"),
+    [("127.0.0.1", "x@good.example.com", "h"), ("not-an-ip", "", ""), ("::1", "bad", "[1.2.3.4]")],
+)
+def test_hostile_input_gives_results_not_exceptions(
+    auth: Authenticator, data: bytes, ip: str, sender: str, helo: str
+) -> None:
+    r = auth.evaluate(data, ip, sender, helo)
+    assert r.header.startswith("mx.example.test;") and "spf=" in r.header
+    assert decide(r, Scores()).disposition in set(Disposition)
+
+
+def test_unparsable_header_with_a_signature_is_dkim_permerror(auth: Authenticator) -> None:
+    assert auth.dkim(b"DKIM-Signature: v=1\r\nno colon here\r\n\r\nbody") == [("permerror", "")]
+    assert auth.dkim(b"no colon here\r\n\r\nbody") == []
+    r = evaluate(auth, HOSTILE[-1], "x@good.example.com")
+    assert r.dmarc == "permerror"  # two From domains
