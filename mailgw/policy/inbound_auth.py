@@ -449,6 +449,17 @@ def decide(results: AuthResults, scores: Scores, dmarc_reject: bool = True) -> V
     return header
 
 
+def outcome(verdict: Verdict) -> str:
+    """What a band decided, for the log."""
+    if verdict.reply is not None:
+        return verdict.reply.format()
+    if verdict.is_quarantined:
+        return f"quarantined: {verdict.reason}"
+    if verdict.folder:
+        return f"filed into {verdict.folder}"
+    return "delivered"
+
+
 @implementer(ICheck)
 class InboundAuthCheck:
     """``DATA``: authenticate an anonymous session's message (see the module docstring)."""
@@ -477,18 +488,21 @@ class InboundAuthCheck:
         if context.user is not None:
             return Verdict.accept()
 
+        assert context.message is not None
+        queue_id = str(context.message.queue_id)
+
         def decided(results: AuthResults) -> Verdict:
             verdict = decide(results, self.scores, self.dmarc_reject)
             log.info(
-                "{sid}: {results} dnsbl={dnsbl}: {disposition}",
+                "{sid} {qid}: {results} dnsbl={dnsbl}: {outcome}",
                 sid=context.session_id,
+                qid=queue_id,
                 results=results.header,
                 dnsbl=",".join(results.dnsbl) or "-",
-                disposition=verdict.reply.format() if verdict.reply else "accepted",
+                outcome=outcome(verdict),
             )
             return verdict
 
-        assert context.message is not None
         content = context.message.open_content()  # opened here, read in the worker thread
         d: Deferred[Verdict] = self.run(
             self._evaluate, content, context.client_ip, context.sender, context.helo

@@ -291,3 +291,19 @@ def test_unparsable_header_with_a_signature_is_dkim_permerror(auth: Authenticato
     assert auth.dkim(b"no colon here\r\n\r\nbody") == []
     r = evaluate(auth, HOSTILE[-1], "x@good.example.com")
     assert r.dmarc == "permerror"  # two From domains
+
+
+def test_outcome_for_the_log() -> None:
+    from mailgw.policy.inbound_auth import outcome
+
+    h = AuthResults(header="h")
+    assert outcome(decide(h, Scores())) == "delivered"
+    assert outcome(decide(AuthResults(spf="fail", header="h"), Scores())) == "filed into Junk"
+    q = outcome(decide(AuthResults(spf="fail", dnsbl=["z"], header="h"), Scores()))
+    assert q.startswith("quarantined: sender authentication: score 8")
+    r = outcome(
+        decide(
+            AuthResults(dmarc="fail", dmarc_policy="reject", from_domain="d", header="h"), Scores()
+        )
+    )
+    assert r.startswith("550 5.7.1 Message rejected: DMARC policy of d")
