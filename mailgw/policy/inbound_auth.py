@@ -13,7 +13,7 @@ when they are set:
   ``sp``), passing when SPF passes for an aligned MAIL FROM domain or DKIM for an aligned
   ``d=`` of any passing signature (relaxed or strict as ``aspf``/``adkim`` say);
 - DNSBL: the client address (reversed, nibbles for IPv6) under each ``dnsbl`` zone; an A
-  record in 127.0.0.0/8 is a listing.
+  record in 127.0.0.0/8 is a listing, except the error codes 127.255.255.0/24 (logged).
 
 The results become one ``Authentication-Results`` header (RFC 8601, authres) with the
 node's authserv-id, and a score (``*_score`` keys) that picks a band:
@@ -363,7 +363,11 @@ class Authenticator:
             except DNSTempError as e:
                 log.warn("DNSBL {zone} did not answer: {e}", zone=zone, e=str(e))
                 continue
-            if any(ipaddress.ip_address(r.address) in _LOOPBACK_NET for r in answers):
+            codes = [ipaddress.ip_address(r.address) for r in answers]
+            if any(c in _ERROR_CODES for c in codes):
+                log.warn("DNSBL {zone} refused the query ({codes})", zone=zone, codes=codes)
+                continue
+            if any(c in _LOOPBACK_NET for c in codes):
                 out.append(zone)
         return out
 
@@ -424,6 +428,9 @@ class Authenticator:
 
 
 _LOOPBACK_NET = ipaddress.ip_network("127.0.0.0/8")
+_ERROR_CODES = ipaddress.ip_network("127.255.255.0/24")
+"""DNSBL answers that are errors, not listings (Spamhaus: 127.255.255.252-255, e.g. a query
+through a public resolver)."""
 
 
 def _d_tag(verifier: Any) -> str:

@@ -60,6 +60,7 @@ def auth_zone(keys: Keys) -> Zone:
     z.add("1.0.0.127.bl.test", "A", "127.0.0.2")
     z.add("1.0.0.127.bl.test", "TXT", '"listed for testing"')
     z.add("clean-bl.test", "A", "192.0.2.3")
+    z.add("1.0.0.127.refusing-bl.test", "A", "127.255.255.254")  # Spamhaus: "public resolver"
     return z
 
 

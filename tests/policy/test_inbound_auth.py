@@ -144,10 +144,11 @@ def test_no_dmarc_record_is_none(auth: Authenticator) -> None:
 
 
 def test_dnsbl_listing_and_bands(dns_server: ThreadedDNS) -> None:
-    zones = ["clean-bl.test", "bl.test"]
+    zones = ["clean-bl.test", "refusing-bl.test", "bl.test"]
     auth = Authenticator(DNS([dns_server.address], 5), "mx.example.test", zones)
     r = evaluate(auth, message("other.example.net"), "x@other.example.net")
-    assert r.dnsbl == ["bl.test"]
+    assert r.dnsbl == ["bl.test"]  # 127.255.255.254 from refusing-bl.test is an error code
+    assert ("1.0.0.127.refusing-bl.test", "A") in dns_server.zone.queries
     assert decide(r, Scores()).folder == "Junk"  # 5: from junk (3), under quarantine (6)
     assert decide(r, Scores(dnsbl=6)).is_quarantined
     assert not evaluate(
