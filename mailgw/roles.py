@@ -248,6 +248,45 @@ def _reconfigure_delivery(delivery: Any, config: Config) -> None:
 # -- listening roles ---------------------------------------------------------------------
 
 
+def _antivirus_checks(node: Node) -> list[Any]:
+    """``[antivirus]``: the clamd check (MX and submission), or none."""
+    av = node.config.antivirus
+    if not av.enabled:
+        return []
+    from mailgw.policy.antivirus import AntivirusCheck
+    from mailgw.policy.clamd import ClamdPool
+
+    if node.clamd_pool is None:
+        node.clamd_pool = ClamdPool(node.reactor, av.servers, av.timeout)
+    return [AntivirusCheck(node.clamd_pool, av.on_failure, av.max_scan_size)]
+
+
+def _inbound_auth_checks(node: Node) -> list[Any]:
+    """``[inbound_auth]``: SPF, DKIM, DMARC and DNSBL at the MX, or none."""
+    ia = node.config.inbound_auth
+    if not ia.enabled:
+        return []
+    from mailgw.policy.inbound_auth import DNS, Authenticator, InboundAuthCheck, Scores
+
+    scores = Scores(
+        spf_fail=ia.spf_fail_score,
+        spf_softfail=ia.spf_softfail_score,
+        dkim_fail=ia.dkim_fail_score,
+        dmarc_fail=ia.dmarc_fail_score,
+        dnsbl=ia.dnsbl_score,
+        junk=ia.junk_score,
+        quarantine=ia.quarantine_score,
+        reject=ia.reject_score,
+    )
+    authenticator = Authenticator(
+        DNS(ia.resolvers, ia.dns_timeout),
+        ia.authserv_id or node.config.server.hostname,
+        ia.dnsbl,
+        max_size=node.config.mx.max_message_size,
+    )
+    return [InboundAuthCheck(authenticator, node.run_io, scores, ia.dmarc_reject)]
+
+
 def _build_mx(node: Node) -> list[Endpoint]:
     from mailgw.smtp.roles.mx import MXFactory
 
@@ -259,7 +298,7 @@ def _build_mx(node: Node) -> list[Endpoint]:
         node.directory,
         node.reactor,
         tls_options=node.tls_options,
-        extra_checks=node.policy.inbound,
+        extra_checks=[*node.policy.inbound, *_inbound_auth_checks(node), *_antivirus_checks(node)],
         quarantine=node.policy.quarantine,
     )
     mx.counter = node.counters["mx"]
@@ -284,7 +323,7 @@ def _build_submission(node: Node) -> list[Endpoint]:
         sub.max_header_size,
         can_send_outside=node.parts.get("relay") is not None,
     )
-    pipeline = submission_pipeline(policy, node.policy.outbound)
+    pipeline = submission_pipeline(policy, [*node.policy.outbound, *_antivirus_checks(node)])
     node.submission_policy = policy
     # The webmail's and OA API's way in: the same checks and quarantine as SMTP submission.
     node.submitter = Submitter(policy, node.spool, pipeline, quarantine=node.policy.quarantine)

@@ -88,6 +88,7 @@ class Node(service.MultiService):
         # The quarantine and the checks the SMTP roles add to their own (rules, antivirus...).
         self.policy = build_policy(config, self.directory, reactor, run_io)
         self.submission_policy: Any = None  # set by the submission role
+        self.clamd_pool: Any = None  # [antivirus]: one rotation shared by MX and submission
         self.submitter: Any = None  # set by the submission role: the webmail's way to submit
         self.imap_workers: Any = None  # set by the IMAP workers role
         self.roles = roles

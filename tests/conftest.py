@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from mailgw.testing.clamd import Clamd, clamd_path
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +49,12 @@ def selfsigned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+@pytest.fixture(scope="session")
+def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clamd]:
+    """One real clamd for the session (EICAR test signature; TCP and a unix socket)."""
+    assert clamd_path() is not None, "clamd is not installed (Debian: clamav-daemon)"
+    server = Clamd(tmp_path_factory.mktemp("clamd")).start()
+    yield server
+    server.stop()

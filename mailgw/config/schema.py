@@ -621,6 +621,81 @@ class SubmissionConfig:
     dkim: bool = key("yes", v.parse_bool, "DKIM-sign mail of domains with a key in data_dir/dkim.")
 
 
+def _clamd_servers(s: str) -> tuple[str, ...]:
+    """``host:port``, ``[v6]:port`` or ``unix:/path`` words (``mailgw.policy.clamd``)."""
+    words = v.parse_list(s)
+    for w in words:
+        if w.startswith("unix:"):
+            if not w[5:].startswith("/"):
+                raise ValueError(f"expected unix:/absolute/path, got {w!r}")
+            continue
+        host, _, port = w[1:].partition("]:") if w.startswith("[") else w.rpartition(":")
+        if not host or (":" in host and not w.startswith("[")) or not port.isdigit():
+            raise ValueError(f"expected host:port, [v6]:port or unix:/path, got {w!r}")
+        _port(port)
+    if not words:
+        raise ValueError("expected at least one clamd server")
+    return words
+
+
+def _zones(s: str) -> tuple[str, ...]:
+    words = tuple(w.lower().strip(".") for w in v.parse_list(s))
+    for w in words:
+        labels = w.split(".")
+        if len(w) > 200 or not all(
+            lab and len(lab) < 64 and all(c.isalnum() or c in "-_" for c in lab) for lab in labels
+        ):
+            raise ValueError(f"not a DNS zone name: {w!r}")
+    return words
+
+
+@dataclass(frozen=True)
+class AntivirusConfig:
+    """[antivirus] messages scanned by clamd at the end of DATA (MX and submission)."""
+
+    enabled: bool = key("no", v.parse_bool, "Scan every received message with clamd.")
+    servers: tuple[str, ...] = key(
+        "127.0.0.1:3310",
+        _clamd_servers,
+        "clamd addresses, host:port or unix:/path, used in turn with failover.",
+    )
+    on_failure: str = key(
+        "tempfail",
+        _one_of("tempfail", "accept"),
+        "No clamd answering: tempfail (451 4.7.0) or accept (X-Virus-Scanned: skipped).",
+    )
+    timeout: float = key("30s", v.parse_duration, "Time limit of one scan on one server.")
+    max_scan_size: int = key(
+        "25M", v.parse_size, "Largest message sent to clamd (its StreamMaxLength); 0: any."
+    )
+
+
+@dataclass(frozen=True)
+class InboundAuthConfig:
+    """[inbound_auth] SPF, DKIM, DMARC and DNSBL checks of mail arriving at the MX."""
+
+    enabled: bool = key("no", v.parse_bool, "Check inbound mail and add Authentication-Results.")
+    authserv_id: str = key(
+        "", _text, "The authserv-id of Authentication-Results; empty: [server] hostname."
+    )
+    resolvers: tuple[str, ...] = key(
+        "", _resolvers, "DNS servers, address[:port] list; empty: resolv.conf."
+    )
+    dns_timeout: float = key("5s", v.parse_duration, "Time limit of one DNS lookup.")
+    dnsbl: tuple[str, ...] = key("", _zones, "DNSBL zones the client address is looked up in.")
+    dmarc_reject: bool = key(
+        "yes", v.parse_bool, "Refuse (550 5.7.1) mail failing DMARC with p=reject."
+    )
+    spf_fail_score: float = key("3", _nonneg_float, "Score of an SPF fail.")
+    spf_softfail_score: float = key("1", _nonneg_float, "Score of an SPF softfail.")
+    dkim_fail_score: float = key("2", _nonneg_float, "Score of a DKIM signature that fails.")
+    dmarc_fail_score: float = key("3", _nonneg_float, "Score of a DMARC fail (any policy).")
+    dnsbl_score: float = key("5", _nonneg_float, "Score of each DNSBL zone listing the client.")
+    junk_score: float = key("3", _nonneg_float, "From this score: deliver to Junk (0: never).")
+    quarantine_score: float = key("6", _nonneg_float, "From this score: quarantine (0: never).")
+    reject_score: float = key("10", _nonneg_float, "From this score: 550 5.7.1 (0: never).")
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """[policy]: the security rules and the bounds of the content scan (docs/policy.md)."""
@@ -768,6 +843,8 @@ class Config:
     routes: tuple[RouteConfig, ...]
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    antivirus: AntivirusConfig = field(default_factory=AntivirusConfig)
+    inbound_auth: InboundAuthConfig = field(default_factory=InboundAuthConfig)
 
     @property
     def tls_enabled(self) -> bool:
@@ -787,6 +864,8 @@ _SECTIONS: dict[str, type] = {
     "submission": SubmissionConfig,
     "tracking": TrackingConfig,
     "log": LogConfig,
+    "antivirus": AntivirusConfig,
+    "inbound_auth": InboundAuthConfig,
     "policy": PolicyConfig,
 }
 
