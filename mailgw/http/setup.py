@@ -9,7 +9,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 from twisted.application import service
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.protocols import policies
 from twisted.web.server import Site
@@ -53,6 +53,12 @@ class _CountedConnection(policies.ProtocolWrapper):
             return
         self._ip = ip
         super().makeConnection(transport)
+
+    def handshakeCompleted(self) -> None:  # noqa: N802 (Twisted)
+        # Defined here: ProtocolWrapper would look it up on the transport (the connection
+        # guard, which calls this one: endless recursion).
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
 
     def connectionLost(self, reason: Any) -> None:  # noqa: N802 (Twisted)
         if self._ip is None:
