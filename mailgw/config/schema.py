@@ -666,7 +666,9 @@ class HTTPConfig:
         "5s", v.parse_duration, "/readyz fails when its write probes take longer than this."
     )
     store_stats_interval: float = key(
-        "1m", v.parse_duration, "Recount the store's bytes per tier for /metrics at most this often."
+        "1m",
+        v.parse_duration,
+        "Recount the store's bytes per tier for /metrics at most this often.",
     )
     max_connections: int = key("100", v.parse_positive_int, "Concurrent HTTP connections in all.")
     max_connections_per_ip: int = key(

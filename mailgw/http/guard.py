@@ -60,17 +60,17 @@ class Access:
             if self.token is None:
                 return 403, b"403 Forbidden: no admin token is configured\n", {}
             challenge = f'Bearer realm="{REALM}", error="invalid_token"'.encode("ascii")
-            return 401, b"401 Unauthorized: invalid admin token\n", {
-                b"www-authenticate": challenge
-            }
+            return 401, b"401 Unauthorized: invalid admin token\n", {b"www-authenticate": challenge}
         if is_trusted(request.getClientAddress(), self.allow):
             return None
         if self.token is None:
             return 403, b"403 Forbidden: not allowed from this address\n", {}
         challenge = f'Bearer realm="{REALM}"'.encode("ascii")
-        return 401, b"401 Unauthorized: an admin token is needed from this address\n", {
-            b"www-authenticate": challenge
-        }
+        return (
+            401,
+            b"401 Unauthorized: an admin token is needed from this address\n",
+            {b"www-authenticate": challenge},
+        )
 
 
 class Refused(Resource):
@@ -79,7 +79,7 @@ class Refused(Resource):
     isLeaf = True
 
     def __init__(self, status: int, body: bytes, headers: dict[bytes, bytes]) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.status = status
         self.body = body
         self.headers = headers
@@ -98,7 +98,7 @@ class AdminGuard(Resource):
     get 401 or 403 (see ``Access.refusal``)."""
 
     def __init__(self, wrapped: Resource, access: Access) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.wrapped = wrapped
         self.access = access
 
@@ -106,10 +106,10 @@ class AdminGuard(Resource):
         refused = self.access.refusal(request)
         if refused is not None:
             return Refused(*refused)
-        return self.wrapped.getChildWithDefault(path, request)  # type: ignore[no-any-return]
+        return self.wrapped.getChildWithDefault(path, request)  # type: ignore[no-any-return,no-untyped-call]
 
     def render(self, request: Any) -> Any:
         refused = self.access.refusal(request)
         if refused is not None:
             return Refused(*refused).render(request)
-        return self.wrapped.render(request)
+        return self.wrapped.render(request)  # type: ignore[no-untyped-call]

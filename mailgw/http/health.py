@@ -3,6 +3,7 @@ real, disk free above ``[http] min_free_disk``) for HAProxy and orchestrators.""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -35,10 +36,8 @@ def probe_write(folder: str) -> None:
         finally:
             os.close(fd)
     finally:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def parse_min_free(text: str) -> tuple[str, float] | None:
@@ -184,7 +183,7 @@ class Readyz(Resource):
     isLeaf = True
 
     def __init__(self, readiness: Readiness) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.readiness = readiness
 
     def render_GET(self, request: Any) -> Any:  # noqa: N802 (twisted.web)

@@ -205,7 +205,7 @@ class MetricsResource(Resource):
     isLeaf = True
 
     def __init__(self, collector: NodeCollector, registry: CollectorRegistry = REGISTRY) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.collector = collector
         self.registry = registry
 

@@ -14,7 +14,7 @@ class HTTPRoot(Resource):
     ``/`` itself and unknown paths answer 404."""
 
     def __init__(self, access: Access) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.access = access
 
     def mount(self, path: str, resource: Resource, guarded: bool = True) -> Resource:
@@ -28,7 +28,7 @@ class HTTPRoot(Resource):
         for segment in segments[:-1]:
             child = node.children.get(segment)
             if child is None:
-                child = Resource()
+                child = Resource()  # type: ignore[no-untyped-call]
                 node.putChild(segment, child)
             elif isinstance(child, AdminGuard):
                 raise ValueError(f"{path}: {segment.decode()} is a mounted resource already")
@@ -40,4 +40,4 @@ class HTTPRoot(Resource):
         return mounted
 
     def render_GET(self, request: Any) -> bytes:  # noqa: N802 (twisted.web)
-        return NoResource().render(request)  # type: ignore[no-any-return]
+        return NoResource().render(request)  # type: ignore[no-any-return,no-untyped-call]

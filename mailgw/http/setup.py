@@ -10,8 +10,9 @@ from typing import Any
 from prometheus_client import REGISTRY
 from twisted.application import service
 from twisted.internet.interfaces import IAddress, IHandshakeListener
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols import policies
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from mailgw.config import ConfigError
@@ -36,7 +37,7 @@ class _CountedConnection(policies.ProtocolWrapper):
     transport: Any
 
     def __init__(self, factory: CountedFactory, wrapped: Protocol) -> None:
-        super().__init__(factory, wrapped)
+        super().__init__(factory, wrapped)  # type: ignore[arg-type]
         self._ip: str | None = None
 
     def makeConnection(self, transport: Any) -> None:  # noqa: N802 (Twisted)
@@ -52,7 +53,7 @@ class _CountedConnection(policies.ProtocolWrapper):
             transport.loseConnection()
             return
         self._ip = ip
-        super().makeConnection(transport)
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]
 
     def handshakeCompleted(self) -> None:  # noqa: N802 (Twisted)
         # Defined here: ProtocolWrapper would look it up on the transport (the connection
@@ -60,26 +61,26 @@ class _CountedConnection(policies.ProtocolWrapper):
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802 (Twisted)
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802 (Twisted)
         if self._ip is None:
             return
         ip, self._ip = self._ip, None
         self.factory.counter.release(ip)
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
 
 class CountedFactory(policies.WrappingFactory):
     """``site`` behind ``counter`` (the role's ``max_connections`` and ``_per_ip``)."""
 
-    protocol = _CountedConnection  # type: ignore[assignment]
+    protocol = _CountedConnection
     noisy = False
 
     def __init__(self, site: Site, counter: ConnectionCounter) -> None:
-        super().__init__(site)
+        super().__init__(site)  # type: ignore[no-untyped-call]
         self.counter = counter
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:  # noqa: N802 (Twisted)
-        return self.protocol(self, self.wrappedFactory.buildProtocol(addr))
+    def buildProtocol(self, addr: IAddress | None) -> _CountedConnection:  # noqa: N802 (Twisted)
+        return _CountedConnection(self, self.wrappedFactory.buildProtocol(addr))
 
 
 class CollectorService(service.Service):
@@ -88,14 +89,14 @@ class CollectorService(service.Service):
     def __init__(self, collector: NodeCollector, registry: Any = REGISTRY) -> None:
         self.collector = collector
         self.registry = registry
-        self.setName("http metrics")
+        self.setName("http metrics")  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
-        service.Service.startService(self)
+        service.Service.startService(self)  # type: ignore[no-untyped-call]
         self.registry.register(self.collector)
 
     def stopService(self) -> None:
-        service.Service.stopService(self)
+        service.Service.stopService(self)  # type: ignore[no-untyped-call]
         self.registry.unregister(self.collector)
 
 
@@ -155,10 +156,10 @@ def build_http(node: Any, endpoint: Any) -> HTTPRole:
         parse_min_free(http.min_free_disk),
         http.ready_timeout,
     )
-    root.mount("/healthz", Healthz(), guarded=False)
+    root.mount("/healthz", Healthz(), guarded=False)  # type: ignore[no-untyped-call]
     root.mount("/readyz", Readyz(readiness))
     root.mount("/metrics", MetricsResource(collector))
-    site = Site(root, timeout=http.idle_timeout)
+    site = Site(root, timeout=http.idle_timeout)  # type: ignore[no-untyped-call]
     site.noisy = False
     site.displayTracebacks = False
     factory = CountedFactory(site, node.counters["http"])

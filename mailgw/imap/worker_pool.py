@@ -449,7 +449,12 @@ class WorkerPool(service.MultiService):
             return defer.succeed(None)
         all_in: defer.Deferred[Any] = defer.DeferredList(asked, consumeErrors=True)
         out: defer.Deferred[None] = defer.Deferred()
-        timer = self.reactor.callLater(timeout, lambda: out.called or out.callback(None))
+
+        def late() -> None:
+            if not out.called:
+                out.callback(None)
+
+        timer = self.reactor.callLater(timeout, late)
 
         def arrived(_: object) -> None:
             if timer.active():

@@ -181,7 +181,7 @@ def _bounds(family: Metric) -> list[str]:
     from prometheus_client.utils import floatToGoString
 
     metric = _HISTOGRAMS[family.name]
-    return [str(floatToGoString(b)) for b in metric._upper_bounds]
+    return [str(floatToGoString(b)) for b in metric._upper_bounds]  # type: ignore[no-untyped-call]
 
 
 _HISTOGRAMS: dict[str, Histogram] = {

@@ -202,9 +202,7 @@ def test_imap_figures_of_two_worker_processes_are_merged(node: MailgwServer) -> 
     pids = worker_pids(node)
     assert len(pids) == 2 and len(set(pids.values())) == 2
     os.kill(pids[0], signal.SIGKILL)
-    wait_until(
-        lambda: worker_pids(node).get(0) not in (None, pids[0]), what="worker 0 restarted"
-    )
+    wait_until(lambda: worker_pids(node).get(0) not in (None, pids[0]), what="worker 0 restarted")
     after_kill, _ = scrape(node.ports["http"])
     assert value(after_kill, "mailgw_imap_commands_total", command="NOOP") == base_noop + 6
     imap = imap_session(node)
@@ -333,8 +331,18 @@ def test_https_with_curl_and_with_alpn(guarded: MailgwServer) -> None:
     assert out.stdout == "ok\n"
     # curl offers ALPN h2 and http/1.1 by default (when built with HTTP/2).
     out = subprocess.run(
-        ["curl", "-sS", "-k", "-H", f"Authorization: Bearer {TOKEN}", "-w", "%{http_version}",
-         "-o", "/dev/null", f"https://127.0.0.1:{port}/readyz"],
+        [
+            "curl",
+            "-sS",
+            "-k",
+            "-H",
+            f"Authorization: Bearer {TOKEN}",
+            "-w",
+            "%{http_version}",
+            "-o",
+            "/dev/null",
+            f"https://127.0.0.1:{port}/readyz",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -366,7 +374,10 @@ def test_too_many_connections_from_one_address_get_503(
 ) -> None:
     port, tls_port = free_port(), free_port()
     server = server_factory(
-        {"imap": {"workers": "0"}, "http": http_overrides(port, tls_port, max_connections_per_ip="1")}
+        {
+            "imap": {"workers": "0"},
+            "http": http_overrides(port, tls_port, max_connections_per_ip="1"),
+        }
     )
     wait_for_port("127.0.0.1", port, proc=server.proc)
     import socket
