@@ -4,12 +4,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.web.resource import NoResource, Resource
+from twisted.web.resource import Resource
 
 from mailgw.http.guard import Access, AdminGuard
 
 
-class HTTPRoot(Resource):
+class NotFound(Resource):
+    """404 in plain text (for every path below it too)."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"" if request.method == b"HEAD" else b"404 Not Found\n"
+
+
+class Folder(Resource):
+    """A path segment holding mounted resources: 404 itself and for unknown children."""
+
+    def getChild(self, path: bytes, request: Any) -> Resource:  # noqa: N802 (twisted.web)
+        return NotFound()
+
+    def render(self, request: Any) -> bytes:
+        return NotFound().render(request)
+
+
+class HTTPRoot(Folder):
     """The site's root resource; ``mount`` puts a resource at a path (see ``mailgw.http``).
     ``/`` itself and unknown paths answer 404."""
 
@@ -28,9 +49,9 @@ class HTTPRoot(Resource):
         for segment in segments[:-1]:
             child = node.children.get(segment)
             if child is None:
-                child = Resource()  # type: ignore[no-untyped-call]
+                child = Folder()
                 node.putChild(segment, child)
-            elif isinstance(child, AdminGuard):
+            elif not isinstance(child, Folder):
                 raise ValueError(f"{path}: {segment.decode()} is a mounted resource already")
             node = child
         if segments[-1] in node.children:
@@ -38,6 +59,3 @@ class HTTPRoot(Resource):
         mounted = AdminGuard(resource, self.access) if guarded else resource
         node.putChild(segments[-1], mounted)
         return mounted
-
-    def render_GET(self, request: Any) -> bytes:  # noqa: N802 (twisted.web)
-        return NoResource().render(request)  # type: ignore[no-any-return,no-untyped-call]

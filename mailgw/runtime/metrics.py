@@ -177,11 +177,19 @@ def families(snap: Snapshot, registry: CollectorRegistry = PROCESS) -> Iterator[
 
 
 def _bounds(family: Metric) -> list[str]:
-    """The ``le`` texts of a histogram family's buckets, in order (``+Inf`` last)."""
+    """The ``le`` texts of a histogram family's buckets, in order (``+Inf`` last): from its
+    samples, or (no series yet) from its definition."""
     from prometheus_client.utils import floatToGoString
 
-    metric = _HISTOGRAMS[family.name]
-    return [str(floatToGoString(b)) for b in metric._upper_bounds]  # type: ignore[no-untyped-call]
+    seen: list[str] = []
+    for s in family.samples:
+        if s.name.endswith("_bucket") and s.labels["le"] not in seen:
+            seen.append(s.labels["le"])
+    if seen:
+        return seen
+    metric = _HISTOGRAMS.get(family.name)
+    bounds = metric._upper_bounds if metric is not None else [math.inf]
+    return [str(floatToGoString(b)) for b in bounds]  # type: ignore[no-untyped-call]
 
 
 _HISTOGRAMS: dict[str, Histogram] = {
