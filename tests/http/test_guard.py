@@ -60,7 +60,13 @@ def serve(resource: Resource, r: DummyRequest) -> tuple[int, bytes, DummyRequest
         ("192.0.2.7", b"bearer  " + TOKEN + b" ", TOKEN, 200, None),
         ("192.0.2.7", None, TOKEN, 401, b'Bearer realm="mailgw"'),
         ("192.0.2.7", b"Bearer nope", TOKEN, 401, b'Bearer realm="mailgw", error="invalid_token"'),
-        ("192.0.2.7", b"Basic " + TOKEN, TOKEN, 401, b'Bearer realm="mailgw", error="invalid_token"'),
+        (
+            "192.0.2.7",
+            b"Basic " + TOKEN,
+            TOKEN,
+            401,
+            b'Bearer realm="mailgw", error="invalid_token"',
+        ),
         ("127.0.0.1", b"Bearer nope", TOKEN, 401, b'Bearer realm="mailgw", error="invalid_token"'),
         ("192.0.2.7", None, None, 403, None),
         ("192.0.2.7", b"Bearer " + TOKEN, None, 403, None),  # no token configured

@@ -82,7 +82,10 @@ def test_families_use_the_definitions_help_and_buckets() -> None:
     registry, counter, histogram = small_registry()
     counter.labels("x")  # a series at 0, so the family is known with its samples
     histogram.labels("x")
-    snap = {"t_things": [[{"kind": "x"}, 4.0]], "t_seconds": [[{"kind": "x"}, [1.0, 3.0, 4.0], 2.0]]}
+    snap = {
+        "t_things": [[{"kind": "x"}, 4.0]],
+        "t_seconds": [[{"kind": "x"}, [1.0, 3.0, 4.0], 2.0]],
+    }
     out = CollectorRegistry()
 
     class Replay:
@@ -115,9 +118,7 @@ def test_merged_adds_workers_to_this_process() -> None:
     before = sample("mailgw_imap_commands_total", command="NOOP")
     worker = {"mailgw_imap_commands": [[{"command": "NOOP"}, 5.0]]}
     out = {f.name: f for f in merged([worker, worker])}
-    values = {
-        tuple(s.labels.items()): s.value for s in out["mailgw_imap_commands"].samples
-    }
+    values = {tuple(s.labels.items()): s.value for s in out["mailgw_imap_commands"].samples}
     assert values[(("command", "NOOP"),)] == before + 10
     assert "mailgw_spool_commit_duration_seconds" in out  # every definition, series or not
 
@@ -129,9 +130,9 @@ def test_the_connection_counter_counts_admitted_and_refused_by_protocol() -> Non
     assert counter.admit("10.0.0.1") is None
     assert counter.admit("10.0.0.1") is Refusal.PER_IP
     assert sample("mailgw_connections_total", protocol="pop3") == admitted + 1
-    assert sample(
-        "mailgw_connections_refused_total", protocol="pop3", reason="per_ip"
-    ) == refused + 1
+    assert (
+        sample("mailgw_connections_refused_total", protocol="pop3", reason="per_ip") == refused + 1
+    )
     quiet = ConnectionCounter(1)  # no protocol: not counted
     assert quiet.admit("10.0.0.2") is None
     assert sample("mailgw_connections_total", protocol="pop3") == admitted + 1
