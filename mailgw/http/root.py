@@ -14,6 +14,9 @@ class NotFound(Resource):
 
     isLeaf = True
 
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
     def render(self, request: Any) -> bytes:
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -22,6 +25,9 @@ class NotFound(Resource):
 
 class Folder(Resource):
     """A path segment holding mounted resources: 404 itself and for unknown children."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
 
     def getChild(self, path: bytes, request: Any) -> Resource:  # noqa: N802 (twisted.web)
         return NotFound()
@@ -35,7 +41,7 @@ class HTTPRoot(Folder):
     ``/`` itself and unknown paths answer 404."""
 
     def __init__(self, access: Access) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.access = access
 
     def mount(self, path: str, resource: Resource, guarded: bool = True) -> Resource:

@@ -100,7 +100,7 @@ class FakePool:
 
 
 def listener(description: str, port: Any) -> ListenerService:
-    svc = ListenerService(None, description, None, f"/e/mailgw.ini:mx:listen")
+    svc = ListenerService(None, description, None, "/e/mailgw.ini:mx:listen")
     svc.port = port
     return svc
 
