@@ -83,6 +83,20 @@ class CountedFactory(policies.WrappingFactory):
         return _CountedConnection(self, self.wrappedFactory.buildProtocol(addr))
 
 
+QUIET_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics"})
+"""Paths whose successful requests are not logged (probes and scrapes every few seconds)."""
+
+
+class QuietSite(Site):
+    """The site, whose access log leaves out successful health checks and scrapes (as
+    nginx's ``access_log off`` for them); refusals and errors are still logged."""
+
+    def log(self, request: Any) -> None:
+        if request.code < 400 and request.path in QUIET_PATHS:
+            return
+        super().log(request)
+
+
 class CollectorService(service.Service):
     """Registers ``collector`` in prometheus_client's default registry while running."""
 
@@ -159,7 +173,7 @@ def build_http(node: Any, endpoint: Any) -> HTTPRole:
     root.mount("/healthz", Healthz(), guarded=False)  # type: ignore[no-untyped-call]
     root.mount("/readyz", Readyz(readiness))
     root.mount("/metrics", MetricsResource(collector))
-    site = Site(root, timeout=http.idle_timeout)  # type: ignore[no-untyped-call]
+    site = QuietSite(root, timeout=http.idle_timeout)  # type: ignore[no-untyped-call]
     site.noisy = False
     site.displayTracebacks = False
     factory = CountedFactory(site, node.counters["http"])

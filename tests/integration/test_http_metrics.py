@@ -301,6 +301,10 @@ def test_access_needs_an_allowed_network_or_the_token(guarded: MailgwServer) -> 
         status, _, body = get(base + path, {"Authorization": f"Bearer {TOKEN}"})
         assert status == 200, body
     assert get(base + "/healthz")[0] == 200  # liveness is open to all
+    # Refusals are in the log, successful probes and scrapes are not.
+    wait_until(lambda: '"GET /metrics HTTP/1.1" 401' in guarded.log(), what="refusal logged")
+    assert '"GET /metrics HTTP/1.1" 200' not in guarded.log()
+    assert '"GET /healthz HTTP/1.1" 200' not in guarded.log()
     assert get(base + "/nowhere", {"Authorization": f"Bearer {TOKEN}"})[0] == 404
     # curl, with the token and without it.
     out = subprocess.run(
