@@ -403,3 +403,32 @@ def test_too_many_connections_from_one_address_get_503(
     samples, _ = scrape(port)
     refused = value(samples, "mailgw_connections_refused_total", protocol="http", reason="per_ip")
     assert refused >= 1
+
+
+def test_without_a_token_other_networks_get_403(
+    server_factory: Callable[..., MailgwServer],
+) -> None:
+    port, tls_port = free_port(), free_port()
+    server = server_factory(
+        {"imap": {"workers": "0"}, "http": http_overrides(port, tls_port, allow="10.0.0.0/8")}
+    )
+    wait_for_port("127.0.0.1", port, proc=server.proc)
+    for path in ("/metrics", "/readyz"):
+        out = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "-i",
+                "-H",
+                f"Authorization: Bearer {TOKEN}",
+                f"http://127.0.0.1:{port}{path}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert out.stdout.startswith("HTTP/1.1 403 "), out.stdout
+        assert "www-authenticate" not in out.stdout.lower()  # no token can help
+        status, _, body = get(f"http://127.0.0.1:{port}{path}")
+        assert status == 403 and body == "403 Forbidden: not allowed from this address\n"
+    assert get(f"http://127.0.0.1:{port}/healthz")[:3:2] == (200, "ok\n")
