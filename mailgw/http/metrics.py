@@ -106,6 +106,21 @@ def channel_families(rows: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
     yield in_flight
 
 
+def worker_family(pool: Any) -> Metric:
+    """``mailgw_imap_worker_connections{worker}``: connections each live IMAP worker process
+    holds (the least-connections balance at work); no samples without workers."""
+    family = GaugeMetricFamily(
+        "mailgw_imap_worker_connections",
+        "IMAP connections held by each worker process (by its index), as the main process counts.",
+        labels=["worker"],
+    )
+    if pool is not None:
+        for index, worker in sorted(pool.workers.items()):
+            if worker.alive:
+                family.add_metric([str(index)], pool.limits.connections_held(worker))
+    return family
+
+
 def count_queue(spool: Any) -> dict[str, int]:
     """Messages per spool state (blocking: lists the state folders)."""
     return {state: len(spool.list(state)) for state in spool.STATES}
@@ -168,6 +183,7 @@ class NodeCollector:
         yield connection_family(self.counters)
         yield from store_families(self.figures.store)
         yield from channel_families(self.channels())
+        yield worker_family(self.workers)
 
     def refresh(self) -> defer.Deferred[None]:
         """Read the queue (and the store when its count is older than ``store_interval``)

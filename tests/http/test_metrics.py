@@ -26,6 +26,7 @@ from mailgw.http.metrics import (
     count_store,
     queue_family,
     store_families,
+    worker_family,
 )
 from mailgw.http.setup import CollectorService, CountedFactory
 from mailgw.net.limits import ConnectionCounter
@@ -84,6 +85,26 @@ def test_channel_families_follow_the_failover_state() -> None:
     assert samples(*channel_families([])) == {}
 
 
+def test_worker_family() -> None:
+    class Worker:
+        def __init__(self, alive: bool) -> None:
+            self.alive = alive
+
+    class Limits:
+        def connections_held(self, worker: Worker) -> int:
+            return 4
+
+    class Pool:
+        workers = {1: Worker(True), 0: Worker(True), 2: Worker(False)}
+        limits = Limits()
+
+    assert samples(worker_family(None)) == {}
+    assert samples(worker_family(Pool())) == {
+        ("mailgw_imap_worker_connections", (("worker", "0"),)): 4,
+        ("mailgw_imap_worker_connections", (("worker", "1"),)): 4,
+    }
+
+
 def test_count_queue_and_store(tmp_path: Path) -> None:
     spool = Spool(str(tmp_path / "spool"), hostname="mx.test")
     counts = count_queue(spool)
@@ -128,6 +149,7 @@ class FakeWorkers:
     def __init__(self) -> None:
         self.metrics = WorkerFigures()
         self.asked = 0
+        self.workers: dict[int, Any] = {}  # none alive: no connection figures
 
     def refresh_metrics(self, timeout: float) -> defer.Deferred[None]:
         self.asked += 1

@@ -184,6 +184,8 @@ def test_imap_figures_of_two_worker_processes_are_merged(node: MailgwServer) -> 
     bad.logout()
     during, _ = scrape(node.ports["http"])
     assert value(during, "mailgw_connections_open", protocol="imap") >= 6
+    held = [value(during, "mailgw_imap_worker_connections", worker=str(i)) for i in (0, 1)]
+    assert sum(held) >= 6 and min(held) >= 1, held  # both workers serve some of them
     for imap in sessions:
         imap.logout()
     counted, _ = scrape(node.ports["http"])  # asks both workers for their figures now
