@@ -78,16 +78,21 @@ def node(
 ) -> Iterator[MailgwServer]:
     """TLS, two IMAP worker processes, /metrics from loopback (the default allow)."""
     cert, key = selfsigned
-    port, tls_port = free_port(), free_port()
+    port, tls_port, sub, subs = free_port(), free_port(), free_port(), free_port()
     server = make_server(
         tmp_path_factory.mktemp("http-node"),
         {
             "tls": {"certificate": str(cert), "private_key": str(key)},
             "imap": {"workers": "2"},
+            "submission": {
+                "enabled": "yes",
+                "listen": f"tcp:{sub}:interface=127.0.0.1",
+                "listen_tls": f"tcp:{subs}:interface=127.0.0.1",
+            },
             "http": http_overrides(port, tls_port),
         },
     )
-    server.ports.update(http=port, https=tls_port)
+    server.ports.update(http=port, https=tls_port, submission=sub)
     try:
         wait_for_port("127.0.0.1", port, proc=server.proc)
         server.wait_for_log("imap worker 1 (pid")
@@ -150,8 +155,20 @@ def test_metrics_move_as_mail_flows(node: MailgwServer) -> None:
     with pytest.raises(poplib.error_proto):
         pop.pass_("wrong")
     pop.quit()
+    # Submission: one failed AUTH after STARTTLS.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", node.ports["submission"], timeout=15) as smtp:
+        smtp.starttls(context=context)
+        smtp.ehlo()
+        smtp.user, smtp.password = "alice@example.test", "wrong"
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            smtp.auth("PLAIN", smtp.auth_plain)  # one attempt (login() tries each mechanism)
     failures, _ = scrape(node.ports["http"])
     assert value(failures, "mailgw_auth_failures_total", protocol="pop3") == 1
+    assert value(failures, "mailgw_auth_failures_total", protocol="submission") == 1
+    assert value(failures, "mailgw_connections_total", protocol="submission") >= 1
 
 
 def imap_session(node: MailgwServer) -> imaplib.IMAP4:
