@@ -365,6 +365,7 @@ class IMAPServer(Protocol):
                 if handler is None:  # cannot happen: lines are only requested with a handler
                     raise RuntimeError("unexpected raw line")
                 handler(event.data)
+                self._answered()
             elif isinstance(event, p.NeedContinuation):
                 self.write(wire.continuation())
             elif isinstance(event, p.BadCommand):
@@ -428,8 +429,13 @@ class IMAPServer(Protocol):
         try:
             self._dispatch(raw, name)
         finally:
-            if not self._busy:  # answered already; else at done()
-                self._timed()
+            self._answered()
+
+    def _answered(self) -> None:
+        """Count the running command if it has answered: not suspended (else at ``done``) and
+        not waiting for a client line (IDLE's DONE, a SASL response: then after that line)."""
+        if not self._busy and self._line_handler is None:
+            self._timed()
 
     def _timed(self) -> None:
         """The running command has answered: count it and its time (``mailgw_imap_*``)."""

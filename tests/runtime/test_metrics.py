@@ -198,3 +198,32 @@ def test_metric_names_and_help() -> None:
     for family in metrics.PROCESS.collect():
         assert family.name.startswith("mailgw_")
         assert family.documentation
+
+
+def test_idle_and_sasl_continuations_are_timed_to_their_tagged_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+
+    from mailgw.imap import session as session_module
+
+    now = [1000.0]
+    monkeypatch.setattr(session_module.time, "perf_counter", lambda: now[0])
+    env = Env(tmp_path)
+    idle_count = sample("mailgw_imap_commands_total", command="IDLE")
+    idle_sum = sample("mailgw_imap_command_duration_seconds_sum", command="IDLE")
+    c = env.connect(login="alice@example.test")
+    assert c.send(b"i IDLE\r\n").startswith(b"+ ")
+    now[0] += 42.0
+    assert sample("mailgw_imap_commands_total", command="IDLE") == idle_count  # still idling
+    assert b"i OK" in c.send(b"DONE\r\n")
+    assert sample("mailgw_imap_commands_total", command="IDLE") == idle_count + 1
+    assert sample("mailgw_imap_command_duration_seconds_sum", command="IDLE") == idle_sum + 42.0
+
+    auth_count = sample("mailgw_imap_commands_total", command="AUTHENTICATE")
+    a = env.connect()
+    assert a.send(b"x AUTHENTICATE PLAIN\r\n") == b"+ \r\n"
+    assert sample("mailgw_imap_commands_total", command="AUTHENTICATE") == auth_count
+    token = base64.b64encode(b"\0alice@example.test\0secret")
+    assert b"x OK" in a.send(token + b"\r\n")
+    assert sample("mailgw_imap_commands_total", command="AUTHENTICATE") == auth_count + 1
