@@ -440,6 +440,18 @@ def _build_imap_workers(node: Node) -> Any:
     return pool
 
 
+def _build_http(node: Node) -> Any:
+    """Metrics, health and (mounted later) the admin API and webmail: ``mailgw.http``."""
+    from mailgw.http.setup import build_http
+
+    return build_http(node, Endpoint)
+
+
+def _http_services(node: Node, part: Any) -> list[IService]:
+    """The collector's service, then the listeners."""
+    return [part.service, *listener_services("http")(node, part.endpoints)]
+
+
 ROLES = RoleRegistry(
     [
         RoleSpec(
@@ -492,6 +504,15 @@ ROLES = RoleRegistry(
             _one,  # the pool owns the IMAP listeners: it stops the workers before closing them
             listens=True,
             enabled=lambda config: config.imap.enabled and _imap_workers(config) > 0,
+        ),
+        # Last: it reads the other roles' parts (relay, IMAP workers) and services (/readyz).
+        RoleSpec(
+            "http",
+            "http",
+            _build_http,
+            _http_services,
+            uses=("relay", "imap-workers"),
+            listens=True,
         ),
     ]
 )

@@ -182,6 +182,7 @@ class Node(service.MultiService):
         (and the IMAP workers, through their pipe)."""
         from mailgw.directory.penalty import AuthGuard, MemoryAuthPenalty, PenaltyPolicy
         from mailgw.net.limits import ConnectionCounter, SharedTotal, fit_caps, raise_nofile
+        from mailgw.runtime.metrics import PROTOCOLS
 
         config = self.config
         sections = {name: getattr(config, name) for name in listening}
@@ -208,7 +209,10 @@ class Node(service.MultiService):
         self.connections = SharedTotal(budget.total)
         self.counters = {
             name: ConnectionCounter(
-                sections[name].max_connections_per_ip, cap, shared=self.connections
+                sections[name].max_connections_per_ip,
+                cap,
+                shared=self.connections,
+                protocol=PROTOCOLS.get(name, name),
             )
             for name, cap in budget.roles.items()
         }

@@ -26,6 +26,8 @@ ALL_ON = (
     "listen_tls = tcp:0:interface=127.0.0.1\n"
     "[relay]\nenabled = yes\n"
     "[store]\ntier2_dir = tier2\n"
+    "[http]\nenabled = yes\nlisten = tcp:0:interface=127.0.0.1\n"
+    "listen_tls = tcp:0:interface=127.0.0.1\n"
 )
 
 
@@ -56,7 +58,8 @@ def test_every_config_section_with_a_role_is_registered() -> None:
         if "enabled" in {f.name for f in dataclasses.fields(cls)}
     }
     checks = {"antivirus", "inbound_auth"}  # switch on checks in roles' pipelines, not roles
-    assert switchable - checks == {"delivery", "mx", "pop3", "imap", "relay", "submission"}
+    roles = {"delivery", "mx", "pop3", "imap", "relay", "submission", "http"}
+    assert switchable - checks == roles
     assert switchable - checks <= {role.section for role in ROLES}
     for role in ROLES:
         assert role.section in _SECTIONS, role.name  # a role's keys are in its section
@@ -76,6 +79,7 @@ def test_the_registry_is_consistent() -> None:
         "pop3",
         "imap",
         "imap-workers",
+        "http",
     ]
 
 
@@ -97,11 +101,13 @@ def test_the_node_runs_the_services_of_its_enabled_roles_in_registry_order(
         "submission": 2,  # STARTTLS and implicit TLS
         "pop3": 2,
         "imap": 2,
+        "http": 3,  # the metrics collector's service, HTTP and HTTPS
     }
     assert node.delivery is node.parts["delivery"] and node.relay is node.parts["relay"]
     assert node.delivery.relay is node.relay  # delivery uses the relay: built after it
     assert node.submission_policy.can_send_outside
-    assert set(node.counters) == {"mx", "submission", "pop3", "imap"}
+    assert set(node.counters) == {"mx", "submission", "pop3", "imap", "http"}
+    assert node.parts["http"].collector.workers is None  # IMAP in this process
 
 
 @pytest.mark.parametrize(
@@ -113,6 +119,7 @@ def test_the_node_runs_the_services_of_its_enabled_roles_in_registry_order(
         ("imap", {"imap"}),
         ("relay", {"relay"}),
         ("store", {"migration"}),
+        ("http", {"http"}),
     ],
 )
 def test_a_role_disabled_in_the_config_builds_nothing(
@@ -138,6 +145,7 @@ def test_imap_workers_replace_the_in_process_imap_role(tmp_path: Path) -> None:
     assert "imap" not in node.parts and "imap-workers" in node.parts
     assert node.role_services["imap-workers"] == [node.imap_workers]
     assert node.counters["imap"] is node.imap_workers.limits._ips
+    assert "http" not in node.parts  # off by default
 
 
 def test_a_required_role_must_be_enabled(tmp_path: Path) -> None:

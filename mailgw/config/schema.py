@@ -719,6 +719,62 @@ class PolicyConfig:
     )
 
 
+def _min_free(s: str) -> str:
+    """A size (``1G``) or a percentage (``5%``) of the disk; ``0``: no threshold."""
+    s = s.strip()
+    if not s:
+        raise ValueError("expected a size like 1G, a percentage like 5%, or 0")
+    if s == "0":
+        return s
+    return _watermark(s)
+
+
+@dataclass(frozen=True)
+class HTTPConfig:
+    """[http] metrics (/metrics), health (/healthz, /readyz), later webmail and admin API."""
+
+    enabled: bool = key("no", v.parse_bool, "Run the HTTP role.")
+    listen: tuple[str, ...] = key(
+        "tcp:8080:interface=127.0.0.1", v.parse_list, "Plain HTTP listeners (production: 80)."
+    )
+    listen_tls: tuple[str, ...] = key(
+        "tcp:8443:interface=127.0.0.1",
+        v.parse_list,
+        "HTTPS listeners (production: 443), used only when [tls] certificate is set.",
+    )
+    proxy_trusted: tuple[Network, ...] = key(
+        "127.0.0.0/8 ::1", v.parse_networks, "Peers allowed to send a PROXY header (haproxy:)."
+    )
+    allow: tuple[Network, ...] = key(
+        "127.0.0.0/8 ::1",
+        v.parse_networks,
+        "Networks that may read /metrics, /readyz and the admin API without a token.",
+    )
+    admin_token_file: str = key(
+        "",
+        _text,
+        "File holding the admin bearer token (Authorization: Bearer ...); empty: no token.",
+    )
+    min_free_disk: str = key(
+        "1%",
+        _min_free,
+        "/readyz fails when the spool's or the store's disk has less free (size or %; 0: off).",
+    )
+    ready_timeout: float = key(
+        "5s", v.parse_duration, "/readyz fails when its write probes take longer than this."
+    )
+    store_stats_interval: float = key(
+        "1m",
+        v.parse_duration,
+        "Recount the store's bytes per tier for /metrics at most this often.",
+    )
+    max_connections: int = key("100", v.parse_positive_int, "Concurrent HTTP connections in all.")
+    max_connections_per_ip: int = key(
+        "20", v.parse_positive_int, "Concurrent HTTP connections from one client address."
+    )
+    idle_timeout: float = key("1m", v.parse_duration, "Close an idle HTTP connection after this.")
+
+
 _PREFIXED: dict[str, type] = {"channel": ChannelConfig, "route": RouteConfig}
 
 
@@ -839,6 +895,7 @@ class Config:
     relay: RelayConfig
     submission: SubmissionConfig
     policy: PolicyConfig
+    http: HTTPConfig
     channels: tuple[ChannelConfig, ...]
     routes: tuple[RouteConfig, ...]
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -867,15 +924,18 @@ _SECTIONS: dict[str, type] = {
     "antivirus": AntivirusConfig,
     "inbound_auth": InboundAuthConfig,
     "policy": PolicyConfig,
+    "http": HTTPConfig,
 }
 
 # Keys whose value is a file path, resolved against the config file's folder.
 _PATH_KEYS = {("server", "data_dir"), ("tls", "certificate"), ("tls", "private_key")}
 _PATH_KEYS.add(("policy", "rules_file"))
+_PATH_KEYS |= {("http", "admin_token_file")}
 # Keys whose values are listen endpoint descriptions, checked with Twisted's parser.
 _LISTEN_KEYS = {("mx", "listen"), ("pop3", "listen"), ("pop3", "listen_tls")}
 _LISTEN_KEYS |= {("imap", "listen"), ("imap", "listen_tls")}
 _LISTEN_KEYS |= {("submission", "listen"), ("submission", "listen_tls")}
+_LISTEN_KEYS |= {("http", "listen"), ("http", "listen_tls")}
 
 
 def schema() -> dict[str, list[tuple[str, str, str]]]:

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.interfaces import IAuthPenalty, IDirectory
+from mailgw.runtime.metrics import AUTH_FAILURES
 
 log = Logger()
 
@@ -218,7 +219,11 @@ class AuthGuard:
         self.penalty = penalty
         self.clock = clock
 
-    def check_password(self, name: str, password: str | bytes, ip: str) -> defer.Deferred[Any]:
+    def check_password(
+        self, name: str, password: str | bytes, ip: str, protocol: str = ""
+    ) -> defer.Deferred[Any]:
+        """See the class docstring; ``protocol`` (``smtp``, ``imap``...): a failure is counted
+        under it in the metrics (``mailgw_auth_failures_total``)."""
         user = penalty_user(name)
         ip = "" if ip == "-" else ip
         d: defer.Deferred[Any] = defer.maybeDeferred(self.penalty.locked, user, ip)
@@ -235,6 +240,8 @@ class AuthGuard:
 
         def failed(failure: Failure) -> Any:
             failure.trap(LoginFailed)
+            if protocol:
+                AUTH_FAILURES.labels(protocol).inc()
             d2: defer.Deferred[Any] = defer.maybeDeferred(self.penalty.failed, user, ip)
 
             def refuse(delay: float) -> None:

@@ -13,6 +13,7 @@ transport (``stream``) and the untagged updates of the selected mailbox.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from mailgw.interfaces import MailboxNotFound
 from mailgw.net import sasl
 from mailgw.net.progress import ProgressWatch
 from mailgw.net.proxy import peer_ip
+from mailgw.runtime.metrics import IMAP_COMMAND_SECONDS, IMAP_COMMANDS
 
 if TYPE_CHECKING:
     from mailgw.imap.factory import IMAPFactory
@@ -128,6 +130,7 @@ class IMAPServer(Protocol):
         self.condstore = False
         self.qresync = False
         self.utf8_accept = False  # ENABLE UTF8=ACCEPT (RFC 6855)
+        self._timing: tuple[str, float] | None = None  # the running command, for the metrics
         self.rev2 = False  # ENABLE IMAP4rev2 (RFC 9051)
         self.contexts: dict[str, SearchContext] = {}  # RETURN (UPDATE) searches (RFC 5267)
         self.reader = CommandReader(
@@ -334,6 +337,7 @@ class IMAPServer(Protocol):
     def done(self) -> None:
         """An asynchronous command has answered: go on with buffered input."""
         self._busy = False
+        self._timed()
         self.touch()
         if not self._closing:
             self._process()
@@ -361,6 +365,7 @@ class IMAPServer(Protocol):
                 if handler is None:  # cannot happen: lines are only requested with a handler
                     raise RuntimeError("unexpected raw line")
                 handler(event.data)
+                self._answered()
             elif isinstance(event, p.NeedContinuation):
                 self.write(wire.continuation())
             elif isinstance(event, p.BadCommand):
@@ -420,6 +425,27 @@ class IMAPServer(Protocol):
         if name not in p.COMMAND_NAMES:
             self.bad(raw.tag, "Unknown command")
             return
+        self._timing = (name, time.perf_counter())
+        try:
+            self._dispatch(raw, name)
+        finally:
+            self._answered()
+
+    def _answered(self) -> None:
+        """Count the running command if it has answered: not suspended (else at ``done``) and
+        not waiting for a client line (IDLE's DONE, a SASL response: then after that line)."""
+        if not self._busy and self._line_handler is None:
+            self._timed()
+
+    def _timed(self) -> None:
+        """The running command has answered: count it and its time (``mailgw_imap_*``)."""
+        timing, self._timing = self._timing, None
+        if timing is not None:
+            name, started = timing
+            IMAP_COMMANDS.labels(name).inc()
+            IMAP_COMMAND_SECONDS.labels(name).observe(time.perf_counter() - started)
+
+    def _dispatch(self, raw: p.Command, name: str) -> None:
         command = COMMANDS.get(name)
         if command is None:
             self.tagged(raw.tag, "NO", f"{name} is not supported", wire.CANNOT)

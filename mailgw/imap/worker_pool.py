@@ -12,11 +12,14 @@ JSON object per line:
   N, "user": USER, "ip": IP}`` (reply with ``"delay": SECONDS``), ``{"op": "auth_ok", "user":
   USER, "ip": IP}`` (no answer);
   ``{"op": "changed", "user": USER, "folder": FOLDER}`` (a change in the worker's store: a
-  hint; the main process reads what changed from the change journal, ``mailgw.journal``).
+  hint; the main process reads what changed from the change journal, ``mailgw.journal``);
+  ``{"op": "metrics", "figures": SNAPSHOT}`` (the worker's cumulative metrics,
+  ``mailgw.runtime.metrics``: every few seconds, at shutdown, and when asked).
 - main -> worker: ``reply`` as above; ``{"op": "accept", "on": B}`` (stop or go on accepting
   connections: the least-connections balance, ``BALANCE_SLACK``); ``{"op": "changed", ...}`` (a change made elsewhere:
   another worker, a local delivery, POP3, the ``mailgw`` command), one per folder of each
-  journal entry, to every worker but the one that made the change.
+  journal entry, to every worker but the one that made the change; ``{"op": "metrics"}``
+  (send your figures now: the HTTP role is answering a scrape of /metrics).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from mailgw.logjson import relayed_fields
 from mailgw.model.change import ChangeEntry
 from mailgw.net.limits import ConnectionCounter
 from mailgw.net.listen import ListenerService
+from mailgw.runtime import metrics
 
 log = Logger()
 
@@ -231,6 +235,9 @@ class WorkerPool(service.MultiService):
         # worker's "changed" is a hint to read it now. Without it, "changed" is forwarded.
         self.changes = changes
         self._wake: IDelayedCall | None = None
+        # The workers' metrics, added to this process's in /metrics (``mailgw.http``).
+        self.metrics = metrics.WorkerFigures()
+        self._metrics_waiting: dict[WorkerProcess, list[defer.Deferred[None]]] = {}
         if changes is not None:
             changes.subscribe(self.journal_changed)
         for listener in self.listeners:
@@ -300,6 +307,8 @@ class WorkerPool(service.MultiService):
     def worker_ended(self, worker: WorkerProcess, reason: Failure) -> None:
         """A worker process ended: release what it held; restart it unless stopping."""
         self.limits.release(worker)
+        self.metrics.retire(worker)
+        self._metrics_arrived(worker)
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
         self.balance()  # the dead worker no longer counts as the least loaded
@@ -404,6 +413,12 @@ class WorkerPool(service.MultiService):
                     self._hinted()
                 else:
                     self._forward(str(message["user"]), str(message["folder"]), worker)
+            elif op == "metrics":
+                figures = message["figures"]
+                if not metrics.valid(figures):
+                    raise ValueError("figures are not a metrics snapshot")
+                self.metrics.update(worker, figures)
+                self._metrics_arrived(worker)
             elif op == "ready":
                 worker.ready = True
                 self.balance()
@@ -420,6 +435,51 @@ class WorkerPool(service.MultiService):
                 line=line[:200],
                 error=e,
             )
+
+    def listener_problems(self) -> list[str]:
+        """For /readyz: IMAP listeners not bound, or no worker ready to accept on them."""
+        problems = [
+            f"imap: not listening on {svc.description}"
+            for svc in self._listener_services
+            if svc.port is None
+        ]
+        if not any(w.ready and w.alive for w in self.workers.values()):
+            problems.append("imap: no worker process ready")
+        return problems
+
+    def refresh_metrics(self, timeout: float = 1.0) -> defer.Deferred[None]:
+        """Ask every ready worker for its figures; fires when all have answered (or ended),
+        or after ``timeout`` seconds (then the last figures received are used)."""
+        asked = []
+        for worker in self.workers.values():
+            if worker.ready and worker.alive:
+                d: defer.Deferred[None] = defer.Deferred()
+                self._metrics_waiting.setdefault(worker, []).append(d)
+                worker.send({"op": "metrics"})
+                asked.append(d)
+        if not asked:
+            return defer.succeed(None)
+        all_in: defer.Deferred[Any] = defer.DeferredList(asked, consumeErrors=True)
+        out: defer.Deferred[None] = defer.Deferred()
+
+        def late() -> None:
+            if not out.called:
+                out.callback(None)
+
+        timer = self.reactor.callLater(timeout, late)
+
+        def arrived(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not out.called:
+                out.callback(None)
+
+        all_in.addCallback(arrived)
+        return out
+
+    def _metrics_arrived(self, worker: WorkerProcess) -> None:
+        for d in self._metrics_waiting.pop(worker, []):
+            d.callback(None)
 
     def balance(self) -> None:
         """Least connections: a ready worker holding more than ``BALANCE_SLACK`` connections

@@ -35,6 +35,10 @@ from mailgw.maillog import without_noise
 
 log = Logger()
 
+METRICS_INTERVAL = 5.0
+"""Seconds between two pushes of a worker's figures to the main process (it also asks for
+them before it answers a scrape of /metrics)."""
+
 
 class Control(Protocol):
     """The worker's end of the control channel (stdin/stdout, JSON lines).
@@ -74,6 +78,8 @@ class Control(Protocol):
                 self.on_accept(bool(message["on"]))
             elif op == "reload":
                 self.on_reload()
+            elif op == "metrics":
+                self.send_metrics()
             else:
                 raise ValueError(f"unknown op {op!r}")
         except (ValueError, KeyError, TypeError) as e:
@@ -82,6 +88,13 @@ class Control(Protocol):
     def send(self, op: str, **fields: Any) -> None:
         if not self._lost:
             self.transport.write(encode({"op": op, **fields}))
+
+    def send_metrics(self) -> None:
+        """This process's cumulative figures (``mailgw.runtime.metrics``) to the main process,
+        which adds them to its own in ``/metrics``: every ``METRICS_INTERVAL`` and when asked."""
+        from mailgw.runtime.metrics import snapshot
+
+        self.send("metrics", figures=snapshot())
 
     def request(self, op: str, **fields: Any) -> Deferred[bool]:
         return self._ask(op, False, fields)
@@ -303,6 +316,12 @@ def run(args: argparse.Namespace, reactor: Any) -> int:
 
     StandardIO(control, reactor=reactor)
     control.send("ready", pid=os.getpid())
+    from twisted.internet.task import LoopingCall
+
+    push = LoopingCall(control.send_metrics)
+    push.clock = reactor
+    push.start(METRICS_INTERVAL, now=False)
+    reactor.addSystemEventTrigger("before", "shutdown", control.send_metrics)
     # Ctrl-C on `twistd -n` reaches the whole process group: the main process stops the
     # workers itself (SIGTERM), so a worker ignores SIGINT instead of dying early.
     reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)

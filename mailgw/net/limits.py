@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
+from mailgw.runtime.metrics import CONNECTIONS, CONNECTIONS_REFUSED
+
 STRESS_AT = 0.8
 """A role is *stressed* (``ConnectionCounter.stressed``) from this share of its cap (or of the
 process's): SMTP then shortens its timeouts as Postfix does under stress."""
@@ -38,18 +40,34 @@ class ConnectionCounter:
     ``admit`` counts a session or says why not (a refused session is never counted); ``release``
     forgets a counted one. ``max_total`` None means no limit of this counter's own; ``shared``
     (one per process) also caps the sum over every counter that shares it (``Refusal.TOTAL``).
+    ``protocol`` (e.g. ``smtp``): admitted and refused sessions are counted in the metrics
+    under this name (``mailgw.runtime.metrics``); None: not counted.
     """
 
     def __init__(
-        self, max_per_ip: int, max_total: int | None = None, shared: SharedTotal | None = None
+        self,
+        max_per_ip: int,
+        max_total: int | None = None,
+        shared: SharedTotal | None = None,
+        protocol: str | None = None,
     ) -> None:
         self.max_per_ip = max_per_ip
         self.max_total = max_total
         self.shared = shared
+        self.protocol = protocol
         self.total = 0
         self.per_ip: dict[str, int] = {}
 
     def admit(self, ip: str) -> Refusal | None:
+        refusal = self._admit(ip)
+        if self.protocol is not None:
+            if refusal is None:
+                CONNECTIONS.labels(self.protocol).inc()
+            else:
+                CONNECTIONS_REFUSED.labels(self.protocol, refusal.value).inc()
+        return refusal
+
+    def _admit(self, ip: str) -> Refusal | None:
         if self.max_total is not None and self.total >= self.max_total:
             return Refusal.TOTAL
         if self.shared is not None and self.shared.full:

@@ -13,9 +13,15 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from zope.interface import implementer
 
-ALPN_IDS: dict[str, tuple[bytes, ...]] = {"imap": (b"imap",), "pop3": (b"pop3",), "smtp": ()}
+ALPN_IDS: dict[str, tuple[bytes, ...]] = {
+    "imap": (b"imap",),
+    "pop3": (b"pop3",),
+    "smtp": (),
+    "http": (b"http/1.1",),
+}
 """ALPN protocol IDs by service, from IANA's "TLS Application-Layer Protocol Negotiation (ALPN)
-Protocol IDs" registry: ``imap`` and ``pop3`` (RFC 2595); SMTP has no registered ID."""
+Protocol IDs" registry: ``imap`` and ``pop3`` (RFC 2595); SMTP has no registered ID; the HTTP
+role speaks HTTP/1.1 only (a client offering ``h2, http/1.1`` gets ``http/1.1``)."""
 
 
 class TLSError(Exception):

@@ -385,7 +385,7 @@ class POP3Server(Protocol):
             )
             self._fail_later()
             return
-        d = self.factory.auth.check_password(key, password, self.peer)
+        d = self.factory.auth.check_password(key, password, self.peer, protocol="pop3")
         d.addCallbacks(
             self._authenticated, self._not_authenticated, callbackArgs=(key,), errbackArgs=(key,)
         )

@@ -55,6 +55,7 @@ import itertools
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
@@ -66,6 +67,7 @@ from zope.interface import implementer
 
 from mailgw.interfaces import IIncomingMessage, ISpool
 from mailgw.model import Envelope, QueuedMessage
+from mailgw.runtime.metrics import SPOOL_COMMIT_SECONDS
 from mailgw.runtime.threads import Runner, run_inline
 from mailgw.spool.queueid import QueueIdGenerator, is_queue_id
 
@@ -233,6 +235,7 @@ class Spool:
         env_tmp = os.path.join(self.tmp_dir, queue_id + ".env")
         env_final = self.envelope_path("incoming", queue_id)
         created: builtins.list[str] = [spill] if file is not None else []
+        started = time.monotonic()
         try:
             if file is None:
                 _write_file(content, b"".join(chunks))
@@ -253,6 +256,7 @@ class Spool:
             for path in reversed(created):
                 _unlink_quietly(path)
             raise
+        SPOOL_COMMIT_SECONDS.observe(time.monotonic() - started)
 
     def inject(self, queue_id: str, source_path: str, envelope: Envelope, state: str) -> None:
         """Queue a copy of the file ``source_path`` as ``queue_id`` directly in ``state``

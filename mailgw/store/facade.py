@@ -590,6 +590,18 @@ class MessageStore:
             ).fetchall()
         return [(str(r[0]), int(r[1]), int(r[2]), int(r[3]), r[4], float(r[5])) for r in rows]
 
+    def tier_totals(self, user: str) -> dict[str, tuple[int, int]]:
+        """``{"tier1": (messages, bytes), "tier2": (...)}`` of ``user``, read from the index."""
+        u = self._user(user)
+        with u.lock:
+            rows = u.index.conn.execute(
+                "SELECT blob IS NULL, COUNT(*), COALESCE(SUM(size), 0) FROM messages GROUP BY 1"
+            ).fetchall()
+        out = {"tier1": (0, 0), "tier2": (0, 0)}
+        for tier1, n, size in rows:
+            out["tier1" if tier1 else "tier2"] = (int(n), int(size))
+        return out
+
     def _open_tier2(self, u: UserHandle, f: Folder, info: MessageInfo) -> BinaryIO:
         """Open a tier-2 message (verified bytes); promote it back when configured."""
         fh = self.placement.open(info)

@@ -512,3 +512,53 @@ def test_reconfigure_sets_the_user_limit_and_tells_every_worker_to_reload(tmp_pa
     assert sent(w0) == [{"op": "reload"}] and sent(w1) == [{"op": "reload"}]
     control(w1, op="login", id=3, user="alice")
     assert sent(w1) == [{"op": "reply", "id": 3, "ok": True}]
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def test_workers_metrics_are_asked_for_kept_and_retired(tmp_path: Path) -> None:
+    pool, reactor = started(tmp_path, count=2)
+    w0, w1 = pool.workers[0], pool.workers[1]
+    control(w0, op="ready", pid=w0.pid)
+    sent(w0), sent(w1)
+    fired: list[None] = []
+    pool.refresh_metrics(timeout=1.0).addCallback(fired.append)
+    assert sent(w0) == [{"op": "metrics"}]
+    assert sent(w1) == []  # not ready: not asked
+    assert fired == []
+    figures = {"mailgw_imap_commands": [[{"command": "NOOP"}, 3.0]]}
+    control(w0, op="metrics", figures=figures)
+    assert fired == [None]
+    assert pool.metrics.total() == figures
+    # A push between scrapes replaces the last figures (cumulative); a bad one is refused.
+    control(w0, op="metrics", figures={"mailgw_imap_commands": [[{"command": "NOOP"}, 4.0]]})
+    with capturedLogs() as events:
+        control(w0, op="metrics", figures={"mailgw_imap_commands": [[{}, "many"]]})
+    assert any("not a metrics snapshot" in formatEvent(e) for e in events)
+    assert pool.metrics.total() == {"mailgw_imap_commands": [[{"command": "NOOP"}, 4.0]]}
+    # A worker that does not answer in time: the scrape goes on with what it has.
+    late: list[None] = []
+    pool.refresh_metrics(timeout=1.0).addCallback(late.append)
+    reactor.advance(1.0)
+    assert late == [None]
+    # A worker that ends while asked: the wait ends, its figures stay in the sums.
+    ended: list[None] = []
+    pool.refresh_metrics(timeout=1.0).addCallback(ended.append)
+    w0.processEnded(Failure(ProcessTerminated(signal=9)))
+    assert ended == [None]
+    assert pool.metrics.live == {}
+    assert pool.metrics.total() == {"mailgw_imap_commands": [[{"command": "NOOP"}, 4.0]]}
+
+
+def test_no_ready_worker_means_nothing_to_wait_for_and_not_ready(tmp_path: Path) -> None:
+    pool, _ = started(tmp_path, count=1)
+    done: list[None] = []
+    pool.refresh_metrics().addCallback(done.append)
+    assert done == [None]
+    assert pool.listener_problems() == ["imap: no worker process ready"]
+    worker = pool.workers[0]
+    control(worker, op="ready", pid=worker.pid)
+    assert pool.listener_problems() == []
+    pool._listener_services[0].port = None
+    assert pool.listener_problems() == ["imap: not listening on tcp:8143:interface=127.0.0.1"]

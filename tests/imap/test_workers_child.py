@@ -250,3 +250,18 @@ def test_stderr_observer_skips_events_without_text() -> None:
     stream = io.StringIO()
     stderr_observer(stream)({"log_time": 0})
     assert stream.getvalue() == ""
+
+
+def test_metrics_are_sent_when_asked() -> None:
+    from mailgw.imap.worker_pool import MAX_CONTROL_LINE
+    from mailgw.runtime.metrics import IMAP_COMMANDS, snapshot, valid
+
+    control, transport, _ = connected()
+    IMAP_COMMANDS.labels("NOOP").inc()
+    control.dataReceived(b'{"op":"metrics"}\n')
+    raw = transport.value()
+    (message,) = lines(transport)
+    assert message["op"] == "metrics"
+    assert valid(message["figures"])
+    assert message["figures"] == json.loads(json.dumps(snapshot()))
+    assert len(raw) < MAX_CONTROL_LINE // 4  # room for many more command names

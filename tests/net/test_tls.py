@@ -26,8 +26,13 @@ def test_select_alpn(offered: list[bytes], ours: tuple[bytes, ...], chosen: byte
 
 
 def test_registered_ids() -> None:
-    # IANA "ALPN Protocol IDs": imap and pop3 (RFC 2595); nothing for SMTP.
-    assert ALPN_IDS == {"imap": (b"imap",), "pop3": (b"pop3",), "smtp": ()}
+    # IANA "ALPN Protocol IDs": imap and pop3 (RFC 2595); nothing for SMTP; HTTP/1.1 (RFC 7301).
+    assert ALPN_IDS == {
+        "imap": (b"imap",),
+        "pop3": (b"pop3",),
+        "smtp": (),
+        "http": (b"http/1.1",),
+    }
 
 
 def handshake(server: SSL.Connection, alpn: list[bytes] | None) -> SSL.Connection:

@@ -154,7 +154,7 @@ def _authenticate(session: IMAPServer, tag: str, name: str, password: str) -> No
     if key is None:
         _fail_later(session, tag)
         return
-    d = session.factory.auth.check_password(key, password, session.peer)
+    d = session.factory.auth.check_password(key, password, session.peer, protocol="imap")
     d.addCallbacks(
         _authenticated,
         _not_authenticated,

@@ -100,7 +100,9 @@ class SubmissionRole(CheckedRole):
                 log.failure("{sid} AUTH: directory error", failure, sid=session.session_id)
             return self._failed(R.AUTH_FAILED, failure_delay(failure, self.auth_failure_delay))
 
-        d: Deferred[Any] = self.auth.check_password(user, password, session.client_ip)
+        d: Deferred[Any] = self.auth.check_password(
+            user, password, session.client_ip, protocol="submission"
+        )
         return d.addCallbacks(ok, failed)
 
     def _failed(self, reply: Reply, delay: float | None = None) -> Deferred[Reply]:
