@@ -178,6 +178,16 @@ def _one(node: Node, part: Any) -> list[IService]:
 # -- background roles --------------------------------------------------------------------
 
 
+def _build_replication(node: Node) -> Any:
+    """Mirror sync to (primary) or from (replica) the disaster-recovery node."""
+    from mailgw.replication.service import ReplicationService
+
+    try:
+        return ReplicationService(node)
+    except (OSError, ValueError) as e:
+        raise ConfigError(node.config.path, "replication", "enabled", str(e)) from None
+
+
 def _build_migration(node: Node) -> Any:
     """Tier-1 -> tier-2 migration in the background, in the I/O pool, at a bounded rate."""
     from mailgw.store.migration import MigrationPolicy, MigrationService, Migrator
@@ -406,6 +416,7 @@ ROLES = RoleRegistry(
             listens=True,
             enabled=lambda config: config.imap.enabled and _imap_workers(config) > 0,
         ),
+        RoleSpec("replication", "replication", _build_replication, _one),
     ]
 )
 """Today's roles, in start order."""

@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 from mailgw.cli.context import LOCAL_CONFIG, SYSTEM_CONFIG, Context, Failure
 from mailgw.cli.context import default_config_path as default_config_path  # tap, tests
+from mailgw.cli.dr import register_dr_commands
 from mailgw.cli.queue import register_relay_commands
 from mailgw.cli.sizes import format_size
 from mailgw.config import values
@@ -442,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-type", choices=("ec", "rsa"), default="ec", help="ec (P-256) or rsa")
     p.add_argument("--force", action="store_true", help="replace existing files")
     register_relay_commands(group, command)
+    register_dr_commands(group, command)
     return parser
 
 

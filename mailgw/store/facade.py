@@ -653,6 +653,7 @@ class MessageStore:
         directories. A crash between the renames and the commit is repaired by the next
         sync (the files are re-indexed in ``dst``): nothing is lost."""
         pairs: list[tuple[int, int]] = []
+        modseqs: list[int] = []
         dropped = False
         box = c.execute(
             "SELECT uidnext, highestmodseq FROM mailboxes WHERE id = ? AND name = ?",
@@ -698,6 +699,7 @@ class MessageStore:
                 self.placement.log_put(u, c, dst.id, uidnext)
             add_tombstones(c, src.id, [uid], src_modseq)
             pairs.append((uid, uidnext))
+            modseqs.append(modseq)
             uidnext += 1
         if not pairs and not dropped:
             return pairs
@@ -715,7 +717,7 @@ class MessageStore:
         )
         self.tier1.record_mtimes(c, u, src)
         self.tier1.record_mtimes(c, u, dst)
-        self._journal.moved(u, src.name, dst.name, pairs)
+        self._journal.moved(u, src.name, dst.name, pairs, modseqs, src_modseq, modseq + 1)
         return pairs
 
     @staticmethod

@@ -1,0 +1,206 @@
+"""The ``replication`` role's service: on a primary, a reconnecting TLS client shipping the
+journal to the replica; on a replica, the TLS listener applying what the primary ships. Both
+write their state to ``data_dir/replication/status.json`` for ``mailgw dr status``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from twisted.application import internet, service
+from twisted.internet import endpoints, ssl
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from mailgw.replication import wire
+from mailgw.replication.apply import Applier, ReplicaProtocol
+from mailgw.replication.ship import Reader, ShipperProtocol
+
+log = Logger()
+
+STATUS_NAME = "status.json"
+STATUS_INTERVAL = 1.0
+
+
+def state_dir(data_dir: str) -> str:
+    return os.path.join(data_dir, "replication")
+
+
+@dataclass
+class Status:
+    """What ``mailgw dr status`` shows (the primary's or the replica's view)."""
+
+    role: str = "primary"
+    peer: str = ""
+    mode: str = "async"
+    connected: bool = False
+    journal_last: int = 0
+    shipped: int = 0
+    acked: int = 0
+    acked_time: float = 0.0
+    applied: int = 0
+    applied_time: float = 0.0
+    error: str = ""
+    updated: float = 0.0
+    pid: int = 0
+
+    def lag_entries(self) -> int:
+        if self.role == "primary":
+            return max(0, self.journal_last - self.acked)
+        return 0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["lag_entries"] = self.lag_entries()
+        return out
+
+
+def write_status(data_dir: str, status: Status) -> None:
+    directory = state_dir(data_dir)
+    os.makedirs(directory, mode=0o750, exist_ok=True)
+    status.updated = time.time()
+    status.pid = os.getpid()
+    tmp = os.path.join(directory, STATUS_NAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(status.as_dict(), fh, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, STATUS_NAME))
+
+
+def read_status(data_dir: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(state_dir(data_dir), STATUS_NAME), encoding="utf-8") as fh:
+            return dict(json.load(fh))
+    except (OSError, ValueError):
+        return None
+
+
+def parse_peer(peer: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) -> (host, port); ValueError when malformed."""
+    host, sep, port = peer.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {peer!r}")
+    return host.strip("[]"), int(port)
+
+
+def client_endpoint(reactor: Any, peer: str) -> Any:
+    """A TLS client endpoint to the replica. Its certificate is not checked against a CA
+    (self-signed certificates are the norm between two own nodes): the handshake's proofs
+    are bound to its fingerprint instead (``mailgw.replication.wire``)."""
+    host, port = parse_peer(peer)
+    tcp = endpoints.HostnameEndpoint(reactor, host, port, timeout=10)
+    return endpoints.wrapClientTLS(ssl.CertificateOptions(), tcp)
+
+
+class ShipperFactory(Factory):
+    def __init__(self, owner: ReplicationService) -> None:
+        self.owner = owner
+
+    def buildProtocol(self, addr: Any) -> ShipperProtocol:
+        o = self.owner
+        assert o.reader is not None
+        proto = ShipperProtocol(o.reader, o.secret, o.run, o.window, o.status, o.reactor)
+        o.shipper = proto
+        return proto
+
+
+class ReplicaFactory(Factory):
+    def __init__(self, owner: ReplicationService) -> None:
+        self.owner = owner
+
+    def buildProtocol(self, addr: Any) -> ReplicaProtocol:
+        o = self.owner
+        assert o.applier is not None
+        return ReplicaProtocol(
+            o.applier, o.secret, o.run, lambda: o.role, o.applied, o.authenticated
+        )
+
+
+class ReplicationService(service.MultiService):
+    """The role's service (``node``: the ``mailgw.service.Node``)."""
+
+    name = "replication"
+
+    def __init__(self, node: Any) -> None:
+        super().__init__()
+        config = node.config.replication
+        self.reactor = node.reactor
+        self.data_dir = node.config.server.data_dir
+        self.store = node.store
+        self.run = node.run_io
+        self.role = config.role
+        self.window = config.window
+        self.secret = wire.read_secret(config.secret_file)
+        self.status = Status(role=config.role, peer=config.peer, mode=config.mode)
+        self.reader: Reader | None = None
+        self.applier: Applier | None = None
+        self.shipper: ShipperProtocol | None = None
+        self._connections = 0
+        directory_path = node.directory.path
+        if self.role == "primary":
+            self.reader = Reader(node.store, directory_path)
+            client = internet.ClientService(
+                client_endpoint(node.reactor, config.peer), ShipperFactory(self)
+            )
+            client.setServiceParent(self)
+            node.store.changes.subscribe(self._journal_changed)
+        else:
+            if node.tls_options is None:
+                raise ValueError("a replica needs [tls] certificate for its listener")
+            self.applier = Applier(node.store, directory_path)
+            factory = TLSMemoryBIOFactory(node.tls_options, False, ReplicaFactory(self))
+            for description in config.listen:
+                server = internet.StreamServerEndpointService(
+                    endpoints.serverFromString(node.reactor, description), factory
+                )
+                server.setServiceParent(self)
+        self._timer = internet.TimerService(STATUS_INTERVAL, self._write_status)
+        self._timer.setServiceParent(self)
+
+    def _journal_changed(self, entries: list[Any]) -> None:
+        if entries:
+            self.status.journal_last = max(self.status.journal_last, entries[-1].seq)
+        if self.shipper is not None:
+            self.shipper.wake()
+
+    def applied(self, position: int, when: float) -> None:
+        self.status.applied = position
+        if when:
+            self.status.applied_time = when
+
+    def authenticated(self, proto: ReplicaProtocol, ok: bool) -> None:
+        if ok:
+            self.status.connected = True
+            self.status.error = ""
+            proto.connectionLost = self._lost(proto.connectionLost)  # type: ignore[method-assign]
+        else:
+            self.status.error = "a peer failed to authenticate"
+
+    def _lost(self, original: Any) -> Any:
+        def lost(reason: Any) -> None:
+            self.status.connected = False
+            original(reason)
+
+        return lost
+
+    def startService(self) -> None:
+        if self.applier is not None:
+            self.status.applied = self.applier.position()
+        if self.reader is not None:
+            self.status.journal_last = self.reader.last_seq()
+        super().startService()
+
+    def stopService(self) -> Any:
+        d = super().stopService()
+        self._write_status()
+        return d
+
+    def _write_status(self) -> None:
+        try:
+            write_status(self.data_dir, self.status)
+        except OSError as e:
+            log.warn("replication: cannot write the status: {error}", error=e)
