@@ -8,6 +8,9 @@ from __future__ import annotations
 import imaplib
 import json
 import smtplib
+import socket
+import sqlite3
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -150,19 +153,27 @@ def test_mail_and_changes_replicate_identically(pair_factory: Callable[..., Pair
 def test_protocol_looking_bodies_arrive_intact(pair_factory: Callable[..., Pair]) -> None:
     pair = pair_factory()
     nasty = (
-        b"Subject: amp\r\n\r\n\x00\x04_ask\x00\x011\x00\x08_command\x00\x05Apply\x00\x00"
-        b"\r\n_command: Put\r\nkey: batch:1\r\n" + bytes(range(256)) + b"\r\n" + b"A" * 70000
+        b"Subject: amp\r\n\r\n\x01\x04_ask\x01\x011\x01\x08_command\x01\x05Apply\r\n"
+        b"_command\r\nPut\r\nkey\r\nbatch:1\r\n_answer\r\n1\r\n"
+        + bytes(range(1, 256))
+        + b"\r\n"
+        + b"A" * 70000
     )
     c = imap(pair.primary)
     c.append("INBOX", None, None, nasty)
     c.logout()
     wait_caught_up(pair)
     verify(pair)
-    r = imap(pair.replica)
-    r.select("INBOX", readonly=True)
-    typ, data = r.uid("FETCH", "1", "(BODY.PEEK[])")
-    assert data[0][1] == nasty
-    r.logout()
+    fetched = []
+    for node in (pair.primary, pair.replica):
+        r = imap(node)
+        r.select("INBOX", readonly=True)
+        typ, data = r.uid("FETCH", "1", "(BODY.PEEK[])")
+        fetched.append(data[0][1])
+        r.logout()
+    assert fetched[0] == fetched[1]
+    assert b"_command\r\nPut\r\nkey\r\nbatch:1" in fetched[1]
+    assert fetched[1].endswith(b"A" * 70000)
 
 
 def test_replica_down_then_catches_up(pair_factory: Callable[..., Pair]) -> None:
@@ -186,14 +197,61 @@ def test_wrong_secret_is_refused(pair_factory: Callable[..., Pair]) -> None:
     wait_caught_up(pair)
     pair.primary.stop()
     (pair.root / "replication.secret").write_text("a different secret entirely\n")
-    # The replica still holds the right one (read at start); the primary now has another.
-    deliver_before = status(pair.replica)["last_applied"]
+    # The replica holds the right one (read at its start); the primary now has another.
+    before = status(pair.replica)["last_applied"]
     pair.primary.start()
     deliver(pair.primary, 3)
     pair.primary.wait_for_log("handshake with the replica failed")
-    pair.replica.wait_for_log("failed to authenticate")
-    assert status(pair.replica)["last_applied"] == deliver_before
+    assert "the replica's proof is wrong" in pair.primary.log()
+    assert status(pair.replica)["last_applied"] == before
     assert not status(pair.primary)["connected"]
+
+
+def _box(**values: bytes) -> bytes:
+    out = b""
+    for key, value in values.items():
+        out += len(key).to_bytes(2, "big") + key.encode() + len(value).to_bytes(2, "big") + value
+    return out + b"\0\0"
+
+
+def _read_all(sock: ssl.SSLSocket) -> bytes:
+    data = b""
+    sock.settimeout(10)
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (TimeoutError, ssl.SSLError, ConnectionResetError):
+        pass
+    return data
+
+
+def _stranger(port: int) -> ssl.SSLSocket:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10))
+
+
+def test_a_stranger_gets_nothing(pair_factory: Callable[..., Pair]) -> None:
+    pair = pair_factory()
+    wait_caught_up(pair)
+    before = status(pair.replica)["last_applied"]
+    # A command before the handshake: the connection is closed, nothing applied.
+    with _stranger(pair.port) as sock:
+        sock.sendall(
+            _box(_command=b"Put", _ask=b"1", key=b"batch:1", data=b"{}", last=b"True")
+            + _box(_command=b"Apply", _ask=b"2", key=b"batch:1")
+        )
+        answer = _read_all(sock)
+    assert b"applied" not in answer
+    # A handshake with a made-up proof: refused, then closed.
+    with _stranger(pair.port) as sock:
+        sock.sendall(_box(_command=b"Challenge", _ask=b"1", nonce=b"n" * 32))
+        sock.sendall(_box(_command=b"Authenticate", _ask=b"2", proof=b"p" * 32))
+        answer = _read_all(sock)
+    assert b"AUTH" in answer and b"applied" not in answer
+    pair.replica.wait_for_log("failed to authenticate")
+    assert status(pair.replica)["last_applied"] == before
 
 
 def test_tier2_messages_replicate_as_blobs(pair_factory: Callable[..., Pair]) -> None:
@@ -212,3 +270,19 @@ def test_tier2_messages_replicate_as_blobs(pair_factory: Callable[..., Pair]) ->
     assert blobs, "the replica's tier 2 holds the blobs"
     stats = pair.replica.cli("store", "stats").stdout
     assert "tier2" in stats
+
+
+def test_verify_reports_differences(pair_factory: Callable[..., Pair]) -> None:
+    pair = pair_factory()
+    deliver(pair.primary, 3)
+    wait_caught_up(pair)
+    verify(pair)
+    # Diverge the replica behind replication's back: a quota and a message's flags.
+    pair.replica.cli("user", "quota", "alice@example.test", "1M")
+    index = pair.replica.data_dir / "mail" / "example.test" / "alice" / "mailgw-index.sqlite"
+    with sqlite3.connect(index) as db:
+        db.execute("UPDATE messages SET flags = 'S', modseq = modseq + 7 WHERE uid = 2")
+    result = pair.primary.cli("dr", "verify", check=False)
+    assert result.returncode == 1
+    assert "directory/users" in result.stdout
+    assert "alice@example.test/folders/INBOX/messages/2" in result.stdout
