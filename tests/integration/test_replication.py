@@ -64,9 +64,7 @@ class Pair:
 
 
 @pytest.fixture
-def pair_factory(
-    tmp_path: Path, selfsigned: tuple[Path, Path]
-) -> Iterator[Callable[..., Pair]]:
+def pair_factory(tmp_path: Path, selfsigned: tuple[Path, Path]) -> Iterator[Callable[..., Pair]]:
     made: list[Pair] = []
 
     def factory(extra: dict[str, dict[str, str]] | None = None) -> Pair:
@@ -96,7 +94,9 @@ def wait_caught_up(pair: Pair, timeout: float = 60.0) -> None:
     wait_until(lambda: caught_up(pair), timeout, "replica caught up")
 
 
-def deliver(server: MailgwServer, count: int, to: str = "alice@example.test", tag: str = "") -> None:
+def deliver(
+    server: MailgwServer, count: int, to: str = "alice@example.test", tag: str = ""
+) -> None:
     with smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=30) as smtp:
         for n in range(count):
             body = (
@@ -106,7 +106,9 @@ def deliver(server: MailgwServer, count: int, to: str = "alice@example.test", ta
             smtp.sendmail("sender@remote.test", [to], body.encode())
 
 
-def imap(server: MailgwServer, user: str = "alice@example.test", pw: str = PASSWORD) -> imaplib.IMAP4:
+def imap(
+    server: MailgwServer, user: str = "alice@example.test", pw: str = PASSWORD
+) -> imaplib.IMAP4:
     client = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=30)
     client.login(user, pw)
     return client
@@ -123,7 +125,12 @@ def test_mail_and_changes_replicate_identically(pair_factory: Callable[..., Pair
     c = imap(pair.primary)
     c.create("Projects")
     c.subscribe("Projects")
-    c.append("Projects", r"(\Seen $Important)", '"05-Dec-2026 10:00:00 +0530"', b"Subject: a\r\n\r\nx\r\n")
+    c.append(
+        "Projects",
+        r"(\Seen $Important)",
+        '"05-Dec-2026 10:00:00 +0530"',
+        b"Subject: a\r\n\r\nx\r\n",
+    )
     c.select("INBOX")
     c.uid("STORE", "1:5", "+FLAGS", r"(\Flagged)")
     c.uid("STORE", "3", "-FLAGS", r"(\Flagged)")
