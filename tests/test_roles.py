@@ -26,6 +26,7 @@ ALL_ON = (
     "listen_tls = tcp:0:interface=127.0.0.1\n"
     "[relay]\nenabled = yes\n"
     "[store]\ntier2_dir = tier2\n"
+    "[replication]\nenabled = yes\nsecret_file = replication.secret\n"
 )
 
 
@@ -35,6 +36,7 @@ def write_config(tmp_path: Path, text: str, tls: tuple[Path, Path] | None = None
     if tls is not None:
         head += f"[tls]\ncertificate = {tls[0]}\nprivate_key = {tls[1]}\n"
     path.write_text(head + text)
+    (tmp_path / "replication.secret").write_text("a secret of sixteen bytes or more\n")
     return load(str(path))
 
 
@@ -55,7 +57,7 @@ def test_every_config_section_with_a_role_is_registered() -> None:
         for name, cls in _SECTIONS.items()
         if "enabled" in {f.name for f in dataclasses.fields(cls)}
     }
-    assert switchable == {"delivery", "mx", "pop3", "imap", "relay", "submission"}
+    assert switchable == {"delivery", "mx", "pop3", "imap", "relay", "submission", "replication"}
     assert switchable <= {role.section for role in ROLES}
     for role in ROLES:
         assert role.section in _SECTIONS, role.name  # a role's keys are in its section
@@ -75,6 +77,7 @@ def test_the_registry_is_consistent() -> None:
         "pop3",
         "imap",
         "imap-workers",
+        "replication",
     ]
 
 
@@ -96,6 +99,7 @@ def test_the_node_runs_the_services_of_its_enabled_roles_in_registry_order(
         "submission": 2,  # STARTTLS and implicit TLS
         "pop3": 2,
         "imap": 2,
+        "replication": 1,
     }
     assert node.delivery is node.parts["delivery"] and node.relay is node.parts["relay"]
     assert node.delivery.relay is node.relay  # delivery uses the relay: built after it

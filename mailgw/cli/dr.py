@@ -136,8 +136,8 @@ def _fetch_remote(
 ) -> dict[str, Any]:
     """The replica's digests: the directory's ("") and every user's."""
     from twisted.internet import defer, task
-    from twisted.internet.protocol import Factory
     from twisted.internet.interfaces import IHandshakeListener
+    from twisted.internet.protocol import Factory
     from twisted.protocols import amp
     from zope.interface import implementer
 
@@ -151,7 +151,7 @@ def _fetch_remote(
     @implementer(IHandshakeListener)
     class Verifier(amp.AMP):
         def __init__(self) -> None:
-            super().__init__()
+            super().__init__()  # type: ignore[no-untyped-call]
             self.ready: defer.Deferred[Any] = defer.Deferred()
 
         def handshakeCompleted(self) -> None:
@@ -162,12 +162,12 @@ def _fetch_remote(
         proto = yield client_endpoint(reactor, peer).connect(Factory.forProtocol(Verifier))
         try:
             yield proto.ready
-            users = (yield proto.callRemote(wire.Users))["users"]
+            users = (yield wire.call(proto, wire.Users))["users"]
             for user in ["", *pick(users)]:
                 data = b""
                 part = 0
                 while True:
-                    answer = yield proto.callRemote(wire.Digest, user=user, part=part)
+                    answer = yield wire.call(proto, wire.Digest, user=user, part=part)
                     data += answer["data"]
                     if not answer["more"]:
                         break

@@ -291,7 +291,7 @@ class ReplicaProtocol(amp.AMP):
         on_applied: Callable[[int, float], None] | None = None,
         on_auth: Callable[[ReplicaProtocol, bool], None] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.applier = applier
         self.secret = secret
         self.run = run
@@ -328,7 +328,7 @@ class ReplicaProtocol(amp.AMP):
             )
             self._close_soon()
             return None
-        return super().locateResponder(name)
+        return super().locateResponder(name)  # type: ignore[no-untyped-call]
 
     def _peer(self) -> str:
         try:
@@ -348,7 +348,7 @@ class ReplicaProtocol(amp.AMP):
 
         transport = self.transport
         if transport is not None:
-            reactor.callLater(0, transport.loseConnection)  # type: ignore[attr-defined]
+            reactor.callLater(0, transport.loseConnection)
 
     @wire.Challenge.responder
     def challenge(self, nonce: bytes) -> dict[str, bytes]:

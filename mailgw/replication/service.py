@@ -5,6 +5,7 @@ write their state to ``data_dir/replication/status.json`` for ``mailgw dr status
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import time
@@ -92,7 +93,16 @@ def client_endpoint(reactor: Any, peer: str) -> Any:
     (self-signed certificates are the norm between two own nodes): the handshake's proofs
     are bound to its fingerprint instead (``mailgw.replication.wire``)."""
     host, port = parse_peer(peer)
-    tcp = endpoints.HostnameEndpoint(reactor, host, port, timeout=10)
+    tcp: Any
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        tcp = endpoints.HostnameEndpoint(reactor, host, port, timeout=10)
+    else:
+        kind = (
+            endpoints.TCP6ClientEndpoint if literal.version == 6 else endpoints.TCP4ClientEndpoint
+        )
+        tcp = kind(reactor, host, port, timeout=10)
     return endpoints.wrapClientTLS(ssl.CertificateOptions(), tcp)
 
 
@@ -126,7 +136,7 @@ class ReplicationService(service.MultiService):
     name = "replication"
 
     def __init__(self, node: Any) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         config = node.config.replication
         self.reactor = node.reactor
         self.data_dir = node.config.server.data_dir
@@ -146,7 +156,7 @@ class ReplicationService(service.MultiService):
             client = internet.ClientService(
                 client_endpoint(node.reactor, config.peer), ShipperFactory(self)
             )
-            client.setServiceParent(self)
+            client.setServiceParent(self)  # type: ignore[no-untyped-call]
             node.store.changes.subscribe(self._journal_changed)
         else:
             if node.tls_options is None:
@@ -154,11 +164,15 @@ class ReplicationService(service.MultiService):
             self.applier = Applier(node.store, directory_path)
             factory = TLSMemoryBIOFactory(node.tls_options, False, ReplicaFactory(self))
             for description in config.listen:
-                server = internet.StreamServerEndpointService(
-                    endpoints.serverFromString(node.reactor, description), factory
+                endpoint = endpoints.serverFromString(  # type: ignore[no-untyped-call]
+                    node.reactor, description
                 )
-                server.setServiceParent(self)
-        self._timer = internet.TimerService(STATUS_INTERVAL, self._write_status)
+                server = internet.StreamServerEndpointService(  # type: ignore[no-untyped-call]
+                    endpoint, factory
+                )
+                server.setServiceParent(self)  # type: ignore[no-untyped-call]
+        timer: Any = internet.TimerService
+        self._timer = timer(STATUS_INTERVAL, self._write_status)
         self._timer.setServiceParent(self)
 
     def _journal_changed(self, entries: list[Any]) -> None:
@@ -192,10 +206,10 @@ class ReplicationService(service.MultiService):
             self.status.applied = self.applier.position()
         if self.reader is not None:
             self.status.journal_last = self.reader.last_seq()
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
 
     def stopService(self) -> Any:
-        d = super().stopService()
+        d = super().stopService()  # type: ignore[no-untyped-call]
         self._write_status()
         return d
 

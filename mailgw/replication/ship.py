@@ -153,12 +153,12 @@ def authenticate(proto: amp.AMP, secret: bytes) -> Any:
     replica's proof, shows its own; fires with the ``Authenticate`` answer."""
     cert = wire.fingerprint(proto.transport.getPeerCertificate())  # type: ignore[union-attr]
     mine = wire.new_nonce()
-    answer = yield proto.callRemote(wire.Challenge, nonce=mine)
+    answer = yield wire.call(proto, wire.Challenge, nonce=mine)
     expected = wire.proof(secret, "replica", mine, answer["nonce"], cert)
     if not wire.check(expected, answer["proof"]):
         raise wire.AuthFailed("the replica's proof is wrong (secret or certificate)")
     proof = wire.proof(secret, "primary", mine, answer["nonce"], cert)
-    result = yield proto.callRemote(wire.Authenticate, proof=proof)
+    result = yield wire.call(proto, wire.Authenticate, proof=proof)
     return result
 
 
@@ -176,7 +176,7 @@ class ShipperProtocol(amp.AMP):
         clock: Any,
         poll: float = 0.2,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.reader = reader
         self.secret = secret
         self.run = run
@@ -210,13 +210,13 @@ class ShipperProtocol(amp.AMP):
         self.ready.callback(applied)
         self._pump(applied)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Any) -> None:  # type: ignore[override]
         self._stopped = True
         self.status.connected = False
         if self._wake is not None:
             wake, self._wake = self._wake, None
             wake.callback(None)
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def wake(self) -> None:
         """New entries may be in the journal."""
@@ -264,8 +264,8 @@ class ShipperProtocol(amp.AMP):
         if batch.blob_digests:
             missing: list[str] = []
             for i in range(0, len(batch.blob_digests), 500):
-                answer = yield self.callRemote(
-                    wire.Missing, digests=batch.blob_digests[i : i + 500]
+                answer = yield wire.call(
+                    self, wire.Missing, digests=batch.blob_digests[i : i + 500]
                 )
                 missing += answer["digests"]
             tier2 = self.reader.store.tier2
@@ -279,7 +279,7 @@ class ShipperProtocol(amp.AMP):
         yield self._put(key, json.dumps({"entries": batch.entries, "upto": batch.upto}).encode())
         self.status.shipped = batch.upto
         sent_at = time.time()
-        d = self.callRemote(wire.Apply, key=key)
+        d = wire.call(self, wire.Apply, key=key)
         self._inflight.append(d)
 
         def acked(answer: dict[str, Any]) -> None:
@@ -300,7 +300,7 @@ class ShipperProtocol(amp.AMP):
     def _put(self, key: str, data: bytes) -> defer.Deferred[Any]:
         parts = wire.pieces(data)
         sent = [
-            self.callRemote(wire.Put, key=key, data=piece, last=n == len(parts) - 1)
+            wire.call(self, wire.Put, key=key, data=piece, last=n == len(parts) - 1)
             for n, piece in enumerate(parts)
         ]
         return defer.gatherResults(sent, consumeErrors=True)

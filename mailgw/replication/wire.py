@@ -18,8 +18,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from typing import Any
 
 from twisted.protocols import amp
+
+_a: Any = amp  # Twisted's AMP argument types are untyped
 
 CHUNK = 60000
 """Bytes per ``Put`` piece (AMP values are at most 65,535 bytes)."""
@@ -37,56 +40,56 @@ class Conflict(Exception):
 class Challenge(amp.Command):
     """Primary -> replica: the start of the handshake."""
 
-    arguments = [(b"nonce", amp.String())]
-    response = [(b"nonce", amp.String()), (b"proof", amp.String())]
+    arguments = [(b"nonce", _a.String())]
+    response = [(b"nonce", _a.String()), (b"proof", _a.String())]
     errors = {AuthFailed: b"AUTH"}
 
 
 class Authenticate(amp.Command):
     """Primary -> replica: the primary's proof; the answer is where the replica stands."""
 
-    arguments = [(b"proof", amp.String())]
-    response = [(b"applied", amp.Integer()), (b"role", amp.Unicode())]
+    arguments = [(b"proof", _a.String())]
+    response = [(b"applied", _a.Integer()), (b"role", _a.Unicode())]
     errors = {AuthFailed: b"AUTH", Conflict: b"CONFLICT"}
 
 
 class Missing(amp.Command):
     """Which of these tier-2 blob digests the replica lacks."""
 
-    arguments = [(b"digests", amp.ListOf(amp.Unicode()))]
-    response = [(b"digests", amp.ListOf(amp.Unicode()))]
+    arguments = [(b"digests", _a.ListOf(_a.Unicode()))]
+    response = [(b"digests", _a.ListOf(_a.Unicode()))]
     errors = {AuthFailed: b"AUTH"}
 
 
 class Put(amp.Command):
     """One piece of the object ``key`` (``last``: the object is complete)."""
 
-    arguments = [(b"key", amp.Unicode()), (b"data", amp.String()), (b"last", amp.Boolean())]
-    response: list[tuple[bytes, amp.Argument]] = []
+    arguments = [(b"key", _a.Unicode()), (b"data", _a.String()), (b"last", _a.Boolean())]
+    response = []
     errors = {AuthFailed: b"AUTH", Conflict: b"CONFLICT"}
 
 
 class Apply(amp.Command):
     """Apply the batch put as ``key`` (JSON); the answer is the replica's durable position."""
 
-    arguments = [(b"key", amp.Unicode())]
-    response = [(b"applied", amp.Integer())]
+    arguments = [(b"key", _a.Unicode())]
+    response = [(b"applied", _a.Integer())]
     errors = {AuthFailed: b"AUTH", Conflict: b"CONFLICT"}
 
 
 class Digest(amp.Command):
     """Piece ``part`` of the replica's digest of ``user`` (empty: the directory), zlib JSON."""
 
-    arguments = [(b"user", amp.Unicode()), (b"part", amp.Integer())]
-    response = [(b"data", amp.String()), (b"more", amp.Boolean())]
+    arguments = [(b"user", _a.Unicode()), (b"part", _a.Integer())]
+    response = [(b"data", _a.String()), (b"more", _a.Boolean())]
     errors = {AuthFailed: b"AUTH"}
 
 
 class Users(amp.Command):
     """The users whose mail the replica holds."""
 
-    arguments: list[tuple[bytes, amp.Argument]] = []
-    response = [(b"users", amp.ListOf(amp.Unicode()))]
+    arguments = []
+    response = [(b"users", _a.ListOf(_a.Unicode()))]
     errors = {AuthFailed: b"AUTH"}
 
 
@@ -127,3 +130,9 @@ def fingerprint(cert: object) -> str:
 def pieces(data: bytes) -> list[bytes]:
     """``data`` cut into ``Put`` pieces (at least one)."""
     return [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)] or [b""]
+
+
+def call(proto: amp.AMP, command: type[amp.Command], **arguments: Any) -> Any:
+    """``proto.callRemote(command, ...)``: a Deferred of the answer (a typed wrapper)."""
+    remote: Any = proto
+    return remote.callRemote(command, **arguments)
