@@ -231,6 +231,7 @@ def _build_relay(node: Node) -> Any:
 
 
 def _build_mx(node: Node) -> list[Endpoint]:
+    from mailgw.policy.mx import StoreWritable
     from mailgw.smtp.roles.mx import MXFactory
 
     config = node.config
@@ -241,6 +242,8 @@ def _build_mx(node: Node) -> list[Endpoint]:
         node.directory,
         node.reactor,
         tls_options=node.tls_options,
+        # A DR replica (or a replaced primary) takes no mail: 451 4.3.2 at RCPT.
+        extra_checks=[StoreWritable(node.store.write_refusal)],
     )
     mx.counter = node.counters["mx"]
     return [Endpoint("listen", mx)]

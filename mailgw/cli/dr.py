@@ -96,7 +96,9 @@ def cmd_dr_verify(ctx: Context, args: argparse.Namespace) -> None:
 
     config = ctx.config
     r = config.replication
-    if not r.enabled or r.role != "primary":
+    from mailgw.replication.state import effective_role
+
+    if not r.enabled or effective_role(config.server.data_dir, r.role) != "primary":
         raise Failure("dr verify runs on the primary ([replication] enabled, role = primary)")
     try:
         secret = read_secret(r.secret_file)
@@ -188,9 +190,52 @@ def _fetch_remote(
     return result
 
 
+def cmd_dr_promote(ctx: Context, args: argparse.Namespace) -> None:
+    from mailgw.replication import state
+
+    config = ctx.config
+    data_dir = config.server.data_dir
+    now = state.effective_role(data_dir, config.replication.role)
+    if now != "replica":
+        raise Failure(f"this node is a {now}, not a replica: nothing to promote")
+    state.write_state(data_dir, "primary")
+    print(
+        "promoted: this node accepts writes now. Point clients and MX records here; when the"
+        " old primary returns it refuses to ship and to accept writes until"
+        " `mailgw dr demote --resync` is run on it."
+    )
+
+
+def cmd_dr_demote(ctx: Context, args: argparse.Namespace) -> None:
+    from mailgw.replication import state
+
+    config = ctx.config
+    data_dir = config.server.data_dir
+    now = state.effective_role(data_dir, config.replication.role)
+    if now == "replica":
+        raise Failure("this node is a replica already")
+    if not args.resync:
+        raise Failure(
+            "demote replaces this node's mail with the new primary's: confirm with --resync"
+        )
+    state.write_state(data_dir, "replica")
+    with open(os.path.join(data_dir, "replication", "resync"), "w", encoding="utf-8") as fh:
+        fh.write("requested\n")
+    print(
+        "demoted: this node is a read-only replica now; restart it with [replication] listen"
+        " reachable from the new primary (whose peer points here): the new primary compares"
+        " every mailbox and copies the differences, then streams."
+    )
+
+
 def register_dr_commands(group: Callable[[str, str], Any], command: Callable[..., Any]) -> None:
     """Add the ``dr`` command group to the ``mailgw`` parser."""
     dr = group("dr", "disaster recovery: mirror sync to the replica node")
     p = command(dr, "status", cmd_dr_status, "role, peer, connection, sequences, lag")
     p.add_argument("--json", action="store_true", help="JSON output")
     command(dr, "verify", cmd_dr_verify, "compare this primary with its replica (exit 0: same)")
+    command(dr, "promote", cmd_dr_promote, "make this replica a primary that accepts writes")
+    p = command(dr, "demote", cmd_dr_demote, "make this (old) primary a replica of the new one")
+    p.add_argument(
+        "--resync", action="store_true", help="required: take the new primary's data over"
+    )

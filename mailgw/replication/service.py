@@ -18,7 +18,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailgw.replication import wire
+from mailgw.replication import state, wire
 from mailgw.replication.apply import Applier, ReplicaProtocol
 from mailgw.replication.ship import Reader, ShipperProtocol
 
@@ -113,7 +113,9 @@ class ShipperFactory(Factory):
     def buildProtocol(self, addr: Any) -> ShipperProtocol:
         o = self.owner
         assert o.reader is not None
-        proto = ShipperProtocol(o.reader, o.secret, o.run, o.window, o.status, o.reactor)
+        proto = ShipperProtocol(
+            o.reader, o.secret, o.run, o.window, o.status, o.reactor, on_conflict=o.fence
+        )
         o.shipper = proto
         return proto
 
@@ -126,7 +128,7 @@ class ReplicaFactory(Factory):
         o = self.owner
         assert o.applier is not None
         return ReplicaProtocol(
-            o.applier, o.secret, o.run, lambda: o.role, o.applied, o.authenticated
+            o.applier, o.secret, o.run, o.current_role, o.applied, o.authenticated
         )
 
 
@@ -142,18 +144,24 @@ class ReplicationService(service.MultiService):
         self.data_dir = node.config.server.data_dir
         self.store = node.store
         self.run = node.run_io
-        self.role = config.role
+        self.configured_role = config.role
+        self.role = state.effective_role(self.data_dir, config.role)
+        if self.role == "replica" and state.read_state(self.data_dir) is None:
+            state.write_state(self.data_dir, "replica")  # the store refuses writes from now
         self.window = config.window
         self.secret = wire.read_secret(config.secret_file)
-        self.status = Status(role=config.role, peer=config.peer, mode=config.mode)
+        self.status = Status(role=self.role, peer=config.peer, mode=config.mode)
         self.reader: Reader | None = None
         self.applier: Applier | None = None
         self.shipper: ShipperProtocol | None = None
-        self._connections = 0
+        self.client: Any = None
         directory_path = node.directory.path
-        if self.role == "primary":
+        if self.role == "fenced":
+            self.status.error = "fenced: the replica was promoted; run mailgw dr demote --resync"
+            log.error("replication: {error}", error=self.status.error)
+        elif self.role == "primary":
             self.reader = Reader(node.store, directory_path)
-            client = internet.ClientService(
+            client = self.client = internet.ClientService(
                 client_endpoint(node.reactor, config.peer), ShipperFactory(self)
             )
             client.setServiceParent(self)  # type: ignore[no-untyped-call]
@@ -174,6 +182,20 @@ class ReplicationService(service.MultiService):
         timer: Any = internet.TimerService
         self._timer = timer(STATUS_INTERVAL, self._write_status)
         self._timer.setServiceParent(self)
+
+    def current_role(self) -> str:
+        """The role now (``mailgw dr promote`` changes it while the node runs)."""
+        return state.effective_role(self.data_dir, self.configured_role)
+
+    def fence(self, reason: str) -> None:
+        """The peer is a primary: our replica was promoted. Ship nothing, accept no writes
+        until ``mailgw dr demote --resync``."""
+        state.write_state(self.data_dir, "fenced")
+        self.role = self.status.role = "fenced"
+        self.status.error = f"fenced: {reason}; run mailgw dr demote --resync"
+        log.error("replication: {error}", error=self.status.error)
+        if self.client is not None and self.client.running:
+            self.client.stopService()
 
     def _journal_changed(self, entries: list[Any]) -> None:
         if entries:
@@ -214,6 +236,7 @@ class ReplicationService(service.MultiService):
         return d
 
     def _write_status(self) -> None:
+        self.status.role = self.current_role()
         try:
             write_status(self.data_dir, self.status)
         except OSError as e:

@@ -175,6 +175,7 @@ class ShipperProtocol(amp.AMP):
         status: Any,
         clock: Any,
         poll: float = 0.2,
+        on_conflict: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.reader = reader
@@ -184,6 +185,7 @@ class ShipperProtocol(amp.AMP):
         self.status = status
         self.clock = clock
         self.poll = poll
+        self.on_conflict = on_conflict
         self.ready: defer.Deferred[int] = defer.Deferred()
         self._inflight: deque[defer.Deferred[Any]] = deque()
         self._stopped = False
@@ -197,6 +199,11 @@ class ShipperProtocol(amp.AMP):
     def _authenticate(self) -> Any:
         try:
             result = yield authenticate(self, self.secret)
+        except wire.Conflict as e:
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            if self.on_conflict is not None:
+                self.on_conflict(f"the peer refuses to be our replica ({e})")
+            return
         except Exception as e:
             log.error("replication: handshake with the replica failed: {error}", error=e)
             self.status.error = f"handshake failed: {e}"

@@ -32,7 +32,14 @@ def applied_seq(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def _mark(c: sqlite3.Connection, seq: int) -> None:
+def _done(conn: sqlite3.Connection, seq: int | None) -> bool:
+    """True when entry ``seq`` is applied already (never for None: a resync's changes)."""
+    return seq is not None and applied_seq(conn) >= seq
+
+
+def _mark(c: sqlite3.Connection, seq: int | None) -> None:
+    if seq is None:
+        return
     c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (SEQ_KEY, str(seq)))
 
 
@@ -45,7 +52,7 @@ def _totals(c: sqlite3.Connection, folder_id: int) -> None:
     )
 
 
-def _raise_marks(c: sqlite3.Connection, folder_id: int, uidnext: int, modseq: int) -> None:
+def _raise_marks(c: sqlite3.Connection, folder_id: int, uidnext: int, modseq: int | None) -> None:
     c.execute(
         "UPDATE mailboxes SET uidnext = max(uidnext, ?), highestmodseq = max(highestmodseq, ?)"
         " WHERE id = ?",
@@ -74,33 +81,51 @@ class ReplicaStore:
         order, so every lower one is applied too)."""
         return max([0, *(self.user_seq(user) for user in self.store.users())])
 
-    def _begin(self, user: str, seq: int) -> UserHandle | None:
-        u = self.store._user(user)
-        return None if applied_seq(u.index.conn) >= seq else u
-
     def _folder_or_none(self, u: UserHandle, name: str) -> Folder | None:
         try:
             return self.store._folder(u, name)
         except MailboxNotFound:
             return None
 
-    def mark(self, user: str, seq: int) -> None:
+    def reset(self, user: str) -> None:
+        """Forget the applied position of ``user``'s index (a full resync from another
+        primary, whose numbers mean nothing here, starts)."""
+        u = self.store._user(user)
+        with u.lock, u.index.write() as c:
+            c.execute("DELETE FROM meta WHERE key = ?", (SEQ_KEY,))
+
+    def set_marks(self, user: str, folder: str, uidnext: int, highestmodseq: int) -> None:
+        """A resync's last step for a folder: the primary's UIDNEXT and HIGHESTMODSEQ."""
+        u = self.store._user(user)
+        with u.lock:
+            f = self._folder_or_none(u, folder)
+            if f is None:
+                return
+            with u.index.write() as c:
+                c.execute(
+                    "UPDATE mailboxes SET uidnext = ?, highestmodseq = ? WHERE id = ?",
+                    (uidnext, highestmodseq, f.id),
+                )
+
+    def mark(self, user: str, seq: int | None) -> None:
         """Record ``seq`` as applied to ``user``'s index without any other change (an entry
         with nothing left to do: its message gone on the primary meanwhile, an unknown
         kind)."""
         u = self.store._user(user)
         with u.lock, u.index.write() as c:
-            if applied_seq(c) < seq:
+            if not _done(c, seq):
                 _mark(c, seq)
 
     # -- folders ---------------------------------------------------------------------------
 
-    def created(self, user: str, seq: int, name: str, uidvalidity: int, subscribed: bool) -> None:
+    def created(
+        self, user: str, seq: int | None, name: str, uidvalidity: int, subscribed: bool
+    ) -> None:
         """The primary has folder ``name`` with ``uidvalidity`` (a new user's folders, CREATE)."""
         store = self.store
         u = self.store._user(user)
         with u.lock:
-            if applied_seq(u.index.conn) >= seq:
+            if _done(u.index.conn, seq):
                 return
             path = store.tier1.make_folder(u, name)
             with u.index.write() as c:
@@ -141,11 +166,11 @@ class ReplicaStore:
                     )
                 _mark(c, seq)
 
-    def deleted(self, user: str, seq: int, name: str) -> None:
+    def deleted(self, user: str, seq: int | None, name: str) -> None:
         store = self.store
         u = store._user(user)
         with u.lock:
-            if applied_seq(u.index.conn) >= seq:
+            if _done(u.index.conn, seq):
                 return
             f = self._folder_or_none(u, name) if name != INBOX else None
             trash = ""
@@ -160,11 +185,11 @@ class ReplicaStore:
         if trash:
             store.tier1.purge(u, trash)
 
-    def renamed(self, user: str, seq: int, old: str, new: str) -> None:
+    def renamed(self, user: str, seq: int | None, old: str, new: str) -> None:
         store = self.store
         u = store._user(user)
         with u.lock:
-            if applied_seq(u.index.conn) >= seq:
+            if _done(u.index.conn, seq):
                 return
             exists = u.index.conn.execute(
                 "SELECT 1 FROM mailboxes WHERE name = ?", (old,)
@@ -191,10 +216,10 @@ class ReplicaStore:
                 raise
             store.tier1.sync_root(u)
 
-    def subscribed(self, user: str, seq: int, name: str, subscribed: bool) -> None:
+    def subscribed(self, user: str, seq: int | None, name: str, subscribed: bool) -> None:
         u = self.store._user(user)
         with u.lock, u.index.write() as c:
-            if applied_seq(c) >= seq:
+            if _done(c, seq):
                 return
             if subscribed:
                 c.execute("INSERT OR IGNORE INTO subscriptions(name) VALUES (?)", (name,))
@@ -208,10 +233,10 @@ class ReplicaStore:
     def added(
         self,
         user: str,
-        seq: int,
+        seq: int | None,
         folder: str,
         uid: int,
-        modseq: int,
+        modseq: int | None,
         flags: Iterable[str],
         internaldate: float,
         tz: int,
@@ -226,7 +251,7 @@ class ReplicaStore:
         u = store._user(user)
         wanted = maildir.normalize_flags(flags)
         with u.lock:
-            if applied_seq(u.index.conn) >= seq:
+            if _done(u.index.conn, seq):
                 return
             f = store._folder(u, folder)
             there = u.index.conn.execute(
@@ -274,13 +299,18 @@ class ReplicaStore:
         return total
 
     def flags(
-        self, user: str, seq: int, folder: str, modseq: int, changes: Sequence[Sequence[Any]]
+        self,
+        user: str,
+        seq: int | None,
+        folder: str,
+        modseq: int | None,
+        changes: Sequence[Sequence[Any]],
     ) -> None:
         """Flag changes: ``changes`` [[uid, modseq, flags]]."""
         store = self.store
         u = store._user(user)
         with u.lock:
-            if applied_seq(u.index.conn) >= seq:
+            if _done(u.index.conn, seq):
                 return
             f = self._folder_or_none(u, folder)
             with u.index.write() as c:
@@ -338,11 +368,13 @@ class ReplicaStore:
                 store._journal.flags(u, f.name, modseq, put, removed)
                 _mark(c, seq)
 
-    def expunged(self, user: str, seq: int, folder: str, uids: Iterable[int], modseq: int) -> None:
+    def expunged(
+        self, user: str, seq: int | None, folder: str, uids: Iterable[int], modseq: int | None
+    ) -> None:
         store = self.store
         u = store._user(user)
         with u.lock:
-            if applied_seq(u.index.conn) >= seq:
+            if _done(u.index.conn, seq):
                 return
             f = self._folder_or_none(u, folder)
             with u.index.write() as c:
@@ -377,7 +409,7 @@ class ReplicaStore:
     def moved(
         self,
         user: str,
-        seq: int,
+        seq: int | None,
         src_name: str,
         dst_name: str,
         pairs: Sequence[Sequence[int]],
@@ -391,7 +423,7 @@ class ReplicaStore:
         store = self.store
         u = store._user(user)
         with u.lock:
-            if applied_seq(u.index.conn) >= seq:
+            if _done(u.index.conn, seq):
                 return
             src = self._folder_or_none(u, src_name)
             dst = self._folder_or_none(u, dst_name)
@@ -469,21 +501,21 @@ class ReplicaStore:
                 _mark(c, seq)
         store.tier1.sync_dirs(src, dst)
 
-    def migrated(self, user: str, seq: int, folder: str, uid: int) -> None:
+    def migrated(self, user: str, seq: int | None, folder: str, uid: int) -> None:
         """The primary moved the message to tier 2 (this node's tier 2 holds its blobs)."""
         u = self.store._user(user)
         with u.lock:
-            if applied_seq(u.index.conn) >= seq:
+            if _done(u.index.conn, seq):
                 return
             f = self._folder_or_none(u, folder)
         if f is not None and self.store.tier2 is not None:
             self.store.placement.migrate(u, f, uid)
         self.mark(user, seq)
 
-    def promoted(self, user: str, seq: int, folder: str, uid: int) -> None:
+    def promoted(self, user: str, seq: int | None, folder: str, uid: int) -> None:
         u = self.store._user(user)
         with u.lock:
-            if applied_seq(u.index.conn) >= seq:
+            if _done(u.index.conn, seq):
                 return
             f = self._folder_or_none(u, folder)
         if f is not None and self.store.tier2 is not None:
