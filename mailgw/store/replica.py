@@ -52,7 +52,7 @@ def _totals(c: sqlite3.Connection, folder_id: int) -> None:
     )
 
 
-def _raise_marks(c: sqlite3.Connection, folder_id: int, uidnext: int, modseq: int | None) -> None:
+def _raise_marks(c: sqlite3.Connection, folder_id: int, uidnext: int, modseq: int) -> None:
     c.execute(
         "UPDATE mailboxes SET uidnext = max(uidnext, ?), highestmodseq = max(highestmodseq, ?)"
         " WHERE id = ?",
@@ -236,7 +236,7 @@ class ReplicaStore:
         seq: int | None,
         folder: str,
         uid: int,
-        modseq: int | None,
+        modseq: int,
         flags: Iterable[str],
         internaldate: float,
         tz: int,
@@ -303,7 +303,7 @@ class ReplicaStore:
         user: str,
         seq: int | None,
         folder: str,
-        modseq: int | None,
+        modseq: int,
         changes: Sequence[Sequence[Any]],
     ) -> None:
         """Flag changes: ``changes`` [[uid, modseq, flags]]."""
@@ -369,7 +369,7 @@ class ReplicaStore:
                 _mark(c, seq)
 
     def expunged(
-        self, user: str, seq: int | None, folder: str, uids: Iterable[int], modseq: int | None
+        self, user: str, seq: int | None, folder: str, uids: Iterable[int], modseq: int
     ) -> None:
         store = self.store
         u = store._user(user)
