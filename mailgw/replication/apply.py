@@ -9,8 +9,10 @@ The replica's position is the highest number any of its databases holds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import sqlite3
 import zlib
 from collections.abc import Callable, Mapping
@@ -78,9 +80,23 @@ class DirectoryReplica:
 
         return _Txn()
 
-    def apply(self, seq: int, snapshot: Mapping[str, Any]) -> None:
-        """Replace the rows of ``snapshot['domain']`` with the primary's."""
-        if self.position() >= seq:
+    def get(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM replication WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set(self, key: str, value: str | None) -> None:
+        with self._write() as db:
+            if value is None:
+                db.execute("DELETE FROM replication WHERE key = ?", (key,))
+            else:
+                db.execute(
+                    "INSERT OR REPLACE INTO replication(key, value) VALUES (?, ?)", (key, value)
+                )
+
+    def apply(self, seq: int | None, snapshot: Mapping[str, Any]) -> None:
+        """Replace the rows of ``snapshot['domain']`` with the primary's (``seq`` None: a
+        resync's, recorded by its end)."""
+        if seq is not None and self.position() >= seq:
             return
         domain = str(snapshot["domain"])
         with self._write() as db:
@@ -99,7 +115,8 @@ class DirectoryReplica:
                 )
             else:
                 db.execute("DELETE FROM domains WHERE name = ?", (domain,))
-            self._mark(db, seq)
+            if seq is not None:
+                self._mark(db, seq)
 
 
 def directory_rows(path: str, domain: str) -> dict[str, Any]:
@@ -149,6 +166,9 @@ def directory_digest(path: str) -> dict[str, Any]:
         db.close()
 
 
+MARKS = "replica.marks"
+"""A resync's own entry: a folder's UIDNEXT and HIGHESTMODSEQ as the primary has them."""
+
 DIRECTORY_KINDS = frozenset(
     (
         k.DOMAIN_ADDED,
@@ -183,9 +203,50 @@ class Applier:
             self._position = max(self.directory.position(), self.replica.position())
         return self._position
 
+    # -- full resync -----------------------------------------------------------------------
+
+    def needs_resync(self, node: str | None) -> bool:
+        """True when this replica cannot stream from primary ``node``: it was demoted (a
+        ``resync`` request file) or it followed another primary, whose numbers mean
+        nothing to this one."""
+        if os.path.exists(self.resync_marker()):
+            return True
+        followed = self.directory.get("primary")
+        return bool(node) and followed is not None and followed != node
+
+    def resync_marker(self) -> str:
+        return os.path.join(os.path.dirname(self.directory.path), "replication", "resync")
+
+    def begin_resync(self, node: str) -> None:
+        """Forget every position (the resync's changes are applied without numbers)."""
+        for user in self.store.users():
+            self.replica.reset(user)
+        self.directory.set("seq", None)
+        self.directory.set("primary", node)
+        self._position = 0
+
+    def end_resync(self, upto: int) -> int:
+        """The resync is complete and everything up to the primary's ``upto`` is in: the
+        position to stream from."""
+        self.directory.advance(upto)
+        self._position = upto
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.resync_marker())
+        return upto
+
+    def follow(self, node: str) -> None:
+        """Remember the primary being followed (its first connection)."""
+        if node and self.directory.get("primary") is None:
+            self.directory.set("primary", node)
+
     def apply_batch(self, batch: Mapping[str, Any], contents: Mapping[str, bytes]) -> int:
         """Apply ``batch`` (``entries`` in order, ``upto``: the last number it covers) with
-        the message data it refers to; returns the new position."""
+        the message data it refers to; returns the new position. A resync's batch
+        (``resync``) applies its entries unconditionally and moves no position."""
+        if batch.get("resync"):
+            for entry in batch["entries"]:
+                self.apply(entry, contents)
+            return self.position()
         position = self.position()
         for entry in batch["entries"]:
             seq = int(entry["seq"])
@@ -203,7 +264,7 @@ class Applier:
     def apply(self, entry: Mapping[str, Any], contents: Mapping[str, bytes]) -> None:
         """Apply one entry (``seq``, ``kind``, ``user``, ``folder``, ``payload`` and what the
         primary added for shipping: ``ship``)."""
-        seq = int(entry["seq"])
+        seq = None if entry.get("seq") is None else int(entry["seq"])
         kind = str(entry["kind"])
         user = str(entry["user"])
         folder = str(entry["folder"])
@@ -258,12 +319,14 @@ class Applier:
             r.migrated(user, seq, folder, int(p["uid"]))
         elif kind == k.TIER_PROMOTED:
             r.promoted(user, seq, folder, int(p["uid"]))
+        elif kind == MARKS:
+            r.set_marks(user, folder, int(p["uidnext"]), int(p["highestmodseq"]))
         else:
             # mailbox.resynced (the primary's index repaired from files another program
             # changed) and kinds this version does not know: nothing is reproduced; ``dr
             # verify`` shows the difference.
             log.warn("replication: entry {seq} ({kind}) not applied", seq=seq, kind=kind)
-            if user:
+            if user and seq is not None:
                 r.mark(user, seq)
 
     # -- comparing -------------------------------------------------------------------------
@@ -362,7 +425,7 @@ class ReplicaProtocol(amp.AMP):
         }
 
     @wire.Authenticate.responder
-    def authenticate(self, proof: bytes) -> dict[str, Any]:
+    def authenticate(self, proof: bytes, node: str | None = None) -> Any:
         nonces, self._nonces = self._nonces, None
         if nonces is None or not wire.check(
             wire.proof(self.secret, "primary", nonces[0], nonces[1], self._own_cert()), proof
@@ -379,7 +442,39 @@ class ReplicaProtocol(amp.AMP):
         self.authenticated = True
         if self.on_auth is not None:
             self.on_auth(self, True)
-        return {"applied": self.applier.position(), "role": role}
+
+        def where() -> dict[str, Any]:
+            if self.applier.needs_resync(node):
+                return {"applied": wire.RESYNC, "role": role}
+            self.applier.follow(node or "")
+            return {"applied": self.applier.position(), "role": role}
+
+        return self._serial(where)
+
+    @wire.ResyncBegin.responder
+    def resync_begin(self, node: str) -> Any:
+        if self.role() != "replica":
+            raise wire.Conflict("not a replica")
+        log.info("replication: full resync from primary {node} begins", node=node)
+
+        def begin() -> dict[str, Any]:
+            self.applier.begin_resync(node)
+            return {}
+
+        return self._serial(begin)
+
+    @wire.ResyncEnd.responder
+    def resync_end(self, upto: int) -> Any:
+        def end() -> dict[str, Any]:
+            return {"applied": self.applier.end_resync(upto)}
+
+        def done(answer: dict[str, Any]) -> dict[str, Any]:
+            log.info("replication: full resync complete at {seq}", seq=upto)
+            if self.on_applied is not None:
+                self.on_applied(upto, 0.0)
+            return answer
+
+        return self._serial(end).addCallback(done)
 
     @wire.Missing.responder
     def missing(self, digests: list[str]) -> Any:

@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -80,6 +81,24 @@ def read_status(data_dir: str) -> dict[str, Any] | None:
         return None
 
 
+def node_id(data_dir: str) -> str:
+    """This node's identity as a primary (made once): a replica that followed another
+    primary needs a full resync."""
+    path = os.path.join(state_dir(data_dir), "node-id")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            found = fh.read().strip()
+        if found:
+            return found
+    except FileNotFoundError:
+        pass
+    os.makedirs(state_dir(data_dir), mode=0o750, exist_ok=True)
+    made = uuid.uuid4().hex
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(made + "\n")
+    return made
+
+
 def parse_peer(peer: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port``) -> (host, port); ValueError when malformed."""
     host, sep, port = peer.strip().rpartition(":")
@@ -114,7 +133,14 @@ class ShipperFactory(Factory):
         o = self.owner
         assert o.reader is not None
         proto = ShipperProtocol(
-            o.reader, o.secret, o.run, o.window, o.status, o.reactor, on_conflict=o.fence
+            o.reader,
+            o.secret,
+            o.run,
+            o.window,
+            o.status,
+            o.reactor,
+            on_conflict=o.fence,
+            node=o.node_id,
         )
         o.shipper = proto
         return proto
@@ -151,6 +177,7 @@ class ReplicationService(service.MultiService):
         self.window = config.window
         self.secret = wire.read_secret(config.secret_file)
         self.status = Status(role=self.role, peer=config.peer, mode=config.mode)
+        self.node_id = node_id(self.data_dir)
         self.reader: Reader | None = None
         self.applier: Applier | None = None
         self.shipper: ShipperProtocol | None = None

@@ -48,8 +48,29 @@ class Challenge(amp.Command):
 class Authenticate(amp.Command):
     """Primary -> replica: the primary's proof; the answer is where the replica stands."""
 
-    arguments = [(b"proof", _a.String())]
+    arguments = [(b"proof", _a.String()), (b"node", _a.Unicode(optional=True))]
     response = [(b"applied", _a.Integer()), (b"role", _a.Unicode())]
+    errors = {AuthFailed: b"AUTH", Conflict: b"CONFLICT"}
+
+
+RESYNC = -1
+"""``Authenticate``'s ``applied`` when the replica needs a full resync (it followed another
+primary, or was demoted from primary)."""
+
+
+class ResyncBegin(amp.Command):
+    """Primary -> replica: a full resync from primary ``node`` starts (positions reset)."""
+
+    arguments = [(b"node", _a.Unicode())]
+    response = []
+    errors = {AuthFailed: b"AUTH", Conflict: b"CONFLICT"}
+
+
+class ResyncEnd(amp.Command):
+    """Primary -> replica: the resync is complete; stream from ``upto`` on."""
+
+    arguments = [(b"upto", _a.Integer())]
+    response = [(b"applied", _a.Integer())]
     errors = {AuthFailed: b"AUTH", Conflict: b"CONFLICT"}
 
 
