@@ -6,6 +6,7 @@ is refused; tier-2 messages travel as blobs."""
 from __future__ import annotations
 
 import imaplib
+import poplib
 import json
 import smtplib
 import socket
@@ -29,6 +30,7 @@ class Pair:
         root.mkdir(parents=True, exist_ok=True)
         secret.write_text(SECRET + "\n")
         self.port = free_port()
+        self.primary_port = free_port()  # where the primary listens once demoted
         tls = {"certificate": str(cert[0]), "private_key": str(cert[1])}
         self.replica = MailgwServer(
             root / "replica",
@@ -38,6 +40,7 @@ class Pair:
                     "enabled": "yes",
                     "role": "replica",
                     "listen": f"tcp:{self.port}:interface=127.0.0.1",
+                    "peer": f"127.0.0.1:{self.primary_port}",
                     "secret_file": str(secret),
                 },
                 **extra,
@@ -51,6 +54,7 @@ class Pair:
                     "enabled": "yes",
                     "role": "primary",
                     "peer": f"127.0.0.1:{self.port}",
+                    "listen": f"tcp:{self.primary_port}:interface=127.0.0.1",
                     "secret_file": str(secret),
                     "window": "4",
                 },
@@ -293,3 +297,82 @@ def test_verify_reports_differences(pair_factory: Callable[..., Pair]) -> None:
     assert result.returncode == 1
     assert "directory/users" in result.stdout
     assert "alice@example.test/folders/INBOX/messages/2" in result.stdout
+
+
+def test_the_replica_serves_read_only(pair_factory: Callable[..., Pair]) -> None:
+    pair = pair_factory()
+    deliver(pair.primary, 3)
+    wait_caught_up(pair)
+    r = imap(pair.replica)
+    with pytest.raises(imaplib.IMAP4.readonly):  # SELECT answered OK [READ-ONLY]
+        r.select("INBOX")
+    for command in (
+        lambda: r.uid("STORE", "1", "+FLAGS", r"(\Deleted)"),
+        lambda: r.append("INBOX", None, None, b"Subject: no\r\n\r\nno\r\n"),
+        lambda: r.create("New"),
+        lambda: r.uid("MOVE", "1", "Trash"),
+    ):
+        r.untagged_responses.pop("READ-ONLY", None)  # imaplib would refuse to go on
+        typ, data = command()
+        assert typ == "NO" and r.untagged_responses.get("READ-ONLY"), data
+    r.untagged_responses.pop("READ-ONLY", None)
+    assert r.uid("FETCH", "1", "(BODY[])")[0] == "OK"
+    r.logout()
+    r = imap(pair.replica)
+    r.select("INBOX", readonly=True)
+    assert b"\\Seen" not in r.uid("FETCH", "1", "(FLAGS)")[1][0]  # FETCH BODY[] set nothing
+    r.logout()
+    pop = poplib.POP3("127.0.0.1", pair.replica.ports["pop3"], timeout=30)
+    pop.user("alice@example.test")
+    pop.pass_(PASSWORD)
+    assert pop.stat()[0] == 3
+    with pytest.raises(poplib.error_proto, match="SYS/TEMP"):
+        pop.dele(1)
+    pop.quit()
+    with smtplib.SMTP("127.0.0.1", pair.replica.ports["mx"], timeout=30) as smtp:
+        smtp.ehlo()
+        smtp.mail("sender@remote.test")
+        code, text = smtp.rcpt("alice@example.test")
+        assert code == 451 and b"4.3.2" in text
+    verify(pair)  # nothing changed on the replica
+
+
+def test_promote_then_fail_back_with_resync(pair_factory: Callable[..., Pair]) -> None:
+    pair = pair_factory()
+    deliver(pair.primary, 5)
+    wait_caught_up(pair)
+    pair.primary.kill9()  # the primary is lost
+    assert "promoted" in pair.replica.cli("dr", "promote").stdout
+    # The promoted node takes mail and changes at once, UIDs continuing the primary's.
+    deliver(pair.replica, 2, tag="after failover ")
+    c = imap(pair.replica)
+    c.select("INBOX")
+    assert c.uid("SEARCH", "ALL")[1][0].split() == [b"1", b"2", b"3", b"4", b"5", b"6", b"7"]
+    c.uid("STORE", "1", "+FLAGS", r"(\Seen)")
+    c.logout()
+    # The old primary comes back: it finds its replica promoted, ships nothing, takes nothing.
+    pair.primary.start()
+    pair.primary.wait_for_log("fenced")
+    old = imap(pair.primary)
+    typ, data = old.append("INBOX", None, None, b"Subject: lost\r\n\r\nx\r\n")
+    assert typ == "NO" and b"demoted" in data[0]
+    old.untagged_responses.pop("READ-ONLY", None)
+    old.logout()
+    assert pair.primary.cli("dr", "demote", check=False).returncode == 1  # needs --resync
+    pair.primary.cli("dr", "demote", "--resync")
+    pair.primary.stop()
+    pair.primary.start()  # now a replica, listening
+    pair.replica.stop()
+    pair.replica.start()  # now a primary, shipping to the old primary
+    pair.replica.wait_for_log("full resync complete")
+    wait_until(
+        lambda: status(pair.replica)["connected"] and status(pair.replica)["lag_entries"] == 0,
+        60,
+        "the old primary resynced",
+    )
+    result = pair.replica.cli("dr", "verify", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    r = imap(pair.primary)  # the old primary, a read-only replica now
+    r.select("INBOX", readonly=True)
+    assert r.uid("SEARCH", "ALL")[1][0].split() == [b"1", b"2", b"3", b"4", b"5", b"6", b"7"]
+    r.logout()

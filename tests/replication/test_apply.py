@@ -221,3 +221,77 @@ def test_directory_domain_removed(tmp_path: Path) -> None:
         "users": [],
         "aliases": [],
     }
+
+
+def resync(primary: Node, replica: Node) -> dict[str, int]:
+    """A full resync as the shipper runs it, in process; returns how many entries of each
+    kind it needed."""
+    reader = Reader(primary.store, primary.directory.path)
+    applier = Applier(replica.store, replica.directory.path)
+    counts: dict[str, int] = {}
+    try:
+        start = reader.last_seq()
+        applier.begin_resync("primary-node")
+        batches = reader.resync_directory(applier.digest(""))
+        for user in sorted(set(reader.users()) | set(replica.store.users())):
+            batches += reader.resync_user(user, applier.digest(user))
+        for batch in batches:
+            for digest in batch.blob_digests:
+                assert replica.store.tier2 is not None and primary.store.tier2 is not None
+                replica.store.tier2.put(primary.store.tier2.get(digest))
+            for entry in batch.entries:
+                counts[entry["kind"]] = counts.get(entry["kind"], 0) + 1
+            applier.apply_batch({"entries": batch.entries, "resync": True}, batch.data)
+        assert applier.end_resync(start) == start
+        assert not applier.needs_resync("primary-node")
+        assert applier.needs_resync("another-node")
+    finally:
+        reader.close()
+        applier.close()
+    return counts
+
+
+def test_full_resync_repairs_a_diverged_replica_copying_only_differences(
+    nodes: Any, tmp_path: Path
+) -> None:
+    primary, replica = nodes
+    primary.directory.add_domain("example.test")
+    primary.directory.add_user(USER, "password one")
+    spool = tmp_path / "m.eml"
+    for n in range(10):
+        spool.write_bytes(b"Subject: %d\r\n\r\nbody %d\r\n" % (n, n))
+        primary.store.deliver(USER, str(spool))
+    primary.store.migrate_message(USER, "INBOX", 3)
+    primary.store.create_mailbox(USER, "Kept")
+    ship(primary, replica)
+    same(primary, replica)
+    # Diverge: the replica loses a message, gains one, has other flags and a stray folder;
+    # the primary changes more while the replica does not hear of it.
+    r = replica.store.open_mailbox(USER)
+    r.expunge([2])
+    r.set_flags([4], ["\\Answered"], "add")
+    spool.write_bytes(b"Subject: stray\r\n\r\nonly on the replica\r\n")
+    replica.store.deliver(USER, str(spool), folder="INBOX")
+    replica.store.create_mailbox(USER, "Stray")
+    replica.directory.set_quota(USER, 1234)
+    p = primary.store.open_mailbox(USER)
+    p.set_flags([5], ["\\Seen"], "add")
+    p.move_to([6], "Kept")
+    counts = resync(primary, replica)
+    same(primary, replica)
+    # Only the differences travelled: message 2 again, nothing for the untouched ones.
+    assert counts.get(k.MESSAGE_ADDED) == 2  # UID 2, and UID 1 of Kept (the move)
+    assert counts.get(k.MAILBOX_DELETED) == 1  # Stray
+    # Streaming goes on from the resync's position.
+    p.set_flags([1], ["\\Flagged"], "add")
+    ship(primary, replica, after=primary.store.changes.last_seq() - 1)
+    same(primary, replica)
+
+
+def test_resync_of_a_user_the_primary_does_not_have(nodes: Any, tmp_path: Path) -> None:
+    primary, replica = nodes
+    spool = tmp_path / "m.eml"
+    spool.write_bytes(b"Subject: a\r\n\r\nbody\r\n")
+    replica.store.deliver("ghost@example.test", str(spool))
+    resync(primary, replica)
+    assert replica.store.open_mailbox("ghost@example.test").messages() == []
