@@ -6,8 +6,8 @@ is refused; tier-2 messages travel as blobs."""
 from __future__ import annotations
 
 import imaplib
-import poplib
 import json
+import poplib
 import smtplib
 import socket
 import sqlite3
