@@ -246,6 +246,21 @@ def _build_mx(node: Node) -> list[Endpoint]:
         extra_checks=[StoreWritable(node.store.write_refusal)],
     )
     mx.counter = node.counters["mx"]
+    replication = config.replication
+    if replication.enabled and replication.mode == "sync":
+        from mailgw.journal.barrier import ReplicaBarrier
+
+        barrier = ReplicaBarrier(config.server.data_dir, node.reactor, replication.sync_timeout)
+
+        def durable(queue_id: str) -> Any:
+            # 250 once the message is delivered here and the DR replica has applied it.
+            delivered = node.delivery.wait_delivered(queue_id) if node.delivery else None
+            d = delivered if delivered is not None else node.run_io(lambda: None)
+            d.addCallback(lambda _: node.run_io(node.store.changes.last_seq))
+            return d.addCallback(barrier.wait)
+
+        role: Any = mx.role
+        role.durable = durable
     return [Endpoint("listen", mx)]
 
 

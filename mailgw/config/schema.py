@@ -650,7 +650,7 @@ class ReplicationConfig:
     mode: str = key(
         "async",
         _one_of("async", "sync"),
-        "async: acknowledge mail at once; sync: only once the replica has it (not yet done).",
+        "async: acknowledge mail at once; sync: SMTP 250 / APPEND OK once the replica has it.",
     )
     sync_timeout: float = key(
         "2s", v.parse_duration, "In sync mode, wait this long for the replica before async."
@@ -830,10 +830,6 @@ def _check_replication(config: Config) -> None:
     r = config.replication
     if not r.enabled:
         return
-    if r.mode == "sync":
-        raise ConfigError(
-            config.path, "replication", "mode", "sync is not available in this version"
-        )
     if r.role == "replica" and not config.tls_enabled:
         raise ConfigError(config.path, "replication", "role", "a replica needs [tls] certificate")
     if not os.path.isfile(r.secret_file):

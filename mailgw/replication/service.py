@@ -5,11 +5,13 @@ write their state to ``data_dir/replication/status.json`` for ``mailgw dr status
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
 import time
 import uuid
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from mailgw.journal import barrier
 from mailgw.replication import state, wire
 from mailgw.replication.apply import Applier, ReplicaProtocol
 from mailgw.replication.ship import Reader, ShipperProtocol
@@ -27,6 +30,7 @@ log = Logger()
 
 STATUS_NAME = "status.json"
 STATUS_INTERVAL = 1.0
+SYNC_TICK = 0.05
 
 
 def state_dir(data_dir: str) -> str:
@@ -48,6 +52,7 @@ class Status:
     applied: int = 0
     applied_time: float = 0.0
     error: str = ""
+    fallbacks: int = 0
     updated: float = 0.0
     pid: int = 0
 
@@ -141,6 +146,7 @@ class ShipperFactory(Factory):
             o.reactor,
             on_conflict=o.fence,
             node=o.node_id,
+            on_ack=o.sync_tick,
         )
         o.shipper = proto
         return proto
@@ -177,6 +183,10 @@ class ReplicationService(service.MultiService):
         self.window = config.window
         self.secret = wire.read_secret(config.secret_file)
         self.status = Status(role=self.role, peer=config.peer, mode=config.mode)
+        self.sync = config.mode == "sync" and self.role == "primary"
+        self.sync_timeout = config.sync_timeout
+        self._pending: deque[tuple[int, float]] = deque()
+        self._acked_written: tuple[int, str] | None = None
         self.node_id = node_id(self.data_dir)
         self.reader: Reader | None = None
         self.applier: Applier | None = None
@@ -208,6 +218,8 @@ class ReplicationService(service.MultiService):
                 server.setServiceParent(self)  # type: ignore[no-untyped-call]
         timer: Any = internet.TimerService
         self._timer = timer(STATUS_INTERVAL, self._write_status)
+        if self.sync:
+            timer(SYNC_TICK, self.sync_tick).setServiceParent(self)
         self._timer.setServiceParent(self)
 
     def current_role(self) -> str:
@@ -223,10 +235,45 @@ class ReplicationService(service.MultiService):
         log.error("replication: {error}", error=self.status.error)
         if self.client is not None and self.client.running:
             self.client.stopService()
+        self.sync = False
+        with contextlib.suppress(OSError):
+            barrier.write_acked(barrier.acked_path(self.data_dir), self.status.acked, "async")
+
+    def sync_tick(self) -> None:
+        """Synchronous mode: publish the replica's position for the waiters
+        (``mailgw.journal.barrier``); fall back to async when an entry waits longer than
+        ``sync_timeout`` (logged, counted in ``dr status``), back to sync once caught up."""
+        if not self.sync:
+            return
+        acked = self.status.acked
+        while self._pending and self._pending[0][0] <= acked:
+            self._pending.popleft()
+        if self.status.mode == "sync":
+            if self._pending and time.time() - self._pending[0][1] > self.sync_timeout:
+                self.status.mode = "async"
+                self.status.fallbacks += 1
+                log.warn(
+                    "replication: the replica did not acknowledge within {timeout}s:"
+                    " falling back to async (fallback {n})",
+                    timeout=self.sync_timeout,
+                    n=self.status.fallbacks,
+                )
+        elif self.status.connected and not self._pending and self.role == "primary":
+            self.status.mode = "sync"
+            log.info("replication: the replica caught up: back to sync")
+        current = (acked, self.status.mode)
+        if current != self._acked_written:
+            try:
+                barrier.write_acked(barrier.acked_path(self.data_dir), *current)
+                self._acked_written = current
+            except OSError as e:
+                log.warn("replication: cannot write {path}: {error}", path="acked", error=e)
 
     def _journal_changed(self, entries: list[Any]) -> None:
         if entries:
             self.status.journal_last = max(self.status.journal_last, entries[-1].seq)
+            if self.sync:
+                self._pending.extend((e.seq, e.time) for e in entries)
         if self.shipper is not None:
             self.shipper.wake()
 
@@ -251,6 +298,10 @@ class ReplicationService(service.MultiService):
         return lost
 
     def startService(self) -> None:
+        os.makedirs(state_dir(self.data_dir), mode=0o750, exist_ok=True)
+        if self.sync:
+            # Until the replica has answered, waiters wait (at most sync_timeout each).
+            barrier.write_acked(barrier.acked_path(self.data_dir), 0, "sync")
         if self.applier is not None:
             self.status.applied = self.applier.position()
         if self.reader is not None:
@@ -259,6 +310,9 @@ class ReplicationService(service.MultiService):
 
     def stopService(self) -> Any:
         d = super().stopService()  # type: ignore[no-untyped-call]
+        if self.sync:
+            with contextlib.suppress(OSError):
+                barrier.write_acked(barrier.acked_path(self.data_dir), self.status.acked, "async")
         self._write_status()
         return d
 

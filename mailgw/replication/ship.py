@@ -356,6 +356,7 @@ class ShipperProtocol(amp.AMP):
         poll: float = 0.2,
         on_conflict: Callable[[str], None] | None = None,
         node: str = "",
+        on_ack: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.reader = reader
@@ -367,6 +368,7 @@ class ShipperProtocol(amp.AMP):
         self.poll = poll
         self.on_conflict = on_conflict
         self.node = node
+        self.on_ack = on_ack
         self.ready: defer.Deferred[int] = defer.Deferred()
         self._inflight: deque[defer.Deferred[Any]] = deque()
         self._stopped = False
@@ -534,6 +536,8 @@ class ShipperProtocol(amp.AMP):
             if not resync:
                 self.status.acked = max(self.status.acked, int(answer["applied"]))
                 self.status.acked_time = batch.last_time or sent_at
+                if self.on_ack is not None:
+                    self.on_ack()
 
         def failed(f: Any) -> None:
             if d in self._inflight:

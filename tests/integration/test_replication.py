@@ -12,6 +12,7 @@ import smtplib
 import socket
 import sqlite3
 import ssl
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +33,8 @@ class Pair:
         self.port = free_port()
         self.primary_port = free_port()  # where the primary listens once demoted
         tls = {"certificate": str(cert[0]), "private_key": str(cert[1])}
+        extra = dict(extra)
+        more = extra.pop("replication", {})
         self.replica = MailgwServer(
             root / "replica",
             {
@@ -42,6 +45,7 @@ class Pair:
                     "listen": f"tcp:{self.port}:interface=127.0.0.1",
                     "peer": f"127.0.0.1:{self.primary_port}",
                     "secret_file": str(secret),
+                    **more,
                 },
                 **extra,
             },
@@ -57,6 +61,7 @@ class Pair:
                     "listen": f"tcp:{self.primary_port}:interface=127.0.0.1",
                     "secret_file": str(secret),
                     "window": "4",
+                    **more,
                 },
                 **extra,
             },
@@ -376,3 +381,73 @@ def test_promote_then_fail_back_with_resync(pair_factory: Callable[..., Pair]) -
     r.select("INBOX", readonly=True)
     assert r.uid("SEARCH", "ALL")[1][0].split() == [b"1", b"2", b"3", b"4", b"5", b"6", b"7"]
     r.logout()
+
+
+SYNC = {"replication": {"mode": "sync", "sync_timeout": "1s"}}
+
+
+def replica_subjects(pair: Pair, folder: str = "INBOX") -> set[bytes]:
+    r = imap(pair.replica)
+    r.select(folder, readonly=True)
+    typ, data = r.uid("FETCH", "1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    r.logout()
+    return {part[1].strip() for part in data if isinstance(part, tuple)}
+
+
+def test_sync_mode_acknowledges_only_what_the_replica_has(
+    pair_factory: Callable[..., Pair],
+) -> None:
+    pair = pair_factory(SYNC)
+    wait_caught_up(pair)
+    # No waiting below: in sync mode the 250 / APPEND OK come after the replica applied it.
+    for n in range(5):
+        deliver(pair.primary, 1, tag=f"sync {n} ")
+        assert f"Subject: message sync {n} 0".encode() in replica_subjects(pair)
+    c = imap(pair.primary)  # an IMAP worker process of the primary
+    assert c.append("Drafts", None, None, b"Subject: draft\r\n\r\nx\r\n")[0] == "OK"
+    c.logout()
+    assert b"Subject: draft" in replica_subjects(pair, "Drafts")
+    assert status(pair.primary)["mode"] == "sync"
+
+
+def test_sync_mode_kill9_loses_no_acknowledged_mail(pair_factory: Callable[..., Pair]) -> None:
+    pair = pair_factory(SYNC)
+    wait_caught_up(pair)
+    accepted: list[str] = []
+    stop = threading.Event()
+
+    def sender() -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", pair.primary.ports["mx"], timeout=30) as smtp:
+                for n in range(1000):
+                    if stop.is_set():
+                        return
+                    subject = f"stream {n}"
+                    body = f"Subject: {subject}\r\n\r\nbody\r\n".encode()
+                    smtp.sendmail("sender@remote.test", ["alice@example.test"], body)
+                    accepted.append(subject)  # got its 250
+        except (OSError, smtplib.SMTPException):
+            return  # the primary died mid-stream
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    wait_until(lambda: len(accepted) >= 15, 60, "15 messages accepted")
+    pair.primary.kill9()
+    stop.set()
+    thread.join(30)
+    have = replica_subjects(pair)
+    missing = [s for s in accepted if f"Subject: {s}".encode() not in have]
+    assert not missing, f"acknowledged but not on the replica: {missing}"
+
+
+def test_sync_mode_falls_back_to_async_and_returns(pair_factory: Callable[..., Pair]) -> None:
+    pair = pair_factory(SYNC)
+    wait_caught_up(pair)
+    pair.replica.stop()
+    deliver(pair.primary, 2, tag="replica away ")  # 250 after sync_timeout, not never
+    wait_until(lambda: status(pair.primary)["mode"] == "async", 20, "fallback")
+    assert int(status(pair.primary)["sync_fallbacks"]) >= 1
+    assert "falling back to async" in pair.primary.log()
+    pair.replica.start()
+    wait_until(lambda: status(pair.primary)["mode"] == "sync", 60, "back to sync")
+    verify(pair)
