@@ -21,7 +21,11 @@ def cmd_dr_status(ctx: Context, args: argparse.Namespace) -> None:
     status = read_status(config.server.data_dir) or {}
     running = bool(status) and _alive(int(status.get("pid", 0)))
     role = status.get("role", r.role)
-    lag = int(status.get("lag_entries", 0)) if running else 0
+    journal_last = _journal_last(config.server.data_dir)
+    acked = int(status.get("acked", 0))
+    # The journal's end as it is now (the status file may be a second old: the lag shown is
+    # never smaller than the real one).
+    lag = max(0, journal_last - acked) if running and role == "primary" else 0
     lag_seconds = 0.0
     if running and role == "primary" and lag > 0 and status.get("acked_time"):
         lag_seconds = max(0.0, time.time() - float(status["acked_time"]))
@@ -33,7 +37,7 @@ def cmd_dr_status(ctx: Context, args: argparse.Namespace) -> None:
         "sync_fallbacks": int(status.get("fallbacks", 0)),
         "running": running,
         "connected": bool(status.get("connected")) and running,
-        "journal_last": int(status.get("journal_last", 0)),
+        "journal_last": journal_last,
         "last_shipped": int(status.get("shipped", 0)),
         "last_acked": int(status.get("acked", 0)),
         "last_applied": int(status.get("applied", 0)),
@@ -45,7 +49,20 @@ def cmd_dr_status(ctx: Context, args: argparse.Namespace) -> None:
         print(json.dumps(out, sort_keys=True))
         return
     for key, value in out.items():
-        print(f"{key:13} {value}")
+        print(f"{key:15} {value}")
+
+
+def _journal_last(data_dir: str) -> int:
+    from mailgw.journal.changelog import ChangeLog
+
+    path = os.path.join(data_dir, "journal")
+    if not os.path.isdir(path):
+        return 0
+    log = ChangeLog(path)
+    try:
+        return log.last_seq()
+    finally:
+        log.close()
 
 
 def _alive(pid: int) -> bool:

@@ -146,7 +146,7 @@ class ShipperFactory(Factory):
             o.reactor,
             on_conflict=o.fence,
             node=o.node_id,
-            on_ack=o.sync_tick,
+            on_ack=o.acknowledged,
         )
         o.shipper = proto
         return proto
@@ -238,6 +238,11 @@ class ReplicationService(service.MultiService):
         self.sync = False
         with contextlib.suppress(OSError):
             barrier.write_acked(barrier.acked_path(self.data_dir), self.status.acked, "async")
+
+    def acknowledged(self) -> None:
+        """The replica acknowledged a batch."""
+        self.sync_tick()
+        self._write_status()
 
     def sync_tick(self) -> None:
         """Synchronous mode: publish the replica's position for the waiters
