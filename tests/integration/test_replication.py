@@ -453,3 +453,27 @@ def test_sync_mode_falls_back_to_async_and_returns(pair_factory: Callable[..., P
     pair.replica.start()
     wait_until(lambda: status(pair.primary)["mode"] == "sync", 60, "back to sync")
     verify(pair)
+
+
+def test_full_resync_repairs_a_diverged_replica(pair_factory: Callable[..., Pair]) -> None:
+    pair = pair_factory()
+    deliver(pair.primary, 12)
+    wait_caught_up(pair)
+    pair.replica.stop()
+    # Diverge the replica behind replication's back: a message lost (row and file), other
+    # flags on another; the primary goes on meanwhile.
+    home = pair.replica.data_dir / "mail" / "example.test" / "alice"
+    with sqlite3.connect(home / "mailgw-index.sqlite") as db:
+        (filename,) = db.execute("SELECT filename FROM messages WHERE uid = 3").fetchone()
+        db.execute("DELETE FROM messages WHERE uid = 3")
+        db.execute("UPDATE messages SET flags = 'FS' WHERE uid = 4")
+    (home / filename).unlink()
+    deliver(pair.primary, 3, tag="meanwhile ")
+    # The replica asks for a full resync (as after `dr demote --resync`; also what happens when
+    # the primary's journal no longer holds the replica's position).
+    (pair.replica.data_dir / "replication" / "resync").write_text("requested\n")
+    pair.replica.start()
+    pair.primary.wait_for_log("full resync complete")
+    wait_caught_up(pair)
+    verify(pair)
+    assert not (pair.replica.data_dir / "replication" / "resync").exists()
