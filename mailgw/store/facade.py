@@ -113,7 +113,7 @@ class MessageStore:
         self._snapshots: weakref.WeakValueDictionary[tuple[str, int, str], Snapshot] = (
             weakref.WeakValueDictionary()
         )
-        self._refusal: tuple[tuple[int, int], str | None] | None = None
+        self._refusal: tuple[tuple[int, int, int], str | None] | None = None
 
     def write_refusal(self) -> str | None:
         """Why the protocols must not change mail on this node now (None: they may): it is
@@ -125,7 +125,7 @@ class MessageStore:
             st = os.stat(path)
         except OSError:
             return None
-        key = (st.st_mtime_ns, st.st_size)
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)  # replaced by rename: a new inode
         cached = self._refusal
         if cached is None or cached[0] != key:
             try:
