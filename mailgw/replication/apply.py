@@ -217,6 +217,13 @@ class Applier:
     def resync_marker(self) -> str:
         return os.path.join(os.path.dirname(self.directory.path), "replication", "resync")
 
+    def request_resync(self) -> None:
+        """Ask for a full resync at the next connection (the ``resync`` file)."""
+        marker = self.resync_marker()
+        os.makedirs(os.path.dirname(marker), mode=0o750, exist_ok=True)
+        with open(marker, "w", encoding="utf-8") as fh:
+            fh.write("requested\n")
+
     def begin_resync(self, node: str) -> None:
         """Forget every position (the resync's changes are applied without numbers)."""
         for user in self.store.users():
@@ -544,6 +551,14 @@ class ReplicaProtocol(amp.AMP):
 
         def failed(f: Any) -> Any:
             log.failure("replication: applying batch {key} failed", f, key=key)
+            if not f.check(wire.Conflict):
+                # This replica cannot follow the stream (it diverged, or an entry cannot be
+                # reproduced): the next connection compares everything and repairs it.
+                try:
+                    self.applier.request_resync()
+                    log.warn("replication: a full resync is requested for the next connection")
+                except OSError as e:
+                    log.error("replication: cannot request a resync: {error}", error=e)
             self._close_soon()
             return f
 

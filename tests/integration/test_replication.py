@@ -8,6 +8,7 @@ from __future__ import annotations
 import imaplib
 import json
 import poplib
+import shutil
 import smtplib
 import socket
 import sqlite3
@@ -477,3 +478,27 @@ def test_full_resync_repairs_a_diverged_replica(pair_factory: Callable[..., Pair
     wait_caught_up(pair)
     verify(pair)
     assert not (pair.replica.data_dir / "replication" / "resync").exists()
+
+
+def test_an_entry_that_cannot_be_applied_leads_to_a_full_resync(
+    pair_factory: Callable[..., Pair],
+) -> None:
+    pair = pair_factory()
+    c = imap(pair.primary)
+    c.create("Box")
+    c.logout()
+    wait_caught_up(pair)
+    pair.replica.stop()
+    # The replica loses the folder behind replication's back (row and directory).
+    home = pair.replica.data_dir / "mail" / "example.test" / "alice"
+    with sqlite3.connect(home / "mailgw-index.sqlite") as db:
+        db.execute("DELETE FROM mailboxes WHERE name = 'Box'")
+    shutil.rmtree(home / ".Box")
+    pair.replica.start()
+    c = imap(pair.primary)
+    c.append("Box", None, None, b"Subject: into the lost folder\r\n\r\nx\r\n")
+    c.logout()
+    pair.replica.wait_for_log("a full resync is requested")
+    pair.primary.wait_for_log("full resync complete")
+    wait_caught_up(pair)
+    verify(pair)
