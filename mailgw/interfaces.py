@@ -310,6 +310,11 @@ class IMessageStore(Interface):
     def quota_usage(user: str) -> tuple[int, int | None]:
         """(bytes used, limit or None)."""
 
+    def write_refusal() -> str | None:
+        """Why clients must not change mail on this node now (a read-only DR replica, a
+        replaced primary), None when they may: IMAP answers ``NO [READ-ONLY]``, POP3 DELE
+        ``-ERR``, the MX ``451``."""
+
     def reindex(user: str) -> int:
         """Rebuild the user's index from the Maildir files, keeping UIDs of known files.
         Returns the number of messages indexed."""

@@ -187,6 +187,16 @@ def _one(node: Node, part: Any) -> list[IService]:
 # -- background roles --------------------------------------------------------------------
 
 
+def _build_replication(node: Node) -> Any:
+    """Mirror sync to (primary) or from (replica) the disaster-recovery node."""
+    from mailgw.replication.service import ReplicationService
+
+    try:
+        return ReplicationService(node)
+    except (OSError, ValueError) as e:
+        raise ConfigError(node.config.path, "replication", "enabled", str(e)) from None
+
+
 def _build_migration(node: Node) -> Any:
     """Tier-1 -> tier-2 migration in the background, in the I/O pool, at a bounded rate."""
     from mailgw.store.migration import MigrationPolicy, MigrationService, Migrator
@@ -288,6 +298,7 @@ def _inbound_auth_checks(node: Node) -> list[Any]:
 
 
 def _build_mx(node: Node) -> list[Endpoint]:
+    from mailgw.policy.mx import StoreWritable
     from mailgw.smtp.roles.mx import MXFactory
 
     config = node.config
@@ -298,11 +309,32 @@ def _build_mx(node: Node) -> list[Endpoint]:
         node.directory,
         node.reactor,
         tls_options=node.tls_options,
-        extra_checks=[*node.policy.inbound, *_inbound_auth_checks(node), *_antivirus_checks(node)],
+        # A DR replica (or a replaced primary) takes no mail: 451 4.3.2 at RCPT.
+        extra_checks=[
+            StoreWritable(node.store.write_refusal),
+            *node.policy.inbound,
+            *_inbound_auth_checks(node),
+            *_antivirus_checks(node),
+        ],
         quarantine=node.policy.quarantine,
     )
     mx.counter = node.counters["mx"]
     mx.role.tracker = node.tracker
+    replication = config.replication
+    if replication.enabled and replication.mode == "sync":
+        from mailgw.journal.barrier import ReplicaBarrier
+
+        barrier = ReplicaBarrier(config.server.data_dir, node.reactor, replication.sync_timeout)
+
+        def durable(queue_id: str) -> Any:
+            # 250 once the message is delivered here and the DR replica has applied it.
+            delivered = node.delivery.wait_delivered(queue_id) if node.delivery else None
+            d = delivered if delivered is not None else node.run_io(lambda: None)
+            d.addCallback(lambda _: node.run_io(node.store.changes.last_seq))
+            return d.addCallback(barrier.wait)
+
+        role: Any = mx.role
+        role.durable = durable
     return [Endpoint("listen", mx)]
 
 
@@ -505,6 +537,7 @@ ROLES = RoleRegistry(
             listens=True,
             enabled=lambda config: config.imap.enabled and _imap_workers(config) > 0,
         ),
+        RoleSpec("replication", "replication", _build_replication, _one),
         # Last: it reads the other roles' parts (relay, IMAP workers) and services (/readyz).
         RoleSpec(
             "http",

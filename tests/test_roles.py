@@ -28,6 +28,7 @@ ALL_ON = (
     "[store]\ntier2_dir = tier2\n"
     "[http]\nenabled = yes\nlisten = tcp:0:interface=127.0.0.1\n"
     "listen_tls = tcp:0:interface=127.0.0.1\n"
+    "[replication]\nenabled = yes\nsecret_file = replication.secret\n"
 )
 
 
@@ -37,6 +38,7 @@ def write_config(tmp_path: Path, text: str, tls: tuple[Path, Path] | None = None
     if tls is not None:
         head += f"[tls]\ncertificate = {tls[0]}\nprivate_key = {tls[1]}\n"
     path.write_text(head + text)
+    (tmp_path / "replication.secret").write_text("a secret of sixteen bytes or more\n")
     return load(str(path))
 
 
@@ -58,7 +60,7 @@ def test_every_config_section_with_a_role_is_registered() -> None:
         if "enabled" in {f.name for f in dataclasses.fields(cls)}
     }
     checks = {"antivirus", "inbound_auth"}  # switch on checks in roles' pipelines, not roles
-    roles = {"delivery", "mx", "pop3", "imap", "relay", "submission", "http"}
+    roles = {"delivery", "mx", "pop3", "imap", "relay", "submission", "http", "replication"}
     assert switchable - checks == roles
     assert switchable - checks <= {role.section for role in ROLES}
     for role in ROLES:
@@ -79,6 +81,7 @@ def test_the_registry_is_consistent() -> None:
         "pop3",
         "imap",
         "imap-workers",
+        "replication",
         "http",
     ]
 
@@ -101,6 +104,7 @@ def test_the_node_runs_the_services_of_its_enabled_roles_in_registry_order(
         "submission": 2,  # STARTTLS and implicit TLS
         "pop3": 2,
         "imap": 2,
+        "replication": 1,
         "http": 3,  # the metrics collector's service, HTTP and HTTPS
     }
     assert node.delivery is node.parts["delivery"] and node.relay is node.parts["relay"]

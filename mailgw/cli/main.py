@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from mailgw.cli.config import register_config_commands
 from mailgw.cli.context import LOCAL_CONFIG, SYSTEM_CONFIG, Context, Failure
 from mailgw.cli.context import default_config_path as default_config_path  # tap, tests
+from mailgw.cli.dr import register_dr_commands
 from mailgw.cli.policy import register_policy_commands
 from mailgw.cli.queue import register_relay_commands
 from mailgw.cli.sizes import format_size
@@ -449,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_track_command(top)
     register_config_commands(group, command, top)
     register_policy_commands(group, command)
+    register_dr_commands(group, command)
     return parser
 
 

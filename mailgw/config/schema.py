@@ -775,6 +775,50 @@ class HTTPConfig:
     idle_timeout: float = key("1m", v.parse_duration, "Close an idle HTTP connection after this.")
 
 
+def _peer(s: str) -> str:
+    """Empty or ``HOST:PORT``."""
+    s = s.strip()
+    if s:
+        host, sep, port = s.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected HOST:PORT, got {s!r}")
+    return s
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    """[replication] mirror sync of the store and the directory to a disaster-recovery node."""
+
+    enabled: bool = key("no", v.parse_bool, "Run the replication role.")
+    role: str = key(
+        "primary",
+        _one_of("primary", "replica"),
+        "primary: ship the journal to peer; replica: listen, apply, serve read-only.",
+    )
+    listen: tuple[str, ...] = key(
+        "tcp:8873:interface=127.0.0.1",
+        v.parse_list,
+        "Where a replica listens for its primary (TLS with [tls] certificate).",
+    )
+    peer: str = key("127.0.0.1:8873", _peer, "HOST:PORT of the replica a primary ships to.")
+    mode: str = key(
+        "async",
+        _one_of("async", "sync"),
+        "async: acknowledge mail at once; sync: SMTP 250 / APPEND OK once the replica has it.",
+    )
+    sync_timeout: float = key(
+        "2s", v.parse_duration, "In sync mode, wait this long for the replica before async."
+    )
+    secret_file: str = key(
+        "/etc/mailgw/replication.secret",
+        _text,
+        "Shared secret of both nodes (16+ bytes); proves each to the other, never sent.",
+    )
+    window: int = key(
+        "8", v.parse_positive_int, "Batches of entries shipped before the replica acknowledges."
+    )
+
+
 _PREFIXED: dict[str, type] = {"channel": ChannelConfig, "route": RouteConfig}
 
 
@@ -902,6 +946,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     antivirus: AntivirusConfig = field(default_factory=AntivirusConfig)
     inbound_auth: InboundAuthConfig = field(default_factory=InboundAuthConfig)
+    replication: ReplicationConfig = ReplicationConfig()
 
     @property
     def tls_enabled(self) -> bool:
@@ -925,17 +970,20 @@ _SECTIONS: dict[str, type] = {
     "inbound_auth": InboundAuthConfig,
     "policy": PolicyConfig,
     "http": HTTPConfig,
+    "replication": ReplicationConfig,
 }
 
 # Keys whose value is a file path, resolved against the config file's folder.
 _PATH_KEYS = {("server", "data_dir"), ("tls", "certificate"), ("tls", "private_key")}
 _PATH_KEYS.add(("policy", "rules_file"))
 _PATH_KEYS |= {("http", "admin_token_file")}
+_PATH_KEYS |= {("replication", "secret_file")}
 # Keys whose values are listen endpoint descriptions, checked with Twisted's parser.
 _LISTEN_KEYS = {("mx", "listen"), ("pop3", "listen"), ("pop3", "listen_tls")}
 _LISTEN_KEYS |= {("imap", "listen"), ("imap", "listen_tls")}
 _LISTEN_KEYS |= {("submission", "listen"), ("submission", "listen_tls")}
 _LISTEN_KEYS |= {("http", "listen"), ("http", "listen_tls")}
+_LISTEN_KEYS |= {("replication", "listen")}
 
 
 def schema() -> dict[str, list[tuple[str, str, str]]]:
@@ -989,7 +1037,18 @@ def load(path: str) -> Config:
     _check_routes(config)
     _check_tls(config)
     _check_listeners(config)
+    _check_replication(config)
     return config
+
+
+def _check_replication(config: Config) -> None:
+    r = config.replication
+    if not r.enabled:
+        return
+    if r.role == "replica" and not config.tls_enabled:
+        raise ConfigError(config.path, "replication", "role", "a replica needs [tls] certificate")
+    if not os.path.isfile(r.secret_file):
+        raise ConfigError(config.path, "replication", "secret_file", "no such file")
 
 
 def _check_tls(config: Config) -> None:

@@ -132,6 +132,7 @@ class LocalDelivery(Service):
         self._turn_call: DelayedCall | None = None
         self._retry_call: DelayedCall | None = None
         self._waiters: list[Deferred[None]] = []
+        self._delivered_waiters: dict[str, list[Deferred[None]]] = {}
         # DSNs built by deliveries (any thread), queued by the reactor thread.
         self._bounces: deque[tuple[str, str, list[str], bytes, str]] = deque()
         self._listening = False
@@ -160,6 +161,8 @@ class LocalDelivery(Service):
         self._queue.clear()
         self._queued.clear()
         self._fire_waiters()
+        for queue_id in list(self._delivered_waiters):
+            self._fire_delivered(queue_id)
 
     # -- observation -----------------------------------------------------------------------
 
@@ -175,6 +178,20 @@ class LocalDelivery(Service):
         d: Deferred[None] = Deferred()
         self._waiters.append(d)
         return d
+
+    def wait_delivered(self, queue_id: str) -> Deferred[None]:
+        """A Deferred that fires once the delivery attempt of ``queue_id`` (queued or in
+        flight) has finished (synchronous replication waits for it before SMTP's 250); at
+        once when it is neither."""
+        if queue_id not in self._queued and queue_id not in self._in_flight:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._delivered_waiters.setdefault(queue_id, []).append(d)
+        return d
+
+    def _fire_delivered(self, queue_id: str) -> None:
+        for d in self._delivered_waiters.pop(queue_id, []):
+            d.callback(None)
 
     def _fire_waiters(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -222,6 +239,7 @@ class LocalDelivery(Service):
             self._queue_bounce(queue_id, result).addBoth(self._finished, queue_id)
             return
         self._in_flight.discard(queue_id)
+        self._fire_delivered(queue_id)
         self._queue_bounces()
         if isinstance(result, Failure):  # pragma: no cover - _process_safely catches all
             log.failure("{queue_id} delivery failed", result, queue_id=queue_id)

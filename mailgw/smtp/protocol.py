@@ -187,6 +187,11 @@ class Role:
             size=envelope.size,
         )
 
+    def after_commit(self, session: Session, queue_id: str) -> Deferred[Any] | None:
+        """Something to wait for between the spool's commit and the ``250`` (synchronous
+        replication: the local delivery acknowledged by the DR replica); None: nothing."""
+        return None
+
     def unknown_command(self, session: Session, verb: str, argument: str) -> ReplyResult | None:
         """A verb the protocol does not know; None: ``500 5.5.2``."""
         return None
@@ -1110,8 +1115,17 @@ class SMTPServer(Protocol):
                 incoming.abort()
             return R.LOCAL_ERROR
 
+        def durable(reply: Reply) -> Reply | Deferred[Reply]:
+            if reply is not R.QUEUED or not queued:
+                return reply
+            wait = self.role.after_commit(s, queued[0])
+            if wait is None:
+                return reply
+            return wait.addBoth(lambda _: reply)
+
         def start() -> Deferred[Reply]:
-            return maybeDeferred(incoming.commit, envelope).addCallbacks(committed, failed)
+            d = maybeDeferred(incoming.commit, envelope).addCallbacks(committed, failed)
+            return d.addCallback(durable)
 
         def then(reply: Reply) -> None:
             if queued and reply is R.QUEUED:
