@@ -79,10 +79,10 @@ class ClientSubnet:
     network: Network
     option: dns.edns.ECSOption
 
-    def reply(self, scope: int) -> wire._OPTVariableOption:
+    def reply(self, scope: int) -> Any:
         """The option echoed in the answer with SCOPE PREFIX-LENGTH ``scope``."""
         option = dns.edns.ECSOption(self.option.address, self.option.srclen, scope)
-        return wire._OPTVariableOption(ECS_CODE, option.to_wire())
+        return _make(wire._OPTVariableOption, ECS_CODE, option.to_wire())
 
 
 def parse_client_subnet(data: bytes) -> ClientSubnet:
@@ -104,6 +104,11 @@ def parse_client_subnet(data: bytes) -> ClientSubnet:
         raise Malformed("client subnet address has bits set beyond its prefix")
     network = ipaddress.ip_network(f"{option.address}/{srclen}")
     return ClientSubnet(network, option)
+
+
+def _make(factory: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call one of twisted.names' constructors (records, OPT), which carry no type hints."""
+    return factory(*args, **kwargs)
 
 
 def type_label(qtype: int) -> str:
@@ -175,7 +180,7 @@ class _Answer:
         self.authority: list[wire.RRHeader] = []
         self.additional: list[wire.RRHeader] = []
         self.edns: Any = None  # the query's OPT (twisted.names' _OPTHeader)
-        self.ecs_reply: wire._OPTVariableOption | None = None
+        self.ecs_reply: Any = None  # twisted.names' _OPTVariableOption
         self.region_label = "none"
         self.type_label = "none"
 
@@ -221,7 +226,7 @@ class _Answer:
         if opts[0].name.name != b"":
             raise Malformed("OPT record not owned by the root")
         try:
-            self.edns = wire._OPTHeader.fromRRHeader(opts[0])
+            self.edns = _make(wire._OPTHeader.fromRRHeader, opts[0])
         except Exception as e:
             raise Malformed(f"OPT record: {e}") from None
         subnets = [o for o in self.edns.options or [] if o.code == ECS_CODE]
@@ -256,7 +261,8 @@ class _Answer:
         contact = data.hostmaster or f"hostmaster@{zone}"
         mname = data.nameservers[0].name if data.nameservers else zone
         ttl = min(data.ns_ttl, data.negative_ttl) if negative else data.ns_ttl
-        payload = wire.Record_SOA(
+        payload = _make(
+            wire.Record_SOA,
             mname=mname,
             rname=contact.replace("@", ".", 1),
             serial=data.serial,
@@ -272,9 +278,11 @@ class _Answer:
         out = []
         for address in addresses:
             if address.version == 4 and only in (0, wire.A):
-                out.append(self._rr(owner, wire.A, ttl, wire.Record_A(str(address), ttl)))
+                out.append(self._rr(owner, wire.A, ttl, _make(wire.Record_A, str(address), ttl)))
             elif address.version == 6 and only in (0, wire.AAAA):
-                out.append(self._rr(owner, wire.AAAA, ttl, wire.Record_AAAA(str(address), ttl)))
+                out.append(
+                    self._rr(owner, wire.AAAA, ttl, _make(wire.Record_AAAA, str(address), ttl))
+                )
         return out
 
     def _glue(self, names: list[str], zone: str, region: Region, ttl: int) -> list[Any]:
@@ -295,14 +303,14 @@ class _Answer:
             return
         owner, qtype, apex = question.name.name, question.type, name == zone
         if qtype == wire.ALL_RECORDS:
-            hinfo = wire.Record_HINFO(b"RFC8482", b"", data.ttl)
+            hinfo = _make(wire.Record_HINFO, b"RFC8482", b"", data.ttl)
             self.answers = [self._rr(owner, wire.HINFO, data.ttl, hinfo)]
         elif qtype == wire.SOA and apex:
             soa = self._soa(zone)
             self.answers = [self._rr(owner, wire.SOA, soa.ttl, soa.payload)]
         elif qtype == wire.NS and apex:
             self.answers = [
-                self._rr(owner, wire.NS, data.ns_ttl, wire.Record_NS(ns.name, data.ns_ttl))
+                self._rr(owner, wire.NS, data.ns_ttl, _make(wire.Record_NS, ns.name, data.ns_ttl))
                 for ns in data.nameservers
             ]
             names = [ns.name for ns in data.nameservers]
@@ -310,7 +318,10 @@ class _Answer:
         elif qtype == wire.MX and apex:
             self.answers = [
                 self._rr(
-                    owner, wire.MX, data.ttl, wire.Record_MX(mx.preference, mx.host.name, data.ttl)
+                    owner,
+                    wire.MX,
+                    data.ttl,
+                    _make(wire.Record_MX, mx.preference, mx.host.name, data.ttl),
                 )
                 for mx in region.mx
             ]
@@ -340,20 +351,23 @@ class _Answer:
             checkingDisabled=query.checkingDisabled,
         )
         out.queries = list(query.queries)
+        additional: list[Any] = []
         if not trunc:
             out.answers = list(self.answers)
             out.authority = list(self.authority)
-            out.additional = list(self.additional)
+            additional += self.additional
         if self.edns is not None:
             options = [self.ecs_reply] if self.ecs_reply is not None else []
-            opt = wire._OPTHeader(
+            opt = _make(
+                wire._OPTHeader,
                 udpPayloadSize=self.data.max_udp_size,
                 extendedRCODE=self.rcode >> 4,
                 version=0,
                 dnssecOK=self.edns.dnssecOK,
                 options=options,
             )
-            out.additional.append(opt)
+            additional.append(opt)  # twisted.names encodes it as the OPT pseudo-record
+        out.additional = additional
         return out
 
     def limit(self, udp: bool) -> int:
@@ -362,7 +376,8 @@ class _Answer:
             return TCP_MAX
         if self.edns is None:
             return UDP_PLAIN
-        return max(UDP_PLAIN, min(self.edns.udpPayloadSize, self.data.max_udp_size))
+        asked: int = self.edns.udpPayloadSize
+        return max(UDP_PLAIN, min(asked, self.data.max_udp_size))
 
     def encode(self, udp: bool) -> bytes:
         """The answer's bytes: whole, or (too long for ``limit``) with no records and TC=1."""

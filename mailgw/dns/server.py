@@ -63,30 +63,30 @@ class DNSStreamProtocol(Int16StringReceiver, TimeoutMixin):
             self.transport.loseConnection()
             return
         self._ip = ip
-        self.setTimeout(self.factory.idle_timeout)
+        self.setTimeout(self.factory.idle_timeout)  # type: ignore[no-untyped-call]
 
     def stringReceived(self, string: bytes) -> None:  # noqa: N802 (Twisted)
         if self._ip is None:
             return
-        self.resetTimeout()
+        self.resetTimeout()  # type: ignore[no-untyped-call]
         reply = self.factory.responder.respond(string, self._ip, udp=False)
         if reply is None:
             self.transport.loseConnection()
             return
-        self.sendString(reply)
+        self.sendString(reply)  # type: ignore[no-untyped-call]
 
     def timeoutConnection(self) -> None:  # noqa: N802 (Twisted)
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802 (Twisted)
-        self.setTimeout(None)
+        self.setTimeout(None)  # type: ignore[no-untyped-call]
         if self._ip is not None:
             ip, self._ip = self._ip, None
             if self.factory.counter is not None:
                 self.factory.counter.release(ip)
 
 
-class DNSStreamFactory(Factory):
+class DNSStreamFactory(Factory[DNSStreamProtocol]):
     """Builds ``DNSStreamProtocol``s sharing the role's responder and limits."""
 
     protocol = DNSStreamProtocol
@@ -99,7 +99,7 @@ class DNSStreamFactory(Factory):
         self.idle_timeout = idle_timeout
         self.counter = counter
 
-    def buildProtocol(self, addr: IAddress) -> DNSStreamProtocol:  # noqa: N802 (Twisted)
+    def buildProtocol(self, addr: IAddress | None) -> DNSStreamProtocol:  # noqa: N802 (Twisted)
         p = DNSStreamProtocol()
         p.factory = self
         return p
@@ -126,7 +126,9 @@ class UDPListenerService(service.Service):
             )
         except CannotListenError as e:
             reason = e.socketError
-            raise SystemExit(f"{self.where}: cannot listen on {self.description}: {reason}") from None
+            raise SystemExit(
+                f"{self.where}: cannot listen on {self.description}: {reason}"
+            ) from None
         host = self.port.getHost()
         log.info("dns listening on udp {host}:{port}", host=host.host, port=host.port)
 

@@ -252,7 +252,9 @@ def test_garbage_never_stops_the_server(node: MailgwServer) -> None:
     # A header followed by junk: FORMERR, not silence.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(5)
-        s.sendto(b"\xbe\xef\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07garbage", ("127.0.0.1", port))
+        s.sendto(
+            b"\xbe\xef\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x07garbage", ("127.0.0.1", port)
+        )
         reply, _ = s.recvfrom(65535)
         assert reply[:2] == b"\xbe\xef" and reply[3] & 0x0F == 1
     # TCP: junk framed and unframed, then a huge length prefix and a close.
@@ -280,8 +282,14 @@ def test_metrics_count_queries_by_region_type_and_rcode(node: MailgwServer) -> N
         for family in text_string_to_metric_families(body)
         for s in family.samples
     }
-    mx = ("mailgw_dns_queries_total", (("rcode", "NOERROR"), ("region", "domestic"), ("type", "MX")))
-    refused = ("mailgw_dns_queries_total", (("rcode", "REFUSED"), ("region", "none"), ("type", "A")))
+    mx = (
+        "mailgw_dns_queries_total",
+        (("rcode", "NOERROR"), ("region", "domestic"), ("type", "MX")),
+    )
+    refused = (
+        "mailgw_dns_queries_total",
+        (("rcode", "REFUSED"), ("region", "none"), ("type", "A")),
+    )
     assert samples[mx] >= 1 and samples[refused] >= 1
 
 
