@@ -145,11 +145,11 @@ class ZoneData:
 
     def names(self, zone: str) -> set[str]:
         """The names that own records in ``zone``: the apex, in-zone name servers and MX
-        gateways (of any region)."""
+        gateways (of any region); not those of a zone inside it."""
         out = {zone}
         hosts = [h.name for h in self.nameservers]
         hosts += [mx.host.name for r in self.regions.regions for mx in r.mx]
-        out.update(h for h in hosts if h == zone or h.endswith("." + zone))
+        out.update(h for h in hosts if self.zone_of(h) == zone)
         return out
 
     def exists(self, name: str, zone: str) -> bool:
@@ -160,15 +160,14 @@ class ZoneData:
     def host(self, name: str, region: Region) -> Host | None:
         """The addresses answered for ``name`` to a querier in ``region``: the region's own
         gateway of that name; else the first region's (a gateway name answers the same
-        everywhere unless regions give it different addresses); else a name server's."""
-        found = region.host(name)
-        if found is not None:
-            return found
-        for other in self.regions.regions:
-            found = other.host(name)
-            if found is not None:
+        everywhere unless regions give it different addresses); else a name server's. A
+        gateway or name server listed without addresses gives none (it is out of our zones,
+        or another region gives it addresses)."""
+        for candidate in (region, *self.regions.regions):
+            found = candidate.host(name)
+            if found is not None and found.addresses:
                 return found
         for ns in self.nameservers:
-            if ns.name == name:
+            if ns.name == name and ns.addresses:
                 return ns
         return None
