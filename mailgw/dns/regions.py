@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections.abc import Iterable, Sequence
@@ -152,10 +153,23 @@ class ZoneData:
         out.update(h for h in hosts if self.zone_of(h) == zone)
         return out
 
+    @functools.cached_property
+    def _nodes(self) -> frozenset[str]:
+        """Every node of every zone: names owning records and the names between them and
+        their apex (empty non-terminals); computed once per zone data."""
+        out: set[str] = set()
+        for zone in self.zones:
+            for name in self.names(zone):
+                while name != zone:
+                    out.add(name)
+                    name = name.partition(".")[2]
+                out.add(zone)
+        return frozenset(out)
+
     def exists(self, name: str, zone: str) -> bool:
         """Whether ``name`` is a node of ``zone``: it owns records, or a name below it does
         (an empty non-terminal: NODATA, not NXDOMAIN)."""
-        return any(n == name or n.endswith("." + name) for n in self.names(zone))
+        return self.zone_of(name) == zone and name in self._nodes
 
     def host(self, name: str, region: Region) -> Host | None:
         """The addresses answered for ``name`` to a querier in ``region``: the region's own
