@@ -60,7 +60,11 @@ def test_names_are_lowered_and_lose_the_final_dot(make_config: Callable[[str], C
             "dns_region:b",
             "not named in [dns] regions",
         ),
-        ("[dns]\nregions = a\n[dns_region:a]\nnetworks = 10.0.0.0/8\n", "dns_region:a:mx", "needs MX"),
+        (
+            "[dns]\nregions = a\n[dns_region:a]\nnetworks = 10.0.0.0/8\n",
+            "dns_region:a:mx",
+            "needs MX",
+        ),
         ("[dns]\nregions = a\n[dns_region:a]\nmx = 70000:m.test\n", "dns_region:a:mx", "above"),
         (
             "[dns]\nregions = a\n[dns_region:a]\nnetworks = x\nmx = m.test\n",
