@@ -157,7 +157,6 @@ class DNSRole:
         self._zone_data = zone_data
         self.responder = Responder(zone_data(config))
         self.stream = DNSStreamFactory(self.responder, config.dns.idle_timeout, counter)
-        self.datagram = DNSDatagramProtocol(self.responder)
 
     def reconfigure(self, config: Config) -> None:
         """Answer from ``config`` from now on (the listeners stay: they need a restart)."""
@@ -170,8 +169,9 @@ class DNSRole:
         where = f"{self.config.path}:dns:listen"
         out: list[service.IService] = []
         for description in self.config.dns.listen:
-            if description.startswith("udp:"):
-                out.append(UDPListenerService(self.reactor, description, self.datagram, where))
+            if description.startswith("udp:"):  # a protocol per port (its transport)
+                datagram = DNSDatagramProtocol(self.responder)
+                out.append(UDPListenerService(self.reactor, description, datagram, where))
             else:
                 out.append(ListenerService(self.reactor, description, self.stream, where))
         return out

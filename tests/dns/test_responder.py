@@ -250,3 +250,10 @@ def test_metrics(responder: Responder) -> None:
     assert count("none", "A", "REFUSED") == before[1] + 1
     assert count("overseas", "AAAA", "NXDOMAIN") == before_nx + 1
     assert type_label(255) == "ANY" and type_label(252) == "AXFR" and type_label(65000) == "other"
+
+
+def test_compression_pointer_loops_are_formerr(responder: Responder) -> None:
+    header = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    for name in (b"\xc0\x0c", b"\xc0\x0e\xc0\x0c", b"\xc0\xff"):
+        out = responder.respond(header + name + b"\x00\x01\x00\x01", "127.0.0.1", True)
+        assert out is not None and out[:2] == b"\x12\x34" and out[3] & 0x0F == 1

@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 
 from mailgw.config import Config
-from mailgw.dns.server import DNSRole, UDPListenerService
+from mailgw.dns.server import DNSDatagramProtocol, DNSRole, UDPListenerService
 from mailgw.net.limits import ConnectionCounter
 from mailgw.net.listen import ListenerService
 from mailgw.testing.fakes import peer_address
@@ -111,10 +111,11 @@ class Written:
 
 def test_udp_answers_the_sender(role: DNSRole) -> None:
     transport = Written()
-    role.datagram.transport = transport  # type: ignore[assignment]
+    datagram = DNSDatagramProtocol(role.responder)
+    datagram.transport = transport  # type: ignore[assignment]
     q = dns.message.make_query("example.test", "MX")
-    role.datagram.datagramReceived(q.to_wire(), ("127.0.0.1", 5353))
-    role.datagram.datagramReceived(b"\x00\x01", ("127.0.0.1", 5354))  # not answered
+    datagram.datagramReceived(q.to_wire(), ("127.0.0.1", 5353))
+    datagram.datagramReceived(b"\x00\x01", ("127.0.0.1", 5354))  # not answered
     ((data, addr),) = transport.sent
     assert addr == ("127.0.0.1", 5353) and dns.message.from_wire(data).id == q.id
 
@@ -161,7 +162,9 @@ def test_services_one_per_listen_description(
         (5300, "127.0.0.1"),
         (5301, ""),
     ]
-    assert reactor.udpServers[0][1] is role.datagram
+    first, second = reactor.udpServers[0][1], reactor.udpServers[1][1]
+    assert first is not second  # a protocol per port, one responder
+    assert first.responder is second.responder is role.responder
     assert reactor.tcpServers[0][0] == 5300
 
 

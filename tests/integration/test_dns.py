@@ -36,7 +36,10 @@ def overrides(dns_port: int, http_port: int) -> dict[str, dict[str, str]]:
     return {
         "dns": {
             "enabled": "yes",
-            "listen": f"udp:{dns_port}:interface=127.0.0.1 tcp:{dns_port}:interface=127.0.0.1",
+            "listen": (
+                f"udp:{dns_port}:interface=127.0.0.1 tcp:{dns_port}:interface=127.0.0.1"
+                f" udp:{dns_port}:interface=::1 tcp6:{dns_port}:interface=\\:\\:1"
+            ),
             "zones": "example.test mail.example.net",
             "nameservers": "ns1.example.test=127.0.0.1 ns.elsewhere.example",
             "regions": "domestic overseas bulk",
@@ -48,7 +51,7 @@ def overrides(dns_port: int, http_port: int) -> dict[str, dict[str, str]]:
             "max_udp_size": "4096",
         },
         "dns_region:domestic": {
-            "networks": "127.0.0.1/32 10.0.0.0/8",
+            "networks": "127.0.0.1/32 10.0.0.0/8 ::1/128",
             "mx": "mx.example.test=192.0.2.1 20:mx-cn2.example.test=192.0.2.2,2001:db8::2",
         },
         "dns_region:overseas": {
@@ -125,6 +128,16 @@ def test_mx_and_a_depend_on_the_querier_address(node: MailgwServer) -> None:
     assert addresses(a_cn) == {"192.0.2.1"} and addresses(a_os) == {"198.51.100.1"}
     aaaa = udp(node, dns.message.make_query("mx-cn2.example.test", "AAAA"), "127.0.0.2")
     assert addresses(aaaa) == {"2001:db8::2"}  # only the domestic region has it: same answer
+
+
+def test_ipv6_listeners_and_querier(node: MailgwServer) -> None:
+    port = node.ports["dns"]
+    q = dns.message.make_query("example.test", "MX")
+    for answer in (
+        dns.query.udp(q, "::1", port=port, timeout=10),
+        dns.query.tcp(q, "::1", port=port, timeout=10),
+    ):
+        assert mx_of(answer) == [(10, "mx.example.test."), (20, "mx-cn2.example.test.")]
 
 
 def test_client_subnet_from_a_trusted_resolver_chooses_the_region(node: MailgwServer) -> None:
