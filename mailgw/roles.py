@@ -472,6 +472,18 @@ def _build_imap_workers(node: Node) -> Any:
     return pool
 
 
+def _build_dns(node: Node) -> Any:
+    """The smart DNS: authoritative MX and A/AAAA by the querier's region (``mailgw.dns``)."""
+    from mailgw.dns.server import DNSRole
+
+    return DNSRole(node.config, node.reactor, node.counters["dns"])
+
+
+def _dns_services(node: Node, part: Any) -> list[IService]:
+    """The UDP and TCP listeners of ``[dns] listen``."""
+    return list(part.services())
+
+
 def _build_http(node: Node) -> Any:
     """Metrics, health and (mounted later) the admin API and webmail: ``mailgw.http``."""
     from mailgw.http.setup import build_http
@@ -537,6 +549,7 @@ ROLES = RoleRegistry(
             listens=True,
             enabled=lambda config: config.imap.enabled and _imap_workers(config) > 0,
         ),
+        RoleSpec("dns", "dns", _build_dns, _dns_services, listens=True),
         RoleSpec("replication", "replication", _build_replication, _one),
         # Last: it reads the other roles' parts (relay, IMAP workers) and services (/readyz).
         RoleSpec(

@@ -28,6 +28,9 @@ ALL_ON = (
     "[store]\ntier2_dir = tier2\n"
     "[http]\nenabled = yes\nlisten = tcp:0:interface=127.0.0.1\n"
     "listen_tls = tcp:0:interface=127.0.0.1\n"
+    "[dns]\nenabled = yes\nlisten = udp:0:interface=127.0.0.1 tcp:0:interface=127.0.0.1\n"
+    "zones = example.test\nnameservers = ns1.example.test=127.0.0.1\nregions = all\n"
+    "[dns_region:all]\nmx = mx.example.test=192.0.2.1\n"
     "[replication]\nenabled = yes\nsecret_file = replication.secret\n"
 )
 
@@ -60,7 +63,7 @@ def test_every_config_section_with_a_role_is_registered() -> None:
         if "enabled" in {f.name for f in dataclasses.fields(cls)}
     }
     checks = {"antivirus", "inbound_auth"}  # switch on checks in roles' pipelines, not roles
-    roles = {"delivery", "mx", "pop3", "imap", "relay", "submission", "http", "replication"}
+    roles = {"delivery", "mx", "pop3", "imap", "relay", "submission", "http", "replication", "dns"}
     assert switchable - checks == roles
     assert switchable - checks <= {role.section for role in ROLES}
     for role in ROLES:
@@ -79,6 +82,7 @@ def test_the_registry_is_consistent() -> None:
         "mx",
         "submission",
         "pop3",
+        "dns",
         "imap",
         "imap-workers",
         "replication",
@@ -105,12 +109,13 @@ def test_the_node_runs_the_services_of_its_enabled_roles_in_registry_order(
         "pop3": 2,
         "imap": 2,
         "replication": 1,
+        "dns": 2,  # UDP and TCP
         "http": 3,  # the metrics collector's service, HTTP and HTTPS
     }
     assert node.delivery is node.parts["delivery"] and node.relay is node.parts["relay"]
     assert node.delivery.relay is node.relay  # delivery uses the relay: built after it
     assert node.submission_policy.can_send_outside
-    assert set(node.counters) == {"mx", "submission", "pop3", "imap", "http"}
+    assert set(node.counters) == {"mx", "submission", "pop3", "imap", "http", "dns"}
     assert node.parts["http"].collector.workers is None  # IMAP in this process
 
 
@@ -124,6 +129,7 @@ def test_the_node_runs_the_services_of_its_enabled_roles_in_registry_order(
         ("relay", {"relay"}),
         ("store", {"migration"}),
         ("http", {"http"}),
+        ("dns", {"dns"}),
     ],
 )
 def test_a_role_disabled_in_the_config_builds_nothing(

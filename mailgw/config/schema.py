@@ -6,6 +6,7 @@ import configparser
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -819,13 +820,203 @@ class ReplicationConfig:
     )
 
 
-_PREFIXED: dict[str, type] = {"channel": ChannelConfig, "route": RouteConfig}
+# -- smart DNS (issue 15) ------------------------------------------------------------------
+
+_HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+_UDP_LISTEN = re.compile(r"udp:(\d{1,5})(?::interface=([^:]+|\[[^\]]+\]|[0-9a-fA-F:]+))?")
+
+
+def dns_name(s: str) -> str:
+    """A host or zone name: lower case, no trailing dot, letters/digits/-/_ labels."""
+    name = s.strip().lower().rstrip(".")
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_HOST_LABEL.fullmatch(lab) for lab in labels):
+        raise ValueError(f"not a DNS name: {s!r}")
+    return name
+
+
+def _dns_names(s: str) -> tuple[str, ...]:
+    return tuple(dns_name(word) for word in s.split())
+
+
+def _ip(word: str, what: str) -> str:
+    try:
+        return str(ipaddress.ip_address(word.strip("[]")))
+    except ValueError:
+        raise ValueError(f"{what}: not an IP address: {word!r}") from None
+
+
+def _dns_hosts(s: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``NAME[=ADDR,ADDR...]`` words -> ((name, (addr, ...)), ...)."""
+    out = []
+    for word in s.split():
+        name, _, addrs = word.partition("=")
+        host = dns_name(name)
+        out.append((host, tuple(_ip(a, host) for a in addrs.split(",") if a)))
+    return tuple(out)
+
+
+def _dns_mx(s: str) -> tuple[tuple[int, str, tuple[str, ...]], ...]:
+    """``[PREF:]NAME[=ADDR,ADDR...]`` words -> ((preference, name, (addr, ...)), ...); the
+    preference defaults to 10."""
+    out = []
+    for word in s.split():
+        pref_text, colon, rest = word.partition(":")
+        if colon and pref_text.isdigit():
+            pref = int(pref_text)
+            if pref > 65535:
+                raise ValueError(f"MX preference above 65535: {word!r}")
+        else:
+            pref, rest = 10, word
+        ((host, addrs),) = _dns_hosts(rest)
+        out.append((pref, host, addrs))
+    return tuple(out)
+
+
+def _dns_region_names(s: str) -> tuple[str, ...]:
+    names = tuple(s.split())
+    for n in names:
+        if not all(c.isalnum() or c in "-_" for c in n):
+            raise ValueError(f"a region name may use letters, digits, - and _: {n!r}")
+    if len(set(names)) != len(names):
+        raise ValueError("a region is named twice")
+    return names
+
+
+def parse_udp_listen(description: str) -> tuple[int, str]:
+    """``udp:PORT[:interface=ADDR]`` -> (port, interface; "" for every address)."""
+    m = _UDP_LISTEN.fullmatch(description)
+    if not m or not 0 <= int(m.group(1)) <= 65535:
+        raise ValueError(f"expected udp:PORT:interface=ADDRESS, got {description!r}")
+    interface = m.group(2) or ""
+    if interface:
+        interface = _ip(interface, "interface")
+    return int(m.group(1)), interface
+
+
+def _dns_listen(s: str) -> tuple[str, ...]:
+    words = tuple(s.split())
+    for word in words:
+        if word.startswith("udp:"):
+            parse_udp_listen(word)
+        elif not word.startswith("tcp"):
+            raise ValueError(f"expected udp:... or tcp:... listeners, got {word!r}")
+    return words
+
+
+def _mailbox(s: str) -> str:
+    """Empty or ``local@domain`` with no dot in ``local`` (the SOA RNAME)."""
+    s = s.strip().lower()
+    if s:
+        local, at, domain = s.partition("@")
+        if not at or not local or not all(c.isalnum() or c in "-_+" for c in local):
+            raise ValueError(f"expected an address like hostmaster@example.com, got {s!r}")
+        dns_name(domain)
+    return s
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    """[dns] the smart DNS role: authoritative for the mail zones, MX by querier region."""
+
+    enabled: bool = key("no", v.parse_bool, "Run the DNS role.")
+    listen: tuple[str, ...] = key(
+        "udp:8053:interface=127.0.0.1 tcp:8053:interface=127.0.0.1",
+        _dns_listen,
+        "UDP (udp:PORT:interface=ADDR) and TCP listeners (production: port 53).",
+    )
+    zones: tuple[str, ...] = key(
+        "", _dns_names, "Zones answered authoritatively (the mail domains); others: REFUSED."
+    )
+    nameservers: tuple[tuple[str, tuple[str, ...]], ...] = key(
+        "",
+        _dns_hosts,
+        "NS of every zone: NAME[=ADDR,ADDR] (addresses for names inside a zone: glue, A/AAAA).",
+    )
+    hostmaster: str = key(
+        "", _mailbox, "SOA contact (local part without dots); empty: hostmaster@ZONE."
+    )
+    regions: tuple[str, ...] = key(
+        "", _dns_region_names, "Region names, each with a [dns_region:NAME] section."
+    )
+    default_region: str = key(
+        "", _text, "Region of a querier no region's networks match; empty: the last region."
+    )
+    ecs_trusted: tuple[Network, ...] = key(
+        "",
+        v.parse_networks,
+        "Resolvers whose EDNS Client Subnet option chooses the region; others: their address.",
+    )
+    ttl: int = key("5m", lambda s: int(v.parse_duration(s)), "TTL of MX, A and AAAA answers.")
+    ns_ttl: int = key("1d", lambda s: int(v.parse_duration(s)), "TTL of SOA and NS records.")
+    negative_ttl: int = key(
+        "5m", lambda s: int(v.parse_duration(s)), "SOA minimum: how long NXDOMAIN is cached."
+    )
+    max_udp_size: int = key(
+        "1232", v.parse_positive_int, "Largest UDP answer with EDNS (512 without); more: TC."
+    )
+    max_connections: int = key("100", v.parse_positive_int, "Concurrent DNS TCP connections.")
+    max_connections_per_ip: int = key(
+        "10", v.parse_positive_int, "Concurrent DNS TCP connections from one address."
+    )
+    idle_timeout: float = key("10s", v.parse_duration, "Close an idle DNS TCP connection.")
+
+
+@dataclass(frozen=True)
+class DNSRegionConfig:
+    """[dns_region:NAME] one region: who is in it, and the MX gateways it is given."""
+
+    name: str = key("", _text, "(the NAME of the section)")
+    networks: tuple[Network, ...] = key(
+        "", v.parse_networks, "Querier networks of the region (longest prefix wins)."
+    )
+    mx: tuple[tuple[int, str, tuple[str, ...]], ...] = key(
+        "",
+        _dns_mx,
+        "MX gateways: [PREF:]NAME[=ADDR,ADDR] (PREF default 10; addresses answer A/AAAA).",
+    )
+
+
+def _check_dns(config: Config) -> None:
+    from mailgw.net.listen import ListenError, parse_listen
+
+    dns = config.dns
+    for description in dns.listen:
+        if not description.startswith("udp:"):
+            try:
+                parse_listen(description)
+            except ListenError as e:
+                raise ConfigError(config.path, "dns", "listen", str(e)) from None
+    sections = {r.name for r in config.dns_regions}
+    for name in dns.regions:
+        if name not in sections:
+            raise ConfigError(config.path, "dns", "regions", f"no [dns_region:{name}] section")
+    for region in config.dns_regions:
+        if region.name not in dns.regions:
+            raise ConfigError(
+                config.path, f"dns_region:{region.name}", None, "not named in [dns] regions"
+            )
+        if not region.mx:
+            raise ConfigError(config.path, f"dns_region:{region.name}", "mx", "needs MX hosts")
+    if dns.default_region and dns.default_region not in dns.regions:
+        raise ConfigError(config.path, "dns", "default_region", "not named in [dns] regions")
+    if dns.enabled:
+        for k in ("zones", "nameservers", "regions"):
+            if not getattr(dns, k):
+                raise ConfigError(config.path, "dns", k, "needed when [dns] enabled")
+
+
+_PREFIXED: dict[str, type] = {
+    "channel": ChannelConfig,
+    "route": RouteConfig,
+    "dns_region": DNSRegionConfig,
+}
 
 
 def _prefixed_sections(parser: configparser.ConfigParser, path: str) -> dict[str, Any]:
     """``[channel:NAME]`` and ``[route:NAME]`` sections, in file order, validated."""
     base = os.path.dirname(path)
-    out: dict[str, list[Any]] = {"channel": [], "route": []}
+    out: dict[str, list[Any]] = {prefix: [] for prefix in _PREFIXED}
     for section in parser.sections():
         prefix, colon, name = section.partition(":")
         if not colon or prefix not in _PREFIXED:
@@ -856,7 +1047,11 @@ def _prefixed_sections(parser: configparser.ConfigParser, path: str) -> dict[str
         if prefix == "route" and not value.channels:
             raise ConfigError(path, section, "channels", "a route needs channels")
         out[prefix].append(value)
-    return {"channels": tuple(out["channel"]), "routes": tuple(out["route"])}
+    return {
+        "channels": tuple(out["channel"]),
+        "routes": tuple(out["route"]),
+        "dns_regions": tuple(out["dns_region"]),
+    }
 
 
 def _check_routes(config: Config) -> None:
@@ -946,6 +1141,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     antivirus: AntivirusConfig = field(default_factory=AntivirusConfig)
     inbound_auth: InboundAuthConfig = field(default_factory=InboundAuthConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    dns_regions: tuple[DNSRegionConfig, ...] = ()
     replication: ReplicationConfig = ReplicationConfig()
 
     @property
@@ -969,6 +1166,7 @@ _SECTIONS: dict[str, type] = {
     "antivirus": AntivirusConfig,
     "inbound_auth": InboundAuthConfig,
     "policy": PolicyConfig,
+    "dns": DNSConfig,
     "http": HTTPConfig,
     "replication": ReplicationConfig,
 }
@@ -1038,6 +1236,7 @@ def load(path: str) -> Config:
     _check_tls(config)
     _check_listeners(config)
     _check_replication(config)
+    _check_dns(config)
     return config
 
 
