@@ -82,9 +82,9 @@ def test_the_registry_is_consistent() -> None:
         "mx",
         "submission",
         "pop3",
-        "dns",
         "imap",
         "imap-workers",
+        "dns",
         "replication",
         "http",
     ]
