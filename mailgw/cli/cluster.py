@@ -63,9 +63,7 @@ def cmd_user_move(ctx: Context, args: argparse.Namespace) -> None:
             raise Failure(f"{user} is on {args.node} already")
         source_config = ctx.config
         if (source_config.cluster.node_name or source_config.server.hostname) != current:
-            raise Failure(
-                f"{user} is on {current}: run this with the config of node {current}"
-            )
+            raise Failure(f"{user} is on {current}: run this with the config of node {current}")
         target_config = load(args.target_config)
         if (target_config.cluster.node_name or target_config.server.hostname) != args.node:
             raise Failure(f"{args.target_config} is not the config of node {args.node}")

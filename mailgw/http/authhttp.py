@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -105,7 +105,8 @@ class AuthHTTP(Resource):
         if protocol == "smtp":
             if self.servers.smtp is None:
                 raise LookupError("no SMTP submission server configured")
-            return maybeDeferred(lambda: (user, *self.servers.smtp))  # type: ignore[misc]
+            ip, port = self.servers.smtp
+            return succeed((user, ip, port))
         table = self.servers.imap if protocol == "imap" else self.servers.pop3
 
         def pick(node: str | None) -> tuple[str, str, int]:

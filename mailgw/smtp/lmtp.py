@@ -143,7 +143,7 @@ class LMTPServer(SMTPServer):
 
     greeting = "LMTP mailgw"
     role: LMTPRole
-    factory: LMTPFactory | None  # type: ignore[assignment]
+    factory: LMTPFactory | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -172,15 +172,9 @@ class LMTPServer(SMTPServer):
         if d.too_long or d.too_big or d.nul:
             count = len(self.session.recipients)
             reply = (
-                R.MESSAGE_TOO_BIG
-                if d.too_big
-                else R.NUL_IN_DATA
-                if d.nul
-                else R.DATA_LINE_TOO_LONG
+                R.MESSAGE_TOO_BIG if d.too_big else R.NUL_IN_DATA if d.nul else R.DATA_LINE_TOO_LONG
             )
-            text = (
-                reply.text.format(limit=self.limits.max_line_length) if d.too_long else None
-            )
+            text = reply.text.format(limit=self.limits.max_line_length) if d.too_long else None
             self._mode = _COMMAND
             self._abort_incoming()
             self.session.reset_transaction()

@@ -918,9 +918,9 @@ class SMTPServer(Protocol):
         login = values.get("LOGIN")
         if login is not None:
             s.authenticated = None if login.upper() in unavailable or not login else login
-        name = values.get("NAME")
-        if name is not None:
-            s.client_name = "" if name.upper() in unavailable else name
+        host_name = values.get("NAME")
+        if host_name is not None:
+            s.client_name = "" if host_name.upper() in unavailable else host_name
         log.info(
             "{sid} XCLIENT from {proxy}: client={peer} name={name} login={login}",
             sid=s.session_id,

@@ -19,9 +19,9 @@ NGINX_MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
 
 
 def have_peers() -> bool:
-    return bool(shutil.which("haproxy") and shutil.which("nginx")) and Path(
-        NGINX_MAIL_MODULE
-    ).exists()
+    return (
+        bool(shutil.which("haproxy") and shutil.which("nginx")) and Path(NGINX_MAIL_MODULE).exists()
+    )
 
 
 class Peer:
@@ -183,9 +183,7 @@ def start_cluster(root: Path) -> Cluster:
             server.start()
             wait_for_port("127.0.0.1", p[f"{name}-http"], proc=server.proc)
             wait_for_port("127.0.0.1", p[f"{name}-submission"], proc=server.proc)
-        servers = "\n".join(
-            f"    server {g} 127.0.0.1:{p[f'{g}-mx']}" for g in ("gw1", "gw2")
-        )
+        servers = "\n".join(f"    server {g} 127.0.0.1:{p[f'{g}-mx']}" for g in ("gw1", "gw2"))
         cfg = root / "haproxy.cfg"
         cfg.write_text(HAPROXY_CFG.format(front=p["haproxy"], servers=servers))
         haproxy = Peer("haproxy", ["haproxy", "-db", "-f", str(cfg)], root / "haproxy.log")

@@ -31,9 +31,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.stop()
 
 
-def message(
-    subject: str, to: str = f"alice@{DOMAIN}", sender: str = "sender@remote.test"
-) -> bytes:
+def message(subject: str, to: str = f"alice@{DOMAIN}", sender: str = "sender@remote.test") -> bytes:
     return (
         f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
         f"Message-ID: <{subject}@remote.test>\r\n\r\nbody of {subject}\r\n"
@@ -128,16 +126,20 @@ def test_imap_and_pop3_through_nginx_reach_the_users_backend(cluster: Cluster) -
         pop.quit()
 
     # A wrong password: nginx relays the refusal (auth_http said Invalid login).
-    with imaplib.IMAP4("127.0.0.1", cluster.ports["nginx-imap"]) as m:
-        with pytest.raises(imaplib.IMAP4.error):
-            m.login(f"bob@{DOMAIN}", "wrong password")
+    with (
+        imaplib.IMAP4("127.0.0.1", cluster.ports["nginx-imap"]) as m,
+        pytest.raises(imaplib.IMAP4.error),
+    ):
+        m.login(f"bob@{DOMAIN}", "wrong password")
 
 
 def test_smtp_submission_through_nginx_uses_xclient(cluster: Cluster) -> None:
     with smtplib.SMTP("127.0.0.1", cluster.ports["nginx-smtp"], timeout=15) as s:
         s.ehlo("client.test")
         s.login(f"carol@{DOMAIN}", "carol password")
-        s.sendmail(f"carol@{DOMAIN}", [f"alice@{DOMAIN}"], message("from-carol", sender=f"carol@{DOMAIN}"))
+        s.sendmail(
+            f"carol@{DOMAIN}", [f"alice@{DOMAIN}"], message("from-carol", sender=f"carol@{DOMAIN}")
+        )
     wait_until(lambda: "from-carol" in maildir_subjects(cluster, "be1", "alice"), what="carol")
     logs = cluster.gateways["gw1"].log() + cluster.gateways["gw2"].log()
     assert "XCLIENT from 127.0.0.1" in logs and "login=carol@example.test" in logs
@@ -207,7 +209,9 @@ def test_user_move_keeps_all_mail(cluster: Cluster) -> None:
     for i in range(5):
         send_via_haproxy(cluster, f"before-move-{i}", user)
     wait_until(
-        lambda: {f"before-move-{i}" for i in range(5)} <= set(maildir_subjects(cluster, "be1", "alice")),
+        lambda: (
+            {f"before-move-{i}" for i in range(5)} <= set(maildir_subjects(cluster, "be1", "alice"))
+        ),
         what="mail before the move",
     )
     before = set(imap_subjects(cluster, "be1", "alice"))
