@@ -39,13 +39,17 @@ def cmd_user_node(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def _store(config: Any, directory: Any) -> Any:
+    """A node's store, with its tier 2 (a message there is read from its blobs; copies are
+    written to the target's tier 1, where its own migration policy applies)."""
     from mailgw.store import MessageStore
+    from mailgw.store.migration import tier2_from_config
 
     return MessageStore(
         root=os.path.join(config.server.data_dir, "mail"),
         quota_for=lambda _: None,  # a move copies what is there: no quota refusal halfway
         default_folders=(),
         hostname=config.server.hostname,
+        tier2=tier2_from_config(config.server.data_dir, config.store),
     )
 
 
