@@ -31,7 +31,7 @@ def test_trusted_proxy_sets_the_client_address_and_greets_again() -> None:
     assert c.codes("Subject: x\r\n\r\nx\r\n.\r\n") == ["250"]
     env, content = h.messages[0]
     assert env.client_address == "198.51.100.7"
-    assert b"[198.51.100.7]" in content.split(b"\r\n\r\n")[0]
+    assert b"(client.example [198.51.100.7])" in content.split(b"\r\n\r\n")[0]
     # EHLO after XCLIENT no longer offers it (the client is not the proxy) but the proxy's
     # own address still decides.
     assert c.protocol.session.client_ip == "198.51.100.7"
