@@ -247,6 +247,7 @@ def _build_relay(node: Node) -> Any:
             mailbox_map.held,
             {name: (host, port) for name, host, port in cluster.mailbox_nodes},
             cluster.move_hold_retry,
+            cluster.lmtp_source_address or None,
         )
     return relay
 

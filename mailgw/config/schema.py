@@ -870,6 +870,16 @@ class TrackingConfig:
     )
 
 
+def _ip_or_empty(text: str) -> str:
+    text = text.strip()
+    if text:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise ValueError(f"not an IP address: {text!r}") from None
+    return text
+
+
 def _host_port(text: str) -> str:
     """Empty or ``IP:PORT``."""
     text = text.strip()
@@ -942,6 +952,12 @@ class ClusterConfig:
     )
     move_hold_retry: float = key(
         "5s", v.parse_duration, "Retry time of mail held for a user being moved to another node."
+    )
+    lmtp_source_address: str = key(
+        "",
+        _ip_or_empty,
+        "Source IP of this gateway's LMTP connections (what the backends' [lmtp] trusted"
+        " lists); empty: the system's choice.",
     )
     imap_servers: tuple[tuple[str, str, int], ...] = key(
         "",

@@ -117,6 +117,8 @@ class MailboxRouting:
     held: Callable[[str], bool]
     nodes: dict[str, tuple[str, int]]
     hold_retry: float = 5.0
+    bind_address: str | None = None
+    """Source address of the LMTP connections (None: the system's choice)."""
 
 
 MEMORY_SEND_LIMIT = 256 * 1024
@@ -479,7 +481,11 @@ class RelayScheduler(Service):
             data=job.data,
         )
         options = ClientOptions(
-            helo=self.hostname, tls="none", timeouts=self.settings.timeouts, lmtp=True
+            helo=self.hostname,
+            tls="none",
+            timeouts=self.settings.timeouts,
+            lmtp=True,
+            bind_address=mailboxes.bind_address,
         )
         host, port = address
         result = await self.deliver_fn(

@@ -111,3 +111,27 @@ def test_a_failed_copy_releases_the_hold_and_keeps_the_node(tmp_path: Path) -> N
         move_mailbox(user, "be2", m, Broken(), Broken(), sleep=lambda s: None)
     assert m.get(user) == "be1" and not m.held(user)
     assert m.events[-1] == "held=False"
+
+
+def test_cluster_config_values(tmp_path: Path) -> None:
+    from mailgw.config import ConfigError, load
+
+    path = tmp_path / "m.ini"
+    path.write_text(
+        "[cluster]\nnode_name = gw1\nmailbox_nodes = be1=127.0.0.2:8024 be2=[::1]:8024\n"
+        "lmtp_source_address = 127.0.0.11\nsmtp_server = 127.0.0.11:10587\n"
+    )
+    c = load(str(path)).cluster
+    assert c.mailbox_nodes == (("be1", "127.0.0.2", 8024), ("be2", "::1", 8024))
+    assert c.lmtp_source_address == "127.0.0.11"
+    for bad in (
+        "mailbox_nodes = be1",
+        "mailbox_nodes = be1=127.0.0.2",
+        "mailbox_nodes = be1=127.0.0.2:0",
+        "mailbox_nodes = be1=h:1 be1=h:2",
+        "lmtp_source_address = gw1",
+        "smtp_server = 127.0.0.1",
+    ):
+        path.write_text(f"[cluster]\n{bad}\n")
+        with pytest.raises(ConfigError):
+            load(str(path))

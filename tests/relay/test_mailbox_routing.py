@@ -120,3 +120,29 @@ def test_lookup_failure_defers(env: Env) -> None:
     assert env.deliver.calls == []
     m = env.spool.load(qid)
     assert m.state == "retry" and "lookup failed" in m.envelope.last_error
+
+
+def test_lmtp_options_and_source_address(tmp_path: Path) -> None:
+    e = Env(tmp_path)
+    seen: list[object] = []
+    inner = e.deliver
+
+    def deliver(reactor, tx, targets, options, pool, key, max_targets):  # type: ignore[no-untyped-def]
+        seen.append(options)
+        return inner(reactor, tx, targets, options, pool, key, max_targets)
+
+    e.relay.deliver_fn = deliver
+    routing = Routing()
+    e.relay.mailboxes = MailboxRouting(
+        routing.node_of, lambda r: False, NODES, bind_address="127.0.0.11"
+    )
+    e.relay.startService()
+    try:
+        e.relay.handover(e.queue(["alice@example.test"]))
+        [options] = seen
+        assert options.lmtp and options.tls == "none"  # type: ignore[attr-defined]
+        assert options.bind_address == "127.0.0.11"  # type: ignore[attr-defined]
+        assert options.helo == "mail.example.test"  # type: ignore[attr-defined]
+    finally:
+        e.relay.stopService()
+        e.spool.close()
