@@ -8,11 +8,14 @@ from __future__ import annotations
 import email
 import imaplib
 import os
+import poplib
 import shutil
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,6 +67,10 @@ def example(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
         subprocess.run([script, "stop"], env=env, timeout=120, capture_output=True)
 
 
+def mail(sender: str, subject: str) -> bytes:
+    return f"From: {sender}@example.test\r\nSubject: {subject}\r\n\r\nhi\r\n".encode()
+
+
 def subjects_via_nginx(user: str) -> list[str]:
     with imaplib.IMAP4("127.0.0.10", 8143) as m:
         m.login(f"{user}@example.test", f"{user} password")
@@ -90,6 +97,32 @@ def test_the_example_cluster_runs(example: tuple[Path, dict[str, str]]) -> None:
     alice = list((folder / "run" / "be1" / "mail" / "example.test" / "alice").glob("new/*"))
     assert alice and b"[127.0.0.99]" in alice[0].read_bytes()
     assert list((folder / "run" / "be2" / "mail" / "example.test" / "bob").glob("new/*"))
+    # Submission: through HAProxy (STARTTLS on 8587, TLS on 8465) and through nginx (8588).
+    insecure = ssl._create_unverified_context()
+    with smtplib.SMTP("127.0.0.10", 8587, timeout=15) as s:
+        s.starttls(context=insecure)
+        s.login("bob@example.test", "bob password")
+        s.sendmail("bob@example.test", ["alice@example.test"], mail("bob", "via 587"))
+    with smtplib.SMTP_SSL("127.0.0.10", 8465, timeout=15, context=insecure) as s:
+        s.login("bob@example.test", "bob password")
+        s.sendmail("bob@example.test", ["alice@example.test"], mail("bob", "via 465"))
+    with smtplib.SMTP("127.0.0.10", 8588, timeout=15) as s:
+        s.login("alice@example.test", "alice password")
+        s.sendmail("alice@example.test", ["bob@example.test"], mail("alice", "via nginx"))
+    wait_until(
+        lambda: {"via 587", "via 465"} <= set(subjects_via_nginx("alice")), what="submissions"
+    )
+    wait_until(lambda: "via nginx" in subjects_via_nginx("bob"), what="nginx submission")
+    pop = poplib.POP3("127.0.0.10", 8110, timeout=15)
+    try:
+        pop.user("bob@example.test")
+        pop.pass_("bob password")
+        assert pop.stat()[0] == 2
+    finally:
+        pop.quit()
+    # The webmail's HTTP proxy reaches a gateway's http role.
+    with urllib.request.urlopen("http://127.0.0.10:8880/healthz", timeout=15) as r:
+        assert r.status == 200
     status = subprocess.run(
         [str(folder / "start.sh"), "status"], env=env, capture_output=True, text=True, check=True
     ).stdout
