@@ -20,7 +20,13 @@ from mailgw.config import Config, ConfigError
 from mailgw.config.reload import ReloadableConfig, ReloadResult
 from mailgw.net.listen import ListenerService, parse_listen, wrap_factory
 from mailgw.roles import ROLES, RoleRegistry
-from mailgw.runtime.process import ServerTLSSet, build_directory, build_store, io_pool
+from mailgw.runtime.process import (
+    ServerTLSSet,
+    build_directory,
+    build_mailbox_map,
+    build_store,
+    io_pool,
+)
 
 log = Logger()
 
@@ -56,6 +62,8 @@ class Node(service.MultiService):
         if not os.access(data_dir, os.W_OK):
             raise ConfigError(config.path, "server", "data_dir", f"not writable: {data_dir}")
         self.directory = build_directory(config, reactor)
+        # [cluster] mailbox_nodes: which node holds each user's mailbox (None: all local).
+        self.mailbox_map = build_mailbox_map(config)
         from mailgw.tracking import tracker_from_config
 
         # Message events of every role, written by one thread of this process (and pruned).

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from mailgw.cli.cluster import register_cluster_commands
 from mailgw.cli.config import register_config_commands
 from mailgw.cli.context import LOCAL_CONFIG, SYSTEM_CONFIG, Context, Failure
 from mailgw.cli.context import default_config_path as default_config_path  # tap, tests
@@ -413,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     command(user, "list", cmd_user_list, "list users: name, quota, state").add_argument(
         "domain", nargs="?", metavar="DOMAIN"
     )
+    register_cluster_commands(user, command)
 
     alias = group("alias", "aliases (source -> destination; @domain is a catch-all)")
     p = command(alias, "add", cmd_alias_add, "add an alias destination")

@@ -236,6 +236,11 @@ class MXConfig:
     proxy_trusted: tuple[Network, ...] = key(
         "127.0.0.0/8 ::1", v.parse_networks, "Peers allowed to send a PROXY header (haproxy:)."
     )
+    xclient_trusted: tuple[Network, ...] = key(
+        "",
+        v.parse_networks,
+        "Peers allowed to send XCLIENT (ADDR, LOGIN, NAME: nginx's mail proxy); empty: none.",
+    )
     max_message_size: int = key("25M", v.parse_size, "Largest message accepted (552 5.3.4).")
     max_recipients: int = key("100", v.parse_positive_int, "Recipients per message (452 4.5.3).")
     max_line_length: int = key(
@@ -583,6 +588,11 @@ class SubmissionConfig:
     )
     proxy_trusted: tuple[Network, ...] = key(
         "127.0.0.0/8 ::1", v.parse_networks, "Peers allowed to send a PROXY header (haproxy:)."
+    )
+    xclient_trusted: tuple[Network, ...] = key(
+        "",
+        v.parse_networks,
+        "Peers allowed to send XCLIENT (ADDR, LOGIN, NAME: nginx's mail proxy); empty: none.",
     )
     max_message_size: int = key("25M", v.parse_size, "Largest message accepted (552 5.3.4).")
     max_recipients: int = key("100", v.parse_positive_int, "Recipients per message (452 4.5.3).")
@@ -1099,6 +1109,114 @@ class TrackingConfig:
     )
 
 
+def _ip_or_empty(text: str) -> str:
+    text = text.strip()
+    if text:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise ValueError(f"not an IP address: {text!r}") from None
+    return text
+
+
+def _host_port(text: str) -> str:
+    """Empty or ``IP:PORT``."""
+    text = text.strip()
+    if text:
+        host, colon, port = text.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected IP:PORT, got {text!r}")
+    return text
+
+
+def _mailbox_nodes(text: str) -> tuple[tuple[str, str, int], ...]:
+    """``be1=127.0.0.1:8024 be2=[::1]:8024`` -> ((name, host, port), ...)."""
+    out: list[tuple[str, str, int]] = []
+    for word in text.split():
+        name, eq, where = word.partition("=")
+        host, colon, port = where.rpartition(":")
+        host = host.strip("[]")
+        if not eq or not name or not colon or not host or not port.isdigit():
+            raise ValueError(f"expected NAME=HOST:PORT, got {word!r}")
+        if not 0 < int(port) < 65536:
+            raise ValueError(f"port out of range in {word!r}")
+        if any(n == name for n, _, _ in out):
+            raise ValueError(f"node {name!r} named twice")
+        out.append((name, host, int(port)))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class LMTPConfig:
+    """[lmtp] the backend's LMTP listener (RFC 2033): gateways deliver to mailboxes here."""
+
+    enabled: bool = key("no", v.parse_bool, "Run the LMTP role (backend nodes).")
+    listen: tuple[str, ...] = key(
+        "tcp:8024:interface=127.0.0.1",
+        v.parse_list,
+        "Twisted endpoint descriptions, space separated; prefix haproxy: for PROXY v1/v2.",
+    )
+    trusted: tuple[Network, ...] = key(
+        "127.0.0.0/8 ::1",
+        v.parse_networks,
+        "Only these peers may connect (the gateways); others get 554 and are closed.",
+    )
+    proxy_trusted: tuple[Network, ...] = key(
+        "127.0.0.0/8 ::1", v.parse_networks, "Peers allowed to send a PROXY header (haproxy:)."
+    )
+    max_message_size: int = key("50M", v.parse_size, "Largest message accepted (552 5.3.4).")
+    max_recipients: int = key("1000", v.parse_positive_int, "Recipients per transaction.")
+    max_connections: int = key("200", v.parse_positive_int, "Concurrent sessions in all.")
+    max_connections_per_ip: int = key(
+        "100", v.parse_positive_int, "Concurrent sessions from one client address."
+    )
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """[cluster] this node's name and where mailboxes live (gateways forward over LMTP)."""
+
+    node_name: str = key("", _text, "This node's name (as in mailbox_nodes); empty: hostname.")
+    mailbox_nodes: tuple[tuple[str, str, int], ...] = key(
+        "",
+        _mailbox_nodes,
+        "Backend nodes holding mailboxes, NAME=HOST:PORT (their LMTP listener), space separated;"
+        " empty: every mailbox is local. Mail for a user on another node is forwarded there.",
+    )
+    directory: str = key(
+        "",
+        _text,
+        "The user directory database shared by the nodes of a one-machine cluster;"
+        " empty: data_dir/directory.sqlite.",
+    )
+    move_hold_retry: float = key(
+        "5s", v.parse_duration, "Retry time of mail held for a user being moved to another node."
+    )
+    lmtp_source_address: str = key(
+        "",
+        _ip_or_empty,
+        "Source IP of this gateway's LMTP connections (what the backends' [lmtp] trusted"
+        " lists); empty: the system's choice.",
+    )
+    imap_servers: tuple[tuple[str, str, int], ...] = key(
+        "",
+        _mailbox_nodes,
+        "Each mailbox node's IMAP listener, NAME=IP:PORT: what nginx auth_http answers"
+        " (Auth-Server, Auth-Port); empty: this node's own [imap] listener.",
+    )
+    pop3_servers: tuple[tuple[str, str, int], ...] = key(
+        "",
+        _mailbox_nodes,
+        "Each mailbox node's POP3 listener, NAME=IP:PORT (as imap_servers).",
+    )
+    smtp_server: str = key(
+        "",
+        _host_port,
+        "IP:PORT auth_http answers for nginx's SMTP submission proxy (a submission listener"
+        " that trusts nginx's XCLIENT); empty: this node's first [submission] listener.",
+    )
+
+
 def _log_format(s: str) -> str:
     value = s.strip().lower()
     if value not in ("text", "json"):
@@ -1141,6 +1259,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     antivirus: AntivirusConfig = field(default_factory=AntivirusConfig)
     inbound_auth: InboundAuthConfig = field(default_factory=InboundAuthConfig)
+    lmtp: LMTPConfig = field(default_factory=LMTPConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
     dns_regions: tuple[DNSRegionConfig, ...] = ()
     replication: ReplicationConfig = ReplicationConfig()
@@ -1168,19 +1288,21 @@ _SECTIONS: dict[str, type] = {
     "policy": PolicyConfig,
     "dns": DNSConfig,
     "http": HTTPConfig,
+    "lmtp": LMTPConfig,
+    "cluster": ClusterConfig,
     "replication": ReplicationConfig,
 }
 
 # Keys whose value is a file path, resolved against the config file's folder.
 _PATH_KEYS = {("server", "data_dir"), ("tls", "certificate"), ("tls", "private_key")}
 _PATH_KEYS.add(("policy", "rules_file"))
-_PATH_KEYS |= {("http", "admin_token_file")}
+_PATH_KEYS |= {("http", "admin_token_file"), ("cluster", "directory")}
 _PATH_KEYS |= {("replication", "secret_file")}
 # Keys whose values are listen endpoint descriptions, checked with Twisted's parser.
 _LISTEN_KEYS = {("mx", "listen"), ("pop3", "listen"), ("pop3", "listen_tls")}
 _LISTEN_KEYS |= {("imap", "listen"), ("imap", "listen_tls")}
 _LISTEN_KEYS |= {("submission", "listen"), ("submission", "listen_tls")}
-_LISTEN_KEYS |= {("http", "listen"), ("http", "listen_tls")}
+_LISTEN_KEYS |= {("http", "listen"), ("http", "listen_tls"), ("lmtp", "listen")}
 _LISTEN_KEYS |= {("replication", "listen")}
 
 

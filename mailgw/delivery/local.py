@@ -35,6 +35,9 @@ message:
    (``"rcpt"``) or targets (``"rcpt>target"``) are recorded in ``envelope.done`` and the
    message is processed again for the rest. A crash in between sends the DSN twice at
    worst, never loses it.
+4a. Cluster (``mailbox_map`` set, with a relay): a local user whose mailbox is on another
+   node (``IMailboxMap.get(user) != node_name``) is treated as an external target: handed
+   over to the relay, which sends it to that node over LMTP (``RelayScheduler.mailboxes``).
 4b. With a ``relay`` (``mailgw.relay.scheduler.RelayScheduler``): recipients outside the local
    domains and external alias targets are *handed over* once every local copy is stored: the
    envelope is rewritten in one atomic update to hold only the external targets (``done``
@@ -98,6 +101,10 @@ class LocalDelivery(Service):
 
     name = "delivery"
     tracker: Tracker = NO_TRACKING
+    mailbox_map: Any = None
+    """``IMailboxMap`` on cluster nodes: a user mapped to a node other than ``node_name``
+    is handed to the relay (which forwards over LMTP) instead of stored here."""
+    node_name = ""
 
     def __init__(
         self,
@@ -377,6 +384,10 @@ class LocalDelivery(Service):
                 if not targets and self.relay is not None and not is_local:
                     targets = [rcpt]
                 local = [u for u in targets if self.directory.get_user(u) is not None]
+                if self.mailbox_map is not None and self.relay is not None:
+                    # Cluster: users whose mailbox is on another node go to the relay,
+                    # which forwards them there over LMTP.
+                    local = [u for u in local if self.mailbox_map.get(u) == self.node_name]
             except Exception as e:
                 log.failure("{queue_id} lookup of <{rcpt}> failed", queue_id=queue_id, rcpt=rcpt)
                 errors.append(f"<{rcpt}>: directory lookup failed: {e}")

@@ -102,6 +102,7 @@ class MXRole(CheckedRole):
             queue_id=queue_id,
             recipients=[str(r) for r in session.recipients],
             when=self.clock.seconds(),
+            client_name=session.client_name,
         ) + self.added_headers(session)
 
 
