@@ -775,6 +775,67 @@ class HTTPConfig:
     idle_timeout: float = key("1m", v.parse_duration, "Close an idle HTTP connection after this.")
 
 
+def _address_or_empty(s: str) -> str:
+    s = s.strip()
+    if s and (s.count("@") != 1 or any(c.isspace() or c in "<>" for c in s)):
+        raise ValueError(f"expected an address like oa@example.com, got {s!r}")
+    return s
+
+
+@dataclass(frozen=True)
+class APIConfig:
+    """[api] the admin and OA API of the http role (/api/v1, docs/api.md)."""
+
+    enabled: bool = key("yes", v.parse_bool, "Serve /api/v1 and /api/openapi.json (http role).")
+    oa_sender: str = key(
+        "",
+        _address_or_empty,
+        "Sender (a local user) of POST /api/v1/messages for tokens without their own sender.",
+    )
+    max_body_size: int = key("30M", v.parse_size, "Largest JSON request body.")
+    max_message_size: int = key(
+        "25M", v.parse_size, "Largest message POST /api/v1/messages builds (attachments included)."
+    )
+
+
+WEBHOOK_EVENTS = ("delivered", "failed", "quarantined")
+
+
+def _webhook_urls(s: str) -> tuple[str, ...]:
+    urls = v.parse_list(s)
+    for url in urls:
+        if not (url.startswith("http://") or url.startswith("https://")) or len(url) < 10:
+            raise ValueError(f"expected http:// or https:// URLs, got {url!r}")
+    return urls
+
+
+def _webhook_events(s: str) -> tuple[str, ...]:
+    events = v.parse_list(s)
+    for e in events:
+        if e not in WEBHOOK_EVENTS:
+            raise ValueError(f"unknown event {e!r} (one of {', '.join(WEBHOOK_EVENTS)})")
+    return events
+
+
+@dataclass(frozen=True)
+class WebhooksConfig:
+    """[webhooks] signed POSTs on message events, from a durable outbox (docs/api.md)."""
+
+    urls: tuple[str, ...] = key("", _webhook_urls, "Receivers (http:// or https://); empty: off.")
+    secret_file: str = key(
+        "", _text, "File holding the HMAC-SHA256 key of X-Mailgw-Signature (needed with urls)."
+    )
+    events: tuple[str, ...] = key(
+        "delivered failed quarantined",
+        _webhook_events,
+        "Events sent: delivered (to a local mailbox), failed (bounced or expired), quarantined.",
+    )
+    timeout: float = key("10s", v.parse_duration, "A receiver must answer within this.")
+    retry_initial: float = key("10s", v.parse_duration, "First retry after a failed POST ...")
+    retry_max: float = key("1h", v.parse_duration, "... doubling up to this interval.")
+    max_age: float = key("2d", v.parse_duration, "Give up (and log) on an event this old.")
+
+
 _PREFIXED: dict[str, type] = {"channel": ChannelConfig, "route": RouteConfig}
 
 
@@ -902,6 +963,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     antivirus: AntivirusConfig = field(default_factory=AntivirusConfig)
     inbound_auth: InboundAuthConfig = field(default_factory=InboundAuthConfig)
+    api: APIConfig = field(default_factory=APIConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
 
     @property
     def tls_enabled(self) -> bool:
@@ -925,12 +988,14 @@ _SECTIONS: dict[str, type] = {
     "inbound_auth": InboundAuthConfig,
     "policy": PolicyConfig,
     "http": HTTPConfig,
+    "api": APIConfig,
+    "webhooks": WebhooksConfig,
 }
 
 # Keys whose value is a file path, resolved against the config file's folder.
 _PATH_KEYS = {("server", "data_dir"), ("tls", "certificate"), ("tls", "private_key")}
 _PATH_KEYS.add(("policy", "rules_file"))
-_PATH_KEYS |= {("http", "admin_token_file")}
+_PATH_KEYS |= {("http", "admin_token_file"), ("webhooks", "secret_file")}
 # Keys whose values are listen endpoint descriptions, checked with Twisted's parser.
 _LISTEN_KEYS = {("mx", "listen"), ("pop3", "listen"), ("pop3", "listen_tls")}
 _LISTEN_KEYS |= {("imap", "listen"), ("imap", "listen_tls")}
