@@ -51,7 +51,9 @@ def payload_of(kind: str, queue_id: str, when: float, detail: dict[str, Any]) ->
         keys = ("recipient", "user", "folder")
         return "delivered", {k: detail[k] for k in keys if k in detail}
     if kind in ("bounced", "expired"):
-        data = {k: detail[k] for k in ("recipients", "reason", "age") if k in detail}
+        data: dict[str, Any] = {
+            k: detail[k] for k in ("recipients", "reason", "age") if k in detail
+        }
         data["cause"] = kind
         return "failed", data
     if kind == "policy":
@@ -80,7 +82,7 @@ class WebhookService(service.Service):
         self.outbox = outbox
         self.settings = settings
         self.secret = secret
-        self.agent = agent if agent is not None else Agent(reactor, connectTimeout=settings.timeout)
+        self.agent = agent if agent is not None else Agent(reactor, connectTimeout=settings.timeout)  # type: ignore[no-untyped-call]
         self._busy = False
         self._again = False
         self._timer: Any = None
@@ -185,7 +187,10 @@ class WebhookService(service.Service):
             }
         )
         d = self.agent.request(
-            b"POST", row.url.encode("utf-8"), headers, FileBodyProducer(BytesIO(row.body))
+            b"POST",
+            row.url.encode("utf-8"),
+            headers,
+            FileBodyProducer(BytesIO(row.body)),  # type: ignore[no-untyped-call]
         )
         d.addTimeout(self.settings.timeout, self.reactor)
 

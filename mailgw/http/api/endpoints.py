@@ -546,9 +546,7 @@ class AdminAPI:
         def refused(failure: Any) -> Any:
             failure.trap(SubmissionError)
             reply = failure.value.reply
-            status = 422 if reply.code >= 500 else 503
-            code = "rejected" if reply.code >= 500 else "tempfail"
-            raise ApiError(status, code, reply.format())
+            raise reply_error(reply)
 
         return d.addCallbacks(done, refused)
 
@@ -932,11 +930,23 @@ class AdminAPI:
                 },
                 status=202,
                 body=MESSAGE,
-                errors=(422, 503),
+                errors=(422, 429, 503),
                 blocking=False,
                 tag="messages",
             ),
         ]
+
+
+def reply_error(reply: Any) -> ApiError:
+    """The API error of a refused submission: permanent (5xx) and request errors (4.5.x:
+    too many recipients, bad syntax) 422; policy and rate tempfails (4.7.x) 429; other
+    tempfails (a check out of order) 503. The message is the SMTP reply."""
+    enhanced = str(getattr(reply, "enhanced", "") or "")
+    if reply.code >= 500 or enhanced.startswith("4.5."):
+        return ApiError(422, "rejected", reply.format())
+    if enhanced.startswith("4.7."):
+        return ApiError(429, "tempfail", reply.format())
+    return ApiError(503, "tempfail", reply.format())
 
 
 def build_message(

@@ -258,7 +258,7 @@ class _Dispatch(Resource):
         def failed(failure: Failure) -> None:
             if gone:
                 return
-            if failure.check(ApiError):
+            if isinstance(failure.value, ApiError):
                 error = failure.value
             else:
                 log.failure("API {method} {path} failed", failure, method=method, path=request.path)
@@ -354,6 +354,8 @@ _STATUS_TEXT = {
     409: "Conflict with the current state",
     413: "Body too large",
     415: "Body is not JSON",
+    422: "The mail system refused the message (the SMTP reply is the message)",
+    429: "Refused for now by a policy or rate limit (retry later)",
     503: "This node does not run the part needed",
 }
 
@@ -411,7 +413,7 @@ def openapi(routes: Sequence[Route], title: str, version: str) -> dict[str, Any]
         if route.body is not None:
             codes |= {413, 415}
         if any(s.startswith("{") for s in route.segments):
-            codes |= {404}
+            codes |= {400, 404}  # a malformed or an unknown name
         for code in sorted(codes):
             responses[str(code)] = {
                 "description": _STATUS_TEXT.get(code, "Error"),
