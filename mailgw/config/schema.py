@@ -748,7 +748,7 @@ class HTTPConfig:
     allow: tuple[Network, ...] = key(
         "127.0.0.0/8 ::1",
         v.parse_networks,
-        "Networks that may read /metrics, /readyz and the admin API without a token.",
+        "Networks that may read /metrics, /readyz and /api/v1/tracking without a token.",
     )
     admin_token_file: str = key(
         "",
