@@ -14,7 +14,9 @@ import http.server
 import imaplib
 import json
 import smtplib
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -33,7 +35,48 @@ RULES = """
 rule no-forbidden
     match subject FORBIDDEN
     action reject 554 5.7.1 "Forbidden subject"
+
+rule review
+    match subject REVIEW-ME
+    action quarantine "held for review"
 """
+
+
+class Rejecter:
+    """An SMTP server that refuses every recipient with 550 5.1.1 (the relay bounces)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.session, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def session(conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 rejecter ESMTP\r\n")
+            for line in lines:
+                verb = line[:4].upper()
+                if verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                if verb == b"RCPT":
+                    conn.sendall(b"550 5.1.1 no such user here\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"554 5.5.1 no valid recipients\r\n")
+                else:
+                    conn.sendall(b"250 ok\r\n")
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Receiver:
@@ -89,10 +132,18 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
+def rejecter() -> Iterator[Rejecter]:
+    r = Rejecter()
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
 def node(
     tmp_path_factory: pytest.TempPathFactory,
     selfsigned: tuple[Path, Path],
     receiver: Receiver,
+    rejecter: Rejecter,
 ) -> Iterator[MailgwServer]:
     cert, key = selfsigned
     tmp = tmp_path_factory.mktemp("api")
@@ -118,6 +169,9 @@ def node(
             "policy": {"rules_file": str(tmp / "rules.txt")},
             "relay": {"enabled": "yes", "retry_schedule": "1h"},
             "channel:out": {"kind": "smarthost", "hosts": f"127.0.0.1:{free_port()}"},
+            "channel:rejecter": {"kind": "smarthost", "hosts": f"127.0.0.1:{rejecter.port}"},
+            "route:rejected": {"recipient_domains": "reject.test", "channels": "rejecter"},
+            "route:stuck": {"recipient_domains": "remote.test", "channels": "out"},
             "api": {"oa_sender": "alice@example.test", "max_body_size": "2M"},
             "webhooks": {
                 "urls": f"http://127.0.0.1:{receiver.port}/hook",
@@ -298,7 +352,7 @@ def test_queue_quarantine_channels_dr_stats(node: MailgwServer, tokens: dict[str
     assert call(node, "GET", "/api/v1/quarantine/nope", read)[0] == 404
     assert call(node, "DELETE", "/api/v1/quarantine/0000000000000000", admin)[0] == 404
     status, _, body = call(node, "GET", "/api/v1/channels", read)
-    assert status == 200 and body["channels"][0]["name"] == "out"
+    assert status == 200 and [c["name"] for c in body["channels"]] == ["out", "rejecter"]
     assert call(node, "GET", "/api/v1/channels/out", read)[2]["kind"] == "smarthost"
     assert call(node, "GET", "/api/v1/channels/nope", read)[0] == 404
     status, _, body = call(node, "GET", "/api/v1/dr", read)
@@ -311,7 +365,7 @@ def test_queue_quarantine_channels_dr_stats(node: MailgwServer, tokens: dict[str
 def test_rules_get_validate_apply(node: MailgwServer, tokens: dict[str, str]) -> None:
     read, admin = tokens["read"], tokens["admin"]
     status, _, body = call(node, "GET", "/api/v1/rules", read)
-    assert status == 200 and "no-forbidden" in body["text"] and len(body["rules"]) == 1
+    assert status == 200 and "no-forbidden" in body["text"] and len(body["rules"]) == 2
     status, _, body = call(node, "POST", "/api/v1/rules/validate", read, {"text": "rule x\n"})
     assert status == 200 and body["valid"] is False and body["line"] == 1
     assert call(node, "PUT", "/api/v1/rules", read, {"text": RULES})[0] == 403
@@ -322,7 +376,7 @@ def test_rules_get_validate_apply(node: MailgwServer, tokens: dict[str, str]) ->
         + '\nrule no-secret\n    match subject SECRET\n    action reject 550 5.7.1 "No secrets"\n'
     )
     status, _, body = call(node, "PUT", "/api/v1/rules", admin, {"text": new})
-    assert status == 200 and body["valid"] and len(body["rules"]) == 2, body
+    assert status == 200 and body["valid"] and len(body["rules"]) == 3, body
     status, _, body = call(
         node,
         "POST",
@@ -416,38 +470,107 @@ def test_oa_message_arrives_and_rules_apply(
     assert not verify({**headers, "x-mailgw-timestamp": "1"}, payload)
 
 
+def test_quarantine_failure_events_and_token_sender(
+    node: MailgwServer, tokens: dict[str, str], receiver: Receiver
+) -> None:
+    read, admin = tokens["read"], tokens["admin"]
+    review = {"to": "bob@example.test", "subject": "REVIEW-ME now", "text": "x"}
+    ids = []
+    for _ in range(2):
+        status, _, body = call(node, "POST", "/api/v1/messages", tokens["send"], review)
+        assert status == 202, body
+        ids.append(body["queue_id"])
+    listed = call(node, "GET", "/api/v1/quarantine", read)[2]["messages"]
+    assert sorted(m["id"] for m in listed) == sorted(ids)
+    status, _, shown = call(node, "GET", f"/api/v1/quarantine/{ids[0]}", read)
+    assert shown["reason"] == "held for review" and "Subject: REVIEW-ME now" in shown["headers"]
+    assert call(node, "POST", f"/api/v1/quarantine/{ids[0]}/release", read)[0] == 403
+    assert call(node, "POST", f"/api/v1/quarantine/{ids[0]}/release", admin)[0] == 200
+    assert call(node, "POST", f"/api/v1/quarantine/{ids[0]}/release", admin)[0] == 404
+    assert call(node, "DELETE", f"/api/v1/quarantine/{ids[1]}", admin)[2] == {"ok": True}
+    assert call(node, "GET", "/api/v1/quarantine", read)[2] == {"messages": []}
+    wait_until(
+        lambda: (
+            receiver.events("message.delivered")
+            and any(e["queue_id"] == ids[0] for e in receiver.events("message.delivered"))
+        ),
+        what="the released message delivered",
+    )
+    quarantined = {e["queue_id"]: e for e in receiver.events("message.quarantined")}
+    assert set(ids) <= set(quarantined), quarantined
+    assert quarantined[ids[0]]["data"] == {"check": "rules", "reason": "held for review"}
+    # a remote server refuses the recipient: the relay bounces, a failed event
+    status, _, body = call(
+        node,
+        "POST",
+        "/api/v1/messages",
+        tokens["send"],
+        {"to": "x@reject.test", "subject": "doomed", "text": "x"},
+    )
+    assert status == 202, body
+    failed = wait_until(
+        lambda: [e for e in receiver.events("message.failed") if e["queue_id"] == body["queue_id"]],
+        what="the failed webhook",
+    )
+    assert failed[0]["data"]["recipients"] == ["x@reject.test"]
+    assert "5.1.1" in failed[0]["data"]["reason"] and failed[0]["data"]["cause"] == "bounced"
+    # a send token with its own sender (who must be allowed to send as it)
+    bob = create_token(node, "send", "--sender", "bob@example.test")
+    status, _, body = call(
+        node,
+        "POST",
+        "/api/v1/messages",
+        bob,
+        {"to": "alice@example.test", "subject": "hi", "text": "x"},
+    )
+    assert status == 202, body
+    status, _, body = call(
+        node, "GET", f"/api/v1/queue/{body['queue_id']}", read
+    )  # delivered already, or still queued: either way from bob
+    assert status == 404 or body["sender"] == "bob@example.test"
+    assert (
+        "bob@example.test"
+        in node.cli(
+            "track", body.get("queue_id", "x") if status == 200 else "bob@example.test"
+        ).stdout
+    )
+
+
 def test_webhooks_retried_while_the_receiver_is_down_and_across_a_restart(
     node: MailgwServer, receiver: Receiver
 ) -> None:
+    def outbox() -> Any:
+        return call(node, "GET", "/api/v1/stats", ADMIN_FILE_TOKEN)[2]["webhooks"]
+
+    wait_until(lambda: outbox() == {"pending": 0, "failing": 0}, what="earlier events sent")
     receiver.up = False
+    down_at = time.time()
     with smtplib.SMTP("127.0.0.1", node.ports["mx"]) as s:
         s.sendmail("x@remote.test", ["alice@example.test"], b"Subject: w1\r\n\r\nhi\r\n")
     wait_until(lambda: receiver.refused >= 2, what="two refused attempts")
+    assert outbox()["failing"] == 1
     node.stop()
     node.start()
     wait_for_port("127.0.0.1", node.http_port, proc=node.proc)  # type: ignore[attr-defined]
     refused = receiver.refused
     wait_until(lambda: receiver.refused > refused, what="a retry after the restart")
     receiver.up = True
-    got = wait_until(
-        lambda: [
-            p
-            for p in receiver.posts
-            if b"alice@example.test" in p[1] and json.loads(p[1])["event"] == "message.delivered"
-        ],
-        what="the webhook after the receiver came back",
-    )
-    assert verify(*got[-1])
-    count = len(receiver.posts)
-    status, _, stats = call(node, "GET", "/api/v1/stats", ADMIN_FILE_TOKEN)
-    wait_until(
-        lambda: (
-            call(node, "GET", "/api/v1/stats", ADMIN_FILE_TOKEN)[2]["webhooks"]
-            == {"pending": 0, "failing": 0}
-        ),
-        what="an empty outbox",
-    )
-    assert len(receiver.posts) == count  # sent once, not again
+
+    def w1() -> list[tuple[dict[str, str], bytes]]:
+        return [
+            (h, b)
+            for h, b in receiver.posts
+            if json.loads(b)["event"] == "message.delivered"
+            and json.loads(b)["time"] >= down_at
+            and json.loads(b)["data"]["recipient"] == "alice@example.test"
+        ]
+
+    got = wait_until(w1, what="the webhook after the receiver came back")
+    assert verify(*got[0])
+    wait_until(lambda: outbox() == {"pending": 0, "failing": 0}, what="an empty outbox")
+    assert len(w1()) == 1  # sent once, then removed from the outbox
+    deliveries = [h["x-mailgw-delivery"] for h, _ in receiver.posts]
+    assert len(deliveries) == len(set(deliveries))
 
 
 def test_openapi_document_describes_every_route(node: MailgwServer) -> None:

@@ -340,6 +340,8 @@ class AdminAPI:
         target = self._queue(
             lambda: qa.release(self.node.spool, qid, self.node.directory.is_local_domain)
         )
+        if target == "deferred":
+            self._deliver_now(qid)
         return {"queue_id": qid, "state": target}
 
     def delete_queued(self, call: Call) -> Any:
@@ -390,7 +392,14 @@ class AdminAPI:
             self._quarantine.release(m.id, self.node.spool)
         except QuarantineError as e:
             raise conflict(str(e)) from None
+        self._deliver_now(m.id)
         return {"queue_id": m.id, "direction": m.direction}
+
+    def _deliver_now(self, queue_id: str) -> None:
+        """Released into ``deferred``: local delivery takes it now, not at its next scan."""
+        delivery = self.node.parts.get("delivery")
+        if delivery is not None and hasattr(delivery, "deliver_now"):
+            self.node.reactor.callFromThread(delivery.deliver_now, queue_id)
 
     def delete_quarantined(self, call: Call) -> Any:
         from mailgw.policy.quarantine import QuarantineError
