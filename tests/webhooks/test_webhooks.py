@@ -48,3 +48,92 @@ def test_outbox_survives_reopen_and_counts_failures(tmp_path: Path) -> None:
     assert box.counts() == {"pending": 0, "failing": 0}
     box.add([("d2", "http://r/", "message.failed", b"{}", 10.0)])
     assert [r.delivery for r in box.expire(20.0)] == ["d2"] and box.next_due() is None
+
+
+def test_tracker_listeners_hear_every_event_even_without_a_database() -> None:
+    from mailgw.tracking import Tracker
+
+    heard: list[tuple[str, str, float, dict[str, object]]] = []
+    tracker = Tracker(None, clock=lambda: 5.0)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a listener bug does not stop recording")
+
+    tracker.listeners.extend([broken, lambda *a: heard.append(a)])  # type: ignore[arg-type]
+    tracker.record("delivered", "q1", message_id="<m>", recipient="a@x")
+    assert heard == [("delivered", "q1", 5.0, {"recipient": "a@x", "message_id": "<m>"})]
+
+
+class _Settings:
+    urls = ("http://hook.test/a",)
+    events = ("delivered", "failed", "quarantined")
+    timeout = 5.0
+    retry_initial = 10.0
+    retry_max = 25.0
+    max_age = 1000.0
+
+
+class _Response:
+    phrase = b"OK"
+    length = 0
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def deliverBody(self, protocol: object) -> None:  # noqa: N802 (Twisted)
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseDone
+
+        protocol.dataReceived(b"")  # type: ignore[attr-defined]
+        protocol.connectionLost(Failure(ResponseDone()))  # type: ignore[attr-defined]
+
+
+class _Agent:
+    def __init__(self) -> None:
+        self.codes: list[int] = []
+        self.sent: list[tuple[bytes, object]] = []
+
+    def request(self, method: bytes, url: bytes, headers: object, body: object) -> object:
+        from twisted.internet import defer
+
+        self.sent.append((url, headers))
+        code = self.codes.pop(0)
+        if code == 0:
+            return defer.fail(ConnectionRefusedError("refused"))
+        return defer.succeed(_Response(code))
+
+
+def test_service_sends_signed_retries_with_backoff_and_removes_on_2xx(tmp_path: Path) -> None:
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from mailgw.webhooks.sender import WebhookService
+
+    clock = Clock()
+    clock.advance(1000)
+
+    def run(f: object, *args: object) -> object:
+        return defer.maybeDeferred(f, *args)  # type: ignore[arg-type]
+
+    agent = _Agent()
+    agent.codes = [0, 503, 204]
+    box = Outbox(str(tmp_path / "w.sqlite"))
+    clock.callFromThread = lambda f, *a: f(*a)  # type: ignore[attr-defined]
+    service = WebhookService(clock, run, box, _Settings(), b"s" * 16, agent=agent)
+    service.startService()
+    service.listener("delivered", "q1", 1000.0, {"recipient": "a@x", "user": "a@x"})
+    assert len(agent.sent) == 1 and box.counts() == {"pending": 1, "failing": 1}
+    clock.advance(9)
+    assert len(agent.sent) == 1  # first retry after retry_initial
+    clock.advance(1)
+    assert len(agent.sent) == 2 and box.counts()["failing"] == 1
+    clock.advance(19)
+    assert len(agent.sent) == 2  # then doubled: 20s
+    clock.advance(1)
+    assert len(agent.sent) == 3 and box.counts() == {"pending": 0, "failing": 0}
+    url, headers = agent.sent[-1]
+    assert url == b"http://hook.test/a"
+    assert headers.getRawHeaders(b"x-mailgw-event") == [b"message.delivered"]  # type: ignore[attr-defined]
+    service.listener("received", "q2", 1000.0, {})  # not a webhook event
+    assert len(agent.sent) == 3
+    service.stopService()
