@@ -496,8 +496,14 @@ def test_quarantine_failure_events_and_token_sender(
         ),
         what="the released message delivered",
     )
-    quarantined = {e["queue_id"]: e for e in receiver.events("message.quarantined")}
-    assert set(ids) <= set(quarantined), quarantined
+
+    def quarantine_events() -> dict[str, Any]:
+        return {e["queue_id"]: e for e in receiver.events("message.quarantined")}
+
+    quarantined = wait_until(
+        lambda: set(ids) <= set(quarantine_events()) and quarantine_events(),
+        what="the quarantined webhooks",
+    )
     assert quarantined[ids[0]]["data"] == {"check": "rules", "reason": "held for review"}
     # a remote server refuses the recipient: the relay bounces, a failed event
     status, _, body = call(
