@@ -89,6 +89,16 @@ class Node(service.MultiService):
             self.store.changes, config.store.journal_poll_interval, config.store.journal_retention
         )
         self.journal_tail.setServiceParent(self)
+        from mailgw.webhooks.sender import build_webhooks
+
+        # [webhooks]: signed POSTs of the tracker's message events, from a durable outbox.
+        try:
+            self.webhooks = build_webhooks(config, reactor, run_io)
+        except ValueError as e:
+            raise ConfigError(config.path, "webhooks", "secret_file", str(e)) from None
+        if self.webhooks is not None:
+            self.tracker.listeners.append(self.webhooks.listener)
+            self.webhooks.setServiceParent(self)
         self.tls = ServerTLSSet(config)  # one ServerTLS per service, renewed on reload
         self.tls_options = self.tls.get("smtp")  # SMTP's (no ALPN ID); POP3, IMAP: theirs
         from mailgw.policy.setup import build_policy
@@ -130,6 +140,7 @@ class Node(service.MultiService):
         settings.subscribe(self.tls.reconfigure, self.tls.check)
         settings.subscribe(self.directory.reconfigure)
         settings.subscribe(self._reconfigure_limits)
+        settings.subscribe(self.policy.reconfigure, self.policy.check)  # the rules file
         for role in self.roles.build_order(enabled):
             part = self.parts[role.name]
             if role.reconfigure is not None:

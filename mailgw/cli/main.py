@@ -19,6 +19,7 @@ from mailgw.cli.dr import register_dr_commands
 from mailgw.cli.policy import register_policy_commands
 from mailgw.cli.queue import register_relay_commands
 from mailgw.cli.sizes import format_size
+from mailgw.cli.token import register_token_commands
 from mailgw.cli.track import register_track_command
 from mailgw.config import values
 
@@ -451,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_relay_commands(group, command)
     register_track_command(top)
     register_config_commands(group, command, top)
+    register_token_commands(group, command)
     register_policy_commands(group, command)
     register_dr_commands(group, command)
     return parser

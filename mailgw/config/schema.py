@@ -759,7 +759,7 @@ class HTTPConfig:
     allow: tuple[Network, ...] = key(
         "127.0.0.0/8 ::1",
         v.parse_networks,
-        "Networks that may read /metrics, /readyz and the admin API without a token.",
+        "Networks that may read /metrics, /readyz and /api/v1/tracking without a token.",
     )
     admin_token_file: str = key(
         "",
@@ -784,6 +784,67 @@ class HTTPConfig:
         "20", v.parse_positive_int, "Concurrent HTTP connections from one client address."
     )
     idle_timeout: float = key("1m", v.parse_duration, "Close an idle HTTP connection after this.")
+
+
+def _address_or_empty(s: str) -> str:
+    s = s.strip()
+    if s and (s.count("@") != 1 or any(c.isspace() or c in "<>" for c in s)):
+        raise ValueError(f"expected an address like oa@example.com, got {s!r}")
+    return s
+
+
+@dataclass(frozen=True)
+class APIConfig:
+    """[api] the admin and OA API of the http role (/api/v1, docs/api.md)."""
+
+    enabled: bool = key("yes", v.parse_bool, "Serve /api/v1 and /api/openapi.json (http role).")
+    oa_sender: str = key(
+        "",
+        _address_or_empty,
+        "Sender (a local user) of POST /api/v1/messages for tokens without their own sender.",
+    )
+    max_body_size: int = key("30M", v.parse_size, "Largest JSON request body.")
+    max_message_size: int = key(
+        "25M", v.parse_size, "Largest message POST /api/v1/messages builds (attachments included)."
+    )
+
+
+WEBHOOK_EVENTS = ("delivered", "failed", "quarantined")
+
+
+def _webhook_urls(s: str) -> tuple[str, ...]:
+    urls = v.parse_list(s)
+    for url in urls:
+        if not (url.startswith("http://") or url.startswith("https://")) or len(url) < 10:
+            raise ValueError(f"expected http:// or https:// URLs, got {url!r}")
+    return urls
+
+
+def _webhook_events(s: str) -> tuple[str, ...]:
+    events = v.parse_list(s)
+    for e in events:
+        if e not in WEBHOOK_EVENTS:
+            raise ValueError(f"unknown event {e!r} (one of {', '.join(WEBHOOK_EVENTS)})")
+    return events
+
+
+@dataclass(frozen=True)
+class WebhooksConfig:
+    """[webhooks] signed POSTs on message events, from a durable outbox (docs/api.md)."""
+
+    urls: tuple[str, ...] = key("", _webhook_urls, "Receivers (http:// or https://); empty: off.")
+    secret_file: str = key(
+        "", _text, "File holding the HMAC-SHA256 key of X-Mailgw-Signature (needed with urls)."
+    )
+    events: tuple[str, ...] = key(
+        "delivered failed quarantined",
+        _webhook_events,
+        "Events sent: delivered (to a local mailbox), failed (bounced or expired), quarantined.",
+    )
+    timeout: float = key("10s", v.parse_duration, "A receiver must answer within this.")
+    retry_initial: float = key("10s", v.parse_duration, "First retry after a failed POST ...")
+    retry_max: float = key("1h", v.parse_duration, "... doubling up to this interval.")
+    max_age: float = key("2d", v.parse_duration, "Give up (and log) on an event this old.")
 
 
 def _peer(s: str) -> str:
@@ -1262,6 +1323,8 @@ class Config:
     lmtp: LMTPConfig = field(default_factory=LMTPConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
+    api: APIConfig = field(default_factory=APIConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     dns_regions: tuple[DNSRegionConfig, ...] = ()
     replication: ReplicationConfig = ReplicationConfig()
 
@@ -1288,6 +1351,8 @@ _SECTIONS: dict[str, type] = {
     "policy": PolicyConfig,
     "dns": DNSConfig,
     "http": HTTPConfig,
+    "api": APIConfig,
+    "webhooks": WebhooksConfig,
     "lmtp": LMTPConfig,
     "cluster": ClusterConfig,
     "replication": ReplicationConfig,
@@ -1297,6 +1362,7 @@ _SECTIONS: dict[str, type] = {
 _PATH_KEYS = {("server", "data_dir"), ("tls", "certificate"), ("tls", "private_key")}
 _PATH_KEYS.add(("policy", "rules_file"))
 _PATH_KEYS |= {("http", "admin_token_file"), ("cluster", "directory")}
+_PATH_KEYS |= {("webhooks", "secret_file")}
 _PATH_KEYS |= {("replication", "secret_file")}
 # Keys whose values are listen endpoint descriptions, checked with Twisted's parser.
 _LISTEN_KEYS = {("mx", "listen"), ("pop3", "listen"), ("pop3", "listen_tls")}

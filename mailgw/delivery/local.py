@@ -207,6 +207,12 @@ class LocalDelivery(Service):
 
     # -- scheduling ------------------------------------------------------------------------
 
+    def deliver_now(self, queue_id: str) -> None:
+        """Deliver a message of the ``deferred`` state now, before the next retry scan (the
+        admin API after releasing it from the quarantine or from hold). Reactor thread."""
+        if self.running:
+            self._enqueue(queue_id)
+
     def _committed(self, queue_id: str) -> None:
         """Spool listener: a new message is in ``incoming``."""
         if self.running:
