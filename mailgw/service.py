@@ -87,6 +87,8 @@ class Node(service.MultiService):
 
         # The quarantine and the checks the SMTP roles add to their own (rules, antivirus...).
         self.policy = build_policy(config, self.directory, reactor, run_io)
+        if self.policy.reputation is not None:  # bounces and deliveries move reputations
+            self.tracker.listeners.append(self.policy.reputation.observe)
         self.submission_policy: Any = None  # set by the submission role
         self.clamd_pool: Any = None  # [antivirus]: one rotation shared by MX and submission
         self.submitter: Any = None  # set by the submission role: the webmail's way to submit
@@ -122,6 +124,8 @@ class Node(service.MultiService):
         settings.subscribe(self.tls.reconfigure, self.tls.check)
         settings.subscribe(self.directory.reconfigure)
         settings.subscribe(self._reconfigure_limits)
+        if self.policy.reputation is not None:
+            settings.subscribe(self.policy.reputation.reconfigure)
         for role in self.roles.build_order(enabled):
             part = self.parts[role.name]
             if role.reconfigure is not None:

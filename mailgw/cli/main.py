@@ -16,6 +16,7 @@ from mailgw.cli.context import LOCAL_CONFIG, SYSTEM_CONFIG, Context, Failure
 from mailgw.cli.context import default_config_path as default_config_path  # tap, tests
 from mailgw.cli.policy import register_policy_commands
 from mailgw.cli.queue import register_relay_commands
+from mailgw.cli.reputation import register_reputation_commands
 from mailgw.cli.sizes import format_size
 from mailgw.cli.track import register_track_command
 from mailgw.config import values
@@ -449,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_track_command(top)
     register_config_commands(group, command, top)
     register_policy_commands(group, command)
+    register_reputation_commands(top, group, command)
     return parser
 
 

@@ -66,6 +66,9 @@ class Tracker:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._last_prune = 0.0
+        self.listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
+        """Called with (kind, queue ID, detail) for each event, in the recording thread
+        (the reputation service counts deliveries and bounces so); must not block."""
 
     # -- recording (any thread) --------------------------------------------------------------
 
@@ -85,6 +88,11 @@ class Tracker:
         if message_id:
             detail["message_id"] = message_id
         metrics.count(kind, detail)
+        for listener in self.listeners:
+            try:
+                listener(str(kind), queue_id, detail)
+            except Exception:
+                log.failure("tracking listener failed on {kind} {qid}", kind=kind, qid=queue_id)
         if self.path is None:
             return
         if len(self._pending) >= self.max_pending:
