@@ -116,16 +116,15 @@ def sender_domain(sender: str) -> str:
 
 
 def subjects_of(context: CheckContext) -> list[str]:
-    """The subjects a transaction counts for: outbound the user, the sender domain and the
-    client address; inbound the client address and the sender domain."""
-    out = []
-    if context.user:
-        out.append(f"user:{context.user.lower()}")
+    """The subjects a transaction counts for: outbound (an authenticated user) the user and
+    the sender domain; inbound the client address and the sender domain. (An authenticated
+    user's client address is not counted: users share NATs and the submission proxies.)"""
+    out = [f"user:{context.user.lower()}"] if context.user else []
+    if not context.user and context.client_ip:
+        out.append(f"ip:{context.client_ip.lower()}")
     domain = sender_domain(context.sender)
     if domain:
         out.append(f"domain:{domain}")
-    if context.client_ip:
-        out.append(f"ip:{context.client_ip.lower()}")
     return out
 
 
