@@ -15,11 +15,32 @@ from pathlib import Path
 from mailgw.testing.server import free_port
 
 RSPAMD = shutil.which("rspamd")
-OFF = (
-    "rbl surbl emails asn spf dkim dmarc arc hfilter fuzzy_check phishing multimap whitelist"
-    " mid neural reputation ratelimit greylist history_redis replies url_redirector"
-    " dkim_signing mx_check rspamd_update"
-).split()
+OFF = [
+    "rbl",
+    "surbl",
+    "emails",
+    "asn",
+    "spf",
+    "dkim",
+    "dmarc",
+    "arc",
+    "hfilter",
+    "fuzzy_check",
+    "phishing",
+    "multimap",
+    "whitelist",
+    "mid",
+    "neural",
+    "reputation",
+    "ratelimit",
+    "greylist",
+    "history_redis",
+    "replies",
+    "url_redirector",
+    "dkim_signing",
+    "mx_check",
+    "rspamd_update",
+]
 CACHE = Path("/tmp/mailgw-test-rspamd-hs-cache")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import email.utils
 import imaplib
 import json
-import shutil
 import smtplib
 import ssl
 from collections.abc import Iterator
