@@ -70,7 +70,7 @@ def cmd_report(ctx: Context, args: argparse.Namespace) -> None:
 def _show(subject: str, record: Any, limits: Any) -> dict[str, Any]:
     from mailgw.policy.reputation.standing import standing
 
-    data = record.to_dict()
+    data: dict[str, Any] = dict(record.to_dict())
     data["subject"] = subject
     data["standing"] = standing(record, limits)
     data["bounce_rate"] = round(record.bounce_rate, 4)

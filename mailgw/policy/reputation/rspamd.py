@@ -107,9 +107,9 @@ class RspamdClient:
         host, port = parse_address(address)
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/checkv2".encode()
         self.timeout = timeout
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
         self.pool.maxPersistentPerHost = 4
-        self.agent = Agent(reactor, pool=self.pool, connectTimeout=timeout)
+        self.agent = Agent(reactor, pool=self.pool, connectTimeout=timeout)  # type: ignore[no-untyped-call]
 
     def check(
         self,
@@ -146,7 +146,9 @@ class RspamdClient:
                 return f
             if f.check(TimeoutError):
                 return Failure(RspamdError(f"no answer within {self.timeout:g}s"))
-            return Failure(RspamdError(f"{f.type.__name__}: {f.getErrorMessage()}"))
+            return Failure(
+                RspamdError(f"{getattr(f.type, '__name__', 'error')}: {f.getErrorMessage()}")
+            )
 
         d.addCallback(got)
         d.addCallback(parse_result)
@@ -155,5 +157,5 @@ class RspamdClient:
         return d
 
     def close(self) -> Deferred[None]:
-        closed: Deferred[None] = self.pool.closeCachedConnections()
+        closed: Deferred[None] = self.pool.closeCachedConnections()  # type: ignore[no-untyped-call]
         return closed

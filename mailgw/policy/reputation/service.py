@@ -306,9 +306,11 @@ class ReputationService:
         if spam:
             event["spam"] = 1
             event["points"] = self.limits.spam_points
-        calls = [maybeDeferred(self.store.event, s, event, now) for s in subjects]
+        calls: list[Deferred[Any]] = [
+            maybeDeferred(_call, self.store.event(s, event, now)) for s in subjects
+        ]
         if queue_id:
-            calls.append(maybeDeferred(self.store.link, queue_id, subjects, now))
+            calls.append(maybeDeferred(_call, self.store.link(queue_id, subjects, now)))
         from twisted.internet.defer import gatherResults
 
         d: Deferred[Any] = gatherResults(calls, consumeErrors=True)
@@ -354,13 +356,20 @@ class ReputationService:
                 event["points"] += lim.unknown_points * n
         linked = _call(self.store.linked(queue_id))
         linked.addCallback(self._add, event)
-        linked.addErrback(lambda f: log.failure("reputation: {qid}", f, qid=queue_id))
+        linked.addErrback(_log_failure, queue_id)
 
     def _add(self, subjects: Iterable[str], event: dict[str, float]) -> None:
         now = self.now()
         for subject in subjects:
-            d = maybeDeferred(self.store.event, subject, event, now)
-            d.addErrback(lambda f, s=subject: log.failure("reputation: {s}", f, s=s))
+            d: Deferred[Any] = maybeDeferred(self._event, subject, event, now)
+            d.addErrback(_log_failure, subject)
+
+    def _event(self, subject: str, event: dict[str, float], now: float) -> Deferred[Any]:
+        return _call(self.store.event(subject, event, now))
+
+
+def _log_failure(f: Failure, what: str) -> None:
+    log.failure("reputation: {what}", f, what=what)
 
 
 def _fill(reply: Reply, subject: str) -> Reply:
