@@ -86,9 +86,11 @@ def build_policy(
         log.info("security rules: {n} from {path}", n=len(rules), path=path)
     from mailgw.policy.reputation.service import HeaderHygieneCheck
 
-    authserv_id = config.inbound_auth.authserv_id or config.server.hostname
-    setup.inbound.append(HeaderHygieneCheck(authserv_id, inbound=True))
-    setup.outbound.append(HeaderHygieneCheck(authserv_id, inbound=False))
+    # When we write Authentication-Results or X-Virus-Scanned ourselves, nobody else may.
+    if config.inbound_auth.enabled or config.antivirus.enabled or config.reputation.enabled:
+        authserv_id = config.inbound_auth.authserv_id or config.server.hostname
+        setup.inbound.append(HeaderHygieneCheck(authserv_id, inbound=True))
+        setup.outbound.append(HeaderHygieneCheck(authserv_id, inbound=False))
     if config.reputation.enabled:
         from mailgw.policy.reputation import build_reputation
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from mailgw.policy.reputation.service import queue_ids_in
-from mailgw.testing.server import MailgwServer, free_port
+from mailgw.testing.server import MailgwServer, free_port, render_config
 from tests.integration.helpers import PASSWORD, provision, wait_until
 from tests.integration.rspamd_peer import RSPAMD, Rspamd
 from tests.integration.test_relay import TARGETS, Peers, relay_overrides
@@ -206,3 +206,18 @@ def test_rspamd_down_heuristics_only(node: MailgwServer, peers: Peers, rspamd: R
     assert m["peer"] == DOMESTIC
     assert "BLOCKLISTED:bad-links.example(6)" in m["data"] and "URL_SHORTENER(2)" in m["data"]
     node.wait_for_log("failed, heuristics only")
+
+    # A ham report of that message, as a file: its Received field names the queue ID.
+    saved = node.workdir / "reported.eml"
+    saved.write_bytes(m["data"].encode())
+    assert show(node, "user:heur@example.test")["points"] == pytest.approx(2, abs=0.01)
+    out = node.cli("report", "ham", str(saved)).stdout
+    assert "ham report" in out and "user:heur@example.test: points 0.0" in out
+
+    # [reputation] spam_threshold applies on reload: the same message is not spam any more.
+    node.sections["reputation"]["spam_threshold"] = "100"
+    node.config_path.write_text(render_config(node.sections))
+    node.cli("reload")
+    submit(node, "heur", "heur pw", message("after-reload", body, "heur@example.test"))
+    [after] = wait_until(lambda: at_peer(peers, "Subject: after-reload"), what="after reload")
+    assert after["peer"] != DOMESTIC and "X-Spam-Status: No, score=8.0" in after["data"]

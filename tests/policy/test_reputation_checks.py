@@ -201,3 +201,34 @@ def test_header_hygiene() -> None:
     assert v.removals == (("authentication-results", "mx.example.test"), ("x-virus-scanned", ""))
     v = HeaderHygieneCheck("mx.example.test", inbound=False).check(CheckContext())
     assert v.removals == (("authentication-results", "mx.example.test"),)
+
+
+def test_submitter_path_classes_spam_and_refuses_a_blocked_user(tmp_path: Any) -> None:
+    """The non-SMTP submit path (webmail, OA API) runs the same reputation checks."""
+    from mailgw.model import Envelope
+    from mailgw.policy.submission import SubmissionPolicy, submission_pipeline
+    from mailgw.policy.submit import SubmissionError, Submitter
+    from mailgw.spool import Spool
+    from tests.smtp.fakes import FakeDirectory
+
+    s, store, clock = service(Settings(spam_threshold=6, url_blocklist=("bad.example",)))
+    directory = FakeDirectory({"example.test"}, {"alice@example.test": ["alice@example.test"]})
+    policy = SubmissionPolicy(directory, "mail.example.test", clock, 3, 100)
+    spool = Spool(str(tmp_path / "spool"))
+    submitter = Submitter(policy, spool, submission_pipeline(policy, s.checks("outbound")))
+    data = b"From: alice@example.test\nSubject: s\n\nsee http://bad.example/\n"
+    qid = result_of(
+        submitter.submit(
+            "alice@example.test", Envelope("alice@example.test", ["x@far.example"]), data
+        )
+    )
+    queued = spool.load(qid)
+    assert queued.envelope.message_class == "spam"
+    assert store.linked(qid) == ["user:alice@example.test", "domain:example.test"]
+    store.set_override("user:alice@example.test", "block")
+    d = submitter.submit(
+        "alice@example.test", Envelope("alice@example.test", ["x@far.example"]), data
+    )
+    failure = d.addErrback(lambda f: f.value)
+    error = result_of(failure)
+    assert isinstance(error, SubmissionError) and error.reply.code == 550

@@ -409,7 +409,8 @@ def queue_ids_in(message: bytes) -> list[str]:
 class HeaderHygieneCheck:
     """``DATA``: the received message's ``Authentication-Results`` fields claiming our
     authserv-id, and inbound the sender's ``X-Virus-Scanned`` fields, are removed before
-    ours are added (RFC 8601 section 5). Runs whether or not reputation is on."""
+    ours are added (RFC 8601 section 5). On whenever ``[inbound_auth]``, ``[antivirus]`` or
+    ``[reputation]`` is (``mailgw.policy.setup``)."""
 
     name = "header-hygiene"
     stages = frozenset({Stage.DATA})
