@@ -15,9 +15,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -76,6 +77,45 @@ def parse_result(body: bytes) -> RspamdResult:
     return RspamdResult(score, action, names)
 
 
+MAX_ANSWER = 1 << 20
+"""Largest /checkv2 answer read (a longer one is not rspamd's)."""
+
+
+class _Body(Protocol):
+    """Collects a response body (at most ``MAX_ANSWER`` bytes)."""
+
+    def __init__(self, done: Deferred[bytes]) -> None:
+        self.done = done
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > MAX_ANSWER:
+            self.parts = []
+            stop = getattr(self.transport, "stopProducing", None)
+            if stop is not None:
+                stop()
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        if self.done.called:
+            return
+        if self.size > MAX_ANSWER:
+            self.done.errback(RspamdError(f"answer over {MAX_ANSWER} bytes"))
+        elif reason.check(ResponseDone):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)
+
+
+def read_body(response: IResponse) -> Deferred[bytes]:
+    done: Deferred[bytes] = Deferred()
+    response.deliverBody(_Body(done))  # type: ignore[no-untyped-call]
+    return done
+
+
 @implementer(IBodyProducer)
 class BytesProducer:
     """A request body held in memory, written at once."""
@@ -132,7 +172,7 @@ class RspamdClient:
         d: Deferred[Any] = self.agent.request(b"POST", self.url, headers, BytesProducer(message))
 
         def got(response: IResponse) -> Deferred[bytes]:
-            body: Deferred[bytes] = readBody(response)
+            body = read_body(response)
             if response.code != 200:
 
                 def status(data: bytes) -> bytes:
@@ -144,15 +184,17 @@ class RspamdClient:
         def failed(f: Failure) -> Failure:
             if f.check(RspamdError):
                 return f
-            if f.check(TimeoutError):
-                return Failure(RspamdError(f"no answer within {self.timeout:g}s"))
             return Failure(
                 RspamdError(f"{getattr(f.type, '__name__', 'error')}: {f.getErrorMessage()}")
             )
 
         d.addCallback(got)
         d.addCallback(parse_result)
-        d.addTimeout(self.timeout, self.reactor)
+
+        def timed_out(result: Any, timeout: float) -> Any:
+            raise RspamdError(f"no answer within {timeout:g}s")
+
+        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=timed_out)
         d.addErrback(failed)
         return d
 
