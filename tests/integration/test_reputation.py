@@ -12,6 +12,7 @@ import imaplib
 import json
 import smtplib
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,12 +73,14 @@ def node(
         "block_score": "9",
         "limited_rate": "1/1h",
         "report_points": "5",
+        "min_volume": "5",  # from the 6th message in an hour a fresh user's mail is a burst
+        "spike_factor": "5",
     }
     # inbound auth off: the content score picks the bands itself (Junk from 3, never reject)
     overrides["inbound_auth"] = {"junk_score": "3", "quarantine_score": "0", "reject_score": "0"}
     server = MailgwServer(folder, overrides)
     provision(server)
-    for user in ("spammer", "heur"):
+    for user in ("spammer", "heur", "burster"):
         server.cli("user", "add", f"{user}@example.test", "--password", f"{user} pw")
     server.start()
     server.ports["submission"] = port
@@ -149,6 +152,33 @@ def test_spam_burst_spam_route_then_limited_then_blocked_then_allowed(
     assert "X-Spam-Status: No" in clean["data"]
     node.cli("reputation", "reset", "user:spammer@example.test")
     assert show(node, "user:spammer@example.test")["points"] == 0
+
+
+SENDER = "burster@example.test"
+
+
+def test_a_volume_burst_leaves_only_through_the_spam_channel(
+    node: MailgwServer, peers: Peers
+) -> None:
+    if 3600 - time.time() % 3600 < 60:  # all seven in one hour of the volume count
+        time.sleep(3600 - time.time() % 3600 + 1)
+    for i in range(1, 8):
+        submit(node, "burster", "burster pw", message(f"newsletter {i}", "hello", SENDER))
+    sent = wait_until(
+        lambda: (
+            len(at_peer(peers, "Subject: newsletter")) >= 7
+            and at_peer(peers, "Subject: newsletter")
+        ),
+        what="7 messages at the peer",
+    )
+    by_subject = {m["data"].split("Subject: ")[1].split("\r\n")[0]: m for m in sent}
+    for i in range(1, 6):
+        assert "X-Spam-Status: No" in by_subject[f"newsletter {i}"]["data"]
+    for i in (6, 7):
+        m = by_subject[f"newsletter {i}"]
+        assert m["peer"] == DOMESTIC and "VOLUME_SPIKE" in m["data"]
+    row = show(node, "user:burster@example.test")
+    assert row["hour_count"] == 7 and row["points"] == pytest.approx(2, abs=0.01)
 
 
 def imap_fetch(node: MailgwServer, marker: str, folder: str = "INBOX") -> bytes:

@@ -106,7 +106,7 @@ def test_outbound_hold_quarantines() -> None:
         Settings(spam_threshold=6, spam_action="hold", url_blocklist=("bad.example",))
     )
     v = result_of(ContentCheck(s, False).check(outbound(mail(body=SPAMMY))))  # type: ignore[arg-type]
-    assert v.is_quarantined and v.rule == "reputation" and "content score 8" in v.reason
+    assert v.is_quarantined and v.rule == "reputation" and "score 8" in v.reason
 
 
 def test_inbound_leaves_the_score_for_inbound_auth_or_bands_itself() -> None:
@@ -232,3 +232,28 @@ def test_submitter_path_classes_spam_and_refuses_a_blocked_user(tmp_path: Any) -
     failure = d.addErrback(lambda f: f.value)
     error = result_of(failure)
     assert isinstance(error, SubmissionError) and error.reply.code == 550
+
+
+def test_a_users_burst_over_the_baseline_is_spam() -> None:
+    limits = Limits(half_life=0, min_volume=3, spike_factor=2, spike_points=1)
+    s, store, _ = service()
+    s.limits = store.limits = limits
+    check = ContentCheck(s, inbound=False)
+    classes = [
+        result_of(check.check(outbound(mail(), f"Q{i}"))).message_class  # type: ignore[arg-type]
+        for i in range(5)
+    ]
+    assert classes == [None, None, None, "spam", "spam"]
+    assert store.records["user:a@x.test"].points == 2
+    assert "VOLUME_SPIKE" in result_of(check.check(outbound(mail(), "Q9"))).headers[1][1]  # type: ignore[arg-type]
+
+
+def test_inbound_auth_band_adds_the_content_score() -> None:
+    from mailgw.policy.inbound_auth import AuthResults, decide
+
+    results = AuthResults(spf="softfail", header="mx.example.test; spf=softfail")
+    assert decide(results, Scores(), True).folder is None  # 1 < junk 3
+    v = decide(results, Scores(), True, (2.5, ["URL_SHORTENER(2)"]))
+    assert v.folder == "Junk"
+    v = decide(results, Scores(), True, (9.0, []))
+    assert v.reply is not None and "content score 9" in v.reply.text

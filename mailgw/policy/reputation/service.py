@@ -17,7 +17,9 @@ checks (``checks(direction)``):
   the class ``spam`` (the relay sends it through the spam route only) or, with
   ``spam_action = hold``, quarantines it; inbound, the score joins the score bands of
   ``mailgw.policy.inbound_auth`` (left in ``context.state``) or, without inbound auth,
-  picks the same bands itself (Junk, quarantine, reject).
+  picks the same bands itself (Junk, quarantine, reject). An outbound message that makes
+  its user's hour pass the volume baseline (``standing.is_spike``: a burst) is spam too
+  (``VOLUME_SPIKE``), whatever its content.
 
 ``observe`` is a tracking listener (``Tracker.listeners``): a ``relayed`` event counts a
 delivery, a ``bounced`` one bounces (and unknown recipients for ``5.1.1``), a ``rejected`` one
@@ -51,6 +53,7 @@ from mailgw.policy.reputation.standing import (
     OK,
     Limits,
     Record,
+    is_spike,
     standing,
 )
 from mailgw.policy.reputation.store import IReputationStore
@@ -298,9 +301,9 @@ class ReputationService:
 
     def record_message(
         self, subjects: list[str], score: float, spam: bool, queue_id: str
-    ) -> Deferred[None]:
+    ) -> Deferred[list[Record]]:
         """Count one message for ``subjects`` (volume, content score, spam points); link
-        ``queue_id`` to them."""
+        ``queue_id`` to them. Fires with the records afterwards (in ``subjects`` order)."""
         now = self.now()
         event: dict[str, float] = {"message": 1, "content": score}
         if spam:
@@ -314,7 +317,7 @@ class ReputationService:
         from twisted.internet.defer import gatherResults
 
         d: Deferred[Any] = gatherResults(calls, consumeErrors=True)
-        return d.addCallback(lambda _: None)
+        return d.addCallback(lambda results: list(results[: len(subjects)]))
 
     # -- outcomes (tracking listener) and reports ---------------------------------------
 
@@ -462,7 +465,21 @@ class ContentCheck:
         def scored(score: Score) -> Deferred[Verdict]:
             s = service.settings
             spam = s.spam_threshold > 0 and score.total >= s.spam_threshold
-            verdict = self.decide(context, score, spam)
+            subjects = subjects_of(context)
+            recorded = service.record_message(subjects, score.total, spam, queue_id)
+            return recorded.addCallback(counted, score, spam, subjects)
+
+        def counted(
+            records: list[Record], score: Score, spam: bool, subjects: list[str]
+        ) -> Verdict:
+            # Outbound, a user's message over the volume baseline (a burst) is spam too.
+            burst = not self.inbound and any(
+                subject.startswith("user:") and is_spike(record, service.limits)
+                for subject, record in zip(subjects, records, strict=False)
+            )
+            if burst:
+                score.why.append("VOLUME_SPIKE")
+            verdict = self.decide(context, score, spam or burst)
             log.info(
                 "{sid} {qid}: content score {score:g} ({why}): {what}",
                 sid=context.session_id,
@@ -471,8 +488,7 @@ class ContentCheck:
                 why=" ".join(score.why) or "-",
                 what=_describe(verdict),
             )
-            recorded = service.record_message(subjects_of(context), score.total, spam, queue_id)
-            return recorded.addCallback(lambda _: verdict)
+            return verdict
 
         return d.addCallback(scored)
 
@@ -491,7 +507,7 @@ class ContentCheck:
         if not spam:
             return headers
         if self.service.settings.spam_action == "hold":
-            reason = f"spam: content score {score.total:g} ({why})"
+            reason = f"spam: score {score.total:g} ({why})"
             return headers.combine(Verdict.quarantine(reason, "reputation"))
         return headers.combine(Verdict.set_class(SPAM_CLASS))
 
