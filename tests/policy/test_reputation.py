@@ -28,7 +28,11 @@ from mailgw.policy.reputation.standing import (
     roll,
     standing,
 )
-from mailgw.policy.reputation.store import MemoryReputationStore, SQLiteReputationStore
+from mailgw.policy.reputation.store import (
+    RECORD_TTL,
+    MemoryReputationStore,
+    SQLiteReputationStore,
+)
 
 H = 3600.0
 
@@ -124,6 +128,10 @@ def test_stores(kind: str, tmp_path: Path) -> None:
     if kind == "sqlite":  # survives a restart
         again = SQLiteReputationStore(str(tmp_path / "r.sqlite"), limits)
         assert again.get("user:b", 0).override == "block" and again.linked("Q1")
+        again.event("user:old", {"message": 1}, 100)
+        again.event("user:new", {"message": 1}, 100 + RECORD_TTL)
+        again.prune(101 + RECORD_TTL)  # user:b idle too, but its override is kept
+        assert again.subjects() == ["user:b", "user:new"]
 
 
 # -- heuristics ---------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ from mailgw.policy.reputation.standing import Limits, Record, advance, apply_eve
 DB_NAME = "reputation.sqlite"
 LINK_TTL = 30 * 86400.0
 """How long a queue ID stays linked to its subjects (a late bounce, a spam report)."""
+RECORD_TTL = 90 * 86400.0
+"""A record without an event for this long and without an override is forgotten (its
+points have decayed away; the SQLite store prunes while it links)."""
 
 
 class IReputationStore(Interface):
@@ -96,7 +99,10 @@ class MemoryReputationStore:
 
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS subjects (subject TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS subjects (
+    subject TEXT PRIMARY KEY, record TEXT NOT NULL, at REAL NOT NULL, override TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS subjects_at ON subjects (at);
 CREATE TABLE IF NOT EXISTS links (
     queue_id TEXT PRIMARY KEY, subjects TEXT NOT NULL, at REAL NOT NULL
 );
@@ -132,9 +138,10 @@ class SQLiteReputationStore:
 
     def _save(self, subject: str, record: Record) -> None:
         self._db.execute(
-            "INSERT INTO subjects (subject, record) VALUES (?, ?)"
-            " ON CONFLICT(subject) DO UPDATE SET record = excluded.record",
-            (subject, json.dumps(record.to_dict())),
+            "INSERT INTO subjects (subject, record, at, override) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(subject) DO UPDATE SET record = excluded.record, at = excluded.at,"
+            " override = excluded.override",
+            (subject, json.dumps(record.to_dict()), record.points_at, record.override),
         )
 
     def _modify(self, subject: str, change: Callable[[Record], Record]) -> Record:
@@ -181,7 +188,13 @@ class SQLiteReputationStore:
             )
             self._links_added += 1
             if self._links_added % 1000 == 0:
-                self._db.execute("DELETE FROM links WHERE at < ?", (now - LINK_TTL,))
+                self.prune(now)
+
+    def prune(self, now: float) -> None:
+        """Forget expired links and idle records without an override (caller holds the
+        lock)."""
+        self._db.execute("DELETE FROM links WHERE at < ?", (now - LINK_TTL,))
+        self._db.execute("DELETE FROM subjects WHERE at < ? AND override = ''", (now - RECORD_TTL,))
 
     def linked(self, queue_id: str) -> list[str]:
         with self._lock:
