@@ -257,3 +257,14 @@ def test_inbound_auth_band_adds_the_content_score() -> None:
     assert v.folder == "Junk"
     v = decide(results, Scores(), True, (9.0, []))
     assert v.reply is not None and "content score 9" in v.reply.text
+
+
+def test_service_report_for_the_webmail() -> None:
+    s, store, clock = service()
+    store.link("Q", ["user:a@x.test", "domain:x.test"], clock.seconds())
+    assert result_of(s.report("Q", "spam")) == ["user:a@x.test", "domain:x.test"]
+    assert store.records["user:a@x.test"].reports_spam == 1
+    assert store.records["domain:x.test"].points == LIMITS.report_points
+    assert result_of(s.report("nope", "ham")) == []
+    with pytest.raises(ValueError):
+        s.report("Q", "eggs")

@@ -25,7 +25,7 @@ checks (``checks(direction)``):
 delivery, a ``bounced`` one bounces (and unknown recipients for ``5.1.1``), a ``rejected`` one
 at ``RCPT`` with ``5.1.1`` an unknown recipient of the sender. ``report`` (the
 ``mailgw report`` command, the webmail's button later) moves the subjects of a message by a
-spam or ham report.
+spam or ham report (``ReputationService.report`` in the server: the webmail's button).
 """
 
 from __future__ import annotations
@@ -360,6 +360,24 @@ class ReputationService:
         linked = _call(self.store.linked(queue_id))
         linked.addCallback(self._add, event)
         linked.addErrback(_log_failure, queue_id)
+
+    def report(self, queue_id: str, kind: str) -> Deferred[list[str]]:
+        """A user's ``spam``/``ham`` report of the message ``queue_id`` (the webmail's
+        button): fires with the subjects it moved ([] when the queue ID is unknown)."""
+        event = report_event(kind, self.limits)
+
+        def apply(subjects: list[str]) -> list[str]:
+            self._add(subjects, event)
+            log.info(
+                "{kind} report of {qid}: {subjects}",
+                kind=kind,
+                qid=queue_id,
+                subjects=" ".join(subjects) or "-",
+            )
+            return subjects
+
+        d: Deferred[list[str]] = _call(self.store.linked(queue_id)).addCallback(apply)
+        return d
 
     def _add(self, subjects: Iterable[str], event: dict[str, float]) -> None:
         now = self.now()
