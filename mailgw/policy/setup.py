@@ -4,7 +4,7 @@
 checks (``mailgw.policy.mx``) then ``inbound``, the submission role (and the submit path of
 the webmail and the OA API) its own (``mailgw.policy.submission``) then ``outbound``. A new
 check (rules, antivirus, reputation) is appended to the lists here, cheap ones first: the
-rules, the header hygiene (``mailgw.policy.reputation.service.HeaderHygieneCheck``: forged
+rules, the header hygiene (``mailgw.policy.hygiene``: forged
 ``Authentication-Results`` and ``X-Virus-Scanned`` removed), the reputation checks.
 """
 
@@ -84,7 +84,7 @@ def build_policy(
         setup.inbound.append(check)
         setup.outbound.append(check)
         log.info("security rules: {n} from {path}", n=len(rules), path=path)
-    from mailgw.policy.reputation.service import HeaderHygieneCheck
+    from mailgw.policy.hygiene import HeaderHygieneCheck
 
     # When we write Authentication-Results or X-Virus-Scanned ourselves, nobody else may.
     if config.inbound_auth.enabled or config.antivirus.enabled or config.reputation.enabled:

@@ -13,12 +13,12 @@ from twisted.internet.task import Clock
 
 from mailgw.model.address import Address
 from mailgw.model.verdict import ACCEPT, Disposition
+from mailgw.policy.hygiene import HeaderHygieneCheck
 from mailgw.policy.inbound_auth import CONTENT_STATE, Scores
 from mailgw.policy.pipeline import CheckContext, Stage
 from mailgw.policy.ratelimit import MemoryRateCounter
 from mailgw.policy.reputation.service import (
     ContentCheck,
-    HeaderHygieneCheck,
     ReputationService,
     Settings,
     StandingCheck,

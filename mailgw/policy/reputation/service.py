@@ -427,26 +427,6 @@ def queue_ids_in(message: bytes) -> list[str]:
 
 
 @implementer(ICheck)
-class HeaderHygieneCheck:
-    """``DATA``: the received message's ``Authentication-Results`` fields claiming our
-    authserv-id, and inbound the sender's ``X-Virus-Scanned`` fields, are removed before
-    ours are added (RFC 8601 section 5). On whenever ``[inbound_auth]``, ``[antivirus]`` or
-    ``[reputation]`` is (``mailgw.policy.setup``)."""
-
-    name = "header-hygiene"
-    stages = frozenset({Stage.DATA})
-
-    def __init__(self, authserv_id: str, inbound: bool) -> None:
-        fields = [("Authentication-Results", authserv_id.lower())] if authserv_id else []
-        if inbound:
-            fields.append(("X-Virus-Scanned", ""))
-        self.verdict = Verdict.remove_headers(*fields) if fields else ACCEPT
-
-    def check(self, context: CheckContext) -> VerdictResult:
-        return self.verdict
-
-
-@implementer(ICheck)
 class StandingCheck:
     """``MAIL``: the sender's reputation standing (see the module docstring)."""
 
