@@ -80,7 +80,7 @@ def node(
     overrides["inbound_auth"] = {"junk_score": "3", "quarantine_score": "0", "reject_score": "0"}
     server = MailgwServer(folder, overrides)
     provision(server)
-    for user in ("spammer", "heur", "burster"):
+    for user in ("spammer", "heur", "burster", "bouncer"):
         server.cli("user", "add", f"{user}@example.test", "--password", f"{user} pw")
     server.start()
     server.ports["submission"] = port
@@ -96,14 +96,16 @@ def message(subject: str, body: str, sender: str, to: str = "bob@rr.example") ->
     ).encode()
 
 
-def submit(node: MailgwServer, user: str, password: str, data: bytes) -> dict[str, Any]:
+def submit(
+    node: MailgwServer, user: str, password: str, data: bytes, to: str = "bob@rr.example"
+) -> dict[str, Any]:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     with smtplib.SMTP("127.0.0.1", node.ports["submission"], timeout=30) as s:
         s.starttls(context=context)
         s.login(f"{user}@example.test", password)
-        return s.sendmail(f"{user}@example.test", ["bob@rr.example"], data)
+        return s.sendmail(f"{user}@example.test", [to], data)
 
 
 def at_peer(peers: Peers, marker: str) -> list[dict[str, Any]]:
@@ -181,6 +183,21 @@ def test_a_volume_burst_leaves_only_through_the_spam_channel(
     assert row["hour_count"] == 7 and row["points"] == pytest.approx(2, abs=0.01)
 
 
+def test_deliveries_and_unknown_recipient_bounces_are_counted(node: MailgwServer) -> None:
+    sender = "bouncer@example.test"
+    submit(node, "bouncer", "bouncer pw", message("to-known", "hello", sender))
+    unknown = "nobody@user.example"  # the peer answers 550 5.1.1
+    submit(node, "bouncer", "bouncer pw", message("to-unknown", "hi", sender, unknown), unknown)
+
+    def counted() -> dict[str, Any] | None:
+        row = show(node, "user:bouncer@example.test")
+        return row if row["delivered"] == 1 and row["bounced"] == 1 else None
+
+    row = wait_until(counted, what="a delivery and a bounce counted")
+    assert row["sent"] == 2 and row["unknown"] == 1 and row["bounce_rate"] == 0.5
+    assert row["points"] == pytest.approx(1.5, abs=0.01)  # bounce 0.5 + unknown 1
+
+
 def imap_fetch(node: MailgwServer, marker: str, folder: str = "INBOX") -> bytes:
     def find() -> bytes | None:
         with imaplib.IMAP4("127.0.0.1", node.ports["imap"]) as m:
@@ -251,3 +268,14 @@ def test_rspamd_down_heuristics_only(node: MailgwServer, peers: Peers, rspamd: R
     submit(node, "heur", "heur pw", message("after-reload", body, "heur@example.test"))
     [after] = wait_until(lambda: at_peer(peers, "Subject: after-reload"), what="after reload")
     assert after["peer"] != DOMESTIC and "X-Spam-Status: No, score=8.0" in after["data"]
+
+    # spam_action = hold (reloaded too): the spam is quarantined, not sent.
+    node.sections["reputation"].update(spam_threshold="6", spam_action="hold")
+    node.config_path.write_text(render_config(node.sections))
+    node.cli("reload")
+    submit(node, "heur", "heur pw", message("held-spam", body, "heur@example.test"))
+    rows = json.loads(node.cli("quarantine", "list", "--json").stdout)
+    [held] = [r for r in rows if r["envelope"]["sender"] == "heur@example.test"]
+    assert held["rule"] == "reputation" and "score 8" in held["reason"]
+    assert held["direction"] == "outbound"
+    assert not at_peer(peers, "Subject: held-spam")
