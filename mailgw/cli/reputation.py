@@ -86,6 +86,8 @@ def cmd_reputation_show(ctx: Context, args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
+    if not rows:
+        print("no reputation records")
     for r in rows:
         print(
             f"{r['subject']}: {r['standing']}"
