@@ -198,6 +198,21 @@ def test_deliveries_and_unknown_recipient_bounces_are_counted(node: MailgwServer
     assert row["points"] == pytest.approx(1.5, abs=0.01)  # bounce 0.5 + unknown 1
 
 
+def test_unknown_recipients_at_the_mx_count_for_the_client_and_domain(node: MailgwServer) -> None:
+    with smtplib.SMTP(
+        "127.0.0.1", node.ports["mx"], timeout=30, source_address=("127.0.0.7", 0)
+    ) as s:
+        s.ehlo("probe.example")
+        assert s.mail("x@probe.example")[0] == 250
+        code, reply = s.rcpt("no-such-user@example.test")
+        assert code == 550 and b"5.1.1" in reply
+    ip = wait_until(
+        lambda: (row := show(node, "ip:127.0.0.7"))["unknown"] == 1 and row, what="ip counted"
+    )
+    assert ip["points"] == pytest.approx(1, abs=0.01)
+    assert show(node, "domain:probe.example")["unknown"] == 1
+
+
 def imap_fetch(node: MailgwServer, marker: str, folder: str = "INBOX") -> bytes:
     def find() -> bytes | None:
         with imaplib.IMAP4("127.0.0.1", node.ports["imap"]) as m:
