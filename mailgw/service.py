@@ -55,6 +55,18 @@ class Node(service.MultiService):
             ) from None
         if not os.access(data_dir, os.W_OK):
             raise ConfigError(config.path, "server", "data_dir", f"not writable: {data_dir}")
+        from mailgw.state import StateService, build_state
+        from mailgw.state.unified import startup_config
+
+        # The last-good pushed unified config (if any) on top of the file, Redis up or not.
+        config, pushed_version, pushed_overlay = startup_config(config)
+        self.config = config
+        # What the gateways share ([state]): counters, lockouts, mailbox nodes, config.
+        self.state_setup = build_state(config, reactor)
+        self.gateway_state = self.state_setup.state
+        """``IGatewayState``; ``gateway_state.nodes`` is the ``IMailboxNodes`` (user ->
+        backend node) that forwarding and ``auth_http`` read."""
+        StateService(self.state_setup).setServiceParent(self)
         self.directory = build_directory(config, reactor)
         from mailgw.tracking import tracker_from_config
 
@@ -86,7 +98,10 @@ class Node(service.MultiService):
         from mailgw.policy.setup import build_policy
 
         # The quarantine and the checks the SMTP roles add to their own (rules, antivirus...).
-        self.policy = build_policy(config, self.directory, reactor, run_io)
+        from mailgw.policy.ratelimit import StateRateCounter
+
+        shared_counter = StateRateCounter(self.gateway_state) if self.state_setup.redis else None
+        self.policy = build_policy(config, self.directory, reactor, run_io, shared_counter)
         self.submission_policy: Any = None  # set by the submission role
         self.clamd_pool: Any = None  # [antivirus]: one rotation shared by MX and submission
         self.submitter: Any = None  # set by the submission role: the webmail's way to submit
@@ -110,6 +125,7 @@ class Node(service.MultiService):
         """The running config: SIGHUP and ``mailgw reload`` re-read it (``reload``); a part
         holding config values subscribes its ``reconfigure`` (roles: ``RoleSpec``)."""
         self._subscribe_parts(enabled)
+        self.config_follower = self._follow_unified_config(pushed_version, pushed_overlay)
         self._sighup_installed = False
         self._previous_sighup: Any = None
 
@@ -122,6 +138,9 @@ class Node(service.MultiService):
         settings.subscribe(self.tls.reconfigure, self.tls.check)
         settings.subscribe(self.directory.reconfigure)
         settings.subscribe(self._reconfigure_limits)
+        from mailgw.policy.setup import check_rules, reconfigure_rules
+
+        settings.subscribe(partial(reconfigure_rules, self.policy), partial(check_rules, self.policy))
         for role in self.roles.build_order(enabled):
             part = self.parts[role.name]
             if role.reconfigure is not None:
@@ -133,6 +152,35 @@ class Node(service.MultiService):
                 reconfigure = getattr(target, "reconfigure", None)
                 if callable(reconfigure):
                     settings.subscribe(reconfigure, role.check)
+
+    def _follow_unified_config(self, version: int, overlay: str) -> Any:
+        """The pushed unified config (``mailgw config push``): followed through Redis pub/sub
+        (and a poll as safety net), or by polling the embedded state's SQLite file."""
+        from mailgw.state.unified import ConfigFollower
+
+        config = self.config
+        subscriber: Any = None
+        if self.state_setup.redis:
+            from mailgw.state.redis import subscribe
+
+            subscriber = partial(subscribe, config.state, self.reactor, config.state.timeout)
+        follower = ConfigFollower(
+            self.gateway_state,
+            self.settings,
+            self.reload,
+            config.server.data_dir,
+            config.cluster.node_name or config.server.hostname,
+            self.reactor,
+            version,
+            overlay,
+            subscriber,
+            poll_interval=5.0 if self.state_setup.redis else 1.0,
+        )
+        follower.setServiceParent(self)
+        on_recover = getattr(self.gateway_state, "on_recover", None)
+        if on_recover is not None:
+            on_recover.append(follower.resync)
+        return follower
 
     def _set_config(self, config: Config) -> None:
         self.config = config
@@ -216,9 +264,13 @@ class Node(service.MultiService):
             )
             for name, cap in budget.roles.items()
         }
-        self.auth_penalty = MemoryAuthPenalty(
-            self.reactor, PenaltyPolicy.from_config(config.directory)
-        )
+        penalty_policy = PenaltyPolicy.from_config(config.directory)
+        if self.state_setup.redis:  # failures and lockouts shared by the gateways
+            from mailgw.directory.penalty import StateAuthPenalty
+
+            self.auth_penalty: Any = StateAuthPenalty(self.gateway_state, penalty_policy)
+        else:
+            self.auth_penalty = MemoryAuthPenalty(self.reactor, penalty_policy)
         self.auth = AuthGuard(self.directory, self.auth_penalty, self.reactor)
 
     twistd_options: Any = None

@@ -879,6 +879,62 @@ class LogConfig:
     )
 
 
+def _host_port(default_port: int) -> Callable[[str], str]:
+    def parse(s: str) -> str:
+        s = s.strip()
+        host, sep, port = s.rpartition(":")
+        if not sep:
+            host, port = s, str(default_port)
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected HOST:PORT, got {s!r}")
+        return f"{host}:{int(port)}"
+
+    return parse
+
+
+def _host_ports(s: str) -> tuple[str, ...]:
+    parse = _host_port(26379)
+    return tuple(parse(item) for item in s.split())
+
+
+def _state_timeout(s: str) -> float:
+    value = v.parse_duration(s)
+    if value <= 0:
+        raise ValueError("must be more than 0")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """[state]: the gateway state (counters, lockouts, mailbox nodes, unified config) shared
+    by the gateways (docs/operations.md "Gateway state and unified configuration")."""
+
+    backend: str = key(
+        "embedded",
+        _one_of("embedded", "redis"),
+        "embedded (memory + SQLite in data_dir, one node) or redis (shared by the gateways).",
+    )
+    redis: str = key("127.0.0.1:6379", _host_port(6379), "Redis HOST:PORT (backend = redis).")
+    sentinels: tuple[str, ...] = key(
+        "", _host_ports, "Redis Sentinels HOST:PORT ...; set: the master comes from them."
+    )
+    master_name: str = key("mailgw", _text, "The Sentinel service name of the Redis master.")
+    timeout: float = key(
+        "500ms",
+        _state_timeout,
+        "Longest wait for one Redis call; slower or unreachable: local state is used.",
+    )
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """[cluster]: this node in a cluster of gateways and backends."""
+
+    node_name: str = key(
+        "", _text, "This node's name (config status, mailbox nodes); empty: server hostname."
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
@@ -902,6 +958,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     antivirus: AntivirusConfig = field(default_factory=AntivirusConfig)
     inbound_auth: InboundAuthConfig = field(default_factory=InboundAuthConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def tls_enabled(self) -> bool:
@@ -925,6 +983,8 @@ _SECTIONS: dict[str, type] = {
     "inbound_auth": InboundAuthConfig,
     "policy": PolicyConfig,
     "http": HTTPConfig,
+    "state": StateConfig,
+    "cluster": ClusterConfig,
 }
 
 # Keys whose value is a file path, resolved against the config file's folder.
@@ -948,14 +1008,20 @@ def schema() -> dict[str, list[tuple[str, str, str]]]:
     return out
 
 
-def load(path: str) -> Config:
-    """Read and validate ``path``; raise ConfigError on the first problem found."""
+def load(path: str, overlay: str = "", overlay_name: str = "<overlay>") -> Config:
+    """Read and validate ``path``; raise ConfigError on the first problem found.
+
+    ``overlay``: INI text read after the file, its keys replacing the file's (the unified
+    configuration's pushed version: ``mailgw.state.configsvc``); its relative paths are
+    taken from the file's folder too."""
     path = os.path.abspath(path)
     parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     try:
         with open(path, encoding="utf-8") as f:
             parser.read_file(f)
+        if overlay:
+            parser.read_string(overlay, source=overlay_name)
     except OSError as e:
         raise ConfigError(path, "-", None, f"cannot read config file: {e.strerror}") from None
     except configparser.Error as e:

@@ -888,6 +888,20 @@ class RulesCheck:
         self.is_local_domain = is_local_domain
         self.limits = limits
         self.stages = frozenset({r.stage for r in self.rules} | {Stage.DATA})
+        self.replaceable = False
+
+    def replaceable_rules(self) -> RulesCheck:
+        """Let ``replace`` change the rules later (a reload, a pushed unified config): the
+        check then runs at every stage a rule may need (a pipeline reads ``stages`` once)."""
+        self.replaceable = True
+        self.stages = frozenset({Stage.MAIL, Stage.RCPT, Stage.DATA})
+        return self
+
+    def replace(self, rules: Sequence[Rule]) -> None:
+        """Run ``rules`` from the next check on (transactions under way keep their facts)."""
+        if not self.replaceable:
+            raise RuntimeError("replaceable_rules() was not called")
+        self.rules = tuple(rules)
 
     def _facts(self, context: CheckContext) -> Facts:
         facts = context.state.get(self.name)

@@ -35,7 +35,10 @@ class PolicySetup:
     outbound: list[ICheck] = field(default_factory=list)
     """Checks of submission, webmail and the OA API (mail users send)."""
     rules: RulesCheck | None = None
-    """The security rules (``[policy] rules_file``), in both lists; None without a file."""
+    """The security rules (``[policy] rules_file``, none without one), in both lists;
+    replaced when a reload or a pushed unified config changes them (``reconfigure_rules``)."""
+    counter: Any = None
+    """The ``IRateCounter`` of the rules' ``rate`` matches."""
 
 
 def quarantine_dir(data_dir: str) -> str:
@@ -67,17 +70,43 @@ def build_policy(
     ``rate_counter``: the ``IRateCounter`` of ``rate`` matches (default: in memory)."""
     quarantine = QuarantineStore(quarantine_dir(config.server.data_dir), run=run, clock=clock)
     setup = PolicySetup(quarantine)
-    path = config.policy.rules_file
-    if path:
-        channels = [c.name for c in config.channels] or ["direct"]
-        counter = rate_counter if rate_counter is not None else MemoryRateCounter(clock)
-        try:
-            rules = load_rules(path, counter, channels)
-        except RulesError as e:
-            raise ConfigError(config.path, "policy", "rules_file", str(e)) from None
-        check = RulesCheck(rules, directory.is_local_domain, content_limits(config))
-        setup.rules = check
-        setup.inbound.append(check)
-        setup.outbound.append(check)
-        log.info("security rules: {n} from {path}", n=len(rules), path=path)
+    counter = rate_counter if rate_counter is not None else MemoryRateCounter(clock)
+    setup.counter = counter
+    rules = read_rules(config, counter)
+    check = RulesCheck(rules, directory.is_local_domain, content_limits(config))
+    setup.rules = check.replaceable_rules()
+    setup.inbound.append(check)
+    setup.outbound.append(check)
+    if config.policy.rules_file:
+        log.info("security rules: {n} from {path}", n=len(rules), path=config.policy.rules_file)
     return setup
+
+
+def read_rules(config: Any, counter: Any) -> list[Any]:
+    """The rules of ``[policy] rules_file`` (none without one); ``ConfigError`` holding
+    ``file:line: ...`` when the file has an error."""
+    path = config.policy.rules_file
+    if not path:
+        return []
+    channels = [c.name for c in config.channels] or ["direct"]
+    try:
+        return load_rules(path, counter, channels)
+    except RulesError as e:
+        raise ConfigError(config.path, "policy", "rules_file", str(e)) from None
+
+
+def check_rules(setup: PolicySetup, config: Any) -> None:
+    """A reloaded config's rules file must load (else the reload is refused)."""
+    read_rules(config, setup.counter)
+
+
+def reconfigure_rules(setup: PolicySetup, config: Any) -> None:
+    """A reloaded config (SIGHUP, a pushed unified config): its rules file read again and
+    run from the next transaction on."""
+    if setup.rules is None:
+        return
+    rules = read_rules(config, setup.counter)
+    setup.rules.replace(rules)
+    log.info(
+        "security rules: {n} from {path}", n=len(rules), path=config.policy.rules_file or "-"
+    )
