@@ -257,11 +257,22 @@ def connect_redis(config: Any, timeout: float) -> tuple[Any, Callable[[], Any]]:
             return d
 
         return handler, close
+    from twisted.internet import reactor
+
     host, port = _addresses((config.redis,))[0]
-    handler = txredisapi.lazyConnectionPool(
-        host, port, poolsize=2, connectTimeout=timeout, **kwargs
+    factory = _TunedFactory(
+        f"{host}:{port}", None, 2, True, txredisapi.ConnectionHandler, None, None, None, False
     )
+    factory.startConnecting(HostnameEndpoint(reactor, host, port, timeout=max(1, int(timeout))))
+    handler = factory.handler
     return handler, handler.disconnect
+
+
+class _TunedFactory(txredisapi.RedisFactory):
+    """Reconnects within a second once Redis is back (defaults: up to 10 s)."""
+
+    initialDelay = 0.2
+    maxDelay = 1.0
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):
