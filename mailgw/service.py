@@ -66,7 +66,9 @@ class Node(service.MultiService):
         self.gateway_state = self.state_setup.state
         """``IGatewayState``; ``gateway_state.nodes`` is the ``IMailboxNodes`` (user ->
         backend node) that forwarding and ``auth_http`` read."""
-        StateService(self.state_setup).setServiceParent(self)
+        # Started after the roles, stopped before them (not children: the node's children are
+        # the journal's tail and the roles' services).
+        self.state_service = StateService(self.state_setup)
         self.directory = build_directory(config, reactor)
         from mailgw.tracking import tracker_from_config
 
@@ -176,7 +178,6 @@ class Node(service.MultiService):
             subscriber,
             poll_interval=5.0 if self.state_setup.redis else 1.0,
         )
-        follower.setServiceParent(self)
         on_recover = getattr(self.gateway_state, "on_recover", None)
         if on_recover is not None:
             on_recover.append(follower.resync)
@@ -287,6 +288,8 @@ class Node(service.MultiService):
         self.io_pool.start()
         self.tracker.start()
         super().startService()
+        self.state_service.startService()
+        self.config_follower.startService()
         if self.twistd_options is not None:  # the twistd process: not in-process tests
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
             self._sighup_installed = True
@@ -318,7 +321,16 @@ class Node(service.MultiService):
             self._sighup_installed = False
             signal.signal(signal.SIGHUP, self._previous_sighup or signal.SIG_DFL)
             self._remove_pid_file()
-        d = super().stopService()
+        from twisted.internet import defer
+
+        first = defer.DeferredList(
+            [
+                defer.maybeDeferred(self.config_follower.stopService),
+                defer.maybeDeferred(self.state_service.stopService),
+            ],
+            consumeErrors=True,
+        )
+        d = first.addCallback(lambda _: super(Node, self).stopService())
 
         def stop_pool(result: object) -> object:
             # Joins the threads: work already started (a commit, a delivery) finishes first.
