@@ -123,7 +123,7 @@ def build_version(config: Any, path: str) -> tuple[bytes, str]:
         try:
             merged = load(config.path, overlay_for(bundle, rules_path), path)
         except ConfigError as e:
-            raise Failure(f"refused, nothing published: {e}") from None
+            raise Failure(f"refused, nothing published: {e} (with {path} on top)") from None
     n_rules = 0
     if rules_text is not None:
         channels = [c.name for c in merged.channels] or ["direct"]
