@@ -288,12 +288,13 @@ class Node(service.MultiService):
         self.io_pool.start()
         self.tracker.start()
         super().startService()
-        self.state_service.startService()
-        self.config_follower.startService()
         if self.twistd_options is not None:  # the twistd process: not in-process tests
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
             self._sighup_installed = True
             self._write_pid_file()
+        # After the SIGHUP handler: the first read of the unified config takes a moment.
+        self.state_service.startService()
+        self.config_follower.startService()
 
     @property
     def pid_file(self) -> str:
