@@ -97,10 +97,9 @@ class Node(service.MultiService):
         self.journal_tail.setServiceParent(self)
         self.tls = ServerTLSSet(config)  # one ServerTLS per service, renewed on reload
         self.tls_options = self.tls.get("smtp")  # SMTP's (no ALPN ID); POP3, IMAP: theirs
-        from mailgw.policy.setup import build_policy
-
         # The quarantine and the checks the SMTP roles add to their own (rules, antivirus...).
         from mailgw.policy.ratelimit import StateRateCounter
+        from mailgw.policy.setup import build_policy
 
         shared_counter = StateRateCounter(self.gateway_state) if self.state_setup.redis else None
         self.policy = build_policy(config, self.directory, reactor, run_io, shared_counter)
@@ -142,7 +141,9 @@ class Node(service.MultiService):
         settings.subscribe(self._reconfigure_limits)
         from mailgw.policy.setup import check_rules, reconfigure_rules
 
-        settings.subscribe(partial(reconfigure_rules, self.policy), partial(check_rules, self.policy))
+        settings.subscribe(
+            partial(reconfigure_rules, self.policy), partial(check_rules, self.policy)
+        )
         for role in self.roles.build_order(enabled):
             part = self.parts[role.name]
             if role.reconfigure is not None:

@@ -31,11 +31,12 @@ def run_state(config: Any, action: Callable[[Any], Any]) -> Any:
         if isinstance(out[0], TwistedFailure):
             out[0].raiseException()
         return out[0]
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
 
     from mailgw.state.failover import with_timeout
     from mailgw.state.redis import RedisState, connect_redis
 
+    reactor: Any = _reactor
     handler, close = connect_redis(config.state, config.state.timeout)
     result: list[Any] = []
 

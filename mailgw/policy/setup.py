@@ -107,6 +107,4 @@ def reconfigure_rules(setup: PolicySetup, config: Any) -> None:
         return
     rules = read_rules(config, setup.counter)
     setup.rules.replace(rules)
-    log.info(
-        "security rules: {n} from {path}", n=len(rules), path=config.policy.rules_file or "-"
-    )
+    log.info("security rules: {n} from {path}", n=len(rules), path=config.policy.rules_file or "-")

@@ -42,7 +42,7 @@ class StateService(service.Service):
     def stopService(self) -> Any:
         from twisted.internet import defer
 
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         stop = getattr(self.setup.state, "stop", None)
         if callable(stop):
             stop()

@@ -63,7 +63,8 @@ def _unavailable(failure: Failure) -> bool:
     import txredisapi
 
     if failure.check(txredisapi.ResponseError):
-        text = failure.value.args[0] if failure.value.args else ""
+        args = getattr(failure.value, "args", ())
+        text = args[0] if args else ""
         if isinstance(text, bytes):
             text = text.decode(errors="replace")
         return str(text).upper().startswith(UNAVAILABLE)
@@ -93,9 +94,7 @@ class FailoverNodes:
             d: defer.Deferred[str | None] = self.state.local.nodes.get(user)
             return d
 
-        return self.state.call(
-            lambda s: s.nodes.get(user).addCallback(remember), local
-        )
+        return self.state.call(lambda s: s.nodes.get(user).addCallback(remember), local)
 
     def set(self, user: str, node: str | None) -> defer.Deferred[None]:
         self.known.pop(user.lower(), None)

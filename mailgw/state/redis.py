@@ -209,7 +209,7 @@ class RedisState:
 # -- connections ---------------------------------------------------------------------------------
 
 
-class _TunedSentinelProtocol(txredisapi.SentinelRedisProtocol):
+class _TunedSentinelProtocol(txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
     """Checks the master's role with bytes replies too (``charset=None``)."""
 
     def connectionMade(self) -> Any:
@@ -224,7 +224,7 @@ class _TunedSentinelProtocol(txredisapi.SentinelRedisProtocol):
         return self.role().addCallback(check_role)
 
 
-class _TunedSentinelFactory(txredisapi.SentinelConnectionFactory):
+class _TunedSentinelFactory(txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
     """Reconnects quickly after a failover (``docs/operations.md``: ~2-3.5 s)."""
 
     protocol = _TunedSentinelProtocol
@@ -268,14 +268,14 @@ def connect_redis(config: Any, timeout: float) -> tuple[Any, Callable[[], Any]]:
     return handler, handler.disconnect
 
 
-class _TunedFactory(txredisapi.RedisFactory):
+class _TunedFactory(txredisapi.RedisFactory):  # type: ignore[misc]
     """Reconnects within a second once Redis is back (defaults: up to 10 s)."""
 
     initialDelay = 0.2
     maxDelay = 1.0
 
 
-class _Subscriber(txredisapi.SubscriberProtocol):
+class _Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
     """Subscribes to ``CONFIG_CHANNEL`` on every (re)connection and hands each message (and
     each connection, which may follow missed messages) to the factory's ``on_message``."""
 
@@ -305,7 +305,7 @@ class _SentinelSubscriber(_Subscriber, _TunedSentinelProtocol):
     pass
 
 
-class _SubscriberFactory(txredisapi.SubscriberFactory):
+class _SubscriberFactory(txredisapi.SubscriberFactory):  # type: ignore[misc]
     protocol = _Subscriber
     initialDelay = 0.2
     maxDelay = 1.0
@@ -336,4 +336,5 @@ def subscribe(
     factory = _SubscriberFactory()
     factory.on_message = on_message
     factory.startConnecting(HostnameEndpoint(reactor, host, port, timeout=max(1, int(timeout))))
-    return factory.disconnect
+    stop: Callable[[], Any] = factory.disconnect
+    return stop

@@ -252,7 +252,7 @@ class ConfigFollower(service.Service):
         return load(path, self.overlay, f"<pushed config v{self.version}>")
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         if self.subscribe is not None:
             self._stop_subscription = self.subscribe(self.on_message)
         self._poll = task.LoopingCall(self.check)
@@ -260,7 +260,7 @@ class ConfigFollower(service.Service):
         self._poll.start(self.poll_interval, now=True)
 
     def stopService(self) -> Any:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self._poll is not None and self._poll.running:
             self._poll.stop()
         if self._stop_subscription is not None:

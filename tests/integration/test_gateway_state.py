@@ -179,8 +179,9 @@ def test_push_reaches_both_gateways_rollback_and_invalid_push(
     assert status(gw1)["current"] == 1
 
     # v2 lifts the block; rollback returns to v1 on both.
-    allow = write_policy(tmp_path, "rule nothing\n    match sender nobody@nowhere.test\n"
-                         "    action reject\n")
+    allow = write_policy(
+        tmp_path, "rule nothing\n    match sender nobody@nowhere.test\n    action reject\n"
+    )
     assert "published v2" in gw2.cli("config", "push", str(allow)).stdout
     wait_until(lambda: applied_everywhere(gw1, 2), timeout=10, what="v2 on both gateways")
     assert send(gw2, "blocked@spam.test") == (250, "")

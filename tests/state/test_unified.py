@@ -134,9 +134,7 @@ class FakeResult:
         self.ok = not error
 
 
-def test_the_follower_applies_keeps_and_reports_versions(
-    node_config: Path, tmp_path: Path
-) -> None:
+def test_the_follower_applies_keeps_and_reports_versions(node_config: Path, tmp_path: Path) -> None:
     config = load(str(node_config))
     data = config.server.data_dir
     state = EmbeddedState(data)
