@@ -308,7 +308,6 @@ class ConfigFollower(service.Service):
     def apply(self, version: int, blob: bytes) -> defer.Deferred[None]:
         """Apply ``version`` (its ``blob``); report the outcome."""
         previous_version, previous_overlay = self.version, self.overlay
-        started = time.time()
         try:
             bundle = read_bundle(blob)
             rules_path = write_rules(self.data_dir, version, bundle)
@@ -335,7 +334,7 @@ class ConfigFollower(service.Service):
             "applied pushed config v{version} ({delay})",
             version=version,
             delay=(
-                f"{started - float(pushed_at):.3f}s after the push"
+                f"{time.time() - float(pushed_at):.3f}s after the push"
                 if isinstance(pushed_at, int | float)
                 else "time of push unknown"
             ),
