@@ -6,6 +6,7 @@ resume once Redis is back."""
 
 from __future__ import annotations
 
+import imaplib
 import json
 import poplib
 import re
@@ -63,6 +64,7 @@ def gateways(
                     "cluster": {"node_name": name},
                     "policy": {"rules_file": str(rules)},
                     "pop3": {"allow_plaintext_auth": "yes"},
+                    "imap": {"workers": "1", "allow_plaintext_auth": "yes"},
                     "directory": {
                         "auth_failure_delay": "0.05s",
                         "auth_max_delay": "0.1s",
@@ -103,6 +105,17 @@ def pop3_login(node: MailgwServer, password: str) -> str:
         pop.quit()
 
 
+def imap_login(node: MailgwServer, password: str) -> str:
+    imap = imaplib.IMAP4("127.0.0.1", node.ports["imap"], timeout=30)
+    try:
+        imap.login(ALICE, password)
+        imap.logout()
+        return "ok"
+    except imaplib.IMAP4.error as e:
+        imap.shutdown()
+        return str(e)
+
+
 def status(node: MailgwServer) -> dict[str, object]:
     result = node.cli("config", "status", "--json", check=False)
     loaded: dict[str, object] = json.loads(result.stdout)
@@ -139,12 +152,13 @@ def test_a_brute_force_spread_over_both_gateways_is_locked_out_on_both(
 ) -> None:
     gw1, gw2 = gateways
     assert pop3_login(gw1, "wrong 1") != "ok"
-    assert pop3_login(gw2, "wrong 2") != "ok"
+    assert "AUTHENTICATIONFAILED" in imap_login(gw2, "wrong 2")  # in an IMAP worker process
     assert pop3_login(gw1, "wrong 3") != "ok"
     # Three failures in all (none of the gateways saw three): the account is locked on both,
     # the right password fails as a wrong one does.
     assert pop3_login(gw1, PASSWORD) == "-ERR [AUTH] Authentication failed"
     assert pop3_login(gw2, PASSWORD) == "-ERR [AUTH] Authentication failed"
+    assert "AUTHENTICATIONFAILED" in imap_login(gw1, PASSWORD)
     assert "auth lockout: account alice@example.test" in gw1.log() + gw2.log()
 
 
