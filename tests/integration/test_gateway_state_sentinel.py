@@ -103,3 +103,13 @@ def test_gateways_keep_serving_through_a_sentinel_failover(
     wait_until(counted_in_new_master, timeout=30, what="counters in the new master")
     print(f"shared counters resumed {time.monotonic() - killed:.1f}s after the master was killed")
     assert b"before@failover.test" in replica.call("KEYS", "mailgw:rate:*")  # replicated
+    # The config channel follows the new master too: a push reaches both gateways.
+    (tmp_path / "pushed.txt").write_text(
+        "rule pushed\n    match sender blocked@spam.test\n    action reject\n"
+    )
+    policy = tmp_path / "policy.ini"
+    policy.write_text("[policy]\nrules_file = pushed.txt\n")
+    assert "published v1" in gateways[0].cli("config", "push", str(policy)).stdout
+    for node in gateways:
+        node.wait_for_log("applied pushed config v1", timeout=15)
+        assert send(node, "blocked@spam.test") == 550
