@@ -13,8 +13,8 @@ from typing import Any
 
 from mailgw.cli.context import Context, Failure
 
-WAIT = 10.0
-"""Seconds a command waits for the gateway state."""
+MIN_WAIT = 3.0
+"""Seconds a command waits for Redis at least (else six times ``[state] timeout``)."""
 
 
 def run_state(config: Any, action: Callable[[Any], Any]) -> Any:
@@ -38,6 +38,7 @@ def run_state(config: Any, action: Callable[[Any], Any]) -> Any:
 
     reactor: Any = _reactor
     handler, close = connect_redis(config.state, config.state.timeout)
+    wait = max(MIN_WAIT, 6 * config.state.timeout)
     result: list[Any] = []
 
     def finish(value: Any) -> None:
@@ -46,7 +47,7 @@ def run_state(config: Any, action: Callable[[Any], Any]) -> Any:
         d.addBoth(lambda _: reactor.stop())
 
     def start() -> None:
-        d = with_timeout(action(RedisState(handler)), WAIT, reactor)
+        d = with_timeout(action(RedisState(handler)), wait, reactor)
         d.addBoth(finish)
 
     reactor.callWhenRunning(start)
@@ -56,7 +57,7 @@ def run_state(config: Any, action: Callable[[Any], Any]) -> Any:
         from mailgw.state.failover import StateTimeout
 
         if value.check(StateTimeout):
-            raise Failure(f"no answer from Redis ({where(config)}) in {WAIT:g}s")
+            raise Failure(f"no answer from Redis ({where(config)}) in {wait:g}s: nothing done")
         if value.check(LookupError):
             raise Failure(str(value.value))
         raise Failure(f"gateway state ({where(config)}): {value.getErrorMessage()}")

@@ -188,3 +188,30 @@ def test_follower_load_reads_the_file_with_the_overlay(node_config: Path) -> Non
     )
     follower.overlay = "[mx]\nmax_errors = 7\n"
     assert settings.loader(str(node_config)).mx.max_errors == 7
+
+
+def test_push_with_redis_unreachable_fails_and_says_so(
+    node_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from mailgw.testing.server import REPO, free_port
+
+    port = free_port()  # nothing listens there
+    node_config.write_text(
+        node_config.read_text() + f"[state]\nbackend = redis\nredis = 127.0.0.1:{port}\n"
+    )
+    # In a process of its own: the command runs (and stops) the global reactor.
+    result = subprocess.run(
+        [sys.executable, "-m", "mailgw.cli", "--config", str(node_config), "config", "push"]
+        + [str(policy(tmp_path, ""))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )
+    assert result.returncode == 1
+    assert f"no answer from Redis (127.0.0.1:{port}) in 3s: nothing done" in result.stderr
