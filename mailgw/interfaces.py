@@ -89,6 +89,87 @@ class IAuthPenalty(Interface):
 
 
 # ---------------------------------------------------------------------------------------------
+# Gateway state: what the gateways of a cluster share (mailgw.state).
+
+
+class IMailboxNodes(Interface):
+    """Where each user's mailbox lives: the name of its backend node (``[cluster]
+    mailbox_nodes`` names the nodes' addresses). Implemented by the gateway state
+    (``mailgw.state``: shared through Redis, or in SQLite on one node). Readers (gateway to
+    backend forwarding, nginx ``auth_http``) call ``get``; ``mailgw user move`` calls ``set``.
+    ``user`` is the full address, compared lower-case."""
+
+    def get(user: str) -> Deferred[str | None]:
+        """Deferred firing with the node name of ``user``'s mailbox, None when not recorded
+        (then the reader's default node applies)."""
+
+    def set(user: str, node: str | None) -> Deferred[None]:
+        """Record ``user``'s node (None: forget it, back to the default)."""
+
+
+class IGatewayState(Interface):
+    """The gateway database: small shared values every gateway node reads and writes (rate
+    counters, auth failures and lockouts, reputation counters, mailbox nodes, the unified
+    configuration). Every call returns a Deferred; keys and hash names are text, values bytes.
+
+    Implementations (``mailgw.state``): ``EmbeddedState`` (memory, plus SQLite under
+    ``data_dir`` for what must survive a restart: mailbox nodes, config versions) and
+    ``RedisState`` (txredisapi, shared by the gateways); ``FailoverState`` puts an embedded
+    one behind a Redis one: a Redis call that fails or takes longer than ``[state] timeout``
+    is answered locally until Redis answers again. The contract both implementations pass:
+    ``tests/state/test_contract.py``.
+    """
+
+    nodes = Attribute("The ``IMailboxNodes`` of this state (user -> backend node).")
+
+    def hit(key: str, window: float) -> Deferred[int]:
+        """Count one event for ``key`` now; fires with the number of its events in the last
+        ``window`` seconds, this one included (a sliding window, atomic across nodes)."""
+
+    def incr(key: str, amount: int = 1, ttl: float = 0) -> Deferred[int]:
+        """Add ``amount`` to the counter ``key`` (0 when missing); fires with the new value.
+        ``ttl`` > 0: the counter expires ``ttl`` seconds after it was created."""
+
+    def get(key: str) -> Deferred[bytes | None]:
+        """The value set at ``key`` (None when missing or expired)."""
+
+    def set(key: str, value: bytes, ttl: float = 0) -> Deferred[None]:
+        """Set ``key`` to ``value``; ``ttl`` > 0: it expires after ``ttl`` seconds."""
+
+    def delete(key: str) -> Deferred[None]:
+        """Forget ``key`` (a value, a counter or a ``hit`` window)."""
+
+    def hincr(name: str, field: str, amount: int = 1) -> Deferred[int]:
+        """Add ``amount`` to ``field`` of the hash ``name``; fires with the new value."""
+
+    def hset(name: str, field: str, value: bytes) -> Deferred[None]:
+        """Set ``field`` of the hash ``name``."""
+
+    def hgetall(name: str) -> Deferred[dict[str, bytes]]:
+        """Every field of the hash ``name`` (empty when missing)."""
+
+    def hdel(name: str, field: str) -> Deferred[None]:
+        """Remove ``field`` from the hash ``name``."""
+
+    def config_publish(blob: bytes) -> Deferred[int]:
+        """Store ``blob`` as the next version of the unified config, make it current, tell
+        every node; fires with its version number (1, 2, ...)."""
+
+    def config_current() -> Deferred[tuple[int, bytes] | None]:
+        """The current version and its blob (None: nothing published yet)."""
+
+    def config_rollback() -> Deferred[int]:
+        """Make the version before the current one current again (and tell every node);
+        fires with it. ``LookupError`` when there is none."""
+
+    def config_report(node: str, info: bytes) -> Deferred[None]:
+        """Record what node ``node`` applied (JSON: version, time, error)."""
+
+    def config_nodes() -> Deferred[dict[str, bytes]]:
+        """Every node's last report."""
+
+
+# ---------------------------------------------------------------------------------------------
 # Spool: durable queue of accepted messages.
 
 

@@ -22,12 +22,16 @@ _NOISY_FORMATS = frozenset(
     {
         "Starting factory {factory!r}",  # twisted.internet.protocol.Factory.doStart
         "Stopping factory {factory!r}",
+        # ClientService (txredisapi's reconnecting Redis connections): the gateway state logs
+        # "Redis unreachable" once instead of every attempt
+        "Scheduling retry {attempt} to connect {endpoint} in {delay} seconds.",
     }
 )
 _NOISY_LEGACY = re.compile(
     r".+ starting on \S+"  # tcp/udp/unix Port.startListening: "MXFactory starting on 8025"
     r"|\((?:TCP |UDP |UNIX )?Port \S+ Closed\)"  # Port.connectionLost
-    r"|(?:Starting|Stopping) protocol <.*>",  # AbstractDatagramProtocol.doStart/doStop
+    r"|(?:Starting|Stopping) protocol <.*>"  # AbstractDatagramProtocol.doStart/doStop
+    r"|Discarding dead connection\.|txredisapi: Can't get address from Sentinel: .*",
     re.DOTALL,
 )
 

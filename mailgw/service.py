@@ -61,6 +61,20 @@ class Node(service.MultiService):
             ) from None
         if not os.access(data_dir, os.W_OK):
             raise ConfigError(config.path, "server", "data_dir", f"not writable: {data_dir}")
+        from mailgw.state import StateService, build_state
+        from mailgw.state.unified import startup_config
+
+        # The last-good pushed unified config (if any) on top of the file, Redis up or not.
+        config, pushed_version, pushed_overlay = startup_config(config)
+        self.config = config
+        # What the gateways share ([state]): counters, lockouts, mailbox nodes, config.
+        self.state_setup = build_state(config, reactor)
+        self.gateway_state = self.state_setup.state
+        """``IGatewayState``; ``gateway_state.nodes`` is the ``IMailboxNodes`` (user ->
+        backend node) that forwarding and ``auth_http`` read."""
+        # Started after the roles, stopped before them (not children: the node's children are
+        # the journal's tail and the roles' services).
+        self.state_service = StateService(self.state_setup)
         self.directory = build_directory(config, reactor)
         # [cluster] mailbox_nodes: which node holds each user's mailbox (None: all local).
         self.mailbox_map = build_mailbox_map(config)
@@ -101,10 +115,12 @@ class Node(service.MultiService):
             self.webhooks.setServiceParent(self)
         self.tls = ServerTLSSet(config)  # one ServerTLS per service, renewed on reload
         self.tls_options = self.tls.get("smtp")  # SMTP's (no ALPN ID); POP3, IMAP: theirs
+        # The quarantine and the checks the SMTP roles add to their own (rules, antivirus...).
+        from mailgw.policy.ratelimit import StateRateCounter
         from mailgw.policy.setup import build_policy
 
-        # The quarantine and the checks the SMTP roles add to their own (rules, antivirus...).
-        self.policy = build_policy(config, self.directory, reactor, run_io)
+        shared_counter = StateRateCounter(self.gateway_state) if self.state_setup.redis else None
+        self.policy = build_policy(config, self.directory, reactor, run_io, shared_counter)
         reputation = self.policy.reputation
         if reputation is not None:  # bounces and deliveries move reputations
             self.tracker.listeners.append(
@@ -133,6 +149,7 @@ class Node(service.MultiService):
         """The running config: SIGHUP and ``mailgw reload`` re-read it (``reload``); a part
         holding config values subscribes its ``reconfigure`` (roles: ``RoleSpec``)."""
         self._subscribe_parts(enabled)
+        self.config_follower = self._follow_unified_config(pushed_version, pushed_overlay)
         self._sighup_installed = False
         self._previous_sighup: Any = None
 
@@ -159,6 +176,34 @@ class Node(service.MultiService):
                 reconfigure = getattr(target, "reconfigure", None)
                 if callable(reconfigure):
                     settings.subscribe(reconfigure, role.check)
+
+    def _follow_unified_config(self, version: int, overlay: str) -> Any:
+        """The pushed unified config (``mailgw config push``): followed through Redis pub/sub
+        (and a poll as safety net), or by polling the embedded state's SQLite file."""
+        from mailgw.state.unified import ConfigFollower
+
+        config = self.config
+        subscriber: Any = None
+        if self.state_setup.redis:
+            from mailgw.state.redis import subscribe
+
+            subscriber = partial(subscribe, config.state, self.reactor, config.state.timeout)
+        follower = ConfigFollower(
+            self.gateway_state,
+            self.settings,
+            self.reload,
+            config.server.data_dir,
+            config.cluster.node_name or config.server.hostname,
+            self.reactor,
+            version,
+            overlay,
+            subscriber,
+            poll_interval=5.0 if self.state_setup.redis else 1.0,
+        )
+        on_recover = getattr(self.gateway_state, "on_recover", None)
+        if on_recover is not None:
+            on_recover.append(follower.resync)
+        return follower
 
     def _set_config(self, config: Config) -> None:
         self.config = config
@@ -242,9 +287,13 @@ class Node(service.MultiService):
             )
             for name, cap in budget.roles.items()
         }
-        self.auth_penalty = MemoryAuthPenalty(
-            self.reactor, PenaltyPolicy.from_config(config.directory)
-        )
+        penalty_policy = PenaltyPolicy.from_config(config.directory)
+        if self.state_setup.redis:  # failures and lockouts shared by the gateways
+            from mailgw.directory.penalty import StateAuthPenalty
+
+            self.auth_penalty: Any = StateAuthPenalty(self.gateway_state, penalty_policy)
+        else:
+            self.auth_penalty = MemoryAuthPenalty(self.reactor, penalty_policy)
         self.auth = AuthGuard(self.directory, self.auth_penalty, self.reactor)
 
     twistd_options: Any = None
@@ -265,6 +314,9 @@ class Node(service.MultiService):
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
             self._sighup_installed = True
             self._write_pid_file()
+        # After the SIGHUP handler: the first read of the unified config takes a moment.
+        self.state_service.startService()
+        self.config_follower.startService()
 
     @property
     def pid_file(self) -> str:
@@ -292,7 +344,16 @@ class Node(service.MultiService):
             self._sighup_installed = False
             signal.signal(signal.SIGHUP, self._previous_sighup or signal.SIG_DFL)
             self._remove_pid_file()
-        d = super().stopService()
+        from twisted.internet import defer
+
+        first = defer.DeferredList(
+            [
+                defer.maybeDeferred(self.config_follower.stopService),
+                defer.maybeDeferred(self.state_service.stopService),
+            ],
+            consumeErrors=True,
+        )
+        d = first.addCallback(lambda _: super(Node, self).stopService())
 
         def stop_pool(result: object) -> object:
             # Joins the threads: work already started (a commit, a delivery) finishes first.

@@ -320,8 +320,9 @@ def cmd_reload(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def register_config_commands(group: Any, command: Any, top: Any) -> None:
-    """``config check``, ``config show`` and the top-level ``reload``."""
-    config = group("config", "check or show the configuration")
+    """``config check``, ``config show``, ``config push|status|rollback`` (unified config:
+    ``mailgw.cli.unified``) and the top-level ``reload``."""
+    config = group("config", "check, show or push the configuration")
     p = command(config, "check", cmd_config_check, "validate the config file (exit 1 on problems)")
     p.set_defaults(as_data_owner=False)  # report a bad file as problems, whoever runs it
     p = command(config, "show", cmd_config_show, "print the effective configuration")
@@ -331,6 +332,9 @@ def register_config_commands(group: Any, command: Any, top: Any) -> None:
         action="store_true",
         help="only keys set to other values than their defaults (postconf -n)",
     )
+    from mailgw.cli.unified import register_unified_commands
+
+    register_unified_commands(config, command)
     p = top.add_parser(
         "reload",
         help="make the running server re-read its config (SIGHUP)",

@@ -94,6 +94,7 @@ RELOADABLE: dict[str, frozenset[str]] = {
             "status_interval",
         }
     ),
+    "policy": frozenset({"rules_file"}),  # the rules file is read again on every reload
     "channel": frozenset({_ALL}),
     "route": frozenset({_ALL}),
     "dns": frozenset(

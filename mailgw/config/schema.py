@@ -1385,6 +1385,53 @@ class LogConfig:
     )
 
 
+def _redis_host_port(default_port: int) -> Callable[[str], str]:
+    def parse(s: str) -> str:
+        s = s.strip()
+        host, sep, port = s.rpartition(":")
+        if not sep:
+            host, port = s, str(default_port)
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected HOST:PORT, got {s!r}")
+        return f"{host}:{int(port)}"
+
+    return parse
+
+
+def _host_ports(s: str) -> tuple[str, ...]:
+    parse = _redis_host_port(26379)
+    return tuple(parse(item) for item in s.split())
+
+
+def _state_timeout(s: str) -> float:
+    value = v.parse_duration(s)
+    if value <= 0:
+        raise ValueError("must be more than 0")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """[state]: the gateway state (counters, lockouts, mailbox nodes, unified config) shared
+    by the gateways (docs/operations.md "Gateway state and unified configuration")."""
+
+    backend: str = key(
+        "embedded",
+        _one_of("embedded", "redis"),
+        "embedded (memory + SQLite in data_dir, one node) or redis (shared by the gateways).",
+    )
+    redis: str = key("127.0.0.1:6379", _redis_host_port(6379), "Redis HOST:PORT (backend = redis).")
+    sentinels: tuple[str, ...] = key(
+        "", _host_ports, "Redis Sentinels HOST:PORT ...; set: the master comes from them."
+    )
+    master_name: str = key("mailgw", _text, "The Sentinel service name of the Redis master.")
+    timeout: float = key(
+        "500ms",
+        _state_timeout,
+        "Longest wait for one Redis call; slower or unreachable: local state is used.",
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
@@ -1408,6 +1455,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     antivirus: AntivirusConfig = field(default_factory=AntivirusConfig)
     inbound_auth: InboundAuthConfig = field(default_factory=InboundAuthConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     lmtp: LMTPConfig = field(default_factory=LMTPConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
@@ -1431,6 +1479,7 @@ _SECTIONS: dict[str, type] = {
     "mx": MXConfig,
     "pop3": POP3Config,
     "imap": IMAPConfig,
+    "state": StateConfig,
     "relay": RelayConfig,
     "submission": SubmissionConfig,
     "tracking": TrackingConfig,
@@ -1472,14 +1521,20 @@ def schema() -> dict[str, list[tuple[str, str, str]]]:
     return out
 
 
-def load(path: str) -> Config:
-    """Read and validate ``path``; raise ConfigError on the first problem found."""
+def load(path: str, overlay: str = "", overlay_name: str = "<overlay>") -> Config:
+    """Read and validate ``path``; raise ConfigError on the first problem found.
+
+    ``overlay``: INI text read after the file, its keys replacing the file's (the unified
+    configuration's pushed version: ``mailgw.state.configsvc``); its relative paths are
+    taken from the file's folder too."""
     path = os.path.abspath(path)
     parser = configparser.ConfigParser(interpolation=None, strict=True, empty_lines_in_values=False)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     try:
         with open(path, encoding="utf-8") as f:
             parser.read_file(f)
+        if overlay:
+            parser.read_string(overlay, source=overlay_name)
     except OSError as e:
         raise ConfigError(path, "-", None, f"cannot read config file: {e.strerror}") from None
     except configparser.Error as e:

@@ -184,6 +184,68 @@ class MemoryAuthPenalty:
         return len(stamps)
 
 
+@implementer(IAuthPenalty)
+class StateAuthPenalty:
+    """``IAuthPenalty`` on the gateway state (``IGatewayState``), the same schedule as
+    ``MemoryAuthPenalty``: with the Redis state, failures on every gateway count together and
+    a lockout holds on all of them. Keys: ``auth:fail:user:NAME`` / ``auth:fail:ip:ADDR``
+    (``hit`` windows of ``window`` seconds), ``auth:lock:user:NAME`` / ``auth:lock:ip:ADDR``
+    (set for ``lockout`` seconds)."""
+
+    def __init__(self, state: Any, policy: PenaltyPolicy | None = None) -> None:
+        self.state = state
+        self.policy = policy if policy is not None else PenaltyPolicy()
+
+    def set_policy(self, policy: PenaltyPolicy) -> None:
+        """A reloaded schedule: applies to the next failure."""
+        self.policy = policy
+
+    def locked(self, user: str, ip: str) -> defer.Deferred[bool]:
+        keys = MemoryAuthPenalty._keys(user, ip)
+        ds = [self.state.get(f"auth:lock:{kind}:{name}") for kind, name in keys]
+        d: defer.Deferred[Any] = defer.gatherResults(ds, consumeErrors=True)
+        return d.addCallback(lambda values: any(v is not None for v in values)).addErrback(
+            lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f
+        )
+
+    def failed(self, user: str, ip: str) -> defer.Deferred[float]:
+        policy = self.policy
+        keys = MemoryAuthPenalty._keys(user, ip)
+
+        @defer.inlineCallbacks
+        def count() -> Any:
+            counts = []
+            for kind, name in keys:
+                n = int((yield self.state.hit(f"auth:fail:{kind}:{name}", policy.window)))
+                counts.append(n)
+                threshold = policy.account_failures if kind == "user" else policy.address_failures
+                if threshold and n >= threshold:
+                    lock = f"auth:lock:{kind}:{name}"
+                    if (yield self.state.get(lock)) is None:
+                        yield self.state.set(lock, b"1", policy.lockout)
+                        log.warn(
+                            "auth lockout: {kind} {name} locked for {lockout}s after {n} failed "
+                            "logins in {window}s (last: user {user!r} from {ip})",
+                            kind="account" if kind == "user" else "address",
+                            name=name,
+                            lockout=policy.lockout,
+                            n=n,
+                            window=policy.window,
+                            user=user,
+                            ip=ip or "-",
+                        )
+            return policy.delay(max(counts, default=1))
+
+        d: defer.Deferred[float] = count()
+        return d
+
+    def succeeded(self, user: str, ip: str) -> defer.Deferred[None]:
+        if not user:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = self.state.delete(f"auth:fail:user:{user}")
+        return d
+
+
 def penalty_user(name: str) -> str:
     """The account key of a login name: trimmed, lower-case (``""`` for none)."""
     return name.strip().lower() if isinstance(name, str) else ""

@@ -200,7 +200,7 @@ class WorkerPool(service.MultiService):
         max_restart_delay: float = 30.0,
         stop_timeout: float = 10.0,
         counter: ConnectionCounter | None = None,
-        penalty: MemoryAuthPenalty | None = None,
+        penalty: Any = None,
         changes: IChangeLog | None = None,
     ) -> None:
         super().__init__()
@@ -400,14 +400,8 @@ class WorkerPool(service.MultiService):
                 worker.send({"op": "reply", "id": message["id"], "ok": ok})
             elif op == "logout":
                 self.limits.logout(str(message["user"]), worker)
-            elif op == "auth_locked":
-                locked = self.penalty.is_locked(str(message["user"]), str(message["ip"]))
-                worker.send({"op": "reply", "id": message["id"], "ok": locked})
-            elif op == "auth_failed":
-                delay = self.penalty.record_failure(str(message["user"]), str(message["ip"]))
-                worker.send({"op": "reply", "id": message["id"], "ok": True, "delay": delay})
-            elif op == "auth_ok":
-                self.penalty.record_success(str(message["user"]), str(message["ip"]))
+            elif op in ("auth_locked", "auth_failed", "auth_ok"):
+                self._penalty(worker, op, message)
             elif op == "changed":
                 if self.changes is not None:
                     self._hinted()
@@ -480,6 +474,30 @@ class WorkerPool(service.MultiService):
     def _metrics_arrived(self, worker: WorkerProcess) -> None:
         for d in self._metrics_waiting.pop(worker, []):
             d.callback(None)
+
+    def _penalty(self, worker: Any, op: str, message: dict[str, Any]) -> None:
+        """A worker's question to the node's auth penalty (``IAuthPenalty``: in memory, or
+        the gateway state's, which answers later); its reply, if it waits for one."""
+        user, ip = str(message["user"]), str(message["ip"])
+        if op == "auth_ok":
+            done: defer.Deferred[Any] = defer.maybeDeferred(self.penalty.succeeded, user, ip)
+            done.addErrback(lambda f: log.failure("auth penalty: recording a success", f))
+            return
+        ident = message["id"]
+        if op == "auth_locked":
+            d: defer.Deferred[Any] = defer.maybeDeferred(self.penalty.locked, user, ip)
+            d.addCallback(lambda locked: {"ok": bool(locked)})
+        else:
+            d = defer.maybeDeferred(self.penalty.failed, user, ip)
+            d.addCallback(lambda delay: {"ok": True, "delay": float(delay)})
+
+        def failed(failure: Failure) -> dict[str, Any]:
+            log.failure("auth penalty: {op} failed", failure, op=op)
+            # not known to be locked; a failure waits the base delay
+            return {"ok": op != "auth_locked", "delay": self.penalty.policy.base_delay}
+
+        d.addErrback(failed)
+        d.addCallback(lambda fields: worker.send({"op": "reply", "id": ident, **fields}))
 
     def balance(self) -> None:
         """Least connections: a ready worker holding more than ``BALANCE_SLACK`` connections

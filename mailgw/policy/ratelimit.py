@@ -65,3 +65,16 @@ class MemoryRateCounter:
             oldest = sorted(self._events, key=lambda k: self._events[k][1][-1])
             for k in oldest[: len(oldest) // 2]:
                 del self._events[k]
+
+
+@implementer(IRateCounter)
+class StateRateCounter:
+    """``IRateCounter`` on the gateway state (``IGatewayState.hit``): with the Redis state,
+    a ``rate`` rule counts the messages of every gateway together. Keys are ``rate:KEY``."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def hit(self, key: str, window: float) -> Deferred[int]:
+        d: Deferred[int] = self.state.hit("rate:" + key, window)
+        return d

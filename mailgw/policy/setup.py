@@ -45,14 +45,9 @@ class PolicySetup:
     """The ``IRateCounter`` of the rules' ``rate`` matches (kept across reloads)."""
 
     def _load(self, config: Any) -> list[Any] | None:
-        path = config.policy.rules_file
-        if self.rules is None or not path:
+        if self.rules is None:
             return None
-        channels = [c.name for c in config.channels] or ["direct"]
-        try:
-            return load_rules(path, self.rate_counter, channels)
-        except RulesError as e:
-            raise ConfigError(config.path, "policy", "rules_file", str(e)) from None
+        return read_rules(config, self.rate_counter)
 
     def check(self, config: Any) -> None:
         """Refuse a reload whose rules file has an error (the running rules stay)."""
@@ -60,14 +55,14 @@ class PolicySetup:
 
     def reconfigure(self, config: Any) -> None:
         """Re-read the rules file on reload (SIGHUP, ``mailgw reload``, the admin API's
-        ``PUT /api/v1/rules``). Turning rules on or off needs a restart."""
+        ``PUT /api/v1/rules``, a pushed unified config); no file: no rules."""
         rules = self._load(config)
         if rules is not None and self.rules is not None:
             self.rules.replace(rules)
             log.info(
                 "security rules: {n} from {path} (reloaded)",
                 n=len(rules),
-                path=config.policy.rules_file,
+                path=config.policy.rules_file or "-",
             )
 
 
@@ -100,22 +95,17 @@ def build_policy(
     ``rate_counter``: the ``IRateCounter`` of ``rate`` matches (default: in memory)."""
     quarantine = QuarantineStore(quarantine_dir(config.server.data_dir), run=run, clock=clock)
     setup = PolicySetup(quarantine)
-    path = config.policy.rules_file
     counter = rate_counter if rate_counter is not None else MemoryRateCounter(clock)
-    if path:
-        channels = [c.name for c in config.channels] or ["direct"]
-        try:
-            rules = load_rules(path, counter, channels)
-        except RulesError as e:
-            raise ConfigError(config.path, "policy", "rules_file", str(e)) from None
-        check = RulesCheck(
-            rules, directory.is_local_domain, content_limits(config), every_stage=True
-        )
-        setup.rules = check
-        setup.rate_counter = counter
-        setup.inbound.append(check)
-        setup.outbound.append(check)
-        log.info("security rules: {n} from {path}", n=len(rules), path=path)
+    setup.rate_counter = counter
+    rules = read_rules(config, counter)
+    # Always there (empty without a file), at every stage: a reload or a pushed unified
+    # config may bring rules later, at any stage.
+    check = RulesCheck(rules, directory.is_local_domain, content_limits(config), every_stage=True)
+    setup.rules = check
+    setup.inbound.append(check)
+    setup.outbound.append(check)
+    if config.policy.rules_file:
+        log.info("security rules: {n} from {path}", n=len(rules), path=config.policy.rules_file)
     from mailgw.policy.hygiene import HeaderHygieneCheck
 
     # When we write Authentication-Results or X-Virus-Scanned ourselves, nobody else may.
@@ -137,3 +127,16 @@ def build_policy(
             r=r.rspamd or "-",
         )
     return setup
+
+
+def read_rules(config: Any, counter: Any) -> list[Any]:
+    """The rules of ``[policy] rules_file`` (none without one); ``ConfigError`` holding
+    ``file:line: ...`` when the file has an error."""
+    path = config.policy.rules_file
+    if not path:
+        return []
+    channels = [c.name for c in config.channels] or ["direct"]
+    try:
+        return load_rules(path, counter, channels)
+    except RulesError as e:
+        raise ConfigError(config.path, "policy", "rules_file", str(e)) from None
