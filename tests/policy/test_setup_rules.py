@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from mailgw.config import ConfigError, load
 from mailgw.config.reload import ReloadableConfig
 from mailgw.policy.pipeline import Stage
-from mailgw.policy.setup import build_policy, check_rules, reconfigure_rules
+from mailgw.policy.setup import build_policy
 
 
 class Directory:
@@ -26,9 +26,9 @@ def test_rules_are_replaced_on_reload_and_a_bad_file_is_refused(tmp_path: Path) 
     setup = build_policy(config, Directory(), Clock())
     assert setup.rules is not None and setup.rules.rules == ()
     assert setup.rules in setup.inbound and setup.rules in setup.outbound
-    assert setup.rules.stages == {Stage.MAIL, Stage.RCPT, Stage.DATA}
+    assert {Stage.MAIL, Stage.RCPT, Stage.DATA} <= setup.rules.stages  # every stage
     settings = ReloadableConfig(config)
-    settings.subscribe(lambda c: reconfigure_rules(setup, c), lambda c: check_rules(setup, c))
+    settings.subscribe(setup.reconfigure, setup.check)
     rules = tmp_path / "rules.txt"
     rules.write_text("rule a\n    match sender x@y.test\n    action reject\n")
     ini.write_text(ini.read_text() + "[policy]\nrules_file = rules.txt\n")
@@ -40,4 +40,4 @@ def test_rules_are_replaced_on_reload_and_a_bad_file_is_refused(tmp_path: Path) 
     assert "rules.txt:2" in result.error
     assert [r.name for r in setup.rules.rules] == ["a"]  # the running rules stay
     with pytest.raises(ConfigError):
-        check_rules(setup, load(str(ini)))
+        setup.check(load(str(ini)))
