@@ -775,6 +775,20 @@ class HTTPConfig:
     idle_timeout: float = key("1m", v.parse_duration, "Close an idle HTTP connection after this.")
 
 
+@dataclass(frozen=True)
+class WebmailConfig:
+    """[webmail] the webmail at / of the http role (docs/webmail.md); needs [http] enabled."""
+
+    enabled: bool = key("no", v.parse_bool, "Serve the webmail at / on the http role's listeners.")
+    session_timeout: float = key(
+        "30m", v.parse_duration, "Log a browser out after this long without a request."
+    )
+    max_upload_size: int = key(
+        "25M", v.parse_size, "Largest total size of the attachments of one message sent."
+    )
+    page_size: int = key("50", v.parse_positive_int, "Messages (or conversations) per list page.")
+
+
 _PREFIXED: dict[str, type] = {"channel": ChannelConfig, "route": RouteConfig}
 
 
@@ -902,6 +916,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     antivirus: AntivirusConfig = field(default_factory=AntivirusConfig)
     inbound_auth: InboundAuthConfig = field(default_factory=InboundAuthConfig)
+    webmail: WebmailConfig = field(default_factory=WebmailConfig)
 
     @property
     def tls_enabled(self) -> bool:
@@ -925,6 +940,7 @@ _SECTIONS: dict[str, type] = {
     "inbound_auth": InboundAuthConfig,
     "policy": PolicyConfig,
     "http": HTTPConfig,
+    "webmail": WebmailConfig,
 }
 
 # Keys whose value is a file path, resolved against the config file's folder.

@@ -1,0 +1,165 @@
+"""How the webmail reads and changes a user's folders: ``IMailReader`` and its local-store
+implementation (``StoreReader``); an IMAP-backed reader plugs in behind the same contract."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from zope.interface import Interface, implementer
+
+from mailgw.interfaces import MailboxNotFound
+
+HEADER_READ_LIMIT = 256 * 1024
+"""At most this many bytes are read to find a message's header block."""
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    """A folder as the folder list shows it."""
+
+    name: str
+    total: int
+    unseen: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One message of a folder for the message list: UID, flags, size, arrival time and its
+    header block (raw bytes, parsed by the caller)."""
+
+    uid: int
+    flags: frozenset[str]
+    size: int
+    internaldate: float
+    header: bytes
+
+
+class IMailReader(Interface):
+    """A user's mail as the webmail sees it. Every method returns a Deferred; a missing
+    folder fails with ``MailboxNotFound``, a missing message with ``KeyError``."""
+
+    def folders(user: str) -> defer.Deferred[list[FolderInfo]]:
+        """The user's folders (INBOX first) with their message and unseen counts."""
+
+    def summaries(user: str, folder: str) -> defer.Deferred[list[Summary]]:
+        """Every message of ``folder`` (by UID) with its header block."""
+
+    def fetch(user: str, folder: str, uid: int) -> defer.Deferred[bytes]:
+        """The message's stored bytes."""
+
+    def set_flags(
+        user: str, folder: str, uids: Sequence[int], flags: Sequence[str], add: bool
+    ) -> defer.Deferred[None]:
+        """Add (``add``) or remove ``flags`` on the messages."""
+
+    def move(user: str, folder: str, uids: Sequence[int], dest: str) -> defer.Deferred[None]:
+        """Move the messages into ``dest`` (created when missing)."""
+
+    def expunge(user: str, folder: str, uids: Sequence[int]) -> defer.Deferred[None]:
+        """Remove the messages for good."""
+
+    def append(
+        user: str, folder: str, data: bytes, flags: Sequence[str]
+    ) -> defer.Deferred[int]:
+        """Store a message in ``folder`` (created when missing); fires with its UID."""
+
+
+def header_block(data: bytes) -> bytes:
+    """The header section of a message (up to and including the empty line)."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        i = data.find(sep)
+        if i >= 0:
+            return data[: i + len(sep)]
+    return data
+
+
+@implementer(IMailReader)
+class StoreReader:
+    """``IMailReader`` over the node's own ``IMessageStore`` (the webmail on the node that
+    holds the mailboxes). Store calls are short index reads and file reads: they run in the
+    reactor thread, as the in-process IMAP sessions' do."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def folders(self, user: str) -> defer.Deferred[list[FolderInfo]]:
+        return defer.maybeDeferred(self._folders, user)
+
+    def _folders(self, user: str) -> list[FolderInfo]:
+        out = []
+        for name in self.store.list_mailboxes(user):
+            try:
+                st = self.store.mailbox_status(user, name)
+            except (MailboxNotFound, ValueError):
+                continue
+            out.append(FolderInfo(name, st.messages, st.unseen))
+        if not out or out[0].name != "INBOX":
+            out.insert(0, FolderInfo("INBOX", 0, 0))
+        return out
+
+    def summaries(self, user: str, folder: str) -> defer.Deferred[list[Summary]]:
+        return defer.maybeDeferred(self._summaries, user, folder)
+
+    def _summaries(self, user: str, folder: str) -> list[Summary]:
+        try:
+            box = self.store.open_mailbox(user, folder)
+        except MailboxNotFound:
+            if folder == "INBOX":
+                return []
+            raise
+        out = []
+        for info in box.messages():
+            try:
+                with box.open_message(info.uid) as f:
+                    head = header_block(f.read(HEADER_READ_LIMIT))
+            except (KeyError, OSError):
+                continue
+            out.append(Summary(info.uid, info.flags, info.size, info.internaldate, head))
+        return out
+
+    def fetch(self, user: str, folder: str, uid: int) -> defer.Deferred[bytes]:
+        return defer.maybeDeferred(lambda: bytes(self.store.open_mailbox(user, folder).read_message(uid)))
+
+    def set_flags(
+        self, user: str, folder: str, uids: Sequence[int], flags: Sequence[str], add: bool
+    ) -> defer.Deferred[None]:
+        def run() -> None:
+            self.store.open_mailbox(user, folder).set_flags(uids, flags, "add" if add else "remove")
+
+        return defer.maybeDeferred(run)
+
+    def _ensure(self, user: str, folder: str) -> None:
+        if folder == "INBOX":
+            return
+        if folder not in self.store.list_mailboxes(user):
+            try:
+                self.store.create_mailbox(user, folder)
+            except ValueError:  # created meanwhile
+                pass
+
+    def move(self, user: str, folder: str, uids: Sequence[int], dest: str) -> defer.Deferred[None]:
+        def run() -> None:
+            self._ensure(user, dest)
+            self.store.open_mailbox(user, folder).move_to(list(uids), dest)
+
+        return defer.maybeDeferred(run)
+
+    def expunge(self, user: str, folder: str, uids: Sequence[int]) -> defer.Deferred[None]:
+        def run() -> None:
+            self.store.open_mailbox(user, folder).expunge(list(uids))
+
+        return defer.maybeDeferred(run)
+
+    def append(
+        self, user: str, folder: str, data: bytes, flags: Sequence[str]
+    ) -> defer.Deferred[int]:
+        def run() -> int:
+            self._ensure(user, folder)
+            _validity, uids = self.store.append_messages(user, folder, [(data, list(flags), time.time())])
+            return int(uids[0])
+
+        return defer.maybeDeferred(run)
