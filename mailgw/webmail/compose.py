@@ -100,9 +100,20 @@ def build(
         maintype, _, subtype = (up.content_type or "application/octet-stream").partition("/")
         if not subtype or maintype == "multipart":
             maintype, subtype = "application", "octet-stream"
-        msg.add_attachment(up.data, maintype=maintype, subtype=subtype, filename=up.filename)
+        params = {"charset": "utf-8"} if maintype == "text" and _is_utf8(up.data) else None
+        msg.add_attachment(
+            up.data, maintype=maintype, subtype=subtype, filename=up.filename, params=params
+        )
     data = msg.as_bytes(policy=POLICY)
     return data, [a for _, a in (*to, *cc, *bcc)]
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def guess_type(filename: str, given: str = "") -> str:

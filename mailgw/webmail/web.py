@@ -758,7 +758,7 @@ def multipart_form(request: Any) -> Form:
     request.content.seek(0)
     body = request.content.read()
     head = b"MIME-Version: 1.0\r\nContent-Type: " + ctype + b"\r\n\r\n"
-    msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(head + body)
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
     if not msg.is_multipart():
         raise HTTPError(400, "malformed form")
     for part in msg.get_payload():
@@ -767,10 +767,8 @@ def multipart_form(request: Any) -> Form:
             continue
         name = _header_text(str(name))
         payload = part.get_payload(decode=True) or b""
-        filename = part.get_param("filename", header="content-disposition")
+        filename = part.get_filename()
         if filename is not None:
-            if isinstance(filename, tuple):
-                filename = email.utils.collapse_rfc2231_value(filename)
             fname = _header_text(str(filename)).replace("\\", "/").rsplit("/", 1)[-1]
             if not fname and not payload:
                 continue
