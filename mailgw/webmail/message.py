@@ -29,7 +29,9 @@ def header_text(msg: MessageStructure | Part, name: str) -> str:
 
 def address_list(msg: MessageStructure | Part, name: str) -> list[tuple[str, str]]:
     """(display name, address) of each mailbox in the ``name`` fields."""
-    return [(n, f"{local}@{domain}" if domain else local) for n, local, domain in addresses(msg, name)]
+    return [
+        (n, f"{local}@{domain}" if domain else local) for n, local, domain in addresses(msg, name)
+    ]
 
 
 def format_addresses(items: list[tuple[str, str]]) -> str:
@@ -126,7 +128,9 @@ def read_message(raw: bytes) -> MessageView:
         cid = (part.content_id or b"").decode("latin-1").strip().strip("<>")
         size = len(_decoded(raw, part))
         if not name:
-            ext = {"text/plain": ".txt", "text/html": ".html", "message/rfc822": ".eml"}.get(ctype, ".bin")
+            ext = {"text/plain": ".txt", "text/html": ".html", "message/rfc822": ".eml"}.get(
+                ctype, ".bin"
+            )
             name = f"part-{_section(path)}{ext}"
         view.attachments.append(Attachment(_section(path), name, ctype, size, cid))
     return view

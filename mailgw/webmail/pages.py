@@ -154,7 +154,9 @@ class ListState:
 def _sort_link(state: ListState, key: str, label: str) -> Markup:
     order = "asc" if state.sort == key and state.order == "desc" else "desc"
     arrow = ("▼" if state.order == "desc" else "▲") if state.sort == key else ""
-    return Markup(f'<a href="{esc(state.link(sort=key, order=order, page=1))}">{esc(label)}{arrow}</a>')
+    return Markup(
+        f'<a href="{esc(state.link(sort=key, order=order, page=1))}">{esc(label)}{arrow}</a>'
+    )
 
 
 def message_list(
@@ -169,7 +171,12 @@ def message_list(
     """The folder's list: search, sort links, threading switch, actions, rows, pager."""
     fields = "".join(
         f'<option value="{k}"{" selected" if state.field == k else ""}>{v}</option>'
-        for k, v in (("all", "All 全部"), ("subject", "Subject 主题"), ("from", "From 发件人"), ("body", "Body 正文"))
+        for k, v in (
+            ("all", "All 全部"),
+            ("subject", "Subject 主题"),
+            ("from", "From 发件人"),
+            ("body", "Body 正文"),
+        )
     )
     search = Markup(
         f'<form method="get" action="/mail" class="search"><input type="hidden" name="folder" value="{esc(state.folder)}">'
@@ -180,7 +187,7 @@ def message_list(
     )
     thread_link = Markup(
         f'<a href="{esc(state.link(thread="" if state.thread else "1", page=1))}" id="threads">'
-        f'{"List 列表" if state.thread else "Conversations 会话"}</a>'
+        f"{'List 列表' if state.thread else 'Conversations 会话'}</a>"
     )
     body = []
     for r in rows:
@@ -201,10 +208,18 @@ def message_list(
             )
         )
     pager = Markup(
-        f'<div class="pager">'
-        + (f'<a href="{esc(state.link(page=state.page - 1))}" id="prev">‹ Prev</a>' if state.page > 1 else "")
+        '<div class="pager">'
+        + (
+            f'<a href="{esc(state.link(page=state.page - 1))}" id="prev">‹ Prev</a>'
+            if state.page > 1
+            else ""
+        )
         + f"<span>Page {state.page} / {max(pages, 1)} · {total} messages</span>"
-        + (f'<a href="{esc(state.link(page=state.page + 1))}" id="next">Next ›</a>' if state.page < pages else "")
+        + (
+            f'<a href="{esc(state.link(page=state.page + 1))}" id="next">Next ›</a>'
+            if state.page < pages
+            else ""
+        )
         + "</div>"
     )
     note = Markup(f'<p class="notice">{esc(notice)}</p>') if notice else Markup("")
@@ -217,7 +232,7 @@ def message_list(
         f"{action_buttons(folders, state.folder)}"
         f'<table class="list"><thead><tr><th><input type="checkbox" id="select-all" aria-label="all"></th>'
         f'<th></th><th class="from">{_sort_link(state, "from", "From 发件人")}</th>'
-        f'<th>{_sort_link(state, "subject", "Subject 主题")}</th>'
+        f"<th>{_sort_link(state, 'subject', 'Subject 主题')}</th>"
         f"<th>{_sort_link(state, 'date', 'Date 日期')}</th></tr></thead>"
         f"<tbody>{join(body)}</tbody></table></form>{pager}"
     )
@@ -232,7 +247,9 @@ def action_buttons(folders: Sequence[FolderInfo], current: str) -> Markup:
         else '<button name="op" value="spam" id="op-spam">Spam 垃圾邮件</button>'
     )
     options = "".join(
-        f'<option value="{esc(f.name)}">{esc(f.name)}</option>' for f in folders if f.name != current
+        f'<option value="{esc(f.name)}">{esc(f.name)}</option>'
+        for f in folders
+        if f.name != current
     )
     return Markup(
         '<div class="tools">'
@@ -334,7 +351,9 @@ def compose_page(
 ) -> Markup:
     """The compose form (multipart, so files can be attached)."""
     hidden_inputs = join(
-        Markup(f'<input type="hidden" name="{esc(k)}" value="{esc(v)}">') for k, v in hidden.items() if v
+        Markup(f'<input type="hidden" name="{esc(k)}" value="{esc(v)}">')
+        for k, v in hidden.items()
+        if v
     )
     fwd = join(
         Markup(
@@ -343,8 +362,16 @@ def compose_page(
         )
         for a in forwarded
     )
-    fwd_block = Markup(f"<p>Forwarded attachments 转发的附件:</p><ul>{fwd}</ul>") if forwarded else Markup("")
-    err = Markup(f'<p class="error" role="alert" id="error">{esc(error)}</p>') if error else Markup("")
+    fwd_block = (
+        Markup(f"<p>Forwarded attachments 转发的附件:</p><ul>{fwd}</ul>")
+        if forwarded
+        else Markup("")
+    )
+    err = (
+        Markup(f'<p class="error" role="alert" id="error">{esc(error)}</p>')
+        if error
+        else Markup("")
+    )
     main = Markup(
         f'<form class="compose" method="post" action="/send" enctype="multipart/form-data">{err}'
         f'<input type="hidden" name="csrf" value="{esc(csrf)}">{hidden_inputs}'
@@ -362,10 +389,16 @@ def compose_page(
     return with_folders(folders, "", main)
 
 
-def settings_page(signature: str, csrf: str, folders: Sequence[FolderInfo], message: str = "", error: str = "") -> Markup:
+def settings_page(
+    signature: str, csrf: str, folders: Sequence[FolderInfo], message: str = "", error: str = ""
+) -> Markup:
     """Signature and password change."""
     note = Markup(f'<p class="notice" id="notice">{esc(message)}</p>') if message else Markup("")
-    err = Markup(f'<p class="error" role="alert" id="error">{esc(error)}</p>') if error else Markup("")
+    err = (
+        Markup(f'<p class="error" role="alert" id="error">{esc(error)}</p>')
+        if error
+        else Markup("")
+    )
     main = Markup(
         f"<h1>Settings 设置</h1>{note}{err}"
         f'<form class="compose" method="post" action="/settings"><input type="hidden" name="csrf" value="{esc(csrf)}">'
@@ -384,7 +417,10 @@ def settings_page(signature: str, csrf: str, folders: Sequence[FolderInfo], mess
 
 def error_page(status: int, text: str) -> bytes:
     """A short error page."""
-    return layout(f"{status}", Markup(f'<main><p class="error">{esc(text)}</p><p><a href="/">Back</a></p></main>'))
+    return layout(
+        f"{status}",
+        Markup(f'<main><p class="error">{esc(text)}</p><p><a href="/">Back</a></p></main>'),
+    )
 
 
 def html_body_document(clean: str) -> bytes:

@@ -3,6 +3,7 @@ implementation (``StoreReader``); an IMAP-backed reader plugs in behind the same
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,9 +63,7 @@ class IMailReader(Interface):
     def expunge(user: str, folder: str, uids: Sequence[int]) -> defer.Deferred[None]:
         """Remove the messages for good."""
 
-    def append(
-        user: str, folder: str, data: bytes, flags: Sequence[str]
-    ) -> defer.Deferred[int]:
+    def append(user: str, folder: str, data: bytes, flags: Sequence[str]) -> defer.Deferred[int]:
         """Store a message in ``folder`` (created when missing); fires with its UID."""
 
 
@@ -122,7 +121,9 @@ class StoreReader:
         return out
 
     def fetch(self, user: str, folder: str, uid: int) -> defer.Deferred[bytes]:
-        return defer.maybeDeferred(lambda: bytes(self.store.open_mailbox(user, folder).read_message(uid)))
+        return defer.maybeDeferred(
+            lambda: bytes(self.store.open_mailbox(user, folder).read_message(uid))
+        )
 
     def set_flags(
         self, user: str, folder: str, uids: Sequence[int], flags: Sequence[str], add: bool
@@ -136,10 +137,8 @@ class StoreReader:
         if folder == "INBOX":
             return
         if folder not in self.store.list_mailboxes(user):
-            try:
+            with contextlib.suppress(ValueError):  # created meanwhile
                 self.store.create_mailbox(user, folder)
-            except ValueError:  # created meanwhile
-                pass
 
     def move(self, user: str, folder: str, uids: Sequence[int], dest: str) -> defer.Deferred[None]:
         def run() -> None:
@@ -159,7 +158,9 @@ class StoreReader:
     ) -> defer.Deferred[int]:
         def run() -> int:
             self._ensure(user, folder)
-            _validity, uids = self.store.append_messages(user, folder, [(data, list(flags), time.time())])
+            _validity, uids = self.store.append_messages(
+                user, folder, [(data, list(flags), time.time())]
+            )
             return int(uids[0])
 
         return defer.maybeDeferred(run)

@@ -13,7 +13,17 @@ import nh3
 
 LINK_REL = "noopener noreferrer"
 
-_TAGS = set(nh3.ALLOWED_TAGS) | {"font", "center", "span", "div", "u", "s", "strike", "big", "small"}
+_TAGS = set(nh3.ALLOWED_TAGS) | {
+    "font",
+    "center",
+    "span",
+    "div",
+    "u",
+    "s",
+    "strike",
+    "big",
+    "small",
+}
 _TAGS -= {"area", "map"}
 _ATTRIBUTES = copy.deepcopy(nh3.ALLOWED_ATTRIBUTES)
 for _tag in _TAGS:
@@ -22,7 +32,17 @@ _ATTRIBUTES["font"] = {"color", "size", "face", "style"}
 _ATTRIBUTES["img"] = {"src", "alt", "width", "height", "style", "title", "align"}
 for _tag in ("table", "td", "th", "tr", "tbody", "thead", "tfoot"):
     _ATTRIBUTES.setdefault(_tag, set()).update(
-        {"width", "height", "bgcolor", "border", "cellpadding", "cellspacing", "valign", "colspan", "rowspan"}
+        {
+            "width",
+            "height",
+            "bgcolor",
+            "border",
+            "cellpadding",
+            "cellspacing",
+            "valign",
+            "colspan",
+            "rowspan",
+        }
     )
 _ATTRIBUTES["a"] = {"href", "title", "style", "name"}
 
@@ -91,7 +111,16 @@ def clean_html(
         link_rel=LINK_REL,
         set_tag_attribute_values={"a": {"target": "_blank"}},
         filter_style_properties=set(STYLE_PROPERTIES),
-        clean_content_tags={"script", "style", "title", "head", "svg", "math", "object", "template"},
+        clean_content_tags={
+            "script",
+            "style",
+            "title",
+            "head",
+            "svg",
+            "math",
+            "object",
+            "template",
+        },
         strip_comments=True,
     )
     return CleanResult(cleaned, blocked)

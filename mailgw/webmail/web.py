@@ -4,6 +4,7 @@ every page and action (see ``docs/webmail.md``)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.parser
 import email.policy
 import email.utils
@@ -26,6 +27,7 @@ from mailgw.model import Envelope
 from mailgw.webmail import compose, pages, static
 from mailgw.webmail.message import (
     MessageView,
+    address_list,
     attachment_data,
     base_subject,
     body_text,
@@ -33,7 +35,6 @@ from mailgw.webmail.message import (
     header_text,
     message_ids,
     read_message,
-    address_list,
 )
 from mailgw.webmail.reader import IMailReader, Summary
 from mailgw.webmail.sanitize import clean_html, linkify
@@ -128,7 +129,7 @@ class WebmailResource(Resource):
         """``report_spam(user, message bytes, is_spam)``: the reputation hook (may return a
         Deferred); called before the message is moved."""
         self._lines: OrderedDict[tuple[str, str, int, int], Line] = OrderedDict()
-        self.routes: dict[tuple[bytes, bytes], Callable[[Any, Session | None], Any]] = {
+        self.routes: dict[tuple[bytes, bytes], Callable[[Any, Any], Any]] = {
             (b"GET", b"/"): self.home,
             (b"POST", b"/login"): self.login,
             (b"POST", b"/logout"): self.logout,
@@ -164,9 +165,12 @@ class WebmailResource(Resource):
             if method == b"GET":
                 return self._redirect(request, "/")
             return self._error(request, 403, "your session has ended: log in again")
-        if method == b"POST" and path != b"/login":
-            if session is None or not session.csrf_ok(_arg(request, "csrf")):
-                return self._error(request, 403, "missing or wrong CSRF token: reload the page")
+        if (
+            method == b"POST"
+            and path != b"/login"
+            and (session is None or not session.csrf_ok(_arg(request, "csrf")))
+        ):
+            return self._error(request, 403, "missing or wrong CSRF token: reload the page")
         d = defer.maybeDeferred(handler, request, session)
         d.addCallbacks(lambda body: self._finish(request, body), lambda f: self._failed(request, f))
         return NOT_DONE_YET
@@ -261,7 +265,9 @@ class WebmailResource(Resource):
                 yield task.deferLater(self.clock, delay, lambda: None)
             log.info("webmail: login failed for {user!r} from {ip}", user=name, ip=ip or "-")
             request.setResponseCode(401)
-            return self._login_form(request, "Login failed: wrong address or password, or too many attempts.", name)
+            return self._login_form(
+                request, "Login failed: wrong address or password, or too many attempts.", name
+            )
         except Exception:
             log.failure("webmail: login check failed")
             request.setResponseCode(503)
@@ -292,7 +298,9 @@ class WebmailResource(Resource):
         senders = address_list(msg, "From")
         sender = (senders[0][0] or senders[0][1]) if senders else header_text(msg, "From")
         date = parse_date(header_text(msg, "Date")) or s.internaldate
-        refs = message_ids(header_text(msg, "References")) + message_ids(header_text(msg, "In-Reply-To"))
+        refs = message_ids(header_text(msg, "References")) + message_ids(
+            header_text(msg, "In-Reply-To")
+        )
         line = Line(
             s,
             sender,
@@ -312,11 +320,11 @@ class WebmailResource(Resource):
         state = pages.ListState(
             folder=_arg(request, "folder") or "INBOX",
             page=_int(_arg(request, "page"), 1),
-            sort=_arg(request, "sort") if _arg(request, "sort") in ("date", "from", "subject") else "date",
+            sort=_choice(_arg(request, "sort"), ("date", "from", "subject")),
             order="asc" if _arg(request, "order") == "asc" else "desc",
             thread=_arg(request, "thread") == "1",
             q=(_arg(request, "q") or "").strip(),
-            field=_arg(request, "field") if _arg(request, "field") in ("all", "subject", "from", "body") else "all",
+            field=_choice(_arg(request, "field"), ("all", "subject", "from", "body")),
         )
         folders = yield self.reader.folders(session.user)
         summaries = yield self.reader.summaries(session.user, state.folder)
@@ -332,7 +340,9 @@ class WebmailResource(Resource):
         if state.thread:
             by_date = sorted(lines, key=lambda ln: (ln.date, ln.summary.uid))
             convs = group(by_date, [(ln.message_id, ln.refs) for ln in by_date])
-            convs.sort(key=lambda c: key(max(c, key=key) if reverse else min(c, key=key)), reverse=reverse)
+            convs.sort(
+                key=lambda c: key(max(c, key=key) if reverse else min(c, key=key)), reverse=reverse
+            )
             units: list[list[Line]] = convs
         else:
             units = [[ln] for ln in sorted(lines, key=key, reverse=reverse)]
@@ -358,18 +368,24 @@ class WebmailResource(Resource):
                     )
                 )
         notice = _arg(request, "notice") or ""
-        content = pages.message_list(state, rows, len(lines), pages_n, folders, session.csrf, notice)
+        content = pages.message_list(
+            state, rows, len(lines), pages_n, folders, session.csrf, notice
+        )
         return self._page(request, session, f"{state.folder} - mailgw", content)
 
     @defer.inlineCallbacks
-    def _search(self, user: str, folder: str, lines: list[Line], q: str, field: str) -> Generator[Any, Any, list[Line]]:
+    def _search(
+        self, user: str, folder: str, lines: list[Line], q: str, field: str
+    ) -> Generator[Any, Any, list[Line]]:
         needle = q.casefold()
         out = []
         for ln in lines:
             if field in ("all", "subject") and needle in ln.subject.casefold():
                 out.append(ln)
                 continue
-            if field in ("all", "from") and (needle in ln.sender.casefold() or needle in ln.sender_addr.casefold()):
+            if field in ("all", "from") and (
+                needle in ln.sender.casefold() or needle in ln.sender_addr.casefold()
+            ):
                 out.append(ln)
                 continue
             if field in ("all", "body"):
@@ -397,7 +413,7 @@ class WebmailResource(Resource):
         folders = yield self.reader.folders(session.user)
         view = read_message(raw)
         summaries = yield self.reader.summaries(session.user, folder)
-        flags = next((s.flags for s in summaries if s.uid == uid), frozenset())
+        flags: frozenset[str] = next((s.flags for s in summaries if s.uid == uid), frozenset())
         if "\\Seen" not in flags:
             yield self.reader.set_flags(session.user, folder, [uid], ["\\Seen"], True)
             folders = yield self.reader.folders(session.user)
@@ -409,7 +425,15 @@ class WebmailResource(Resource):
         else:
             blocked = clean_html(view.html, allow_remote=False).blocked
         content = pages.read_page(
-            folder, uid, view, folders, session.csrf, text_html, blocked, images, "\\Flagged" in flags
+            folder,
+            uid,
+            view,
+            folders,
+            session.csrf,
+            text_html,
+            blocked,
+            images,
+            "\\Flagged" in flags,
         )
         return self._page(request, session, view.subject or "(no subject)", content)
 
@@ -423,7 +447,11 @@ class WebmailResource(Resource):
 
         def cid_url(cid: str) -> str | None:
             att = inline.get(cid)
-            if att is None or att.content_type not in INLINE_IMAGE_TYPES or att.size > MAX_INLINE_IMAGE:
+            if (
+                att is None
+                or att.content_type not in INLINE_IMAGE_TYPES
+                or att.size > MAX_INLINE_IMAGE
+            ):
                 return None
             found = attachment_data(raw, att.section)
             if found is None:
@@ -433,9 +461,11 @@ class WebmailResource(Resource):
         if view.html is not None:
             clean = clean_html(view.html, allow_remote=images, cid_url=cid_url).html
         else:
-            clean = "<pre style=\"white-space:pre-wrap\">" + linkify(view.text or "") + "</pre>"
+            clean = '<pre style="white-space:pre-wrap">' + linkify(view.text or "") + "</pre>"
         self._headers(request)
-        request.setHeader(b"content-security-policy", BODY_CSP % (b" https: http:" if images else b""))
+        request.setHeader(
+            b"content-security-policy", BODY_CSP % (b" https: http:" if images else b"")
+        )
         request.setHeader(b"x-frame-options", b"SAMEORIGIN")
         return pages.html_body_document(clean)
 
@@ -473,12 +503,18 @@ class WebmailResource(Resource):
             elif mode == "draft":
                 draft = _draft_of(view)
                 forwarded = view.attachments
-                hidden.update(fwd_folder=folder, fwd_uid=str(uid), draft_uid=str(uid) if folder == "Drafts" else "")
+                hidden.update(
+                    fwd_folder=folder,
+                    fwd_uid=str(uid),
+                    draft_uid=str(uid) if folder == "Drafts" else "",
+                )
             else:
                 draft = compose.reply(view, session.user, mode == "replyall")
                 hidden.update(orig_folder=folder, orig_uid=str(uid))
         hidden.update(in_reply_to=draft.in_reply_to, references=draft.references)
-        content = pages.compose_page(draft, session.csrf, folders, self.max_upload, hidden, forwarded)
+        content = pages.compose_page(
+            draft, session.csrf, folders, self.max_upload, hidden, forwarded
+        )
         return self._page(request, session, "Compose", content)
 
     @defer.inlineCallbacks
@@ -497,7 +533,15 @@ class WebmailResource(Resource):
         )
         hidden = {
             k: form.text(k)
-            for k in ("in_reply_to", "references", "orig_folder", "orig_uid", "fwd_folder", "fwd_uid", "draft_uid")
+            for k in (
+                "in_reply_to",
+                "references",
+                "orig_folder",
+                "orig_uid",
+                "fwd_folder",
+                "fwd_uid",
+                "draft_uid",
+            )
         }
         fwd_folder, fwd_uid = form.text("fwd_folder"), _int(form.text("fwd_uid"), 0)
         forwarded: list[Any] = []
@@ -515,15 +559,22 @@ class WebmailResource(Resource):
         def again(error: str, status: int = 400) -> bytes:
             request.setResponseCode(status)
             kept = [a for a in forwarded if a.section in form.values("fwd_part")]
-            content = pages.compose_page(draft, session.csrf, folders, self.max_upload, hidden, kept, error)
+            content = pages.compose_page(
+                draft, session.csrf, folders, self.max_upload, hidden, kept, error
+            )
             return self._page(request, session, "Compose", content)
 
         total = sum(len(a.data) for a in draft.attachments)
         if total > self.max_upload:
-            return again(f"The attachments are {pages.human_size(total)}: at most {pages.human_size(self.max_upload)} in all.", 413)
+            return again(
+                f"The attachments are {pages.human_size(total)}: at most {pages.human_size(self.max_upload)} in all.",
+                413,
+            )
         signature = self.settings.signature(session.user) if op == "send" else ""
         try:
-            data, rcpts = compose.build(session.user, draft, self.hostname, signature, with_bcc=op == "draft")
+            data, rcpts = compose.build(
+                session.user, draft, self.hostname, signature, with_bcc=op == "draft"
+            )
         except compose.ComposeError as e:
             return again(str(e))
         draft_uid = _int(form.text("draft_uid"), 0)
@@ -552,17 +603,23 @@ class WebmailResource(Resource):
         try:
             yield self.reader.append(session.user, "Sent", _same_id(sent_copy, data), ["\\Seen"])
         except QuotaExceeded:
-            log.warn("webmail: {user}: sent {qid} but the Sent copy is over quota", user=session.user, qid=queue_id)
+            log.warn(
+                "webmail: {user}: sent {qid} but the Sent copy is over quota",
+                user=session.user,
+                qid=queue_id,
+            )
         if draft_uid > 0:
             yield self.reader.expunge(session.user, "Drafts", [draft_uid])
         orig_folder, orig_uid = form.text("orig_folder"), _int(form.text("orig_uid"), 0)
         if orig_folder and orig_uid > 0:
-            try:
-                yield self.reader.set_flags(session.user, orig_folder, [orig_uid], ["\\Answered"], True)
-            except (KeyError, MailboxNotFound):
-                pass
+            with contextlib.suppress(KeyError, MailboxNotFound):  # gone meanwhile
+                yield self.reader.set_flags(
+                    session.user, orig_folder, [orig_uid], ["\\Answered"], True
+                )
         log.info("webmail: {user} sent {qid}", user=session.user, qid=queue_id)
-        raise Redirect(pages.url("/mail", folder="INBOX", notice=f"Message sent ({queue_id}). 邮件已发送。"))
+        raise Redirect(
+            pages.url("/mail", folder="INBOX", notice=f"Message sent ({queue_id}). 邮件已发送。")
+        )
 
     # -- actions -------------------------------------------------------------------------
 
@@ -610,28 +667,39 @@ class WebmailResource(Resource):
     # -- settings ------------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def settings_get(self, request: Any, session: Session, message: str = "", error: str = "") -> Generator[Any, Any, bytes]:
+    def settings_get(
+        self, request: Any, session: Session, message: str = "", error: str = ""
+    ) -> Generator[Any, Any, bytes]:
         folders = yield self.reader.folders(session.user)
-        content = pages.settings_page(self.settings.signature(session.user), session.csrf, folders, message, error)
+        content = pages.settings_page(
+            self.settings.signature(session.user), session.csrf, folders, message, error
+        )
         return self._page(request, session, "Settings", content)
 
     @defer.inlineCallbacks
     def settings_post(self, request: Any, session: Session) -> Generator[Any, Any, bytes]:
+        status, message, error = yield self._change_setting(request, session)
+        request.setResponseCode(status)
+        page: bytes = yield self.settings_get(request, session, message, error)
+        return page
+
+    @defer.inlineCallbacks
+    def _change_setting(
+        self, request: Any, session: Session
+    ) -> Generator[Any, Any, tuple[int, str, str]]:
+        """(status, message, error) of a settings form."""
         op = _arg(request, "op")
         if op == "signature":
             text = (_arg(request, "signature") or "").replace("\r\n", "\n")[:MAX_SIGNATURE]
             self.settings.save(session.user, signature=text)
-            result = yield self.settings_get(request, session, "Signature saved. 签名已保存。")
-            return result
+            return 200, "Signature saved. 签名已保存。", ""
         if op != "password":
             raise HTTPError(400, "unknown setting")
         current, new, confirm = (_arg(request, k) or "" for k in ("current", "new", "confirm"))
         if new != confirm:
-            request.setResponseCode(400)
-            return (yield self.settings_get(request, session, error="The new passwords differ."))
+            return 400, "", "The new passwords differ."
         if len(new) < MIN_PASSWORD:
-            request.setResponseCode(400)
-            return (yield self.settings_get(request, session, error=f"Use at least {MIN_PASSWORD} characters."))
+            return 400, "", f"Use at least {MIN_PASSWORD} characters."
         ip = getattr(request.getClientAddress(), "host", "")
         try:
             yield self.auth.check_password(session.user, current, ip, "webmail")
@@ -639,12 +707,11 @@ class WebmailResource(Resource):
             delay = float(getattr(e, "delay", 0.0))
             if delay > 0:
                 yield task.deferLater(self.clock, delay, lambda: None)
-            request.setResponseCode(403)
-            return (yield self.settings_get(request, session, error="The current password is wrong."))
+            return 403, "", "The current password is wrong."
         self.directory.set_password(session.user, new)
         self.sessions.end_user(session.user, keep=session.sid)
         log.info("webmail: {user} changed the password", user=session.user)
-        return (yield self.settings_get(request, session, "Password changed. 密码已修改。"))
+        return 200, "Password changed. 密码已修改。", ""
 
 
 def _draft_of(view: MessageView) -> compose.Draft:
@@ -660,6 +727,7 @@ def _draft_of(view: MessageView) -> compose.Draft:
 
 def _same_id(copy: bytes, sent: bytes) -> bytes:
     """The Sent copy with the Message-ID (and Date) of the message that went out."""
+
     def field(data: bytes, name: bytes) -> bytes | None:
         head = data.split(b"\r\n\r\n", 1)[0]
         for line in head.split(b"\r\n"):
@@ -680,7 +748,11 @@ def content_disposition(filename: str) -> bytes:
     ``filename*`` (so Chinese names arrive whole)."""
     from urllib.parse import quote
 
-    cleaned = "".join(c for c in filename if c >= " " and c != "\x7f").replace("/", "_").replace("\\", "_")
+    cleaned = (
+        "".join(c for c in filename if c >= " " and c != "\x7f")
+        .replace("/", "_")
+        .replace("\\", "_")
+    )
     cleaned = cleaned.strip() or "attachment"
     fallback = "".join(c if c.isascii() and c not in '"%' else "_" for c in cleaned)
     value = f'attachment; filename="{fallback}"'
@@ -704,6 +776,11 @@ def _arg(request: Any, name: str) -> str | None:
 
 def _args(request: Any, name: str) -> list[str]:
     return [v.decode("utf-8", "replace") for v in request.args.get(name.encode("ascii"), [])]
+
+
+def _choice(text: str | None, choices: tuple[str, ...]) -> str:
+    """``text`` when it is one of ``choices``, else the first choice."""
+    return text if text in choices else choices[0]
 
 
 def _int(text: str | None, default: int) -> int:
@@ -761,7 +838,8 @@ def multipart_form(request: Any) -> Form:
     msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
     if not msg.is_multipart():
         raise HTTPError(400, "malformed form")
-    for part in msg.get_payload():
+    parts: list[Any] = msg.get_payload()  # type: ignore[assignment]
+    for part in parts:
         name = part.get_param("name", header="content-disposition")
         if not name:
             continue
@@ -772,7 +850,13 @@ def multipart_form(request: Any) -> Form:
             fname = _header_text(str(filename)).replace("\\", "/").rsplit("/", 1)[-1]
             if not fname and not payload:
                 continue
-            form.files.append(compose.Upload(fname or "attachment", compose.guess_type(fname, part.get_content_type()), payload))
+            form.files.append(
+                compose.Upload(
+                    fname or "attachment",
+                    compose.guess_type(fname, part.get_content_type()),
+                    payload,
+                )
+            )
         else:
             form.fields.setdefault(name, []).append(payload.decode("utf-8", "replace"))
     return form

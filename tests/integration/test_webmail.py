@@ -10,10 +10,8 @@ import email.policy
 import imaplib
 import re
 import smtplib
-import time
 from collections.abc import Iterator
 from email.message import EmailMessage
-from pathlib import Path
 
 import pytest
 
@@ -66,7 +64,9 @@ def smtp_send(node: MailgwServer, msg: EmailMessage, to: str = ALICE) -> None:
         smtp.send_message(msg, to_addrs=[to])
 
 
-def mail(subject: str, body: str = "hello", sender: str = "someone@outside.test", **headers: str) -> EmailMessage:
+def mail(
+    subject: str, body: str = "hello", sender: str = "someone@outside.test", **headers: str
+) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = ALICE
@@ -83,7 +83,9 @@ def imap(node: MailgwServer, user: str = ALICE, password: str = PASSWORD) -> ima
     return conn
 
 
-def folder_messages(node: MailgwServer, folder: str, user: str = ALICE, password: str = PASSWORD) -> list[tuple[int, str, bytes]]:
+def folder_messages(
+    node: MailgwServer, folder: str, user: str = ALICE, password: str = PASSWORD
+) -> list[tuple[int, str, bytes]]:
     """(UID, flags, bytes) of each message of a folder, over IMAP."""
     conn = imap(node, user, password)
     try:
@@ -101,7 +103,13 @@ def folder_messages(node: MailgwServer, folder: str, user: str = ALICE, password
         conn.logout()
 
 
-def find_uid(node: MailgwServer, subject: str, folder: str = "INBOX", user: str = ALICE, password: str = PASSWORD) -> int:
+def find_uid(
+    node: MailgwServer,
+    subject: str,
+    folder: str = "INBOX",
+    user: str = ALICE,
+    password: str = PASSWORD,
+) -> int:
     def look() -> int:
         for uid, _flags, raw in folder_messages(node, folder, user, password):
             msg = email.message_from_bytes(raw, policy=email.policy.default)
@@ -136,7 +144,9 @@ def test_login_page_headers_and_cookie_flags(node: MailgwServer) -> None:
     assert "HttpOnly" in login_cookie and "SameSite=Strict" in login_cookie
     assert "Secure" not in login_cookie  # plain HTTP
     token = re.search(r'name="login_token" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
-    answer = b.post("/login", {"user": ALICE, "password": PASSWORD, "login_token": token}, follow=False)
+    answer = b.post(
+        "/login", {"user": ALICE, "password": PASSWORD, "login_token": token}, follow=False
+    )
     assert answer.status == 303 and answer.header("Location") == "/mail?folder=INBOX"
     cookies = answer.set_cookies()
     session = next(c for c in cookies if c.startswith("mailgw_session="))
@@ -222,10 +232,20 @@ def test_unknown_paths_and_methods(node: MailgwServer, alice: Browser) -> None:
 # -- reading ----------------------------------------------------------------------------
 
 
-def test_read_a_chinese_mail_with_links_and_an_attachment(node: MailgwServer, alice: Browser) -> None:
-    msg = mail("季度报告 Q3", "请看 https://example.org/a?b=1&c=2 和 javascript:alert(1)\n", sender="张三 <zhang@outside.test>")
-    msg.add_attachment("内容".encode(), maintype="application", subtype="pdf", filename="报告 2026.pdf")
-    msg.add_attachment(b"<script>alert(1)</script>", maintype="text", subtype="html", filename="evil.html")
+def test_read_a_chinese_mail_with_links_and_an_attachment(
+    node: MailgwServer, alice: Browser
+) -> None:
+    msg = mail(
+        "季度报告 Q3",
+        "请看 https://example.org/a?b=1&c=2 和 javascript:alert(1)\n",
+        sender="张三 <zhang@outside.test>",
+    )
+    msg.add_attachment(
+        "内容".encode(), maintype="application", subtype="pdf", filename="报告 2026.pdf"
+    )
+    msg.add_attachment(
+        b"<script>alert(1)</script>", maintype="text", subtype="html", filename="evil.html"
+    )
     smtp_send(node, msg)
     uid = find_uid(node, "季度报告 Q3")
     listing = alice.get("/mail", folder="INBOX", q="季度报告")
@@ -263,7 +283,7 @@ def test_rfc2231_and_rfc2047_attachment_names(node: MailgwServer, alice: Browser
         "From: a@outside.test\r\nTo: alice@example.test\r\nSubject: =?gb2312?B?1tDOxCDD+7PG?=\r\n"
         "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n\r\nbody\r\n--b\r\n"
-        "Content-Type: application/octet-stream; name=\"=?utf-8?B?5ZCN5Y2VLnhsc3g=?=\"\r\n"
+        'Content-Type: application/octet-stream; name="=?utf-8?B?5ZCN5Y2VLnhsc3g=?="\r\n'
         "Content-Disposition: attachment\r\nContent-Transfer-Encoding: base64\r\n\r\nYWJj\r\n--b\r\n"
         "Content-Type: application/octet-stream\r\n"
         "Content-Disposition: attachment; filename*0*=utf-8''%E5%90%88%E5%90%8C; filename*1=.doc\r\n"
@@ -308,7 +328,18 @@ def test_html_mail_is_sanitised_and_sandboxed(node: MailgwServer, alice: Browser
     assert "img-src data:;" in csp and "frame-ancestors 'self'" in csp
     assert body.header("X-Frame-Options") == "SAMEORIGIN"
     text = body.text.lower()
-    for bad in ("<script", "onclick", "onbegin", "onerror", "javascript:", "<svg", "<iframe", "<form", "evil.test", "url("):
+    for bad in (
+        "<script",
+        "onclick",
+        "onbegin",
+        "onerror",
+        "javascript:",
+        "<svg",
+        "<iframe",
+        "<form",
+        "evil.test",
+        "url(",
+    ):
         assert bad not in text, bad
     assert 'href="http://ok.test/" target="_blank" rel="noopener noreferrer"' in body.text
     assert 'style="color:red"' in body.text
@@ -341,7 +372,12 @@ def test_paging_sorting_threading_and_search(node: MailgwServer, alice: Browser)
     folder = "ListTest"
     conn = imap(node)
     conn.create(folder)
-    dates = ["Mon, 01 Jan 2024 10:00:00 +0000", "Tue, 02 Jan 2024 10:00:00 +0000", "Wed, 03 Jan 2024 10:00:00 +0000", "Thu, 04 Jan 2024 10:00:00 +0000"]
+    dates = [
+        "Mon, 01 Jan 2024 10:00:00 +0000",
+        "Tue, 02 Jan 2024 10:00:00 +0000",
+        "Wed, 03 Jan 2024 10:00:00 +0000",
+        "Thu, 04 Jan 2024 10:00:00 +0000",
+    ]
     msgs = [
         ("Zebra topic", "zed@outside.test", dates[0], "<t1@x>", "", "needle in the body"),
         ("Re: Zebra topic", "amy@outside.test", dates[2], "<t2@x>", "<t1@x>", "reply"),
@@ -376,9 +412,14 @@ def test_paging_sorting_threading_and_search(node: MailgwServer, alice: Browser)
     assert "Page 1 / 1" in threaded.text
     assert subjects(alice.get("/mail", folder=folder, q="apple", field="subject").text) == ["Apple"]
     assert subjects(alice.get("/mail", folder=folder, q="carl", field="from").text) == ["Mango"]
-    assert subjects(alice.get("/mail", folder=folder, q="NEEDLE", field="body").text) == ["Zebra topic"]
+    assert subjects(alice.get("/mail", folder=folder, q="NEEDLE", field="body").text) == [
+        "Zebra topic"
+    ]
     assert subjects(alice.get("/mail", folder=folder, q="needle", field="subject").text) == []
-    assert subjects(alice.get("/mail", folder=folder, q="zebra").text) == ["Re: Zebra topic", "Zebra topic"]
+    assert subjects(alice.get("/mail", folder=folder, q="zebra").text) == [
+        "Re: Zebra topic",
+        "Zebra topic",
+    ]
 
 
 # -- actions ----------------------------------------------------------------------------
@@ -390,7 +431,9 @@ def test_flags_move_delete_and_spam(node: MailgwServer, alice: Browser) -> None:
     csrf = alice.get("/mail", folder="INBOX").csrf()
 
     def act(op: str, folder: str = "INBOX", u: int = uid, **extra: str) -> None:
-        answer = alice.post("/action", {"csrf": csrf, "folder": folder, "uid": u, "op": op, **extra})
+        answer = alice.post(
+            "/action", {"csrf": csrf, "folder": folder, "uid": u, "op": op, **extra}
+        )
         assert answer.status == 200, answer.text
 
     def flags(folder: str = "INBOX") -> dict[int, str]:
@@ -407,7 +450,10 @@ def test_flags_move_delete_and_spam(node: MailgwServer, alice: Browser) -> None:
     assert "\\Flagged" not in flags()[uid]
     bad = alice.post("/action", {"csrf": csrf, "folder": "INBOX", "uid": uid, "op": "explode"})
     assert bad.status == 400
-    assert alice.post("/action", {"csrf": csrf, "folder": "INBOX", "uid": uid, "op": "move"}).status == 400
+    assert (
+        alice.post("/action", {"csrf": csrf, "folder": "INBOX", "uid": uid, "op": "move"}).status
+        == 400
+    )
     act("move", dest="Archive")
     assert uid not in flags()
     moved = find_uid(node, "action target", "Archive")
@@ -428,7 +474,16 @@ def test_flags_move_delete_and_spam(node: MailgwServer, alice: Browser) -> None:
 
 
 def test_compose_reply_with_attachment_reaches_bob(node: MailgwServer, alice: Browser) -> None:
-    smtp_send(node, mail("please answer", "question?", sender=f"Bob <{BOB}>", Message_ID="<q1@outside.test>", Cc="carol@example.test"))
+    smtp_send(
+        node,
+        mail(
+            "please answer",
+            "question?",
+            sender=f"Bob <{BOB}>",
+            Message_ID="<q1@outside.test>",
+            Cc="carol@example.test",
+        ),
+    )
     uid = find_uid(node, "please answer")
     form = alice.get("/compose", mode="reply", folder="INBOX", uid=uid)
     assert 'value="Re: please answer"' in form.text
@@ -449,7 +504,9 @@ def test_compose_reply_with_attachment_reaches_bob(node: MailgwServer, alice: Br
         ("orig_uid", str(uid)),
         ("op", "send"),
     ]
-    sent = alice.post_multipart("/send", fields, [("attach", "清单.txt", "text/plain", "第一行\n".encode())])
+    sent = alice.post_multipart(
+        "/send", fields, [("attach", "清单.txt", "text/plain", "第一行\n".encode())]
+    )
     assert sent.status == 200 and "Message sent" in sent.text, sent.text
     got = find_uid(node, "Re: please answer", user=BOB, password=BOB_PASSWORD)
     raw = next(r for u, _f, r in folder_messages(node, "INBOX", BOB, BOB_PASSWORD) if u == got)
@@ -472,8 +529,16 @@ def test_forward_keeps_the_attachments(node: MailgwServer, alice: Browser) -> No
     uid = find_uid(node, "to forward")
     form = alice.get("/compose", mode="forward", folder="INBOX", uid=uid)
     assert 'value="Fwd: to forward"' in form.text and 'name="fwd_part" value="2"' in form.text
-    fields = [("csrf", form.csrf()), ("to", BOB), ("subject", "Fwd: to forward"), ("body", "fyi"),
-              ("fwd_folder", "INBOX"), ("fwd_uid", str(uid)), ("fwd_part", "2"), ("op", "send")]
+    fields = [
+        ("csrf", form.csrf()),
+        ("to", BOB),
+        ("subject", "Fwd: to forward"),
+        ("body", "fyi"),
+        ("fwd_folder", "INBOX"),
+        ("fwd_uid", str(uid)),
+        ("fwd_part", "2"),
+        ("op", "send"),
+    ]
     assert "Message sent" in alice.post_multipart("/send", fields).text
     got = find_uid(node, "Fwd: to forward", user=BOB, password=BOB_PASSWORD)
     raw = next(r for u, _f, r in folder_messages(node, "INBOX", BOB, BOB_PASSWORD) if u == got)
@@ -483,17 +548,37 @@ def test_forward_keeps_the_attachments(node: MailgwServer, alice: Browser) -> No
 
 def test_drafts_saved_edited_and_sent(node: MailgwServer, alice: Browser) -> None:
     csrf = alice.get("/compose").csrf()
-    fields = [("csrf", csrf), ("to", BOB), ("bcc", "carol@example.test"), ("subject", "draft one"), ("body", "草稿"), ("op", "draft")]
-    saved = alice.post_multipart("/send", fields, [("attach", "a.bin", "application/octet-stream", b"\x00\x01")])
+    fields = [
+        ("csrf", csrf),
+        ("to", BOB),
+        ("bcc", "carol@example.test"),
+        ("subject", "draft one"),
+        ("body", "草稿"),
+        ("op", "draft"),
+    ]
+    saved = alice.post_multipart(
+        "/send", fields, [("attach", "a.bin", "application/octet-stream", b"\x00\x01")]
+    )
     assert saved.status == 200 and "Draft saved" in saved.text
     uid = find_uid(node, "draft one", "Drafts")
     flags = {u: f for u, f, _ in folder_messages(node, "Drafts")}[uid]
     assert "\\Draft" in flags
     edit = alice.get("/compose", mode="draft", folder="Drafts", uid=uid)
     assert 'value="draft one"' in edit.text and "草稿" in edit.text
-    assert f'name="draft_uid" value="{uid}"' in edit.text and 'name="fwd_part" value="2"' in edit.text
-    fields = [("csrf", csrf), ("to", BOB), ("subject", "draft one"), ("body", "草稿 final"),
-              ("fwd_folder", "Drafts"), ("fwd_uid", str(uid)), ("fwd_part", "2"), ("draft_uid", str(uid)), ("op", "send")]
+    assert (
+        f'name="draft_uid" value="{uid}"' in edit.text and 'name="fwd_part" value="2"' in edit.text
+    )
+    fields = [
+        ("csrf", csrf),
+        ("to", BOB),
+        ("subject", "draft one"),
+        ("body", "草稿 final"),
+        ("fwd_folder", "Drafts"),
+        ("fwd_uid", str(uid)),
+        ("fwd_part", "2"),
+        ("draft_uid", str(uid)),
+        ("op", "send"),
+    ]
     assert "Message sent" in alice.post_multipart("/send", fields).text
     assert uid not in {u for u, _f, _r in folder_messages(node, "Drafts")}
     got = find_uid(node, "draft one", user=BOB, password=BOB_PASSWORD)
@@ -507,10 +592,15 @@ def test_send_refusals(node: MailgwServer, alice: Browser) -> None:
     assert none.status == 400 and "at least one recipient" in none.text
     bad = alice.post_multipart("/send", [("csrf", csrf), ("to", "not an address"), ("op", "send")])
     assert bad.status == 400 and "not an e-mail address" in bad.text
-    big = alice.post_multipart("/send", [("csrf", csrf), ("to", BOB), ("subject", "big"), ("op", "send")],
-                               [("attach", "big.bin", "application/octet-stream", b"x" * 70_000)])
+    big = alice.post_multipart(
+        "/send",
+        [("csrf", csrf), ("to", BOB), ("subject", "big"), ("op", "send")],
+        [("attach", "big.bin", "application/octet-stream", b"x" * 70_000)],
+    )
     assert big.status == 413 and "at most 64.0 KB" in big.text
-    spoof = alice.post_multipart("/send", [("csrf", csrf), ("to", "someone@far.test"), ("subject", "far"), ("op", "send")])
+    spoof = alice.post_multipart(
+        "/send", [("csrf", csrf), ("to", "someone@far.test"), ("subject", "far"), ("op", "send")]
+    )
     # No relay on this node: the submission checks refuse an outside recipient, as SMTP would.
     assert spoof.status in (400, 503) and "Not sent" in spoof.text
 
@@ -523,27 +613,72 @@ def test_signature_and_password_change(node: MailgwServer) -> None:
     b.login(BOB, BOB_PASSWORD)
     page = b.get("/settings")
     csrf = page.csrf()
-    saved = b.post("/settings", {"csrf": csrf, "op": "signature", "signature": "鲍勃 Bob\n<b>x</b>"})
+    saved = b.post(
+        "/settings", {"csrf": csrf, "op": "signature", "signature": "鲍勃 Bob\n<b>x</b>"}
+    )
     assert "Signature saved" in saved.text and "鲍勃 Bob\n&lt;b&gt;x&lt;/b&gt;" in saved.text
     assert b.post("/settings", {"csrf": csrf, "op": "what"}).status == 400
-    differ = b.post("/settings", {"csrf": csrf, "op": "password", "current": BOB_PASSWORD, "new": "newpass123", "confirm": "other123"})
+    differ = b.post(
+        "/settings",
+        {
+            "csrf": csrf,
+            "op": "password",
+            "current": BOB_PASSWORD,
+            "new": "newpass123",
+            "confirm": "other123",
+        },
+    )
     assert differ.status == 400
-    short = b.post("/settings", {"csrf": csrf, "op": "password", "current": BOB_PASSWORD, "new": "short", "confirm": "short"})
+    short = b.post(
+        "/settings",
+        {
+            "csrf": csrf,
+            "op": "password",
+            "current": BOB_PASSWORD,
+            "new": "short",
+            "confirm": "short",
+        },
+    )
     assert short.status == 400
-    wrong = b.post("/settings", {"csrf": csrf, "op": "password", "current": "nope", "new": "newpass123", "confirm": "newpass123"})
+    wrong = b.post(
+        "/settings",
+        {
+            "csrf": csrf,
+            "op": "password",
+            "current": "nope",
+            "new": "newpass123",
+            "confirm": "newpass123",
+        },
+    )
     assert wrong.status == 403
     other = Browser(base(node))
     other.login(BOB, BOB_PASSWORD)
-    ok = b.post("/settings", {"csrf": csrf, "op": "password", "current": BOB_PASSWORD, "new": "bob new password", "confirm": "bob new password"})
+    ok = b.post(
+        "/settings",
+        {
+            "csrf": csrf,
+            "op": "password",
+            "current": BOB_PASSWORD,
+            "new": "bob new password",
+            "confirm": "bob new password",
+        },
+    )
     assert ok.status == 200 and "Password changed" in ok.text
     assert other.get("/mail", follow=False).status == 303  # the other session ended
     try:
         imap(node, BOB, "bob new password").logout()
-        sent = b.post_multipart("/send", [("csrf", csrf), ("to", ALICE), ("subject", "signed"), ("body", "hi"), ("op", "send")])
+        sent = b.post_multipart(
+            "/send",
+            [("csrf", csrf), ("to", ALICE), ("subject", "signed"), ("body", "hi"), ("op", "send")],
+        )
         assert "Message sent" in sent.text
         uid = find_uid(node, "signed")
         raw = next(r for u, _f, r in folder_messages(node, "INBOX") if u == uid)
-        body = email.message_from_bytes(raw, policy=email.policy.default).get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        body = (
+            email.message_from_bytes(raw, policy=email.policy.default)
+            .get_body(("plain",))
+            .get_content()
+        )  # type: ignore[union-attr]
         assert body.replace("\r\n", "\n").endswith("-- \n鲍勃 Bob\n<b>x</b>\n")
     finally:
         node.cli("user", "passwd", BOB, "--password", BOB_PASSWORD)

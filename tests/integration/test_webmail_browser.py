@@ -160,7 +160,9 @@ def test_hostile_mail_runs_nothing(page: Any, node: MailgwServer) -> None:
     text_mail["From"] = "attacker@outside.test"
     text_mail["To"] = "alice@example.test"
     text_mail["Subject"] = "xss <img src=x onerror=alert('subject')>"
-    text_mail.set_content("<script>alert('text')</script> javascript:alert('link') http://ok.test/\n")
+    text_mail.set_content(
+        "<script>alert('text')</script> javascript:alert('link') http://ok.test/\n"
+    )
     smtp_send(node, text_mail)
     html_uid = find_uid(node, "xss html")
     find_uid(node, "xss <img src=x onerror=alert('subject')>")

@@ -63,7 +63,9 @@ class Browser:
         headers: dict[str, str] | None = None,
         follow: bool = True,
     ) -> Answer:
-        req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers or {})
+        req = urllib.request.Request(
+            self.base + path, data=data, method=method, headers=headers or {}
+        )
         opener = self.opener if follow else self.raw
         try:
             with opener.open(req, timeout=30) as r:
@@ -76,7 +78,9 @@ class Browser:
             path += "?" + urllib.parse.urlencode({k: str(v) for k, v in query.items()})
         return self.request("GET", path, follow=follow)
 
-    def post(self, path: str, fields: dict[str, object] | list[tuple[str, str]], follow: bool = True) -> Answer:
+    def post(
+        self, path: str, fields: dict[str, object] | list[tuple[str, str]], follow: bool = True
+    ) -> Answer:
         items = list(fields.items()) if isinstance(fields, dict) else fields
         flat: list[tuple[str, str]] = []
         for k, v in items:
@@ -105,7 +109,7 @@ class Browser:
             out += (
                 f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{filename}"\r\n'
                 f"Content-Type: {ctype}\r\n\r\n"
-            ).encode("utf-8")
+            ).encode()
             out += data + b"\r\n"
         out += f"--{boundary}--\r\n".encode()
         headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
@@ -116,5 +120,6 @@ class Browser:
         token = re.search(r'name="login_token" value="([^"]+)"', page.text)
         assert token, page.text
         return self.post(
-            "/login", {"user": user, "password": password, "login_token": html.unescape(token.group(1))}
+            "/login",
+            {"user": user, "password": password, "login_token": html.unescape(token.group(1))},
         )
