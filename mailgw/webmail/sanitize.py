@@ -67,6 +67,25 @@ _REMOTE = re.compile(r"^\s*(https?:)?//", re.I)
 _LINK_SCHEMES = re.compile(r"^\s*(https?:|mailto:|#)", re.I)
 
 
+_CSS_FUNCTION = re.compile(r"([a-z-]*)\s*\(", re.I)
+_CSS_FUNCTIONS_OK = frozenset({"rgb", "rgba", "hsl", "hsla", "calc"})
+
+
+def _safe_style(value: str) -> str | None:
+    """A ``style`` value without the declarations that call anything but a colour or calc
+    function (``expression()``, ``url()``, ``image-set()``...) or use CSS escapes (which can
+    spell those); None when nothing is left."""
+    kept = []
+    for decl in value.split(";"):
+        if "\\" in decl or "/*" in decl:
+            continue
+        if any(m.group(1).lower() not in _CSS_FUNCTIONS_OK for m in _CSS_FUNCTION.finditer(decl)):
+            continue
+        if decl.strip():
+            kept.append(decl.strip())
+    return ";".join(kept) or None
+
+
 class CleanResult:
     """The sanitised HTML and how many remote images were blocked in it."""
 
@@ -98,6 +117,8 @@ def clean_html(
                 blocked += 1
                 return None
             return value if _SAFE_DATA_IMAGE.match(value) else None
+        if attr == "style":
+            return _safe_style(value)
         if attr == "href":
             return value if _LINK_SCHEMES.match(value) else None
         return value

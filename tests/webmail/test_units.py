@@ -1,0 +1,202 @@
+"""The webmail's pure parts: message reading (RFC 2047 / 2231 names), composing and replies,
+conversations, sessions and cookies, templates, download names, form parsing."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import io
+
+import pytest
+from twisted.internet.task import Clock
+
+from mailgw.webmail import compose
+from mailgw.webmail.message import attachment_data, base_subject, body_text, read_message
+from mailgw.webmail.sessions import COOKIE, Sessions, cookie
+from mailgw.webmail.template import Markup, Template, esc, join
+from mailgw.webmail.threads import group
+from mailgw.webmail.web import HTTPError, content_disposition, multipart_form
+
+RAW = (
+    b"From: =?utf-8?B?5byg5LiJ?= <zs@outside.test>\r\nTo: alice@example.test, Bob <bob@example.test>\r\n"
+    b"Cc: carol@example.test\r\nReply-To: list@outside.test\r\n"
+    b"Subject: =?gb2312?B?1tDOxA==?= mixed\r\nDate: Tue, 02 Jan 2024 10:00:00 +0800\r\n"
+    b"Message-ID: <m1@outside.test>\r\nReferences: <r0@x> <r1@x>\r\n"
+    b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=o\r\n\r\n"
+    b"--o\r\nContent-Type: multipart/alternative; boundary=a\r\n\r\n"
+    b"--a\r\nContent-Type: text/plain; charset=gb2312\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    b"1tDOxNX9zsQ=\r\n--a\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>html body</p>\r\n--a--\r\n"
+    b"--o\r\nContent-Type: application/pdf; name*=utf-8''%E6%8A%A5%E5%91%8A.pdf\r\n"
+    b"Content-Transfer-Encoding: base64\r\n\r\nUERG\r\n"
+    b"--o\r\nContent-Type: image/png\r\nContent-ID: <img1@x>\r\nContent-Disposition: inline\r\n\r\nPNG\r\n"
+    b"--o--\r\n"
+)
+
+
+def test_read_message() -> None:
+    view = read_message(RAW)
+    assert view.subject == "中文 mixed"
+    assert view.sender == [("张三", "zs@outside.test")]
+    assert view.to == [("", "alice@example.test"), ("Bob", "bob@example.test")]
+    assert view.reply_to == [("", "list@outside.test")]
+    assert view.text == "中文正文" and view.html == "<p>html body</p>"
+    assert view.message_id == "<m1@outside.test>" and view.references == ["<r0@x>", "<r1@x>"]
+    assert [
+        (a.section, a.filename, a.content_type, a.size, a.content_id) for a in view.attachments
+    ] == [
+        ("2", "报告.pdf", "application/pdf", 3, ""),
+        ("3", "part-3.bin", "image/png", 3, "img1@x"),
+    ]
+    found = attachment_data(RAW, "2")
+    assert found is not None and found[1] == b"PDF"
+    assert attachment_data(RAW, "1.1") is None  # a body, not an attachment
+    assert body_text(RAW) == "中文正文"
+    html_only = b"Subject: x\r\nContent-Type: text/html\r\n\r\n<b>bold</b> text"
+    assert body_text(html_only).split() == ["bold", "text"]
+    assert body_text(b"Subject: x\r\nContent-Type: image/png\r\n\r\nPNG") == ""
+
+
+def test_base_subject() -> None:
+    assert base_subject("Re: Fwd: RE[2]: 回复：答复: hello") == "hello"
+    assert base_subject("Fw: 转发: x") == "x"
+    assert base_subject("Reply all") == "Reply all"
+
+
+def test_compose_build_and_errors() -> None:
+    draft = compose.Draft(
+        to="Bob <bob@example.test>; carol@example.test",
+        bcc="d@example.test",
+        subject="你好",
+        body="x",
+    )
+    data, rcpts = compose.build("alice@example.test", draft, "h.test", now=0)
+    assert rcpts == ["bob@example.test", "carol@example.test", "d@example.test"]
+    assert b"Bcc" not in data and b"\r\n" in data
+    kept, _ = compose.build("alice@example.test", draft, "h.test", with_bcc=True)
+    msg = email.message_from_bytes(kept, policy=email.policy.default)
+    assert msg["Bcc"] == "d@example.test" and msg["Subject"] == "你好"
+    assert msg["Message-ID"].endswith("@h.test>")
+    with pytest.raises(compose.ComposeError, match="not an e-mail address: nobody"):
+        compose.build("alice@example.test", compose.Draft(to="nobody"), "h.test")
+    assert compose.parse_recipients(" , ") == []
+    up = compose.Draft(
+        to="b@example.test", attachments=[compose.Upload("x.zip", "multipart/mixed", b"z")]
+    )
+    attached = email.message_from_bytes(
+        compose.build("a@example.test", up, "h")[0], policy=email.policy.default
+    )
+    (att,) = attached.iter_attachments()
+    assert att.get_content_type() == "application/octet-stream"  # never a multipart from an upload
+    assert compose.guess_type("a.pdf") == "application/pdf"
+    assert compose.guess_type("a.unknownext") == "application/octet-stream"
+    assert compose.guess_type("a.pdf", "image/png") == "image/png"
+
+
+def test_reply_forward() -> None:
+    view = read_message(RAW)
+    one = compose.reply(view, "alice@example.test", everyone=False)
+    assert one.to == "list@outside.test" and one.cc == ""
+    assert one.subject == "Re: 中文 mixed" and "> 中文正文" in one.body
+    assert one.in_reply_to == "<m1@outside.test>"
+    assert one.references == "<r0@x> <r1@x> <m1@outside.test>"
+    everyone = compose.reply(view, "ALICE@example.test", everyone=True)
+    assert everyone.cc == "Bob <bob@example.test>, carol@example.test"  # not me, no repeats
+    fwd = compose.forward(view)
+    assert fwd.subject == "Fwd: 中文 mixed" and "Forwarded message" in fwd.body and fwd.to == ""
+
+
+def test_threads_group() -> None:
+    items = ["a", "b", "c", "d", "e"]
+    ids = [("<1>", []), ("<2>", ["<1>"]), ("<3>", []), ("", ["<2>"]), ("<5>", ["<9>"])]
+    assert group(items, ids) == [["a", "b", "d"], ["c"], ["e"]]
+    # A reply seen before the message it answers joins it all the same.
+    assert group(["r", "o"], [("<r>", ["<o>"]), ("<O>", [])]) == [["r", "o"]]
+
+
+def test_sessions_expire_and_end() -> None:
+    clock = Clock()
+    sessions = Sessions(clock, idle_timeout=60, max_age=300)
+    s = sessions.create("alice@example.test")
+    assert sessions.get(s.sid) is s and sessions.get(None) is None and sessions.get("nope") is None
+    assert s.csrf_ok(s.csrf) and not s.csrf_ok("x") and not s.csrf_ok(None)
+    clock.advance(59)
+    assert sessions.get(s.sid) is s  # activity restarts the idle time
+    clock.advance(61)
+    assert sessions.get(s.sid) is None
+    t = sessions.create("alice@example.test")
+    for _ in range(6):
+        clock.advance(55)
+        sessions.get(t.sid)
+    assert sessions.get(t.sid) is None  # past max_age however active
+    a, b, c = (sessions.create(u) for u in ("x@t", "x@t", "y@t"))
+    sessions.end_user("x@t", keep=a.sid)
+    assert sessions.get(a.sid) is a and sessions.get(b.sid) is None and sessions.get(c.sid) is c
+    sessions.end(a.sid)
+    assert sessions.get(a.sid) is None
+    clock.advance(1000)
+    sessions.create("z@t")
+    assert len(sessions) == 1  # expired ones dropped
+
+
+def test_cookie_flags() -> None:
+    assert (
+        cookie(COOKIE, "v", secure=False) == b"mailgw_session=v; Path=/; HttpOnly; SameSite=Strict"
+    )
+    assert cookie(COOKIE, "", secure=True, max_age=0).endswith(
+        b"SameSite=Strict; Secure; Max-Age=0"
+    )
+
+
+def test_template_escapes() -> None:
+    t = Template('<a href="{href}">{text}</a>{raw}')
+    out = t.render(href='x" onclick="1', text="<b>", raw=Markup("<i>ok</i>"))
+    assert out == '<a href="x&quot; onclick=&quot;1">&lt;b&gt;</a><i>ok</i>'
+    with pytest.raises(KeyError, match="text"):
+        t.render(href="x", raw="")
+    assert esc(None) == "" and join(["<", Markup("<br>")]) == "&lt;<br>"
+
+
+def test_content_disposition() -> None:
+    assert content_disposition("a.pdf") == b'attachment; filename="a.pdf"'
+    assert (
+        content_disposition("报告.pdf")
+        == b"attachment; filename=\"__.pdf\"; filename*=UTF-8''%E6%8A%A5%E5%91%8A.pdf"
+    )
+    assert content_disposition('a"b\r\n/../c%.txt') == (
+        b"attachment; filename=\"a_b_.._c_.txt\"; filename*=UTF-8''a%22b_.._c%25.txt"
+    )
+    assert content_disposition("  ") == b'attachment; filename="attachment"'
+
+
+class FormRequest:
+    def __init__(
+        self, ctype: bytes, body: bytes, args: dict[bytes, list[bytes]] | None = None
+    ) -> None:
+        self.ctype = ctype
+        self.content = io.BytesIO(body)
+        self.args = args or {}
+
+    def getHeader(self, name: bytes) -> bytes | None:  # noqa: N802 (twisted.web)
+        return self.ctype if name == b"content-type" else None
+
+
+def test_multipart_form() -> None:
+    body = (
+        '--b\r\nContent-Disposition: form-data; name="to"\r\n\r\n张三 <z@x.test>\r\n'
+        '--b\r\nContent-Disposition: form-data; name="attach"; filename="C:\\\\dir\\\\清单.txt"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\nabc\r\n"
+        '--b\r\nContent-Disposition: form-data; name="attach"; filename=""\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n\r\n"
+        "--b\r\nContent-Disposition: form-data\r\n\r\nno name\r\n--b--\r\n"
+    ).encode()
+    form = multipart_form(FormRequest(b"multipart/form-data; boundary=b", body))
+    assert form.text("to") == "张三 <z@x.test>" and form.text("missing") == ""
+    assert [(f.filename, f.content_type, f.data) for f in form.files] == [
+        ("清单.txt", "text/plain", b"abc")
+    ]
+    plain = multipart_form(
+        FormRequest(b"application/x-www-form-urlencoded", b"", {b"a": [b"1", b"2"]})
+    )
+    assert plain.values("a") == ["1", "2"]
+    with pytest.raises(HTTPError):
+        multipart_form(FormRequest(b"multipart/form-data", b"not multipart"))
