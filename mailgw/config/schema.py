@@ -775,6 +775,20 @@ class HTTPConfig:
     idle_timeout: float = key("1m", v.parse_duration, "Close an idle HTTP connection after this.")
 
 
+def _webmail_reader(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("store", "imap"):
+        raise ValueError("expected store or imap")
+    return value
+
+
+def _webmail_tls(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("no", "starttls", "yes"):
+        raise ValueError("expected no, starttls or yes")
+    return value
+
+
 @dataclass(frozen=True)
 class WebmailConfig:
     """[webmail] the webmail at / of the http role (docs/webmail.md); needs [http] enabled."""
@@ -787,6 +801,16 @@ class WebmailConfig:
         "25M", v.parse_size, "Largest total size of the attachments of one message sent."
     )
     page_size: int = key("50", v.parse_positive_int, "Messages (or conversations) per list page.")
+    reader: str = key(
+        "store",
+        _webmail_reader,
+        "How mail is read: store (this node's own store) or imap (a gateway: log in to imap_host).",
+    )
+    imap_host: str = key("127.0.0.1", _text, "The IMAP server of reader = imap.")
+    imap_port: int = key("8143", v.parse_positive_int, "Its port.")
+    imap_tls: str = key(
+        "no", _webmail_tls, "TLS to it: no, starttls or yes (implicit TLS); certificates verified."
+    )
 
 
 _PREFIXED: dict[str, type] = {"channel": ChannelConfig, "route": RouteConfig}

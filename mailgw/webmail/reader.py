@@ -43,6 +43,13 @@ class IMailReader(Interface):
     """A user's mail as the webmail sees it. Every method returns a Deferred; a missing
     folder fails with ``MailboxNotFound``, a missing message with ``KeyError``."""
 
+    def open_session(user: str, password: str) -> None:
+        """The user logged in to the webmail with ``password`` (a reader that logs in to a
+        mail server as the user keeps it until ``close_session``)."""
+
+    def close_session(user: str) -> defer.Deferred[None]:
+        """The user logged out: drop what ``open_session`` kept."""
+
     def folders(user: str) -> defer.Deferred[list[FolderInfo]]:
         """The user's folders (INBOX first) with their message and unseen counts."""
 
@@ -84,6 +91,12 @@ class StoreReader:
 
     def __init__(self, store: Any) -> None:
         self.store = store
+
+    def open_session(self, user: str, password: str) -> None:
+        """Nothing to keep: the store needs no credentials."""
+
+    def close_session(self, user: str) -> defer.Deferred[None]:
+        return defer.succeed(None)
 
     def folders(self, user: str) -> defer.Deferred[list[FolderInfo]]:
         return defer.maybeDeferred(self._folders, user)

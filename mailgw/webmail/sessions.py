@@ -73,6 +73,10 @@ class Sessions:
         for sid in [k for k, s in self._by_id.items() if s.user == user and k != keep]:
             del self._by_id[sid]
 
+    def of_user(self, user: str) -> list[Session]:
+        """The user's live sessions."""
+        return [s for s in self._by_id.values() if s.user == user]
+
     def _expire(self) -> None:
         now = self.clock.seconds()
         for sid in [

@@ -7,20 +7,27 @@ import os
 import socket
 from typing import Any
 
-from mailgw.webmail.reader import StoreReader
+from mailgw.webmail.imapreader import IMAPReader
+from mailgw.webmail.reader import IMailReader, StoreReader
 from mailgw.webmail.settings import UserSettings
 from mailgw.webmail.web import WebmailResource
 
 
 def build_webmail(node: Any) -> WebmailResource:
-    """The webmail resource of ``node``: reads through the node's own store, sends through
+    """The webmail resource of ``node``: reads through the node's own store (or over IMAP
+    with ``[webmail] reader = imap``), sends through
     ``node.submitter`` (None when the submission role is off: sending then answers 503),
     logs in through ``node.auth`` (the penalty every protocol shares). A spam/ham reporter
     the node offers as ``node.spam_reporter`` becomes the report hook."""
     config = node.config
     wm = config.webmail
+    reader: IMailReader
+    if wm.reader == "imap":
+        reader = IMAPReader(wm.imap_host, wm.imap_port, wm.imap_tls, node.run_io)
+    else:
+        reader = StoreReader(node.store)
     resource = WebmailResource(
-        StoreReader(node.store),
+        reader,
         node.auth,
         node.submitter,
         node.directory,

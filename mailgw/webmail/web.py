@@ -25,6 +25,7 @@ from mailgw.interfaces import MailboxNotFound, QuotaExceeded
 from mailgw.mime import parse, parse_date
 from mailgw.model import Envelope
 from mailgw.webmail import compose, pages, static
+from mailgw.webmail.imapreader import IMAPError
 from mailgw.webmail.message import (
     MessageView,
     address_list,
@@ -188,6 +189,9 @@ class WebmailResource(Resource):
             body = self._redirect(request, value.location)
         elif isinstance(value, HTTPError):
             body = self._error(request, value.status, value.text)
+        elif isinstance(value, IMAPError):
+            log.warn("webmail: {path}: {error}", path=request.path, error=str(value))
+            body = self._error(request, 502, "the mail server is unavailable: try again later")
         elif isinstance(value, MailboxNotFound):
             body = self._error(request, 404, "no such folder")
         elif isinstance(value, KeyError):
@@ -275,6 +279,7 @@ class WebmailResource(Resource):
         if session is not None:
             self.sessions.end(session.sid)
         new = self.sessions.create(user.name)
+        self.reader.open_session(user.name, password)
         request.cookies.append(cookie(COOKIE, new.sid, request.isSecure()))
         request.cookies.append(cookie(LOGIN_COOKIE, "", request.isSecure(), 0))
         log.info("webmail: {user} logged in from {ip}", user=user.name, ip=ip or "-")
@@ -283,6 +288,8 @@ class WebmailResource(Resource):
     def logout(self, request: Any, session: Session | None) -> bytes:
         assert session is not None
         self.sessions.end(session.sid)
+        if not self.sessions.of_user(session.user):
+            self.reader.close_session(session.user)
         request.cookies.append(cookie(COOKIE, "", request.isSecure(), 0))
         raise Redirect("/")
 
@@ -709,6 +716,7 @@ class WebmailResource(Resource):
                 yield task.deferLater(self.clock, delay, lambda: None)
             return 403, "", "The current password is wrong."
         self.directory.set_password(session.user, new)
+        self.reader.open_session(session.user, new)
         self.sessions.end_user(session.user, keep=session.sid)
         log.info("webmail: {user} changed the password", user=session.user)
         return 200, "Password changed. 密码已修改。", ""

@@ -25,14 +25,25 @@ BOB = "bob@example.test"
 BOB_PASSWORD = "bob password"
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailgwServer]:
-    port, sub, subs = free_port(), free_port(), free_port()
+@pytest.fixture(scope="module", params=["store", "imap"])
+def node(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[MailgwServer]:
+    """The webmail reading the node's store, then (the same tests) reading it over IMAP as a
+    gateway's webmail does."""
+    port, sub, subs, imap_port = free_port(), free_port(), free_port(), free_port()
     server = make_server(
-        tmp_path_factory.mktemp("webmail-node"),
+        tmp_path_factory.mktemp(f"webmail-{request.param}"),
         {
             "http": {"enabled": "yes", "listen": f"tcp:{port}:interface=127.0.0.1"},
-            "webmail": {"enabled": "yes", "page_size": "3", "max_upload_size": "64K"},
+            "imap": {"listen": f"tcp:{imap_port}:interface=127.0.0.1"},
+            "webmail": {
+                "enabled": "yes",
+                "page_size": "3",
+                "max_upload_size": "64K",
+                "reader": request.param,
+                "imap_port": str(imap_port),
+            },
             "submission": {
                 "enabled": "yes",
                 "listen": f"tcp:{sub}:interface=127.0.0.1",
@@ -45,9 +56,10 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailgwServer]:
             },
         },
     )
-    server.ports.update(http=port)
+    server.ports.update(http=port, imap=imap_port)
     server.cli("user", "add", "carol@example.test", "--password", "carol password")
     server.cli("user", "add", "dave@example.test", "--password", "dave password")
+    server.cli("user", "add", "erin@example.test", "--password", "erin password")
     try:
         wait_for_port("127.0.0.1", port, proc=server.proc)
         yield server
@@ -682,3 +694,27 @@ def test_signature_and_password_change(node: MailgwServer) -> None:
         assert body.replace("\r\n", "\n").endswith("-- \n鲍勃 Bob\n<b>x</b>\n")
     finally:
         node.cli("user", "passwd", BOB, "--password", BOB_PASSWORD)
+
+
+def test_the_configured_reader_is_used(node: MailgwServer) -> None:
+    """With ``reader = imap`` the webmail logs in to the IMAP server as the user; with the
+    store reader it does not."""
+    imap_logins = len(re.findall(r"imap \S+ login erin@example\.test from", node.log()))
+    b = Browser(base(node))
+    assert b.login("erin@example.test", "erin password").status == 200
+    if node.sections["webmail"]["reader"] == "imap":
+        wait_until(
+            lambda: (
+                len(re.findall(r"imap \S+ login erin@example\.test from", node.log()))
+                == imap_logins + 1
+            ),
+            what="the webmail's IMAP login",
+        )
+    else:
+        # A marker login after the page was served: any login of the webmail is logged before.
+        marks = node.log().count("login bob@example.test from")
+        imap(node, BOB, BOB_PASSWORD).logout()
+        wait_until(
+            lambda: node.log().count("login bob@example.test from") > marks, what="the marker"
+        )
+        assert len(re.findall(r"imap \S+ login erin@example\.test from", node.log())) == imap_logins

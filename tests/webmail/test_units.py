@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.policy
 import io
+from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
@@ -200,3 +201,22 @@ def test_multipart_form() -> None:
     assert plain.values("a") == ["1", "2"]
     with pytest.raises(HTTPError):
         multipart_form(FormRequest(b"multipart/form-data", b"not multipart"))
+
+
+def test_webmail_config_values(tmp_path: Any) -> None:
+    from mailgw.config import ConfigError, load
+
+    path = tmp_path / "mailgw.ini"
+    path.write_text(
+        "[webmail]\nenabled = yes\nreader = IMAP\nimap_tls = STARTTLS\nmax_upload_size = 1M\n"
+    )
+    config = load(str(path))
+    assert (config.webmail.reader, config.webmail.imap_tls, config.webmail.max_upload_size) == (
+        "imap",
+        "starttls",
+        1024 * 1024,
+    )
+    for key, value in (("reader", "pop3"), ("imap_tls", "maybe"), ("page_size", "0")):
+        path.write_text(f"[webmail]\n{key} = {value}\n")
+        with pytest.raises(ConfigError, match=f"webmail:{key}"):
+            load(str(path))

@@ -32,6 +32,12 @@ class FakeReader:
         }
         self.next_uid = 10
 
+    def open_session(self, user: str, password: str) -> None:
+        self.opened = (user, password)
+
+    def close_session(self, user: str) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
     def folders(self, user: str) -> defer.Deferred[list[FolderInfo]]:
         return defer.succeed([FolderInfo(n, len(b), 0) for n, b in self.boxes.items()])
 
