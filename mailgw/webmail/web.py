@@ -636,7 +636,7 @@ class WebmailResource(Resource):
         op = _arg(request, "op") or ""
         uids = [u for u in (_int(x, 0) for x in _args(request, "uid")) if u > 0]
         back = _arg(request, "back") or pages.url("/mail", folder=folder)
-        if not back.startswith("/") or back.startswith("//"):
+        if not _local_path(back):
             back = "/"
         if not uids:
             raise Redirect(back)
@@ -784,6 +784,17 @@ def _arg(request: Any, name: str) -> str | None:
 
 def _args(request: Any, name: str) -> list[str]:
     return [v.decode("utf-8", "replace") for v in request.args.get(name.encode("ascii"), [])]
+
+
+def _local_path(text: str) -> bool:
+    """Whether ``text`` is a path on this site (never ``//host`` or ``/\\host``, which
+    browsers take for another site, nor a control character)."""
+    return (
+        text.startswith("/")
+        and not text.startswith(("//", "/\\"))
+        and "\\" not in text
+        and all(" " < c < "\x7f" for c in text)
+    )
 
 
 def _choice(text: str | None, choices: tuple[str, ...]) -> str:

@@ -10,8 +10,10 @@ import email.policy
 import imaplib
 import re
 import smtplib
+import ssl
 from collections.abc import Iterator
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 
@@ -718,3 +720,40 @@ def test_the_configured_reader_is_used(node: MailgwServer) -> None:
             lambda: node.log().count("login bob@example.test from") > marks, what="the marker"
         )
         assert len(re.findall(r"imap \S+ login erin@example\.test from", node.log())) == imap_logins
+
+
+def test_cookies_are_secure_over_https(tmp_path: Path, selfsigned: tuple[Path, Path]) -> None:
+    cert, key = selfsigned
+    port, tls_port = free_port(), free_port()
+    server = make_server(
+        tmp_path / "tls",
+        {
+            "tls": {"certificate": str(cert), "private_key": str(key)},
+            "http": {
+                "enabled": "yes",
+                "listen": f"tcp:{port}:interface=127.0.0.1",
+                "listen_tls": f"tcp:{tls_port}:interface=127.0.0.1",
+            },
+            "webmail": {"enabled": "yes"},
+        },
+    )
+    try:
+        wait_for_port("127.0.0.1", tls_port, proc=server.proc)
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        b = Browser(f"https://127.0.0.1:{tls_port}", context)
+        (login_cookie,) = b.get("/").set_cookies()
+        assert "; Secure" in login_cookie
+        page = b.get("/")
+        token = re.search(r'name="login_token" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+        done = b.post(
+            "/login", {"user": ALICE, "password": PASSWORD, "login_token": token}, follow=False
+        )
+        assert done.status == 303
+        session = next(c for c in done.set_cookies() if c.startswith("mailgw_session="))
+        assert "HttpOnly" in session and "SameSite=Strict" in session and "Secure" in session
+        # Plain HTTP on the same node: no Secure flag (the browser would drop the cookie).
+        (plain,) = Browser(f"http://127.0.0.1:{port}").get("/").set_cookies()
+        assert "Secure" not in plain
+    finally:
+        server.stop()

@@ -7,6 +7,7 @@ import html
 import http.cookiejar
 import re
 import secrets
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -48,12 +49,13 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 class Browser:
     """Keeps cookies; follows redirects unless ``follow=False``."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, context: ssl.SSLContext | None = None) -> None:
         self.base = base.rstrip("/")
         self.jar = http.cookiejar.CookieJar()
         cookies = urllib.request.HTTPCookieProcessor(self.jar)
-        self.opener = urllib.request.build_opener(cookies)
-        self.raw = urllib.request.build_opener(cookies, _NoRedirect())
+        https = urllib.request.HTTPSHandler(context=context)
+        self.opener = urllib.request.build_opener(cookies, https)
+        self.raw = urllib.request.build_opener(cookies, https, _NoRedirect())
 
     def request(
         self,

@@ -220,3 +220,19 @@ def test_webmail_config_values(tmp_path: Any) -> None:
         path.write_text(f"[webmail]\n{key} = {value}\n")
         with pytest.raises(ConfigError, match=f"webmail:{key}"):
             load(str(path))
+
+
+def test_only_local_paths_are_redirect_targets() -> None:
+    from mailgw.webmail.web import _local_path
+
+    assert _local_path("/mail?folder=INBOX&q=%E4%B8%AD")
+    for bad in (
+        "//evil.test/",
+        "/\\evil.test",
+        "/a\\b",
+        "http://evil.test/",
+        "/a\r\nSet-Cookie: x",
+        "",
+        "/a b",
+    ):
+        assert not _local_path(bad), bad
