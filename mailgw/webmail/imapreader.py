@@ -197,23 +197,21 @@ class IMAPReader:
     def summaries(self, user: str, folder: str) -> defer.Deferred[list[Summary]]:
         def work(conn: _Connection) -> list[Summary]:
             self._select(conn, folder)
-            typ, data = conn.client.uid(
-                "FETCH", "1:*", "(UID FLAGS RFC822.SIZE INTERNALDATE BODY.PEEK[HEADER])"
-            )
+            typ, data = conn.client.uid("FETCH", "1:*", "(UID FLAGS RFC822.SIZE INTERNALDATE)")
             if typ != "OK":
                 raise IMAPError(f"FETCH: {data!r}")
             out = []
             for item in data:
-                if not isinstance(item, tuple):
+                meta = item[0] if isinstance(item, tuple) else item
+                if not isinstance(meta, bytes):
                     continue
-                meta, header = item[0], item[1]
                 uid = _UID.search(meta)
                 if uid is None:
                     continue
                 flags = _FLAGS.search(meta)
                 size = _SIZE.search(meta)
                 date = _DATE.search(meta)
-                when = time.time()
+                when = 0.0
                 if date is not None:
                     parsed = imaplib.Internaldate2tuple(b'INTERNALDATE "' + date.group(1) + b'"')
                     if parsed is not None:
@@ -222,12 +220,31 @@ class IMAPReader:
                     Summary(
                         int(uid.group(1)),
                         frozenset(flags.group(1).decode().split()) if flags else frozenset(),
-                        int(size.group(1)) if size else len(header),
+                        int(size.group(1)) if size else 0,
                         when,
-                        header,
                     )
                 )
             out.sort(key=lambda s: s.uid)
+            return out
+
+        return self._call(user, work)
+
+    def headers(
+        self, user: str, folder: str, uids: Sequence[int]
+    ) -> defer.Deferred[dict[int, bytes]]:
+        def work(conn: _Connection) -> dict[int, bytes]:
+            out: dict[int, bytes] = {}
+            if not uids:
+                return out
+            self._select(conn, folder)
+            typ, data = conn.client.uid("FETCH", _uid_set(uids), "(UID BODY.PEEK[HEADER])")
+            if typ != "OK":
+                raise IMAPError(f"FETCH: {data!r}")
+            for item in data:
+                if isinstance(item, tuple):
+                    uid = _UID.search(item[0])
+                    if uid is not None:
+                        out[int(uid.group(1))] = bytes(item[1])
             return out
 
         return self._call(user, work)

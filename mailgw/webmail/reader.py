@@ -29,14 +29,12 @@ class FolderInfo:
 
 @dataclass(frozen=True)
 class Summary:
-    """One message of a folder for the message list: UID, flags, size, arrival time and its
-    header block (raw bytes, parsed by the caller)."""
+    """One message of a folder for the message list: UID, flags, size, arrival time."""
 
     uid: int
     flags: frozenset[str]
     size: int
     internaldate: float
-    header: bytes
 
 
 class IMailReader(Interface):
@@ -54,7 +52,10 @@ class IMailReader(Interface):
         """The user's folders (INBOX first) with their message and unseen counts."""
 
     def summaries(user: str, folder: str) -> defer.Deferred[list[Summary]]:
-        """Every message of ``folder`` (by UID) with its header block."""
+        """Every message of ``folder``, by UID (from the index: no message is read)."""
+
+    def headers(user: str, folder: str, uids: Sequence[int]) -> defer.Deferred[dict[int, bytes]]:
+        """The header block of each of the messages (UIDs gone meanwhile are left out)."""
 
     def fetch(user: str, folder: str, uid: int) -> defer.Deferred[bytes]:
         """The message's stored bytes."""
@@ -123,14 +124,22 @@ class StoreReader:
             if folder == "INBOX":
                 return []
             raise
-        out = []
-        for info in box.messages():
+        return [Summary(i.uid, i.flags, i.size, i.internaldate) for i in box.messages()]
+
+    def headers(
+        self, user: str, folder: str, uids: Sequence[int]
+    ) -> defer.Deferred[dict[int, bytes]]:
+        return defer.maybeDeferred(self._headers, user, folder, uids)
+
+    def _headers(self, user: str, folder: str, uids: Sequence[int]) -> dict[int, bytes]:
+        box = self.store.open_mailbox(user, folder)
+        out = {}
+        for uid in uids:
             try:
-                with box.open_message(info.uid) as f:
-                    head = header_block(f.read(HEADER_READ_LIMIT))
+                with box.open_message(uid) as f:
+                    out[uid] = header_block(f.read(HEADER_READ_LIMIT))
             except (KeyError, OSError):
                 continue
-            out.append(Summary(info.uid, info.flags, info.size, info.internaldate, head))
         return out
 
     def fetch(self, user: str, folder: str, uid: int) -> defer.Deferred[bytes]:

@@ -58,7 +58,10 @@ BODY_CSP = (
 DOWNLOAD_CSP = b"default-src 'none'; sandbox"
 MAX_INLINE_IMAGE = 2 * 1024 * 1024
 INLINE_IMAGE_TYPES = frozenset({"image/png", "image/gif", "image/jpeg", "image/webp", "image/bmp"})
-SUMMARY_CACHE = 50_000
+SUMMARY_CACHE = 200_000
+"""Header facts kept for the message lists (all users), least recently used dropped."""
+HEADER_BATCH = 500
+"""Headers asked of the reader at once."""
 MIN_PASSWORD = 8
 
 
@@ -77,6 +80,18 @@ class Redirect(Exception):
     def __init__(self, location: str) -> None:
         super().__init__(location)
         self.location = location
+
+
+@dataclass(frozen=True)
+class Head:
+    """What the list needs of a message's header (cached: a header never changes)."""
+
+    sender: str
+    sender_addr: str
+    subject: str
+    date: float | None
+    message_id: str
+    refs: list[str]
 
 
 @dataclass(frozen=True)
@@ -129,7 +144,7 @@ class WebmailResource(Resource):
         self.report_spam: Callable[[str, bytes, bool], Any] = spam_report_none
         """``report_spam(user, message bytes, is_spam)``: the reputation hook (may return a
         Deferred); called before the message is moved."""
-        self._lines: OrderedDict[tuple[str, str, int, int], Line] = OrderedDict()
+        self._heads: OrderedDict[tuple[str, str, int, int, float], Head] = OrderedDict()
         self.routes: dict[tuple[bytes, bytes], Callable[[Any, Any], Any]] = {
             (b"GET", b"/"): self.home,
             (b"POST", b"/login"): self.login,
@@ -295,32 +310,61 @@ class WebmailResource(Resource):
 
     # -- message list --------------------------------------------------------------------
 
-    def _line(self, user: str, folder: str, s: Summary) -> Line:
-        key = (user, folder, s.uid, s.size)
-        line = self._lines.get(key)
-        if line is not None:
-            self._lines.move_to_end(key)
-            return line
-        msg = parse(s.header)
+    @staticmethod
+    def _head(header: bytes) -> Head:
+        msg = parse(header)
         senders = address_list(msg, "From")
         sender = (senders[0][0] or senders[0][1]) if senders else header_text(msg, "From")
-        date = parse_date(header_text(msg, "Date")) or s.internaldate
         refs = message_ids(header_text(msg, "References")) + message_ids(
             header_text(msg, "In-Reply-To")
         )
-        line = Line(
-            s,
+        return Head(
             sender,
             senders[0][1] if senders else "",
             header_text(msg, "Subject"),
-            date,
+            parse_date(header_text(msg, "Date")),
             (message_ids(header_text(msg, "Message-ID")) or [""])[0],
             refs,
         )
-        self._lines[key] = line
-        if len(self._lines) > SUMMARY_CACHE:
-            self._lines.popitem(last=False)
-        return line
+
+    @defer.inlineCallbacks
+    def _lines_of(self, user: str, folder: str) -> Generator[Any, Any, list[Line]]:
+        """The folder's messages with their header facts: headers read only for the
+        messages not in the cache (a 10,000-message folder is read once)."""
+        summaries: list[Summary] = yield self.reader.summaries(user, folder)
+        cache = self._heads
+
+        def key(s: Summary) -> tuple[str, str, int, int, float]:
+            return (user, folder, s.uid, s.size, s.internaldate)
+
+        missing = [s.uid for s in summaries if key(s) not in cache]
+        if missing:
+            got: dict[int, bytes] = {}
+            for i in range(0, len(missing), HEADER_BATCH):
+                got.update((yield self.reader.headers(user, folder, missing[i : i + HEADER_BATCH])))
+            for s in summaries:
+                if s.uid in got:
+                    cache[key(s)] = self._head(got[s.uid])
+            while len(cache) > SUMMARY_CACHE:
+                cache.popitem(last=False)
+        lines = []
+        for s in summaries:
+            head = cache.get(key(s))
+            if head is None:  # gone meanwhile
+                continue
+            cache.move_to_end(key(s))
+            lines.append(
+                Line(
+                    s,
+                    head.sender,
+                    head.sender_addr,
+                    head.subject,
+                    head.date if head.date is not None else s.internaldate,
+                    head.message_id,
+                    head.refs,
+                )
+            )
+        return lines
 
     @defer.inlineCallbacks
     def mail(self, request: Any, session: Session) -> Generator[Any, Any, bytes]:
@@ -334,8 +378,7 @@ class WebmailResource(Resource):
             field=_choice(_arg(request, "field"), ("all", "subject", "from", "body")),
         )
         folders = yield self.reader.folders(session.user)
-        summaries = yield self.reader.summaries(session.user, state.folder)
-        lines = [self._line(session.user, state.folder, s) for s in summaries]
+        lines = yield self._lines_of(session.user, state.folder)
         if state.q:
             lines = yield self._search(session.user, state.folder, lines, state.q, state.field)
         key: Callable[[Line], Any] = {

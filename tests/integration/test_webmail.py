@@ -277,6 +277,8 @@ def test_read_a_chinese_mail_with_links_and_an_attachment(
     # Reading marked it seen.
     flags = {u: f for u, f, _ in folder_messages(node, "INBOX")}
     assert "\\Seen" in flags[uid]
+    seen = alice.get("/mail", folder="INBOX", q="季度报告").text
+    assert f'<tr class="" data-uid="{uid}">' in seen  # the list shows it read now
     download = alice.get("/att", folder="INBOX", uid=uid, part="2")
     assert download.status == 200 and download.body == "内容".encode()
     assert download.header("Content-Type") == "application/octet-stream"

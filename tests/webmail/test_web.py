@@ -43,11 +43,12 @@ class FakeReader:
 
     def summaries(self, user: str, folder: str) -> defer.Deferred[list[Summary]]:
         return defer.succeed(
-            [
-                Summary(u, frozenset(f), len(d), 0.0, d.split(b"\r\n\r\n")[0])
-                for u, (d, f) in self.boxes[folder].items()
-            ]
+            [Summary(u, frozenset(f), len(d), 0.0) for u, (d, f) in self.boxes[folder].items()]
         )
+
+    def headers(self, user: str, folder: str, uids: Any) -> defer.Deferred[dict[int, bytes]]:
+        box = self.boxes[folder]
+        return defer.succeed({u: box[u][0].split(b"\r\n\r\n")[0] for u in uids if u in box})
 
     def fetch(self, user: str, folder: str, uid: int) -> defer.Deferred[bytes]:
         return defer.maybeDeferred(lambda: self.boxes[folder][uid][0])
