@@ -260,6 +260,26 @@ class IMAPReader:
 
         return self._call(user, work)
 
+    def fetch_many(
+        self, user: str, folder: str, uids: Sequence[int]
+    ) -> defer.Deferred[dict[int, bytes]]:
+        def work(conn: _Connection) -> dict[int, bytes]:
+            out: dict[int, bytes] = {}
+            if not uids:
+                return out
+            self._select(conn, folder)
+            typ, data = conn.client.uid("FETCH", _uid_set(uids), "(UID BODY.PEEK[])")
+            if typ != "OK":
+                raise IMAPError(f"FETCH: {data!r}")
+            for item in data:
+                if isinstance(item, tuple):
+                    uid = _UID.search(item[0])
+                    if uid is not None:
+                        out[int(uid.group(1))] = bytes(item[1])
+            return out
+
+        return self._call(user, work)
+
     def set_flags(
         self, user: str, folder: str, uids: Sequence[int], flags: Sequence[str], add: bool
     ) -> defer.Deferred[None]:

@@ -60,6 +60,9 @@ class IMailReader(Interface):
     def fetch(user: str, folder: str, uid: int) -> defer.Deferred[bytes]:
         """The message's stored bytes."""
 
+    def fetch_many(user: str, folder: str, uids: Sequence[int]) -> defer.Deferred[dict[int, bytes]]:
+        """The stored bytes of each of the messages (UIDs gone meanwhile are left out)."""
+
     def set_flags(
         user: str, folder: str, uids: Sequence[int], flags: Sequence[str], add: bool
     ) -> defer.Deferred[None]:
@@ -146,6 +149,21 @@ class StoreReader:
         return defer.maybeDeferred(
             lambda: bytes(self.store.open_mailbox(user, folder).read_message(uid))
         )
+
+    def fetch_many(
+        self, user: str, folder: str, uids: Sequence[int]
+    ) -> defer.Deferred[dict[int, bytes]]:
+        def run() -> dict[int, bytes]:
+            box = self.store.open_mailbox(user, folder)  # one snapshot for all
+            out = {}
+            for uid in uids:
+                try:
+                    out[uid] = bytes(box.read_message(uid))
+                except (KeyError, OSError):
+                    continue
+            return out
+
+        return defer.maybeDeferred(run)
 
     def set_flags(
         self, user: str, folder: str, uids: Sequence[int], flags: Sequence[str], add: bool

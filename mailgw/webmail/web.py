@@ -61,6 +61,8 @@ INLINE_IMAGE_TYPES = frozenset({"image/png", "image/gif", "image/jpeg", "image/w
 SUMMARY_CACHE = 200_000
 """Header facts kept for the message lists (all users), least recently used dropped."""
 HEADER_BATCH = 500
+FETCH_BATCH = 200
+"""Whole messages asked of the reader at once (a body search)."""
 """Headers asked of the reader at once."""
 MIN_PASSWORD = 8
 
@@ -429,22 +431,24 @@ class WebmailResource(Resource):
     ) -> Generator[Any, Any, list[Line]]:
         needle = q.casefold()
         out = []
+        body_wanted = []
         for ln in lines:
-            if field in ("all", "subject") and needle in ln.subject.casefold():
-                out.append(ln)
-                continue
-            if field in ("all", "from") and (
+            if field in ("all", "subject") and needle in ln.subject.casefold() or field in ("all", "from") and (
                 needle in ln.sender.casefold() or needle in ln.sender_addr.casefold()
             ):
                 out.append(ln)
-                continue
-            if field in ("all", "body"):
-                try:
-                    raw = yield self.reader.fetch(user, folder, ln.summary.uid)
-                except KeyError:
-                    continue
-                if needle in body_text(raw).casefold():
-                    out.append(ln)
+            elif field in ("all", "body"):
+                body_wanted.append(ln)
+        for i in range(0, len(body_wanted), FETCH_BATCH):
+            batch = body_wanted[i : i + FETCH_BATCH]
+            raws = yield self.reader.fetch_many(user, folder, [ln.summary.uid for ln in batch])
+            out.extend(
+                ln
+                for ln in batch
+                if ln.summary.uid in raws and needle in body_text(raws[ln.summary.uid]).casefold()
+            )
+        order = {id(ln): k for k, ln in enumerate(lines)}
+        out.sort(key=lambda ln: order[id(ln)])
         return out
 
     # -- reading -------------------------------------------------------------------------
