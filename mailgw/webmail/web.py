@@ -433,8 +433,11 @@ class WebmailResource(Resource):
         out = []
         body_wanted = []
         for ln in lines:
-            if field in ("all", "subject") and needle in ln.subject.casefold() or field in ("all", "from") and (
-                needle in ln.sender.casefold() or needle in ln.sender_addr.casefold()
+            if (
+                field in ("all", "subject")
+                and needle in ln.subject.casefold()
+                or field in ("all", "from")
+                and (needle in ln.sender.casefold() or needle in ln.sender_addr.casefold())
             ):
                 out.append(ln)
             elif field in ("all", "body"):
