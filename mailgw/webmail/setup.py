@@ -9,6 +9,7 @@ from typing import Any
 
 from mailgw.webmail.imapreader import IMAPReader
 from mailgw.webmail.reader import IMailReader, StoreReader
+from mailgw.webmail.report import reputation_hook
 from mailgw.webmail.settings import UserSettings
 from mailgw.webmail.web import WebmailResource
 
@@ -17,8 +18,10 @@ def build_webmail(node: Any) -> WebmailResource:
     """The webmail resource of ``node``: reads through the node's own store (or over IMAP
     with ``[webmail] reader = imap``), sends through
     ``node.submitter`` (None when the submission role is off: sending then answers 503),
-    logs in through ``node.auth`` (the penalty every protocol shares). A spam/ham reporter
-    the node offers as ``node.spam_reporter`` becomes the report hook."""
+    logs in through ``node.auth`` (the penalty every protocol shares). The "Spam" / "Not
+    spam" hook: ``node.spam_reporter`` when the node offers one, else the reputation
+    service's ``report`` (``node.policy.reputation``) when it runs, else none (the message
+    is only moved)."""
     config = node.config
     wm = config.webmail
     reader: IMailReader
@@ -39,8 +42,11 @@ def build_webmail(node: Any) -> WebmailResource:
         wm.page_size,
     )
     reporter = getattr(node, "spam_reporter", None)
+    reputation = getattr(getattr(node, "policy", None), "reputation", None)
     if reporter is not None:
         resource.report_spam = reporter
+    elif reputation is not None and hasattr(reputation, "report"):
+        resource.report_spam = reputation_hook(reputation)
     return resource
 
 

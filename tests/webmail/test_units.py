@@ -236,3 +236,32 @@ def test_only_local_paths_are_redirect_targets() -> None:
         "/a b",
     ):
         assert not _local_path(bad), bad
+
+
+def test_spam_report_finds_our_queue_id() -> None:
+    from mailgw.webmail.report import queue_id_of, reputation_hook
+
+    raw = (
+        b"Return-Path: <a@outside.test>\r\nDelivered-To: alice@example.test\r\n"
+        b"Received: from gw.test (unknown [192.0.2.1])\r\n\tby mx.example.test (mailgw) with ESMTPS"
+        b" id 1K1XQXYJM6X00H99\r\n\tfor <alice@example.test>; Sun, 6 Dec 2026 02:37:01 +0000\r\n"
+        b"Received: by other.test (mailgw) with webmail id OLDER0000000001 (authenticated user a);\r\n"
+        b"Subject: x\r\n\r\nbody\r\n"
+    )
+    assert queue_id_of(raw) == "1K1XQXYJM6X00H99"
+    assert queue_id_of(b"Received: from x by y with SMTP id abc\r\n\r\n") is None
+
+    class Service:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str]] = []
+
+        def report(self, queue_id: str, kind: str) -> list[str]:
+            self.calls.append((queue_id, kind))
+            return ["user:a"]
+
+    service = Service()
+    hook = reputation_hook(service)
+    assert hook("alice@example.test", raw, True) == ["user:a"]
+    assert hook("alice@example.test", raw, False) == ["user:a"]
+    assert hook("alice@example.test", b"Subject: no trace\r\n\r\n", True) is None
+    assert service.calls == [("1K1XQXYJM6X00H99", "spam"), ("1K1XQXYJM6X00H99", "ham")]
