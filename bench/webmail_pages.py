@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -104,6 +105,7 @@ def run(reader: str, n: int, repeat: int) -> dict[str, object]:
         return figures
     finally:
         server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
