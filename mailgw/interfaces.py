@@ -310,6 +310,11 @@ class IMessageStore(Interface):
     def quota_usage(user: str) -> tuple[int, int | None]:
         """(bytes used, limit or None)."""
 
+    def write_refusal() -> str | None:
+        """Why clients must not change mail on this node now (a read-only DR replica, a
+        replaced primary), None when they may: IMAP answers ``NO [READ-ONLY]``, POP3 DELE
+        ``-ERR``, the MX ``451``."""
+
     def reindex(user: str) -> int:
         """Rebuild the user's index from the Maildir files, keeping UIDs of known files.
         Returns the number of messages indexed."""
@@ -362,3 +367,24 @@ class IBlobStore(Interface):
 
     def iter_refs() -> Iterator[str]:
         """Iterator over the digests of every stored blob."""
+
+
+class IMailboxMap(Interface):
+    """Which backend node holds a user's mailbox (``[cluster] mailbox_nodes``): gateways
+    forward a user's mail there over LMTP and nginx's ``auth_http`` sends the user's IMAP and
+    POP3 sessions there. Implementations: ``mailgw.cluster.nodemap.DirectoryMailboxMap``
+    (the directory database); a Redis one shares the same calls. Blocking calls: run them
+    in a thread from the reactor."""
+
+    def get(user: str) -> str:
+        """The node name holding the canonical user ``user``'s mailbox (one of the
+        configured nodes; assigned and remembered on first use)."""
+
+    def held(user: str) -> bool:
+        """True while the user's mailbox is being moved: deliveries wait in the queue."""
+
+    def set_node(user: str, node: str) -> None:
+        """Record that ``user``'s mailbox is on ``node`` (ValueError for an unknown node)."""
+
+    def set_held(user: str, held: bool) -> None:
+        """Hold (or release) deliveries to ``user``."""

@@ -187,6 +187,16 @@ def _one(node: Node, part: Any) -> list[IService]:
 # -- background roles --------------------------------------------------------------------
 
 
+def _build_replication(node: Node) -> Any:
+    """Mirror sync to (primary) or from (replica) the disaster-recovery node."""
+    from mailgw.replication.service import ReplicationService
+
+    try:
+        return ReplicationService(node)
+    except (OSError, ValueError) as e:
+        raise ConfigError(node.config.path, "replication", "enabled", str(e)) from None
+
+
 def _build_migration(node: Node) -> Any:
     """Tier-1 -> tier-2 migration in the background, in the I/O pool, at a bounded rate."""
     from mailgw.store.migration import MigrationPolicy, MigrationService, Migrator
@@ -218,7 +228,13 @@ def _build_delivery(node: Node) -> Any:
     )
     delivery.setName("delivery")  # type: ignore[no-untyped-call]  # Twisted: untyped
     delivery.tracker = node.tracker
+    delivery.mailbox_map = node.mailbox_map
+    delivery.node_name = _node_name(config)
     return delivery
+
+
+def _node_name(config: Config) -> str:
+    return config.cluster.node_name or config.server.hostname
 
 
 def _build_relay(node: Node) -> Any:
@@ -226,6 +242,23 @@ def _build_relay(node: Node) -> Any:
 
     relay = build_relay(node.config, node.spool, node.reactor, node.run_io)
     relay.tracker = node.tracker
+    mailbox_map = node.mailbox_map
+    if mailbox_map is not None:
+        from mailgw.relay.scheduler import MailboxRouting
+
+        directory = node.directory
+
+        def node_of(rcpt: str) -> str | None:
+            return mailbox_map.get(rcpt) if directory.get_user(rcpt) is not None else None
+
+        cluster = node.config.cluster
+        relay.mailboxes = MailboxRouting(
+            node_of,
+            mailbox_map.held,
+            {name: (host, port) for name, host, port in cluster.mailbox_nodes},
+            cluster.move_hold_retry,
+            cluster.lmtp_source_address or None,
+        )
     return relay
 
 
@@ -288,6 +321,7 @@ def _inbound_auth_checks(node: Node) -> list[Any]:
 
 
 def _build_mx(node: Node) -> list[Endpoint]:
+    from mailgw.policy.mx import StoreWritable
     from mailgw.smtp.roles.mx import MXFactory
 
     config = node.config
@@ -298,11 +332,33 @@ def _build_mx(node: Node) -> list[Endpoint]:
         node.directory,
         node.reactor,
         tls_options=node.tls_options,
-        extra_checks=[*node.policy.inbound, *_inbound_auth_checks(node), *_antivirus_checks(node)],
+        # A DR replica (or a replaced primary) takes no mail: 451 4.3.2 at RCPT.
+        extra_checks=[
+            StoreWritable(node.store.write_refusal),
+            *node.policy.inbound,
+            *_inbound_auth_checks(node),
+            *_antivirus_checks(node),
+        ],
         quarantine=node.policy.quarantine,
     )
     mx.counter = node.counters["mx"]
+    mx.xclient_trusted = config.mx.xclient_trusted
     mx.role.tracker = node.tracker
+    replication = config.replication
+    if replication.enabled and replication.mode == "sync":
+        from mailgw.journal.barrier import ReplicaBarrier
+
+        barrier = ReplicaBarrier(config.server.data_dir, node.reactor, replication.sync_timeout)
+
+        def durable(queue_id: str) -> Any:
+            # 250 once the message is delivered here and the DR replica has applied it.
+            delivered = node.delivery.wait_delivered(queue_id) if node.delivery else None
+            d = delivered if delivered is not None else node.run_io(lambda: None)
+            d.addCallback(lambda _: node.run_io(node.store.changes.last_seq))
+            return d.addCallback(barrier.wait)
+
+        role: Any = mx.role
+        role.durable = durable
     return [Endpoint("listen", mx)]
 
 
@@ -348,6 +404,7 @@ def _build_submission(node: Node) -> list[Endpoint]:
             quarantine=node.policy.quarantine,
         )
         factory.role.tracker = node.tracker
+        factory.xclient_trusted = sub.xclient_trusted
         factory.counter = node.counters["submission"]  # one count for both listeners...
         factory.sessions = sessions  # ...and one set of sessions to make room in at the cap
         key = "listen_tls" if implicit else "listen"
@@ -440,11 +497,64 @@ def _build_imap_workers(node: Node) -> Any:
     return pool
 
 
+def _build_dns(node: Node) -> Any:
+    """The smart DNS: authoritative MX and A/AAAA by the querier's region (``mailgw.dns``)."""
+    from mailgw.dns.server import DNSRole
+
+    return DNSRole(node.config, node.reactor, node.counters["dns"])
+
+
+def _dns_services(node: Node, part: Any) -> list[IService]:
+    """The UDP and TCP listeners of ``[dns] listen``."""
+    return list(part.services())
+
+
+def _build_lmtp(node: Node) -> list[Endpoint]:
+    """The backend's LMTP listener (RFC 2033): copies go straight into the store."""
+    import os
+
+    from mailgw.smtp.lmtp import LMTPFactory, LMTPRole
+    from mailgw.smtp.protocol import Limits
+
+    config = node.config
+    lmtp = config.lmtp
+    role = LMTPRole(
+        node.spool,
+        node.store,
+        node.directory,
+        os.path.join(config.server.data_dir, "lmtp-tmp"),
+        run=node.run_io,
+        max_recipients=lmtp.max_recipients,
+    )
+    limits = Limits(
+        max_message_size=lmtp.max_message_size,
+        max_connections=lmtp.max_connections,
+        max_connections_per_ip=lmtp.max_connections_per_ip,
+    )
+    factory = LMTPFactory(role, config.server.hostname, limits, node.reactor, lmtp.trusted)
+    factory.counter = node.counters["lmtp"]
+    return [Endpoint("listen", factory)]
+
+
 def _build_http(node: Node) -> Any:
     """Metrics, health and (mounted later) the admin API and webmail: ``mailgw.http``."""
+    from mailgw.http.authhttp import AuthHTTP, servers_from_config
     from mailgw.http.setup import build_http
 
-    return build_http(node, Endpoint)
+    part = build_http(node, Endpoint)
+    # Nginx's mail proxy asks here (guarded: [http] allow or the admin token).
+    mailbox_map = node.mailbox_map
+    part.root.mount(
+        "/auth/nginx",
+        AuthHTTP(
+            node.auth,
+            servers_from_config(node.config),
+            node.run_io,
+            mailbox_map.get if mailbox_map is not None else None,
+            node.config.directory.auth_failure_delay,
+        ),
+    )
+    return part
 
 
 def _http_services(node: Node, part: Any) -> list[IService]:
@@ -488,6 +598,7 @@ ROLES = RoleRegistry(
             uses=("relay",),
             listens=True,
         ),
+        RoleSpec("lmtp", "lmtp", _build_lmtp, listener_services("lmtp"), listens=True),
         RoleSpec("pop3", "pop3", _build_pop3, listener_services("pop3"), listens=True),
         RoleSpec(
             "imap",
@@ -505,6 +616,8 @@ ROLES = RoleRegistry(
             listens=True,
             enabled=lambda config: config.imap.enabled and _imap_workers(config) > 0,
         ),
+        RoleSpec("dns", "dns", _build_dns, _dns_services, listens=True),
+        RoleSpec("replication", "replication", _build_replication, _one),
         # Last: it reads the other roles' parts (relay, IMAP workers) and services (/readyz).
         RoleSpec(
             "http",

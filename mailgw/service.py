@@ -20,7 +20,13 @@ from mailgw.config import Config, ConfigError
 from mailgw.config.reload import ReloadableConfig, ReloadResult
 from mailgw.net.listen import ListenerService, parse_listen, wrap_factory
 from mailgw.roles import ROLES, RoleRegistry
-from mailgw.runtime.process import ServerTLSSet, build_directory, build_store, io_pool
+from mailgw.runtime.process import (
+    ServerTLSSet,
+    build_directory,
+    build_mailbox_map,
+    build_store,
+    io_pool,
+)
 
 log = Logger()
 
@@ -56,6 +62,8 @@ class Node(service.MultiService):
         if not os.access(data_dir, os.W_OK):
             raise ConfigError(config.path, "server", "data_dir", f"not writable: {data_dir}")
         self.directory = build_directory(config, reactor)
+        # [cluster] mailbox_nodes: which node holds each user's mailbox (None: all local).
+        self.mailbox_map = build_mailbox_map(config)
         from mailgw.tracking import tracker_from_config
 
         # Message events of every role, written by one thread of this process (and pruned).
@@ -81,6 +89,16 @@ class Node(service.MultiService):
             self.store.changes, config.store.journal_poll_interval, config.store.journal_retention
         )
         self.journal_tail.setServiceParent(self)
+        from mailgw.webhooks.sender import build_webhooks
+
+        # [webhooks]: signed POSTs of the tracker's message events, from a durable outbox.
+        try:
+            self.webhooks = build_webhooks(config, reactor, run_io)
+        except ValueError as e:
+            raise ConfigError(config.path, "webhooks", "secret_file", str(e)) from None
+        if self.webhooks is not None:
+            self.tracker.listeners.append(self.webhooks.listener)
+            self.webhooks.setServiceParent(self)
         self.tls = ServerTLSSet(config)  # one ServerTLS per service, renewed on reload
         self.tls_options = self.tls.get("smtp")  # SMTP's (no ALPN ID); POP3, IMAP: theirs
         from mailgw.policy.setup import build_policy
@@ -122,6 +140,7 @@ class Node(service.MultiService):
         settings.subscribe(self.tls.reconfigure, self.tls.check)
         settings.subscribe(self.directory.reconfigure)
         settings.subscribe(self._reconfigure_limits)
+        settings.subscribe(self.policy.reconfigure, self.policy.check)  # the rules file
         for role in self.roles.build_order(enabled):
             part = self.parts[role.name]
             if role.reconfigure is not None:

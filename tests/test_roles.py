@@ -28,6 +28,11 @@ ALL_ON = (
     "[store]\ntier2_dir = tier2\n"
     "[http]\nenabled = yes\nlisten = tcp:0:interface=127.0.0.1\n"
     "listen_tls = tcp:0:interface=127.0.0.1\n"
+    "[lmtp]\nenabled = yes\nlisten = tcp:0:interface=127.0.0.1\n"
+    "[dns]\nenabled = yes\nlisten = udp:0:interface=127.0.0.1 tcp:0:interface=127.0.0.1\n"
+    "zones = example.test\nnameservers = ns1.example.test=127.0.0.1\nregions = all\n"
+    "[dns_region:all]\nmx = mx.example.test=192.0.2.1\n"
+    "[replication]\nenabled = yes\nsecret_file = replication.secret\n"
 )
 
 
@@ -37,6 +42,7 @@ def write_config(tmp_path: Path, text: str, tls: tuple[Path, Path] | None = None
     if tls is not None:
         head += f"[tls]\ncertificate = {tls[0]}\nprivate_key = {tls[1]}\n"
     path.write_text(head + text)
+    (tmp_path / "replication.secret").write_text("a secret of sixteen bytes or more\n")
     return load(str(path))
 
 
@@ -59,7 +65,19 @@ def test_every_config_section_with_a_role_is_registered() -> None:
     }
     checks = {"antivirus", "inbound_auth"}  # switch on checks in roles' pipelines, not roles
     checks |= {"webmail"}  # mounted on the http role's site, not a role
-    roles = {"delivery", "mx", "pop3", "imap", "relay", "submission", "http"}
+    checks |= {"api"}  # the admin API, part of the http role
+    roles = {
+        "delivery",
+        "mx",
+        "pop3",
+        "imap",
+        "relay",
+        "submission",
+        "http",
+        "replication",
+        "dns",
+        "lmtp",
+    }
     assert switchable - checks == roles
     assert switchable - checks <= {role.section for role in ROLES}
     for role in ROLES:
@@ -77,9 +95,12 @@ def test_the_registry_is_consistent() -> None:
         "relay",
         "mx",
         "submission",
+        "lmtp",
         "pop3",
         "imap",
         "imap-workers",
+        "dns",
+        "replication",
         "http",
     ]
 
@@ -102,12 +123,15 @@ def test_the_node_runs_the_services_of_its_enabled_roles_in_registry_order(
         "submission": 2,  # STARTTLS and implicit TLS
         "pop3": 2,
         "imap": 2,
+        "lmtp": 1,
+        "replication": 1,
+        "dns": 2,  # UDP and TCP
         "http": 3,  # the metrics collector's service, HTTP and HTTPS
     }
     assert node.delivery is node.parts["delivery"] and node.relay is node.parts["relay"]
     assert node.delivery.relay is node.relay  # delivery uses the relay: built after it
     assert node.submission_policy.can_send_outside
-    assert set(node.counters) == {"mx", "submission", "pop3", "imap", "http"}
+    assert set(node.counters) == {"mx", "submission", "pop3", "imap", "http", "dns", "lmtp"}
     assert node.parts["http"].collector.workers is None  # IMAP in this process
 
 
@@ -121,6 +145,7 @@ def test_the_node_runs_the_services_of_its_enabled_roles_in_registry_order(
         ("relay", {"relay"}),
         ("store", {"migration"}),
         ("http", {"http"}),
+        ("dns", {"dns"}),
     ],
 )
 def test_a_role_disabled_in_the_config_builds_nothing(

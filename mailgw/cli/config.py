@@ -195,6 +195,7 @@ def effective_config(path: str, non_default: bool = False) -> Iterator[tuple[str
     sections: list[tuple[str, Any]] = [(name, getattr(config, name)) for name in schema()]
     sections += [(f"channel:{c.name}", c) for c in config.channels]
     sections += [(f"route:{r.name}", r) for r in config.routes]
+    sections += [(f"dns_region:{r.name}", r) for r in config.dns_regions]
     for name, value in sections:
         lines = []
         for f in dataclasses.fields(value):

@@ -11,12 +11,15 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from mailgw.cli.cluster import register_cluster_commands
 from mailgw.cli.config import register_config_commands
 from mailgw.cli.context import LOCAL_CONFIG, SYSTEM_CONFIG, Context, Failure
 from mailgw.cli.context import default_config_path as default_config_path  # tap, tests
+from mailgw.cli.dr import register_dr_commands
 from mailgw.cli.policy import register_policy_commands
 from mailgw.cli.queue import register_relay_commands
 from mailgw.cli.sizes import format_size
+from mailgw.cli.token import register_token_commands
 from mailgw.cli.track import register_track_command
 from mailgw.config import values
 
@@ -412,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     command(user, "list", cmd_user_list, "list users: name, quota, state").add_argument(
         "domain", nargs="?", metavar="DOMAIN"
     )
+    register_cluster_commands(user, command)
 
     alias = group("alias", "aliases (source -> destination; @domain is a catch-all)")
     p = command(alias, "add", cmd_alias_add, "add an alias destination")
@@ -448,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_relay_commands(group, command)
     register_track_command(top)
     register_config_commands(group, command, top)
+    register_token_commands(group, command)
     register_policy_commands(group, command)
+    register_dr_commands(group, command)
     return parser
 
 

@@ -102,14 +102,14 @@ def cmd_queue_release(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def cmd_queue_delete(ctx: Context, args: argparse.Namespace) -> None:
-    from mailgw.tracking import Kind, tracker_from_config
+    from mailgw.tracking import tracker_from_config
 
     spool = _spool(ctx)
-    state = _run(lambda: qa.message_row(spool, args.id))["state"]
-    _run(lambda: qa.delete(spool, args.id))
     tracker = tracker_from_config(ctx.config)
-    tracker.record(Kind.DELETED, args.id, state=state, by=_who())
-    tracker.close()  # written now, by this process (WAL: safe beside the server's writer)
+    try:
+        _run(lambda: qa.delete_recorded(spool, args.id, tracker, _who()))
+    finally:
+        tracker.close()  # written now, by this process (WAL: safe beside the server's writer)
     print(f"{args.id}: deleted")
 
 

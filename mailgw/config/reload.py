@@ -96,12 +96,29 @@ RELOADABLE: dict[str, frozenset[str]] = {
     ),
     "channel": frozenset({_ALL}),
     "route": frozenset({_ALL}),
+    "dns": frozenset(
+        {
+            "zones",
+            "nameservers",
+            "hostmaster",
+            "regions",
+            "default_region",
+            "ecs_trusted",
+            "ttl",
+            "ns_ttl",
+            "negative_ttl",
+            "max_udp_size",
+            "idle_timeout",
+        }
+        | _LIMITS
+    ),
+    "dns_region": frozenset({_ALL}),
 }
 """Keys (by section; ``channel``/``route`` for every ``[channel:NAME]``/``[route:NAME]``) that
-apply to a running node; every other key, and every key of a section not named here, needs a
+apply to a running node (``dns_region`` for every ``[dns_region:NAME]``); every other key, and every key of a section not named here, needs a
 restart. Turning TLS on or off (``[tls] certificate`` set or emptied) needs one too."""
 
-_PREFIXED_FIELDS = {"channels": "channel", "routes": "route"}
+_PREFIXED_FIELDS = {"channels": "channel", "routes": "route", "dns_regions": "dns_region"}
 
 
 @dataclass(frozen=True)

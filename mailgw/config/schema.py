@@ -6,6 +6,7 @@ import configparser
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -234,6 +235,11 @@ class MXConfig:
     )
     proxy_trusted: tuple[Network, ...] = key(
         "127.0.0.0/8 ::1", v.parse_networks, "Peers allowed to send a PROXY header (haproxy:)."
+    )
+    xclient_trusted: tuple[Network, ...] = key(
+        "",
+        v.parse_networks,
+        "Peers allowed to send XCLIENT (ADDR, LOGIN, NAME: nginx's mail proxy); empty: none.",
     )
     max_message_size: int = key("25M", v.parse_size, "Largest message accepted (552 5.3.4).")
     max_recipients: int = key("100", v.parse_positive_int, "Recipients per message (452 4.5.3).")
@@ -583,6 +589,11 @@ class SubmissionConfig:
     proxy_trusted: tuple[Network, ...] = key(
         "127.0.0.0/8 ::1", v.parse_networks, "Peers allowed to send a PROXY header (haproxy:)."
     )
+    xclient_trusted: tuple[Network, ...] = key(
+        "",
+        v.parse_networks,
+        "Peers allowed to send XCLIENT (ADDR, LOGIN, NAME: nginx's mail proxy); empty: none.",
+    )
     max_message_size: int = key("25M", v.parse_size, "Largest message accepted (552 5.3.4).")
     max_recipients: int = key("100", v.parse_positive_int, "Recipients per message (452 4.5.3).")
     max_messages_per_hour: int = key(
@@ -748,7 +759,7 @@ class HTTPConfig:
     allow: tuple[Network, ...] = key(
         "127.0.0.0/8 ::1",
         v.parse_networks,
-        "Networks that may read /metrics, /readyz and the admin API without a token.",
+        "Networks that may read /metrics, /readyz and /api/v1/tracking without a token.",
     )
     admin_token_file: str = key(
         "",
@@ -813,13 +824,308 @@ class WebmailConfig:
     )
 
 
-_PREFIXED: dict[str, type] = {"channel": ChannelConfig, "route": RouteConfig}
+def _address_or_empty(s: str) -> str:
+    s = s.strip()
+    if s and (s.count("@") != 1 or any(c.isspace() or c in "<>" for c in s)):
+        raise ValueError(f"expected an address like oa@example.com, got {s!r}")
+    return s
+
+
+@dataclass(frozen=True)
+class APIConfig:
+    """[api] the admin and OA API of the http role (/api/v1, docs/api.md)."""
+
+    enabled: bool = key("yes", v.parse_bool, "Serve /api/v1 and /api/openapi.json (http role).")
+    oa_sender: str = key(
+        "",
+        _address_or_empty,
+        "Sender (a local user) of POST /api/v1/messages for tokens without their own sender.",
+    )
+    max_body_size: int = key("30M", v.parse_size, "Largest JSON request body.")
+    max_message_size: int = key(
+        "25M", v.parse_size, "Largest message POST /api/v1/messages builds (attachments included)."
+    )
+
+
+WEBHOOK_EVENTS = ("delivered", "failed", "quarantined")
+
+
+def _webhook_urls(s: str) -> tuple[str, ...]:
+    urls = v.parse_list(s)
+    for url in urls:
+        if not (url.startswith("http://") or url.startswith("https://")) or len(url) < 10:
+            raise ValueError(f"expected http:// or https:// URLs, got {url!r}")
+    return urls
+
+
+def _webhook_events(s: str) -> tuple[str, ...]:
+    events = v.parse_list(s)
+    for e in events:
+        if e not in WEBHOOK_EVENTS:
+            raise ValueError(f"unknown event {e!r} (one of {', '.join(WEBHOOK_EVENTS)})")
+    return events
+
+
+@dataclass(frozen=True)
+class WebhooksConfig:
+    """[webhooks] signed POSTs on message events, from a durable outbox (docs/api.md)."""
+
+    urls: tuple[str, ...] = key("", _webhook_urls, "Receivers (http:// or https://); empty: off.")
+    secret_file: str = key(
+        "", _text, "File holding the HMAC-SHA256 key of X-Mailgw-Signature (needed with urls)."
+    )
+    events: tuple[str, ...] = key(
+        "delivered failed quarantined",
+        _webhook_events,
+        "Events sent: delivered (to a local mailbox), failed (bounced or expired), quarantined.",
+    )
+    timeout: float = key("10s", v.parse_duration, "A receiver must answer within this.")
+    retry_initial: float = key("10s", v.parse_duration, "First retry after a failed POST ...")
+    retry_max: float = key("1h", v.parse_duration, "... doubling up to this interval.")
+    max_age: float = key("2d", v.parse_duration, "Give up (and log) on an event this old.")
+
+
+def _peer(s: str) -> str:
+    """Empty or ``HOST:PORT``."""
+    s = s.strip()
+    if s:
+        host, sep, port = s.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected HOST:PORT, got {s!r}")
+    return s
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    """[replication] mirror sync of the store and the directory to a disaster-recovery node."""
+
+    enabled: bool = key("no", v.parse_bool, "Run the replication role.")
+    role: str = key(
+        "primary",
+        _one_of("primary", "replica"),
+        "primary: ship the journal to peer; replica: listen, apply, serve read-only.",
+    )
+    listen: tuple[str, ...] = key(
+        "tcp:8873:interface=127.0.0.1",
+        v.parse_list,
+        "Where a replica listens for its primary (TLS with [tls] certificate).",
+    )
+    peer: str = key("127.0.0.1:8873", _peer, "HOST:PORT of the replica a primary ships to.")
+    mode: str = key(
+        "async",
+        _one_of("async", "sync"),
+        "async: acknowledge mail at once; sync: SMTP 250 / APPEND OK once the replica has it.",
+    )
+    sync_timeout: float = key(
+        "2s", v.parse_duration, "In sync mode, wait this long for the replica before async."
+    )
+    secret_file: str = key(
+        "/etc/mailgw/replication.secret",
+        _text,
+        "Shared secret of both nodes (16+ bytes); proves each to the other, never sent.",
+    )
+    window: int = key(
+        "8", v.parse_positive_int, "Batches of entries shipped before the replica acknowledges."
+    )
+
+
+# -- smart DNS (issue 15) ------------------------------------------------------------------
+
+_HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+_UDP_LISTEN = re.compile(r"udp:(\d{1,5})(?::interface=([^:]+|\[[^\]]+\]|[0-9a-fA-F:]+))?")
+
+
+def dns_name(s: str) -> str:
+    """A host or zone name: lower case, no trailing dot, letters/digits/-/_ labels."""
+    name = s.strip().lower().rstrip(".")
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_HOST_LABEL.fullmatch(lab) for lab in labels):
+        raise ValueError(f"not a DNS name: {s!r}")
+    return name
+
+
+def _dns_names(s: str) -> tuple[str, ...]:
+    return tuple(dns_name(word) for word in s.split())
+
+
+def _ip(word: str, what: str) -> str:
+    try:
+        return str(ipaddress.ip_address(word.strip("[]")))
+    except ValueError:
+        raise ValueError(f"{what}: not an IP address: {word!r}") from None
+
+
+def _dns_hosts(s: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``NAME[=ADDR,ADDR...]`` words -> ((name, (addr, ...)), ...)."""
+    out = []
+    for word in s.split():
+        name, _, addrs = word.partition("=")
+        host = dns_name(name)
+        out.append((host, tuple(_ip(a, host) for a in addrs.split(",") if a)))
+    return tuple(out)
+
+
+def _dns_mx(s: str) -> tuple[tuple[int, str, tuple[str, ...]], ...]:
+    """``[PREF:]NAME[=ADDR,ADDR...]`` words -> ((preference, name, (addr, ...)), ...); the
+    preference defaults to 10."""
+    out = []
+    for word in s.split():
+        pref_text, colon, rest = word.partition(":")
+        if colon and pref_text.isdigit():
+            pref = int(pref_text)
+            if pref > 65535:
+                raise ValueError(f"MX preference above 65535: {word!r}")
+        else:
+            pref, rest = 10, word
+        ((host, addrs),) = _dns_hosts(rest)
+        out.append((pref, host, addrs))
+    return tuple(out)
+
+
+def _dns_region_names(s: str) -> tuple[str, ...]:
+    names = tuple(s.split())
+    for n in names:
+        if not all(c.isalnum() or c in "-_" for c in n):
+            raise ValueError(f"a region name may use letters, digits, - and _: {n!r}")
+    if len(set(names)) != len(names):
+        raise ValueError("a region is named twice")
+    return names
+
+
+def parse_udp_listen(description: str) -> tuple[int, str]:
+    """``udp:PORT[:interface=ADDR]`` -> (port, interface; "" for every address)."""
+    m = _UDP_LISTEN.fullmatch(description)
+    if not m or not 0 <= int(m.group(1)) <= 65535:
+        raise ValueError(f"expected udp:PORT:interface=ADDRESS, got {description!r}")
+    interface = m.group(2) or ""
+    if interface:
+        interface = _ip(interface, "interface")
+    return int(m.group(1)), interface
+
+
+def _dns_listen(s: str) -> tuple[str, ...]:
+    words = tuple(s.split())
+    for word in words:
+        if word.startswith("udp:"):
+            parse_udp_listen(word)
+        elif not word.startswith("tcp"):
+            raise ValueError(f"expected udp:... or tcp:... listeners, got {word!r}")
+    return words
+
+
+def _mailbox(s: str) -> str:
+    """Empty or ``local@domain`` with no dot in ``local`` (the SOA RNAME)."""
+    s = s.strip().lower()
+    if s:
+        local, at, domain = s.partition("@")
+        if not at or not local or not all(c.isalnum() or c in "-_+" for c in local):
+            raise ValueError(f"expected an address like hostmaster@example.com, got {s!r}")
+        dns_name(domain)
+    return s
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    """[dns] the smart DNS role: authoritative for the mail zones, MX by querier region."""
+
+    enabled: bool = key("no", v.parse_bool, "Run the DNS role.")
+    listen: tuple[str, ...] = key(
+        "udp:8053:interface=127.0.0.1 tcp:8053:interface=127.0.0.1",
+        _dns_listen,
+        "UDP (udp:PORT:interface=ADDR) and TCP listeners (production: port 53).",
+    )
+    zones: tuple[str, ...] = key(
+        "", _dns_names, "Zones answered authoritatively (the mail domains); others: REFUSED."
+    )
+    nameservers: tuple[tuple[str, tuple[str, ...]], ...] = key(
+        "",
+        _dns_hosts,
+        "NS of every zone: NAME[=ADDR,ADDR] (addresses for names inside a zone: glue, A/AAAA).",
+    )
+    hostmaster: str = key(
+        "", _mailbox, "SOA contact (local part without dots); empty: hostmaster@ZONE."
+    )
+    regions: tuple[str, ...] = key(
+        "", _dns_region_names, "Region names, each with a [dns_region:NAME] section."
+    )
+    default_region: str = key(
+        "", _text, "Region of a querier no region's networks match; empty: the last region."
+    )
+    ecs_trusted: tuple[Network, ...] = key(
+        "",
+        v.parse_networks,
+        "Resolvers whose EDNS Client Subnet option chooses the region; others: their address.",
+    )
+    ttl: int = key("5m", lambda s: int(v.parse_duration(s)), "TTL of MX, A and AAAA answers.")
+    ns_ttl: int = key("1d", lambda s: int(v.parse_duration(s)), "TTL of SOA and NS records.")
+    negative_ttl: int = key(
+        "5m", lambda s: int(v.parse_duration(s)), "SOA minimum: how long NXDOMAIN is cached."
+    )
+    max_udp_size: int = key(
+        "1232", v.parse_positive_int, "Largest UDP answer with EDNS (512 without); more: TC."
+    )
+    max_connections: int = key("100", v.parse_positive_int, "Concurrent DNS TCP connections.")
+    max_connections_per_ip: int = key(
+        "10", v.parse_positive_int, "Concurrent DNS TCP connections from one address."
+    )
+    idle_timeout: float = key("10s", v.parse_duration, "Close an idle DNS TCP connection.")
+
+
+@dataclass(frozen=True)
+class DNSRegionConfig:
+    """[dns_region:NAME] one region: who is in it, and the MX gateways it is given."""
+
+    name: str = key("", _text, "(the NAME of the section)")
+    networks: tuple[Network, ...] = key(
+        "", v.parse_networks, "Querier networks of the region (longest prefix wins)."
+    )
+    mx: tuple[tuple[int, str, tuple[str, ...]], ...] = key(
+        "",
+        _dns_mx,
+        "MX gateways: [PREF:]NAME[=ADDR,ADDR] (PREF default 10; addresses answer A/AAAA).",
+    )
+
+
+def _check_dns(config: Config) -> None:
+    from mailgw.net.listen import ListenError, parse_listen
+
+    dns = config.dns
+    for description in dns.listen:
+        if not description.startswith("udp:"):
+            try:
+                parse_listen(description)
+            except ListenError as e:
+                raise ConfigError(config.path, "dns", "listen", str(e)) from None
+    sections = {r.name for r in config.dns_regions}
+    for name in dns.regions:
+        if name not in sections:
+            raise ConfigError(config.path, "dns", "regions", f"no [dns_region:{name}] section")
+    for region in config.dns_regions:
+        if region.name not in dns.regions:
+            raise ConfigError(
+                config.path, f"dns_region:{region.name}", None, "not named in [dns] regions"
+            )
+        if not region.mx:
+            raise ConfigError(config.path, f"dns_region:{region.name}", "mx", "needs MX hosts")
+    if dns.default_region and dns.default_region not in dns.regions:
+        raise ConfigError(config.path, "dns", "default_region", "not named in [dns] regions")
+    if dns.enabled:
+        for k in ("zones", "nameservers", "regions"):
+            if not getattr(dns, k):
+                raise ConfigError(config.path, "dns", k, "needed when [dns] enabled")
+
+
+_PREFIXED: dict[str, type] = {
+    "channel": ChannelConfig,
+    "route": RouteConfig,
+    "dns_region": DNSRegionConfig,
+}
 
 
 def _prefixed_sections(parser: configparser.ConfigParser, path: str) -> dict[str, Any]:
     """``[channel:NAME]`` and ``[route:NAME]`` sections, in file order, validated."""
     base = os.path.dirname(path)
-    out: dict[str, list[Any]] = {"channel": [], "route": []}
+    out: dict[str, list[Any]] = {prefix: [] for prefix in _PREFIXED}
     for section in parser.sections():
         prefix, colon, name = section.partition(":")
         if not colon or prefix not in _PREFIXED:
@@ -850,7 +1156,11 @@ def _prefixed_sections(parser: configparser.ConfigParser, path: str) -> dict[str
         if prefix == "route" and not value.channels:
             raise ConfigError(path, section, "channels", "a route needs channels")
         out[prefix].append(value)
-    return {"channels": tuple(out["channel"]), "routes": tuple(out["route"])}
+    return {
+        "channels": tuple(out["channel"]),
+        "routes": tuple(out["route"]),
+        "dns_regions": tuple(out["dns_region"]),
+    }
 
 
 def _check_routes(config: Config) -> None:
@@ -898,6 +1208,114 @@ class TrackingConfig:
     )
 
 
+def _ip_or_empty(text: str) -> str:
+    text = text.strip()
+    if text:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise ValueError(f"not an IP address: {text!r}") from None
+    return text
+
+
+def _host_port(text: str) -> str:
+    """Empty or ``IP:PORT``."""
+    text = text.strip()
+    if text:
+        host, colon, port = text.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected IP:PORT, got {text!r}")
+    return text
+
+
+def _mailbox_nodes(text: str) -> tuple[tuple[str, str, int], ...]:
+    """``be1=127.0.0.1:8024 be2=[::1]:8024`` -> ((name, host, port), ...)."""
+    out: list[tuple[str, str, int]] = []
+    for word in text.split():
+        name, eq, where = word.partition("=")
+        host, colon, port = where.rpartition(":")
+        host = host.strip("[]")
+        if not eq or not name or not colon or not host or not port.isdigit():
+            raise ValueError(f"expected NAME=HOST:PORT, got {word!r}")
+        if not 0 < int(port) < 65536:
+            raise ValueError(f"port out of range in {word!r}")
+        if any(n == name for n, _, _ in out):
+            raise ValueError(f"node {name!r} named twice")
+        out.append((name, host, int(port)))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class LMTPConfig:
+    """[lmtp] the backend's LMTP listener (RFC 2033): gateways deliver to mailboxes here."""
+
+    enabled: bool = key("no", v.parse_bool, "Run the LMTP role (backend nodes).")
+    listen: tuple[str, ...] = key(
+        "tcp:8024:interface=127.0.0.1",
+        v.parse_list,
+        "Twisted endpoint descriptions, space separated; prefix haproxy: for PROXY v1/v2.",
+    )
+    trusted: tuple[Network, ...] = key(
+        "127.0.0.0/8 ::1",
+        v.parse_networks,
+        "Only these peers may connect (the gateways); others get 554 and are closed.",
+    )
+    proxy_trusted: tuple[Network, ...] = key(
+        "127.0.0.0/8 ::1", v.parse_networks, "Peers allowed to send a PROXY header (haproxy:)."
+    )
+    max_message_size: int = key("50M", v.parse_size, "Largest message accepted (552 5.3.4).")
+    max_recipients: int = key("1000", v.parse_positive_int, "Recipients per transaction.")
+    max_connections: int = key("200", v.parse_positive_int, "Concurrent sessions in all.")
+    max_connections_per_ip: int = key(
+        "100", v.parse_positive_int, "Concurrent sessions from one client address."
+    )
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """[cluster] this node's name and where mailboxes live (gateways forward over LMTP)."""
+
+    node_name: str = key("", _text, "This node's name (as in mailbox_nodes); empty: hostname.")
+    mailbox_nodes: tuple[tuple[str, str, int], ...] = key(
+        "",
+        _mailbox_nodes,
+        "Backend nodes holding mailboxes, NAME=HOST:PORT (their LMTP listener), space separated;"
+        " empty: every mailbox is local. Mail for a user on another node is forwarded there.",
+    )
+    directory: str = key(
+        "",
+        _text,
+        "The user directory database shared by the nodes of a one-machine cluster;"
+        " empty: data_dir/directory.sqlite.",
+    )
+    move_hold_retry: float = key(
+        "5s", v.parse_duration, "Retry time of mail held for a user being moved to another node."
+    )
+    lmtp_source_address: str = key(
+        "",
+        _ip_or_empty,
+        "Source IP of this gateway's LMTP connections (what the backends' [lmtp] trusted"
+        " lists); empty: the system's choice.",
+    )
+    imap_servers: tuple[tuple[str, str, int], ...] = key(
+        "",
+        _mailbox_nodes,
+        "Each mailbox node's IMAP listener, NAME=IP:PORT: what nginx auth_http answers"
+        " (Auth-Server, Auth-Port); empty: this node's own [imap] listener.",
+    )
+    pop3_servers: tuple[tuple[str, str, int], ...] = key(
+        "",
+        _mailbox_nodes,
+        "Each mailbox node's POP3 listener, NAME=IP:PORT (as imap_servers).",
+    )
+    smtp_server: str = key(
+        "",
+        _host_port,
+        "IP:PORT auth_http answers for nginx's SMTP submission proxy (a submission listener"
+        " that trusts nginx's XCLIENT); empty: this node's first [submission] listener.",
+    )
+
+
 def _log_format(s: str) -> str:
     value = s.strip().lower()
     if value not in ("text", "json"):
@@ -941,6 +1359,13 @@ class Config:
     antivirus: AntivirusConfig = field(default_factory=AntivirusConfig)
     inbound_auth: InboundAuthConfig = field(default_factory=InboundAuthConfig)
     webmail: WebmailConfig = field(default_factory=WebmailConfig)
+    lmtp: LMTPConfig = field(default_factory=LMTPConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    api: APIConfig = field(default_factory=APIConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    dns_regions: tuple[DNSRegionConfig, ...] = ()
+    replication: ReplicationConfig = ReplicationConfig()
 
     @property
     def tls_enabled(self) -> bool:
@@ -963,19 +1388,28 @@ _SECTIONS: dict[str, type] = {
     "antivirus": AntivirusConfig,
     "inbound_auth": InboundAuthConfig,
     "policy": PolicyConfig,
+    "dns": DNSConfig,
     "http": HTTPConfig,
     "webmail": WebmailConfig,
+    "api": APIConfig,
+    "webhooks": WebhooksConfig,
+    "lmtp": LMTPConfig,
+    "cluster": ClusterConfig,
+    "replication": ReplicationConfig,
 }
 
 # Keys whose value is a file path, resolved against the config file's folder.
 _PATH_KEYS = {("server", "data_dir"), ("tls", "certificate"), ("tls", "private_key")}
 _PATH_KEYS.add(("policy", "rules_file"))
-_PATH_KEYS |= {("http", "admin_token_file")}
+_PATH_KEYS |= {("http", "admin_token_file"), ("cluster", "directory")}
+_PATH_KEYS |= {("webhooks", "secret_file")}
+_PATH_KEYS |= {("replication", "secret_file")}
 # Keys whose values are listen endpoint descriptions, checked with Twisted's parser.
 _LISTEN_KEYS = {("mx", "listen"), ("pop3", "listen"), ("pop3", "listen_tls")}
 _LISTEN_KEYS |= {("imap", "listen"), ("imap", "listen_tls")}
 _LISTEN_KEYS |= {("submission", "listen"), ("submission", "listen_tls")}
-_LISTEN_KEYS |= {("http", "listen"), ("http", "listen_tls")}
+_LISTEN_KEYS |= {("http", "listen"), ("http", "listen_tls"), ("lmtp", "listen")}
+_LISTEN_KEYS |= {("replication", "listen")}
 
 
 def schema() -> dict[str, list[tuple[str, str, str]]]:
@@ -1029,7 +1463,19 @@ def load(path: str) -> Config:
     _check_routes(config)
     _check_tls(config)
     _check_listeners(config)
+    _check_replication(config)
+    _check_dns(config)
     return config
+
+
+def _check_replication(config: Config) -> None:
+    r = config.replication
+    if not r.enabled:
+        return
+    if r.role == "replica" and not config.tls_enabled:
+        raise ConfigError(config.path, "replication", "role", "a replica needs [tls] certificate")
+    if not os.path.isfile(r.secret_file):
+        raise ConfigError(config.path, "replication", "secret_file", "no such file")
 
 
 def _check_tls(config: Config) -> None:

@@ -35,6 +35,9 @@ message:
    (``"rcpt"``) or targets (``"rcpt>target"``) are recorded in ``envelope.done`` and the
    message is processed again for the rest. A crash in between sends the DSN twice at
    worst, never loses it.
+4a. Cluster (``mailbox_map`` set, with a relay): a local user whose mailbox is on another
+   node (``IMailboxMap.get(user) != node_name``) is treated as an external target: handed
+   over to the relay, which sends it to that node over LMTP (``RelayScheduler.mailboxes``).
 4b. With a ``relay`` (``mailgw.relay.scheduler.RelayScheduler``): recipients outside the local
    domains and external alias targets are *handed over* once every local copy is stored: the
    envelope is rewritten in one atomic update to hold only the external targets (``done``
@@ -98,6 +101,10 @@ class LocalDelivery(Service):
 
     name = "delivery"
     tracker: Tracker = NO_TRACKING
+    mailbox_map: Any = None
+    """``IMailboxMap`` on cluster nodes: a user mapped to a node other than ``node_name``
+    is handed to the relay (which forwards over LMTP) instead of stored here."""
+    node_name = ""
 
     def __init__(
         self,
@@ -132,6 +139,7 @@ class LocalDelivery(Service):
         self._turn_call: DelayedCall | None = None
         self._retry_call: DelayedCall | None = None
         self._waiters: list[Deferred[None]] = []
+        self._delivered_waiters: dict[str, list[Deferred[None]]] = {}
         # DSNs built by deliveries (any thread), queued by the reactor thread.
         self._bounces: deque[tuple[str, str, list[str], bytes, str]] = deque()
         self._listening = False
@@ -160,6 +168,8 @@ class LocalDelivery(Service):
         self._queue.clear()
         self._queued.clear()
         self._fire_waiters()
+        for queue_id in list(self._delivered_waiters):
+            self._fire_delivered(queue_id)
 
     # -- observation -----------------------------------------------------------------------
 
@@ -176,12 +186,32 @@ class LocalDelivery(Service):
         self._waiters.append(d)
         return d
 
+    def wait_delivered(self, queue_id: str) -> Deferred[None]:
+        """A Deferred that fires once the delivery attempt of ``queue_id`` (queued or in
+        flight) has finished (synchronous replication waits for it before SMTP's 250); at
+        once when it is neither."""
+        if queue_id not in self._queued and queue_id not in self._in_flight:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._delivered_waiters.setdefault(queue_id, []).append(d)
+        return d
+
+    def _fire_delivered(self, queue_id: str) -> None:
+        for d in self._delivered_waiters.pop(queue_id, []):
+            d.callback(None)
+
     def _fire_waiters(self) -> None:
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(None)
 
     # -- scheduling ------------------------------------------------------------------------
+
+    def deliver_now(self, queue_id: str) -> None:
+        """Deliver a message of the ``deferred`` state now, before the next retry scan (the
+        admin API after releasing it from the quarantine or from hold). Reactor thread."""
+        if self.running:
+            self._enqueue(queue_id)
 
     def _committed(self, queue_id: str) -> None:
         """Spool listener: a new message is in ``incoming``."""
@@ -222,6 +252,7 @@ class LocalDelivery(Service):
             self._queue_bounce(queue_id, result).addBoth(self._finished, queue_id)
             return
         self._in_flight.discard(queue_id)
+        self._fire_delivered(queue_id)
         self._queue_bounces()
         if isinstance(result, Failure):  # pragma: no cover - _process_safely catches all
             log.failure("{queue_id} delivery failed", result, queue_id=queue_id)
@@ -359,6 +390,10 @@ class LocalDelivery(Service):
                 if not targets and self.relay is not None and not is_local:
                     targets = [rcpt]
                 local = [u for u in targets if self.directory.get_user(u) is not None]
+                if self.mailbox_map is not None and self.relay is not None:
+                    # Cluster: users whose mailbox is on another node go to the relay,
+                    # which forwards them there over LMTP.
+                    local = [u for u in local if self.mailbox_map.get(u) == self.node_name]
             except Exception as e:
                 log.failure("{queue_id} lookup of <{rcpt}> failed", queue_id=queue_id, rcpt=rcpt)
                 errors.append(f"<{rcpt}>: directory lookup failed: {e}")

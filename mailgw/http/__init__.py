@@ -22,6 +22,8 @@ Layout:
   bytes per tier, relay channel health) and the processes' own counters
   (``mailgw.runtime.metrics``: this process's plus every IMAP worker's, merged).
 - ``health``: ``/healthz`` and ``/readyz`` (listeners, spool and store writable, free disk).
+- ``api``: the admin and OA API (``/api/v1``, bearer tokens with scopes, the OpenAPI
+  document at ``/api/openapi.json`` generated from its route table; ``docs/api.md``).
 - ``setup.build_http(node)``: the role's part (``HTTPRole``): root, listener factories and the
   service registering the collector while the role runs.
 

@@ -173,6 +173,10 @@ def build_http(node: Any, endpoint: Any) -> HTTPRole:
     root.mount("/healthz", Healthz(), guarded=False)  # type: ignore[no-untyped-call]
     root.mount("/readyz", Readyz(readiness))
     root.mount("/metrics", MetricsResource(collector))
+    if getattr(config, "api", None) is not None and config.api.enabled:
+        from mailgw.http.api import mount_api
+
+        mount_api(node, root, token)  # /api/v1 first: /api/v1/tracking goes below it
     tracker = getattr(node, "tracker", None)
     if tracker is not None and tracker.path is not None:  # [tracking] record = yes
         from mailgw.tracking.web import TrackingResource

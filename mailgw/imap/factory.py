@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -188,6 +188,8 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         self.config = config
         self.hostname = hostname
         self.store = store
+        self.durable: Callable[[], Deferred[Any]] | None = None
+        """Set for synchronous replication: what APPEND's OK waits for."""
         self.directory = directory
         self.reactor = reactor
         self.tls_options = tls_options

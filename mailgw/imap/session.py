@@ -58,6 +58,11 @@ PREAUTH_MAX_ARGS = 64
 MAX_PENDING_INPUT = 256 * 1024  # buffered input while a command runs before reading pauses
 # A command written as a generator (SEARCH, SORT, THREAD) runs in slices: each slice ends
 # after this much time or this many yields, then the reactor serves other sessions.
+WRITING_COMMANDS = frozenset(
+    ("APPEND", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE")
+    + ("STORE", "EXPUNGE", "COPY", "MOVE")
+)
+"""Refused with ``NO [READ-ONLY]`` while the store refuses writes (a DR replica)."""
 SLICE_SECONDS = 0.02
 SLICE_STEPS = 2000
 
@@ -465,6 +470,12 @@ class IMAPServer(Protocol):
             else:
                 self.tagged(raw.tag, e.status, e.text, code)
             return
+        if name in WRITING_COMMANDS:
+            refusal = self.factory.store.write_refusal()
+            if refusal is not None:
+                p.discard_literals(raw.args)
+                self.tagged(raw.tag, "NO", refusal, wire.READ_ONLY)
+                return
         result = command.handler(self, raw.tag, parsed)
         if isinstance(result, Generator):
             self._run_in_slices(raw.tag, result)

@@ -36,7 +36,7 @@ def build_imap_factory(
 ) -> IMAPFactory:
     """The factory of the plain (STARTTLS) listeners, or with ``implicit_tls`` that of the
     implicit-TLS ones; the two of a process share ``cache`` and ``admission``."""
-    return IMAPFactory(
+    factory = IMAPFactory(
         config.imap,
         config.server.hostname,
         store,
@@ -51,3 +51,11 @@ def build_imap_factory(
         auth=auth,
         literal_dir=os.path.join(config.server.data_dir, "tmp"),
     )
+    replication = config.replication
+    changes = getattr(store, "changes", None)
+    if replication.enabled and replication.mode == "sync" and changes is not None:
+        from mailgw.journal.barrier import ReplicaBarrier
+
+        barrier = ReplicaBarrier(config.server.data_dir, reactor, replication.sync_timeout)
+        factory.durable = lambda: barrier.wait(changes.last_seq())
+    return factory

@@ -73,6 +73,12 @@ class ChangeLog:
         older than the retention may be gone."""
         return self._read(after_seq, limit, blocking=True)[0]
 
+    def read_upto(self, after_seq: int, limit: int = 1000) -> tuple[list[ChangeEntry], int]:
+        """As ``read``, with the last sequence number the read covered: every number up to
+        it is in the entries or a gap (a rolled-back transaction), so a reader that has
+        handled the entries can go on after it (replication ships the gaps as covered)."""
+        return self._read(after_seq, limit, blocking=True)
+
     def _read(
         self, after_seq: int, limit: int, blocking: bool, skip_pid: int = -1
     ) -> tuple[list[ChangeEntry], int]:

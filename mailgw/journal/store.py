@@ -42,6 +42,8 @@ class _Info(Protocol):
     def filename(self) -> str: ...
     @property
     def blob(self) -> str | None: ...
+    @property
+    def internaldate_tz(self) -> int: ...
 
 
 def journal_dir(root: str) -> str:
@@ -105,6 +107,7 @@ class StoreJournal:
             size=info.size,
             flags=_flags(info.flags),
             internaldate=info.internaldate,
+            tz=info.internaldate_tz,
             **where,
             **extra,
         )
@@ -124,10 +127,25 @@ class StoreJournal:
         if gone:
             self._record(u, k.MESSAGE_EXPUNGED, folder, uids=gone, modseq=modseq)
 
-    def moved(self, u: _User, src: str, dst: str, pairs: Iterable[tuple[int, int]]) -> None:
+    def moved(
+        self,
+        u: _User,
+        src: str,
+        dst: str,
+        pairs: Iterable[tuple[int, int]],
+        modseqs: Iterable[int] | None = None,
+        src_modseq: int | None = None,
+        to_modseq: int | None = None,
+    ) -> None:
+        """Messages moved; ``modseqs`` (their modseqs in ``dst``, one per pair), the
+        folders' new HIGHESTMODSEQs ``src_modseq`` and ``to_modseq`` let a replica reproduce
+        the move exactly."""
         moved = [[a, b] for a, b in pairs]
         if moved:
-            self._record(u, k.MESSAGE_MOVED, src, to=dst, uids=moved)
+            extra: dict[str, Any] = {}
+            if modseqs is not None:
+                extra = {"modseqs": list(modseqs), "modseq": src_modseq, "to_modseq": to_modseq}
+            self._record(u, k.MESSAGE_MOVED, src, to=dst, uids=moved, **extra)
 
     def resynced(
         self,

@@ -8,8 +8,9 @@ from typing import Any
 
 # Store changes (``user`` the mailbox owner, ``folder`` the folder).
 MESSAGE_ADDED = "message.added"
-"""A new message: payload uid, modseq, size, flags, internaldate, and where its bytes are:
-``file`` (the Maildir name below the folder) or ``blob`` (a tier-2 reference)."""
+"""A new message: payload uid, modseq, size, flags, internaldate, ``tz`` (the internal
+date's zone, minutes east of UTC), and where its bytes are: ``file`` (the Maildir name below
+the folder) or ``blob`` (a tier-2 reference)."""
 MESSAGE_COPIED = "message.copied"
 """As ``message.added``, plus ``from`` (folder) and ``from_uid``: a copy of another message."""
 MESSAGE_FLAGS = "message.flags"
@@ -17,7 +18,9 @@ MESSAGE_FLAGS = "message.flags"
 MESSAGE_EXPUNGED = "message.expunged"
 """Messages removed: payload ``uids``, ``modseq``."""
 MESSAGE_MOVED = "message.moved"
-"""Messages moved out of ``folder`` into payload ``to``: ``uids`` [[old uid, new uid]]."""
+"""Messages moved out of ``folder`` into payload ``to``: ``uids`` [[old uid, new uid]],
+``modseqs`` (each one's modseq in ``to``), ``modseq`` and ``to_modseq`` (the two folders'
+new HIGHESTMODSEQ)."""
 MAILBOX_CREATED = "mailbox.created"
 """A folder appeared: payload ``uidvalidity``, ``subscribed``; ``found`` when it was not made
 by CREATE (a new user's folders, a folder made on disk by another program, a rebuilt index)."""

@@ -7,10 +7,12 @@ is refused (``550 5.7.1``) whatever source route preceded it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from zope.interface import implementer
 
 from mailgw.interfaces import IDirectory
-from mailgw.model.reply import R
+from mailgw.model.reply import R, Reply
 from mailgw.model.verdict import ACCEPT, Verdict
 from mailgw.policy.pipeline import CheckContext, ICheck, Stage
 from mailgw.policy.submission import RecipientLimit
@@ -35,6 +37,24 @@ class LocalRecipient:
         if not self.directory.resolve(recipient.key):
             return _UNKNOWN_USER
         return ACCEPT
+
+
+@implementer(ICheck)
+class StoreWritable:
+    """``RCPT``: ``451 4.3.2`` while the store refuses new mail (a DR replica: the mail
+    goes to the primary, or waits at the sender until this node is promoted)."""
+
+    name = "store-writable"
+    stages = frozenset({Stage.RCPT})
+
+    def __init__(self, refusal: Callable[[], str | None]) -> None:
+        self.refusal = refusal
+
+    def check(self, context: CheckContext) -> Verdict:
+        reason = self.refusal()
+        if reason is None:
+            return ACCEPT
+        return Verdict.tempfail(Reply(451, "4.3.2", f"{reason}, try again later"))
 
 
 _RELAY_DENIED = Verdict.reject(R.RELAY_DENIED)

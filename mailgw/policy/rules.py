@@ -883,11 +883,23 @@ class RulesCheck:
         rules: Sequence[Rule],
         is_local_domain: Callable[[str], bool],
         limits: ContentLimits = DEFAULT_CONTENT_LIMITS,
+        every_stage: bool = False,
     ) -> None:
         self.rules = tuple(rules)
         self.is_local_domain = is_local_domain
         self.limits = limits
-        self.stages = frozenset({r.stage for r in self.rules} | {Stage.DATA})
+        # every_stage: the pipeline calls it at every stage, so rules replaced on a reload
+        # (``replace``) may run at stages the first ones did not use.
+        stages = set(Stage) if every_stage else {r.stage for r in self.rules} | {Stage.DATA}
+        self.stages = frozenset(stages)
+
+    def replace(self, rules: Sequence[Rule]) -> None:
+        """Run ``rules`` from now on (transactions under way may see either set); ValueError
+        when one needs a stage this check is not called at (built without ``every_stage``)."""
+        missing = {r.stage for r in rules} - self.stages
+        if missing:
+            raise ValueError(f"rules at stages {sorted(s.value for s in missing)} need a restart")
+        self.rules = tuple(rules)
 
     def _facts(self, context: CheckContext) -> Facts:
         facts = context.state.get(self.name)

@@ -36,6 +36,34 @@ class PolicySetup:
     """Checks of submission, webmail and the OA API (mail users send)."""
     rules: RulesCheck | None = None
     """The security rules (``[policy] rules_file``), in both lists; None without a file."""
+    rate_counter: Any = None
+    """The ``IRateCounter`` of the rules' ``rate`` matches (kept across reloads)."""
+
+    def _load(self, config: Any) -> list[Any] | None:
+        path = config.policy.rules_file
+        if self.rules is None or not path:
+            return None
+        channels = [c.name for c in config.channels] or ["direct"]
+        try:
+            return load_rules(path, self.rate_counter, channels)
+        except RulesError as e:
+            raise ConfigError(config.path, "policy", "rules_file", str(e)) from None
+
+    def check(self, config: Any) -> None:
+        """Refuse a reload whose rules file has an error (the running rules stay)."""
+        self._load(config)
+
+    def reconfigure(self, config: Any) -> None:
+        """Re-read the rules file on reload (SIGHUP, ``mailgw reload``, the admin API's
+        ``PUT /api/v1/rules``). Turning rules on or off needs a restart."""
+        rules = self._load(config)
+        if rules is not None and self.rules is not None:
+            self.rules.replace(rules)
+            log.info(
+                "security rules: {n} from {path} (reloaded)",
+                n=len(rules),
+                path=config.policy.rules_file,
+            )
 
 
 def quarantine_dir(data_dir: str) -> str:
@@ -75,8 +103,11 @@ def build_policy(
             rules = load_rules(path, counter, channels)
         except RulesError as e:
             raise ConfigError(config.path, "policy", "rules_file", str(e)) from None
-        check = RulesCheck(rules, directory.is_local_domain, content_limits(config))
+        check = RulesCheck(
+            rules, directory.is_local_domain, content_limits(config), every_stage=True
+        )
         setup.rules = check
+        setup.rate_counter = counter
         setup.inbound.append(check)
         setup.outbound.append(check)
         log.info("security rules: {n} from {path}", n=len(rules), path=path)

@@ -633,6 +633,10 @@ class POP3Server(Protocol):
         if len(args) != 1:
             self._err(P.SYNTAX)
             return
+        refusal = self.factory.store.write_refusal()
+        if refusal is not None:
+            self._err(f"[SYS/TEMP] {refusal}")
+            return
         found = self._lookup(args[0])
         if found is not None:
             self._drop().delete(found[0])

@@ -192,6 +192,8 @@ class ClientOptions:
     auth_plaintext: bool = False
     bind_address: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
+    lmtp: bool = False
+    """Speak LMTP (RFC 2033): LHLO, and one reply per accepted recipient after DATA."""
 
     def __post_init__(self) -> None:
         if self.tls not in ("may", "require", "none"):
@@ -573,12 +575,13 @@ class SMTPConnection:
 
     async def _ehlo(self) -> None:
         t = self.options.timeouts
-        reply = await self.protocol.command(f"EHLO {self.options.helo}", "ehlo", t.ehlo)
+        verb = "LHLO" if self.options.lmtp else "EHLO"
+        reply = await self.protocol.command(f"{verb} {self.options.helo}", "ehlo", t.ehlo)
         if reply.code == 250:
             self.extensions = parse_ehlo(reply)
             self.esmtp = True
             return
-        if reply.code >= 500 and reply.code != 554:
+        if reply.code >= 500 and not self.options.lmtp and reply.code != 554:
             reply = await self.protocol.command(f"HELO {self.options.helo}", "helo", t.ehlo)
             if reply.code == 250:
                 self.extensions = {}
@@ -697,8 +700,26 @@ class SMTPConnection:
         if not accepted:  # RFC 2920: 354 after all RCPTs failed: send an empty body
             final = await self._finish_data(b"", t.data_end)
             return TransactionResult(replies, None)
-        final = await self._stream(tx)
+        more: list[Deferred[Reply]] = []
+        try:
+            final = await self._stream(tx, more, len(accepted) - 1 if self.options.lmtp else 0)
+        except BaseException:
+            for d in more:  # failed with the session: nobody waits for them
+                d.addErrback(lambda _: None)
+            raise
         self._check_closing(final)
+        if self.options.lmtp:  # RFC 2033 4.2: one reply per accepted recipient, in order
+            replies[accepted[0]] = final
+            try:
+                for r, d in zip(accepted[1:], more, strict=True):
+                    replies[r] = await d
+                    self._check_closing(replies[r])
+            except BaseException:
+                for d in more:
+                    d.addErrback(lambda _: None)
+                raise
+            final = replies[accepted[-1]]
+            return TransactionResult(replies, final)
         for r in accepted:
             replies[r] = final
         return TransactionResult(replies, final)
@@ -712,13 +733,25 @@ class SMTPConnection:
         self.protocol.transport.write(tail + b".\r\n")  # type: ignore[union-attr]
         return await d
 
-    async def _stream(self, tx: Transaction) -> Reply:
+    async def _stream(
+        self, tx: Transaction, more: list[Deferred[Reply]] | None = None, extra: int = 0
+    ) -> Reply:
+        """Send the content and the final dot; the first reply after it (and, for LMTP,
+        ``extra`` more replies' Deferreds appended to ``more``, registered in time)."""
         t = self.options.timeouts
         encoder = DataEncoder()
         transport = self.protocol.transport
         assert transport is not None
+
+        def expect_more() -> None:
+            for _ in range(extra):
+                d = self.protocol.expect("data-end", t.data_end)
+                if more is not None:
+                    more.append(d)
+
         if tx.data is not None:  # in memory: the whole DATA and its end in one write
             d = self.protocol.expect("data-end", t.data_end)
+            expect_more()
             transport.write(encoder.encode(tx.prefix + tx.data) + encoder.finish())
             return await d
         timer = self.reactor.callLater(t.data_block, self._data_stalled, t.data_block)
@@ -742,6 +775,7 @@ class SMTPConnection:
         if not self.protocol.alive:
             raise self.protocol._error or ConnectionClosed("connection lost in DATA", "data")
         d = self.protocol.expect("data-end", t.data_end)
+        expect_more()
         transport.write(encoder.finish())
         return await d
 

@@ -136,6 +136,17 @@ def delete(spool: Spool, queue_id: str) -> None:
     spool.remove(queue_id, state)
 
 
+def delete_recorded(spool: Spool, queue_id: str, tracker: Any, by: str) -> str:
+    """``delete``, then the ``deleted`` tracking event (``by``: who); returns the state the
+    message was in (``mailgw queue delete`` and the admin API)."""
+    from mailgw.tracking import Kind
+
+    state = str(message_row(spool, queue_id)["state"])
+    delete(spool, queue_id)
+    tracker.record(Kind.DELETED, queue_id, state=state, by=by)
+    return state
+
+
 def age_text(seconds: float) -> str:
     """``42s``, ``5m``, ``3h``, ``2d``."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):

@@ -99,6 +99,26 @@ class Outcome:
     diagnostic: str = ""
     remote: str = ""
     channel: str = ""
+    held: bool = False
+    """Deferred because the user's mailbox is being moved (retried soon, not on the
+    schedule)."""
+
+
+@dataclass(frozen=True)
+class MailboxRouting:
+    """Gateway mode (``[cluster] mailbox_nodes``): recipients that are users whose mailbox
+    is on a backend node are sent there over LMTP instead of through a channel.
+
+    ``node_of(rcpt)``: the node name, or None for a recipient that is not such a user (a
+    blocking call, run through the scheduler's runner); ``held(rcpt)``: its mailbox is being
+    moved, keep it queued; ``nodes``: name -> (host, port) of each node's LMTP listener."""
+
+    node_of: Callable[[str], str | None]
+    held: Callable[[str], bool]
+    nodes: dict[str, tuple[str, int]]
+    hold_retry: float = 5.0
+    bind_address: str | None = None
+    """Source address of the LMTP connections (None: the system's choice)."""
 
 
 MEMORY_SEND_LIMIT = 256 * 1024
@@ -185,6 +205,8 @@ class RelayScheduler(Service):
         self.sent = 0
         self.bounced = 0
         self.deferred = 0
+        self.mailboxes: MailboxRouting | None = None
+        """Set on gateways: where users' mailboxes are (``MailboxRouting``)."""
 
     # -- service -----------------------------------------------------------------------------
 
@@ -398,16 +420,121 @@ class RelayScheduler(Service):
                 log.failure("{queue_id} signing failed, sending unsigned", queue_id=queue_id)
         job = _Job(queue_id, envelope, message.content_path, prefix, DeferredLock(), data)
         groups: dict[str, list[str]] = {}
+        nodes: dict[str, list[str]] = {}
+        mailboxes = self.mailboxes
+        where: dict[str, str | None] = {}
+        if mailboxes is not None and pending:
+            try:
+                where = await self.run(lambda: {r: mailboxes.node_of(r) for r in pending})
+            except Exception:
+                log.failure("{queue_id} mailbox node lookup failed", queue_id=queue_id)
+                where = {r: "" for r in pending}  # "": lookup failed, deferred below
         for rcpt in pending:
-            groups.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
-        job.domains = len(groups)
+            node = where.get(rcpt)
+            if node is not None:
+                nodes.setdefault(node, []).append(rcpt)
+            else:
+                groups.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)
+        job.domains = len(groups) + len(nodes)
         results = await gatherResults(
             [Deferred.fromCoroutine(self._send_domain(job, d, r)) for d, r in groups.items()]
+            + [Deferred.fromCoroutine(self._send_mailbox(job, n, r)) for n, r in nodes.items()]
         )
         outcomes: dict[str, Outcome] = {}
         for result in results:
             outcomes.update(result)
         await self._settle(job, outcomes)
+
+    async def _send_mailbox(
+        self, job: _Job, node: str, recipients: list[str]
+    ) -> dict[str, Outcome]:
+        """Deliver to users whose mailbox is on ``node`` over LMTP (RFC 2033): a ``250`` for
+        a recipient means its copy is stored on the node; ``5xx`` bounces; anything else,
+        a node that is down or a held (moving) mailbox, defers."""
+        mailboxes = self.mailboxes
+        assert mailboxes is not None
+        outcomes: dict[str, Outcome] = {}
+        address = mailboxes.nodes.get(node) if node else None
+        if address is None:
+            why = f"mailbox node {node!r} unknown" if node else "mailbox node lookup failed"
+            return {r: Outcome(DEFER, "4.3.5", why) for r in recipients}
+        try:
+            held = await self.run(lambda: {r for r in recipients if mailboxes.held(r)})
+        except Exception:
+            log.failure("{queue_id} mailbox hold lookup failed", queue_id=job.queue_id)
+            held = set(recipients)
+        for rcpt in held:
+            outcomes[rcpt] = Outcome(
+                DEFER, "4.2.1", f"mailbox being moved, held on {self.hostname}", node, held=True
+            )
+        send = [r for r in recipients if r not in held]
+        if not send:
+            return outcomes
+        envelope = job.envelope
+        tx = Transaction(
+            sender=envelope.sender,
+            recipients=send,
+            path=job.content_path,
+            body_8bitmime=envelope.body_8bitmime,
+            smtputf8=envelope.smtputf8,
+            prefix=job.prefix,
+            data=job.data,
+        )
+        options = ClientOptions(
+            helo=self.hostname,
+            tls="none",
+            timeouts=self.settings.timeouts,
+            lmtp=True,
+            bind_address=mailboxes.bind_address,
+        )
+        host, port = address
+        result = await self.deliver_fn(
+            self.reactor, tx, [Target(node, host, port)], options, self.pool, ("lmtp", node), 1
+        )
+        delivered = []
+        for rcpt in send:
+            reply = result.recipients.get(rcpt)
+            text = result.describe(rcpt)
+            if reply is not None and reply.is_positive:
+                outcomes[rcpt] = Outcome(DELIVERED, "2.0.0", text, node)
+                delivered.append(rcpt)
+                kind = OK
+            elif reply is not None and reply.code >= 500:
+                outcomes[rcpt] = Outcome(BOUNCE, _status_of(result, rcpt, "5.0.0"), text, node)
+                kind = "bounce"
+            else:
+                status = _status_of(result, rcpt, "4.4.1")
+                outcomes[rcpt] = Outcome(DEFER, status, f"via LMTP to {node}: {text}", node)
+                kind = "defer"
+            self.tracker.record(
+                Kind.RELAYED if kind == OK else Kind.ATTEMPT,
+                job.queue_id,
+                recipient=rcpt,
+                channel=f"lmtp:{node}",
+                mx=f"{node}[{host}]:{port}",
+                source=result.source_address or "",
+                tls=False,
+                result=kind,
+                reply=text,
+            )
+            log.info(
+                "{queue_id} from=<{sender}> to=<{rcpt}> node={node} lmtp={host}:{port}"
+                " result={kind} reply={reply}",
+                event="relayed" if kind == OK else "attempt",
+                queue_id=job.queue_id,
+                sender=envelope.sender,
+                rcpt=rcpt,
+                node=node,
+                host=host,
+                port=port,
+                kind=kind,
+                reply=text,
+            )
+        if delivered and job.domains > 1:
+            await self._record_done(job, delivered)
+        elif delivered:
+            job.envelope.done.extend(r for r in delivered if r not in job.envelope.done)
+        return outcomes
 
     async def _send_domain(
         self, job: _Job, domain: str, recipients: list[str]
@@ -650,7 +777,9 @@ class RelayScheduler(Service):
         defer = {r: o for r, o in outcomes.items() if o.kind == DEFER}
         self.sent += sum(1 for o in outcomes.values() if o.kind == DELIVERED)
         next_time: float | None = None
-        if defer:
+        if defer and self.mailboxes is not None and all(o.held for o in defer.values()):
+            next_time = now + self.mailboxes.hold_retry  # a move takes moments: no backoff
+        elif defer:
             next_time = self.schedule.next_attempt(envelope.attempts + 1, envelope.received_at, now)
             if next_time is None:
                 self.tracker.record(

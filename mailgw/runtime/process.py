@@ -33,12 +33,28 @@ def io_pool(name: str) -> ThreadPool:
     return ThreadPool(minthreads=0, maxthreads=IO_THREADS, name=name)
 
 
+def directory_path(config: Config) -> str:
+    """``[cluster] directory``, else ``data_dir/directory.sqlite``."""
+    return config.cluster.directory or os.path.join(config.server.data_dir, "directory.sqlite")
+
+
+def build_mailbox_map(config: Config) -> Any:
+    """The ``IMailboxMap`` of ``[cluster] mailbox_nodes`` (None when that is empty)."""
+    if not config.cluster.mailbox_nodes:
+        return None
+    from mailgw.cluster.nodemap import DirectoryMailboxMap
+
+    return DirectoryMailboxMap(
+        directory_path(config), [name for name, _, _ in config.cluster.mailbox_nodes]
+    )
+
+
 def build_directory(config: Config, reactor: Any) -> Directory:
     """The user directory of ``[server] data_dir`` (each process that authenticates has one)."""
     from mailgw.directory import Directory
 
     return Directory(
-        os.path.join(config.server.data_dir, "directory.sqlite"),
+        directory_path(config),
         recipient_delimiter=config.directory.recipient_delimiter,
         argon2_time_cost=config.directory.argon2_time_cost,
         argon2_memory_kib=config.directory.argon2_memory_kib,

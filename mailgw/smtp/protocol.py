@@ -8,6 +8,7 @@ PIPELINING, never reading ahead into DATA).
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from collections.abc import Callable
 from contextlib import suppress
@@ -94,6 +95,8 @@ class Session:
     body_8bitmime: bool = False
     smtputf8: bool = False
     declared_size: int = 0
+    client_name: str = ""
+    """The client's host name when a trusted proxy told it (XCLIENT NAME)."""
     checks: Any = None
     """The role's policy-check state for this session (``mailgw.smtp.roles.checked``)."""
 
@@ -187,6 +190,11 @@ class Role:
             size=envelope.size,
         )
 
+    def after_commit(self, session: Session, queue_id: str) -> Deferred[Any] | None:
+        """Something to wait for between the spool's commit and the ``250`` (synchronous
+        replication: the local delivery acknowledged by the DR replica); None: nothing."""
+        return None
+
     def unknown_command(self, session: Session, verb: str, argument: str) -> ReplyResult | None:
         """A verb the protocol does not know; None: ``500 5.5.2``."""
         return None
@@ -226,11 +234,35 @@ class _DataState:
         return self.too_long or self.too_big or self.nul
 
 
+def xtext_decode(text: str) -> str:
+    """RFC 3461 xtext: ``+HH`` is the byte 0xHH; ValueError on a bad escape."""
+    out = bytearray()
+    i = 0
+    raw = text.encode("utf-8")
+    while i < len(raw):
+        if raw[i : i + 1] == b"+":
+            digits = raw[i + 1 : i + 3]
+            if len(digits) != 2 or not all(c in b"0123456789ABCDEFabcdef" for c in digits):
+                raise ValueError(f"bad xtext escape in {text!r}")
+            out.append(int(digits, 16))
+            i += 3
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "replace")
+
+
+XCLIENT_ATTRIBUTES = ("ADDR", "LOGIN", "NAME")
+"""What XCLIENT may set here (Postfix's names; nginx's mail proxy sends these three)."""
+
+
 class SMTPServer(Protocol):
     """One SMTP server session (see the module docstring)."""
 
     factory: SMTPFactory | None = None
     transport: Any
+    greeting = "ESMTP mailgw"
+    """The text after the host name in the 220 greeting."""
 
     def __init__(
         self,
@@ -268,6 +300,7 @@ class SMTPServer(Protocol):
             reactor, limits.command_timeout, self._progress_expired, limits.min_data_rate
         )
         self._line_reader: Callable[[bytes], None] | None = None
+        self._xclient_peer = ""
         self._handlers: dict[str, Callable[[str], None]] = {
             "EHLO": self._do_ehlo,
             "HELO": self._do_helo,
@@ -282,12 +315,14 @@ class SMTPServer(Protocol):
             "HELP": self._do_help,
             "STARTTLS": self._do_starttls,
             "AUTH": self._do_auth,
+            "XCLIENT": self._do_xclient,
         }
 
     # -- connection ----------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.session.client_ip = _peer_ip(self.transport.getPeer())
+        self._xclient_peer = self.session.client_ip
         self.session.tls = ISSLTransport.providedBy(self.transport) or bool(
             getattr(self.factory, "implicit_tls", False)
         )
@@ -311,7 +346,7 @@ class SMTPServer(Protocol):
         self._session_timer = self.reactor.callLater(
             self.limits.session_timeout, self._session_expired
         )
-        self._send(Reply(220, "", f"{self.hostname} ESMTP mailgw"))
+        self._send(Reply(220, "", f"{self.hostname} {self.greeting}"))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
@@ -667,6 +702,8 @@ class SMTPServer(Protocol):
             if self.tls_options is not None and not self.session.tls:
                 lines.append("STARTTLS")
             lines.extend(self.role.extensions(self.session))
+            if self._xclient_allowed():
+                lines.append("XCLIENT " + " ".join(XCLIENT_ATTRIBUTES))
             self._reply(Reply(250, "", "\n".join(lines)))
 
         self._call(lambda: self.role.helo(self.session, name), then, verb)
@@ -829,6 +866,78 @@ class SMTPServer(Protocol):
             self._reply(R.START_DATA)
 
         self._call(lambda: self.role.data_start(s), then, "DATA")
+
+    def _xclient_allowed(self) -> bool:
+        """XCLIENT is for the factory's ``xclient_trusted`` peers only (nginx's mail proxy),
+        judged by the connection's address as seen before any XCLIENT."""
+        trusted = getattr(self.factory, "xclient_trusted", ())
+        if not trusted or not self._xclient_peer:
+            return False
+        try:
+            ip = ipaddress.ip_address(self._xclient_peer)
+        except ValueError:
+            return False
+        return any(ip in net for net in trusted)
+
+    def _do_xclient(self, argument: str) -> None:
+        """Postfix's XCLIENT: a trusted proxy passes on the real client (``ADDR``), its host
+        ``NAME`` and the user it authenticated (``LOGIN``); the session starts over with a
+        220 greeting, as if that client had connected (HELO and transaction forgotten)."""
+        s = self.session
+        if not self._xclient_allowed():
+            self._reply(Reply(550, "5.7.0", "Insufficient authorization"), verb="XCLIENT")
+            return
+        if s.has_sender:
+            self._reply(R.BAD_SEQUENCE, verb="XCLIENT")
+            return
+        values: dict[str, str] = {}
+        for word in argument.split():
+            name, eq, value = word.partition("=")
+            name = name.upper()
+            if not eq or not name:
+                self._reply(Reply(501, "5.5.4", "Bad XCLIENT attribute syntax"), verb="XCLIENT")
+                return
+            if name not in XCLIENT_ATTRIBUTES:
+                self._reply(
+                    Reply(501, "5.5.4", f"Bad XCLIENT attribute name: {name}"), verb="XCLIENT"
+                )
+                return
+            try:
+                values[name] = xtext_decode(value)
+            except ValueError:
+                self._reply(Reply(501, "5.5.4", "Bad XCLIENT attribute value"), verb="XCLIENT")
+                return
+        if not values:
+            self._reply(Reply(501, "5.5.4", "Syntax: XCLIENT attribute=value..."), verb="XCLIENT")
+            return
+        unavailable = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
+        addr = values.get("ADDR")
+        if addr is not None and addr.upper() not in unavailable:
+            text = addr[5:] if addr.upper().startswith("IPV6:") else addr
+            try:
+                ipaddress.ip_address(text)
+            except ValueError:
+                self._reply(Reply(501, "5.5.4", "Bad XCLIENT ADDR value"), verb="XCLIENT")
+                return
+            s.client_ip = text
+        login = values.get("LOGIN")
+        if login is not None:
+            s.authenticated = None if login.upper() in unavailable or not login else login
+        host_name = values.get("NAME")
+        if host_name is not None:
+            s.client_name = "" if host_name.upper() in unavailable else host_name
+        log.info(
+            "{sid} XCLIENT from {proxy}: client={peer} name={name} login={login}",
+            sid=s.session_id,
+            proxy=self._xclient_peer,
+            peer=s.client_ip,
+            name=s.client_name or "-",
+            login=s.authenticated or "-",
+        )
+        s.reset_transaction()
+        s.helo = None
+        s.esmtp = False
+        self._send(Reply(220, "", f"{self.hostname} {self.greeting}"))
 
     def _do_rset(self, argument: str) -> None:
         if argument:
@@ -1110,8 +1219,17 @@ class SMTPServer(Protocol):
                 incoming.abort()
             return R.LOCAL_ERROR
 
+        def durable(reply: Reply) -> Reply | Deferred[Reply]:
+            if reply is not R.QUEUED or not queued:
+                return reply
+            wait = self.role.after_commit(s, queued[0])
+            if wait is None:
+                return reply
+            return wait.addBoth(lambda _: reply)
+
         def start() -> Deferred[Reply]:
-            return maybeDeferred(incoming.commit, envelope).addCallbacks(committed, failed)
+            d = maybeDeferred(incoming.commit, envelope).addCallbacks(committed, failed)
+            return d.addCallback(durable)
 
         def then(reply: Reply) -> None:
             if queued and reply is R.QUEUED:
@@ -1146,6 +1264,8 @@ class SMTPFactory(Factory):
         self._last_sweep = -1.0
         self.implicit_tls = False
         """Connections arrive already in TLS (the listener wraps them): no STARTTLS."""
+        self.xclient_trusted: tuple[Any, ...] = ()
+        """Networks whose peers may send XCLIENT (``[mx]``/``[submission] xclient_trusted``)."""
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         protocol = SMTPServer(self.role, self.hostname, self.limits, self.reactor, self.tls_options)

@@ -36,14 +36,17 @@ def received_header(
     queue_id: str,
     recipients: list[str],
     when: float,
+    client_name: str = "",
 ) -> bytes:
     """A folded ``Received:`` header line (CRLF-terminated, UTF-8 bytes).
 
-    No reverse DNS is done: the client is written as ``(unknown [IP])``. The ``for`` clause
+    No reverse DNS is done: the client is written as ``(unknown [IP])``, or ``(NAME [IP])``
+    with the host name a trusted proxy passed (XCLIENT NAME). The ``for`` clause
     appears only with exactly one recipient (more would disclose the other recipients).
     """
     lines = [
-        f"Received: from {_clean_helo(helo)} (unknown {_ip_literal(client_ip)})",
+        f"Received: from {_clean_helo(helo)}"
+        f" ({_clean_helo(client_name) if client_name else 'unknown'} {_ip_literal(client_ip)})",
         f"\tby {hostname} (mailgw) with {protocol} id {queue_id}",
     ]
     date = email.utils.formatdate(when, localtime=True)

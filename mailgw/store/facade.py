@@ -58,6 +58,12 @@ from mailgw.store.tier2 import Tier2Placement
 
 log = Logger()
 
+# ``data_dir/replication/state`` -> why writes are refused (``MessageStore.write_refusal``).
+_REFUSALS = {
+    "replica": "This server is a read-only replica",
+    "fenced": "This server was replaced by its replica; it accepts no changes until demoted",
+}
+
 
 @implementer(IMessageStore)
 class MessageStore:
@@ -107,6 +113,30 @@ class MessageStore:
         self._snapshots: weakref.WeakValueDictionary[tuple[str, int, str], Snapshot] = (
             weakref.WeakValueDictionary()
         )
+        self._refusal: tuple[tuple[int, int, int], str | None] | None = None
+
+    def write_refusal(self) -> str | None:
+        """Why the protocols must not change mail on this node now (None: they may): it is
+        a disaster-recovery replica, or a primary that was replaced and has not been
+        demoted yet (``data_dir/replication/state``, kept by ``mailgw.replication``). The
+        replica's own applying of the primary's changes is not refused."""
+        path = os.path.join(os.path.dirname(self.root), "replication", "state")
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)  # replaced by rename: a new inode
+        cached = self._refusal
+        if cached is None or cached[0] != key:
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    state = fh.read().split()
+            except OSError:
+                return None
+            word = state[0] if state else ""
+            reason = _REFUSALS.get(word)
+            self._refusal = cached = (key, reason)
+        return cached[1]
 
     @property
     def tier2(self) -> IBlobStore | None:
@@ -665,6 +695,7 @@ class MessageStore:
         directories. A crash between the renames and the commit is repaired by the next
         sync (the files are re-indexed in ``dst``): nothing is lost."""
         pairs: list[tuple[int, int]] = []
+        modseqs: list[int] = []
         dropped = False
         box = c.execute(
             "SELECT uidnext, highestmodseq FROM mailboxes WHERE id = ? AND name = ?",
@@ -710,6 +741,7 @@ class MessageStore:
                 self.placement.log_put(u, c, dst.id, uidnext)
             add_tombstones(c, src.id, [uid], src_modseq)
             pairs.append((uid, uidnext))
+            modseqs.append(modseq)
             uidnext += 1
         if not pairs and not dropped:
             return pairs
@@ -727,7 +759,7 @@ class MessageStore:
         )
         self.tier1.record_mtimes(c, u, src)
         self.tier1.record_mtimes(c, u, dst)
-        self._journal.moved(u, src.name, dst.name, pairs)
+        self._journal.moved(u, src.name, dst.name, pairs, modseqs, src_modseq, modseq + 1)
         return pairs
 
     @staticmethod

@@ -72,6 +72,8 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     name TEXT PRIMARY KEY
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_blob ON messages(blob) WHERE blob IS NOT NULL;
+-- Replication finds a message by its Maildir base name wherever it is now (moved, renamed).
+CREATE INDEX IF NOT EXISTS messages_base ON messages(base);
 -- Incremental refresh and CHANGEDSINCE/VANISHED read only the rows above a modseq.
 CREATE INDEX IF NOT EXISTS messages_modseq ON messages(mailbox, modseq);
 CREATE INDEX IF NOT EXISTS tombstones_modseq ON tombstones(mailbox, modseq);

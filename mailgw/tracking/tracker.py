@@ -66,6 +66,9 @@ class Tracker:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._last_prune = 0.0
+        self.listeners: list[Callable[[str, str, float, dict[str, Any]], None]] = []
+        """Called by ``record`` (in the recording thread, so they must not block) with
+        (kind, queue ID, time, detail): the webhooks' way in."""
 
     # -- recording (any thread) --------------------------------------------------------------
 
@@ -85,6 +88,13 @@ class Tracker:
         if message_id:
             detail["message_id"] = message_id
         metrics.count(kind, detail)
+        if self.listeners:
+            t = self.clock() if when is None else when
+            for listener in self.listeners:
+                try:
+                    listener(str(kind), queue_id, t, detail)
+                except Exception:
+                    log.failure("tracking: an event listener failed")
         if self.path is None:
             return
         if len(self._pending) >= self.max_pending:

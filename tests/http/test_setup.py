@@ -29,7 +29,13 @@ def test_the_part_reads_the_node(tmp_path: Path) -> None:
     n = node(tmp_path, "[relay]\nenabled = yes\n")
     part = n.parts["http"]
     assert isinstance(part.root, HTTPRoot)
-    assert set(part.root.children) == {b"healthz", b"readyz", b"metrics"}
+    assert set(part.root.children) == {
+        b"healthz",
+        b"readyz",
+        b"metrics",
+        b"api",
+        b"auth",
+    }  # tracking
     assert [row["name"] for row in part.collector.channels()] == ["direct"]
     families = {f.name: f for f in part.collector.collect()}
     up = families["mailgw_relay_channel_up"].samples

@@ -191,6 +191,9 @@ class FakeStore:
             raise ValueError(f"{name} exists")
         self._folder(user, name, create=True)
 
+    def write_refusal(self) -> str | None:
+        return None
+
     def quota_usage(self, user: str) -> tuple[int, int | None]:
         return sum(
             len(d) for (u, _), f in self._folders.items() if u == user for d in f.data.values()

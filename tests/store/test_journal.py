@@ -108,7 +108,11 @@ def test_every_store_mutation_is_journaled_in_order(tmp_path: Path) -> None:
     assert copied.payload["flags"] == ["$Label", "\\Seen"]
     assert created.payload["subscribed"] is False and "found" not in created.payload
     assert subscribed.payload == {"subscribed": True}
-    assert moved.payload == {"to": "Projects", "uids": [[uid, 1]]}
+    assert moved.payload["to"] == "Projects" and moved.payload["uids"] == [[uid, 1]]
+    # What a replica needs to reproduce the move: the modseqs the primary gave.
+    assert len(moved.payload["modseqs"]) == 1
+    assert moved.payload["to_modseq"] == moved.payload["modseqs"][0] + 1
+    assert isinstance(copied.payload["tz"], int)
     assert renamed.payload == {"from": "Projects"}
     assert expunged.payload["uids"] == [1]
     assert {(e.user, e.pid) for e in entries} == {(USER, os.getpid())}

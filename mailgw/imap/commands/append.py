@@ -47,6 +47,16 @@ def _appended(result: tuple[int, list[int]], session: IMAPServer, tag: str) -> N
     if session.lost:
         return
     uidvalidity, uids = result
+    durable = session.factory.durable
+    if durable is not None:  # synchronous replication: once the DR replica has it
+        durable().addBoth(lambda _: _append_ok(session, tag, uidvalidity, uids))
+        return
+    _append_ok(session, tag, uidvalidity, uids)
+
+
+def _append_ok(session: IMAPServer, tag: str, uidvalidity: int, uids: list[int]) -> None:
+    if session.lost:
+        return
     session.ok(tag, "APPEND completed", wire.code_appenduid(uidvalidity, uids))
     session.done()
 

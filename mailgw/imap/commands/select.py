@@ -41,7 +41,8 @@ def select(session: IMAPServer, tag: str, command: p.Select) -> None:
         return
     if command.condstore:
         session.condstore = True
-    readonly = command.readonly
+    # A read-only node (a DR replica) opens every mailbox as EXAMINE would.
+    readonly = command.readonly or session.factory.store.write_refusal() is not None
 
     def claim(uids: list[int]) -> set[int]:
         # \Recent lives in the store (shared by every process); EXAMINE claims nothing.

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from mailgw.config import MXConfig
@@ -72,6 +73,11 @@ class MXRole(CheckedRole):
         self.hostname = hostname
         self.clock = clock
         self.max_recipients = max_recipients
+        self.durable: Callable[[str], Deferred[Any]] | None = None
+        """Set for synchronous replication: what ``250`` waits for (``after_commit``)."""
+
+    def after_commit(self, session: Session, queue_id: str) -> Deferred[Any] | None:
+        return None if self.durable is None else self.durable(queue_id)
 
     def postmaster(self, session: Session) -> Address | None:
         return postmaster_address(self.directory, self.hostname)
@@ -96,6 +102,7 @@ class MXRole(CheckedRole):
             queue_id=queue_id,
             recipients=[str(r) for r in session.recipients],
             when=self.clock.seconds(),
+            client_name=session.client_name,
         ) + self.added_headers(session)
 
 

@@ -140,6 +140,7 @@ class SubmissionRole(CheckedRole):
             queue_id=queue_id,
             recipients=[str(r) for r in session.recipients],
             when=self.clock.seconds(),
+            client_name=session.client_name,
         ) + self.added_headers(session)
 
     def data_end(

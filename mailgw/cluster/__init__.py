@@ -1,0 +1,2 @@
+"""Cluster mode: which backend node holds each mailbox (``nodemap``), and moving a mailbox
+between nodes (``move``)."""

@@ -1,0 +1,40 @@
+"""The admin and OA API of the http role: ``/api/v1`` (JSON, bearer tokens with scopes) and
+``/api/openapi.json``.
+
+- ``tokens``: the token store (``mailgw token create|list|revoke``), hashed in SQLite;
+- ``router``: ``Route``, the dispatching resource (auth, scopes, JSON validation, errors)
+  and the OpenAPI document generated from the route table;
+- ``endpoints``: ``AdminAPI`` and its route table over the node's parts;
+- ``mount_api(node, root, admin_token)``: mounts it on the http role's root.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+API_VERSION = "1.0.0"
+
+
+def mount_api(node: Any, root: Any, admin_token: bytes | None) -> Any:
+    """Mount ``/api/v1`` and ``/api/openapi.json`` on ``root`` (an ``HTTPRoot``); returns
+    the ``ApiResource``."""
+    from mailgw.http.api.endpoints import AdminAPI
+    from mailgw.http.api.router import ApiResource, Authenticator, OpenAPIResource, openapi
+    from mailgw.http.api.tokens import TokenStore, token_path
+
+    config = node.config
+    tokens = TokenStore(token_path(config.server.data_dir))
+    routes = AdminAPI(node).routes()
+    api = ApiResource(
+        routes, Authenticator(tokens, admin_token), node.run_io, config.api.max_body_size
+    )
+    root.mount("/api/v1", api, guarded=False)
+    root.mount(
+        "/api/openapi.json",
+        OpenAPIResource(openapi(routes, f"mailgw ({config.server.hostname})", API_VERSION)),
+        guarded=False,
+    )
+    return api
+
+
+__all__ = ["API_VERSION", "mount_api"]
