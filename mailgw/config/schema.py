@@ -1465,7 +1465,14 @@ def load(path: str) -> Config:
     _check_listeners(config)
     _check_replication(config)
     _check_dns(config)
+    _check_webmail(config)
     return config
+
+
+def _check_webmail(config: Config) -> None:
+    """The webmail is served by the http role: on without it, it would silently be absent."""
+    if config.webmail.enabled and not config.http.enabled:
+        raise ConfigError(config.path, "webmail", "enabled", "needs [http] enabled = yes")
 
 
 def _check_replication(config: Config) -> None:

@@ -207,8 +207,12 @@ def test_webmail_config_values(tmp_path: Any) -> None:
     from mailgw.config import ConfigError, load
 
     path = tmp_path / "mailgw.ini"
+    path.write_text("[webmail]\nenabled = yes\n")
+    with pytest.raises(ConfigError, match=r"webmail:enabled: needs \[http\] enabled"):
+        load(str(path))
     path.write_text(
-        "[webmail]\nenabled = yes\nreader = IMAP\nimap_tls = STARTTLS\nmax_upload_size = 1M\n"
+        "[http]\nenabled = yes\n[webmail]\nenabled = yes\nreader = IMAP\nimap_tls = STARTTLS\n"
+        "max_upload_size = 1M\n"
     )
     config = load(str(path))
     assert (config.webmail.reader, config.webmail.imap_tls, config.webmail.max_upload_size) == (
