@@ -11,7 +11,7 @@ from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
 
 from mailgw.model import Address, AddressError
-from mailgw.webmail.message import MessageView, base_subject, format_addresses
+from mailgw.webmail.message import MessageView, base_subject, format_addresses, view_text
 
 POLICY = email.policy.SMTP.clone(max_line_length=78)
 
@@ -125,7 +125,7 @@ def guess_type(filename: str, given: str = "") -> str:
 
 def _quote(view: MessageView) -> str:
     who = format_addresses(view.sender) or "someone"
-    text = view.text if view.text is not None else ""
+    text = view_text(view)
     quoted = "\n".join("> " + line for line in text.replace("\r\n", "\n").split("\n"))
     return f"\n\nOn {view.date_text or 'an unknown date'}, {who} wrote:\n{quoted}\n"
 
@@ -167,4 +167,4 @@ def forward(view: MessageView) -> Draft:
         f"Subject: {view.subject}\n"
         f"To: {format_addresses(view.to)}\n\n"
     )
-    return Draft(subject=_prefixed("Fwd", view.subject), body=head + (view.text or ""))
+    return Draft(subject=_prefixed("Fwd", view.subject), body=head + view_text(view))

@@ -155,11 +155,29 @@ def inline_images(raw: bytes) -> dict[str, str]:
     return {a.content_id: a.section for a in read_message(raw).attachments if a.content_id}
 
 
-def body_text(raw: bytes) -> str:
-    """The searchable text of a message: its plain text, else its HTML with tags removed."""
-    view = read_message(raw)
+_DROP = re.compile(r"<(script|style|head|title)\b.*?</\1\s*>", re.I | re.S)
+_BREAK = re.compile(r"<\s*(br|/p|/div|/tr|/li|/h[1-6])\b[^>]*>", re.I)
+
+
+def html_to_text(text: str) -> str:
+    """Readable plain text of an HTML body (for quoting a reply and for search): scripts and
+    styles dropped, line breaks kept, tags removed, entities decoded."""
+    import html as html_module
+
+    text = _DROP.sub(" ", text)
+    text = _BREAK.sub("\n", text)
+    text = html_module.unescape(re.sub(r"<[^>]*>", "", text))
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
+
+
+def view_text(view: MessageView) -> str:
+    """The message's text: its plain text, else its HTML as text ("" without either)."""
     if view.text is not None:
         return view.text
-    if view.html is not None:
-        return re.sub(r"<[^>]*>", " ", view.html)
-    return ""
+    return html_to_text(view.html) if view.html is not None else ""
+
+
+def body_text(raw: bytes) -> str:
+    """The searchable text of a message: its plain text, else its HTML as text."""
+    return view_text(read_message(raw))

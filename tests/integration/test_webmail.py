@@ -381,6 +381,15 @@ def test_inline_cid_images_become_data_urls(node: MailgwServer, alice: Browser) 
     assert '<img src="data:image/png;base64,' in body.text
 
 
+def test_folder_names_are_text(node: MailgwServer, alice: Browser) -> None:
+    conn = imap(node)
+    typ, _ = conn.create('"<img src=x onerror=alert(1)>"')
+    conn.logout()
+    assert typ == "OK"
+    page = alice.get("/mail", folder="INBOX").text
+    assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
 # -- list: paging, sorting, threading, search ------------------------------------------
 
 

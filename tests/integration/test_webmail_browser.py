@@ -184,6 +184,10 @@ def test_hostile_mail_runs_nothing(page: Any, node: MailgwServer) -> None:
     assert page.evaluate("document.querySelector('iframe#body').contentDocument === null")
     frame.locator("text=click").click()
     assert page.locator("#images-blocked").is_visible()
+    page.click("#show-images")
+    assert "images=1" in (page.locator("iframe#body").get_attribute("src") or "")
+    page.frame_locator("iframe#body").locator("text=ok link").wait_for()
+    assert page.frame_locator("iframe#body").locator("script").count() == 0
     # The HTML attachment downloads; it is never rendered.
     with page.expect_download() as download:
         page.click("text=inline.html")

@@ -269,3 +269,19 @@ def test_spam_report_finds_our_queue_id() -> None:
     assert hook("alice@example.test", raw, False) == ["user:a"]
     assert hook("alice@example.test", b"Subject: no trace\r\n\r\n", True) is None
     assert service.calls == [("1K1XQXYJM6X00H99", "spam"), ("1K1XQXYJM6X00H99", "ham")]
+
+
+def test_html_only_mail_is_quoted_as_text() -> None:
+    from mailgw.webmail.message import html_to_text
+
+    raw = (
+        b"From: a@outside.test\r\nSubject: html only\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+        b"<html><head><style>p{}</style><title>t</title></head><body><p>Hello &amp; "
+        b"\xe4\xbd\xa0\xe5\xa5\xbd</p><div>second<br>line</div><script>x()</script></body></html>"
+    )
+    view = read_message(raw)
+    assert view.text is None
+    assert html_to_text(view.html or "") == "Hello & 你好\nsecond\nline\n"
+    assert "> Hello & 你好\n> second\n> line" in compose.reply(view, "me@x.test", False).body
+    assert "second\nline" in compose.forward(view).body
+    assert body_text(raw).split() == ["Hello", "&", "你好", "second", "line"]
