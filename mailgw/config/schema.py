@@ -822,6 +822,9 @@ class WebmailConfig:
     imap_tls: str = key(
         "no", _webmail_tls, "TLS to it: no, starttls or yes (implicit TLS); certificates verified."
     )
+    imap_ca_file: str = key(
+        "", _text, "CA certificates (PEM) its certificate is checked against; empty: the system's."
+    )
 
 
 def _address_or_empty(s: str) -> str:
@@ -1402,6 +1405,7 @@ _SECTIONS: dict[str, type] = {
 _PATH_KEYS = {("server", "data_dir"), ("tls", "certificate"), ("tls", "private_key")}
 _PATH_KEYS.add(("policy", "rules_file"))
 _PATH_KEYS |= {("http", "admin_token_file"), ("cluster", "directory")}
+_PATH_KEYS.add(("webmail", "imap_ca_file"))
 _PATH_KEYS |= {("webhooks", "secret_file")}
 _PATH_KEYS |= {("replication", "secret_file")}
 # Keys whose values are listen endpoint descriptions, checked with Twisted's parser.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 from typing import Any
 
 from mailgw.webmail.imapreader import IMAPReader
@@ -26,7 +27,8 @@ def build_webmail(node: Any) -> WebmailResource:
     wm = config.webmail
     reader: IMailReader
     if wm.reader == "imap":
-        reader = IMAPReader(wm.imap_host, wm.imap_port, wm.imap_tls, node.run_io)
+        context = ssl.create_default_context(cafile=wm.imap_ca_file or None)
+        reader = IMAPReader(wm.imap_host, wm.imap_port, wm.imap_tls, node.run_io, context)
     else:
         reader = StoreReader(node.store)
     resource = WebmailResource(

@@ -734,8 +734,10 @@ def test_the_configured_reader_is_used(node: MailgwServer) -> None:
 
 
 def test_cookies_are_secure_over_https(tmp_path: Path, selfsigned: tuple[Path, Path]) -> None:
+    """HTTPS to the webmail, and the webmail reading over IMAP with implicit TLS, the
+    server's certificate checked against imap_ca_file."""
     cert, key = selfsigned
-    port, tls_port = free_port(), free_port()
+    port, tls_port, imaps = free_port(), free_port(), free_port()
     server = make_server(
         tmp_path / "tls",
         {
@@ -745,7 +747,14 @@ def test_cookies_are_secure_over_https(tmp_path: Path, selfsigned: tuple[Path, P
                 "listen": f"tcp:{port}:interface=127.0.0.1",
                 "listen_tls": f"tcp:{tls_port}:interface=127.0.0.1",
             },
-            "webmail": {"enabled": "yes"},
+            "imap": {"listen_tls": f"tcp:{imaps}:interface=127.0.0.1"},
+            "webmail": {
+                "enabled": "yes",
+                "reader": "imap",
+                "imap_port": str(imaps),
+                "imap_tls": "yes",
+                "imap_ca_file": str(cert),
+            },
         },
     )
     try:
@@ -763,6 +772,12 @@ def test_cookies_are_secure_over_https(tmp_path: Path, selfsigned: tuple[Path, P
         assert done.status == 303
         session = next(c for c in done.set_cookies() if c.startswith("mailgw_session="))
         assert "HttpOnly" in session and "SameSite=Strict" in session and "Secure" in session
+        inbox = b.get("/mail", folder="INBOX")
+        assert inbox.status == 200 and 'data-folder="Sent"' in inbox.text  # read over IMAPS
+        wait_until(
+            lambda: re.search(r"imap \S+ login alice@example\.test from", server.log()),
+            what="the webmail's IMAPS login",
+        )
         # Plain HTTP on the same node: no Secure flag (the browser would drop the cookie).
         (plain,) = Browser(f"http://127.0.0.1:{port}").get("/").set_cookies()
         assert "Secure" not in plain
