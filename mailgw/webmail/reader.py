@@ -13,6 +13,7 @@ from twisted.internet import defer
 from zope.interface import Interface, implementer
 
 from mailgw.interfaces import MailboxNotFound
+from mailgw.runtime.threads import Runner, run_inline
 
 HEADER_READ_LIMIT = 256 * 1024
 """At most this many bytes are read to find a message's header block."""
@@ -90,11 +91,13 @@ def header_block(data: bytes) -> bytes:
 @implementer(IMailReader)
 class StoreReader:
     """``IMailReader`` over the node's own ``IMessageStore`` (the webmail on the node that
-    holds the mailboxes). Store calls are short index reads and file reads: they run in the
-    reactor thread, as the in-process IMAP sessions' do."""
+    holds the mailboxes). The store is thread-safe: ``run`` (the node's I/O thread pool in
+    the server, ``run_inline`` by default) keeps index reads of big folders and message file
+    reads off the reactor thread."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, run: Runner = run_inline) -> None:
         self.store = store
+        self.run = run
 
     def open_session(self, user: str, password: str) -> None:
         """Nothing to keep: the store needs no credentials."""
@@ -103,7 +106,7 @@ class StoreReader:
         return defer.succeed(None)
 
     def folders(self, user: str) -> defer.Deferred[list[FolderInfo]]:
-        return defer.maybeDeferred(self._folders, user)
+        return self.run(self._folders, user)
 
     def _folders(self, user: str) -> list[FolderInfo]:
         out = []
@@ -118,7 +121,7 @@ class StoreReader:
         return out
 
     def summaries(self, user: str, folder: str) -> defer.Deferred[list[Summary]]:
-        return defer.maybeDeferred(self._summaries, user, folder)
+        return self.run(self._summaries, user, folder)
 
     def _summaries(self, user: str, folder: str) -> list[Summary]:
         try:
@@ -132,7 +135,7 @@ class StoreReader:
     def headers(
         self, user: str, folder: str, uids: Sequence[int]
     ) -> defer.Deferred[dict[int, bytes]]:
-        return defer.maybeDeferred(self._headers, user, folder, uids)
+        return self.run(self._headers, user, folder, uids)
 
     def _headers(self, user: str, folder: str, uids: Sequence[int]) -> dict[int, bytes]:
         box = self.store.open_mailbox(user, folder)
@@ -146,9 +149,7 @@ class StoreReader:
         return out
 
     def fetch(self, user: str, folder: str, uid: int) -> defer.Deferred[bytes]:
-        return defer.maybeDeferred(
-            lambda: bytes(self.store.open_mailbox(user, folder).read_message(uid))
-        )
+        return self.run(lambda: bytes(self.store.open_mailbox(user, folder).read_message(uid)))
 
     def fetch_many(
         self, user: str, folder: str, uids: Sequence[int]
@@ -163,7 +164,7 @@ class StoreReader:
                     continue
             return out
 
-        return defer.maybeDeferred(run)
+        return self.run(run)
 
     def set_flags(
         self, user: str, folder: str, uids: Sequence[int], flags: Sequence[str], add: bool
@@ -171,7 +172,7 @@ class StoreReader:
         def run() -> None:
             self.store.open_mailbox(user, folder).set_flags(uids, flags, "add" if add else "remove")
 
-        return defer.maybeDeferred(run)
+        return self.run(run)
 
     def _ensure(self, user: str, folder: str) -> None:
         if folder == "INBOX":
@@ -185,13 +186,13 @@ class StoreReader:
             self._ensure(user, dest)
             self.store.open_mailbox(user, folder).move_to(list(uids), dest)
 
-        return defer.maybeDeferred(run)
+        return self.run(run)
 
     def expunge(self, user: str, folder: str, uids: Sequence[int]) -> defer.Deferred[None]:
         def run() -> None:
             self.store.open_mailbox(user, folder).expunge(list(uids))
 
-        return defer.maybeDeferred(run)
+        return self.run(run)
 
     def append(
         self, user: str, folder: str, data: bytes, flags: Sequence[str]
@@ -203,4 +204,4 @@ class StoreReader:
             )
             return int(uids[0])
 
-        return defer.maybeDeferred(run)
+        return self.run(run)

@@ -30,7 +30,7 @@ def build_webmail(node: Any) -> WebmailResource:
         context = ssl.create_default_context(cafile=wm.imap_ca_file or None)
         reader = IMAPReader(wm.imap_host, wm.imap_port, wm.imap_tls, node.run_io, context)
     else:
-        reader = StoreReader(node.store)
+        reader = StoreReader(node.store, node.run_io)
     resource = WebmailResource(
         reader,
         node.auth,
