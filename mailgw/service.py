@@ -105,6 +105,11 @@ class Node(service.MultiService):
 
         # The quarantine and the checks the SMTP roles add to their own (rules, antivirus...).
         self.policy = build_policy(config, self.directory, reactor, run_io)
+        reputation = self.policy.reputation
+        if reputation is not None:  # bounces and deliveries move reputations
+            self.tracker.listeners.append(
+                lambda kind, queue_id, when, detail: reputation.observe(kind, queue_id, detail)
+            )
         self.submission_policy: Any = None  # set by the submission role
         self.clamd_pool: Any = None  # [antivirus]: one rotation shared by MX and submission
         self.submitter: Any = None  # set by the submission role: the webmail's way to submit
@@ -141,6 +146,8 @@ class Node(service.MultiService):
         settings.subscribe(self.directory.reconfigure)
         settings.subscribe(self._reconfigure_limits)
         settings.subscribe(self.policy.reconfigure, self.policy.check)  # the rules file
+        if self.policy.reputation is not None:
+            settings.subscribe(self.policy.reputation.reconfigure)
         for role in self.roles.build_order(enabled):
             part = self.parts[role.name]
             if role.reconfigure is not None:

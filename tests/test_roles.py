@@ -63,7 +63,7 @@ def test_every_config_section_with_a_role_is_registered() -> None:
         for name, cls in _SECTIONS.items()
         if "enabled" in {f.name for f in dataclasses.fields(cls)}
     }
-    checks = {"antivirus", "inbound_auth"}  # switch on checks in roles' pipelines, not roles
+    checks = {"antivirus", "inbound_auth", "reputation"}  # checks in roles' pipelines
     checks |= {"webmail"}  # mounted on the http role's site, not a role
     checks |= {"api"}  # the admin API, part of the http role
     roles = {

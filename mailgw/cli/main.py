@@ -18,6 +18,7 @@ from mailgw.cli.context import default_config_path as default_config_path  # tap
 from mailgw.cli.dr import register_dr_commands
 from mailgw.cli.policy import register_policy_commands
 from mailgw.cli.queue import register_relay_commands
+from mailgw.cli.reputation import register_reputation_commands
 from mailgw.cli.sizes import format_size
 from mailgw.cli.token import register_token_commands
 from mailgw.cli.track import register_track_command
@@ -455,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_token_commands(group, command)
     register_policy_commands(group, command)
     register_dr_commands(group, command)
+    register_reputation_commands(top, group, command)
     return parser
 
 

@@ -113,6 +113,27 @@ RELOADABLE: dict[str, frozenset[str]] = {
         | _LIMITS
     ),
     "dns_region": frozenset({_ALL}),
+    # Not enabled (the checks are built at start): every other key applies live.
+    "reputation": frozenset(
+        {
+            "rspamd",
+            "rspamd_timeout",
+            "spam_threshold",
+            "spam_action",
+            "url_blocklist",
+            "limit_score",
+            "block_score",
+            "limited_rate",
+            "half_life",
+            "spam_points",
+            "report_points",
+            "bounce_points",
+            "unknown_points",
+            "spike_points",
+            "spike_factor",
+            "min_volume",
+        }
+    ),
 }
 """Keys (by section; ``channel``/``route`` for every ``[channel:NAME]``/``[route:NAME]``) that
 apply to a running node (``dns_region`` for every ``[dns_region:NAME]``); every other key, and every key of a section not named here, needs a

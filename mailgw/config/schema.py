@@ -707,6 +707,94 @@ class InboundAuthConfig:
     reject_score: float = key("10", _nonneg_float, "From this score: 550 5.7.1 (0: never).")
 
 
+def _rate(s: str) -> tuple[int, float]:
+    """``N/DURATION`` (``10/1h``) -> (N, seconds)."""
+    count, slash, window = s.strip().partition("/")
+    if not slash or not count.strip().isdigit() or int(count) < 1:
+        raise ValueError(f"expected N/DURATION such as 10/1h, got {s!r}")
+    seconds = v.parse_duration(window.strip())
+    if seconds <= 0:
+        raise ValueError(f"expected a window above 0, got {window!r}")
+    return int(count), seconds
+
+
+def _host_port_or_empty(s: str) -> str:
+    s = s.strip()
+    if not s:
+        return ""
+    host, _, port = s[1:].partition("]:") if s.startswith("[") else s.rpartition(":")
+    if not host or (":" in host and not s.startswith("[")) or not port.isdigit():
+        raise ValueError(f"expected host:port or [v6]:port, got {s!r}")
+    _port(port)
+    return s
+
+
+def _url_blocklist(s: str) -> tuple[str, ...]:
+    words = tuple(w.lower() for w in v.parse_list(s))
+    for w in words:
+        if w.startswith(("http://", "https://")):
+            continue
+        d = w.removeprefix("*.").strip(".")
+        if not d or not all(
+            lab and all(c.isalnum() or c in "-_" for c in lab) for lab in d.split(".")
+        ):
+            raise ValueError(f"expected a domain or an http(s):// URL prefix, got {w!r}")
+    return words
+
+
+@dataclass(frozen=True)
+class ReputationConfig:
+    """[reputation] the CAC reputation service: content score, spam class, sender standing."""
+
+    enabled: bool = key(
+        "no", v.parse_bool, "Score content and keep sender reputation (MX and submission)."
+    )
+    rspamd: str = key(
+        "", _host_port_or_empty, "rspamd's normal worker (host:port) for /checkv2; empty: none."
+    )
+    rspamd_timeout: float = key(
+        "10s", v.parse_duration, "Time limit of one rspamd request (then heuristics only)."
+    )
+    spam_threshold: float = key(
+        "6", _nonneg_float, "Outbound: from this content score the message is spam (0: never)."
+    )
+    spam_action: str = key(
+        "class",
+        _one_of("class", "hold"),
+        "Outbound spam: class (message class spam: the spam route) or hold (quarantine).",
+    )
+    url_blocklist: tuple[str, ...] = key(
+        "", _url_blocklist, "Domains (and subdomains) or http(s):// URL prefixes scored 6 each."
+    )
+    limit_score: float = key(
+        "10", _nonneg_float, "From these bad points a sender is rate limited (0: never)."
+    )
+    block_score: float = key(
+        "20", _nonneg_float, "From these bad points a sender is refused, 550 5.7.1 (0: never)."
+    )
+    limited_rate: tuple[int, float] = key(
+        "10/1h", _rate, "Messages a rate-limited sender may send per window (then 451 4.7.1)."
+    )
+    half_life: float = key("1d", v.parse_duration, "Bad points halve every this long (0: never).")
+    spam_points: float = key("2", _nonneg_float, "Bad points of a message scored spam.")
+    report_points: float = key(
+        "5", _nonneg_float, "Bad points of a spam report (a ham report takes them away)."
+    )
+    bounce_points: float = key("0.5", _nonneg_float, "Bad points of each bounced recipient.")
+    unknown_points: float = key(
+        "1", _nonneg_float, "Bad points of each unknown recipient (5.1.1), added to a bounce's."
+    )
+    spike_points: float = key(
+        "1", _nonneg_float, "Bad points of each message over the sender's volume baseline."
+    )
+    spike_factor: float = key(
+        "5", _nonneg_float, "A spike: an hour's messages over this many times the baseline."
+    )
+    min_volume: int = key(
+        "100", v.parse_positive_int, "...and over this many messages (no spike below it)."
+    )
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """[policy]: the security rules and the bounds of the content scan (docs/policy.md)."""
@@ -1367,6 +1455,7 @@ class Config:
     dns: DNSConfig = field(default_factory=DNSConfig)
     api: APIConfig = field(default_factory=APIConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    reputation: ReputationConfig = field(default_factory=ReputationConfig)
     dns_regions: tuple[DNSRegionConfig, ...] = ()
     replication: ReplicationConfig = ReplicationConfig()
 
@@ -1390,6 +1479,7 @@ _SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "antivirus": AntivirusConfig,
     "inbound_auth": InboundAuthConfig,
+    "reputation": ReputationConfig,
     "policy": PolicyConfig,
     "dns": DNSConfig,
     "http": HTTPConfig,

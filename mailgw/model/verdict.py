@@ -8,7 +8,8 @@ A ``Verdict`` has one *disposition* and any number of *annotations*:
   (``tag_subject``), a message class (``set_class``, e.g. ``spam``: the relay's
   ``[route:*] message_class``), a channel to send it through (``reroute``), a folder of the
   recipient's mailbox to deliver into (``file_into``, e.g. ``Junk``), recipients to add
-  (``add_bcc``, e.g. an archive) or to send to instead (``redirect``).
+  (``add_bcc``, e.g. an archive) or to send to instead (``redirect``), header fields of the
+  received message to remove (``remove_headers``: a forged ``Authentication-Results``).
 
 Combining (``a.combine(b)``: ``b`` was decided after ``a``; ``combine(vs)`` folds in order):
 
@@ -17,8 +18,8 @@ Combining (``a.combine(b)``: ``b`` was decided after ``a``; ``combine(vs)`` fold
    refused message gets no headers, class or route).
 2. ``quarantine`` is not final (a later check may still refuse the message); the first
    quarantine reason (and ``rule``) is kept, later ones do not replace it.
-3. Headers, subject tags and BCC recipients accumulate in order (earlier checks' first,
-   without repeating one); the class, the channel, the folder and the redirection are the
+3. Headers, subject tags, BCC recipients and header removals accumulate in order (earlier
+   checks' first, without repeating one); the class, the channel, the folder and the redirection are the
    last one set (a later, more specific check overrides an earlier one).
 4. ``accept`` is the neutral element: ``accept().combine(v) == v == v.combine(accept())``.
 """
@@ -65,6 +66,9 @@ class Verdict:
     """Recipients added to the envelope (``add_bcc``)."""
     redirect: tuple[str, ...] = ()
     """When not empty: the recipients the message goes to instead of the envelope's."""
+    removals: tuple[tuple[str, str], ...] = ()
+    """Header fields of the received message to remove, ``(name, first word)`` (lower
+    case; first word '' for every field of that name): see ``remove_headers``."""
     is_final: bool = field(init=False, repr=False, compare=False)
     """``reject`` or ``tempfail``: nothing decided later changes it (derived, an attribute
     rather than a property: it is read for every command)."""
@@ -153,6 +157,22 @@ class Verdict:
         """Send the message to ``addresses`` instead of its envelope recipients."""
         return cls(redirect=_addresses(addresses, "redirect"))
 
+    @classmethod
+    def remove_headers(cls, *fields: tuple[str, str]) -> Verdict:
+        """Remove header fields of the received message, ``(name, first word)``: every
+        field named ``name`` whose value's first word (up to white space or ``;``) is
+        ``first word`` (case-insensitive), or every field of that name when it is ''. Done
+        before the header fields the checks add are put in, so ours are never removed
+        (RFC 8601 section 5: a forged ``Authentication-Results`` claiming our authserv-id)."""
+        out = []
+        for name, word in fields:
+            if not name or not all(33 <= ord(c) <= 126 and c != ":" for c in name):
+                raise ValueError(f"invalid header field name {name!r}")
+            if any(c.isspace() or c == ";" for c in word):
+                raise ValueError(f"invalid first word {word!r}")
+            out.append((name.lower(), word.lower()))
+        return cls(removals=tuple(out))
+
     # -- reading --------------------------------------------------------------------------
 
     @property
@@ -184,6 +204,7 @@ class Verdict:
             subject_tags=_union(self.subject_tags, later.subject_tags),
             bcc=_union(self.bcc, later.bcc),
             redirect=later.redirect or self.redirect,
+            removals=self.removals + tuple(r for r in later.removals if r not in self.removals),
         )
 
 

@@ -4,7 +4,9 @@ The protocols (SMTP's ``CheckedRole``, the ``submit`` path) receive a message th
 ``PolicyMessage`` wrapped around the spool's ``IIncomingMessage``. After the ``DATA`` stage
 they hand it the transaction's outcome (``decide``); its ``commit`` then
 
-1. edits the header section: the header fields the ``DATA`` stage added go first (those of
+1. edits the header section: the fields the checks asked to remove (``remove_headers``:
+   forged ``Authentication-Results``, a sender's ``X-Virus-Scanned``) are taken out of the
+   received header section first; the header fields the ``DATA`` stage added go first (those of
    the stages before were written with the trace header already), and each subject tag is
    put before the Subject (``tag_subject``; not twice);
 2. carries the decisions on the envelope (``mailgw.model.Envelope``): ``message_class``,
@@ -57,16 +59,50 @@ def tag_subject(head: bytes, tag: str) -> bytes:
     return head[: m.end()] + raw + b" " + rest
 
 
+def _first_word(value: bytes) -> str:
+    text = value.decode("utf-8", "replace").replace(";", " ").split()
+    return text[0].lower() if text else ""
+
+
+def remove_fields(head: bytes, removals: tuple[tuple[str, str], ...]) -> bytes:
+    """``head`` (a header section, CRLF lines) without the fields ``removals`` name
+    (``Verdict.remove_headers``: ``(name, first word)``, lower case), folded lines included."""
+    if not removals:
+        return head
+    lines = head.split(b"\r\n")
+    out: list[bytes] = []
+    dropping = False
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                out.append(line)
+            continue
+        name, colon, value = line.partition(b":")
+        dropping = False
+        if colon:
+            key = name.strip().decode("ascii", "replace").lower()
+            for rname, word in removals:
+                if key == rname and (not word or _first_word(value) == word):
+                    dropping = True
+                    break
+        if not dropping:
+            out.append(line)
+    return b"\r\n".join(out)
+
+
 def header_edit(
-    headers: tuple[tuple[str, str], ...], tags: tuple[str, ...]
+    headers: tuple[tuple[str, str], ...],
+    tags: tuple[str, ...],
+    removals: tuple[tuple[str, str], ...] = (),
 ) -> Callable[[bytes], bytes] | None:
-    """The edit of the header section that adds ``headers`` first and puts ``tags`` before
-    the Subject; None when there is nothing to do."""
-    if not headers and not tags:
+    """The edit of the header section that removes the ``removals``, then adds ``headers``
+    first and puts ``tags`` before the Subject; None when there is nothing to do."""
+    if not headers and not tags and not removals:
         return None
     added = Verdict(headers=headers).header_bytes()
 
     def edit(head: bytes) -> bytes:
+        head = remove_fields(head, removals)
         for tag in tags:
             head = tag_subject(head, tag)
         return added + head
@@ -140,7 +176,7 @@ class PolicyMessage:
 
     def commit(self, envelope: Envelope) -> Deferred[str]:
         outcome = self.outcome
-        edit = header_edit(self.new_headers, outcome.subject_tags)
+        edit = header_edit(self.new_headers, outcome.subject_tags, outcome.removals)
         try:
             if isinstance(self.incoming, HeaderCompleter):
                 self.incoming.finish()  # the header section completed first
@@ -186,6 +222,8 @@ def describe(outcome: Verdict, headers: tuple[tuple[str, str], ...] | None = Non
         parts.append("bcc=" + ",".join(outcome.bcc))
     if outcome.subject_tags:
         parts.append("subject-tag=" + " ".join(outcome.subject_tags))
+    if outcome.removals:
+        parts.append("removed=" + ",".join(name for name, _ in outcome.removals))
     shown = outcome.headers if headers is None else headers
     if shown:
         parts.append("headers=" + ",".join(name for name, _ in shown))

@@ -16,7 +16,9 @@ when they are set:
   record in 127.0.0.0/8 is a listing, except the error codes 127.255.255.0/24 (logged).
 
 The results become one ``Authentication-Results`` header (RFC 8601, authres) with the
-node's authserv-id, and a score (``*_score`` keys) that picks a band:
+node's authserv-id, and a score (``*_score`` keys) that picks a band; the content score of
+the reputation check (``mailgw.policy.reputation``, run before this one: its
+``CONTENT_STATE`` entry of ``context.state``) is added to it:
 
 - DMARC fails and the domain says ``p=reject`` (``dmarc_reject = yes``): ``550 5.7.1``;
 - score >= ``reject_score``: ``550 5.7.1``;
@@ -438,13 +440,26 @@ def _d_tag(verifier: Any) -> str:
     return bytes(d).decode("ascii", "replace").lower()
 
 
-def decide(results: AuthResults, scores: Scores, dmarc_reject: bool = True) -> Verdict:
-    """The band of ``results`` (see the module docstring)."""
+CONTENT_STATE = "content-score"
+"""The ``context.state`` key under which a content check leaves ``(score, [what counted])``
+for the band (``mailgw.policy.reputation``)."""
+
+
+def decide(
+    results: AuthResults,
+    scores: Scores,
+    dmarc_reject: bool = True,
+    content: tuple[float, list[str]] | None = None,
+) -> Verdict:
+    """The band of ``results`` plus the ``content`` score (see the module docstring)."""
     header = Verdict.add_headers(("Authentication-Results", results.header))
     if results.dmarc == "fail" and results.dmarc_policy == "reject" and dmarc_reject:
         text = DMARC_REJECTED.format(domain=results.from_domain)
         return Verdict.reject(Reply(550, "5.7.1", text))
     score, why = results.score(scores)
+    if content is not None and content[0] > 0:
+        score += content[0]
+        why = [*why, f"content score {content[0]:g}"]
     if scores.reject and score >= scores.reject:
         return Verdict.reject(Reply(550, "5.7.1", AUTH_REJECTED.format(why=", ".join(why))))
     if scores.quarantine and score >= scores.quarantine:
@@ -499,7 +514,8 @@ class InboundAuthCheck:
         queue_id = str(context.message.queue_id)
 
         def decided(results: AuthResults) -> Verdict:
-            verdict = decide(results, self.scores, self.dmarc_reject)
+            content = context.state.get(CONTENT_STATE)
+            verdict = decide(results, self.scores, self.dmarc_reject, content)
             log.info(
                 "{sid} {qid}: {results} dnsbl={dnsbl}: {outcome}",
                 sid=context.session_id,

@@ -3,7 +3,9 @@
 ``build_policy`` is called once per node (``mailgw.service``); the MX role runs its own
 checks (``mailgw.policy.mx``) then ``inbound``, the submission role (and the submit path of
 the webmail and the OA API) its own (``mailgw.policy.submission``) then ``outbound``. A new
-check (rules, antivirus, reputation) is appended to the lists here, cheap ones first.
+check (rules, antivirus, reputation) is appended to the lists here, cheap ones first: the
+rules, the header hygiene (``mailgw.policy.hygiene``: forged
+``Authentication-Results`` and ``X-Virus-Scanned`` removed), the reputation checks.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class PolicySetup:
     """Checks of submission, webmail and the OA API (mail users send)."""
     rules: RulesCheck | None = None
     """The security rules (``[policy] rules_file``), in both lists; None without a file."""
+    reputation: Any = None
+    """The ``ReputationService`` (``[reputation] enabled``), its checks in both lists."""
+
     rate_counter: Any = None
     """The ``IRateCounter`` of the rules' ``rate`` matches (kept across reloads)."""
 
@@ -96,9 +101,9 @@ def build_policy(
     quarantine = QuarantineStore(quarantine_dir(config.server.data_dir), run=run, clock=clock)
     setup = PolicySetup(quarantine)
     path = config.policy.rules_file
+    counter = rate_counter if rate_counter is not None else MemoryRateCounter(clock)
     if path:
         channels = [c.name for c in config.channels] or ["direct"]
-        counter = rate_counter if rate_counter is not None else MemoryRateCounter(clock)
         try:
             rules = load_rules(path, counter, channels)
         except RulesError as e:
@@ -111,4 +116,24 @@ def build_policy(
         setup.inbound.append(check)
         setup.outbound.append(check)
         log.info("security rules: {n} from {path}", n=len(rules), path=path)
+    from mailgw.policy.hygiene import HeaderHygieneCheck
+
+    # When we write Authentication-Results or X-Virus-Scanned ourselves, nobody else may.
+    if config.inbound_auth.enabled or config.antivirus.enabled or config.reputation.enabled:
+        authserv_id = config.inbound_auth.authserv_id or config.server.hostname
+        setup.inbound.append(HeaderHygieneCheck(authserv_id, inbound=True))
+        setup.outbound.append(HeaderHygieneCheck(authserv_id, inbound=False))
+    if config.reputation.enabled:
+        from mailgw.policy.reputation import build_reputation
+
+        service = setup.reputation = build_reputation(config, clock, run, counter)
+        setup.inbound.extend(service.checks("inbound"))
+        setup.outbound.extend(service.checks("outbound"))
+        r = config.reputation
+        log.info(
+            "reputation: spam_threshold={t:g} spam_action={a} rspamd={r}",
+            t=r.spam_threshold,
+            a=r.spam_action,
+            r=r.rspamd or "-",
+        )
     return setup
