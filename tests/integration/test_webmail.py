@@ -783,3 +783,31 @@ def test_cookies_are_secure_over_https(tmp_path: Path, selfsigned: tuple[Path, P
         assert "Secure" not in plain
     finally:
         server.stop()
+
+
+def test_spam_button_reports_to_the_reputation_service(tmp_path: Path) -> None:
+    port = free_port()
+    server = make_server(
+        tmp_path / "reputation",
+        {
+            "http": {"enabled": "yes", "listen": f"tcp:{port}:interface=127.0.0.1"},
+            "webmail": {"enabled": "yes"},
+            "reputation": {"enabled": "yes"},
+        },
+    )
+    try:
+        wait_for_port("127.0.0.1", port, proc=server.proc)
+        smtp_send(server, mail("report me", sender="spammer@outside.test"))
+        uid = find_uid(server, "report me")
+        raw = next(r for u, _f, r in folder_messages(server, "INBOX") if u == uid)
+        qid = re.search(rb"\(mailgw\) with \S+ id (\w+)", raw).group(1).decode()  # type: ignore[union-attr]
+        b = Browser(f"http://127.0.0.1:{port}")
+        csrf = b.login(ALICE, PASSWORD).csrf()
+        done = b.post("/action", {"csrf": csrf, "folder": "INBOX", "uid": uid, "op": "spam"})
+        assert done.status == 200
+        wait_until(lambda: f"spam report of {qid}:" in server.log(), what="the spam report")
+        junk = find_uid(server, "report me", "Junk")
+        b.post("/action", {"csrf": csrf, "folder": "Junk", "uid": junk, "op": "ham"})
+        wait_until(lambda: f"ham report of {qid}:" in server.log(), what="the ham report")
+    finally:
+        server.stop()
