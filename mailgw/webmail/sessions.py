@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,14 +34,28 @@ class Session:
         return token is not None and hmac.compare_digest(token.encode(), self.csrf.encode())
 
 
-class Sessions:
-    """The live sessions; ``clock`` gives ``seconds()`` (the reactor)."""
+EXPIRE_INTERVAL = 60.0
+"""Look for expired sessions at most this often (at a request)."""
 
-    def __init__(self, clock: Any, idle_timeout: float, max_age: float = MAX_AGE) -> None:
+
+class Sessions:
+    """The live sessions; ``clock`` gives ``seconds()`` (the reactor). ``user_gone(user)`` is
+    called when a user's last session ends (logout, expiry, password change): the IMAP
+    reader then forgets the password."""
+
+    def __init__(
+        self,
+        clock: Any,
+        idle_timeout: float,
+        max_age: float = MAX_AGE,
+        user_gone: Callable[[str], object] | None = None,
+    ) -> None:
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.max_age = max_age
+        self.user_gone = user_gone
         self._by_id: dict[str, Session] = {}
+        self._last_expiry = clock.seconds()
 
     def create(self, user: str) -> Session:
         """A new session for ``user`` (expired ones are dropped first)."""
@@ -52,39 +67,45 @@ class Sessions:
 
     def get(self, sid: str | None) -> Session | None:
         """The live session of ``sid`` (its idle time restarts), or None."""
+        now = self.clock.seconds()
+        if now - self._last_expiry >= EXPIRE_INTERVAL:
+            self._expire()
         if not sid:
             return None
         s = self._by_id.get(sid)
         if s is None:
             return None
-        now = self.clock.seconds()
-        if now - s.seen > self.idle_timeout or now - s.created > self.max_age:
-            del self._by_id[sid]
+        if self._expired(s, now):
+            self._drop([sid])
             return None
         s.seen = now
         return s
 
     def end(self, sid: str) -> None:
         """Log the session out."""
-        self._by_id.pop(sid, None)
+        self._drop([sid])
 
     def end_user(self, user: str, keep: str = "") -> None:
         """End every session of ``user`` but ``keep`` (after a password change)."""
-        for sid in [k for k, s in self._by_id.items() if s.user == user and k != keep]:
-            del self._by_id[sid]
+        self._drop([k for k, s in self._by_id.items() if s.user == user and k != keep])
 
     def of_user(self, user: str) -> list[Session]:
         """The user's live sessions."""
         return [s for s in self._by_id.values() if s.user == user]
 
+    def _expired(self, s: Session, now: float) -> bool:
+        return now - s.seen > self.idle_timeout or now - s.created > self.max_age
+
     def _expire(self) -> None:
-        now = self.clock.seconds()
-        for sid in [
-            k
-            for k, s in self._by_id.items()
-            if now - s.seen > self.idle_timeout or now - s.created > self.max_age
-        ]:
-            del self._by_id[sid]
+        now = self._last_expiry = self.clock.seconds()
+        self._drop([k for k, s in self._by_id.items() if self._expired(s, now)])
+
+    def _drop(self, sids: list[str]) -> None:
+        users = {self._by_id.pop(sid).user for sid in sids if sid in self._by_id}
+        if self.user_gone is not None:
+            for user in users:
+                if not self.of_user(user):
+                    self.user_gone(user)
 
     def __len__(self) -> int:
         return len(self._by_id)

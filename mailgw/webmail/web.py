@@ -140,7 +140,7 @@ class WebmailResource(Resource):
         self.settings = settings
         self.clock = clock
         self.hostname = hostname
-        self.sessions = Sessions(clock, session_timeout)
+        self.sessions = Sessions(clock, session_timeout, user_gone=self._user_gone)
         self.max_upload = max_upload
         self.page_size = page_size
         self.report_spam: Callable[[str, bytes, bool], Any] = spam_report_none
@@ -164,6 +164,11 @@ class WebmailResource(Resource):
             (b"GET", b"/static/app.js"): self.js,
         }
         self.public = {b"/", b"/login", b"/static/app.css", b"/static/app.js"}
+
+    def _user_gone(self, user: str) -> None:
+        """The user's last session ended: the reader forgets the password."""
+        d = self.reader.close_session(user)
+        d.addErrback(lambda f: log.failure("webmail: closing {user}", f, user=user))
 
     # -- dispatch ------------------------------------------------------------------------
 
@@ -305,8 +310,6 @@ class WebmailResource(Resource):
     def logout(self, request: Any, session: Session | None) -> bytes:
         assert session is not None
         self.sessions.end(session.sid)
-        if not self.sessions.of_user(session.user):
-            self.reader.close_session(session.user)
         request.cookies.append(cookie(COOKIE, "", request.isSecure(), 0))
         raise Redirect("/")
 

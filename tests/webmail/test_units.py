@@ -285,3 +285,23 @@ def test_html_only_mail_is_quoted_as_text() -> None:
     assert "> Hello & 你好\n> second\n> line" in compose.reply(view, "me@x.test", False).body
     assert "second\nline" in compose.forward(view).body
     assert body_text(raw).split() == ["Hello", "&", "你好", "second", "line"]
+
+
+def test_the_reader_hears_when_a_users_last_session_ends() -> None:
+    clock = Clock()
+    gone: list[str] = []
+    sessions = Sessions(clock, idle_timeout=100, user_gone=gone.append)
+    a1, a2, b = sessions.create("a@t"), sessions.create("a@t"), sessions.create("b@t")
+    sessions.end(a1.sid)
+    assert gone == []  # a@t still has a session
+    sessions.end(a2.sid)
+    assert gone == ["a@t"]
+    sessions.end(a2.sid)  # twice: nothing more
+    assert gone == ["a@t"]
+    clock.advance(101)
+    assert sessions.get(None) is None  # any request looks for expired sessions
+    assert gone == ["a@t", "b@t"] and sessions.get(b.sid) is None
+    c = sessions.create("c@t")
+    sessions.create("c@t")
+    sessions.end_user("c@t", keep=c.sid)
+    assert gone == ["a@t", "b@t"]
