@@ -64,6 +64,7 @@ def test_every_config_section_with_a_role_is_registered() -> None:
         if "enabled" in {f.name for f in dataclasses.fields(cls)}
     }
     checks = {"antivirus", "inbound_auth", "reputation"}  # checks in roles' pipelines
+    checks |= {"webmail"}  # mounted on the http role's site, not a role
     checks |= {"api"}  # the admin API, part of the http role
     roles = {
         "delivery",

@@ -874,6 +874,47 @@ class HTTPConfig:
     idle_timeout: float = key("1m", v.parse_duration, "Close an idle HTTP connection after this.")
 
 
+def _webmail_reader(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("store", "imap"):
+        raise ValueError("expected store or imap")
+    return value
+
+
+def _webmail_tls(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("no", "starttls", "yes"):
+        raise ValueError("expected no, starttls or yes")
+    return value
+
+
+@dataclass(frozen=True)
+class WebmailConfig:
+    """[webmail] the webmail at / of the http role (docs/webmail.md); needs [http] enabled."""
+
+    enabled: bool = key("no", v.parse_bool, "Serve the webmail at / on the http role's listeners.")
+    session_timeout: float = key(
+        "30m", v.parse_duration, "Log a browser out after this long without a request."
+    )
+    max_upload_size: int = key(
+        "25M", v.parse_size, "Largest total size of the attachments of one message sent."
+    )
+    page_size: int = key("50", v.parse_positive_int, "Messages (or conversations) per list page.")
+    reader: str = key(
+        "store",
+        _webmail_reader,
+        "How mail is read: store (this node's own store) or imap (a gateway: log in to imap_host).",
+    )
+    imap_host: str = key("127.0.0.1", _text, "The IMAP server of reader = imap.")
+    imap_port: int = key("8143", v.parse_positive_int, "Its port.")
+    imap_tls: str = key(
+        "no", _webmail_tls, "TLS to it: no, starttls or yes (implicit TLS); certificates verified."
+    )
+    imap_ca_file: str = key(
+        "", _text, "CA certificates (PEM) its certificate is checked against; empty: the system's."
+    )
+
+
 def _address_or_empty(s: str) -> str:
     s = s.strip()
     if s and (s.count("@") != 1 or any(c.isspace() or c in "<>" for c in s)):
@@ -1456,6 +1497,7 @@ class Config:
     antivirus: AntivirusConfig = field(default_factory=AntivirusConfig)
     inbound_auth: InboundAuthConfig = field(default_factory=InboundAuthConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    webmail: WebmailConfig = field(default_factory=WebmailConfig)
     lmtp: LMTPConfig = field(default_factory=LMTPConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
@@ -1490,6 +1532,7 @@ _SECTIONS: dict[str, type] = {
     "policy": PolicyConfig,
     "dns": DNSConfig,
     "http": HTTPConfig,
+    "webmail": WebmailConfig,
     "api": APIConfig,
     "webhooks": WebhooksConfig,
     "lmtp": LMTPConfig,
@@ -1501,6 +1544,7 @@ _SECTIONS: dict[str, type] = {
 _PATH_KEYS = {("server", "data_dir"), ("tls", "certificate"), ("tls", "private_key")}
 _PATH_KEYS.add(("policy", "rules_file"))
 _PATH_KEYS |= {("http", "admin_token_file"), ("cluster", "directory")}
+_PATH_KEYS.add(("webmail", "imap_ca_file"))
 _PATH_KEYS |= {("webhooks", "secret_file")}
 _PATH_KEYS |= {("replication", "secret_file")}
 # Keys whose values are listen endpoint descriptions, checked with Twisted's parser.
@@ -1570,7 +1614,14 @@ def load(path: str, overlay: str = "", overlay_name: str = "<overlay>") -> Confi
     _check_listeners(config)
     _check_replication(config)
     _check_dns(config)
+    _check_webmail(config)
     return config
+
+
+def _check_webmail(config: Config) -> None:
+    """The webmail is served by the http role: on without it, it would silently be absent."""
+    if config.webmail.enabled and not config.http.enabled:
+        raise ConfigError(config.path, "webmail", "enabled", "needs [http] enabled = yes")
 
 
 def _check_replication(config: Config) -> None:

@@ -38,11 +38,23 @@ class Folder(Resource):
 
 class HTTPRoot(Folder):
     """The site's root resource; ``mount`` puts a resource at a path (see ``mailgw.http``).
-    ``/`` itself and unknown paths answer 404."""
+    ``/`` itself and unknown paths answer 404, unless a resource is mounted at ``/`` (the
+    webmail): it then answers ``/`` and every path no other mount holds."""
 
     def __init__(self, access: Access) -> None:
         super().__init__()
         self.access = access
+        self.fallback: Resource | None = None
+
+    def getChild(self, path: bytes, request: Any) -> Resource:  # noqa: N802 (twisted.web)
+        if self.fallback is not None:
+            return self.fallback
+        return NotFound()
+
+    def render(self, request: Any) -> Any:
+        if self.fallback is not None:
+            return self.fallback.render(request)  # type: ignore[no-untyped-call]
+        return NotFound().render(request)
 
     def mount(self, path: str, resource: Resource, guarded: bool = True) -> Resource:
         """Serve ``resource`` at ``path`` (``/api/v1/tracking``), behind the admin guard
@@ -50,7 +62,12 @@ class HTTPRoot(Folder):
         ValueError for an empty path or a path already mounted."""
         segments = [s.encode("utf-8") for s in path.strip("/").split("/") if s]
         if not segments:
-            raise ValueError("mount needs a path below /")
+            if path != "/":
+                raise ValueError("mount needs a path")
+            if self.fallback is not None:
+                raise ValueError("/ is mounted already")
+            self.fallback = AdminGuard(resource, self.access) if guarded else resource
+            return self.fallback
         node: Resource = self
         for segment in segments[:-1]:
             child = node.children.get(segment)

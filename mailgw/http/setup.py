@@ -182,6 +182,10 @@ def build_http(node: Any, endpoint: Any) -> HTTPRole:
         from mailgw.tracking.web import TrackingResource
 
         root.mount("/api/v1/tracking", TrackingResource(tracker.path, node.reactor))
+    if config.webmail.enabled:  # the webmail at / (mailgw.webmail)
+        from mailgw.webmail.setup import mount_webmail
+
+        mount_webmail(node, root)
     site = QuietSite(root, timeout=http.idle_timeout)  # type: ignore[no-untyped-call]
     site.noisy = False
     site.displayTracebacks = False

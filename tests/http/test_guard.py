@@ -121,7 +121,21 @@ def test_mount_is_one_call_guarded_or_public() -> None:
         root.mount("/api/v1/tracking", Leaf())
     with pytest.raises(ValueError, match="is a mounted resource already"):
         root.mount("/api/v1/tracking/more", Leaf())
-    with pytest.raises(ValueError, match="below /"):
+    with pytest.raises(ValueError, match="needs a path"):
+        root.mount("", Leaf())
+
+
+def test_a_resource_mounted_at_the_root_answers_every_other_path() -> None:
+    root = HTTPRoot(Access(LOOPBACK, None))
+    root.mount("/api/v1/tracking", Leaf())
+    assert serve(root, request(b"elsewhere"))[0] == 404
+    public = Leaf()
+    assert root.mount("/", public, guarded=False) is public
+    assert serve(root, request(b""))[:2] == (200, b"secret figures")
+    assert serve(root, request(b"mail", ip="192.0.2.1"))[:2] == (200, b"secret figures")
+    assert serve(root, request(b"api/v1/tracking", ip="192.0.2.1"))[0] == 403
+    assert serve(root, request(b"api/v2"))[0] == 404  # below a mounted folder: not the root's
+    with pytest.raises(ValueError, match="/ is mounted already"):
         root.mount("/", Leaf())
 
 
