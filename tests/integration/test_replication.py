@@ -131,7 +131,7 @@ def verify(pair: Pair) -> None:
 
 def test_mail_and_changes_replicate_identically(pair_factory: Callable[..., Pair]) -> None:
     pair = pair_factory()
-    deliver(pair.primary, 200)  # modest on purpose: the suite stays fast
+    deliver(pair.primary, 1000)  # the figure
     c = imap(pair.primary)
     c.create("Projects")
     c.subscribe("Projects")
