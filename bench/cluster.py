@@ -348,20 +348,23 @@ def state_latency(nodes: dict[str, MailgwServer], count: int) -> dict[str, Any]:
     return {name: lat_summary(v) for name, v in times.items()}
 
 
-def redis_calls(redis: RedisServer) -> int:
-    """Commands Redis has processed so far (INFO stats total_commands_processed)."""
+def redis_commandstats(redis: RedisServer) -> dict[str, int]:
+    """Calls per command Redis has processed so far (INFO commandstats)."""
     with socket.create_connection(("127.0.0.1", redis.port), timeout=2) as s:
-        s.sendall(b"INFO stats\r\n")
+        s.sendall(b"INFO commandstats\r\nPING\r\n")
         data = b""
-        while b"total_commands_processed:" not in data or not data.endswith(b"\r\n"):
+        while not data.endswith(b"+PONG\r\n"):
             chunk = s.recv(65536)
             if not chunk:
                 break
             data += chunk
+    out = {}
     for line in data.decode().splitlines():
-        if line.startswith("total_commands_processed:"):
-            return int(line.split(":")[1])
-    return -1
+        if line.startswith("cmdstat_"):  # cmdstat_incr:calls=12,usec=...
+            name, _, fields = line.partition(":")
+            calls = fields.split(",")[0].removeprefix("calls=")
+            out[name.removeprefix("cmdstat_")] = int(calls)
+    return out
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -448,26 +451,47 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 with state_nodes(root / "state", redis) as nodes:
                     print("[state] latency: no rule / embedded / redis", flush=True)
-                    calls0 = redis_calls(redis)
+                    stats0 = redis_commandstats(redis)
                     lat = state_latency(nodes, args.latency)
-                    calls = redis_calls(redis) - calls0
-                    lat["redis_commands_per_msg"] = round(calls / (args.latency + 10), 2)
+                    stats1 = redis_commandstats(redis)
+                    sent = args.latency + 10
+                    per_msg = {
+                        cmd: round((n - stats0.get(cmd, 0)) / sent, 2)
+                        for cmd, n in stats1.items()
+                        if n > stats0.get(cmd, 0) and cmd not in ("info", "ping")
+                    }
+                    lat["redis_commands_per_msg"] = per_msg
                     print(f"[state latency] {json.dumps(lat)}", flush=True)
-                    thr: dict[str, Any] = {}
-                    for name, node in nodes.items():
-                        proc = node.proc
-                        pids = [proc.pid] if proc is not None else []
-                        if name == "redis" and redis.proc is not None:
-                            pids.append(redis.proc.pid)
-                        maildir = node.data_dir / "mail" / DOMAIN / "alice"
-                        r = drive(
-                            node.ports["mx"], [(f"alice@{DOMAIN}", args.messages)], [maildir],
-                            pids, args.sessions, args.size, args.timeout,
-                        )  # fmt: skip
-                        ok = ok and r["ok"]
-                        thr[name] = r
-                        print(f"[state throughput {name}] {json.dumps(r)}", flush=True)
-                    report["state"] = {"latency": lat, "throughput": thr}
+                    thr: dict[str, list[dict[str, Any]]] = {name: [] for name in nodes}
+                    names = list(nodes)
+                    for rnd in range(args.rounds):  # rotating order
+                        for name in names[rnd % 3 :] + names[: rnd % 3]:
+                            node = nodes[name]
+                            proc = node.proc
+                            pids = [proc.pid] if proc is not None else []
+                            if name == "redis" and redis.proc is not None:
+                                pids.append(redis.proc.pid)
+                            maildir = node.data_dir / "mail" / DOMAIN / "alice"
+                            r = drive(
+                                node.ports["mx"], [(f"alice@{DOMAIN}", args.messages)], [maildir],
+                                pids, args.sessions, args.size, args.timeout,
+                            )  # fmt: skip
+                            ok = ok and r["ok"]
+                            r["round"] = rnd + 1
+                            thr[name].append(r)
+                            print(f"[state throughput {name}] {json.dumps(r)}", flush=True)
+                    state_median = {
+                        name: {
+                            k: median_of(rs, k)
+                            for k in ("accepted_per_s", "delivered_per_s", "cpu_ms_per_msg")
+                        }
+                        for name, rs in thr.items()
+                    }
+                    print(f"[state throughput] medians {json.dumps(state_median)}", flush=True)
+                    report["state"] = {
+                        "latency": lat,
+                        "throughput": {"runs": thr, "median": state_median},
+                    }
                     rate_keys = redis.call("KEYS", "mailgw:rate:*")
                     report["state"]["redis_rate_keys_seen"] = SENDER.encode() in rate_keys
             finally:
