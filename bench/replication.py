@@ -369,6 +369,7 @@ def run_throughput(root: Path, args: argparse.Namespace, mode: str) -> dict[str,
         server = MailgwServer(root / f"tp-{mode}")
         provision(server)
         server.start()
+        time.sleep(WARMUP)
     else:
         pair = Pair(root / f"tp-{mode}", mode)
         pair.start()
