@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -73,19 +72,10 @@ def where(config: Any) -> str:
 
 def build_version(config: Any, path: str) -> tuple[bytes, str]:
     """Validate the policy file ``path`` against the node config ``config`` (the overlay
-    must load on top of it, its rules must parse with its channels); the version to store and
-    a one-line summary. ``Failure`` saying what is wrong: nothing is published then."""
-    from mailgw.config import ConfigError, load
-    from mailgw.policy.rules import RulesError, parse_rules
-    from mailgw.state.unified import (
-        BundleError,
-        check_pushable,
-        fragment_text,
-        make_bundle,
-        overlay_for,
-        read_bundle,
-        read_fragment,
-    )
+    must load on top of it, its rules must parse with its channels:
+    ``mailgw.state.unified.build_version``); the version to store and a one-line summary.
+    ``Failure`` saying what is wrong: nothing is published then."""
+    from mailgw.state.unified import BundleError, build_version, fragment_text, read_fragment
 
     path = os.path.abspath(path)
     try:
@@ -97,45 +87,21 @@ def build_version(config: Any, path: str) -> tuple[bytes, str]:
         raise Failure(f"{path}: not UTF-8 text") from None
     try:
         parser = read_fragment(text, path)
-        check_pushable(parser, path)
+        rules_text = None
+        rules_source = ""
+        if parser.has_option("policy", "rules_file"):
+            name = parser.get("policy", "rules_file").strip()
+            if name:
+                rules_source = os.path.join(os.path.dirname(path), name)
+                try:
+                    with open(rules_source, encoding="utf-8") as f:
+                        rules_text = f.read()
+                except (OSError, UnicodeDecodeError) as e:
+                    raise Failure(f"refused, nothing published: {rules_source}: {e}") from None
+            parser.remove_option("policy", "rules_file")
+        return build_version(config, fragment_text(parser), path, rules_text, rules_source)
     except BundleError as e:
         raise Failure(f"refused, nothing published: {e}") from None
-    rules_text = None
-    rules_source = ""
-    if parser.has_option("policy", "rules_file"):
-        name = parser.get("policy", "rules_file").strip()
-        if name:
-            rules_source = os.path.join(os.path.dirname(path), name)
-            try:
-                with open(rules_source, encoding="utf-8") as f:
-                    rules_text = f.read()
-            except (OSError, UnicodeDecodeError) as e:
-                raise Failure(f"refused, nothing published: {rules_source}: {e}") from None
-        parser.remove_option("policy", "rules_file")
-        if not parser.options("policy"):
-            parser.remove_section("policy")
-    blob = make_bundle(fragment_text(parser), rules_text, path)
-    bundle = read_bundle(blob)
-    with tempfile.TemporaryDirectory(prefix="mailgw-push-") as tmp:
-        rules_path = None
-        if rules_text is not None:
-            rules_path = os.path.join(tmp, "rules.txt")
-            with open(rules_path, "w", encoding="utf-8") as f:
-                f.write(rules_text)
-        try:
-            merged = load(config.path, overlay_for(bundle, rules_path), path)
-        except ConfigError as e:
-            raise Failure(f"refused, nothing published: {e} (with {path} on top)") from None
-    n_rules = 0
-    if rules_text is not None:
-        channels = [c.name for c in merged.channels] or ["direct"]
-        try:
-            n_rules = len(parse_rules(rules_text, rules_source, None, channels))
-        except RulesError as e:
-            raise Failure(f"refused, nothing published: {e}") from None
-    sections = len(read_fragment(bundle["ini"], path).sections())
-    summary = f"{sections} section(s)" + (f", {n_rules} rule(s)" if rules_text is not None else "")
-    return blob, summary
 
 
 def cmd_config_push(ctx: Context, args: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -138,6 +139,55 @@ def overlay_for(bundle: dict[str, Any], rules_path: str | None) -> str:
         parser.add_section("policy")
         parser.set("policy", "rules_file", rules_path)
     return fragment_text(parser)
+
+
+class VersionRefused(BundleError):
+    """A fragment that does not load on top of the node config: ``config_error`` is the
+    loader's ``ConfigError`` when that is why (its ``section``, ``key``, ``message``)."""
+
+    def __init__(self, message: str, config_error: ConfigError | None = None) -> None:
+        super().__init__(message)
+        self.config_error = config_error
+
+
+def build_version(
+    config: Config, ini: str, source: str, rules: str | None = None, rules_source: str = ""
+) -> tuple[bytes, str]:
+    """Validate the INI fragment ``ini`` (and the rules text ``rules``, None: none) against
+    the node config ``config`` exactly as a node applying it would: the fragment may set only
+    pushable keys, it must load on top of the node's file, the rules must parse with the
+    channels that result. The version to publish and a one-line summary; ``BundleError``
+    (``VersionRefused`` when the config loader or the rules refuse it) saying what is wrong.
+    Shared by ``mailgw config push`` and the admin API (``PUT /api/v1/channels``)."""
+
+    from mailgw.policy.rules import RulesError, parse_rules
+
+    parser = read_fragment(ini, source)
+    check_pushable(parser, source)
+    if parser.has_section("policy"):
+        parser.remove_section("policy")  # the rules travel as text, not as a path
+    blob = make_bundle(fragment_text(parser), rules, source)
+    bundle = read_bundle(blob)
+    with tempfile.TemporaryDirectory(prefix="mailgw-push-") as tmp:
+        rules_path = None
+        if rules is not None:
+            rules_path = os.path.join(tmp, "rules.txt")
+            with open(rules_path, "w", encoding="utf-8") as f:
+                f.write(rules)
+        try:
+            merged = load(config.path, overlay_for(bundle, rules_path), source)
+        except ConfigError as e:
+            raise VersionRefused(f"{e} (with {source} on top)", e) from None
+    n_rules = 0
+    if rules is not None:
+        channels = [c.name for c in merged.channels] or ["direct"]
+        try:
+            n_rules = len(parse_rules(rules, rules_source or source, None, channels))
+        except RulesError as e:
+            raise VersionRefused(str(e)) from None
+    sections = len(read_fragment(bundle["ini"], source).sections())
+    summary = f"{sections} section(s)" + (f", {n_rules} rule(s)" if rules is not None else "")
+    return blob, summary
 
 
 def cluster_dir(data_dir: str) -> str:
