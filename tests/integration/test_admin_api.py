@@ -1,8 +1,9 @@
 """The admin and OA API of the real ``twistd mailgw``: tokens made with the CLI and used over
 HTTP (401/403 by scope), every endpoint and its errors (400/404/405/409/413/415), an OA message
-that arrives in a mailbox over IMAP and one a rule rejects, rules applied live, and signed
-webhooks received by a small HTTP server in the test, retried while it is down (also across a
-mailgw restart). Schemathesis runs against /api/openapi.json (no 5xx, responses as documented).
+that arrives in a mailbox over IMAP and one a rule rejects, rules applied live, channels and
+routes pushed through the unified config (a message then leaves through the new channel to an
+SMTP sink; a refused body changes nothing), and signed webhooks received by a small HTTP server
+in the test, retried while it is down (also across a mailgw restart). Schemathesis runs against /api/openapi.json (no 5xx, responses as documented).
 """
 
 from __future__ import annotations
@@ -74,6 +75,46 @@ class Rejecter:
                     conn.sendall(b"554 5.5.1 no valid recipients\r\n")
                 else:
                     conn.sendall(b"250 ok\r\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Sink:
+    """An SMTP server that accepts every message and keeps it (``messages``): a smarthost
+    whose traffic shows which channel a message left through."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.messages: list[bytes] = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.session, args=(conn,), daemon=True).start()
+
+    def session(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 sink ESMTP\r\n")
+            for line in lines:
+                verb = line[:4].upper()
+                if verb == b"QUIT":
+                    conn.sendall(b"221 bye\r\n")
+                    return
+                if verb == b"DATA":
+                    conn.sendall(b"354 go on\r\n")
+                    data = b""
+                    for body_line in lines:
+                        if body_line == b".\r\n":
+                            break
+                        data += body_line
+                    self.messages.append(data)
+                conn.sendall(b"250 ok\r\n")
 
     def close(self) -> None:
         self.sock.close()
@@ -387,6 +428,89 @@ def test_rules_get_validate_apply(node: MailgwServer, tokens: dict[str, str]) ->
     assert status == 422 and "No secrets" in body["error"]["message"]
 
 
+@pytest.fixture(scope="module")
+def sink() -> Iterator[Sink]:
+    s = Sink()
+    yield s
+    s.close()
+
+
+def test_channels_validate_and_apply_through_the_unified_config(
+    node: MailgwServer, tokens: dict[str, str], sink: Sink
+) -> None:
+    read, admin = tokens["read"], tokens["admin"]
+    partner = {
+        "name": "partner",
+        "kind": "smarthost",
+        "hosts": [f"127.0.0.1:{sink.port}"],
+        "tls": "none",
+        "concurrency": 2,
+    }
+    route = {"name": "to-partner", "recipient_domains": ["partner.test"], "channels": "partner"}
+    good = {"channels": [partner], "routes": [route]}
+    assert call(node, "PUT", "/api/v1/channels", read, good)[0] == 403
+    assert call(node, "POST", "/api/v1/channels/validate", read, good)[0] == 403
+    bad_bodies = [
+        ({"channels": [], "routes": [route]}, "route:to-partner:channels: "),
+        ({"channels": [{**partner, "hostz": "x"}], "routes": []}, "channel:partner:hostz: unknown"),
+        (
+            {"channels": [{**partner, "concurrency": 0}], "routes": []},
+            "channel:partner:concurrency",
+        ),
+        ({"channels": [{**partner, "tls": "maybe"}], "routes": []}, "channel:partner:tls: "),
+        ({"channels": [partner, partner], "routes": []}, "channel:partner: given twice"),
+        ({"channels": [{**partner, "helo": "a\nb"}], "routes": []}, "channel:partner:helo: "),
+    ]
+    for body, message in bad_bodies:
+        for method, path in (("POST", "/api/v1/channels/validate"), ("PUT", "/api/v1/channels")):
+            status, _, answer = call(node, method, path, admin, body)
+            assert status == 422, (body, answer)
+            assert answer["error"]["code"] == "invalid_config"
+            assert answer["error"]["message"].startswith(message), answer
+    # a body that does not match the schema is a 400, as everywhere
+    assert call(node, "PUT", "/api/v1/channels", admin, {"channels": []})[0] == 400
+    # nothing changed: no version published, the running channels as before
+    assert json.loads(node.cli("config", "status", "--json").stdout)["current"] == 0
+    names = [c["name"] for c in call(node, "GET", "/api/v1/channels", read)[2]["channels"]]
+    assert names == ["out", "rejecter"]
+
+    status, _, body = call(node, "POST", "/api/v1/channels/validate", admin, good)
+    assert status == 200 and body["valid"] and body["channels"] == ["partner"], body
+    assert "version" not in body and body["based_on"] == 0
+    assert json.loads(node.cli("config", "status", "--json").stdout)["current"] == 0
+
+    status, _, body = call(node, "PUT", "/api/v1/channels", admin, good)
+    assert status == 200, body
+    assert body["version"] == 1 and body["applied"] is True and body["routes"] == ["to-partner"]
+    assert "applied pushed config v1" in node.log()
+    assert json.loads(node.cli("config", "status", "--json").stdout)["current"] == 1
+    status, _, row = call(node, "GET", "/api/v1/channels/partner", read)
+    assert status == 200 and row["kind"] == "smarthost"
+
+    status, _, body = call(
+        node,
+        "POST",
+        "/api/v1/messages",
+        tokens["send"],
+        {"to": "someone@partner.test", "subject": "via the partner channel", "text": "x"},
+    )
+    assert status == 202, body
+    qid = body["queue_id"].encode()
+    got = wait_until(
+        lambda: [m for m in sink.messages if qid in m], what="the message at the partner sink"
+    )
+    assert b"Subject: via the partner channel" in got[0]
+    assert "partner" in node.cli("track", body["queue_id"]).stdout
+
+    # a refused PUT after it leaves v1 running
+    status, _, answer = call(
+        node, "PUT", "/api/v1/channels", admin, {"channels": [], "routes": [route]}
+    )
+    assert status == 422
+    assert json.loads(node.cli("config", "status", "--json").stdout)["current"] == 1
+    assert call(node, "GET", "/api/v1/channels/partner", read)[0] == 200
+
+
 def test_oa_message_arrives_and_rules_apply(
     node: MailgwServer, tokens: dict[str, str], receiver: Receiver
 ) -> None:
@@ -587,7 +711,8 @@ def test_openapi_document_describes_every_route(node: MailgwServer) -> None:
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     ops = {(m, p) for p, item in doc["paths"].items() for m in item}
     assert ("post", "/api/v1/messages") in ops and ("put", "/api/v1/rules") in ops
-    assert len(ops) == 32
+    assert ("put", "/api/v1/channels") in ops and ("post", "/api/v1/channels/validate") in ops
+    assert len(ops) == 34
 
 
 def test_schemathesis_finds_no_server_error(
@@ -625,4 +750,4 @@ def test_schemathesis_finds_no_server_error(
     start = out.find("FAILURES")
     assert result.returncode == 0, out[start : start + 8000] + result.stderr[-2000:]
     assert "Server error" not in out
-    assert "Tested: 32" in out, out[-3000:]  # every operation, DELETE and PUT /rules too
+    assert "Tested: 34" in out, out[-3000:]  # every operation, DELETE and PUT /rules too

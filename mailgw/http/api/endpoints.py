@@ -16,6 +16,7 @@ import email.policy
 import email.utils
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from email.headerregistry import Address as HeaderAddress
@@ -102,6 +103,59 @@ RULES_TEXT = {
     "additionalProperties": False,
     "properties": {"text": {"type": "string", "maxLength": 1_000_000}},
 }
+SECTION_NAME = {
+    "type": "string",
+    "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+    "description": "The NAME of the [channel:NAME] / [route:NAME] section",
+}
+SECTION_VALUE = {
+    "anyOf": [
+        {"type": "string", "maxLength": 4096},
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "array", "maxItems": 256, "items": {"type": "string", "maxLength": 1024}},
+    ],
+    "description": "As in the config file; a boolean is yes/no, a list is joined with ', '",
+}
+SECTION = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": SECTION_NAME},
+    "additionalProperties": SECTION_VALUE,
+}
+CHANNELS_BODY = {
+    "type": "object",
+    "required": ["channels", "routes"],
+    "additionalProperties": False,
+    "properties": {
+        "channels": {
+            "type": "array",
+            "maxItems": 256,
+            "items": SECTION,
+            "description": "[channel:NAME] sections: name plus the keys of docs/relay.md",
+        },
+        "routes": {
+            "type": "array",
+            "maxItems": 1024,
+            "items": SECTION,
+            "description": "[route:NAME] sections, in the order they are tried",
+        },
+    },
+}
+CHANNELS_RESULT = {
+    "type": "object",
+    "required": ["valid", "channels", "routes"],
+    "properties": {
+        "valid": {"type": "boolean"},
+        "summary": STR,
+        "channels": {"type": "array", "items": STR},
+        "routes": {"type": "array", "items": STR},
+        "based_on": {"type": "integer", "description": "the version the sections replace"},
+        "version": {"type": "integer", "description": "the version published (PUT)"},
+        "applied": {"type": "boolean", "description": "this node runs it already (PUT)"},
+        "error": {"type": "string", "description": "why this node refused it (PUT)"},
+    },
+}
 RULES_RESULT = {
     "type": "object",
     "required": ["valid"],
@@ -175,6 +229,26 @@ def _addresses(value: Any) -> list[str]:
             if addr:
                 out.append(addr)
     return out
+
+
+APPLY_WAIT = 10.0
+"""Seconds ``PUT /channels`` waits for this node to run the version it published."""
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def _refused(message: str) -> ApiError:
+    """422: the config loader (or the push rules) refuse the sections; ``message`` is
+    ``section:key: what is wrong``."""
+    return ApiError(422, "invalid_config", message)
+
+
+def _ini_value(value: Any) -> str:
+    """A JSON value as the config file would spell it."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
 
 
 class AdminAPI:
@@ -470,6 +544,141 @@ class AdminAPI:
 
         d: defer.Deferred[Any] = self.node.run_io(write)
         return d.addCallback(reload)
+
+    # -- channels and routes: the unified configuration ------------------------------
+
+    def _channels_fragment(self, body: dict[str, Any], current: Any) -> tuple[str, str | None]:
+        """The INI fragment to publish: the current version's (``current``: (version, blob)
+        or None) without its ``[channel:*]``/``[route:*]`` sections, plus the body's; and the
+        current version's rules text, kept."""
+        from mailgw.state.unified import BundleError, fragment_text, read_bundle, read_fragment
+
+        ini, rules = "", None
+        if current is not None:
+            try:
+                bundle = read_bundle(current[1])
+            except BundleError as e:
+                raise conflict(f"the current config v{current[0]}: {e}") from None
+            ini, rules = bundle["ini"], bundle.get("rules")
+        parser = read_fragment(ini, "<current version>")
+        for section in parser.sections():
+            if section.partition(":")[0] in ("channel", "route"):
+                parser.remove_section(section)
+        for kind, items in (("channel", body["channels"]), ("route", body["routes"])):
+            for item in items:
+                section = f"{kind}:{item['name']}"
+                if parser.has_section(section):
+                    raise _refused(f"{section}: given twice")
+                parser.add_section(section)
+                for key, value in item.items():
+                    if key == "name":
+                        continue
+                    if not _KEY.fullmatch(key):
+                        raise _refused(f"{section}:{key}: unknown key")
+                    text = _ini_value(value)
+                    if any(c in text for c in "\r\n\x00"):
+                        raise _refused(f"{section}:{key}: a value is one line")
+                    parser.set(section, key, text)
+        return fragment_text(parser), rules
+
+    def _channels_version(self, call: Call) -> defer.Deferred[dict[str, Any]]:
+        """Validate the body on top of the running config (in the I/O pool), as a node
+        applying the version would: the result with ``blob`` (the version to publish)."""
+        from mailgw.state.unified import BundleError, VersionRefused, build_version
+
+        body = call.body
+        current: defer.Deferred[Any] = defer.maybeDeferred(self.node.gateway_state.config_current)
+
+        def unreachable(failure: Any) -> Any:
+            raise ApiError(
+                503, "state_unavailable", f"the gateway state: {failure.getErrorMessage()}"
+            )
+
+        def build(value: Any) -> dict[str, Any]:
+            ini, rules = self._channels_fragment(body, value)
+            try:
+                blob, summary = build_version(self.config, ini, "channels", rules)
+            except VersionRefused as e:
+                ce = e.config_error
+                if ce is not None:
+                    where = ce.section + (f":{ce.key}" if ce.key else "")
+                    raise _refused(f"{where}: {ce.message}") from None
+                raise _refused(str(e)) from None
+            except BundleError as e:
+                raise _refused(str(e)) from None
+            return {
+                "valid": True,
+                "summary": summary,
+                "channels": [c["name"] for c in body["channels"]],
+                "routes": [r["name"] for r in body["routes"]],
+                "based_on": value[0] if value else 0,
+                "blob": blob,
+            }
+
+        current.addErrback(unreachable)
+        return current.addCallback(lambda value: self.node.run_io(build, value))
+
+    def _applied(self, follower: Any, version: int) -> defer.Deferred[bool]:
+        """Have ``follower`` read the current version now (it polls anyway) until it runs
+        ``version`` or refuses it; False after ``APPLY_WAIT`` seconds (it goes on trying)."""
+        from twisted.internet import task
+
+        deadline = self.node.reactor.seconds() + APPLY_WAIT
+
+        def again(_: object = None) -> Any:
+            if follower.version >= version:
+                return True
+            if self.node.reactor.seconds() > deadline:
+                return False
+            d: defer.Deferred[Any] = defer.maybeDeferred(follower.check)
+            d.addErrback(lambda _: None)
+
+            def checked(_: object) -> Any:
+                if follower.version >= version or (follower.error and not follower._busy):
+                    return follower.version >= version
+                return task.deferLater(self.node.reactor, 0.1, again)
+
+            return d.addCallback(checked)
+
+        return defer.maybeDeferred(again)
+
+    def validate_channels(self, call: Call) -> Any:
+        def strip(result: dict[str, Any]) -> dict[str, Any]:
+            result.pop("blob")
+            return result
+
+        return self._channels_version(call).addCallback(strip)
+
+    def apply_channels(self, call: Call) -> Any:
+        """Publish the validated version through the gateway state (every node follows it:
+        ``ConfigFollower``), then have this node apply it at once and say how that went."""
+        state = self.node.gateway_state
+        follower = getattr(self.node, "config_follower", None)
+
+        def publish(result: dict[str, Any]) -> Any:
+            d: defer.Deferred[int] = defer.maybeDeferred(state.config_publish, result.pop("blob"))
+
+            def unreachable(failure: Any) -> Any:
+                raise ApiError(
+                    503, "state_unavailable", f"not published: {failure.getErrorMessage()}"
+                )
+
+            def published(version: int) -> Any:
+                result["version"] = version
+                if follower is None:
+                    result["applied"] = False
+                    return result
+                return self._applied(follower, version).addCallback(report)
+
+            def report(applied: bool) -> dict[str, Any]:
+                result["applied"] = applied
+                if not applied and follower is not None and follower.error:
+                    result["error"] = follower.error
+                return result
+
+            return d.addCallbacks(published, unreachable)
+
+        return self._channels_version(call).addCallback(publish)
 
     # -- channels, DR, statistics -----------------------------------------------------
 
@@ -877,6 +1086,28 @@ class AdminAPI:
                 "Outbound channels and state",
                 {"type": "object", "properties": {"channels": {"type": "array", "items": CHANNEL}}},
                 errors=(503,),
+                blocking=False,
+            ),
+            r(
+                "POST",
+                "/channels/validate",
+                "admin",
+                self.validate_channels,
+                "Check [channel:NAME] and [route:NAME] sections on top of the running config",
+                CHANNELS_RESULT,
+                body=CHANNELS_BODY,
+                errors=(409, 422, 503),
+                blocking=False,
+            ),
+            r(
+                "PUT",
+                "/channels",
+                "admin",
+                self.apply_channels,
+                "Make these the pushed channels and routes: validate, publish a config version",
+                CHANNELS_RESULT,
+                body=CHANNELS_BODY,
+                errors=(409, 422, 503),
                 blocking=False,
             ),
             r(

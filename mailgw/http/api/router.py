@@ -354,7 +354,7 @@ _STATUS_TEXT = {
     409: "Conflict with the current state",
     413: "Body too large",
     415: "Body is not JSON",
-    422: "The mail system refused the message (the SMTP reply is the message)",
+    422: "Refused as it stands: the SMTP reply, or section:key: what is wrong in a config",
     429: "Refused for now by a policy or rate limit (retry later)",
     503: "This node does not run the part needed",
 }
