@@ -115,7 +115,7 @@ SECTION_VALUE = {
         {"type": "boolean"},
         {"type": "array", "maxItems": 256, "items": {"type": "string", "maxLength": 1024}},
     ],
-    "description": "As in the config file; a boolean is yes/no, a list is joined with ', '",
+    "description": "As in the config file; a boolean is yes/no, a list is joined with spaces (the file's lists)",
 }
 SECTION = {
     "type": "object",
@@ -247,7 +247,7 @@ def _ini_value(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, list):
-        return ", ".join(str(v) for v in value)
+        return " ".join(str(v) for v in value)
     return str(value)
 
 
@@ -597,7 +597,7 @@ class AdminAPI:
         def build(value: Any) -> dict[str, Any]:
             ini, rules = self._channels_fragment(body, value)
             try:
-                blob, summary = build_version(self.config, ini, "channels", rules)
+                blob, summary = build_version(self.config, ini, "channels", rules, "pushed rules")
             except VersionRefused as e:
                 ce = e.config_error
                 if ce is not None:
