@@ -1,0 +1,104 @@
+"""Two gateways sharing a real redis-server and no directory file (``[state] backend =
+redis``): the user -> backend node map is in Redis (``mailgw.cluster.statemap``), so both
+route a user's mail to the same backend, and ``mailgw user node`` on one gateway changes
+where the other delivers."""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mailgw.cluster.nodemap import hashed_node
+from mailgw.testing.redis import RedisServer, redis_path
+from mailgw.testing.server import MailgwServer, free_port
+from tests.integration.helpers import mailbox_files, wait_until
+
+pytestmark = pytest.mark.skipif(redis_path() is None, reason="redis-server not installed")
+
+ALICE = "alice@example.test"
+BACKENDS = ("be1", "be2")
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def send(gateway: MailgwServer, subject: str) -> None:
+    with smtplib.SMTP("127.0.0.1", gateway.ports["mx"], timeout=30) as smtp:
+        smtp.sendmail(
+            "someone@remote.test", [ALICE], f"From: <someone@remote.test>\r\nSubject: {subject}"
+            "\r\n\r\nhi\r\n",
+        )
+
+
+def subjects(server: MailgwServer) -> set[str]:
+    out = set()
+    for path in mailbox_files(server):
+        for line in path.read_bytes().decode(errors="replace").splitlines():
+            if line.startswith("Subject: "):
+                out.add(line[len("Subject: ") :])
+    return out
+
+
+def test_two_gateways_share_the_mailbox_map_through_redis(
+    server_factory: Callable[..., MailgwServer], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    lmtp = {name: free_port() for name in BACKENDS}
+    nodes = " ".join(f"{name}=127.0.0.1:{lmtp[name]}" for name in BACKENDS)
+    backends = {
+        name: server_factory(
+            {
+                "server": {"hostname": f"{name}.example.test"},
+                "lmtp": {"enabled": "yes", "listen": f"tcp:{lmtp[name]}:interface=127.0.0.1"},
+                "cluster": {"node_name": name, "mailbox_nodes": nodes},
+                "imap": {"workers": "0"},
+            },
+            name=name,
+        )
+        for name in BACKENDS
+    }
+    gateways = [
+        server_factory(
+            {
+                "server": {"hostname": f"{name}.example.test"},
+                "state": {"backend": "redis", "redis": redis_server.address, "timeout": "1s"},
+                "relay": {"enabled": "yes", "retry_schedule": "1s", "scan_interval": "1s"},
+                "cluster": {"node_name": name, "mailbox_nodes": nodes},
+                "imap": {"workers": "0"},
+            },
+            name=name,
+        )
+        for name in ("gw1", "gw2")
+    ]
+    for gw in gateways:  # each its own directory: nothing shared but Redis
+        assert not (Path(str(gw.data_dir)) / ".." / "shared").exists()
+    first = hashed_node(ALICE, BACKENDS)
+    other = next(name for name in BACKENDS if name != first)
+
+    send(gateways[0], "via-gw1")
+    send(gateways[1], "via-gw2")
+    wait_until(lambda: {"via-gw1", "via-gw2"} <= subjects(backends[first]), what="both on first")
+    assert subjects(backends[other]) == set()
+    # Pinned at first use, in Redis (the hash the gateway state keeps).
+    reply = redis_server.call("HGET", "mailgw:mailbox-nodes", ALICE)
+    assert reply == f"${len(first)}\r\n{first}\r\n".encode()
+    shown = gateways[1].cli("user", "node", ALICE).stdout.split()
+    assert shown == [ALICE, first]
+
+    # Set on gw1: gw2 delivers to the other node from now on (no shared file).
+    out = gateways[0].cli("user", "node", ALICE, other).stdout.split()
+    assert out == [ALICE, other]
+    assert gateways[1].cli("user", "node", ALICE).stdout.split() == [ALICE, other]
+    send(gateways[1], "after-move")
+    wait_until(lambda: "after-move" in subjects(backends[other]), what="delivered to the other")
+    assert "after-move" not in subjects(backends[first])
+
+    bad = gateways[1].cli("user", "node", ALICE, "nowhere", check=False)
+    assert bad.returncode != 0 and "unknown node" in (bad.stderr + bad.stdout)
