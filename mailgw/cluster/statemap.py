@@ -93,7 +93,7 @@ class StateMailboxMap:
 
     def _wait(self, call: Callable[[], defer.Deferred[Any]]) -> Any:
         reactor = self.reactor
-        if reactor is not None and reactor.running and not threadable.isInIOThread():
+        if reactor is not None and reactor.running and not threadable.isInIOThread():  # type: ignore[no-untyped-call]
             timeout = self.timeout
 
             def timed() -> defer.Deferred[Any]:

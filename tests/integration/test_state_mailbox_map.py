@@ -33,8 +33,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 def send(gateway: MailgwServer, subject: str) -> None:
     with smtplib.SMTP("127.0.0.1", gateway.ports["mx"], timeout=30) as smtp:
         smtp.sendmail(
-            "someone@remote.test", [ALICE], f"From: <someone@remote.test>\r\nSubject: {subject}"
-            "\r\n\r\nhi\r\n",
+            "someone@remote.test",
+            [ALICE],
+            f"From: <someone@remote.test>\r\nSubject: {subject}\r\n\r\nhi\r\n",
         )
 
 
