@@ -30,6 +30,7 @@ def _redis_map(config: Any) -> Any:
     import threading
 
     from twisted.internet import reactor as _reactor
+    from twisted.internet.defer import maybeDeferred
     from twisted.internet.threads import blockingCallFromThread
 
     from mailgw.cluster.statemap import StateMailboxMap
@@ -46,7 +47,9 @@ def _redis_map(config: Any) -> Any:
 
     def stop() -> None:
         try:
-            blockingCallFromThread(reactor, close)
+            blockingCallFromThread(reactor, lambda: maybeDeferred(close).addTimeout(2, reactor))
+        except Exception:
+            pass  # closing a connection that never came up: nothing to keep
         finally:
             reactor.callFromThread(reactor.stop)
             thread.join(10)

@@ -100,7 +100,10 @@ class StateMailboxMap:
                 d = call()
                 return d if timeout is None else d.addTimeout(timeout, reactor)
 
-            return blockingCallFromThread(reactor, timed)
+            try:
+                return blockingCallFromThread(reactor, timed)
+            except defer.TimeoutError:
+                raise TimeoutError(f"no answer from the gateway state in {timeout:g}s") from None
         out: list[Any] = []
         call().addBoth(out.append)
         if not out:

@@ -1,10 +1,13 @@
 """Two gateways sharing a real redis-server and no directory file (``[state] backend =
 redis``): the user -> backend node map is in Redis (``mailgw.cluster.statemap``), so both
-route a user's mail to the same backend, and ``mailgw user node`` on one gateway changes
-where the other delivers."""
+route a user's mail to the same backend, ``mailgw user node`` on one gateway changes where
+the other delivers, ``mailgw user move`` moves the mailbox and the route, and with Redis
+stopped the gateways keep the route they last read (the command fails cleanly)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import smtplib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,6 +61,7 @@ def test_two_gateways_share_the_mailbox_map_through_redis(
             {
                 "server": {"hostname": f"{name}.example.test"},
                 "lmtp": {"enabled": "yes", "listen": f"tcp:{lmtp[name]}:interface=127.0.0.1"},
+                "state": {"backend": "redis", "redis": redis_server.address, "timeout": "1s"},
                 "cluster": {"node_name": name, "mailbox_nodes": nodes},
                 "imap": {"workers": "0"},
             },
@@ -103,3 +107,39 @@ def test_two_gateways_share_the_mailbox_map_through_redis(
 
     bad = gateways[1].cli("user", "node", ALICE, "nowhere", check=False)
     assert bad.returncode != 0 and "unknown node" in (bad.stderr + bad.stdout)
+
+    # Redis not answering (stopped with SIGSTOP): gw2 routes by what it last read (the
+    # other node; the hash would say the first), and the command says why it fails.
+    assert redis_server.proc is not None
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        send(gateways[1], "redis-away")
+        wait_until(lambda: "redis-away" in subjects(backends[other]), what="delivered, Redis away")
+        # (the same node: a write Redis reads once it runs again changes nothing)
+        away = gateways[1].cli("user", "node", ALICE, other, check=False)
+        assert away.returncode == 1 and "no answer from the gateway state" in away.stderr
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert "redis-away" not in subjects(backends[first])
+    gateways[1].wait_for_log("answers again")
+
+    # Move back with the mailbox (run with the source node's config): the map in Redis
+    # follows, so gw2 (which last read the other node) delivers to the first node again.
+    moved = backends[other].cli(
+        "user",
+        "move",
+        ALICE,
+        first,
+        "--target-config",
+        str(backends[first].config_path),
+        "--settle",
+        "0.2",
+        check=False,
+    )
+    assert moved.returncode == 0, moved.stderr
+    assert f"moved {ALICE} from {other} to {first}" in moved.stdout
+    assert {"after-move", "redis-away"} <= subjects(backends[first])
+    assert subjects(backends[other]) == set()
+    send(gateways[1], "after-user-move")
+    wait_until(lambda: "after-user-move" in subjects(backends[first]), what="moved back")
+    assert gateways[0].cli("user", "node", ALICE).stdout.split() == [ALICE, first]
