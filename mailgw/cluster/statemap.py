@@ -7,19 +7,19 @@ same on every gateway), written down at first use; a hold (``mailgw user move``)
 key ``mailbox-held:USER``. While Redis is away ``FailoverState`` answers from what it last
 read (and its embedded state), so mail keeps its route.
 
-``IMailboxMap`` calls block: they run the state's Deferreds on the reactor
-(``blockingCallFromThread``) from the thread they are called in, as the relay, the local
-delivery and nginx's ``auth_http`` do (their lookups run in the I/O pool). A state that
-answers at once (the embedded one) also answers in the reactor thread or with no reactor.
+``IMailboxMap`` calls block: called from a thread (the relay, the local delivery and nginx's
+``auth_http`` look up in the I/O pool), they run the state's Deferreds on the reactor and wait
+for the outcome. A state that answers at once (the embedded one) also answers in the reactor
+thread or with no reactor.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.threads import blockingCallFromThread
 from twisted.python import threadable
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -27,6 +27,9 @@ from zope.interface import implementer
 from mailgw.cluster.nodemap import hashed_node
 from mailgw.interfaces import IMailboxMap
 
+MAX_WAIT = 10.0
+"""Seconds a blocking call waits for the state at most without a ``timeout`` (the failover
+state answers within ``[state] timeout``: this only bounds a reactor that went away)."""
 HELD_PREFIX = "mailbox-held:"
 """State key (``HELD_PREFIX + user``) present while the user's mailbox is being moved."""
 
@@ -35,7 +38,7 @@ HELD_PREFIX = "mailbox-held:"
 class StateMailboxMap:
     """``IMailboxMap`` on the gateway state ``state`` (an ``IGatewayState``; see the module
     docstring); ``reactor`` runs its calls; ``close`` is called by ``close()``;
-    ``timeout``: seconds a blocking call waits at most (None: the state's own timeout)."""
+    ``timeout``: seconds a blocking call waits at most (None: ``MAX_WAIT``)."""
 
     def __init__(
         self,
@@ -94,20 +97,30 @@ class StateMailboxMap:
     def _wait(self, call: Callable[[], defer.Deferred[Any]]) -> Any:
         reactor = self.reactor
         if reactor is not None and reactor.running and not threadable.isInIOThread():  # type: ignore[no-untyped-call]
-            timeout = self.timeout
-
-            def timed() -> defer.Deferred[Any]:
-                d = call()
-                return d if timeout is None else d.addTimeout(timeout, reactor)
-
-            try:
-                return blockingCallFromThread(reactor, timed)
-            except defer.TimeoutError:
-                raise TimeoutError(f"no answer from the gateway state in {timeout:g}s") from None
+            return self._from_thread(reactor, call)
         out: list[Any] = []
         call().addBoth(out.append)
         if not out:
             raise RuntimeError("the gateway state answers later: call the mailbox map in a thread")
+        if isinstance(out[0], Failure):
+            out[0].raiseException()
+        return out[0]
+
+    def _from_thread(self, reactor: Any, call: Callable[[], defer.Deferred[Any]]) -> Any:
+        """``call()`` run in the reactor thread, its outcome waited for here at most
+        ``timeout`` (else ``MAX_WAIT``) seconds: a reactor that stops meanwhile (the node
+        joins its I/O threads when it stops) does not leave this thread waiting forever."""
+        done = threading.Event()
+        out: list[Any] = []
+
+        def finished(result: Any) -> None:
+            out.append(result)
+            done.set()
+
+        reactor.callFromThread(lambda: defer.maybeDeferred(call).addBoth(finished))
+        wait = self.timeout if self.timeout is not None else MAX_WAIT
+        if not done.wait(wait):
+            raise TimeoutError(f"no answer from the gateway state in {wait:g}s")
         if isinstance(out[0], Failure):
             out[0].raiseException()
         return out[0]

@@ -3,8 +3,10 @@ redis-server, the failover state with Redis away), and a mailbox move through it
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -61,6 +63,29 @@ def test_an_answer_not_ready_outside_a_reactor_thread_is_an_error(tmp_path: Path
     m = StateMailboxMap(Later(str(tmp_path)), NODES)
     with pytest.raises(RuntimeError, match="in a thread"):
         m.held(ALICE)
+
+
+def test_a_reactor_that_no_longer_runs_calls_bounds_the_wait(tmp_path: Path) -> None:
+    class Gone:  # stopped after the check: what it is given never runs
+        running = True
+
+        def callFromThread(self, f: Any) -> None:  # noqa: N802 (Twisted's name)
+            pass
+
+    m = StateMailboxMap(EmbeddedState(str(tmp_path)), NODES, Gone(), timeout=0.1)
+    raised: list[BaseException] = []
+
+    def worker() -> None:  # not the reactor thread
+        try:
+            m.get(ALICE)
+        except BaseException as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(10)
+    assert len(raised) == 1 and isinstance(raised[0], TimeoutError)
+    assert "no answer from the gateway state" in str(raised[0])
 
 
 def test_with_redis_away_the_failover_state_answers_what_it_last_read(tmp_path: Path) -> None:
