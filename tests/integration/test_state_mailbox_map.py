@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,12 +19,14 @@ import pytest
 from mailgw.cluster.nodemap import hashed_node
 from mailgw.testing.redis import RedisServer, redis_path
 from mailgw.testing.server import MailgwServer, free_port
-from tests.integration.helpers import mailbox_files, wait_until
+from tests.integration.helpers import PASSWORD, mailbox_files, wait_until
 
 pytestmark = pytest.mark.skipif(redis_path() is None, reason="redis-server not installed")
 
 ALICE = "alice@example.test"
 BACKENDS = ("be1", "be2")
+IMAP_PORTS = {"be1": 10143, "be2": 20143}  # only answered by auth_http, never connected to
+IMAP_SERVERS = " ".join(f"{name}=127.0.0.1:{port}" for name, port in IMAP_PORTS.items())
 
 
 @pytest.fixture
@@ -42,6 +46,23 @@ def send(gateway: MailgwServer, subject: str) -> None:
         )
 
 
+def auth_http_port(port: int) -> int:
+    """The IMAP port nginx's ``auth_http`` is told for alice by the gateway on ``port``."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/auth/nginx",
+        headers={
+            "Auth-Protocol": "imap",
+            "Auth-Method": "plain",
+            "Auth-User": ALICE,
+            "Auth-Pass": urllib.parse.quote(PASSWORD),
+            "Client-IP": "127.0.0.1",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert reply.headers["Auth-Status"] == "OK"
+        return int(reply.headers["Auth-Port"])
+
+
 def subjects(server: MailgwServer) -> set[str]:
     out = set()
     for path in mailbox_files(server):
@@ -55,6 +76,7 @@ def test_two_gateways_share_the_mailbox_map_through_redis(
     server_factory: Callable[..., MailgwServer], redis_server: RedisServer, tmp_path: Path
 ) -> None:
     lmtp = {name: free_port() for name in BACKENDS}
+    http = {name: free_port() for name in ("gw1", "gw2")}
     nodes = " ".join(f"{name}=127.0.0.1:{lmtp[name]}" for name in BACKENDS)
     backends = {
         name: server_factory(
@@ -75,7 +97,12 @@ def test_two_gateways_share_the_mailbox_map_through_redis(
                 "server": {"hostname": f"{name}.example.test"},
                 "state": {"backend": "redis", "redis": redis_server.address, "timeout": "1s"},
                 "relay": {"enabled": "yes", "retry_schedule": "1s", "scan_interval": "1s"},
-                "cluster": {"node_name": name, "mailbox_nodes": nodes},
+                "cluster": {
+                    "node_name": name,
+                    "mailbox_nodes": nodes,
+                    "imap_servers": IMAP_SERVERS,
+                },
+                "http": {"enabled": "yes", "listen": f"tcp:{http[name]}:interface=127.0.0.1"},
                 "imap": {"workers": "0"},
             },
             name=name,
@@ -104,6 +131,8 @@ def test_two_gateways_share_the_mailbox_map_through_redis(
     send(gateways[1], "after-move")
     wait_until(lambda: "after-move" in subjects(backends[other]), what="delivered to the other")
     assert "after-move" not in subjects(backends[first])
+    # nginx's auth_http on gw1 (which read the first node before) sends IMAP there too.
+    assert auth_http_port(http["gw1"]) == IMAP_PORTS[other]
 
     bad = gateways[1].cli("user", "node", ALICE, "nowhere", check=False)
     assert bad.returncode != 0 and "unknown node" in (bad.stderr + bad.stdout)
