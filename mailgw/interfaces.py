@@ -454,8 +454,8 @@ class IMailboxMap(Interface):
     """Which backend node holds a user's mailbox (``[cluster] mailbox_nodes``): gateways
     forward a user's mail there over LMTP and nginx's ``auth_http`` sends the user's IMAP and
     POP3 sessions there. Implementations: ``mailgw.cluster.nodemap.DirectoryMailboxMap``
-    (the directory database); a Redis one shares the same calls. Blocking calls: run them
-    in a thread from the reactor."""
+    (the directory database) and ``mailgw.cluster.statemap.StateMailboxMap`` (the gateway
+    state: Redis). Blocking calls: run them in a thread from the reactor."""
 
     def get(user: str) -> str:
         """The node name holding the canonical user ``user``'s mailbox (one of the

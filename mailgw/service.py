@@ -76,8 +76,11 @@ class Node(service.MultiService):
         # the journal's tail and the roles' services).
         self.state_service = StateService(self.state_setup)
         self.directory = build_directory(config, reactor)
-        # [cluster] mailbox_nodes: which node holds each user's mailbox (None: all local).
-        self.mailbox_map = build_mailbox_map(config)
+        # [cluster] mailbox_nodes: which node holds each user's mailbox (None: all local);
+        # in the gateway state when that is Redis (shared by the gateways).
+        self.mailbox_map = build_mailbox_map(
+            config, self.gateway_state if self.state_setup.redis else None, reactor
+        )
         from mailgw.tracking import tracker_from_config
 
         # Message events of every role, written by one thread of this process (and pruned).

@@ -9,14 +9,54 @@ from typing import Any
 
 from mailgw.cli.context import Context, Failure
 
+MIN_WAIT = 3.0
+"""Seconds a command waits for Redis at least (else six times ``[state] timeout``)."""
+
 
 def _map(ctx: Context) -> Any:
     from mailgw.runtime.process import build_mailbox_map
 
+    if ctx.config.cluster.mailbox_nodes and ctx.config.state.backend == "redis":
+        return _redis_map(ctx.config)
     mailbox_map = build_mailbox_map(ctx.config)
     if mailbox_map is None:
         raise Failure("no [cluster] mailbox_nodes in this config")
     return mailbox_map
+
+
+def _redis_map(config: Any) -> Any:
+    """The gateways' map in Redis (``[state] backend = redis``), its calls run by a reactor
+    in a thread of this command (an unreachable Redis fails the command: nothing written)."""
+    import threading
+
+    from twisted.internet import reactor as _reactor
+    from twisted.internet.defer import maybeDeferred
+    from twisted.internet.threads import blockingCallFromThread
+
+    from mailgw.cluster.statemap import StateMailboxMap
+    from mailgw.state.redis import RedisState, connect_redis
+
+    reactor: Any = _reactor
+    thread = threading.Thread(
+        target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True
+    )
+    thread.start()
+    handler, close = blockingCallFromThread(
+        reactor, lambda: connect_redis(config.state, config.state.timeout)
+    )
+
+    def stop() -> None:
+        try:
+            blockingCallFromThread(reactor, lambda: maybeDeferred(close).addTimeout(2, reactor))
+        except Exception:
+            pass  # closing a connection that never came up: nothing to keep
+        finally:
+            reactor.callFromThread(reactor.stop)
+            thread.join(10)
+
+    wait = max(MIN_WAIT, 6 * config.state.timeout)
+    names = [name for name, _, _ in config.cluster.mailbox_nodes]
+    return StateMailboxMap(RedisState(handler), names, reactor, close=stop, timeout=wait)
 
 
 def _user(ctx: Context, name: str) -> str:

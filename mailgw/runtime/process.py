@@ -38,15 +38,20 @@ def directory_path(config: Config) -> str:
     return config.cluster.directory or os.path.join(config.server.data_dir, "directory.sqlite")
 
 
-def build_mailbox_map(config: Config) -> Any:
-    """The ``IMailboxMap`` of ``[cluster] mailbox_nodes`` (None when that is empty)."""
+def build_mailbox_map(config: Config, state: Any = None, reactor: Any = None) -> Any:
+    """The ``IMailboxMap`` of ``[cluster] mailbox_nodes`` (None when that is empty): on the
+    gateway state ``state`` when given (``[state] backend = redis``: shared through Redis,
+    ``mailgw.cluster.statemap``), else in the directory database."""
     if not config.cluster.mailbox_nodes:
         return None
+    names = [name for name, _, _ in config.cluster.mailbox_nodes]
+    if state is not None:
+        from mailgw.cluster.statemap import StateMailboxMap
+
+        return StateMailboxMap(state, names, reactor)
     from mailgw.cluster.nodemap import DirectoryMailboxMap
 
-    return DirectoryMailboxMap(
-        directory_path(config), [name for name, _, _ in config.cluster.mailbox_nodes]
-    )
+    return DirectoryMailboxMap(directory_path(config), names)
 
 
 def build_directory(config: Config, reactor: Any) -> Directory:
