@@ -586,3 +586,63 @@ def test_promoted_replica_needs_no_mbsync_transfer(
     # The counters do count: one new message on the promoted node is one near-side new.
     deliver(pair.replica, 1, tag="after failover ")
     assert _mbsync(config)[3] == 1
+
+
+def _journal_seqs(index: Path) -> list[int]:
+    with sqlite3.connect(index) as db:
+        return [int(r[0]) for r in db.execute("SELECT seq FROM journal ORDER BY seq")]
+
+
+def test_journal_pruned_past_the_replica_leads_to_a_full_resync(
+    pair_factory: Callable[..., Pair],
+) -> None:
+    """The primary's journal no longer holds the replica's position (retention pruned the
+    entries after it): the primary finds the gap on the replica's return and repairs it,
+    divergence included, by a full resync instead of shipping around the hole."""
+    pair = pair_factory(
+        {"store": {"journal_retention": "1s", "journal_poll_interval": "200ms"}}
+    )
+    deliver(pair.primary, 6)
+    wait_caught_up(pair)
+    position = int(status(pair.replica)["last_applied"])
+    pair.replica.stop()
+    # Diverge the replica behind replication's back: a message lost (row and file), other
+    # flags on another.
+    home = pair.replica.data_dir / "mail" / "example.test" / "alice"
+    with sqlite3.connect(home / "mailgw-index.sqlite") as db:
+        (filename,) = db.execute("SELECT filename FROM messages WHERE uid = 3").fetchone()
+        db.execute("DELETE FROM messages WHERE uid = 3")
+        db.execute("UPDATE messages SET flags = 'FS' WHERE uid = 4")
+    (home / filename).unlink()
+    # The primary goes on: mail and a flag change the replica has not seen...
+    deliver(pair.primary, 3, tag="meanwhile ")
+    c = imap(pair.primary)
+    c.select("INBOX")
+    c.uid("STORE", "1:2", "+FLAGS", r"(\Seen)")
+    c.logout()
+    index = pair.primary.data_dir / "mail" / "example.test" / "alice" / "mailgw-index.sqlite"
+    missed = [s for s in _journal_seqs(index) if s > position]
+    assert missed, "the primary journaled the changes the replica missed"
+    # ... and its journal drops them: writers prune expired rows in their first transaction
+    # (then every 10 minutes), so restart the primary and keep changing until a writer has
+    # pruned the entries right after the replica's position.
+    pair.primary.stop()
+    pair.primary.start()
+    rounds = iter(range(10_000))
+
+    def pruned() -> bool:
+        deliver(pair.primary, 1, tag=f"pruning {next(rounds)} ")
+        return min(_journal_seqs(index)) > missed[0]
+
+    wait_until(pruned, 60, "the primary's journal pruned past the replica's position")
+    pair.replica.start()
+    pair.primary.wait_for_log("full resync complete", timeout=60)
+    log = pair.primary.log()
+    assert f"the replica stands at {position}: full resync" in log
+    wait_caught_up(pair)
+    verify(pair)
+    r = imap(pair.replica)
+    r.select("INBOX", readonly=True)
+    typ, data = r.uid("FETCH", "3:4", "(FLAGS)")
+    r.logout()
+    assert typ == "OK" and len(data) == 2 and b"\\Flagged" not in data[1]
