@@ -599,9 +599,7 @@ def test_journal_pruned_past_the_replica_leads_to_a_full_resync(
     """The primary's journal no longer holds the replica's position (retention pruned the
     entries after it): the primary finds the gap on the replica's return and repairs it,
     divergence included, by a full resync instead of shipping around the hole."""
-    pair = pair_factory(
-        {"store": {"journal_retention": "1s", "journal_poll_interval": "200ms"}}
-    )
+    pair = pair_factory({"store": {"journal_retention": "1s", "journal_poll_interval": "200ms"}})
     deliver(pair.primary, 6)
     wait_caught_up(pair)
     position = int(status(pair.replica)["last_applied"])
