@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 SEQ_NAME = "seq"
 ROUTES_DIR = "routes"
+PRUNED_NAME = "pruned"
+"""The highest number a writer's retention prune deleted from a database (text)."""
 RESERVE = 4096
 """How far ahead of the counter the fsynced reservation mark runs."""
 SEGMENT_BYTES = 4 << 20
@@ -210,6 +212,25 @@ class Sequencer:
                 self._write_state(state, False)
         finally:
             self.end()
+
+    def record_pruned(self, seq: int) -> None:
+        """Under the lock (after the pruning transaction committed): numbers up to ``seq``
+        may be gone from the databases."""
+        if seq <= self.pruned():
+            return
+        path = os.path.join(self.path, PRUNED_NAME)
+        tmp = f"{path}.{self.pid}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(f"{seq}\n")
+        os.replace(tmp, path)
+
+    def pruned(self) -> int:
+        """The highest number retention pruning may have deleted (0: none)."""
+        try:
+            with open(os.path.join(self.path, PRUNED_NAME)) as fh:
+                return int(fh.read().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
 
     def retention(self) -> float:
         """The retention recorded in the state (read without the lock)."""

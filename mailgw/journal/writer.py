@@ -59,6 +59,7 @@ class DBJournal:
         self._pending: list[tuple[str, str, str, Mapping[str, Any]]] = []
         self._held: list[ChangeEntry] | None = None
         self._next_prune = 0.0
+        self._pruned = 0  # the highest number this transaction's prune deleted
         # The highest number the database held when this writer first numbered (None: not
         # looked yet). Once the node's counter has passed it, every later number is above it.
         self._found: int | None = None
@@ -107,10 +108,15 @@ class DBJournal:
             )
             if now >= self._next_prune:
                 self._next_prune = now + PRUNE_INTERVAL
-                conn.execute(
-                    "DELETE FROM journal WHERE time < ?", (now - self.sequencer.retention(),)
-                )
+                cutoff = now - self.sequencer.retention()
+                (top,) = conn.execute(
+                    "SELECT max(seq) FROM journal WHERE time < ?", (cutoff,)
+                ).fetchone()
+                if top is not None:
+                    conn.execute("DELETE FROM journal WHERE time < ?", (cutoff,))
+                    self._pruned = int(top)
         except BaseException:
+            self._pruned = 0
             self.sequencer.end()
             raise
         self._held = entries
@@ -119,8 +125,14 @@ class DBJournal:
         """After COMMIT (``committed``) or ROLLBACK: release the lock, publish the entries."""
         self._pending = []
         held, self._held = self._held, None
+        pruned, self._pruned = self._pruned, 0
         if held is None:
             return
-        self.sequencer.end()
+        try:
+            if committed and pruned:
+                # Readers (replication) must know the numbers up to here may be gone.
+                self.sequencer.record_pruned(pruned)
+        finally:
+            self.sequencer.end()
         if committed and self.on_commit is not None:
             self.on_commit(held)

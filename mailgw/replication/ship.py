@@ -63,10 +63,12 @@ class Reader:
         return self.log.last_seq()
 
     def oldest_available(self) -> int:
-        """The lowest sequence number the journal may still hold (its oldest route
-        segment's first)."""
+        """The lowest sequence number from which the journal still holds every entry: its
+        oldest route segment's first, or above the highest number retention pruning
+        deleted from a database (rows go by age long before their route segment does)."""
         names = self.log.sequencer.segments()
-        return int(names[0].split(".")[0]) if names else 1
+        first = int(names[0].split(".")[0]) if names else 1
+        return max(first, self.log.sequencer.pruned() + 1)
 
     def batch(self, after: int, limit: int = BATCH_ENTRIES) -> Batch:
         entries, covered = self.log.read_upto(after, limit)

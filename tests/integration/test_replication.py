@@ -18,6 +18,7 @@ import sqlite3
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -586,3 +587,62 @@ def test_promoted_replica_needs_no_mbsync_transfer(
     # The counters do count: one new message on the promoted node is one near-side new.
     deliver(pair.replica, 1, tag="after failover ")
     assert _mbsync(config)[3] == 1
+
+
+def _journal_seqs(index: Path) -> list[int]:
+    with sqlite3.connect(index) as db:
+        return [int(r[0]) for r in db.execute("SELECT seq FROM journal ORDER BY seq")]
+
+
+def test_journal_pruned_past_the_replica_leads_to_a_full_resync(
+    pair_factory: Callable[..., Pair],
+) -> None:
+    """The primary's journal no longer holds the replica's position (retention pruned the
+    entries after it): the primary finds the gap on the replica's return and repairs it,
+    divergence included, by a full resync instead of shipping around the hole."""
+    pair = pair_factory({"store": {"journal_retention": "1s", "journal_poll_interval": "200ms"}})
+    deliver(pair.primary, 6)
+    wait_caught_up(pair)
+    position = int(status(pair.replica)["last_applied"])
+    pair.replica.stop()
+    # Diverge the replica behind replication's back: a message lost (row and file), other
+    # flags on another.
+    home = pair.replica.data_dir / "mail" / "example.test" / "alice"
+    with sqlite3.connect(home / "mailgw-index.sqlite") as db:
+        (filename,) = db.execute("SELECT filename FROM messages WHERE uid = 3").fetchone()
+        db.execute("DELETE FROM messages WHERE uid = 3")
+        db.execute("UPDATE messages SET flags = 'FS' WHERE uid = 4")
+    (home / filename).unlink()
+    # The primary goes on: mail and a flag change the replica has not seen...
+    deliver(pair.primary, 3, tag="meanwhile ")
+    c = imap(pair.primary)
+    c.select("INBOX")
+    c.uid("STORE", "1:2", "+FLAGS", r"(\Seen)")
+    c.logout()
+    index = pair.primary.data_dir / "mail" / "example.test" / "alice" / "mailgw-index.sqlite"
+    with sqlite3.connect(index) as db:
+        rows = db.execute("SELECT seq, time FROM journal WHERE seq > ?", (position,)).fetchall()
+    assert rows, "the primary journaled the changes the replica missed"
+    missed = max(int(r[0]) for r in rows)
+    newest = max(float(r[1]) for r in rows)
+    # ... and its journal drops them: a writer prunes rows past the retention (1s) in its
+    # first transaction (then every 10 minutes). Once those entries are older than the
+    # retention by their own timestamps, restart the primary and change something.
+    wait_until(lambda: time.time() > newest + 1.5, 10, "the missed entries expired")
+    pair.primary.stop()
+    pair.primary.start()
+    deliver(pair.primary, 1, tag="after the restart ")  # stored after the 250: poll
+    wait_until(lambda: min(_journal_seqs(index)) > missed, 20, "journal pruned past the replica")
+    pruned_mark = pair.primary.data_dir / "journal" / "pruned"
+    assert int(pruned_mark.read_text()) >= missed
+    pair.replica.start()
+    pair.primary.wait_for_log("full resync complete", timeout=60)
+    log = pair.primary.log()
+    assert f"the replica stands at {position}: full resync" in log
+    wait_caught_up(pair)
+    verify(pair)
+    r = imap(pair.replica)
+    r.select("INBOX", readonly=True)
+    typ, data = r.uid("FETCH", "3:4", "(FLAGS)")
+    r.logout()
+    assert typ == "OK" and len(data) == 2 and b"\\Flagged" not in data[1]

@@ -295,3 +295,26 @@ def test_resync_of_a_user_the_primary_does_not_have(nodes: Any, tmp_path: Path) 
     replica.store.deliver("ghost@example.test", str(spool))
     resync(primary, replica)
     assert replica.store.open_mailbox("ghost@example.test").messages() == []
+
+
+def test_oldest_available_is_above_what_retention_pruned(nodes: Any, tmp_path: Path) -> None:
+    """Rows go by age while their route segment stays: the reader's oldest complete number
+    follows the journal's ``pruned`` mark, not only the segments."""
+    primary, _replica = nodes
+    for _ in range(3):
+        spool = tmp_path / "m"
+        spool.write_bytes(b"Subject: x\r\n\r\nx\r\n")
+        primary.store.deliver(USER, str(spool))
+    reader = Reader(primary.store, primary.directory.path)
+    try:
+        assert reader.oldest_available() == 1
+        sequencer = reader.log.sequencer
+        sequencer.begin()
+        try:
+            sequencer.record_pruned(2)
+        finally:
+            sequencer.end()
+        assert len(sequencer.segments()) == 1
+        assert reader.oldest_available() == 3
+    finally:
+        reader.close()

@@ -1,16 +1,20 @@
 """Small parts of replication: the sync barrier, the handshake proofs, the config checks,
-the state file."""
+the state file, the primary's choice between streaming and a full resync."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from mailgw.config import ConfigError, load
 from mailgw.journal.barrier import ReplicaBarrier, acked_path, read_acked, write_acked
-from mailgw.replication import state, wire
+from mailgw.replication import ship, state, wire
 from mailgw.replication.service import parse_peer
 
 
@@ -135,3 +139,56 @@ def test_the_store_refuses_writes_by_the_state_file(tmp_path: Path) -> None:
     state.write_state(str(tmp_path), "primary")  # promoted
     assert store.write_refusal() is None
     store.close()
+
+
+class _Reader:
+    def __init__(self, oldest: int) -> None:
+        self.oldest = oldest
+
+    def oldest_available(self) -> int:
+        return self.oldest
+
+
+def _handshake(
+    monkeypatch: pytest.MonkeyPatch, applied: int, oldest: int
+) -> tuple[list[str], list[int]]:
+    """Run the primary's handshake against a replica standing at ``applied`` with a journal
+    complete from ``oldest``: (what it did, where it started shipping)."""
+    did: list[str] = []
+    started: list[int] = []
+
+    def run(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        return defer.succeed(f(*args))
+
+    monkeypatch.setattr(ship, "authenticate", lambda *a, **kw: defer.succeed({"applied": applied}))
+    proto = ship.ShipperProtocol(
+        _Reader(oldest),  # type: ignore[arg-type]
+        b"s" * 32,
+        run,
+        4,
+        SimpleNamespace(connected=False, error="", acked=0),
+        Clock(),
+    )
+
+    def resync() -> defer.Deferred[int]:
+        did.append("resync")
+        return defer.succeed(99)
+
+    monkeypatch.setattr(proto, "_resync", resync)
+    monkeypatch.setattr(proto, "_pump", lambda position: started.append(position))
+    proto.handshakeCompleted()
+    return did, started
+
+
+def test_a_replica_within_the_journal_is_streamed_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _handshake(monkeypatch, 10, 11) == ([], [10])  # entry 11 is still there
+    assert _handshake(monkeypatch, 0, 1) == ([], [0])  # a new replica, nothing pruned
+
+
+def test_a_replica_below_the_journal_gets_a_full_resync(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _handshake(monkeypatch, 10, 12) == (["resync"], [99])  # entry 11 pruned
+    assert _handshake(monkeypatch, 0, 5) == (["resync"], [99])
+
+
+def test_a_replica_asking_for_a_resync_gets_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _handshake(monkeypatch, wire.RESYNC, 1) == (["resync"], [99])

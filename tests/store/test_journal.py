@@ -504,3 +504,51 @@ def test_the_tail_reads_this_processs_changes_it_was_not_handed(tmp_path: Path) 
         directory.close()
     finally:
         store.changes.stop()
+
+
+def test_retention_pruning_records_the_highest_number_it_deleted(tmp_path: Path) -> None:
+    """Rows go by age long before their route segment: readers learn from ``pruned`` that
+    numbers up to it may be gone (replication then resyncs a replica standing below)."""
+    store = make_store(tmp_path)
+    for _ in range(3):
+        deliver(store, tmp_path)
+    sequencer = Sequencer.for_dir(str(tmp_path / "journal"))
+    assert sequencer.pruned() == 0  # nothing pruned yet
+    with sqlite3.connect(index_of(tmp_path)) as db:
+        db.execute("UPDATE journal SET time = time - 7200 WHERE seq <= 4")
+    sequencer.set_retention(3600)
+    later = make_store(tmp_path)  # a new writer prunes at its first transaction
+    deliver(later, tmp_path)
+    assert sequencer.pruned() == 4
+    assert [e.seq for e in changelog(tmp_path).read(0)][0] == 5
+    assert len(sequencer.segments()) == 1  # the route segment is still there
+    sequencer.begin()
+    try:
+        sequencer.record_pruned(2)  # never goes back
+    finally:
+        sequencer.end()
+    assert sequencer.pruned() == 4
+
+
+def test_a_rolled_back_prune_is_not_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(tmp_path)
+    deliver(store, tmp_path)
+    with sqlite3.connect(index_of(tmp_path)) as db:
+        db.execute("UPDATE journal SET time = time - 7200")
+    Sequencer.for_dir(str(tmp_path / "journal")).set_retention(3600)
+    later = make_store(tmp_path)
+    flush = DBJournal.flush
+
+    def failing(self: DBJournal, conn: sqlite3.Connection) -> None:
+        flush(self, conn)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(DBJournal, "flush", failing)
+    with pytest.raises(sqlite3.OperationalError):
+        deliver(later, tmp_path)
+    monkeypatch.setattr(DBJournal, "flush", flush)
+    assert Sequencer.for_dir(str(tmp_path / "journal")).pruned() == 0
+    with sqlite3.connect(index_of(tmp_path)) as db:  # the DELETE was rolled back too
+        assert db.execute("SELECT count(*) FROM journal").fetchone()[0] > 0
