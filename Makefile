@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	rm -f .coverage .coverage.*
-	$(PY) -m pytest --cov --cov-report= $(PYTEST_ARGS)
+	$(PY) -m pytest --cov --cov-report= --durations=15 $(PYTEST_ARGS)
 	$(PY) -m coverage combine -q || true
 	$(PY) -m coverage report
 

@@ -312,10 +312,13 @@ class Node(service.MultiService):
     def startService(self) -> None:
         self.io_pool.start()
         self.tracker.start()
-        super().startService()
         if self.twistd_options is not None:  # the twistd process: not in-process tests
+            # Before the listeners: once a port answers, a SIGHUP is a reload, never the
+            # default action (the end of the process).
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
             self._sighup_installed = True
+        super().startService()
+        if self.twistd_options is not None:
             self._write_pid_file()
         # After the SIGHUP handler: the first read of the unified config takes a moment.
         self.state_service.startService()
