@@ -156,7 +156,9 @@ def _write_many(path: str, prefix: str) -> None:
 
 def test_several_processes_write_the_same_database(tmp_path: Path) -> None:
     path = str(tmp_path / "t.sqlite")
-    ctx = multiprocessing.get_context("spawn")
+    # fork, not spawn: spawned children under coverage's subprocess patch left the whole
+    # run's coverage data empty (make test reported 0%).
+    ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_write_many, args=(path, p)) for p in ("A", "B", "C")]
     for p in procs:
         p.start()
