@@ -20,6 +20,7 @@ A file with an error is refused whole: ``RulesError`` says ``file:line: what is 
 
 from __future__ import annotations
 
+import abc
 import fnmatch
 import ipaddress
 import os
@@ -191,7 +192,7 @@ class Env:
 Result = bool | Deferred[bool]
 
 
-class Match:
+class Match(abc.ABC):
     """A match line: ``stage`` (cheapest where it can be decided) and ``test(env)``."""
 
     kind = ""
@@ -205,8 +206,9 @@ class Match:
     def __init__(self, args: list[str]) -> None:
         self.args = args
 
+    @abc.abstractmethod
     def test(self, env: Env) -> Result:
-        raise NotImplementedError
+        """Whether the message (``env``) matches, now or (Deferred) later."""
 
     def __str__(self) -> str:
         return " ".join([self.kind, *self.args])
