@@ -718,15 +718,12 @@ def _rate(s: str) -> tuple[int, float]:
     return int(count), seconds
 
 
-def _host_port_or_empty(s: str) -> str:
-    s = s.strip()
-    if not s:
-        return ""
-    host, _, port = s[1:].partition("]:") if s.startswith("[") else s.rpartition(":")
-    if not host or (":" in host and not s.startswith("[")) or not port.isdigit():
-        raise ValueError(f"expected host:port or [v6]:port, got {s!r}")
-    _port(port)
-    return s
+def _host_port(text: str) -> str:
+    """Empty or ``host:port`` / ``[v6]:port``."""
+    text = text.strip()
+    if text:
+        v.parse_host_port(text)
+    return text
 
 
 def _url_blocklist(s: str) -> tuple[str, ...]:
@@ -750,7 +747,7 @@ class ReputationConfig:
         "no", v.parse_bool, "Score content and keep sender reputation (MX and submission)."
     )
     rspamd: str = key(
-        "", _host_port_or_empty, "rspamd's normal worker (host:port) for /checkv2; empty: none."
+        "", _host_port, "rspamd's normal worker (host:port) for /checkv2; empty: none."
     )
     rspamd_timeout: float = key(
         "10s", v.parse_duration, "Time limit of one rspamd request (then heuristics only)."
@@ -1309,30 +1306,20 @@ def _ip_or_empty(text: str) -> str:
     return text
 
 
-def _host_port(text: str) -> str:
-    """Empty or ``IP:PORT``."""
-    text = text.strip()
-    if text:
-        host, colon, port = text.rpartition(":")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"expected IP:PORT, got {text!r}")
-    return text
-
-
 def _mailbox_nodes(text: str) -> tuple[tuple[str, str, int], ...]:
     """``be1=127.0.0.1:8024 be2=[::1]:8024`` -> ((name, host, port), ...)."""
     out: list[tuple[str, str, int]] = []
     for word in text.split():
         name, eq, where = word.partition("=")
-        host, colon, port = where.rpartition(":")
-        host = host.strip("[]")
-        if not eq or not name or not colon or not host or not port.isdigit():
+        try:
+            host, port = v.parse_host_port(where)
+        except ValueError:
+            raise ValueError(f"expected NAME=HOST:PORT, got {word!r}") from None
+        if not eq or not name:
             raise ValueError(f"expected NAME=HOST:PORT, got {word!r}")
-        if not 0 < int(port) < 65536:
-            raise ValueError(f"port out of range in {word!r}")
         if any(n == name for n, _, _ in out):
             raise ValueError(f"node {name!r} named twice")
-        out.append((name, host, int(port)))
+        out.append((name, host, port))
     return tuple(out)
 
 
@@ -1428,13 +1415,7 @@ class LogConfig:
 
 def _redis_host_port(default_port: int) -> Callable[[str], str]:
     def parse(s: str) -> str:
-        s = s.strip()
-        host, sep, port = s.rpartition(":")
-        if not sep:
-            host, port = s, str(default_port)
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"expected HOST:PORT, got {s!r}")
-        return f"{host}:{int(port)}"
+        return v.format_host_port(*v.parse_host_port(s, default_port))
 
     return parse
 

@@ -87,3 +87,31 @@ def parse_plaintext_auth(text: str) -> str:
     if value not in ("yes", "no", "loopback"):
         raise ValueError(f"expected yes, no or loopback, got {text!r}")
     return value
+
+
+def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host without brackets, port). With
+    ``default_port``, a bare ``host`` or ``[v6]`` takes that port. ValueError otherwise
+    (an IPv6 address must be bracketed: ``::1:25`` is ambiguous)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, close, rest = text[1:].partition("]")
+        if not close or rest and not rest.startswith(":"):
+            raise ValueError(f"expected host:port or [v6]:port, got {text!r}")
+        port = rest[1:]
+        if not rest and default_port is not None:
+            port = str(default_port)
+    else:
+        host, colon, port = text.rpartition(":")
+        if not colon and default_port is not None:
+            host, port = text, str(default_port)
+        if ":" in host:
+            raise ValueError(f"expected host:port or [v6]:port, got {text!r}")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port or [v6]:port, got {text!r}")
+    return host, int(port)
+
+
+def format_host_port(host: str, port: int) -> str:
+    """The inverse of ``parse_host_port``: ``host:port``, ``[v6]:port`` for IPv6."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

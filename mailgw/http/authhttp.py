@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from mailgw.config.values import parse_host_port
 from mailgw.directory.penalty import PenalisedLogin
 
 log = Logger(namespace="mailgw.http.authhttp")
@@ -185,8 +186,7 @@ def servers_from_config(config: Any) -> Servers:
         pop3[None] = own
     smtp: tuple[str, int] | None = None
     if cluster.smtp_server:
-        host, _, port = cluster.smtp_server.rpartition(":")
-        smtp = (host.strip("[]"), int(port))
+        smtp = parse_host_port(cluster.smtp_server)
     elif config.submission.enabled:
         smtp = _listener(config.submission.listen)
     return Servers(imap, pop3, smtp)

@@ -29,6 +29,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailgw.config.values import parse_host_port
+
 log = Logger(namespace="mailgw.policy.clamd")
 
 CHUNK = 64 * 1024
@@ -66,16 +68,11 @@ def parse_server(text: str) -> tuple[str, str, int]:
         if not path.startswith("/"):
             raise ValueError(f"expected unix:/absolute/path, got {text!r}")
         return "unix", path, 0
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-        kind = "tcp6"
-    else:
-        host, _, port = text.rpartition(":")
-        kind = "tcp"
-    if not host or not port.isdigit() or not 0 < int(port) < 65536 or ":" in host and kind == "tcp":
-        raise ValueError(f"expected host:port, [v6]:port or unix:/path, got {text!r}")
-    return kind, host, int(port)
+    try:
+        host, port = parse_host_port(text)
+    except ValueError:
+        raise ValueError(f"expected host:port, [v6]:port or unix:/path, got {text!r}") from None
+    return ("tcp6" if ":" in host else "tcp"), host, port
 
 
 def parse_reply(reply: bytes) -> str | None:

@@ -21,6 +21,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from mailgw.config.values import parse_host_port
 from mailgw.journal import barrier
 from mailgw.replication import state, wire
 from mailgw.replication.apply import Applier, ReplicaProtocol
@@ -106,10 +107,7 @@ def node_id(data_dir: str) -> str:
 
 def parse_peer(peer: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port``) -> (host, port); ValueError when malformed."""
-    host, sep, port = peer.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {peer!r}")
-    return host.strip("[]"), int(port)
+    return parse_host_port(peer)
 
 
 def client_endpoint(reactor: Any, peer: str) -> Any:

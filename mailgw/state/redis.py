@@ -19,6 +19,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailgw.config.values import parse_host_port
 from mailgw.interfaces import IGatewayState, IMailboxNodes
 
 log = Logger(namespace="mailgw.state")
@@ -233,11 +234,7 @@ class _TunedSentinelFactory(txredisapi.SentinelConnectionFactory):  # type: igno
 
 
 def _addresses(items: tuple[str, ...]) -> list[tuple[str, int]]:
-    out = []
-    for item in items:
-        host, _, port = item.rpartition(":")
-        out.append((host, int(port)))
-    return out
+    return [parse_host_port(item) for item in items]
 
 
 def connect_redis(config: Any, timeout: float) -> tuple[Any, Callable[[], Any]]:

@@ -23,6 +23,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from mailgw.config.values import parse_host_port
+
 ACTION_KEYS = ("reject", "soft reject", "rewrite subject", "add header", "greylist")
 
 
@@ -39,21 +41,7 @@ class RspamdResult:
 
 def parse_address(text: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port``) -> (host, port); ValueError when it is not."""
-    text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port = text.rpartition(":")
-    if (
-        not host
-        or not port.isdigit()
-        or not 0 < int(port) < 65536
-        or ":" in host
-        and not (text.startswith("["))
-    ):
-        raise ValueError(f"expected host:port, got {text!r}")
-    return host, int(port)
+    return parse_host_port(text)
 
 
 def parse_result(body: bytes) -> RspamdResult:
