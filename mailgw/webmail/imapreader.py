@@ -229,25 +229,32 @@ class IMAPReader:
 
         return self._call(user, work)
 
-    def headers(
-        self, user: str, folder: str, uids: Sequence[int]
+    def _fetch_literals(
+        self, user: str, folder: str, uids: Sequence[int], item: str
     ) -> defer.Deferred[dict[int, bytes]]:
+        """UID -> the literal of ``item`` (``BODY.PEEK[...]``) for each of ``uids`` that exists."""
+
         def work(conn: _Connection) -> dict[int, bytes]:
             out: dict[int, bytes] = {}
             if not uids:
                 return out
             self._select(conn, folder)
-            typ, data = conn.client.uid("FETCH", _uid_set(uids), "(UID BODY.PEEK[HEADER])")
+            typ, data = conn.client.uid("FETCH", _uid_set(uids), f"(UID {item})")
             if typ != "OK":
                 raise IMAPError(f"FETCH: {data!r}")
-            for item in data:
-                if isinstance(item, tuple):
-                    uid = _UID.search(item[0])
+            for part in data:
+                if isinstance(part, tuple):
+                    uid = _UID.search(part[0])
                     if uid is not None:
-                        out[int(uid.group(1))] = bytes(item[1])
+                        out[int(uid.group(1))] = bytes(part[1])
             return out
 
         return self._call(user, work)
+
+    def headers(
+        self, user: str, folder: str, uids: Sequence[int]
+    ) -> defer.Deferred[dict[int, bytes]]:
+        return self._fetch_literals(user, folder, uids, "BODY.PEEK[HEADER]")
 
     def fetch(self, user: str, folder: str, uid: int) -> defer.Deferred[bytes]:
         def work(conn: _Connection) -> bytes:
@@ -263,22 +270,7 @@ class IMAPReader:
     def fetch_many(
         self, user: str, folder: str, uids: Sequence[int]
     ) -> defer.Deferred[dict[int, bytes]]:
-        def work(conn: _Connection) -> dict[int, bytes]:
-            out: dict[int, bytes] = {}
-            if not uids:
-                return out
-            self._select(conn, folder)
-            typ, data = conn.client.uid("FETCH", _uid_set(uids), "(UID BODY.PEEK[])")
-            if typ != "OK":
-                raise IMAPError(f"FETCH: {data!r}")
-            for item in data:
-                if isinstance(item, tuple):
-                    uid = _UID.search(item[0])
-                    if uid is not None:
-                        out[int(uid.group(1))] = bytes(item[1])
-            return out
-
-        return self._call(user, work)
+        return self._fetch_literals(user, folder, uids, "BODY.PEEK[]")
 
     def set_flags(
         self, user: str, folder: str, uids: Sequence[int], flags: Sequence[str], add: bool
