@@ -1,7 +1,9 @@
-"""Helpers for integration tests: polling, reading Maildirs, provisioning a node."""
+"""Helpers for integration tests: polling, reading Maildirs, provisioning a node, logging in."""
 
 from __future__ import annotations
 
+import imaplib
+import poplib
 import socket
 import time
 from collections.abc import Callable
@@ -11,6 +13,7 @@ from typing import Any
 from mailgw.testing.server import MailgwServer
 
 PASSWORD = "s3cret alice"
+ALICE = "alice@example.test"
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
@@ -80,3 +83,28 @@ class Session:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def pop3_login(server: MailgwServer, password: str, user: str = ALICE) -> str:
+    """Log in over POP3: ``ok`` or the server's error text."""
+    pop = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
+    try:
+        pop.user(user)
+        pop.pass_(password)
+        return "ok"
+    except poplib.error_proto as e:
+        return e.args[0].decode()
+    finally:
+        pop.quit()
+
+
+def imap_login(server: MailgwServer, password: str, user: str = ALICE) -> str:
+    """Log in over IMAP: ``ok`` or the server's error text."""
+    imap = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=30)
+    try:
+        imap.login(user, password)
+        imap.logout()
+        return "ok"
+    except imaplib.IMAP4.error as e:
+        imap.shutdown()
+        return str(e)

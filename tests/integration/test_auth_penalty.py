@@ -4,8 +4,6 @@ same answer as a wrong one; after it the right password works again."""
 
 from __future__ import annotations
 
-import imaplib
-import poplib
 import re
 import smtplib
 import ssl
@@ -16,35 +14,11 @@ from pathlib import Path
 import pytest
 
 from mailgw.testing.server import MailgwServer, free_port
-from tests.integration.helpers import PASSWORD, wait_until
+from tests.integration.helpers import PASSWORD, imap_login, pop3_login, wait_until
 
 ALICE = "alice@example.test"
 READY_LINE = re.compile(r"imap worker (\d+) \(pid (\d+)\) ready")
 LOCKOUT = 4.0
-
-
-def pop3_login(server: MailgwServer, password: str) -> str:
-    """``ok`` or the server's error text."""
-    pop = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
-    try:
-        pop.user(ALICE)
-        pop.pass_(password)
-        return "ok"
-    except poplib.error_proto as e:
-        return e.args[0].decode()
-    finally:
-        pop.quit()
-
-
-def imap_login(server: MailgwServer, password: str) -> str:
-    imap = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=30)
-    try:
-        imap.login(ALICE, password)
-        imap.logout()
-        return "ok"
-    except imaplib.IMAP4.error as e:
-        imap.shutdown()
-        return str(e)
 
 
 def smtp_login(server: MailgwServer, password: str) -> str:

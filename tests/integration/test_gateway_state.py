@@ -6,9 +6,7 @@ resume once Redis is back."""
 
 from __future__ import annotations
 
-import imaplib
 import json
-import poplib
 import re
 import smtplib
 from collections.abc import Callable, Iterator
@@ -18,7 +16,7 @@ import pytest
 
 from mailgw.testing.redis import RedisServer, redis_path
 from mailgw.testing.server import MailgwServer
-from tests.integration.helpers import PASSWORD, mailbox_files, wait_until
+from tests.integration.helpers import PASSWORD, imap_login, mailbox_files, pop3_login, wait_until
 
 pytestmark = pytest.mark.skipif(redis_path() is None, reason="redis-server not installed")
 
@@ -91,29 +89,6 @@ def send(node: MailgwServer, sender: str, rcpt: str = ALICE) -> tuple[int, str]:
         except smtplib.SMTPDataError as e:
             return e.smtp_code, e.smtp_error.decode()
     return 250, ""
-
-
-def pop3_login(node: MailgwServer, password: str) -> str:
-    pop = poplib.POP3("127.0.0.1", node.ports["pop3"], timeout=30)
-    try:
-        pop.user(ALICE)
-        pop.pass_(password)
-        return "ok"
-    except poplib.error_proto as e:
-        return e.args[0].decode()
-    finally:
-        pop.quit()
-
-
-def imap_login(node: MailgwServer, password: str) -> str:
-    imap = imaplib.IMAP4("127.0.0.1", node.ports["imap"], timeout=30)
-    try:
-        imap.login(ALICE, password)
-        imap.logout()
-        return "ok"
-    except imaplib.IMAP4.error as e:
-        imap.shutdown()
-        return str(e)
 
 
 def status(node: MailgwServer) -> dict[str, object]:
