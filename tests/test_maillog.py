@@ -16,7 +16,13 @@ from twisted.logger import (
 )
 from twisted.python import log as legacy
 
-from mailgw.maillog import ClassicLineFormatter, is_noise, use_mail_log, without_noise
+from mailgw.maillog import (
+    BatchedFileLogObserver,
+    ClassicLineFormatter,
+    is_noise,
+    use_mail_log,
+    without_noise,
+)
 
 
 def legacy_event(text: str) -> dict[str, object]:
@@ -120,3 +126,38 @@ def test_use_mail_log_text_lines_have_the_time_and_system(tmp_path) -> None:
     )
     assert line.endswith(expected.split(" ", 1)[1].rstrip("\n"))
     assert line[:4].isdigit() and line[10] == "T"
+
+
+class CountingFile(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_batched_observer_writes_one_iterations_lines_at_once() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    reactor.running = True
+    out = CountingFile()
+    observer = BatchedFileLogObserver(out, lambda e: e["log_format"] + "\n", reactor, 100)
+    for i in range(3):
+        observer({"log_format": f"line {i}"})
+    assert out.getvalue() == "" and len(reactor.getDelayedCalls()) == 1
+    reactor.advance(0)  # the end of the reactor iteration
+    assert out.getvalue() == "line 0\nline 1\nline 2\n" and out.writes == 1
+    observer({"log_format": "x" * 120})  # past max_bytes: at once
+    assert out.getvalue().endswith("x" * 120 + "\n") and out.writes == 2
+    observer({"log_format": "last"})
+    for trigger, args, kwargs in reactor.triggers["after"]["shutdown"]:
+        trigger(*args, **kwargs)
+    assert out.getvalue().endswith("last\n") and out.writes == 3
+    reactor.advance(0)  # the pending call finds nothing left
+    assert out.writes == 3
+    reactor.running = False
+    observer({"log_format": "not running"})  # before start / after stop: at once
+    assert out.getvalue().endswith("not running\n") and out.writes == 4
