@@ -4,8 +4,9 @@ naming Python objects), so that every line left is one a mail administrator read
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Any, cast
+import threading
+from collections.abc import Callable, Mapping
+from typing import IO, Any, cast
 
 from twisted.logger import (
     FileLogObserver,
@@ -15,8 +16,13 @@ from twisted.logger import (
     LegacyLogObserverWrapper,
     LogEvent,
     PredicateResult,
+    eventAsText,
+    formatTime,
 )
+from twisted.python.compat import ioType
 from twisted.python.components import Componentized
+from twisted.python.threadable import isInIOThread
+from zope.interface import implementer
 
 _NOISY_FORMATS = frozenset(
     {
@@ -48,6 +54,89 @@ def is_noise(event: LogEvent) -> bool:
     return False
 
 
+class ClassicLineFormatter:
+    """Twisted's classic text line (``formatEventAsClassicLogText``: ``TIME [SYSTEM] TEXT``
+    with an RFC 3339 time to the second), with the time text computed once per second:
+    formatting the time with its local offset is most of the cost of a log line (measured:
+    about 80 µs of 120 µs for a one-field line)."""
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._stamp = "-"
+
+    def _time(self, when: float | None) -> str:
+        if when is None:
+            return "-"
+        second = int(when // 1)
+        if second != self._second:
+            self._stamp = formatTime(second)
+            self._second = second
+        return self._stamp
+
+    def __call__(self, event: LogEvent) -> str | None:
+        text = eventAsText(event, formatTime=self._time)
+        if not text:
+            return None
+        return text.replace("\n", "\n\t") + "\n"
+
+
+@implementer(ILogObserver)
+class BatchedFileLogObserver:
+    """``FileLogObserver`` that writes the lines of one reactor iteration with one
+    ``write`` and ``flush``: a busy relay logs a line per delivery, and one write system
+    call per line was about a tenth of its reactor thread's time under load. The batch is
+    written at the end of the reactor iteration (``callLater(0)``; from another thread
+    through ``callFromThread``), at once when it passes ``max_bytes``, and at shutdown, so
+    a line reaches the file within one iteration of the reactor."""
+
+    def __init__(
+        self,
+        out_file: IO[Any],
+        format_event: Callable[[LogEvent], str | None],
+        reactor: Any,
+        max_bytes: int = 64 * 1024,
+    ) -> None:
+        self.out_file = out_file
+        self.format_event = format_event
+        self.reactor = reactor
+        self.max_bytes = max_bytes
+        self._encoding = None if ioType(out_file) is str else "utf-8"
+        self._lines: list[str] = []
+        self._size = 0
+        self._lock = threading.Lock()
+        reactor.addSystemEventTrigger("after", "shutdown", self.flush)
+
+    def __call__(self, event: LogEvent) -> None:
+        text = self.format_event(event)
+        if not text:
+            return
+        with self._lock:
+            first = not self._lines
+            self._lines.append(text)
+            self._size += len(text)
+            full = self._size >= self.max_bytes
+        if full or not self.reactor.running:
+            self.flush()
+        elif first:
+            if isInIOThread():
+                self.reactor.callLater(0, self.flush)
+            else:
+                self.reactor.callFromThread(self.flush)
+
+    def flush(self) -> None:
+        """Write and flush what is pending."""
+        with self._lock:
+            lines, self._lines, self._size = self._lines, [], 0
+            if not lines:
+                return
+            text = "".join(lines)
+            if self._encoding is None:
+                self.out_file.write(text)
+            else:
+                self.out_file.write(text.encode(self._encoding))
+            self.out_file.flush()
+
+
 def _predicate(event: LogEvent) -> PredicateResult:
     return PredicateResult.no if is_noise(event) else PredicateResult.maybe
 
@@ -62,14 +151,19 @@ def without_noise(observer: Any) -> ILogObserver:
 
 
 def use_mail_log(
-    application: object, twistd_options: Mapping[str, Any], log_format: str = "text"
+    application: object,
+    twistd_options: Mapping[str, Any],
+    log_format: str = "text",
+    reactor: Any = None,
 ) -> None:
     """Make twistd log ``application`` through ``without_noise``: the log observer twistd
     would make itself from ``twistd_options`` (``--logfile``, ``--syslog``, stdout with
     ``-n``; SIGUSR1 reopens the file), set as the application's ``ILogObserver``, which
     twistd prefers. ``log_format`` ``json``: the same file gets JSON lines
-    (``mailgw.logjson``; syslog keeps text). Nothing changes when ``--logger`` names another
-    observer factory, or when the application already has one (a .tac file's)."""
+    (``mailgw.logjson``; syslog keeps text). With ``reactor``, a file's lines are written
+    once per reactor iteration (``BatchedFileLogObserver``). Nothing changes when
+    ``--logger`` names another observer factory, or when the application already has one
+    (a .tac file's)."""
     if not isinstance(application, Componentized) or twistd_options.get("logger"):
         return
     if application.getComponent(ILogObserver, None) is not None:
@@ -78,8 +172,14 @@ def use_mail_log(
 
     app_logger = _SomeApplicationRunner.loggerFactory(twistd_options)
     observer = app_logger._getLogObserver()
-    if log_format == "json" and isinstance(observer, FileLogObserver):
-        from mailgw.logjson import json_line
+    if isinstance(observer, FileLogObserver):  # twistd's textFileLogObserver
+        format_event: Callable[[LogEvent], str | None] = ClassicLineFormatter()  # same lines
+        if log_format == "json":
+            from mailgw.logjson import json_line
 
-        observer = FileLogObserver(observer._outFile, json_line)
+            format_event = json_line
+        if reactor is not None:
+            observer = BatchedFileLogObserver(observer._outFile, format_event, reactor)
+        else:
+            observer = FileLogObserver(observer._outFile, format_event)
     application.setComponent(ILogObserver, without_noise(observer))

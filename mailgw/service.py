@@ -306,7 +306,7 @@ class Node(service.MultiService):
         if self.twistd_options is not None:  # parent: twistd's Application
             from mailgw.maillog import use_mail_log
 
-            use_mail_log(parent, self.twistd_options, self.config.log.format)
+            use_mail_log(parent, self.twistd_options, self.config.log.format, self.reactor)
         super().setServiceParent(parent)
 
     def startService(self) -> None:

@@ -12,10 +12,17 @@ from twisted.logger import (
     LogLevel,
     LogPublisher,
     formatEvent,
+    formatEventAsClassicLogText,
 )
 from twisted.python import log as legacy
 
-from mailgw.maillog import is_noise, use_mail_log, without_noise
+from mailgw.maillog import (
+    BatchedFileLogObserver,
+    ClassicLineFormatter,
+    is_noise,
+    use_mail_log,
+    without_noise,
+)
 
 
 def legacy_event(text: str) -> dict[str, object]:
@@ -85,3 +92,72 @@ def test_use_mail_log_leaves_other_choices_alone() -> None:
     use_mail_log(app, {"logfile": "-", "nodaemon": True})
     assert app.getComponent(ILogObserver) is mine
     use_mail_log(object(), {})  # not an application: nothing to do
+
+
+def test_classic_line_formatter_writes_twisteds_lines() -> None:
+    """The cached-time formatter gives the very lines of twistd's text observer, across
+    second boundaries, for multi-line texts, events without time and without text."""
+    fmt = ClassicLineFormatter()
+    events = [
+        {"log_format": "{a} {b}", "a": 1, "b": "x", "log_namespace": "mailgw.relay"},
+        {"log_format": "two\nlines", "log_system": "mx,3,127.0.0.1"},
+        {"log_format": "no time", "log_level": LogLevel.warn},
+        {"log_format": "", "log_time": 1.0},
+        {"message": ("legacy",), "log_format": "{log_text}", "log_text": "legacy"},
+    ]
+    start = 1_765_000_000.0
+    for i in range(12):
+        for event in events:
+            event = dict(event)
+            if event.get("log_format") != "no time":
+                event["log_time"] = start + i * 0.45
+            assert fmt(event) == formatEventAsClassicLogText(event), event
+
+
+def test_use_mail_log_text_lines_have_the_time_and_system(tmp_path) -> None:
+    app = Application("mailgw")
+    path = tmp_path / "twistd.log"
+    use_mail_log(app, {"logfile": str(path), "nodaemon": True, "syslog": False, "logger": None})
+    observer = app.getComponent(ILogObserver)
+    Logger(namespace="mailgw.relay", observer=observer).info("{line}", line="Q1 result=ok")
+    [line] = path.read_text().splitlines()
+    expected = formatEventAsClassicLogText(
+        {"log_format": "Q1 result=ok", "log_namespace": "mailgw.relay", "log_level": LogLevel.info}
+    )
+    assert line.endswith(expected.split(" ", 1)[1].rstrip("\n"))
+    assert line[:4].isdigit() and line[10] == "T"
+
+
+class CountingFile(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_batched_observer_writes_one_iterations_lines_at_once() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    reactor.running = True
+    out = CountingFile()
+    observer = BatchedFileLogObserver(out, lambda e: e["log_format"] + "\n", reactor, 100)
+    for i in range(3):
+        observer({"log_format": f"line {i}"})
+    assert out.getvalue() == "" and len(reactor.getDelayedCalls()) == 1
+    reactor.advance(0)  # the end of the reactor iteration
+    assert out.getvalue() == "line 0\nline 1\nline 2\n" and out.writes == 1
+    observer({"log_format": "x" * 120})  # past max_bytes: at once
+    assert out.getvalue().endswith("x" * 120 + "\n") and out.writes == 2
+    observer({"log_format": "last"})
+    for trigger, args, kwargs in reactor.triggers["after"]["shutdown"]:
+        trigger(*args, **kwargs)
+    assert out.getvalue().endswith("last\n") and out.writes == 3
+    reactor.advance(0)  # the pending call finds nothing left
+    assert out.writes == 3
+    reactor.running = False
+    observer({"log_format": "not running"})  # before start / after stop: at once
+    assert out.getvalue().endswith("not running\n") and out.writes == 4

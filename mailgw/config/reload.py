@@ -90,6 +90,7 @@ RELOADABLE: dict[str, frozenset[str]] = {
             "dns_timeout",
             "connection_idle",
             "connection_reuse",
+            "connection_reuse_time",
             "scan_interval",
             "status_interval",
         }

@@ -525,7 +525,10 @@ class RelayConfig:
     command_timeout: float = key("5m", v.parse_duration, "Wait for one SMTP reply.")
     connection_idle: float = key("30s", v.parse_duration, "Keep an idle session for reuse.")
     connection_reuse: int = key(
-        "100", v.parse_positive_int, "Messages sent over one session before it is closed."
+        "1000", v.parse_positive_int, "Messages sent over one session before it is closed."
+    )
+    connection_reuse_time: float = key(
+        "5m", v.parse_duration, "No new message over a session older than this (then closed)."
     )
     scan_interval: float = key(
         "1m", v.parse_duration, "Rescan of the retry queue (picks up queue flush/release)."

@@ -8,11 +8,14 @@ Layers, bottom up:
   AUTH); ``send(tx)`` runs one transaction (MAIL/RCPT/DATA, pipelined when offered) and
   streams the message file with CRLF normalisation and dot-stuffing (``DataEncoder``);
   ``reset()`` (RSET) and ``quit()``.
-- ``ConnectionPool``: idle sessions keyed by the caller (e.g. (channel, MX address, port)),
-  checked with RSET before they are kept, closed after an idle timeout.
+- ``ConnectionPool``: idle sessions keyed by the caller (e.g. (channel, MX address, port))
+  and the session's identity (TLS policy, AUTH, HELO), reused for at most ``max_reuse``
+  messages and ``max_age`` seconds (Postfix's connection cache); RSET only after a
+  transaction left unfinished; closed after an idle timeout.
 - ``deliver()``: try the targets (MX addresses or smarthosts) in order until one takes the
-  transaction; returns a ``DeliveryResult`` with the connection facts and per-recipient
-  replies. ``classify()`` sorts a reply or error for the failover logic.
+  transaction (a cached session the server dropped before the content went out is replaced
+  by a fresh one at once); returns a ``DeliveryResult`` with the connection facts and
+  per-recipient replies. ``classify()`` sorts a reply or error for the failover logic.
 
 Nothing here imports the global reactor; everything takes ``reactor``.
 """
@@ -494,6 +497,22 @@ def _client_tls_options(options: ClientOptions, target: Target) -> Any:
     return ssl.CertificateOptions(verify=False)
 
 
+def session_identity(options: ClientOptions) -> tuple[Any, ...]:
+    """The options that make a session what it is: only a session opened with the same
+    TLS policy and name, AUTH, HELO, source address and protocol is reused."""
+    return (
+        options.tls,
+        options.tls_verify,
+        options.tls_hostname if options.tls_verify else None,
+        options.tls_ca_file if options.tls_verify else None,
+        options.auth,
+        options.auth_plaintext,
+        options.helo,
+        options.bind_address,
+        options.lmtp,
+    )
+
+
 def _family(address: str) -> int:
     return ipaddress.ip_address(address).version
 
@@ -516,6 +535,14 @@ class SMTPConnection:
         self.transactions = 0
         self.source_address = ""
         self.pooled = False
+        self.opened_at = reactor.seconds()
+        self.identity = session_identity(options)
+        self.content_sent = False
+        """Part of the current transaction's content went out (a retry could duplicate)."""
+        """What the session was opened for (``session_identity`` of the caller's options)."""
+        self.needs_reset = False
+        """A transaction was started and not completed (no final reply after the data):
+        RSET before the session is reused."""
 
     @property
     def alive(self) -> bool:
@@ -661,20 +688,28 @@ class SMTPConnection:
         if isinstance(mail, Reply):
             return TransactionResult({r: mail for r in tx.recipients}, mail)
         self.transactions += 1
+        self.needs_reset = True  # until the transaction completes with a final reply
+        self.content_sent = False
         p = self.protocol
         replies: dict[str, Reply] = {}
         if "PIPELINING" in self.extensions:
             mail_d = p.command(mail, "mail", t.mail)
             rcpt_ds = [(r, p.command(f"RCPT TO:<{r}>", "rcpt", t.rcpt)) for r in tx.recipients]
             data_d = p.command("DATA", "data", t.data_init)
-            mail_reply = await mail_d
-            for r, d in rcpt_ds:
-                replies[r] = await d
-            data_reply = await data_d
+            try:
+                mail_reply = await mail_d
+                for r, d in rcpt_ds:
+                    replies[r] = await d
+                data_reply = await data_d
+            except BaseException:
+                for d in (mail_d, *(d for _, d in rcpt_ds), data_d):
+                    d.addErrback(lambda _: None)  # failed with the session: nobody waits
+                raise
             if not mail_reply.is_positive:
                 self._check_closing(mail_reply)
                 if data_reply.code == 354:
                     await self._finish_data(b"", t.data_end)
+                    self.needs_reset = False
                 return TransactionResult({r: mail_reply for r in tx.recipients}, mail_reply)
         else:
             mail_reply = await p.command(mail, "mail", t.mail)
@@ -699,6 +734,7 @@ class SMTPConnection:
             return TransactionResult(replies, data_reply if accepted else None)
         if not accepted:  # RFC 2920: 354 after all RCPTs failed: send an empty body
             final = await self._finish_data(b"", t.data_end)
+            self.needs_reset = False
             return TransactionResult(replies, None)
         more: list[Deferred[Reply]] = []
         try:
@@ -708,6 +744,7 @@ class SMTPConnection:
                 d.addErrback(lambda _: None)
             raise
         self._check_closing(final)
+        self.needs_reset = False  # a final reply to the data ends the transaction
         if self.options.lmtp:  # RFC 2033 4.2: one reply per accepted recipient, in order
             replies[accepted[0]] = final
             try:
@@ -742,6 +779,7 @@ class SMTPConnection:
         encoder = DataEncoder()
         transport = self.protocol.transport
         assert transport is not None
+        self.content_sent = True
 
         def expect_more() -> None:
             for _ in range(extra):
@@ -816,40 +854,82 @@ class _ChunkSender(FileSender):
 
 
 class ConnectionPool:
-    """Idle SMTP sessions for reuse, keyed by the caller (e.g. (channel, address, port)).
+    """Idle SMTP sessions for reuse (Postfix's connection cache), keyed by the caller (e.g.
+    (channel, source, address, port)) and by the session's identity (``session_identity``:
+    TLS policy and name, AUTH, HELO, protocol), so a session is only reused for mail that
+    would have opened the same one.
 
-    ``give`` checks a session with RSET before keeping it; sessions are closed (QUIT) after
-    ``idle_timeout`` seconds unused, after ``max_reuse`` transactions, or when the server
-    drops them. ``take`` returns a live idle session or None.
+    ``give`` keeps a session at once after a completed transaction; only one left in the
+    middle (MAIL or every RCPT refused, DATA refused) is checked with RSET first. Sessions
+    are closed (QUIT) after ``idle_timeout`` seconds unused, after ``max_reuse``
+    transactions, once older than ``max_age`` seconds (checked when given back and when
+    taken: a session in use is never cut), or when the server drops them. ``take`` returns a
+    live idle session or None.
     """
 
-    def __init__(self, reactor: Any, idle_timeout: float = 30.0, max_reuse: int = 100) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        idle_timeout: float = 30.0,
+        max_reuse: int = 1000,
+        max_age: float = 300.0,
+    ) -> None:
         self.reactor = reactor
         self.idle_timeout = idle_timeout
         self.max_reuse = max_reuse
+        self.max_age = max_age
         self.idle: dict[Any, list[tuple[SMTPConnection, Any]]] = {}
+        self.opened = 0
+        """Sessions handed out fresh by ``deliver`` (for status and tests)."""
 
-    def take(self, key: Any) -> SMTPConnection | None:
-        entries = self.idle.get(key, [])
-        while entries:
-            conn, timer = entries.pop()
+    def _expired(self, conn: SMTPConnection) -> bool:
+        return (
+            conn.transactions >= self.max_reuse
+            or self.reactor.seconds() - conn.opened_at >= self.max_age
+        )
+
+    def take(self, key: Any, identity: Any = None) -> SMTPConnection | None:
+        """The most recently used live session under ``key`` whose identity matches (any
+        identity when ``identity`` is None); dead or too old ones met on the way are closed."""
+        entries = self.idle.get(key)
+        if not entries:
+            return None
+        for index in range(len(entries) - 1, -1, -1):
+            conn, timer = entries[index]
+            if identity is not None and conn.identity != identity:
+                continue
+            del entries[index]
             if timer.active():
                 timer.cancel()
-            if conn.alive:
+            if conn.alive and not self._expired(conn):
                 if not entries:
                     self.idle.pop(key, None)
                 return conn
-        self.idle.pop(key, None)
+            if conn.alive:
+                conn.quit()
+            else:
+                conn.close()
+        if not entries:
+            self.idle.pop(key, None)
         return None
 
     def give(self, key: Any, conn: SMTPConnection) -> Deferred[None]:
-        """Keep ``conn`` for reuse if RSET succeeds; fires when it is kept or closed."""
-        if not conn.alive or conn.transactions >= self.max_reuse:
+        """Keep ``conn`` for reuse (after an RSET only if its last transaction was left
+        unfinished); fires when it is kept or closed."""
+        if not conn.alive or self._expired(conn):
             return conn.quit()
-        return conn.reset().addCallbacks(
-            lambda reply: self._keep(key, conn) if reply.code == 250 else conn.quit(),
-            lambda _: conn.close(),
-        )
+        if not conn.needs_reset:
+            self._keep(key, conn)
+            return succeed(None)
+
+        def reset(reply: Reply) -> Deferred[None] | None:
+            if reply.code != 250:
+                return conn.quit()
+            conn.needs_reset = False
+            self._keep(key, conn)
+            return None
+
+        return conn.reset().addCallbacks(reset, lambda _: conn.close())
 
     def _keep(self, key: Any, conn: SMTPConnection) -> None:
         if not conn.alive:
@@ -925,7 +1005,16 @@ async def _open(
         result.attempts.append(
             f"{target.name}[{target.address}]:{target.port}: {e}; retry without TLS"
         )
-        return await SMTPConnection.connect(reactor, target, replace(options, tls="none"))
+        conn = await SMTPConnection.connect(reactor, target, replace(options, tls="none"))
+        conn.identity = session_identity(options)  # reused for the same policy
+        return conn
+
+
+def _stale(e: SMTPClientError, conn: SMTPConnection | None) -> bool:
+    """A reused session failed before any of the message's content was written."""
+    if isinstance(e, SMTPTimeout):
+        return False  # a server that hangs is not a stale cache entry
+    return conn is None or not conn.content_sent
 
 
 async def _deliver(
@@ -942,13 +1031,14 @@ async def _deliver(
     if not tried:
         result.error = ConnectFailed("no target to connect to", "connect")
         return result
+    identity = session_identity(options)
     for index, target in enumerate(tried):
         last = index == len(tried) - 1
         key = (pool_key, target.address, target.port)
         result = DeliveryResult(attempts=result.attempts)
         result.mx, result.address, result.port = target.name, target.address, target.port
         where = f"{target.name}[{target.address}]:{target.port}"
-        conn = pool.take(key) if pool is not None else None
+        conn = pool.take(key, identity) if pool is not None else None
         result.reused = conn is not None
         outcome: TransactionResult | None = None
         for _fresh_try in range(2):
@@ -956,21 +1046,29 @@ async def _deliver(
                 if conn is None:
                     conn = await _open(reactor, target, options, result)
                     result.reused = False
+                    if pool is not None:
+                        pool.opened += 1
                 result.connected, result.tls = True, conn.tls
                 result.source_address = conn.source_address
                 outcome = await conn.send(tx)
-                break
             except SMTPClientError as e:
                 if conn is not None:
                     conn.close()
-                if result.reused and not isinstance(e, SMTPTimeout):
-                    # A pooled session the server dropped meanwhile: try a fresh one once.
+                if result.reused and _stale(e, conn):
+                    # A cached session the server dropped meanwhile, found before any of
+                    # the content went out: the same transaction on a fresh session, at once.
                     conn, result.reused = None, False
                     continue
                 result.error, result.reply = e, e.reply
                 result.connected = not isinstance(e, ConnectFailed)
                 result.attempts.append(f"{where}: {e}")
                 break
+            if result.reused and _closing_at_mail(outcome, conn):
+                # 421 to MAIL on a cached session: the server was closing it (idle timeout).
+                conn.close()
+                conn, result.reused, outcome = None, False, None
+                continue
+            break
         if outcome is None or conn is None:
             continue
         result.recipients, result.reply = outcome.recipients, outcome.reply
@@ -991,3 +1089,14 @@ async def _deliver(
             continue
         return result
     return result
+
+
+def _closing_at_mail(outcome: TransactionResult, conn: SMTPConnection) -> bool:
+    reply = outcome.reply
+    return (
+        reply is not None
+        and reply.code == 421
+        and not conn.content_sent
+        and not outcome.accepted
+        and all(r == reply for r in outcome.recipients.values())
+    )

@@ -139,7 +139,12 @@ def build_relay(config: Config, spool: Any, reactor: Any, run: Runner) -> RelayS
         _schedule(config),
         config.server.hostname,
         run=run,
-        pool=ConnectionPool(reactor, idle_timeout=r.connection_idle, max_reuse=r.connection_reuse),
+        pool=ConnectionPool(
+            reactor,
+            idle_timeout=r.connection_idle,
+            max_reuse=r.connection_reuse,
+            max_age=r.connection_reuse_time,
+        ),
         settings=_settings(config),
         classifier=_classifier(r),
         signer=signer,
@@ -169,6 +174,7 @@ def reconfigure_relay(relay: RelayScheduler, config: Config) -> None:
     relay.classifier = _classifier(r)
     relay.pool.idle_timeout = r.connection_idle
     relay.pool.max_reuse = r.connection_reuse
+    relay.pool.max_age = r.connection_reuse_time
     if relay.threadpool is not None:  # DNS servers and time limit (its cache starts empty)
         relay.resolver = MXResolver(
             relay.reactor, relay.threadpool, r.resolvers, timeout=r.dns_timeout

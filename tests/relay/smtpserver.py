@@ -35,6 +35,9 @@ class Script:
     silent_on: set[str] = field(default_factory=set)  # command verbs never answered
     close_after_end: bool = False
     close_on_data: bool = False  # answer DATA with 354, then drop the connection
+    close_after_messages: int = 0  # close right after the end reply of the Nth message
+    mail_421_after: int = 0  # after N messages, answer the next MAIL with 421 and close
+    drop_before_end_reply_after: int = 0  # after N messages, take the next one's data and drop
 
 
 class Recorder:
@@ -46,6 +49,9 @@ class Recorder:
         self.tls_sessions = 0
         self.connections = 0
         self.protocols: list[ScriptedSMTP] = []
+        self.unanswered: list[bytes] = []  # data taken, connection dropped before the reply
+        self.open_now = 0
+        self.max_open = 0  # most sessions open at once
 
 
 class ScriptedSMTP(Protocol):
@@ -56,9 +62,14 @@ class ScriptedSMTP(Protocol):
         self.in_data = False
         self.data = b""
         self.tls = False
+        self.mails = 0  # MAIL commands on this connection
+        self.messages = 0  # messages taken (end of data answered) on this connection
+        self.closing = False  # hung up: what the client pipelined after is ignored
 
     def connectionMade(self) -> None:
         self.rec.connections += 1
+        self.rec.open_now += 1
+        self.rec.max_open = max(self.rec.max_open, self.rec.open_now)
         self.rec.protocols.append(self)
         self.rec.peers.append(self.transport.getPeer().host)
         if self.script.refuse_connection:
@@ -67,13 +78,20 @@ class ScriptedSMTP(Protocol):
         if self.script.greeting is not None:
             self.send(self.script.greeting)
 
+    def connectionLost(self, reason: Any = None) -> None:
+        self.rec.open_now -= 1
+
+    def hang_up(self) -> None:
+        self.closing = True
+        self.transport.loseConnection()
+
     def send(self, text: str) -> None:
         self.transport.write(text.replace("\n", "\r\n").encode() + b"\r\n")
 
     def dataReceived(self, data: bytes) -> None:
         self.rec.chunks.append(data)
         self.buffer += data
-        while True:
+        while not self.closing:
             if self.in_data:
                 end = self.buffer.find(b"\r\n.\r\n")
                 if self.data == b"" and self.buffer.startswith(b".\r\n"):
@@ -83,11 +101,19 @@ class ScriptedSMTP(Protocol):
                 self.data = self.buffer[: end + 2] if end >= 0 else b""
                 self.buffer = self.buffer[end + 5 :]
                 self.in_data = False
-                self.rec.messages.append(self.data)
-                self.data = b""
+                self.data, message = b"", self.data
+                drop = self.script.drop_before_end_reply_after
+                if drop and self.messages >= drop:
+                    self.rec.unanswered.append(message)
+                    self.hang_up()  # took the data, never answered
+                    return
+                self.rec.messages.append(message)
+                self.messages += 1
                 self.send(self.script.end_reply)
-                if self.script.close_after_end:
-                    self.transport.loseConnection()
+                close = self.script.close_after_messages
+                if self.script.close_after_end or (close and self.messages >= close):
+                    self.hang_up()
+                    return
                 continue
             line, sep, rest = self.buffer.partition(b"\r\n")
             if not sep:
@@ -139,6 +165,11 @@ class ScriptedSMTP(Protocol):
                 self.login_state = []
                 self.send("334 VXNlcm5hbWU6")
         elif verb == "MAIL":
+            self.mails += 1
+            if s.mail_421_after and self.messages >= s.mail_421_after:
+                self.send("421 4.4.2 mx.test idle too long, closing")
+                self.hang_up()
+                return
             self.send(s.mail_reply)
         elif verb == "RCPT":
             address = line[line.index("<") + 1 : line.index(">")]

@@ -24,6 +24,7 @@ from mailgw.relay.client import (
     AuthFailure,
     ClientOptions,
     ConnectFailed,
+    ConnectionClosed,
     ConnectionPool,
     ProtocolError,
     SessionRejected,
@@ -463,7 +464,8 @@ async def test_connection_reuse_for_three_messages(servers, message) -> None:
         assert result.reply is not None and result.reply.code == 250
         assert result.reused == (i > 0)
     assert rec.connections == 1 and len(rec.messages) == 3
-    assert rec.commands.count("RSET") == 3 and "QUIT" not in rec.commands
+    # Each transaction ended with its final reply: no RSET is needed before the next MAIL.
+    assert rec.commands.count("RSET") == 0 and "QUIT" not in rec.commands
     assert pool.count() == 1 and pool.count(("ch", "127.0.0.1", target.port)) == 1
     await until(lambda: "QUIT" in rec.commands)  # idle timeout
     assert pool.count() == 0
@@ -505,13 +507,131 @@ async def test_pool_does_not_keep_sessions_after_421_or_failed_rset(servers, mes
     pool = ConnectionPool(reactor)
     await within(deliver(reactor, tx(message), [target], OPTS, pool, "ch"))
     assert pool.count() == 0
-    target, rec = servers(Script(rset_reply="500 what"))
+    refused = {"rcpt@dest.test": "550 5.1.1 no such user"}
+    target, rec = servers(Script(extensions=[], rset_reply="500 what", rcpt_replies=refused))
     await within(deliver(reactor, tx(message), [target], OPTS, pool, "ch"))
-    assert pool.count() == 0 and "QUIT" in rec.commands
+    assert rec.commands[-2:] == ["RSET", "QUIT"]  # a transaction left open: RSET, refused
+    assert pool.count() == 0
     target, rec = servers()
     limited = ConnectionPool(reactor, max_reuse=1)
     await within(deliver(reactor, tx(message), [target], OPTS, limited, "ch"))
     assert limited.count() == 0 and "RSET" not in rec.commands
+
+
+@pytest_twisted.ensureDeferred
+async def test_rset_only_after_a_transaction_left_open(servers, message) -> None:
+    refused = {"gone@dest.test": "550 5.1.1 no such user"}
+    target, rec = servers(Script(extensions=[], rcpt_replies=refused))  # no PIPELINING: no DATA
+    pool = ConnectionPool(reactor)
+    for rcpt in ("a@dest.test", "gone@dest.test", "b@dest.test", "c@dest.test"):
+        await within(deliver(reactor, tx(message, rcpt), [target], OPTS, pool, "ch"))
+    verbs = [c.split()[0] for c in rec.commands]
+    ok, refused_rcpt = ["MAIL", "RCPT", "DATA"], ["MAIL", "RCPT"]
+    assert verbs == ["EHLO", *ok, *refused_rcpt, "RSET", *ok, *ok]
+    assert rec.connections == 1 and len(rec.messages) == 3
+    await within(pool.close_all())
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_per_session_are_limited(servers, message) -> None:
+    target, rec = servers()
+    pool = ConnectionPool(reactor, max_reuse=3)
+    for i in range(7):
+        result = await within(
+            deliver(reactor, tx(message, f"r{i}@dest.test"), [target], OPTS, pool, "ch")
+        )
+        assert result.reply is not None and result.reply.code == 250
+    assert [p.mails for p in rec.protocols] == [3, 3, 1]
+    assert len(rec.messages) == 7 and rec.commands.count("QUIT") == 2
+    await within(pool.close_all())
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_older_than_the_reuse_time_are_not_reused(servers, message) -> None:
+    target, rec = servers()
+    pool = ConnectionPool(reactor, max_age=0.2)
+    await within(deliver(reactor, tx(message), [target], OPTS, pool, "ch"))
+    assert pool.count() == 1
+    await sleep(0.3)
+    result = await within(deliver(reactor, tx(message), [target], OPTS, pool, "ch"))
+    assert result.reply is not None and result.reply.code == 250 and not result.reused
+    assert rec.connections == 2 and [p.mails for p in rec.protocols] == [1, 1]
+    await until(lambda: "QUIT" in rec.commands)  # the old one was closed when met
+    await within(pool.close_all())
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_are_reused_only_for_the_same_identity(servers, message) -> None:
+    target, rec = servers()
+    pool = ConnectionPool(reactor)
+    other_helo = ClientOptions(helo="other.test", timeouts=FAST)
+    for options in (OPTS, other_helo, OPTS, other_helo):
+        await within(deliver(reactor, tx(message), [target], options, pool, "ch"))
+    assert rec.connections == 2 and [p.mails for p in rec.protocols] == [2, 2]
+    assert [c for c in rec.commands if c.startswith("EHLO")] == [
+        "EHLO relay.test",
+        "EHLO other.test",
+    ]
+    await within(pool.close_all())
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_closing_cached_sessions_loses_and_duplicates_nothing(
+    servers, message
+) -> None:
+    """The server hangs up after every third message of a session; whether the client sees
+    that while the session is cached or only when it sends MAIL, each message is delivered
+    exactly once, on a fresh session, with no error reported."""
+    target, rec = servers(Script(close_after_messages=3))
+    pool = ConnectionPool(reactor)
+    for i in range(10):
+        rcpt = f"r{i}@dest.test"
+        if i == 6:  # the client has not read the hang-up yet: found only at MAIL
+            conn = pool.idle[("ch", "127.0.0.1", target.port)][0][0]
+            conn.protocol.transport.pauseProducing()
+            await until(lambda: not rec.protocols[-1].transport.connected)
+            conn.protocol.transport.resumeProducing()
+        result = await within(deliver(reactor, tx(message, rcpt), [target], OPTS, pool, "ch"))
+        assert result.reply is not None and result.reply.code == 250, result.attempts
+        assert result.error is None
+        if i == 6:  # the stale session failed while MAIL was awaited, then a fresh one took it
+            error = conn.protocol._error
+            assert isinstance(error, ConnectionClosed) and error.stage == "mail"
+            assert not result.reused
+    rcpts = [c for c in rec.commands if c.startswith("RCPT")]
+    assert sorted(rcpts) == sorted(f"RCPT TO:<r{i}@dest.test>" for i in range(10))
+    assert len(rec.messages) == 10 and rec.connections == 4
+    assert [p.messages for p in rec.protocols] == [3, 3, 3, 1]
+    await within(pool.close_all())
+
+
+@pytest_twisted.ensureDeferred
+async def test_421_to_mail_on_a_cached_session_is_retried_on_a_fresh_one(servers, message) -> None:
+    target, rec = servers(Script(mail_421_after=2))
+    pool = ConnectionPool(reactor)
+    for i in range(5):
+        result = await within(
+            deliver(reactor, tx(message, f"r{i}@dest.test"), [target], OPTS, pool, "ch")
+        )
+        assert result.reply is not None and result.reply.code == 250, result.attempts
+    assert len(rec.messages) == 5 and rec.connections == 3
+    assert [p.messages for p in rec.protocols] == [2, 2, 1]
+    await within(pool.close_all())
+
+
+@pytest_twisted.ensureDeferred
+async def test_lost_after_the_content_is_not_resent_on_a_fresh_session(servers, message) -> None:
+    """A cached session lost after the message went out (no reply to the end of data) may
+    have delivered it: the client reports the failure instead of sending it again."""
+    target, rec = servers(Script(drop_before_end_reply_after=1))
+    pool = ConnectionPool(reactor)
+    await within(deliver(reactor, tx(message, "first@dest.test"), [target], OPTS, pool, "ch"))
+    result = await within(
+        deliver(reactor, tx(message, "second@dest.test"), [target], OPTS, pool, "ch")
+    )
+    assert result.reused and result.error is not None and result.error.stage == "data-end"
+    assert result.outcome("second@dest.test") == CHANNEL_FAILURE
+    assert rec.connections == 1 and len(rec.messages) == 1 and len(rec.unanswered) == 1
 
 
 @pytest_twisted.ensureDeferred
