@@ -50,7 +50,7 @@ ALIAS_ADDED = "alias.added"
 ALIAS_REMOVED = "alias.removed"
 GROUP_ADDED = "group.added"
 """Payload ``group``. Group changes are journaled with an empty ``user`` (groups belong to
-no domain); replication does not ship them yet."""
+no domain); replication ships the whole group table with each."""
 GROUP_REMOVED = "group.removed"
 """Payload ``group``, ``members`` (how many it had)."""
 GROUP_MEMBER_ADDED = "group.member_added"
