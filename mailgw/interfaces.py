@@ -55,6 +55,12 @@ class IDirectory(Interface):
     def quota_for(name: str) -> int | None:
         """Storage quota in bytes for the user (None: unlimited)."""
 
+    def in_group(name: str, groups: tuple[str, ...]) -> bool:
+        """True when user ``name`` (canonical) is a member of one of ``groups`` (lower-case
+        group names; unknown ones are simply not matched). Asked at check time by the rules'
+        ``group`` match: cheap (one indexed lookup), and a membership change counts for the
+        next call."""
+
 
 class IAuthPenalty(Interface):
     """Failed-login bookkeeping shared by every role that checks passwords (SMTP AUTH, IMAP in

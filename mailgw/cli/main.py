@@ -1,5 +1,5 @@
-"""``mailgw [--config PATH] COMMAND``: manage domains, users, aliases, the store and dev certs;
-check, show and reload the configuration."""
+"""``mailgw [--config PATH] COMMAND``: manage domains, users, groups, aliases, the store and
+dev certs; check, show and reload the configuration."""
 
 from __future__ import annotations
 
@@ -141,6 +141,46 @@ def cmd_user_list(ctx: Context, args: argparse.Namespace) -> None:
     for user in ctx.directory.list_users(args.domain):
         state = "enabled" if user.enabled else "disabled"
         _say(f"{user.name}\t{_quota_text(ctx, user.quota)}\t{state}")
+
+
+def cmd_user_show(ctx: Context, args: argparse.Namespace) -> None:
+    directory = ctx.directory
+    user = directory.get_user(args.address)
+    if user is None:
+        raise Failure(f"no such user {args.address}")
+    _say(f"user: {user.name}")
+    _say(f"state: {'enabled' if user.enabled else 'disabled'}")
+    _say(f"quota: {_quota_text(ctx, user.quota, say_default=True)}")
+    _say(f"groups: {' '.join(directory.groups_of(user.name)) or '-'}")
+
+
+def cmd_group_add(ctx: Context, args: argparse.Namespace) -> None:
+    _say(f"added group {ctx.directory.add_group(args.name)}")
+
+
+def cmd_group_del(ctx: Context, args: argparse.Namespace) -> None:
+    count = ctx.directory.remove_group(args.name)
+    _say(f"removed group {args.name.strip().lower()} ({count} member(s); the users stay)")
+
+
+def cmd_group_list(ctx: Context, args: argparse.Namespace) -> None:
+    for name, count in ctx.directory.list_groups():
+        _say(f"{name}\t{count}")
+
+
+def cmd_group_members(ctx: Context, args: argparse.Namespace) -> None:
+    for user in ctx.directory.group_members(args.name):
+        _say(user)
+
+
+def cmd_group_adduser(ctx: Context, args: argparse.Namespace) -> None:
+    group, user = ctx.directory.add_to_group(args.name, args.address)
+    _say(f"added {user} to group {group}")
+
+
+def cmd_group_deluser(ctx: Context, args: argparse.Namespace) -> None:
+    group, user = ctx.directory.remove_from_group(args.name, args.address)
+    _say(f"removed {user} from group {group}")
 
 
 def cmd_alias_add(ctx: Context, args: argparse.Namespace) -> None:
@@ -416,7 +456,27 @@ def build_parser() -> argparse.ArgumentParser:
     command(user, "list", cmd_user_list, "list users: name, quota, state").add_argument(
         "domain", nargs="?", metavar="DOMAIN"
     )
+    command(user, "show", cmd_user_show, "a user's state, quota and groups").add_argument(
+        "address", metavar="ADDRESS"
+    )
     register_cluster_commands(user, command)
+
+    groups = group("group", "groups of users (for the security rules' group match)")
+    command(groups, "add", cmd_group_add, "add a group").add_argument("name", metavar="GROUP")
+    command(groups, "del", cmd_group_del, "remove a group (its users stay)").add_argument(
+        "name", metavar="GROUP"
+    )
+    command(groups, "list", cmd_group_list, "list groups: name, number of members")
+    command(groups, "members", cmd_group_members, "list a group's users").add_argument(
+        "name", metavar="GROUP"
+    )
+    for name, func, help_text in (
+        ("adduser", cmd_group_adduser, "add a user to a group"),
+        ("deluser", cmd_group_deluser, "take a user out of a group"),
+    ):
+        p = command(groups, name, func, help_text)
+        p.add_argument("name", metavar="GROUP")
+        p.add_argument("address", metavar="ADDRESS")
 
     alias = group("alias", "aliases (source -> destination; @domain is a catch-all)")
     p = command(alias, "add", cmd_alias_add, "add an alias destination")

@@ -129,6 +129,42 @@ def cmd_policy_check(ctx: Context, args: argparse.Namespace) -> None:
     if args.verbose:
         for rule in rules:
             print(f"  {rule.describe()}")
+    for group in _unknown_groups(ctx, rules):
+        print(f"note: group {group} is not in the directory (yet): it matches nobody until made")
+
+
+def _unknown_groups(ctx: Context, rules: list[Any]) -> list[str]:
+    """The groups the rules' ``group`` matches name that the node's directory does not have
+    (read only; none when there is no config or directory to ask). Not an error: groups
+    change at run time, without a reload, so a rule may name one before it is made."""
+    import sqlite3
+
+    from mailgw.config import ConfigError
+    from mailgw.policy.rules import GroupMatch, Not
+
+    named: dict[str, None] = {}
+    for rule in rules:
+        for match in rule.matches:
+            inner = match.inner if isinstance(match, Not) else match
+            if isinstance(inner, GroupMatch):
+                named.update(dict.fromkeys(inner.groups))
+    if not named:
+        return []
+    try:
+        path = os.path.join(ctx.config.server.data_dir, "directory.sqlite")
+    except (ConfigError, OSError):
+        return []
+    if not os.path.isfile(path):
+        return []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            known = {r[0] for r in db.execute("SELECT name FROM groups")}
+        finally:
+            db.close()
+    except sqlite3.Error:  # a version-1 directory (no groups table yet), or unreadable
+        known = set()
+    return [g for g in named if g not in known]
 
 
 def register_policy_commands(group: Callable[[str, str], Any], command: Callable[..., Any]) -> None:

@@ -15,7 +15,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailgw.directory.names import check_local_part
+from mailgw.directory.names import check_local_part, group_name
 from mailgw.directory.passwords import PasswordHashing, check_new_password
 from mailgw.interfaces import IDirectory
 from mailgw.journal.sequencer import Sequencer
@@ -28,7 +28,9 @@ from mailgw.model.user import User
 log = Logger()
 
 MAX_DEPTH = 10
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: domains, users, aliases; 2: groups and their members (added by ``CREATE ... IF NOT
+EXISTS`` on the first open of a version-1 database)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS domains (
@@ -50,7 +52,19 @@ CREATE TABLE IF NOT EXISTS aliases (
     UNIQUE (source, destination)
 );
 CREATE INDEX IF NOT EXISTS aliases_domain ON aliases(domain);
+CREATE TABLE IF NOT EXISTS groups (
+    name TEXT PRIMARY KEY
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_members (
+    user TEXT NOT NULL,
+    grp TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE,
+    PRIMARY KEY (user, grp)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS group_members_grp ON group_members(grp);
 """
+# group_members.user has no foreign key: the replica replaces a domain's user rows on every
+# directory entry (``mailgw.replication.apply``); memberships go with ``remove_user`` and
+# ``remove_domain`` here.
 
 
 def _split(key: str) -> tuple[str, str]:
@@ -60,7 +74,7 @@ def _split(key: str) -> tuple[str, str]:
 
 @implementer(IDirectory)
 class Directory:
-    """Domains, users and aliases stored in ``path`` (``data_dir/directory.sqlite``).
+    """Domains, users, aliases and groups stored in ``path`` (``data_dir/directory.sqlite``).
 
     One SQLite connection in autocommit mode, WAL journal; no caches, so changes made by the
     ``mailgw`` command in another process are seen by the next lookup. Safe to call from
@@ -240,6 +254,10 @@ class Directory:
                     "remove them first or force"
                 )
             db.execute("DELETE FROM aliases WHERE domain=?", (domain,))
+            db.execute(
+                "DELETE FROM group_members WHERE user IN (SELECT name FROM users WHERE domain=?)",
+                (domain,),
+            )
             db.execute("DELETE FROM users WHERE domain=?", (domain,))
             db.execute("DELETE FROM domains WHERE name=?", (domain,))
             self._record(change.DOMAIN_REMOVED, "", domain=domain, users=users, aliases=aliases)
@@ -272,9 +290,11 @@ class Directory:
         return User(name, quota, True)
 
     def remove_user(self, address: str) -> None:
-        """Delete a user (aliases pointing to it stay and resolve to nothing)."""
+        """Delete a user (aliases pointing to it stay and resolve to nothing; it leaves its
+        groups)."""
         name = self._existing_user(address)
         with self._transaction() as db:
+            db.execute("DELETE FROM group_members WHERE user=?", (name,))
             db.execute("DELETE FROM users WHERE name=?", (name,))
             self._record(change.USER_DELETED, name)
 
@@ -333,6 +353,101 @@ class Directory:
         if not self._query("SELECT 1 FROM users WHERE name=?", (name,)):
             raise ValueError(f"no such user {name}")
         return name
+
+    # -- groups --------------------------------------------------------------------------
+
+    def add_group(self, name: str) -> str:
+        """Create an empty group; returns its name. ValueError if it exists."""
+        group = group_name(name)
+        try:
+            with self._transaction() as db:
+                db.execute("INSERT INTO groups(name) VALUES (?)", (group,))
+                self._record(change.GROUP_ADDED, "", group=group)
+        except sqlite3.IntegrityError:
+            raise ValueError(f"group {group} already exists") from None
+        return group
+
+    def remove_group(self, name: str) -> int:
+        """Delete a group and its memberships (the users stay); returns how many members it
+        had. ValueError if there is no such group."""
+        group = group_name(name)
+        with self._transaction() as db:
+            if not db.execute("SELECT 1 FROM groups WHERE name=?", (group,)).fetchone():
+                raise ValueError(f"no such group {group}")
+            count = db.execute(
+                "SELECT count(*) FROM group_members WHERE grp=?", (group,)
+            ).fetchone()[0]
+            db.execute("DELETE FROM groups WHERE name=?", (group,))  # members: ON DELETE CASCADE
+            self._record(change.GROUP_REMOVED, "", group=group, members=count)
+        return int(count)
+
+    def list_groups(self) -> list[tuple[str, int]]:
+        """Every group with its number of members, sorted by name."""
+        rows = self._query(
+            "SELECT g.name, count(m.user) FROM groups g LEFT JOIN group_members m"
+            " ON m.grp = g.name GROUP BY g.name ORDER BY g.name"
+        )
+        return [(str(n), int(c)) for n, c in rows]
+
+    def group_members(self, name: str) -> list[str]:
+        """The users of group ``name``, sorted. ValueError if there is no such group."""
+        group = self._existing_group(name)
+        rows = self._query("SELECT user FROM group_members WHERE grp=? ORDER BY user", (group,))
+        return [str(r[0]) for r in rows]
+
+    def add_to_group(self, name: str, address: str) -> tuple[str, str]:
+        """Make user ``address`` a member of group ``name``; returns (group, user).
+        ValueError when either does not exist or the user is a member already."""
+        group = self._existing_group(name)
+        user = self._existing_user(address)
+        try:
+            with self._transaction() as db:
+                db.execute("INSERT INTO group_members(user, grp) VALUES (?, ?)", (user, group))
+                self._record(change.GROUP_MEMBER_ADDED, "", group=group, member=user)
+        except sqlite3.IntegrityError:
+            raise ValueError(f"{user} is already in group {group}") from None
+        return group, user
+
+    def remove_from_group(self, name: str, address: str) -> tuple[str, str]:
+        """Take user ``address`` out of group ``name``; returns (group, user). ValueError
+        when the user is not a member (the user need not exist any more)."""
+        group = self._existing_group(name)
+        user = self._address(address).key
+        with self._transaction() as db:
+            gone = db.execute(
+                "DELETE FROM group_members WHERE user=? AND grp=?", (user, group)
+            ).rowcount
+            if not gone:
+                raise ValueError(f"{user} is not in group {group}")
+            self._record(change.GROUP_MEMBER_REMOVED, "", group=group, member=user)
+        return group, user
+
+    def groups_of(self, name: str) -> list[str]:
+        """The groups user ``name`` is in, sorted (none for an unknown user)."""
+        rows = self._query(
+            "SELECT grp FROM group_members WHERE user=? ORDER BY grp", (self._canonical(name),)
+        )
+        return [str(r[0]) for r in rows]
+
+    def in_group(self, name: str, groups: tuple[str, ...]) -> bool:
+        """True when user ``name`` (canonical ``local@domain``) is in one of ``groups``
+        (lower-case names). One lookup on the membership table's primary key, no cache: a
+        change made by ``mailgw group adduser`` in another process counts at once."""
+        if not groups:
+            return False
+        marks = ",".join("?" * len(groups))
+        return bool(
+            self._query(
+                f"SELECT 1 FROM group_members WHERE user=? AND grp IN ({marks}) LIMIT 1",
+                (self._canonical(name), *groups),
+            )
+        )
+
+    def _existing_group(self, name: str) -> str:
+        group = group_name(name)
+        if not self._query("SELECT 1 FROM groups WHERE name=?", (group,)):
+            raise ValueError(f"no such group {group}")
+        return group
 
     # -- passwords -----------------------------------------------------------------------
 

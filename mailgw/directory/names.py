@@ -1,4 +1,5 @@
-"""Which local parts may name a mailbox: the subset of RFC 5321 dot-atoms mailgw accepts.
+"""Which local parts may name a mailbox (the subset of RFC 5321 dot-atoms mailgw accepts), and
+which words may name a group.
 
 A user's local part and an alias source are a dot-atom (RFC 5321 4.1.2; UTF-8 allowed as in
 RFC 6531) of at most 64 octets, without ``/`` (atext allows it, but the local part names
@@ -9,6 +10,8 @@ characters and NUL; domains are LDH labels (IDNA A-labels) checked by
 """
 
 from __future__ import annotations
+
+import re
 
 from mailgw.model.address import MAX_LOCAL_PART
 
@@ -31,3 +34,17 @@ def check_local_part(local: str) -> None:
             raise ValueError("lone surrogates are not allowed in a mailbox name")
     if local.startswith(".") or local.endswith(".") or ".." in local:
         raise ValueError("a mailbox name's dots must separate non-empty atoms")
+
+
+_GROUP = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def group_name(name: str) -> str:
+    """``name`` lower-cased; ValueError unless it is 1-64 letters, digits, ``.``, ``_`` or
+    ``-``, a letter or digit first (``finance``, ``board.eu``)."""
+    group = name.strip().lower()
+    if not _GROUP.fullmatch(group):
+        raise ValueError(
+            f"bad group name {name!r} (1-64 letters, digits, . _ -; a letter or digit first)"
+        )
+    return group

@@ -48,6 +48,15 @@ QUOTA_CHANGED = "quota.changed"
 """Payload ``quota`` (bytes, None: the default)."""
 ALIAS_ADDED = "alias.added"
 ALIAS_REMOVED = "alias.removed"
+GROUP_ADDED = "group.added"
+"""Payload ``group``. Group changes are journaled with an empty ``user`` (groups belong to
+no domain); replication ships the whole group table with each."""
+GROUP_REMOVED = "group.removed"
+"""Payload ``group``, ``members`` (how many it had)."""
+GROUP_MEMBER_ADDED = "group.member_added"
+"""Payload ``group``, ``member``."""
+GROUP_MEMBER_REMOVED = "group.member_removed"
+"""Payload ``group``, ``member``."""
 
 
 _ONE_FOLDER = frozenset(

@@ -9,7 +9,7 @@ A rules file is a list of rules, each a ``rule NAME`` line followed by ``match``
 
 A rule matches when every one of its ``match`` lines does (``match not ...`` inverts one).
 Each rule runs at the cheapest stage where all its matches can be decided (envelope sender,
-client, user, rate: ``MAIL``; recipient: ``RCPT``; content: ``DATA``). Rules run in file
+client, user, group, rate: ``MAIL``; recipient: ``RCPT``; content: ``DATA``). Rules run in file
 order; the first matching rule ends the evaluation of the rules after it (first match wins)
 unless one of its actions is ``continue``. A stop decided at ``MAIL`` or ``DATA`` holds for the
 rest of the transaction (rules before it that run at a later stage still run); one decided at
@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.config import values
+from mailgw.directory.names import group_name
 from mailgw.model.reply import R, Reply
 from mailgw.model.verdict import ACCEPT, Verdict, combine
 from mailgw.policy.apply import direction_of
@@ -181,6 +182,7 @@ class Env:
     context: CheckContext
     facts: Facts
     is_local_domain: Callable[[str], bool]
+    in_group: Callable[[str, tuple[str, ...]], bool] | None = None
 
     def recipients(self) -> list[str]:
         c = self.context
@@ -291,6 +293,29 @@ class UserMatch(Match):
     def test(self, env: Env) -> Result:
         user = env.context.user
         return user is not None and any(p.test(user) for p in self.patterns)
+
+
+class GroupMatch(Match):
+    """``group NAME...``: the authenticated user is a member of one of the groups, looked up
+    in the directory at each evaluation (``IDirectory.in_group``: a membership change counts
+    for the next message, no reload). Never for anonymous mail. A group that does not exist
+    (yet) is not an error: it has no members."""
+
+    kind = "group"
+
+    def __init__(self, args: list[str]) -> None:
+        super().__init__(args)
+        _need(args, "group")
+        try:
+            self.groups = tuple(dict.fromkeys(group_name(a) for a in args))
+        except ValueError as e:
+            raise _Bad(f"group: {e}") from None
+
+    def test(self, env: Env) -> Result:
+        user = env.context.user
+        if user is None or env.in_group is None:
+            return False
+        return env.in_group(user, self.groups)
 
 
 class AuthenticatedMatch(Match):
@@ -612,6 +637,7 @@ MATCHES: dict[str, type[Match]] = {
         RecipientMatch,
         ClientIPMatch,
         UserMatch,
+        GroupMatch,
         AuthenticatedMatch,
         DirectionMatch,
         ExternalRecipientMatch,
@@ -876,7 +902,8 @@ def load_rules(path: str, counter: Any = None, channels: Sequence[str] | None = 
 @implementer(ICheck)
 class RulesCheck:
     """Runs ``rules`` at their stages (see the module docstring). ``is_local_domain`` tells
-    internal from external recipients; ``limits`` bound the content scan."""
+    internal from external recipients; ``in_group`` (``IDirectory.in_group``) answers
+    ``group`` matches (None: they never match); ``limits`` bound the content scan."""
 
     name = "rules"
 
@@ -886,9 +913,11 @@ class RulesCheck:
         is_local_domain: Callable[[str], bool],
         limits: ContentLimits = DEFAULT_CONTENT_LIMITS,
         every_stage: bool = False,
+        in_group: Callable[[str, tuple[str, ...]], bool] | None = None,
     ) -> None:
         self.rules = tuple(rules)
         self.is_local_domain = is_local_domain
+        self.in_group = in_group
         self.limits = limits
         # every_stage: the pipeline calls it at every stage, so rules replaced on a reload
         # (``replace``) may run at stages the first ones did not use.
@@ -924,7 +953,7 @@ class RulesCheck:
         ]
         if not todo:
             return ACCEPT
-        env = Env(context, facts, self.is_local_domain)
+        env = Env(context, facts, self.is_local_domain, self.in_group)
         if stage is Stage.DATA and facts.content is None and any(r.content for _, r in todo):
             try:
                 facts.content = self._scan(context)
@@ -1018,8 +1047,10 @@ def rules_check(
     counter: Any = None,
     limits: ContentLimits = DEFAULT_CONTENT_LIMITS,
     channels: Sequence[str] | None = None,
+    in_group: Callable[[str, tuple[str, ...]], bool] | None = None,
 ) -> RulesCheck:
     """The ``RulesCheck`` of the rules file ``path`` (RulesError when it has an error)."""
     if counter is not None and not IRateCounter.providedBy(counter):
         raise TypeError(f"{counter!r} does not provide IRateCounter")
-    return RulesCheck(load_rules(path, counter, channels), is_local_domain, limits)
+    rules = load_rules(path, counter, channels)
+    return RulesCheck(rules, is_local_domain, limits, in_group=in_group)

@@ -100,7 +100,13 @@ def build_policy(
     rules = read_rules(config, counter)
     # Always there (empty without a file), at every stage: a reload or a pushed unified
     # config may bring rules later, at any stage.
-    check = RulesCheck(rules, directory.is_local_domain, content_limits(config), every_stage=True)
+    check = RulesCheck(
+        rules,
+        directory.is_local_domain,
+        content_limits(config),
+        every_stage=True,
+        in_group=directory.in_group,
+    )
     setup.rules = check
     setup.inbound.append(check)
     setup.outbound.append(check)

@@ -115,8 +115,39 @@ class DirectoryReplica:
                 )
             else:
                 db.execute("DELETE FROM domains WHERE name = ?", (domain,))
+            # The primary takes a removed user out of its groups in the same transaction.
+            db.execute("DELETE FROM group_members WHERE user NOT IN (SELECT name FROM users)")
             if seq is not None:
                 self._mark(db, seq)
+
+    def apply_groups(self, seq: int | None, snapshot: Mapping[str, Any]) -> None:
+        """Replace every group and membership with the primary's (``group_rows``)."""
+        if seq is not None and self.position() >= seq:
+            return
+        with self._write() as db:
+            db.execute("DELETE FROM group_members")
+            db.execute("DELETE FROM groups")
+            db.executemany(
+                "INSERT INTO groups(name) VALUES (?)", [(g,) for g in snapshot.get("groups", [])]
+            )
+            db.executemany(
+                "INSERT INTO group_members(user, grp) VALUES (?, ?)",
+                [tuple(r) for r in snapshot.get("members", [])],
+            )
+            if seq is not None:
+                self._mark(db, seq)
+
+
+def group_rows(path: str) -> dict[str, Any]:
+    """Every group and membership of the directory at ``path``, as a group entry ships them
+    (groups belong to no domain: the whole, small, table goes each time)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        groups = [r[0] for r in db.execute("SELECT name FROM groups ORDER BY name")]
+        members = db.execute("SELECT user, grp FROM group_members ORDER BY grp, user").fetchall()
+    finally:
+        db.close()
+    return {"groups": groups, "members": [list(r) for r in members]}
 
 
 def directory_rows(path: str, domain: str) -> dict[str, Any]:
@@ -161,6 +192,11 @@ def directory_digest(path: str) -> dict[str, Any]:
                     "SELECT source, destination FROM aliases ORDER BY source, destination"
                 )
             ],
+            "groups": [r[0] for r in db.execute("SELECT name FROM groups ORDER BY name")],
+            "group_members": [
+                list(r)
+                for r in db.execute("SELECT grp, user FROM group_members ORDER BY grp, user")
+            ],
         }
     finally:
         db.close()
@@ -181,6 +217,10 @@ DIRECTORY_KINDS = frozenset(
         k.ALIAS_REMOVED,
     )
 )
+GROUP_KINDS = frozenset(
+    (k.GROUP_ADDED, k.GROUP_REMOVED, k.GROUP_MEMBER_ADDED, k.GROUP_MEMBER_REMOVED)
+)
+"""Group changes: each ships every group with its members (``group_rows``)."""
 
 
 class Applier:
@@ -280,6 +320,8 @@ class Applier:
         r = self.replica
         if kind in DIRECTORY_KINDS:
             self.directory.apply(seq, ship["directory"])
+        elif kind in GROUP_KINDS:
+            self.directory.apply_groups(seq, ship["groups"])
         elif kind in (k.MESSAGE_ADDED, k.MESSAGE_COPIED):
             data = None
             if "data" in ship:

@@ -25,7 +25,14 @@ from mailgw.journal.changelog import ChangeLog
 from mailgw.model import change as k
 from mailgw.model.change import ChangeEntry
 from mailgw.replication import wire
-from mailgw.replication.apply import DIRECTORY_KINDS, MARKS, directory_digest, directory_rows
+from mailgw.replication.apply import (
+    DIRECTORY_KINDS,
+    GROUP_KINDS,
+    MARKS,
+    directory_digest,
+    directory_rows,
+    group_rows,
+)
 from mailgw.store import blobs
 from mailgw.store.facade import MessageStore
 from mailgw.store.replica import ReplicaStore, base_of, current_row, read_current
@@ -96,7 +103,12 @@ class Reader:
         ship: dict[str, Any] = {}
         p = e.payload
         if e.kind in DIRECTORY_KINDS:
-            ship["directory"] = directory_rows(self.directory_path, e.user.rpartition("@")[2])
+            # domain.added / removed are journaled with an empty user and the domain in the
+            # payload; the others name a user or an alias source.
+            domain = str(p.get("domain") or e.user.rpartition("@")[2])
+            ship["directory"] = directory_rows(self.directory_path, domain)
+        elif e.kind in GROUP_KINDS:
+            ship["groups"] = group_rows(self.directory_path)
         elif e.kind in (k.MESSAGE_ADDED, k.MESSAGE_COPIED):
             self._message(e, ship, out)
         elif e.kind == k.TIER_MIGRATED:
@@ -157,13 +169,17 @@ class Reader:
         return self.store.users()
 
     def resync_directory(self, remote: dict[str, Any]) -> list[Batch]:
-        """Entries giving the replica every domain's rows (ours, or none)."""
+        """Entries giving the replica every domain's rows (ours, or none), then every group."""
         local = directory_digest(self.directory_path)
         domains = sorted(set(local["domains"]) | set(remote.get("domains", [])))
         entries = [
             _entry(k.DOMAIN_ADDED, d, "", {}, {"directory": directory_rows(self.directory_path, d)})
             for d in domains
         ]
+        # Then the groups (after the users their memberships name).
+        entries.append(
+            _entry(k.GROUP_ADDED, "", "", {}, {"groups": group_rows(self.directory_path)})
+        )
         return _chunks(entries, {}, [])
 
     def resync_user(self, user: str, remote: dict[str, Any]) -> list[Batch]:

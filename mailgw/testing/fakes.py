@@ -71,6 +71,8 @@ class FakeDirectory:
         self.error: Exception | None = None
         self.hold = False
         self.pending: list[defer.Deferred[User]] = []
+        self.groups: dict[str, set[str]] = {}
+        """Group name -> member user names (``in_group``)."""
 
     def add_user(self, name: str, password: str | None = None, quota: int | None = None) -> User:
         """Add a user (and its domain, as a local one)."""
@@ -102,6 +104,9 @@ class FakeDirectory:
 
     def get_user(self, name: str) -> User | None:
         return self._user(name) if name in self.users else None
+
+    def in_group(self, name: str, groups: tuple[str, ...]) -> bool:
+        return any(name.lower() in self.groups.get(g, ()) for g in groups)
 
     def check_password(self, name: str, password: str | bytes) -> defer.Deferred[User]:
         self.calls.append((name, password))

@@ -259,6 +259,55 @@ def test_password_from_stdin_and_prompt(run, config, monkeypatch):
         assert d.authenticate("b@example.test", "typed")
 
 
+def test_group_commands_and_user_show(run, config):
+    run("domain", "add", "example.test")
+    run("user", "add", "alice@example.test", "--password", "pw")
+    run("user", "add", "bob@example.test", "--password", "pw", "--quota", "25M")
+    assert run("group", "add", "Finance") == (0, "added group finance\n", "")
+    assert run("group", "add", "hr")[0] == 0
+    code, _, err = run("group", "add", "finance")
+    assert code == 1 and err == "mailgw: error: group finance already exists\n"
+    code, _, err = run("group", "add", "a b")
+    assert code == 1 and "bad group name 'a b'" in err
+    assert run("group", "adduser", "finance", "Alice@Example.test") == (
+        0,
+        "added alice@example.test to group finance\n",
+        "",
+    )
+    assert run("group", "adduser", "finance", "bob@example.test")[0] == 0
+    assert run("group", "adduser", "hr", "alice@example.test")[0] == 0
+    code, _, err = run("group", "adduser", "finance", "bob@example.test")
+    assert code == 1 and "bob@example.test is already in group finance" in err
+    code, _, err = run("group", "adduser", "sales", "bob@example.test")
+    assert code == 1 and err == "mailgw: error: no such group sales\n"
+    code, _, err = run("group", "adduser", "hr", "nobody@example.test")
+    assert code == 1 and err == "mailgw: error: no such user nobody@example.test\n"
+    assert run("group", "list")[1] == "finance\t2\nhr\t1\n"
+    assert run("group", "members", "finance")[1] == "alice@example.test\nbob@example.test\n"
+    code, _, err = run("group", "members", "sales")
+    assert code == 1 and "no such group sales" in err
+    assert run("user", "show", "alice@example.test")[1] == (
+        "user: alice@example.test\nstate: enabled\nquota: 1G (the default)\ngroups: finance hr\n"
+    )
+    assert run("group", "deluser", "finance", "alice@example.test") == (
+        0,
+        "removed alice@example.test from group finance\n",
+        "",
+    )
+    code, _, err = run("group", "deluser", "finance", "alice@example.test")
+    assert code == 1 and "alice@example.test is not in group finance" in err
+    assert run("group", "del", "hr") == (0, "removed group hr (1 member(s); the users stay)\n", "")
+    assert run("user", "show", "alice@example.test")[1].endswith("groups: -\n")
+    assert "quota: 25M\n" in run("user", "show", "bob@example.test")[1]
+    code, _, err = run("user", "show", "nobody@example.test")
+    assert code == 1 and err == "mailgw: error: no such user nobody@example.test\n"
+    code, _, err = run("group", "del", "hr")
+    assert code == 1 and "no such group hr" in err
+    with directory_of(config) as d:
+        assert d.in_group("bob@example.test", ("finance",))
+        assert not d.in_group("alice@example.test", ("finance", "hr"))
+
+
 def test_alias_commands(run, config):
     run("domain", "add", "example.test")
     run("user", "add", "alice@example.test", "--password", "pw")

@@ -83,3 +83,22 @@ def test_policy_check(tmp_path: Path, run: Any) -> None:
     code, _, err = run("policy", "check", "--config-channels", str(rules))
     assert code == 1 and "r.txt:3: route: unknown channel 'overseas'" in err
     assert run("policy", "check", str(tmp_path / "missing"))[0] == 1
+
+
+def test_policy_check_accepts_a_group_the_directory_lacks_with_a_note(
+    tmp_path: Path, run: Any
+) -> None:
+    rules = tmp_path / "r.txt"
+    rules.write_text("rule a\n match group finance Board\n action reject\n")
+    # No directory yet: nothing to compare with, no note.
+    assert run("policy", "check", str(rules)) == (0, f"{rules}: 1 rule(s) OK\n", "")
+    assert run("domain", "add", "example.test")[0] == 0
+    assert run("group", "add", "finance")[0] == 0
+    code, out, err = run("policy", "check", str(rules))
+    assert code == 0 and err == ""
+    assert out.splitlines()[1:] == [
+        "note: group board is not in the directory (yet): it matches nobody until made"
+    ]
+    rules.write_text("rule a\n match group fin@nce\n action reject\n")
+    code, _, err = run("policy", "check", str(rules))
+    assert code == 1 and "r.txt:2: group: bad group name 'fin@nce'" in err

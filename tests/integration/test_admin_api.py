@@ -343,6 +343,28 @@ def test_directory_endpoints(node: MailgwServer, tokens: dict[str, str]) -> None
     assert a in call(node, "GET", "/api/v1/aliases", tokens["read"])[2]["aliases"]
     assert call(node, "DELETE", "/api/v1/aliases/info@new.test", admin)[2] == {"removed": 1}
     assert call(node, "DELETE", "/api/v1/aliases/info@new.test", admin)[0] == 404
+    read = tokens["read"]
+    s, _, b = call(node, "POST", "/api/v1/groups", admin, {"name": "Finance"})
+    assert s == 201 and b == {"name": "finance"}
+    assert call(node, "POST", "/api/v1/groups", admin, {"name": "finance"})[0] == 409
+    assert call(node, "POST", "/api/v1/groups", admin, {"name": "a b"})[0] == 400
+    member = "/api/v1/groups/finance/members/carol@new.test"
+    s, _, b = call(node, "PUT", "/api/v1/groups/finance/members/Carol@new.test", admin)
+    assert s == 200 and b == {"group": "finance", "user": "carol@new.test"}
+    assert call(node, "PUT", member, admin)[0] == 409
+    assert call(node, "PUT", member, read)[0] == 403
+    assert call(node, "PUT", "/api/v1/groups/sales/members/carol@new.test", admin)[0] == 404
+    assert call(node, "PUT", "/api/v1/groups/finance/members/nobody@new.test", admin)[0] == 404
+    groups = call(node, "GET", "/api/v1/groups", read)[2]["groups"]
+    assert {"name": "finance", "members": 1} in groups
+    assert call(node, "GET", "/api/v1/groups/finance/members", read)[2] == {
+        "members": ["carol@new.test"]
+    }
+    assert call(node, "GET", "/api/v1/groups/sales/members", read)[0] == 404
+    assert call(node, "DELETE", member, admin)[2] == {"group": "finance", "user": "carol@new.test"}
+    assert call(node, "DELETE", member, admin)[0] == 404
+    assert call(node, "DELETE", "/api/v1/groups/finance", admin)[2] == {"members": 0}
+    assert call(node, "DELETE", "/api/v1/groups/finance", admin)[0] == 404
     assert call(node, "DELETE", "/api/v1/domains/new.test", admin)[0] == 409
     assert call(node, "DELETE", "/api/v1/users/carol@new.test", admin)[0] == 200
     assert call(node, "DELETE", "/api/v1/domains/new.test?force=true", admin)[0] == 200
@@ -712,7 +734,7 @@ def test_openapi_document_describes_every_route(node: MailgwServer) -> None:
     ops = {(m, p) for p, item in doc["paths"].items() for m in item}
     assert ("post", "/api/v1/messages") in ops and ("put", "/api/v1/rules") in ops
     assert ("put", "/api/v1/channels") in ops and ("post", "/api/v1/channels/validate") in ops
-    assert len(ops) == 34
+    assert len(ops) == 40
 
 
 def test_schemathesis_finds_no_server_error(
@@ -750,4 +772,4 @@ def test_schemathesis_finds_no_server_error(
     start = out.find("FAILURES")
     assert result.returncode == 0, out[start : start + 8000] + result.stderr[-2000:]
     assert "Server error" not in out
-    assert "Tested: 34" in out, out[-3000:]  # every operation, DELETE and PUT /rules too
+    assert "Tested: 40" in out, out[-3000:]  # every operation, DELETE and PUT /rules too

@@ -618,3 +618,76 @@ def test_the_check_runs_at_its_rules_stages_and_data() -> None:
     rc = check("rule a\nmatch sender x@y\naction reject\n")
     assert rc.stages == {Stage.MAIL, Stage.DATA}
     assert at(rc, Stage.DATA, ctx(data=b"x")) is ACCEPT
+
+
+# -- group ------------------------------------------------------------------------------------
+
+
+def group_check(text: str, directory: Any) -> RulesCheck:
+    rules = parse_rules(text, "t.rules")
+    return RulesCheck(rules, lambda d: d in LOCAL, ContentLimits(), in_group=directory.in_group)
+
+
+def test_group_matches_an_authenticated_member_of_any_group_at_mail() -> None:
+    from mailgw.testing.fakes import FakeDirectory
+
+    directory = FakeDirectory(["alice@example.test", "bob@example.test"])
+    directory.groups = {"finance": {"alice@example.test"}, "board": {"carol@example.test"}}
+    rc = group_check(
+        "rule money\nmatch group Board finance\naction reject 554 5.7.1 Finance may not\n",
+        directory,
+    )
+    assert [r.stage for r in rc.rules] == [Stage.MAIL]
+    assert rc.rules[0].matches[0].groups == ("board", "finance")  # type: ignore[attr-defined]
+    refused = at(rc, Stage.MAIL, ctx(user="alice@example.test"))
+    assert refused.reply == Reply(554, "5.7.1", "Finance may not")
+    assert at(rc, Stage.MAIL, ctx(user="bob@example.test")) is ACCEPT
+    # Anonymous mail never matches, whatever its sender claims.
+    assert at(rc, Stage.MAIL, ctx(sender="alice@example.test")) is ACCEPT
+    # Membership is asked at each evaluation: a change counts for the next message.
+    directory.groups["finance"].add("bob@example.test")
+    assert at(rc, Stage.MAIL, ctx(user="bob@example.test")).reply is not None
+    directory.groups["finance"].clear()
+    assert at(rc, Stage.MAIL, ctx(user="alice@example.test")) is ACCEPT
+
+
+def test_group_negated_and_without_a_directory() -> None:
+    from mailgw.testing.fakes import FakeDirectory
+
+    directory = FakeDirectory(["alice@example.test"])
+    directory.groups = {"staff": {"alice@example.test"}}
+    rc = group_check(
+        "rule outsiders\nmatch authenticated\nmatch not group staff\naction class c\n", directory
+    )
+    assert at(rc, Stage.MAIL, ctx(user="alice@example.test")) is ACCEPT
+    assert at(rc, Stage.MAIL, ctx(user="eve@example.test")).message_class == "c"
+    # A RulesCheck built without a membership lookup: group never matches.
+    assert not hit("match group staff", Stage.MAIL, ctx(user="alice@example.test"))
+
+
+def test_group_with_the_real_directory(tmp_path: Path) -> None:
+    from mailgw.directory import Directory
+
+    with Directory(str(tmp_path / "d.sqlite"), argon2_time_cost=1, argon2_memory_kib=8) as d:
+        d.add_domain("example.test")
+        d.add_user("alice@example.test", "pw")
+        rc = group_check("rule r\nmatch group finance\naction add-header X-Finance: 1\n", d)
+        assert at(rc, Stage.MAIL, ctx(user="alice@example.test")) is ACCEPT  # no such group yet
+        d.add_group("finance")
+        d.add_to_group("finance", "alice@example.test")
+        verdict = at(rc, Stage.MAIL, ctx(user="Alice@Example.test"))
+        assert verdict.headers == (("X-Finance", "1"),)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("rule a\nmatch group\naction reject\n", "t.rules:2: group needs at least one argument"),
+        ("rule a\nmatch group fin/ance\naction reject\n", "t.rules:2: group: bad group name"),
+        ("rule a\nmatch group -x\naction reject\n", "t.rules:2: group: bad group name"),
+    ],
+)
+def test_group_errors(text: str, message: str) -> None:
+    with pytest.raises(RulesError) as e:
+        parse_rules(text, "t.rules")
+    assert str(e.value).startswith(message)

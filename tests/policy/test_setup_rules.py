@@ -12,18 +12,14 @@ from mailgw.config import ConfigError, load
 from mailgw.config.reload import ReloadableConfig
 from mailgw.policy.pipeline import Stage
 from mailgw.policy.setup import build_policy
-
-
-class Directory:
-    def is_local_domain(self, domain: str) -> bool:
-        return domain == "example.test"
+from mailgw.testing.fakes import FakeDirectory
 
 
 def test_rules_are_replaced_on_reload_and_a_bad_file_is_refused(tmp_path: Path) -> None:
     ini = tmp_path / "mailgw.ini"
     ini.write_text(f"[server]\ndata_dir = {tmp_path / 'data'}\n")
     config = load(str(ini))
-    setup = build_policy(config, Directory(), Clock())
+    setup = build_policy(config, FakeDirectory(domains=["example.test"]), Clock())
     assert setup.rules is not None and setup.rules.rules == ()
     assert setup.rules in setup.inbound and setup.rules in setup.outbound
     assert {Stage.MAIL, Stage.RCPT, Stage.DATA} <= setup.rules.stages  # every stage

@@ -220,6 +220,8 @@ def test_directory_domain_removed(tmp_path: Path) -> None:
         "domains": [],
         "users": [],
         "aliases": [],
+        "groups": [],
+        "group_members": [],
     }
 
 
@@ -318,3 +320,38 @@ def test_oldest_available_is_above_what_retention_pruned(nodes: Any, tmp_path: P
         assert reader.oldest_available() == 3
     finally:
         reader.close()
+
+
+def test_groups_and_memberships_are_reproduced_and_resynced(nodes: Any) -> None:
+    primary, replica = nodes
+    d = primary.directory
+    d.add_domain("example.test")
+    d.add_domain("other.test")
+    for user in (USER, "bob@example.test", "carol@other.test"):
+        d.add_user(user, "password one")
+    d.add_group("finance")
+    d.add_group("board")
+    d.add_to_group("finance", USER)
+    d.add_to_group("finance", "carol@other.test")
+    d.add_to_group("board", "bob@example.test")
+    ship(primary, replica)
+    same(primary, replica)
+    assert replica.directory.group_members("finance") == [USER, "carol@other.test"]
+    assert replica.directory.in_group("bob@example.test", ("board",))
+    after = primary.store.changes.last_seq()
+    # A user removed (and so out of its groups), a domain removed, a group removed.
+    d.remove_user("bob@example.test")
+    d.remove_domain("other.test", force=True)
+    d.remove_group("board")
+    d.remove_from_group("finance", USER)
+    d.add_to_group("finance", USER)
+    ship(primary, replica, after=after)
+    same(primary, replica)
+    assert replica.directory.list_groups() == [("finance", 1)]
+    # A diverged replica gets the primary's groups back from a full resync.
+    replica.directory.add_group("stray")
+    replica.directory.remove_from_group("finance", USER)
+    counts = resync(primary, replica)
+    same(primary, replica)
+    assert counts.get(k.GROUP_ADDED) == 1
+    assert replica.directory.group_members("finance") == [USER]

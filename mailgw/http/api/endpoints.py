@@ -49,6 +49,12 @@ USER = {
     },
 }
 OK = {"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}}
+GROUP = {"type": "string", "minLength": 1, "maxLength": 64}
+MEMBERSHIP = {
+    "type": "object",
+    "required": ["group", "user"],
+    "properties": {"group": STR, "user": STR},
+}
 QUEUE_ROW = {
     "type": "object",
     "required": ["queue_id", "state"],
@@ -216,8 +222,10 @@ def _directory_error(e: ValueError) -> ApiError:
     text = str(e)
     if text.startswith("no such"):
         return not_found(text)
-    if "already exists" in text or "still has" in text:
+    if "already exists" in text or "still has" in text or "already in group" in text:
         return conflict(text)
+    if "is not in group" in text:
+        return not_found(text)
     return invalid(text)
 
 
@@ -363,6 +371,34 @@ class AdminAPI:
         dest = call.query.get("destination")
         count = self._dir(lambda: self.node.directory.remove_alias(call.params["source"], dest))
         return {"removed": count}
+
+    def list_groups(self, call: Call) -> Any:
+        rows = self.node.directory.list_groups()
+        return {"groups": [{"name": n, "members": c} for n, c in rows]}
+
+    def create_group(self, call: Call) -> Any:
+        return {"name": self._dir(lambda: self.node.directory.add_group(call.body["name"]))}
+
+    def delete_group(self, call: Call) -> Any:
+        return {
+            "members": self._dir(lambda: self.node.directory.remove_group(call.params["group"]))
+        }
+
+    def group_members(self, call: Call) -> Any:
+        members = self._dir(lambda: self.node.directory.group_members(call.params["group"]))
+        return {"members": members}
+
+    def add_member(self, call: Call) -> Any:
+        p = call.params
+        group, user = self._dir(lambda: self.node.directory.add_to_group(p["group"], p["address"]))
+        return {"group": group, "user": user}
+
+    def remove_member(self, call: Call) -> Any:
+        p = call.params
+        group, user = self._dir(
+            lambda: self.node.directory.remove_from_group(p["group"], p["address"])
+        )
+        return {"group": group, "user": user}
 
     # -- queue ------------------------------------------------------------------------
 
@@ -773,6 +809,7 @@ class AdminAPI:
     def routes(self) -> list[Route]:
         r = Route
         user_p = {"address": "a user's address (local@domain)"}
+        group_p = {"group": "a group's name"}
         qid_p = {"id": "a queue ID"}
         return [
             r(
@@ -941,6 +978,78 @@ class AdminAPI:
                     ),
                 ),
                 param_docs={"source": "the alias address, or @domain"},
+            ),
+            r(
+                "GET",
+                "/groups",
+                "read",
+                self.list_groups,
+                "List groups (for the rules' group match) with their number of members",
+                {
+                    "type": "object",
+                    "properties": {
+                        "groups": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {"name": STR, "members": {"type": "integer"}},
+                            },
+                        }
+                    },
+                },
+            ),
+            r(
+                "POST",
+                "/groups",
+                "admin",
+                self.create_group,
+                "Add a group",
+                {"type": "object", "properties": {"name": STR}},
+                status=201,
+                errors=(409,),
+                body={
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {"name": GROUP},
+                },
+            ),
+            r(
+                "DELETE",
+                "/groups/{group}",
+                "admin",
+                self.delete_group,
+                "Remove a group (its users stay)",
+                {"type": "object", "properties": {"members": {"type": "integer"}}},
+                param_docs=group_p,
+            ),
+            r(
+                "GET",
+                "/groups/{group}/members",
+                "read",
+                self.group_members,
+                "A group's users",
+                {"type": "object", "properties": {"members": {"type": "array", "items": STR}}},
+                param_docs=group_p,
+            ),
+            r(
+                "PUT",
+                "/groups/{group}/members/{address}",
+                "admin",
+                self.add_member,
+                "Add a user to a group",
+                MEMBERSHIP,
+                errors=(409,),
+                param_docs={**group_p, **user_p},
+            ),
+            r(
+                "DELETE",
+                "/groups/{group}/members/{address}",
+                "admin",
+                self.remove_member,
+                "Take a user out of a group",
+                MEMBERSHIP,
+                param_docs={**group_p, **user_p},
             ),
             r(
                 "GET",
