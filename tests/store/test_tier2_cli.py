@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,7 +83,7 @@ def test_tier2_dir_not_set_for_stats(
 def age_blobs(blobs: FileBlobStore) -> None:
     """Make every blob older than any gc grace period."""
     for digest in blobs.iter_refs():
-        os.utime(blobs.path(digest), (1000.0, 1000.0))
+        blobs.touch(digest, 1000.0)
 
 
 def test_store_gc_from_the_cli(run: Run, data: Path) -> None:
