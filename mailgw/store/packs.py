@@ -87,21 +87,25 @@ class PackStore:
         self._thread_lock = threading.RLock()
         self._db_lock = threading.Lock()
         self._lock_fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        self._db = sqlite3.connect(
-            os.path.join(self.root, "index.sqlite"),
-            timeout=60.0,
-            isolation_level=None,
-            check_same_thread=False,
-        )
-        with self.locked():
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS blobs(digest BLOB PRIMARY KEY, pack INTEGER NOT NULL,"
-                " offset INTEGER NOT NULL, length INTEGER NOT NULL, size INTEGER NOT NULL,"
-                " mtime REAL NOT NULL) WITHOUT ROWID"
+        try:
+            self._db = sqlite3.connect(
+                os.path.join(self.root, "index.sqlite"),
+                timeout=60.0,
+                isolation_level=None,
+                check_same_thread=False,
             )
-            self._db.execute("CREATE TABLE IF NOT EXISTS packs(id INTEGER PRIMARY KEY)")
-        self._db.execute("PRAGMA synchronous=FULL")
+            with self.locked():
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS blobs(digest BLOB PRIMARY KEY,"
+                    " pack INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,"
+                    " size INTEGER NOT NULL, mtime REAL NOT NULL) WITHOUT ROWID"
+                )
+                self._db.execute("CREATE TABLE IF NOT EXISTS packs(id INTEGER PRIMARY KEY)")
+            self._db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as e:
+            os.close(self._lock_fd)
+            raise OSError(f"{self.root}/index.sqlite: {e}") from None
 
     def close(self) -> None:
         with self._db_lock:
@@ -193,14 +197,16 @@ class PackStore:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def _current(self) -> int:
-        """The pack taking appends (under the lock); a new one when the last is full."""
+    def _current(self, need: int = 0) -> int:
+        """The pack taking appends (under the lock); a new one when ``need`` more bytes
+        would take the last one past ``target`` (unless it is empty)."""
         with self._db_lock:
             row = self._db.execute("SELECT MAX(id) FROM packs").fetchone()
         pack = row[0]
         if pack is not None:
             try:
-                if os.stat(self.pack_path(pack)).st_size < self.target:
+                size = os.stat(self.pack_path(pack)).st_size
+                if size == 0 or size + need <= self.target:
                     return int(pack)
             except FileNotFoundError:
                 pass  # its row was committed by a writer that then crashed; start another
@@ -214,7 +220,7 @@ class PackStore:
 
     def _append(self, record: bytes) -> tuple[int, int]:
         """Append ``record`` to the current pack and fsync it (under the lock): (pack, offset)."""
-        pack = self._current()
+        pack = self._current(len(record))
         fd = os.open(self.pack_path(pack), os.O_WRONLY | os.O_APPEND)
         try:
             offset = os.fstat(fd).st_size
@@ -320,7 +326,6 @@ class PackStore:
                 if size and live.get(pack, 0) >= min_live * size:
                     continue
                 moved = self._move_records(pack)
-                current = self._current()
                 os.unlink(path)
                 maildir.fsync_dir(self.root)
                 with self._db_lock:
@@ -357,6 +362,12 @@ class PackStore:
             switches.append((new_pack, at, digest, pack, old_offset))
             at += n
             copied += n
+        self._switch(switches)
+        return copied
+
+    def _switch(self, switches: list[tuple[int, int, bytes, int, int]]) -> None:
+        """Point the moved rows (new pack, new offset, digest, old pack, old offset) at their
+        copies, in one transaction; a row deleted meanwhile stays deleted."""
         with self._db_lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -369,4 +380,3 @@ class PackStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return copied
