@@ -35,8 +35,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import zstandard
+from twisted.logger import Logger
 
 from mailgw.store import maildir
+
+log = Logger()
 
 MAGIC = b"MGP1"
 RECORD = struct.Struct(">4s32sI")
@@ -87,25 +90,52 @@ class PackStore:
         self._thread_lock = threading.RLock()
         self._db_lock = threading.Lock()
         self._lock_fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        path = os.path.join(self.root, "index.sqlite")
+        # Why the index was rebuilt from the packs' records when it was opened ("": it was not).
+        self.rebuilt_because = ""
         try:
-            self._db = sqlite3.connect(
-                os.path.join(self.root, "index.sqlite"),
-                timeout=60.0,
-                isolation_level=None,
-                check_same_thread=False,
-            )
             with self.locked():
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute(
-                    "CREATE TABLE IF NOT EXISTS blobs(digest BLOB PRIMARY KEY,"
-                    " pack INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,"
-                    " size INTEGER NOT NULL, mtime REAL NOT NULL) WITHOUT ROWID"
+                existed = os.path.exists(path)
+                try:
+                    self._db = self._open_index(path)
+                except sqlite3.DatabaseError as e:
+                    if isinstance(e, sqlite3.OperationalError):
+                        raise  # locked, no permission...: not damage
+                    # Unreadable: moved aside; the packs' records say it all again.
+                    aside = f"{path}.corrupt-{int(time.time())}"
+                    os.rename(path, aside)
+                    for suffix in ("-wal", "-shm"):
+                        maildir.unlink_quiet(path + suffix)
+                    self._db = self._open_index(path)
+                    self.rebuilt_because = f"{path} unreadable ({e}), moved to {aside}"
+                if not existed and self._pack_files():
+                    self.rebuilt_because = f"{path} was missing"
+            if self.rebuilt_because:
+                n = self.rebuild_index()
+                log.warn(
+                    "store: tier-2 pack index rebuilt from the packs ({n} blobs): {why}",
+                    n=n,
+                    why=self.rebuilt_because,
                 )
-                self._db.execute("CREATE TABLE IF NOT EXISTS packs(id INTEGER PRIMARY KEY)")
-            self._db.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as e:
             os.close(self._lock_fd)
-            raise OSError(f"{self.root}/index.sqlite: {e}") from None
+            raise OSError(f"{path}: {e}") from None
+
+    def _open_index(self, path: str) -> sqlite3.Connection:
+        db = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS blobs(digest BLOB PRIMARY KEY,"
+                " pack INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,"
+                " size INTEGER NOT NULL, mtime REAL NOT NULL) WITHOUT ROWID"
+            )
+            db.execute("CREATE TABLE IF NOT EXISTS packs(id INTEGER PRIMARY KEY)")
+            db.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def close(self) -> None:
         with self._db_lock:
@@ -292,6 +322,62 @@ class PackStore:
                 "SELECT pack, SUM(length) + COUNT(*) * ? FROM blobs GROUP BY pack", (RECORD.size,)
             ).fetchall()
         return {int(p): int(n) for p, n in rows}
+
+    def scan(self, pack: int) -> Iterator[tuple[int, str, int, int, bool]]:
+        """The records of pack ``pack`` in file order: (offset, hex digest, frame length,
+        logical size, intact). A damaged record is skipped up to the next ``MAGIC``; a torn
+        tail (a writer that crashed mid-append) ends the scan."""
+        with open(self.pack_path(pack), "rb") as fh:
+            data = fh.read()
+        offset = 0
+        while offset + RECORD.size <= len(data):
+            magic, raw, length = RECORD.unpack_from(data, offset)
+            end = offset + RECORD.size + length
+            if magic != MAGIC or end > len(data):
+                found = data.find(MAGIC, offset + 1)
+                if found < 0:
+                    return
+                offset = found
+                continue
+            digest = raw.hex()
+            loc = Location(pack, offset, length, 1 << 62)
+            try:
+                size = len(self._decode(digest, loc, data[offset:end]))
+                intact = True
+            except PackError:
+                size, intact = 0, False
+            yield offset, digest, length, size, intact
+            offset = end
+
+    def rebuild_index(self) -> int:
+        """Index every intact record of every pack again (after the index was lost or
+        damaged); a digest found more than once keeps its last copy. Records of deleted
+        blobs come back as orphans (``gc`` removes them again). Returns the rows indexed."""
+        with self.locked():
+            rows: dict[bytes, tuple[int, int, int, int, float]] = {}
+            packs = self._pack_files()
+            for pack in packs:
+                mtime = os.stat(self.pack_path(pack)).st_mtime
+                for offset, digest, length, size, intact in self.scan(pack):
+                    if intact:
+                        rows[bytes.fromhex(digest)] = (pack, offset, length, size, mtime)
+            with self._db_lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.execute("DELETE FROM blobs")
+                    self._db.executemany(
+                        "INSERT INTO blobs(digest, pack, offset, length, size, mtime)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        [(d, *r) for d, r in rows.items()],
+                    )
+                    self._db.executemany(
+                        "INSERT OR IGNORE INTO packs(id) VALUES (?)", [(p,) for p in packs]
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+        return len(rows)
 
     def stats(self) -> PackStats:
         """Pack files, their bytes, live bytes and live records."""

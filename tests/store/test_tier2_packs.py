@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -428,4 +429,45 @@ def test_pack_index_survives_reopen(tmp_path: Path) -> None:
     again = PackStore(str(tmp_path / "tier2" / "packs"))
     assert sorted(again.digests()) == sorted(r.digest for r in refs)
     assert again.read(refs[1].digest) == blob(1)
+    again.close()
+
+
+# -- a lost or damaged pack index ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["lost", "damaged"])
+def test_pack_index_is_rebuilt_from_the_records(tmp_path: Path, how: str) -> None:
+    root = str(tmp_path / "tier2")
+    b = FileBlobStore(root)
+    b.packs.target = 3000
+    data = [os.urandom(700) for _ in range(8)]
+    refs = [b.put(d) for d in data]
+    pack, offset, length = b.where(refs[3])
+    b.delete(refs[5])
+    b.close()
+    damage(pack, offset + RECORD.size + 5)  # a damaged record is not indexed again
+    index = os.path.join(root, "packs", "index.sqlite")
+    if how == "lost":
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(index + suffix)
+    else:
+        with open(index, "r+b") as fh:
+            fh.write(b"garbage" * 20)
+    with open(pack, "ab") as fh:
+        fh.write(RECORD.pack(b"MGP1", bytes(32), 500) + b"torn")  # a crashed append
+    b = FileBlobStore(root)
+    assert b.packs.rebuilt_because
+    alive = [r.digest for i, r in enumerate(refs) if i != 3]  # the deleted one is an orphan
+    assert sorted(b.iter_refs()) == sorted(alive)
+    for i, r in enumerate(refs):
+        if i != 3:
+            assert b.get(r) == data[i]
+    assert not b.exists(refs[3])
+    assert b.put(os.urandom(10)) and len(list(b.iter_refs())) == len(alive) + 1
+    b.close()
+    if how == "damaged":
+        assert [n for n in os.listdir(os.path.dirname(index)) if ".corrupt-" in n]
+    again = FileBlobStore(root)  # no rebuild when the index is there
+    assert again.packs.rebuilt_because == ""
     again.close()
