@@ -210,12 +210,15 @@ class FileBlobStore:
             raise BlobNotFound(check_digest(ref)) from None
         return st.st_size, st.st_mtime
 
-    def delete(self, ref: BlobRef | str) -> bool:
-        """Remove a blob (a packed one's space comes back at ``repack``); False when it did
-        not exist."""
+    def delete(self, ref: BlobRef | str, older_than: float | None = None) -> bool:
+        """Remove a blob (a packed one's space comes back at ``repack``); with
+        ``older_than``, only when its mtime is not after it (``gc``: a ``put`` that just
+        refreshed it keeps it). False when nothing was removed."""
         path = self.path(ref)
-        packed = self.packs.delete(check_digest(ref))
+        packed = self.packs.delete(check_digest(ref), older_than)
         try:
+            if older_than is not None and os.stat(path).st_mtime > older_than:
+                return packed
             os.unlink(path)
         except FileNotFoundError:
             return packed

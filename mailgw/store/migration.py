@@ -363,8 +363,8 @@ def gc(
             continue
         if mtime > limit:
             continue
-        if not dry_run:
-            blobs.delete(digest)
+        if not dry_run and not blobs.delete(digest, older_than=limit):
+            continue  # put again meanwhile (its mtime refreshed)
         removed.append(digest)
     if not dry_run:
         blobs.clean_tmp(grace)

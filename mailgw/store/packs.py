@@ -191,10 +191,15 @@ class PackStore:
         for (digest,) in rows:
             yield bytes(digest).hex()
 
-    def delete(self, digest: str) -> bool:
-        """Drop a blob's row (its bytes stay until ``repack``); False when not packed."""
+    def delete(self, digest: str, older_than: float | None = None) -> bool:
+        """Drop a blob's row (its bytes stay until ``repack``); with ``older_than``, only
+        when its mtime is not after it, in the same statement (a ``put`` that refreshed it
+        meanwhile wins). False when nothing was dropped."""
         with self._db_lock:
-            cur = self._db.execute("DELETE FROM blobs WHERE digest = ?", (bytes.fromhex(digest),))
+            cur = self._db.execute(
+                "DELETE FROM blobs WHERE digest = ? AND mtime <= ?",
+                (bytes.fromhex(digest), float("inf") if older_than is None else older_than),
+            )
             return cur.rowcount > 0
 
     # -- writing --------------------------------------------------------------------------

@@ -471,3 +471,13 @@ def test_pack_index_is_rebuilt_from_the_records(tmp_path: Path, how: str) -> Non
     again = FileBlobStore(root)  # no rebuild when the index is there
     assert again.packs.rebuilt_because == ""
     again.close()
+
+
+def test_delete_older_than_spares_a_refreshed_blob(blobs: FileBlobStore) -> None:
+    packed, loose = blobs.put(blob(1)), blobs.put(os.urandom(blobs.pack_max + 10))
+    for ref in (packed, loose):
+        blobs.touch(ref, 1000.0)
+        blobs.put(blobs.get(ref))  # a writer stored it again: mtime now
+        assert not blobs.delete(ref, older_than=2000.0) and blobs.exists(ref)
+        blobs.touch(ref, 1000.0)
+        assert blobs.delete(ref, older_than=2000.0) and not blobs.exists(ref)
