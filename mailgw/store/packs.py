@@ -88,6 +88,7 @@ class PackStore:
         if created:
             maildir.fsync_dir(os.path.dirname(self.root))
         self._thread_lock = threading.RLock()
+        self._depth = 0  # of ``locked`` in the thread holding it: flock once
         self._db_lock = threading.Lock()
         self._lock_fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
         path = os.path.join(self.root, "index.sqlite")
@@ -146,11 +147,17 @@ class PackStore:
     def locked(self) -> Iterator[None]:
         """The writers' lock: this process's threads, then other processes (``flock``)."""
         with self._thread_lock:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            self._depth += 1
             try:
-                yield
+                if self._depth == 1:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    if self._depth == 1:
+                        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                self._depth -= 1
 
     def pack_path(self, pack: int) -> str:
         return os.path.join(self.root, f"pack-{pack:08d}.pack")
