@@ -100,7 +100,7 @@ class FileBlobStore:
         records the reference. OSError when the blob cannot be written durably."""
         src: BinaryIO = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
         if self.pack_max > 0:
-            first = src.read(self.pack_max + 1)
+            first = _read_up_to(src, self.pack_max + 1)
             if len(first) <= self.pack_max:
                 return self._put_small(bytes(first))
             src = cast(BinaryIO, _Prefixed(first, src))
@@ -334,6 +334,17 @@ def ref_parts(ref: str, size: int) -> list[tuple[str, int]]:
 def split_ref(ref: str) -> list[str]:
     """The blob digests of a message reference, in message order (``ref_parts``)."""
     return [digest for digest, _size in ref_parts(ref, 1 << 62)]
+
+
+def _read_up_to(src: BinaryIO, n: int) -> bytes:
+    """``n`` bytes of ``src``, fewer only at its end (a stream may return short reads)."""
+    out = bytearray()
+    while len(out) < n:
+        chunk = src.read(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
 
 
 class _Prefixed:

@@ -481,3 +481,24 @@ def test_delete_older_than_spares_a_refreshed_blob(blobs: FileBlobStore) -> None
         assert not blobs.delete(ref, older_than=2000.0) and blobs.exists(ref)
         blobs.touch(ref, 1000.0)
         assert blobs.delete(ref, older_than=2000.0) and not blobs.exists(ref)
+
+
+class Trickle:
+    """A binary stream that returns at most 7 bytes per read."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self, n: int = -1) -> bytes:
+        n = 7 if n < 0 else min(n, 7)
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+
+def test_short_reads_of_the_source(blobs: FileBlobStore) -> None:
+    small, large = blob(1, 5000), blob(2, blobs.pack_max + 100)
+    ref = blobs.put(Trickle(small))  # type: ignore[arg-type]
+    assert ref.size == len(small) and not os.path.exists(blobs.path(ref))
+    big = blobs.put(Trickle(large))  # type: ignore[arg-type]
+    assert big.size == len(large) and os.path.exists(blobs.path(big))
+    assert blobs.get(ref) == small and blobs.get(big) == large
