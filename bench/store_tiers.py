@@ -4,16 +4,21 @@ It delivers a mix of mail into a tier-1 store (``MessageStore.deliver``, the cal
 delivery makes, with per-copy trace headers as an SMTP delivery adds them): plain text, HTML,
 multipart messages with attachments of random bytes (so compression is honest) and
 announcements sent to every user (duplicates whose bodies are identical). The store is then
-copied and the copy migrated to tier 2 (``Migrator``, the code of ``mailgw store migrate``).
+copied twice and each copy migrated to tier 2 (``Migrator``, the code of ``mailgw store
+migrate``): once with every blob a loose file (``tier2_pack_max = 0``, the layout before pack
+files) and once with blobs up to ``--pack-max`` bytes in pack files.
 
 Figures: bytes on disk (du-style: allocated blocks of files and directories) of the tier-1
-tree and of the migrated tree plus its blob tree; ``Mailbox.read_message`` latency (p50,
+tree and of each migrated tree plus its blob tree, and the apparent bytes of the blob tree
+(what the blobs hold: compressed, deduplicated); ``Mailbox.read_message`` latency (p50,
 p99; what IMAP FETCH BODY[] and POP3 RETR call) from each tier, with the page cache warm and
-with the message's files evicted first (``posix_fadvise(DONTNEED)``, "cold"). Read rounds
-alternate tier 1 and tier 2; the table shows medians over rounds. JSON goes to
+with the message's bytes evicted first (``posix_fadvise(DONTNEED)`` on the file or the pack
+record, "cold"; the pack index stays cached). Read rounds alternate tier 1, loose tier 2 and
+packed tier 2; the table shows medians over rounds. JSON goes to
 bench/results/store_tiers-<timestamp>.json.
 
 Run: .venv/bin/python bench/store_tiers.py [--users 100] [--own 30] [--rounds 3]
+[--pack-max 16384]
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
 from mailgw.store import Mailbox, MessageStore  # noqa: E402
-from mailgw.store.blobs import FileBlobStore, split_ref  # noqa: E402
+from mailgw.store.blobs import PACK_MAX, FileBlobStore, split_ref  # noqa: E402
 from mailgw.store.migration import MigrationPolicy, Migrator, stats  # noqa: E402
 
 DOMAIN = "bench.test"
@@ -192,19 +197,20 @@ def du(path: str, messages_only: bool = False) -> tuple[int, int, int]:
     return blocks * 512, apparent, files
 
 
-def message_files(store: MessageStore, box: Mailbox, uid: int) -> list[str]:
+def message_files(store: MessageStore, box: Mailbox, uid: int) -> list[tuple[str, int, int]]:
+    """(file, offset, length) of each piece of the message's bytes (length 0: all)."""
     info = {m.uid: m for m in box.messages()}[uid]
     if info.blob is None:
-        return [os.path.join(box._folder.path, info.filename)]
-    assert store.tier2 is not None
-    return [store.tier2.path(d) for d in split_ref(info.blob)]
+        return [(os.path.join(box._folder.path, info.filename), 0, 0)]
+    assert isinstance(store.tier2, FileBlobStore)
+    return [store.tier2.where(d) for d in split_ref(info.blob)]
 
 
-def evict(paths: list[str]) -> None:
-    for path in paths:
+def evict(pieces: list[tuple[str, int, int]]) -> None:
+    for path, offset, length in pieces:
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
@@ -277,6 +283,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--base-dir", default=None, help="where the stores go (default $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the stores")
+    parser.add_argument(
+        "--pack-max", type=int, default=PACK_MAX, help="packed tier 2: blobs up to this size"
+    )
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="store-tiers-", dir=args.base_dir)
@@ -308,41 +317,47 @@ def run(args: argparse.Namespace, work: str) -> dict[str, Any]:
         f"in {deliver_s:.1f}s: {mix['by_kind']}"
     )
 
-    root2 = os.path.join(work, "tier2", "mail")
-    shutil.copytree(root1, root2)
-    blobs = FileBlobStore(os.path.join(work, "tier2", "blobs"))
-    store2 = MessageStore(root2, lambda user: None, hostname=f"mx.{DOMAIN}", tier2=blobs)
-    started = time.perf_counter()
-    report = Migrator(store2, MigrationPolicy(after=1.0), clock=lambda: 4e9).run()
-    migrate_s = time.perf_counter() - started
-    assert report.moved == mix["messages"] and report.failed == 0, report
-    print(
-        f"migrated {report.moved} messages in {migrate_s:.1f}s "
-        f"({report.moved / migrate_s:.0f} msg/s)"
-    )
-    tier_stats = {
-        k: vars(v) | {"dedup_ratio": v.dedup_ratio} for k, v in stats(store2, blobs).items()
-    }
-
-    store2.close()  # checkpoint the indexes' WAL files before measuring
     t1_blocks, t1_apparent, t1_files = du(root1, messages_only=True)
     t1_tree, _a, _f = du(root1)
-    t2_index_blocks, _a, _f = du(root2)
-    t2_blob_blocks, t2_blob_apparent, t2_blob_files = du(blobs.root)
-    disk = {
+    disk: dict[str, Any] = {
         "tier1_messages": {
             "du_bytes": t1_blocks,
             "apparent_bytes": t1_apparent,
             "files": t1_files,
         },
         "tier1_tree": {"du_bytes": t1_tree},
-        "tier2_blobs": {
+    }
+    tier_stats: dict[str, Any] = {}
+    migrate_s: dict[str, float] = {}
+    stores: dict[str, MessageStore] = {}
+    for name, pack_max in (("tier2-loose", 0), ("tier2-packed", args.pack_max)):
+        root2 = os.path.join(work, name, "mail")
+        shutil.copytree(root1, root2)
+        blobs = FileBlobStore(os.path.join(work, name, "blobs"), pack_max=pack_max)
+        store2 = MessageStore(root2, lambda user: None, hostname=f"mx.{DOMAIN}", tier2=blobs)
+        started = time.perf_counter()
+        report = Migrator(store2, MigrationPolicy(after=1.0), clock=lambda: 4e9).run()
+        migrate_s[name] = time.perf_counter() - started
+        assert report.moved == mix["messages"] and report.failed == 0, report
+        print(
+            f"{name}: migrated {report.moved} messages in {migrate_s[name]:.1f}s "
+            f"({report.moved / migrate_s[name]:.0f} msg/s)"
+        )
+        tier_stats[name] = {
+            k: vars(v) | {"dedup_ratio": v.dedup_ratio} for k, v in stats(store2, blobs).items()
+        }
+        store2.close()  # checkpoint the indexes' WAL files before measuring
+        blobs.close()
+        t2_index_blocks, _a, _f = du(root2)
+        t2_blob_blocks, t2_blob_apparent, t2_blob_files = du(blobs.root)
+        disk[name] = {
             "du_bytes": t2_blob_blocks,
             "apparent_bytes": t2_blob_apparent,
             "files": t2_blob_files,
-        },
-        "tier2_indexes_left_on_tier1": {"du_bytes": t2_index_blocks},
-    }
+            "indexes_left_on_tier1_du_bytes": t2_index_blocks,
+        }
+        blobs = FileBlobStore(blobs.root, pack_max=pack_max)
+        stores[name] = MessageStore(root2, lambda user: None, hostname=f"mx.{DOMAIN}", tier2=blobs)
 
     store1 = MessageStore(root1, lambda user: None, hostname=f"mx.{DOMAIN}")
     rnd = random.Random(args.seed + 1)
@@ -351,7 +366,7 @@ def run(args: argparse.Namespace, work: str) -> dict[str, Any]:
     rounds: dict[str, list[dict[str, float]]] = {}
     for r in range(args.rounds):
         for cold in (False, True):
-            for name, store in (("tier1", store1), ("tier2", store2)):
+            for name, store in (("tier1", store1), *stores.items()):
                 if r == 0 and not cold:  # open every index once, warm the page cache
                     read_latencies(store, sample, cold=False)
                 lat, nbytes = read_latencies(store, sample, cold)
@@ -365,7 +380,10 @@ def run(args: argparse.Namespace, work: str) -> dict[str, Any]:
                     }
                 )
     store1.close()
-    store2.close()
+    for store in stores.values():
+        store.close()
+        assert isinstance(store.tier2, FileBlobStore)
+        store.tier2.close()
     reads = {
         key: {f: statistics.median(x[f] for x in values) for f in values[0]}
         for key, values in rounds.items()
@@ -373,24 +391,31 @@ def run(args: argparse.Namespace, work: str) -> dict[str, Any]:
 
     logical = mix["logical_bytes"]
     print()
-    print(f"{'':28}{'tier 1':>16}{'tier 2':>16}{'ratio':>10}")
-    print(f"{'logical bytes':28}{logical:>16,}{logical:>16,}")
+    cols = ("tier1", "tier2-loose", "tier2-packed")
+    print(f"{'':30}" + "".join(f"{c:>16}" for c in cols))
+    print(f"{'logical bytes':30}" + f"{logical:>16,}" * 3)
+    data_du = [t1_blocks, disk[cols[1]]["du_bytes"], disk[cols[2]]["du_bytes"]]
+    apparent = [t1_apparent, disk[cols[1]]["apparent_bytes"], disk[cols[2]]["apparent_bytes"]]
+    print(f"{'message data (du)':30}" + "".join(f"{x:>16,}" for x in data_du))
+    print(f"{'message data (apparent)':30}" + "".join(f"{x:>16,}" for x in apparent))
     print(
-        f"{'message data (du)':28}{t1_blocks:>16,}{t2_blob_blocks:>16,}"
-        f"{t1_blocks / t2_blob_blocks:>10.2f}"
+        f"{'du / apparent':30}"
+        + "".join(f"{a / b:>16.2f}" for a, b in zip(data_du, apparent, strict=True))
     )
-    t2_tree = t2_blob_blocks + t2_index_blocks
-    print(f"{'with indexes, dirs (du)':28}{t1_tree:>16,}{t2_tree:>16,}{t1_tree / t2_tree:>10.2f}")
-    print(f"{'files':28}{t1_files:>16,}{t2_blob_files:>16,}")
+    print(f"{'du / tier-1 du':30}" + "".join(f"{a / t1_blocks:>16.2f}" for a in data_du))
+    trees = [t1_tree] + [
+        disk[c]["du_bytes"] + disk[c]["indexes_left_on_tier1_du_bytes"] for c in cols[1:]
+    ]
+    print(f"{'with indexes, dirs (du)':30}" + "".join(f"{x:>16,}" for x in trees))
+    files = [t1_files, disk[cols[1]]["files"], disk[cols[2]]["files"]]
+    print(f"{'files':30}" + "".join(f"{x:>16,}" for x in files))
     for kind in ("headers", "bodies"):
-        s = tier_stats[f"tier2-{kind}"]
-        print(f"{'tier-2 ' + kind + ' dedup':28}{'':>16}{s['dedup_ratio']:>16.2f}")
+        s = tier_stats["tier2-packed"][f"tier2-{kind}"]
+        print(f"{'tier-2 ' + kind + ' dedup':30}{'':>16}{'':>16}{s['dedup_ratio']:>16.2f}")
     for temp in ("warm", "cold"):
-        a, b = reads[f"tier1-{temp}"], reads[f"tier2-{temp}"]
         for f in ("p50_ms", "p99_ms"):
-            print(
-                f"{f'read_message {f} ({temp})':28}{a[f]:>16.3f}{b[f]:>16.3f}{b[f] / a[f]:>10.2f}"
-            )
+            values = [reads[f"{c}-{temp}"][f] for c in cols]
+            print(f"{f'read_message {f} ({temp})':30}" + "".join(f"{v:>16.3f}" for v in values))
     print(f"(reads: medians of {args.rounds} rounds of {len(sample)} messages)")
     return {
         "benchmark": "store_tiers",
@@ -404,6 +429,7 @@ def run(args: argparse.Namespace, work: str) -> dict[str, Any]:
         "mix": mix,
         "deliver_seconds": deliver_s,
         "migrate_seconds": migrate_s,
+        "load_average": os.getloadavg(),
         "disk": disk,
         "stats": tier_stats,
         "reads": reads,

@@ -347,6 +347,19 @@ def cmd_store_gc(ctx: Context, args: argparse.Namespace) -> None:
     _say(f"{verb} {len(removed)} orphan blob(s)")
 
 
+def cmd_store_pack(ctx: Context, args: argparse.Namespace) -> None:
+    store, blobs = _tier2_store(ctx)
+    store.close()
+    if blobs.pack_max <= 0:
+        blobs.close()
+        raise Failure(f"{ctx.config_path}: [store] tier2_pack_max is 0 (packing is off)")
+    moved, freed = blobs.pack_loose(limit=args.limit)
+    removed, reclaimed = blobs.repack(args.min_live)
+    blobs.close()
+    _say(f"packed {moved} loose blob(s), {format_size(freed)} freed")
+    _say(f"rewrote {removed} pack(s), {format_size(reclaimed)} reclaimed")
+
+
 def cmd_store_stats(ctx: Context, args: argparse.Namespace) -> None:
     from mailgw.store.migration import stats
 
@@ -502,6 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=3600.0, metavar="S", help="spare younger (3600)")
     p.add_argument("--dry-run", action="store_true", help="only count them")
     command(store, "stats", cmd_store_stats, "messages and bytes per tier, dedup ratio")
+    p = command(store, "pack", cmd_store_pack, "move small loose tier-2 blobs into pack files")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N blobs")
+    p.add_argument(
+        "--min-live", type=float, default=0.5, metavar="F", help="repack packs below (0.5)"
+    )
 
     cert = group("cert", "TLS certificates")
     p = command(cert, "selfsigned", cmd_cert_selfsigned, "make a self-signed dev certificate")

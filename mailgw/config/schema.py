@@ -187,6 +187,9 @@ class StoreConfig:
     tier2_dir: str = key(
         "", _text, "Tier-2 blob directory (may be another mount); empty: off; relative: data_dir."
     )
+    tier2_pack_max: int = key(
+        "16K", v.parse_size, "Tier-2 blobs up to this size go into pack files (0: loose files)."
+    )
     migrate_after: float = key(
         "0", v.parse_duration, "Move tier-1 messages older than this to tier 2 (0: not by age)."
     )

@@ -7,10 +7,14 @@ their trace headers (Return-Path, Delivered-To, Received) but share the body blo
 index refers to a message by ``<header digest>:<header size>+<body digest>``, or by one
 digest for a message kept whole (no body, a header block over ``HEADER_MAX``, or migrated
 before the split); reads concatenate the parts (``open_message``). The directory can sit on
-another, larger and slower mount. Writes go to ``tmp/``, are fsynced, renamed into place
-and the directory is fsynced; a blob is never modified in place. Every read recomputes the
-hash: a damaged blob raises ``BlobCorrupt`` and never returns wrong bytes. The interface
-(put/get/open/exists/delete/iter_refs/stat) is small enough for an object store later.
+another, larger and slower mount. Blobs up to ``pack_max`` bytes (header blobs, small
+bodies) are appended to pack files with an index (``mailgw.store.packs``) instead of taking a
+file-system block each; larger ones are loose files: written to ``tmp/``, fsynced, renamed
+into place and the directory fsynced. Loose blobs of a store written before packs stay
+readable (``pack_loose`` moves them). A blob is never modified in place. Every read
+recomputes the hash: a damaged blob raises ``BlobCorrupt`` and never returns wrong bytes. The
+interface (put/get/open/exists/delete/iter_refs/stat) is small enough for an object store
+later.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from zope.interface import implementer
 from mailgw.interfaces import IBlobStore
 from mailgw.model.blob import BlobRef
 from mailgw.store import maildir
+from mailgw.store.packs import RECORD, REPACK_LIVE, PackError, PackStore
 
 SUFFIX = ".zst"
 CHUNK = 1 << 20
@@ -41,6 +46,8 @@ _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 HEADER_MAX = 1 << 20
 # Separates the part digests of a message reference.
 PART_SEP = "+"
+# Blobs up to this many bytes go into pack files (``[store] tier2_pack_max``).
+PACK_MAX = 16 << 10
 
 
 class BlobError(Exception):
@@ -65,12 +72,20 @@ def check_digest(ref: BlobRef | str) -> str:
 
 @implementer(IBlobStore)
 class FileBlobStore:
-    """Blobs in a directory tree ``root/ab/cd/<sha256>.zst`` (zstd frames with checksum)."""
+    """Blobs in a directory tree ``root/ab/cd/<sha256>.zst`` (zstd frames with checksum),
+    those up to ``pack_max`` bytes in ``root/packs`` (0: no new blob is packed; packed ones
+    stay readable)."""
 
-    def __init__(self, root: str, level: int = 6) -> None:
+    def __init__(self, root: str, level: int = 6, pack_max: int = PACK_MAX) -> None:
         self.root = os.path.abspath(root)
         self.level = level
+        self.pack_max = pack_max
         os.makedirs(os.path.join(self.root, "tmp"), mode=0o700, exist_ok=True)
+        self.packs = PackStore(os.path.join(self.root, "packs"))
+
+    def close(self) -> None:
+        """Close the pack index."""
+        self.packs.close()
 
     def path(self, ref: BlobRef | str) -> str:
         """The file of a blob (whether it exists or not)."""
@@ -84,6 +99,11 @@ class FileBlobStore:
         a concurrent ``gc`` (which spares young blobs) does not remove it before the caller
         records the reference. OSError when the blob cannot be written durably."""
         src: BinaryIO = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+        if self.pack_max > 0:
+            first = _read_up_to(src, self.pack_max + 1)
+            if len(first) <= self.pack_max:
+                return self._put_small(bytes(first))
+            src = cast(BinaryIO, _Prefixed(first, src))
         digest = hashlib.sha256()
         size = 0
         fd, tmp = tempfile.mkstemp(dir=os.path.join(self.root, "tmp"), suffix=SUFFIX)
@@ -118,6 +138,16 @@ class FileBlobStore:
             raise
         return ref
 
+    def _put_small(self, data: bytes) -> BlobRef:
+        ref = BlobRef(hashlib.sha256(data).hexdigest(), len(data))
+        loose = self.path(ref)
+        if os.path.exists(loose) and not self.packs.locate(ref.digest):
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(loose)
+                return ref
+        self.packs.put(ref.digest, data, self.level)
+        return ref
+
     def open(self, ref: BlobRef | str) -> BinaryIO:
         """A binary file with the blob's bytes, verified against its hash before it is
         returned. BlobNotFound when missing, BlobCorrupt when damaged."""
@@ -139,6 +169,13 @@ class FileBlobStore:
         return out.getvalue()
 
     def _decompress_into(self, digest: str, out: IO[bytes]) -> None:
+        try:
+            packed = self.packs.read(digest)
+        except PackError as e:
+            raise BlobCorrupt(str(e)) from None
+        if packed is not None:
+            out.write(packed)
+            return
         path = self.path(digest)
         try:
             fh = open(path, "rb")  # noqa: SIM115 - closed below
@@ -160,28 +197,96 @@ class FileBlobStore:
             raise BlobCorrupt(f"blob {digest}: content hash is {hasher.hexdigest()}")
 
     def exists(self, ref: BlobRef | str) -> bool:
-        return os.path.exists(self.path(ref))
+        return self.packs.locate(check_digest(ref)) is not None or os.path.exists(self.path(ref))
 
     def stat(self, ref: BlobRef | str) -> tuple[int, float]:
         """(bytes on disk, mtime). BlobNotFound when missing."""
+        packed = self.packs.stat(check_digest(ref))
+        if packed is not None:
+            return packed
         try:
             st = os.stat(self.path(ref))
         except FileNotFoundError:
             raise BlobNotFound(check_digest(ref)) from None
         return st.st_size, st.st_mtime
 
-    def delete(self, ref: BlobRef | str) -> bool:
-        """Remove a blob; False when it did not exist."""
+    def delete(self, ref: BlobRef | str, older_than: float | None = None) -> bool:
+        """Remove a blob (a packed one's space comes back at ``repack``); with
+        ``older_than``, only when its mtime is not after it (``gc``: a ``put`` that just
+        refreshed it keeps it). False when nothing was removed."""
         path = self.path(ref)
+        packed = self.packs.delete(check_digest(ref), older_than)
         try:
+            if older_than is not None and os.stat(path).st_mtime > older_than:
+                return packed
             os.unlink(path)
         except FileNotFoundError:
-            return False
+            return packed
         maildir.fsync_dir(os.path.dirname(path))
         return True
 
+    def where(self, ref: BlobRef | str) -> tuple[str, int, int]:
+        """(file, offset, length) of the bytes holding a blob as stored: its pack record or
+        its loose file. BlobNotFound when missing."""
+        digest = check_digest(ref)
+        loc = self.packs.locate(digest)
+        if loc is not None:
+            return self.packs.pack_path(loc.pack), loc.offset, RECORD.size + loc.length
+        try:
+            return self.path(digest), 0, os.path.getsize(self.path(digest))
+        except FileNotFoundError:
+            raise BlobNotFound(digest) from None
+
+    def touch(self, ref: BlobRef | str, mtime: float) -> None:
+        """Set a blob's mtime (what ``gc``'s grace compares). BlobNotFound when missing."""
+        digest = check_digest(ref)
+        if not self.packs.touch(digest, mtime):
+            try:
+                os.utime(self.path(digest), (mtime, mtime))
+            except FileNotFoundError:
+                raise BlobNotFound(digest) from None
+
+    def repack(self, min_live: float = REPACK_LIVE) -> tuple[int, int]:
+        """Rewrite the packs mostly made of deleted blobs (``PackStore.repack``): (packs
+        removed, bytes reclaimed)."""
+        return self.packs.repack(min_live)
+
+    def pack_loose(self, limit: int | None = None) -> tuple[int, int]:
+        """Move loose blobs of up to ``pack_max`` bytes (a store from before packs) into
+        packs: each is read (verified), packed durably, and only then unlinked, so a crash
+        leaves it in one place or both (reads prefer the pack). Damaged blobs stay loose for
+        ``verify`` to report. Returns (blobs packed, bytes on disk freed); at most ``limit``
+        blobs when given."""
+        moved = freed = 0
+        for digest in self._loose_refs():
+            if limit is not None and moved >= limit:
+                break
+            path = self.path(digest)
+            try:
+                st = os.stat(path)
+                if self.packs.locate(digest) is None:
+                    data = self.get(digest)
+                    if len(data) > self.pack_max:
+                        continue
+                    self.packs.put(digest, data, self.level)
+                    self.packs.touch(digest, st.st_mtime)
+            except (BlobError, FileNotFoundError):
+                continue
+            maildir.unlink_quiet(path)
+            maildir.fsync_dir(os.path.dirname(path))
+            moved += 1
+            freed += st.st_blocks * 512
+        return moved, freed
+
     def iter_refs(self) -> Iterator[str]:
         """The digests of all stored blobs (any order)."""
+        packed = set(self.packs.digests())
+        yield from packed
+        for digest in self._loose_refs():
+            if digest not in packed:
+                yield digest
+
+    def _loose_refs(self) -> Iterator[str]:
         for top in sorted(os.listdir(self.root)):
             if len(top) != 2:
                 continue
@@ -229,6 +334,17 @@ def ref_parts(ref: str, size: int) -> list[tuple[str, int]]:
 def split_ref(ref: str) -> list[str]:
     """The blob digests of a message reference, in message order (``ref_parts``)."""
     return [digest for digest, _size in ref_parts(ref, 1 << 62)]
+
+
+def _read_up_to(src: BinaryIO, n: int) -> bytes:
+    """``n`` bytes of ``src``, fewer only at its end (a stream may return short reads)."""
+    out = bytearray()
+    while len(out) < n:
+        chunk = src.read(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
 
 
 class _Prefixed:

@@ -349,7 +349,8 @@ def gc(
     clock: Callable[[], float] = time.time,
 ) -> list[str]:
     """Delete blobs no index refers to and older than ``grace`` seconds (a young one may
-    belong to a migration that has not switched its row yet). Returns their digests."""
+    belong to a migration that has not switched its row yet), then repack the pack files
+    that became mostly dead (``FileBlobStore.repack``). Returns their digests."""
     refs = references(store)
     limit = clock() - grace
     removed = []
@@ -362,11 +363,12 @@ def gc(
             continue
         if mtime > limit:
             continue
-        if not dry_run:
-            blobs.delete(digest)
+        if not dry_run and not blobs.delete(digest, older_than=limit):
+            continue  # put again meanwhile (its mtime refreshed)
         removed.append(digest)
     if not dry_run:
         blobs.clean_tmp(grace)
+        blobs.repack()
     return removed
 
 
@@ -447,4 +449,6 @@ def tier2_from_config(data_dir: str, store_config: Any) -> FileBlobStore | None:
     tier 2 is off."""
     if not store_config.tier2_dir:
         return None
-    return FileBlobStore(os.path.join(data_dir, store_config.tier2_dir))
+    return FileBlobStore(
+        os.path.join(data_dir, store_config.tier2_dir), pack_max=store_config.tier2_pack_max
+    )

@@ -62,9 +62,9 @@ def test_pop3_reads_migrated_messages_byte_for_byte(
     # damage one blob: verify fails, POP3 answers -ERR (never wrong bytes)
     blobs = FileBlobStore(str(server.data_dir / "tier2"))
     for digest in blobs.iter_refs():
-        path = blobs.path(digest)
+        path, offset, length = blobs.where(digest)
         with open(path, "r+b") as fh:
-            fh.seek(os.path.getsize(path) - 5)
+            fh.seek(offset + length - 5)
             fh.write(b"XXXXX")
     result = server.cli("store", "verify", check=False)
     assert result.returncode == 1 and "corrupt\t" in result.stdout

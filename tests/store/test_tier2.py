@@ -43,7 +43,8 @@ MSG = b"From: bob@example.org\r\nSubject: hi\r\n\r\n" + b"Hello tier two\r\n" * 
 
 @pytest.fixture
 def blobs(tmp_path: Path) -> FileBlobStore:
-    return FileBlobStore(str(tmp_path / "tier2"))
+    # Loose files only: these tests look at the file layout (packs: test_tier2_packs.py).
+    return FileBlobStore(str(tmp_path / "tier2"), pack_max=0)
 
 
 @pytest.fixture

@@ -84,7 +84,7 @@ def test_tier2_dir_not_set_for_stats(
 def age_blobs(blobs: FileBlobStore) -> None:
     """Make every blob older than any gc grace period."""
     for digest in blobs.iter_refs():
-        os.utime(blobs.path(digest), (1000.0, 1000.0))
+        blobs.touch(digest, 1000.0)
 
 
 def test_store_gc_from_the_cli(run: Run, data: Path) -> None:
@@ -135,3 +135,19 @@ def test_store_gc_from_the_cli(run: Run, data: Path) -> None:
     assert rows["tier2"][1] == "2" and rows["tier2"][4] == "3"
     assert rows["tier2-bodies"][4] == "1" and float(rows["tier2-bodies"][5]) == 2.0
     assert rows["tier2-whole"][1:5] == ["0", "0", "0", "0"]
+
+
+def test_store_pack_moves_loose_blobs_from_the_cli(run: Run, data: Path) -> None:
+    old = FileBlobStore(str(data / "tier2"), pack_max=0)  # a store from before packs
+    small = [old.put(HEAD + b"\r\n" + bytes([n]) * 500) for n in range(3)]
+    large = old.put(bytes(range(256)) * 200)  # 51,200 bytes: stays loose
+    old.close()
+    code, out, _ = run("store", "pack")
+    assert code == 0 and out.splitlines()[0].startswith("packed 3 loose blob(s)")
+    blobs = FileBlobStore(str(data / "tier2"))
+    assert [r for r in small if os.path.exists(blobs.path(r))] == []
+    assert os.path.exists(blobs.path(large))
+    assert all(blobs.get(r) == HEAD + b"\r\n" + bytes([n]) * 500 for n, r in enumerate(small))
+    blobs.close()
+    code, out, _ = run("store", "pack")
+    assert code == 0 and out.startswith("packed 0 loose blob(s)")
