@@ -510,7 +510,7 @@ class Store:
     def __init__(self) -> None:
         self.got: list[str] = []
 
-    def deliver(self, user: str, path: str, prefix: bytes = b"") -> int:
+    def deliver(self, user: str, path: str, prefix: bytes = b"", offset: int = 0) -> int:
         self.got.append(user)
         return len(self.got)
 
