@@ -227,14 +227,15 @@ class ISpool(Interface):
     def list(state: str) -> builtins.list[str]:
         """Queue IDs currently in ``state`` (oldest first)."""
 
-    def load(queue_id: str) -> QueuedMessage:
-        """Return the ``mailgw.model.QueuedMessage`` (state, envelope, content path).
+    def load(queue_id: str, state: str | None = None) -> QueuedMessage:
+        """Return the ``mailgw.model.QueuedMessage`` (state, envelope, content path and
+        offset). ``state``: where the caller expects the message (looked in first).
         Raises KeyError if the queue ID is unknown."""
 
     def move(queue_id: str, to_state: str) -> None:
         """Rename the message into ``to_state`` (fsyncs the directories)."""
 
-    def update(queue_id: str, envelope: Envelope) -> None:
+    def update(queue_id: str, envelope: Envelope, state: str | None = None) -> None:
         """Atomically replace the stored envelope (write temp, fsync, rename)."""
 
     def remove(queue_id: str) -> None:
@@ -342,9 +343,12 @@ class IMessageStore(Interface):
     holds a message.
     """
 
-    def deliver(user: str, content_path: str, prefix: bytes = b"", folder: str = "INBOX") -> int:
+    def deliver(
+        user: str, content_path: str, prefix: bytes = b"", folder: str = "INBOX", offset: int = 0
+    ) -> int:
         """Deliver a spooled message to ``user``'s folder: ``prefix`` (e.g. Return-Path and
-        Delivered-To header lines) followed by the file's bytes, written to tmp, fsynced,
+        Delivered-To header lines) followed by the file's bytes from ``offset`` (a spool
+        queue file holds its envelope first), written to tmp, fsynced,
         renamed into place, indexed. Returns the UID. Raises QuotaExceeded, OSError."""
 
     def open_mailbox(user: str, name: str = "INBOX", snapshot: bool = True) -> IMailbox:

@@ -64,7 +64,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailgw.interfaces import InvalidMailbox, MailboxNotFound, QuotaExceeded
-from mailgw.model import Envelope
+from mailgw.model import Envelope, QueuedMessage
 from mailgw.relay.dsn import MAX_ORIGINAL_HEADERS, RecipientStatus, build_dsn, should_bounce
 from mailgw.runtime.threads import Runner, run_inline
 from mailgw.tracking import NO_TRACKING, Kind, Tracker
@@ -310,9 +310,9 @@ class LocalDelivery(Service):
     def _after_bounce(self, queue_id: str, done: list[str]) -> str | _Bounce | None:
         """Record bounced recipients in ``envelope.done``; process the message again."""
         try:
-            message = self.spool.load(queue_id)
+            message = self.spool.load(queue_id, "active")
             message.envelope.done.extend(e for e in done if e not in message.envelope.done)
-            self.spool.update(queue_id, message.envelope)
+            self.spool.update(queue_id, message.envelope, "active")
             self.spool.move(queue_id, "incoming", durable=False, from_state="active")
         except Exception:
             log.failure("{queue_id} cannot record its bounce", queue_id=queue_id)
@@ -423,7 +423,7 @@ class LocalDelivery(Service):
         if permanent:
             entries = [entry for _, entry, _, _ in permanent]
             if should_bounce(envelope):
-                with open(message.content_path, "rb") as f:
+                with message.open_content() as f:
                     head = f.read(MAX_DSN_HEADER)
                 dsn = build_dsn(
                     head,
@@ -446,7 +446,7 @@ class LocalDelivery(Service):
                 "; ".join(f"{status} {text}" for _, _, status, text in permanent),
             )
             envelope.done.extend(entries)
-            self.spool.update(queue_id, envelope)
+            self.spool.update(queue_id, envelope, "active")
 
         remaining = sum(len(todo) for _, todo, _ in plan)
         stored: list[str] = []
@@ -467,7 +467,7 @@ class LocalDelivery(Service):
                         uid = self._store_copy(
                             queue_id,
                             user,
-                            message.content_path,
+                            message,
                             delivery_prefix(envelope.sender, user),
                             envelope.folder,
                         )
@@ -514,12 +514,12 @@ class LocalDelivery(Service):
                 if completes and rcpt_ok and user == todo[-1]:
                     envelope.done.append(rcpt)
                 if remaining:
-                    self.spool.update(queue_id, envelope)
+                    self.spool.update(queue_id, envelope, "active")
             if completes and rcpt_ok and not todo:
                 envelope.done.append(rcpt)
 
         if failed:
-            self._bounce(queue_id, message.content_path, envelope, failed)
+            self._bounce(queue_id, message, envelope, failed)
         if errors:
             if stored:
                 log.info(
@@ -545,7 +545,11 @@ class LocalDelivery(Service):
         return None
 
     def _bounce(
-        self, queue_id: str, content_path: str, envelope: Envelope, failed: list[RecipientStatus]
+        self,
+        queue_id: str,
+        message: QueuedMessage,
+        envelope: Envelope,
+        failed: list[RecipientStatus],
     ) -> None:
         """Build the DSN for permanently failed recipients (in the delivery's thread) and
         leave it for ``_finished`` to queue from the reactor thread, from the null sender.
@@ -560,7 +564,7 @@ class LocalDelivery(Service):
             )
             self.tracker.bounced(queue_id, [f.recipient for f in failed], reason)
             return
-        with open(content_path, "rb") as fh:
+        with message.open_content() as fh:
             head = fh.read(MAX_ORIGINAL_HEADERS)
         dsn = build_dsn(head, envelope, failed, self.hostname, now=self.reactor.seconds())
         self._bounces.append(
@@ -605,16 +609,17 @@ class LocalDelivery(Service):
             incoming.commit(envelope).addCallbacks(queued, lost)
 
     def _store_copy(
-        self, queue_id: str, user: str, content_path: str, prefix: bytes, folder: str
+        self, queue_id: str, user: str, message: QueuedMessage, prefix: bytes, folder: str
     ) -> int:
         """Store one copy into ``folder`` of ``user`` (the policy's ``file_into``; empty:
         INBOX), creating the folder when missing; a folder name the store refuses gets the
         copy into INBOX instead (logged)."""
+        path, offset = message.content_path, message.content_offset
         if not folder or folder.upper() == "INBOX":
-            return int(self.store.deliver(user, content_path, prefix))
+            return int(self.store.deliver(user, path, prefix, offset=offset))
         try:
             try:
-                return int(self.store.deliver(user, content_path, prefix, folder))
+                return int(self.store.deliver(user, path, prefix, folder, offset))
             except MailboxNotFound:
                 with contextlib.suppress(ValueError):  # made meanwhile by someone else
                     self.store.create_mailbox(user, folder)
@@ -624,7 +629,7 @@ class LocalDelivery(Service):
                         folder=folder,
                         user=user,
                     )
-                return int(self.store.deliver(user, content_path, prefix, folder))
+                return int(self.store.deliver(user, path, prefix, folder, offset))
         except InvalidMailbox:
             raise
         except (ValueError, MailboxNotFound) as e:
@@ -635,7 +640,7 @@ class LocalDelivery(Service):
                 user=user,
                 e=e,
             )
-            return int(self.store.deliver(user, content_path, prefix))
+            return int(self.store.deliver(user, path, prefix, offset=offset))
 
     def _is_local(self, address: str) -> bool:
         return bool(self.directory.is_local_domain(address.rpartition("@")[2].lower()))
@@ -658,7 +663,7 @@ class LocalDelivery(Service):
             message_class=envelope.message_class,
             channel=envelope.channel,
         )
-        self.spool.update(queue_id, outbound)
+        self.spool.update(queue_id, outbound, "active")
         self.spool.move(queue_id, "outbound", from_state="active")
         self.tracker.record(Kind.QUEUED, queue_id, addresses=targets, recipients=list(targets))
         log.info(
@@ -675,7 +680,7 @@ class LocalDelivery(Service):
         envelope.attempts += 1
         envelope.next_attempt = now + self.retry_interval
         envelope.last_error = error
-        self.spool.update(queue_id, envelope)
+        self.spool.update(queue_id, envelope, "active")
         self.spool.move(queue_id, "deferred", from_state="active")
         self.tracker.record(
             Kind.DEFERRED,

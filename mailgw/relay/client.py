@@ -207,7 +207,8 @@ class ClientOptions:
 class Transaction:
     """One message to send: envelope, content file, and its SMTP extensions needs.
 
-    ``prefix`` is sent before the file (e.g. a trace header); ``size`` defaults to the file's.
+    ``prefix`` is sent before the file (e.g. a trace header); the message is the file from
+    ``offset`` on (a spool queue file holds its envelope first); ``size`` defaults to that.
     ``data``, when given, is the content of ``path`` already read (a small message): it is
     sent from memory in one write instead of streaming the file.
     """
@@ -216,6 +217,7 @@ class Transaction:
     recipients: Sequence[str]
     path: str
     size: int = 0
+    offset: int = 0
     body_8bitmime: bool = False
     smtputf8: bool = False
     prefix: bytes = b""
@@ -227,7 +229,7 @@ class Transaction:
             return self.size
         if self.data is not None:
             return len(self.data) + len(self.prefix)
-        return os.path.getsize(self.path) + len(self.prefix)
+        return os.path.getsize(self.path) - self.offset + len(self.prefix)
 
     @property
     def needs_smtputf8(self) -> bool:
@@ -802,6 +804,7 @@ class SMTPConnection:
             if tx.prefix:
                 transport.write(encoder.encode(tx.prefix))
             with open(tx.path, "rb") as f:
+                f.seek(tx.offset)
                 await _ChunkSender().beginFileTransfer(f, transport, transform)
         except SMTPClientError:
             raise

@@ -21,7 +21,7 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from mailgw.model import Envelope
+from mailgw.model import Envelope, QueuedMessage
 
 SIGNED_HEADERS = (
     b"from",
@@ -96,7 +96,8 @@ def is_submitted(envelope: Envelope) -> bool:
 
 
 class DKIMSigner:
-    """``signer(envelope, content_path) -> bytes`` for the relay (runs in a worker thread)."""
+    """``signer(envelope, message) -> bytes`` for the relay (runs in a worker thread);
+    ``message`` is the spool's ``QueuedMessage`` (or a path to the whole message)."""
 
     def __init__(self, dkim_dir: str) -> None:
         self.dkim_dir = dkim_dir
@@ -147,12 +148,12 @@ class DKIMSigner:
         )
         return signature
 
-    def __call__(self, envelope: Envelope, content_path: str) -> bytes:
+    def __call__(self, envelope: Envelope, message: QueuedMessage | str) -> bytes:
         if not is_submitted(envelope) or "@" not in envelope.sender:
             return b""
         domain = envelope.sender.rpartition("@")[2].lower()
         if self.key_for(domain) is None:
             return b""
-        with open(content_path, "rb") as f:
-            message = f.read()
-        return self.sign(message, domain)
+        with open(message, "rb") if isinstance(message, str) else message.open_content() as f:
+            data = f.read()
+        return self.sign(data, domain)

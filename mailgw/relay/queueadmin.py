@@ -13,7 +13,6 @@ while the server runs (every change is one rename or one atomic envelope update)
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,17 +26,23 @@ class QueueError(Exception):
     """The queue operation cannot be done (unknown ID, message busy...)."""
 
 
-def message_row(spool: Spool, queue_id: str) -> dict[str, Any]:
-    """One queued message as a dict (for ``queue list``/``show`` and the admin API)."""
+def message_row(spool: Spool, queue_id: str, state: str | None = None) -> dict[str, Any]:
+    """One queued message as a dict (for ``queue list``/``show`` and the admin API);
+    ``state``: where it is expected."""
+    return _row(spool, queue_id, state)[0]
+
+
+def _row(spool: Spool, queue_id: str, state: str | None) -> tuple[dict[str, Any], Any]:
+    """``message_row`` and the loaded message (None when its envelope is corrupt)."""
     try:
-        m = spool.load(queue_id)
+        m = spool.load(queue_id, state)
     except KeyError:
         raise QueueError(f"{queue_id}: no such queued message") from None
     except CorruptEnvelope as error:
-        return {"queue_id": queue_id, "state": "corrupt", "error": str(error)}
+        return {"queue_id": queue_id, "state": "corrupt", "error": str(error)}, None
     e = m.envelope
     try:
-        size = os.path.getsize(m.content_path)
+        size = m.content_size()
     except OSError:
         size = e.size
     return {
@@ -52,7 +57,7 @@ def message_row(spool: Spool, queue_id: str) -> dict[str, Any]:
         "next_attempt": e.next_attempt,
         "last_error": e.last_error,
         "protocol": e.protocol,
-    }
+    }, m
 
 
 def list_queue(spool: Spool, states: tuple[str, ...] = QUEUE_STATES) -> list[dict[str, Any]]:
@@ -61,7 +66,7 @@ def list_queue(spool: Spool, states: tuple[str, ...] = QUEUE_STATES) -> list[dic
     for state in states:
         for queue_id in spool.list(state):
             try:
-                rows.append(message_row(spool, queue_id))
+                rows.append(message_row(spool, queue_id, state))
             except QueueError:
                 continue  # gone meanwhile
     return sorted(rows, key=lambda r: r["queue_id"])
@@ -69,9 +74,9 @@ def list_queue(spool: Spool, states: tuple[str, ...] = QUEUE_STATES) -> list[dic
 
 def show(spool: Spool, queue_id: str, header_bytes: int = 16 * 1024) -> dict[str, Any]:
     """``message_row`` plus the message's header section."""
-    row = message_row(spool, queue_id)
+    row, m = _row(spool, queue_id, None)
     try:
-        with open(spool.content_path(queue_id), "rb") as f:
+        with m.open_content() if m is not None else open(spool.content_path(queue_id), "rb") as f:
             head = f.read(header_bytes)
     except OSError:
         head = b""

@@ -45,7 +45,7 @@ from twisted.internet.defer import Deferred, DeferredLock, gatherResults, succee
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from mailgw.model import Envelope
+from mailgw.model import Envelope, QueuedMessage
 from mailgw.relay.channels import DIRECT, Channel, ChannelSelector, MessageRoute, domain_matches
 from mailgw.relay.client import (
     CHANNEL_FAILURE,
@@ -129,7 +129,7 @@ MEMORY_SEND_LIMIT = 256 * 1024
 class _Job:
     queue_id: str
     envelope: Envelope
-    content_path: str
+    message: QueuedMessage
     prefix: bytes
     lock: DeferredLock
     data: bytes | None = None
@@ -149,7 +149,7 @@ class RelayScheduler(Service):
     """Sends messages handed over by local delivery (see the module docstring).
 
     ``resolver``: an ``MXResolver`` (``resolve_mx``, ``resolve_host``); ``run``: the runner
-    for spool file work; ``signer``: optional ``signer(envelope, content_path) -> bytes``
+    for spool file work; ``signer``: optional ``signer(envelope, message) -> bytes``
     (header lines put before the message, e.g. DKIM-Signature), run through ``run``;
     ``deliver_fn``: the client's ``deliver`` (replaceable in tests); ``threadpool``: the
     resolver's pool, started and stopped with the service.
@@ -171,7 +171,7 @@ class RelayScheduler(Service):
         pool: ConnectionPool | None = None,
         settings: RelaySettings | None = None,
         classifier: Classifier | None = None,
-        signer: Callable[[Envelope, str], bytes] | None = None,
+        signer: Callable[[Envelope, QueuedMessage], bytes] | None = None,
         deliver_fn: Callable[..., Deferred[DeliveryResult]] = deliver,
         threadpool: Any = None,
     ) -> None:
@@ -305,7 +305,7 @@ class RelayScheduler(Service):
         times = []
         for queue_id in self.spool.list("retry"):
             try:
-                times.append((self.spool.load(queue_id).envelope.next_attempt, queue_id))
+                times.append((self.spool.load(queue_id, "retry").envelope.next_attempt, queue_id))
             except (KeyError, ValueError):
                 continue
         return times
@@ -375,7 +375,7 @@ class RelayScheduler(Service):
         """Runner work: load the message; when it is still in ``state`` (and, for a retry,
         due) move it to ``active`` and read a small content into memory. Returns
         (``"claimed"`` / ``"moved"`` / ``"early"``, the loaded message, content or None)."""
-        message = self.spool.load(queue_id)
+        message = self.spool.load(queue_id, state)
         if message.state != state:
             return "moved", message, None
         if state == "retry" and message.envelope.next_attempt > now:
@@ -383,7 +383,7 @@ class RelayScheduler(Service):
         self.spool.move(queue_id, "active", False, state)
         data: bytes | None = None
         try:
-            with open(message.content_path, "rb") as f:
+            with message.open_content() as f:
                 data = f.read(MEMORY_SEND_LIMIT + 1)
         except OSError:
             data = None  # the client reports the missing file as before
@@ -415,10 +415,10 @@ class RelayScheduler(Service):
         prefix = b""
         if self.signer is not None and pending:
             try:
-                prefix = await self.run(self.signer, envelope, message.content_path)
+                prefix = await self.run(self.signer, envelope, message)
             except Exception:
                 log.failure("{queue_id} signing failed, sending unsigned", queue_id=queue_id)
-        job = _Job(queue_id, envelope, message.content_path, prefix, DeferredLock(), data)
+        job = _Job(queue_id, envelope, message, prefix, DeferredLock(), data)
         groups: dict[str, list[str]] = {}
         nodes: dict[str, list[str]] = {}
         mailboxes = self.mailboxes
@@ -474,7 +474,8 @@ class RelayScheduler(Service):
         tx = Transaction(
             sender=envelope.sender,
             recipients=send,
-            path=job.content_path,
+            path=job.message.content_path,
+            offset=job.message.content_offset,
             body_8bitmime=envelope.body_8bitmime,
             smtputf8=envelope.smtputf8,
             prefix=job.prefix,
@@ -699,7 +700,8 @@ class RelayScheduler(Service):
         tx = Transaction(
             sender=envelope.sender,
             recipients=list(recipients),
-            path=job.content_path,
+            path=job.message.content_path,
+            offset=job.message.content_offset,
             body_8bitmime=envelope.body_8bitmime,
             smtputf8=envelope.smtputf8,
             prefix=job.prefix,
@@ -754,7 +756,7 @@ class RelayScheduler(Service):
         try:
             job.envelope.done.extend(r for r in recipients if r not in job.envelope.done)
             snapshot = replace(job.envelope, done=list(job.envelope.done))
-            await self.run(self.spool.update, job.queue_id, snapshot)
+            await self.run(self.spool.update, job.queue_id, snapshot, "active")
         finally:
             job.lock.release()
 
@@ -813,7 +815,7 @@ class RelayScheduler(Service):
         envelope.attempts += 1
         envelope.next_attempt = next_time
         envelope.last_error = "; ".join(f"<{r}>: {o.diagnostic}" for r, o in defer.items())
-        await self.run(self.spool.update, queue_id, envelope)
+        await self.run(self.spool.update, queue_id, envelope, "active")
         await self.run(self.spool.move, queue_id, "retry", True, "active")
         self.deferred += 1
         self._schedule_retry(queue_id, next_time)
@@ -846,7 +848,7 @@ class RelayScheduler(Service):
         envelope.delay_warned = True  # saved with the deferral's envelope update
         if not should_bounce(envelope):
             return
-        headers = await self.run(_read_head, job.content_path)
+        headers = await self.run(_read_head, job.message)
         dsn = build_dsn(
             headers,
             envelope,
@@ -885,7 +887,7 @@ class RelayScheduler(Service):
         envelope, queue_id = job.envelope, job.queue_id
         self.bounced += len(bounce)
         if should_bounce(envelope):
-            headers = await self.run(_read_head, job.content_path)
+            headers = await self.run(_read_head, job.message)
             dsn = build_dsn(
                 headers,
                 envelope,
@@ -959,8 +961,8 @@ class RelayScheduler(Service):
         )
 
 
-def _read_head(path: str) -> bytes:
-    with open(path, "rb") as f:
+def _read_head(message: QueuedMessage) -> bytes:
+    with message.open_content() as f:
         return f.read(64 * 1024)
 
 

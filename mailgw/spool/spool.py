@@ -1,46 +1,57 @@
-"""The durable queue on disk: content files, envelope files whose directory is the state.
+"""The durable queue on disk: one file per message, state names that are hard links to it.
 
 Layout under ``root`` (``data_dir/spool``)::
 
     tmp/                 files being written: <qid>.content (a message too large to be
                          held in memory), <qid>.env, <qid>.<n>
-    incoming/<qid>.msg   the message bytes, immutable once committed; the file stays here
-                         whatever the message's state (``list`` ignores these names)
-    incoming/<qid>       the envelope (JSON of ``Envelope.to_json()``); its directory
-    active/<qid>         IS the message's state
-    deferred/<qid>
-    hold/<qid>
-    corrupt/<qid>
+    incoming/<qid>.msg   the queue file: a header line, the envelope (JSON of
+                         ``Envelope.to_json()``) and the message bytes; immutable once
+                         committed, it stays here whatever the message's state (``list``
+                         ignores these names)
+    incoming/<qid>       the message's state entry: its directory IS the message's state.
+    active/<qid>         At commit it is a hard link to the queue file (whose envelope is
+    deferred/<qid>       the message's); an envelope update replaces it by an envelope file
+    hold/<qid>           (header line and envelope, no content) that says where the content
+    corrupt/<qid>        starts in ``<qid>.msg``
     outbound/<qid>       handed to the relay (fresh), owned by ``mailgw.relay.scheduler``
     retry/<qid>          relay mail waiting for its next attempt (``envelope.next_attempt``)
+
+The header line is ``MGWQ1 C <envelope length>`` in a queue file (the content follows the
+envelope) and ``MGWQ1 E <envelope length> <content offset>`` in an envelope file. A state
+entry of the previous layout (the envelope's JSON alone, content from offset 0 of
+``<qid>.msg``) is still read as such: an old spool needs no conversion. The message bytes are
+``QueuedMessage.content_path`` from ``QueuedMessage.content_offset`` to the end; readers use
+``QueuedMessage.open_content`` (or seek to the offset), never the start of the file.
 
 Local delivery owns ``incoming``/``deferred``; the relay owns ``outbound``/``retry``; both use
 ``active`` while working on a message (recovery sends ``active`` back to ``incoming``, whose
 dispatcher hands external recipients to the relay again: nothing is lost or sent twice).
 
-A state change is one ``rename`` of the envelope file between state directories, followed by
-an fsync of both directories. An envelope update writes ``tmp/<qid>.<n>``, fsyncs it and
-renames it over the old one. ``commit`` fsyncs the content file and the envelope file, then
-the names of both (content and envelope) are made durable by ONE fsync of ``incoming/``:
-a commit waits for three flushes (content, envelope, ``incoming/``), the last one shared by
-the group. Until that fsync has returned no 250 is sent, so a crash before it may leave an
-envelope whose content name was lost (``recover`` moves it to ``corrupt``: the client was
-never told the message was accepted). ``tmp/`` is never fsynced: whatever is left there after
-a crash is removed by ``recover``, and so is a content file without an envelope. A spool of an
-older layout (content in ``content/<qid>``) is migrated by ``recover``.
+A state change is one ``rename`` of the state entry between state directories, followed by an
+fsync of both directories. An envelope update writes ``tmp/<qid>.<n>``, fsyncs it and renames
+it over the state entry. ``commit`` writes the queue file ``incoming/<qid>.msg`` and fsyncs it
+(one flush for content and envelope), then ``GroupCommit`` links it as ``incoming/<qid>`` and
+makes both names durable with ONE fsync of ``incoming/`` shared by every commit of the group:
+two flushes per message, the second shared. Until that fsync has returned no 250 is sent. A
+crash before it may leave a queue file without its state entry (``recover`` removes it: the
+client was never told the message was accepted) or, in theory, the entry without the
+``.msg`` name (``recover`` links the name again: the entry is the whole message). A message
+too large to be kept in memory has been spilled into ``tmp/``: it is renamed as
+``<qid>.msg`` (content only) and gets an envelope file, one flush more. ``tmp/`` is never
+fsynced: whatever is left there after a crash is removed by ``recover``. A spool whose
+content lived in ``content/<qid>`` is migrated by ``recover``.
 
-The message bytes live in a file of their own (``QueuedMessage.content_path``, stable across
-state changes) because every reader (``IMessageStore.deliver``, the relay client, DKIM, the
-queue tools) opens that path and reads the whole file; an envelope embedded in the same file
-would need a content offset in the API.
+Removals are grouped too (``RemovalCommit``): the state entries of concurrent removals are
+unlinked, each directory concerned is fsynced once for the group, and only then are the
+``.msg`` names unlinked (an orphan ``.msg`` left by a crash is removed by ``recover``); a
+removal returns when its entry's unlink is durable, as before, so a removed message comes
+back after a crash only if the crash came before ``remove`` returned.
 
 A message being received stays in memory up to ``memory_limit`` bytes (then it spills into
 ``tmp/``). ``commit`` runs its file work through the spool's *runner* (``mailgw.runtime.threads``;
-a thread pool in the server): it writes and fsyncs ``incoming/<qid>.msg`` and
-``tmp/<qid>.env``, then hands the envelope to ``GroupCommit``, which publishes the envelopes of
-concurrent commits into ``incoming/`` with one fsync of ``incoming/`` for the whole group. The
-other operations are synchronous and thread-safe (local delivery calls them from worker
-threads); the queue IDs of different threads' calls must differ.
+a thread pool in the server). The other operations are synchronous and thread-safe (local
+delivery calls them from worker threads); the queue IDs of different threads' calls must
+differ.
 
 One process owns a spool root at a time: ``recover`` (run at start-up, before listening)
 assumes nobody else is writing into the same root.
@@ -58,7 +69,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -129,6 +140,59 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
 
 
+_MAGIC = b"MGWQ1 "
+_HEAD_READ = 4096
+"""Bytes read first from a state entry (the header line and, usually, the whole envelope)."""
+
+
+def queue_file_header(envelope: bytes) -> bytes:
+    """The start of a queue file (header line and envelope); the content follows."""
+    return b"%sC %d\n%s" % (_MAGIC, len(envelope), envelope)
+
+
+def envelope_file(envelope: bytes, content_offset: int) -> bytes:
+    """An envelope file's bytes: its content is ``<qid>.msg`` from ``content_offset``."""
+    return b"%sE %d %d\n%s" % (_MAGIC, len(envelope), content_offset, envelope)
+
+
+def read_state_entry(path: str, queue_id: str) -> tuple[Envelope, bool, int]:
+    """(envelope, whether the entry is the queue file itself, content offset in the queue
+    file) of the state entry ``path``. FileNotFoundError when it is missing,
+    CorruptEnvelope when it cannot be parsed."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        data = os.read(fd, _HEAD_READ)
+        if not data.startswith(_MAGIC):  # the previous layout: the envelope's JSON alone
+            parts = [data]
+            while block := os.read(fd, _CONTENT_BUFFER):
+                parts.append(block)
+            return decode_envelope(b"".join(parts), queue_id), False, 0
+        eol = data.find(b"\n", 0, 64)
+        fields = data[len(_MAGIC) : eol].split(b" ") if eol > 0 else []
+        try:
+            kind = fields[0]
+            length = int(fields[1])
+            offset = int(fields[2]) if kind == b"E" and len(fields) == 3 else -1
+            if (kind == b"C") != (len(fields) == 2) or length < 0:
+                raise ValueError
+        except (IndexError, ValueError):
+            raise CorruptEnvelope(f"{queue_id}: bad header line in the queue file") from None
+        start, end = eol + 1, eol + 1 + length
+        while len(data) < end:
+            block = os.pread(fd, end - len(data), len(data))
+            if not block:
+                raise CorruptEnvelope(f"{queue_id}: truncated envelope")
+            data += block
+    finally:
+        os.close(fd)
+    envelope = decode_envelope(data[start:end], queue_id)
+    if kind == b"C":
+        return envelope, True, end
+    if offset < 0:
+        raise CorruptEnvelope(f"{queue_id}: bad content offset")
+    return envelope, False, offset
+
+
 @implementer(ISpool)
 class Spool:
     """The durable queue rooted at ``root`` (see the module docstring for the layout)."""
@@ -152,6 +216,7 @@ class Spool:
         self._dirfds: dict[str, int] = {}
         self._dirfds_lock = threading.Lock()
         self.group_commit = GroupCommit(self)
+        self.removals = RemovalCommit(self)
         self.tmp_dir = os.path.join(self.root, "tmp")
         self.content_dir = os.path.join(self.root, "incoming")
         self.legacy_content_dir = os.path.join(self.root, "content")
@@ -169,10 +234,12 @@ class Spool:
     # -- paths and fsync -------------------------------------------------------------------
 
     def envelope_path(self, state: str, queue_id: str) -> str:
+        """The state entry of ``queue_id`` in ``state``."""
         return os.path.join(self.root, state, queue_id)
 
     def content_path(self, queue_id: str) -> str:
-        """The message bytes of ``queue_id`` (the same path in every state)."""
+        """The queue file of ``queue_id`` (the same path in every state); the message bytes
+        start at ``load(queue_id).content_offset``."""
         return os.path.join(self.content_dir, queue_id + CONTENT_SUFFIX)
 
     def fsync_dir(self, name: str) -> None:
@@ -208,12 +275,20 @@ class Spool:
         if state not in self.STATES:
             raise ValueError(f"unknown spool state {state!r}")
 
-    def _locate(self, queue_id: str) -> str:
+    def _states(self, state: str | None) -> tuple[str, ...]:
+        """The states to look in: ``state`` (where the caller last saw the message) first,
+        then the others (only when it is no longer there)."""
+        if state is None:
+            return self.STATES
+        self._check_state(state)
+        return (state, *(s for s in self.STATES if s != state))
+
+    def _locate(self, queue_id: str, state: str | None = None) -> str:
         """The state holding ``queue_id``; KeyError when none does."""
         if is_queue_id(queue_id):
-            for state in self.STATES:
-                if os.path.exists(self.envelope_path(state, queue_id)):
-                    return state
+            for where in self._states(state):
+                if os.path.exists(self.envelope_path(where, queue_id)):
+                    return where
         raise KeyError(queue_id)
 
     # -- ISpool ----------------------------------------------------------------------------
@@ -226,10 +301,11 @@ class Spool:
     def _commit_files(
         self, queue_id: str, chunks: builtins.list[bytes], file: IO[bytes] | None, envelope: bytes
     ) -> None:
-        """The file work of ``IncomingMessage.commit`` (runs through ``run``): content and
-        envelope written and fsynced, then published by the group commit (whose fsync of
-        ``incoming/`` also makes the content's name durable). On OSError every file of the
-        message is removed and the error is raised."""
+        """The file work of ``IncomingMessage.commit`` (runs through ``run``): the queue file
+        written and fsynced, then linked into ``incoming/`` by the group commit (whose fsync
+        of ``incoming/`` makes both names durable). A spilled message is renamed into place
+        and gets an envelope file instead. On OSError every file of the message is removed
+        and the error is raised."""
         content = self.content_path(queue_id)
         spill = os.path.join(self.tmp_dir, queue_id + ".content")
         env_tmp = os.path.join(self.tmp_dir, queue_id + ".env")
@@ -238,8 +314,10 @@ class Spool:
         started = time.monotonic()
         try:
             if file is None:
-                _write_file(content, b"".join(chunks))
                 created.append(content)
+                _write_file(content, b"".join([queue_file_header(envelope), *chunks]))
+                created.append(env_final)
+                self.group_commit.publish(content, env_final, link=True)
             else:
                 try:
                     file.flush()
@@ -248,10 +326,10 @@ class Spool:
                     file.close()
                 os.rename(spill, content)
                 created.append(content)
-            created.append(env_tmp)
-            _write_file(env_tmp, envelope, _REPLACE_FLAGS)
-            created.append(env_final)
-            self.group_commit.publish(env_tmp, env_final)
+                created.append(env_tmp)
+                _write_file(env_tmp, envelope_file(envelope, 0), _REPLACE_FLAGS)
+                created.append(env_final)
+                self.group_commit.publish(env_tmp, env_final)
         except OSError:
             for path in reversed(created):
                 _unlink_quietly(path)
@@ -261,9 +339,9 @@ class Spool:
     def inject(self, queue_id: str, source_path: str, envelope: Envelope, state: str) -> None:
         """Queue a copy of the file ``source_path`` as ``queue_id`` directly in ``state``
         (e.g. ``deferred`` with ``next_attempt`` 0: local delivery's next scan takes it),
-        from any process: content written and fsynced, envelope written, fsynced and renamed
-        into ``state``, both directories fsynced. FileExistsError when the spool holds
-        ``queue_id`` already; ValueError for a bad ID or state."""
+        from any process: queue file written and fsynced, linked into ``state``, both
+        directories fsynced. FileExistsError when the spool holds ``queue_id`` already;
+        ValueError for a bad ID or state."""
         self._check_state(state)
         if not is_queue_id(queue_id):
             raise ValueError(f"not a queue ID: {queue_id!r}")
@@ -271,17 +349,16 @@ class Spool:
             if os.path.exists(self.envelope_path(other, queue_id)):
                 raise FileExistsError(queue_id)
         content = self.content_path(queue_id)
-        env_tmp = os.path.join(self.tmp_dir, f"{queue_id}.inject")
         envelope.queue_id = queue_id
         with open(source_path, "rb") as src:
-            _write_file(content, src.read())
+            data = src.read()
+        _write_file(content, queue_file_header(encode_envelope(envelope)) + data)
         try:
-            _write_file(env_tmp, encode_envelope(envelope), _REPLACE_FLAGS)
-            os.rename(env_tmp, self.envelope_path(state, queue_id))
+            os.link(content, self.envelope_path(state, queue_id))
             self.fsync_dir("incoming")
-            self.fsync_dir(state)
+            if state != "incoming":
+                self.fsync_dir(state)
         except OSError:
-            _unlink_quietly(env_tmp)
             _unlink_quietly(self.envelope_path(state, queue_id))
             _unlink_quietly(content)
             raise
@@ -290,27 +367,29 @@ class Spool:
         self._check_state(state)
         return sorted(n for n in os.listdir(os.path.join(self.root, state)) if is_queue_id(n))
 
-    def load(self, queue_id: str) -> QueuedMessage:
-        """The message's state, envelope and content path. KeyError if unknown;
-        CorruptEnvelope (a ValueError) if its envelope cannot be parsed."""
+    def load(self, queue_id: str, state: str | None = None) -> QueuedMessage:
+        """The message's state, envelope, content path and offset. ``state`` is where the
+        caller expects it (one open when it is there; the other states are looked in only
+        when it is not). KeyError if unknown; CorruptEnvelope (a ValueError) if its envelope
+        cannot be parsed."""
         if is_queue_id(queue_id):
-            for state in self.STATES:
+            for where in self._states(state):
                 try:
-                    with open(self.envelope_path(state, queue_id), "rb") as f:
-                        data = f.read()
+                    envelope, _, offset = read_state_entry(
+                        self.envelope_path(where, queue_id), queue_id
+                    )
                 except FileNotFoundError:
                     continue
-                envelope = decode_envelope(data, queue_id)
-                return QueuedMessage(queue_id, state, envelope, self.content_path(queue_id))
+                return QueuedMessage(queue_id, where, envelope, self.content_path(queue_id), offset)
         raise KeyError(queue_id)
 
     def move(
         self, queue_id: str, to_state: str, durable: bool = True, from_state: str | None = None
     ) -> None:
-        """Rename the envelope into ``to_state`` and fsync both directories. ``durable=False``
-        skips the fsyncs, for moves that recovery undoes anyway (incoming -> active).
-        ``from_state`` is where the caller last saw the message (saves looking for it; when
-        it is no longer there, the message is looked for in every state)."""
+        """Rename the state entry into ``to_state`` and fsync both directories.
+        ``durable=False`` skips the fsyncs, for moves that recovery undoes anyway (incoming ->
+        active). ``from_state`` is where the caller last saw the message (saves looking for
+        it; when it is no longer there, the message is looked for in every state)."""
         self._check_state(to_state)
         if from_state is not None and from_state != to_state and is_queue_id(queue_id):
             self._check_state(from_state)
@@ -334,36 +413,49 @@ class Spool:
             self.fsync_dir(to_state)
             self.fsync_dir(from_state)
 
-    def update(self, queue_id: str, envelope: object) -> None:
+    def update(self, queue_id: str, envelope: object, state: str | None = None) -> None:
+        """See ``ISpool.update``: the state entry is replaced by an envelope file pointing at
+        the same content. ``state`` is where the caller expects the message."""
         if not isinstance(envelope, Envelope):
             raise TypeError("update() needs an Envelope")
-        state = self._locate(queue_id)
+        if not is_queue_id(queue_id):
+            raise KeyError(queue_id)
+        for where in self._states(state):
+            try:
+                _, _, offset = read_state_entry(self.envelope_path(where, queue_id), queue_id)
+            except FileNotFoundError:
+                continue
+            break
+        else:
+            raise KeyError(queue_id)
         envelope.queue_id = queue_id
         tmp = os.path.join(self.tmp_dir, f"{queue_id}.{next(self._update_counter)}")
         try:
-            _write_file(tmp, encode_envelope(envelope), _REPLACE_FLAGS)
-            os.rename(tmp, self.envelope_path(state, queue_id))
+            _write_file(tmp, envelope_file(encode_envelope(envelope), offset), _REPLACE_FLAGS)
+            os.rename(tmp, self.envelope_path(where, queue_id))
         except OSError:
             _unlink_quietly(tmp)
             raise
-        self.fsync_dir(state)
+        self.fsync_dir(where)
 
     def remove(self, queue_id: str, state: str | None = None) -> None:
         """See ``ISpool.remove``; ``state`` is where the caller last saw the message (it is
-        tried first)."""
-        if not is_queue_id(queue_id):
-            return
-        states = self.STATES if state is None else (state, *self.STATES)
-        for state in states:
+        tried first). Concurrent removals share their directory fsyncs (``RemovalCommit``);
+        this returns once the state entry's unlink is durable."""
+        if is_queue_id(queue_id):
+            if state is not None:
+                self._check_state(state)
+            self.removals.remove(queue_id, state)
+
+    def _unlink_entry(self, queue_id: str, state: str | None) -> str | None:
+        """Unlink the state entry of ``queue_id``; the state it was in, or None."""
+        for where in self._states(state):
             try:
-                os.unlink(self.envelope_path(state, queue_id))
+                os.unlink(self.envelope_path(where, queue_id))
             except FileNotFoundError:
                 continue
-            # Durable before the content goes: after a crash the message is either still
-            # fully queued or gone, never an envelope without content.
-            self.fsync_dir(state)
-            break
-        _unlink_quietly(self.content_path(queue_id))
+            return where
+        return None
 
     def recover(self) -> builtins.list[str]:
         for name in os.listdir(self.tmp_dir):
@@ -423,15 +515,21 @@ class Spool:
 
     def _recover_one(self, state: str, queue_id: str) -> bool:
         """Move the message to ``corrupt`` if its envelope is unreadable or its content is
-        missing; return True when it was moved."""
+        missing; return True when it was moved. A state entry that is the queue file itself
+        gets its lost ``.msg`` name back."""
         path = self.envelope_path(state, queue_id)
         try:
-            with open(path, "rb") as f:
-                decode_envelope(f.read(), queue_id)
+            _, whole, _ = read_state_entry(path, queue_id)
         except CorruptEnvelope as e:
             reason = str(e)
         else:
-            if os.path.exists(self.content_path(queue_id)):
+            content = self.content_path(queue_id)
+            if os.path.exists(content):
+                return False
+            if whole:
+                os.link(path, content)
+                self.fsync_dir("incoming")
+                log.info("{queue_id} queue file name restored", queue_id=queue_id)
                 return False
             reason = f"{queue_id}: content file missing"
         os.rename(path, self.envelope_path("corrupt", queue_id))
@@ -460,39 +558,33 @@ class Spool:
                 )
 
 
-@dataclass
-class _Publication:
-    """One committed message waiting for its envelope to be published into ``incoming``."""
+T = TypeVar("T")
 
-    env_tmp: str
-    env_final: str
+
+@dataclass
+class _Member:
+    """One caller waiting in a group (``_Groups``)."""
+
+    work: Any
     done: bool = False
     error: OSError | None = None
 
 
-class GroupCommit:
-    """Publishes envelopes into ``incoming/`` in groups that share the directory fsyncs.
+class _Groups(Generic[T]):
+    """Leader/follower batching: a caller joins the pending group; the first caller that
+    finds no group in progress becomes the leader, takes every pending member, does the
+    group's work (``_run_group``, which sets each member's ``error``) and wakes them. Members
+    arriving meanwhile form the next group. ``_join`` returns when its own member is done."""
 
-    A thread calling ``publish`` has already written and fsynced its content file
-    (``incoming/<qid>.msg``) and its envelope (in ``tmp/``). It joins the pending group; the
-    first thread to find no group being published becomes the leader, takes every pending
-    publication, renames each envelope into ``incoming/``, fsyncs ``incoming/`` once (which
-    makes the names of the group's content files and envelopes durable together), and wakes
-    the group. Publications arriving meanwhile form the next group. ``publish`` returns only when its own envelope is durable in ``incoming/``.
-    """
-
-    def __init__(self, spool: Spool) -> None:
-        self._spool = spool
+    def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._pending: builtins.list[_Publication] = []
+        self._pending: builtins.list[_Member] = []
         self._leading = False
         self.groups = 0
-        """Number of groups published so far (for tests and statistics)."""
+        """Number of groups done so far (for tests and statistics)."""
 
-    def publish(self, env_tmp: str, env_final: str) -> None:
-        """Rename ``env_tmp`` to ``env_final`` durably (see the class docstring); OSError
-        when it failed (the rename may have happened: the caller cleans up)."""
-        item = _Publication(env_tmp, env_final)
+    def _join(self, work: T) -> None:
+        item = _Member(work)
         with self._cond:
             self._pending.append(item)
             while not item.done and self._leading:
@@ -504,7 +596,7 @@ class GroupCommit:
                 batch = []
         if batch:
             try:
-                self._publish_group(batch)
+                self._run_group(batch)
             except BaseException as e:  # pragma: no cover - not an OSError: fail the group
                 for other in batch:
                     other.error = other.error or OSError(f"group commit failed: {e!r}")
@@ -519,22 +611,88 @@ class GroupCommit:
         if item.error is not None:
             raise item.error
 
-    def _publish_group(self, batch: builtins.list[_Publication]) -> None:
-        spool = self._spool
-        renamed = []
+    def _run_group(self, batch: builtins.list[_Member]) -> None:
+        raise NotImplementedError
+
+
+class GroupCommit(_Groups[tuple[str, str, bool]]):
+    """Publishes state entries into ``incoming/`` in groups that share the directory fsync.
+
+    A thread calling ``publish`` has already written and fsynced its queue file (or, for a
+    spilled message, its content file and its envelope file in ``tmp/``). The group's leader
+    links (or renames) each entry into ``incoming/`` and fsyncs ``incoming/`` once, which
+    makes the names of the group's queue files and entries durable together.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        super().__init__()
+        self._spool = spool
+
+    def publish(self, source: str, entry: str, link: bool = False) -> None:
+        """Link (``link``) or rename ``source`` as ``entry`` durably; OSError when it failed
+        (the link or rename may have happened: the caller cleans up)."""
+        self._join((source, entry, link))
+
+    def _run_group(self, batch: builtins.list[_Member]) -> None:
+        done = []
         for item in batch:
+            source, entry, link = item.work
             try:
-                os.rename(item.env_tmp, item.env_final)
+                if link:
+                    os.link(source, entry)
+                else:
+                    os.rename(source, entry)
             except OSError as e:
                 item.error = e
             else:
-                renamed.append(item)
-        if renamed:
+                done.append(item)
+        if done:
             try:
-                spool.fsync_dir("incoming")
+                self._spool.fsync_dir("incoming")
             except OSError as e:
-                for item in renamed:
+                for item in done:
                     item.error = e
+
+
+class RemovalCommit(_Groups[tuple[str, "str | None"]]):
+    """Removes messages in groups: the leader unlinks each member's state entry, fsyncs each
+    state directory concerned once, then unlinks the queue files (see the module
+    docstring). A failed fsync fails the members of that directory (their queue files
+    stay: after a crash the message is either fully queued or gone)."""
+
+    def __init__(self, spool: Spool) -> None:
+        super().__init__()
+        self._spool = spool
+
+    def remove(self, queue_id: str, state: str | None) -> None:
+        """Remove ``queue_id`` (its entry found in ``state`` first); OSError on failure."""
+        self._join((queue_id, state))
+
+    def _run_group(self, batch: builtins.list[_Member]) -> None:
+        spool = self._spool
+        where: dict[str, builtins.list[_Member]] = {}
+        gone = []
+        for item in batch:
+            queue_id, state = item.work
+            try:
+                found = spool._unlink_entry(queue_id, state)
+            except OSError as e:
+                item.error = e
+                continue
+            if found is None:
+                gone.append(item)
+            else:
+                where.setdefault(found, []).append(item)
+        for state, items in where.items():
+            try:
+                spool.fsync_dir(state)
+            except OSError as e:
+                for item in items:
+                    item.error = e
+            else:
+                gone.extend(items)
+        for item in gone:
+            _unlink_quietly(spool.content_path(item.work[0]))
 
 
 HEADER_SCAN = 1024 * 1024

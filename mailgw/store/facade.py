@@ -281,9 +281,15 @@ class MessageStore:
     # -- IMessageStore -------------------------------------------------------------------
 
     def deliver(
-        self, user: str, content_path: str, prefix: bytes = b"", folder: str = INBOX
+        self,
+        user: str,
+        content_path: str,
+        prefix: bytes = b"",
+        folder: str = INBOX,
+        offset: int = 0,
     ) -> int:
-        """Deliver ``prefix`` + the spool file's bytes into ``user``'s folder; returns the UID.
+        """Deliver ``prefix`` + the spool file's bytes (from ``offset``) into ``user``'s
+        folder; returns the UID.
 
         The message file is written and fsynced without holding the user's lock (deliveries
         to one user in several threads overlap their fsyncs); placing and indexing it takes
@@ -293,7 +299,9 @@ class MessageStore:
         with u.lock:
             f = self._folder(u, folder)
         with open(content_path, "rb") as src:
-            size = len(prefix) + os.fstat(src.fileno()).st_size
+            if offset:
+                src.seek(offset)
+            size = len(prefix) + os.fstat(src.fileno()).st_size - offset
             limit = self._quota_for(user)
             with u.lock:
                 self._check_quota(u, limit, size)

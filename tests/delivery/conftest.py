@@ -26,7 +26,14 @@ class FakeStore:
         self.calls: list[str] = []
         self.before_deliver: Callable[[str], None] | None = None
 
-    def deliver(self, user: str, content_path: str, prefix: bytes = b"", folder: str = "INBOX"):
+    def deliver(
+        self,
+        user: str,
+        content_path: str,
+        prefix: bytes = b"",
+        folder: str = "INBOX",
+        offset: int = 0,
+    ):
         self.calls.append(user)
         if self.before_deliver is not None:
             self.before_deliver(user)
@@ -35,6 +42,7 @@ class FakeStore:
         if user in self.over_quota:
             raise QuotaExceeded(user)
         with open(content_path, "rb") as f:
+            f.seek(offset)
             data = prefix + f.read()
         box = self.mailboxes.setdefault(user, [])
         box.append(data)

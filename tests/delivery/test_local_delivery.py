@@ -536,13 +536,13 @@ def test_file_into_a_folder_created_when_missing(spool, store, make_delivery, ru
     stored: list[tuple[str, str]] = []
     plain = store.deliver
 
-    def deliver(user, content_path, prefix=b"", folder="INBOX"):
+    def deliver(user, content_path, prefix=b"", folder="INBOX", offset=0):
         if folder == "Bad/Name":
             raise ValueError("invalid name")
         if folder not in folders.setdefault(user, {"INBOX"}):
             raise MailboxNotFound(folder)
         stored.append((user, folder))
-        return plain(user, content_path, prefix, folder)
+        return plain(user, content_path, prefix, folder, offset)
 
     def create_mailbox(user, name):
         folders.setdefault(user, {"INBOX"}).add(name)

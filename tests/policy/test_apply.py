@@ -109,7 +109,7 @@ def test_rewrite_header_in_memory_and_spilled(tmp_path: Path, spill: bool) -> No
     with incoming.open_content() as f:
         assert f.read() == expected
     qid = result(incoming.commit(Envelope("a@b", ["c@d"])))
-    with open(spool.content_path(qid), "rb") as f:
+    with spool.load(qid).open_content() as f:
         assert f.read() == expected
     assert spool.load(qid).envelope.size == len(expected)
     assert os.listdir(spool.tmp_dir) == []
@@ -165,7 +165,7 @@ def test_quarantine_put_list_show_release_delete(tmp_path: Path) -> None:
     assert spool.list("deferred") == [qid] and store.ids() == []
     queued = spool.load(qid)
     assert queued.envelope.next_attempt == 0 and queued.envelope.message_class == "spam"
-    with open(queued.content_path, "rb") as f:
+    with queued.open_content() as f:
         assert f.read() == b"Subject: q\r\n\r\nbody\r\n"
     with pytest.raises(QuarantineError):
         store.get(qid)
@@ -248,7 +248,7 @@ class MX:
     def queued(self) -> tuple[Envelope, bytes]:
         (qid,) = self.spool.list("incoming")
         m = self.spool.load(qid)
-        with open(m.content_path, "rb") as f:
+        with m.open_content() as f:
             return m.envelope, f.read()
 
 
@@ -332,7 +332,7 @@ def test_submit_path_applies_and_quarantines(tmp_path: Path) -> None:
     qid = result(submitter.submit(user, env, b"From: alice@example.test\nSubject: s\n\nhi\n"))
     m = spool.load(qid)
     assert m.envelope.message_class == "bulk"
-    with open(m.content_path, "rb") as f:
+    with m.open_content() as f:
         assert f.read().startswith(b"X-Checked: yes\r\nReceived: by mail.example.test")
 
     submitter2, spool2, store2 = _submitter(

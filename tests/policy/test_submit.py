@@ -79,7 +79,7 @@ def setup(tmp_path: Path, *extra: ICheck) -> tuple[Submitter, Spool]:
 
 
 def content(spool: Spool, queue_id: str) -> bytes:
-    with open(spool.content_path(queue_id), "rb") as f:
+    with spool.load(queue_id).open_content() as f:
         return f.read()
 
 

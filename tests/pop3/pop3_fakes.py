@@ -162,9 +162,15 @@ class FakeStore:
         return set(self._folder(user).flags[uid])
 
     def deliver(
-        self, user: str, content_path: str, prefix: bytes = b"", folder: str = "INBOX"
+        self,
+        user: str,
+        content_path: str,
+        prefix: bytes = b"",
+        folder: str = "INBOX",
+        offset: int = 0,
     ) -> int:
         with open(content_path, "rb") as f:
+            f.seek(offset)
             data = prefix + f.read()
         uid = FakeMailbox(self._folder(user, folder), folder).append(data)
         for callback in self._listeners:

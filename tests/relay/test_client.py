@@ -143,6 +143,21 @@ async def test_prefix_is_sent_before_the_file(servers, message) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_file_is_sent_from_its_offset(servers, message, tmp_path) -> None:
+    """A spool queue file holds its envelope before the message: only the bytes from
+    ``offset`` are sent, and SIZE counts only those."""
+    target, rec = servers()
+    await within(deliver(reactor, tx(message), [target], OPTS))
+    queue_file = tmp_path / "queued.msg"
+    queue_file.write_bytes(b"MGWQ1 C 2\n{}" + BODY)
+    result = await within(deliver(reactor, tx(queue_file, offset=12), [target], OPTS))
+    assert result.recipients["rcpt@dest.test"].code == 250
+    assert rec.messages[1] == rec.messages[0]
+    mails = [c for c in rec.commands if c.startswith("MAIL FROM")]
+    assert mails == [f"MAIL FROM:<sender@example.org> SIZE={len(BODY)}"] * 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_in_memory_data_is_sent_like_the_file(servers, message, tmp_path) -> None:
     target, rec = servers()
     await within(deliver(reactor, tx(message, prefix=b"Received: by relay\n"), [target], OPTS))

@@ -132,7 +132,7 @@ class Env:
         out = []
         for q in self.spool.list("incoming"):
             m = self.spool.load(q)
-            with open(m.content_path, "rb") as f:
+            with m.open_content() as f:
                 out.append((m.envelope, email.message_from_bytes(f.read())))
         return out
 
@@ -324,9 +324,9 @@ class CountingSpool(Spool):
 
     updates: list[str]
 
-    def update(self, queue_id: str, envelope: object) -> None:
+    def update(self, queue_id: str, envelope: object, state: str | None = None) -> None:
         self.updates.append(queue_id)
-        super().update(queue_id, envelope)
+        super().update(queue_id, envelope, state)
 
 
 def test_single_job_delivered_is_removed_without_rewriting_the_envelope(tmp_path: Path) -> None:
@@ -510,7 +510,7 @@ class Store:
     def __init__(self) -> None:
         self.got: list[str] = []
 
-    def deliver(self, user: str, path: str, prefix: bytes = b"") -> int:
+    def deliver(self, user: str, path: str, prefix: bytes = b"", offset: int = 0) -> int:
         self.got.append(user)
         return len(self.got)
 

@@ -83,7 +83,7 @@ class Server:
         return client
 
     def content(self, queue_id: str) -> bytes:
-        with open(self.spool.content_path(queue_id), "rb") as f:
+        with self.spool.load(queue_id).open_content() as f:
             return f.read()
 
     def leftovers(self) -> list[str]:

@@ -56,6 +56,6 @@ def test_submission_reports_the_message_id_it_adds(tmp_path: Path) -> None:
     wrapper.commit(Envelope(sender="alice@example.test", recipients=["b@y.test"])).addCallback(
         box.append
     )
-    with open(spool.content_path(box[0]), "rb") as f:
+    with spool.load(box[0]).open_content() as f:
         assert f"Message-ID: {added}\r\n".encode() in f.read()
     spool.close()

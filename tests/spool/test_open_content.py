@@ -40,7 +40,7 @@ def test_reads_back_what_was_written(tmp_path: Path, memory_limit: int) -> None:
     incoming.write(b"end\r\n")
     box: list[str] = []
     incoming.commit(Envelope("a@x.test", ["b@y.test"])).addCallback(box.append)
-    with open(spool.content_path(box[0]), "rb") as f:
+    with spool.load(box[0]).open_content() as f:
         assert f.read() == b"Subject: one\r\n\r\nbody line\r\nend\r\n"
     with pytest.raises(ValueError):
         incoming.open_content()

@@ -51,6 +51,19 @@ def content_file(root: Path, qid: str) -> Path:
     return root / "incoming" / f"{qid}.msg"
 
 
+def content_of(spool: Spool, qid: str) -> bytes:
+    with spool.load(qid).open_content() as f:
+        return f.read()
+
+
+def write_old_layout(root: Path, qid: str, state: str, data: bytes, envelope: Envelope) -> None:
+    """A message as the previous layout stored it: the envelope's JSON alone in its state
+    directory, the bare content in incoming/<qid>.msg."""
+    envelope.queue_id = qid
+    (root / state / qid).write_bytes(encode_envelope(envelope))
+    content_file(root, qid).write_bytes(data)
+
+
 def queue(spool: Spool, data: bytes = b"Subject: hi\r\n\r\nbody\r\n", rcpts=None) -> str:
     msg = spool.begin()
     msg.write(data)
@@ -127,17 +140,26 @@ def test_commit_makes_content_and_envelope_durable(spool: Spool, tmp_path: Path)
     qid = result_of(msg.commit(env))
     assert qid == msg.queue_id == env.queue_id
     assert files(root, "tmp") == []
-    assert files(root, "incoming") == [qid, qid + ".msg"]  # one content file, one envelope
-    assert (root / "incoming" / f"{qid}.msg").read_bytes() == b"Subject: x\r\n\r\nhello\r\n"
-    stored = json.loads((root / "incoming" / qid).read_bytes())
+    # one queue file with two names: the content's and the state entry
+    assert files(root, "incoming") == [qid, qid + ".msg"]
+    assert os.path.samefile(root / "incoming" / qid, content_file(root, qid))
+    raw = content_file(root, qid).read_bytes()
+    header, _, rest = raw.partition(b"\n")
+    assert header.startswith(b"MGWQ1 C ")
+    length = int(header.split()[2])
+    stored = json.loads(rest[:length])
+    assert rest[length:] == b"Subject: x\r\n\r\nhello\r\n"
     assert stored["sender"] == "bob@example.org"
     assert stored["queue_id"] == qid
     assert stored["size"] == 21
-    # one directory fsync makes the names of the content and the envelope durable
+    # one directory fsync makes both names durable
     assert fsynced == ["incoming"]
     loaded = spool.load(qid)
     content = str(root / "incoming" / f"{qid}.msg")
-    assert loaded == QueuedMessage(qid, "incoming", loaded.envelope, content)
+    offset = len(header) + 1 + length
+    assert loaded == QueuedMessage(qid, "incoming", loaded.envelope, content, offset)
+    assert content_of(spool, qid) == b"Subject: x\r\n\r\nhello\r\n"
+    assert loaded.content_size() == 21
     assert loaded.envelope.recipients == ["alice@example.test"]
     assert spool.list("incoming") == [qid]
 
@@ -344,8 +366,9 @@ def test_recover_requeues_active_and_cleans_up(tmp_path: Path) -> None:
     # content whose envelope never arrived in incoming
     orphan = "0" * 11 + "ZZZZZ"
     content_file(root, orphan).write_bytes(b"orphan")
-    # an envelope whose content is gone
+    # an envelope (rewritten by an update) whose content is gone
     lost = queue(spool)
+    spool.update(lost, spool.load(lost).envelope)
     os.unlink(content_file(root, lost))
     spool.close()
 
@@ -403,7 +426,10 @@ def test_large_message_spills_to_tmp_and_commits(tmp_path: Path) -> None:
     assert files(root, "tmp") == [msg.queue_id + ".content"]
     qid = result_of(msg.commit(Envelope("", ["a@example.test"])))
     assert files(root, "tmp") == []
+    # spilled: the content file is renamed into place, the envelope has a file of its own
     assert content_file(root, qid).read_bytes() == b"0123456789abcdefghijKLMN"
+    assert not os.path.samefile(root / "incoming" / qid, content_file(root, qid))
+    assert spool.load(qid).content_offset == 0
     assert spool.load(qid).envelope.size == 24
 
     other = spool.begin()
@@ -437,7 +463,7 @@ def test_commit_in_a_thread_pool_fires_in_the_reactor_thread(tmp_path, pool) -> 
     assert spool.list("incoming") == msgs
     assert files(root, "tmp") == []
     for i, qid in enumerate(msgs):
-        assert content_file(root, qid).read_bytes() == b"message %d\r\n" % i
+        assert content_of(spool, qid) == b"message %d\r\n" % i
     assert 1 <= spool.group_commit.groups <= 12
     spool.close()
 
@@ -522,19 +548,20 @@ def test_group_commit_failure_fails_every_member(tmp_path: Path, monkeypatch) ->
     root = tmp_path / "spool"
     spool = Spool(str(root))
     # A rename that fails for one member only fails that member.
-    real_rename = os.rename
     msgs = []
     for i in range(2):
         msg = spool.begin()
         msg.write(b"m%d" % i)
         msgs.append(msg)
 
-    def rename(src: str, dst: str) -> None:
+    real_link = os.link
+
+    def link(src: str, dst: str) -> None:
         if dst.endswith(msgs[0].queue_id) and "incoming" in dst:
             raise OSError(5, "I/O error")
-        real_rename(src, dst)
+        real_link(src, dst)
 
-    monkeypatch.setattr(spool_module.os, "rename", rename)
+    monkeypatch.setattr(spool_module.os, "link", link)
     with pytest.raises(OSError):
         result_of(msgs[0].commit(Envelope("", ["a@example.test"])))
     qid = result_of(msgs[1].commit(Envelope("", ["a@example.test"])))
@@ -596,22 +623,22 @@ def test_content_path_stays_the_same_in_every_state(spool: Spool, tmp_path: Path
     for state in Spool.STATES:
         spool.move(qid, state)
         assert spool.load(qid).content_path == path == str(content_file(root, qid))
-        assert Path(path).read_bytes() == b"body\r\n"
+        assert content_of(spool, qid) == b"body\r\n"
         assert spool.list(state) == [qid]  # the content file is never listed
     spool.remove(qid)
     assert files(root, "incoming") == []
 
 
-def test_crash_after_content_before_envelope_rename_leaves_nothing(tmp_path: Path) -> None:
-    """The content file is in incoming/ and the envelope still in tmp/ when the process dies
-    (before the group's rename): recovery removes both, the message was never accepted."""
+def test_crash_after_the_queue_file_before_its_link_leaves_nothing(tmp_path: Path) -> None:
+    """The queue file is written and fsynced in incoming/ but not yet linked as the state
+    entry when the process dies: recovery removes it, the message was never accepted."""
     root = tmp_path / "spool"
     spool = Spool(str(root))
     kept = queue(spool)
-    published: list[tuple[str, str]] = []
+    published: list[tuple[str, str, bool]] = []
 
-    def crash(env_tmp: str, env_final: str) -> None:
-        published.append((env_tmp, env_final))
+    def crash(source: str, entry: str, link: bool = False) -> None:
+        published.append((source, entry, link))
         raise SystemExit("killed")
 
     spool.group_commit.publish = crash  # type: ignore[method-assign]
@@ -619,8 +646,9 @@ def test_crash_after_content_before_envelope_rename_leaves_nothing(tmp_path: Pat
     msg.write(b"never acknowledged")
     with pytest.raises(SystemExit):
         spool._commit_files(msg.queue_id, msg._chunks, None, b"{}")
-    [(env_tmp, env_final)] = published
-    assert os.path.exists(env_tmp)
+    [(source, entry, link)] = published
+    assert link and source == str(content_file(root, msg.queue_id))
+    assert not os.path.exists(entry)
     assert contents(root) == sorted([kept, msg.queue_id])
     spool.close()
 
@@ -633,12 +661,50 @@ def test_crash_after_content_before_envelope_rename_leaves_nothing(tmp_path: Pat
     restarted.close()
 
 
-def test_crash_that_kept_the_envelope_name_but_lost_the_content_name(tmp_path: Path) -> None:
-    """Both names are made durable by the same directory fsync; a crash during it may keep
-    only the envelope's. No 250 was sent; recovery parks the envelope in corrupt."""
+def test_crash_after_a_spilled_content_before_its_envelope(tmp_path: Path) -> None:
+    """A spilled message: content renamed into incoming/, envelope still in tmp/."""
+    root = tmp_path / "spool"
+    spool = Spool(str(root), memory_limit=4)
+
+    def crash(source: str, entry: str, link: bool = False) -> None:
+        assert not link and os.path.dirname(source) == spool.tmp_dir
+        raise SystemExit("killed")
+
+    spool.group_commit.publish = crash  # type: ignore[method-assign]
+    msg = spool.begin()
+    msg.write(b"a large message")
+    with pytest.raises(SystemExit):
+        spool._commit_files(msg.queue_id, [], msg._file, b"{}")
+    assert contents(root) == [msg.queue_id]
+    spool.close()
+    restarted = Spool(str(root))
+    assert restarted.recover() == []
+    assert files(root, "incoming") == [] and files(root, "tmp") == []
+    restarted.close()
+
+
+def test_crash_that_kept_the_entry_but_lost_the_queue_file_name(tmp_path: Path) -> None:
+    """Both names are made durable by the same directory fsync; should a crash keep only
+    the state entry's, that entry is the whole queue file: recovery links the name again."""
+    root = tmp_path / "spool"
+    spool = Spool(str(root))
+    qid = queue(spool, b"still here\r\n")
+    spool.move(qid, "deferred")
+    os.unlink(content_file(root, qid))
+    spool.close()
+    restarted = Spool(str(root))
+    assert restarted.recover() == []
+    assert restarted.list("deferred") == [qid]
+    assert restarted.list("corrupt") == []
+    assert content_of(restarted, qid) == b"still here\r\n"
+    restarted.close()
+
+
+def test_an_envelope_file_without_its_content_goes_to_corrupt(tmp_path: Path) -> None:
     root = tmp_path / "spool"
     spool = Spool(str(root))
     qid = queue(spool)
+    spool.update(qid, spool.load(qid).envelope)  # the entry is an envelope file now
     os.unlink(content_file(root, qid))
     spool.close()
     restarted = Spool(str(root))
@@ -646,6 +712,133 @@ def test_crash_that_kept_the_envelope_name_but_lost_the_content_name(tmp_path: P
     assert restarted.list("corrupt") == [qid]
     assert restarted.list("incoming") == []
     restarted.close()
+
+
+def test_update_keeps_the_content_and_its_offset(spool: Spool, tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    qid = queue(spool, b"Subject: u\r\n\r\nbody\r\n")
+    before = spool.load(qid)
+    spool.move(qid, "active", durable=False, from_state="incoming")
+    envelope = before.envelope
+    envelope.done.append("alice@example.test")
+    spool.update(qid, envelope, "active")
+    after = spool.load(qid, "active")
+    assert after.envelope.done == ["alice@example.test"]
+    assert after.content_offset == before.content_offset > 0
+    assert not os.path.samefile(root / "active" / qid, content_file(root, qid))
+    assert (root / "active" / qid).read_bytes().startswith(b"MGWQ1 E ")
+    assert content_of(spool, qid) == b"Subject: u\r\n\r\nbody\r\n"
+    spool.update(qid, after.envelope)  # a second update, no hint
+    assert spool.load(qid).content_offset == before.content_offset
+    with pytest.raises(KeyError):
+        spool.update("0000000000000ZZZ", envelope)
+
+
+def test_load_by_state_opens_only_that_state(spool: Spool, monkeypatch) -> None:
+    qid = queue(spool)
+    spool.move(qid, "outbound")
+    opened: list[str] = []
+    real_open = os.open
+
+    def tracking_open(path: str, *args: Any) -> int:
+        opened.append(path)
+        return real_open(path, *args)
+
+    monkeypatch.setattr(spool_module.os, "open", tracking_open)
+    assert spool.load(qid, "outbound").state == "outbound"
+    assert opened == [spool.envelope_path("outbound", qid)]
+    opened.clear()
+    assert spool.load(qid, "retry").state == "outbound"  # a stale hint: looked for
+    assert opened[0] == spool.envelope_path("retry", qid) and len(opened) == 7
+    with pytest.raises(ValueError):
+        spool.load(qid, "nowhere")
+
+
+def test_a_bad_header_line_is_a_corrupt_envelope(spool: Spool, tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    qids = [queue(spool) for _ in range(4)]
+    for qid, data in zip(
+        qids,
+        [b"MGWQ1 C x\n{}", b"MGWQ1 E 2\n{}", b"MGWQ1 C 99\n{}", b"MGWQ1 Q 2 0\n{}"],
+        strict=True,
+    ):
+        os.unlink(root / "incoming" / qid)
+        (root / "incoming" / qid).write_bytes(data)
+        with pytest.raises(CorruptEnvelope):
+            spool.load(qid)
+    assert spool.recover() == []
+    assert spool.list("corrupt") == qids
+
+
+def test_removals_share_directory_fsyncs(tmp_path: Path) -> None:
+    """While one removal group is being fsynced, later removals gather into the next group,
+    which unlinks its entries, fsyncs each state directory once and then the queue files."""
+    root = tmp_path / "spool"
+    spool = Spool(str(root))
+    qids = [queue(spool) for _ in range(6)]
+    for qid in qids[1:4]:
+        spool.move(qid, "active", durable=False, from_state="incoming")
+    first_fsync_started = threading.Event()
+    release = threading.Event()
+    fsynced: list[str] = []
+    real_fsync_dir = spool.fsync_dir
+
+    def slow_fsync_dir(name: str) -> None:
+        fsynced.append(name)
+        if len(fsynced) == 1:
+            first_fsync_started.set()
+            assert release.wait(30)
+        real_fsync_dir(name)
+
+    spool.fsync_dir = slow_fsync_dir  # type: ignore[method-assign]
+    rm = spool.removals
+    all_joined = threading.Event()
+
+    class Pending(list):  # type: ignore[type-arg]
+        def append(self, item: Any) -> None:
+            super().append(item)
+            if len(self) == 5:
+                all_joined.set()
+
+    leader = threading.Thread(target=spool.remove, args=(qids[0], "incoming"))
+    leader.start()
+    assert first_fsync_started.wait(30)
+    # the leader's entry is unlinked, its queue file not yet (the fsync comes first)
+    assert qids[0] not in spool.list("incoming") and qids[0] in contents(root)
+    rm._pending = Pending()
+    hints = [None, "active", "active", "incoming", "incoming"]  # None: looked for
+    followers = [
+        threading.Thread(target=spool.remove, args=(qid, hint))
+        for qid, hint in zip(qids[1:], hints, strict=True)
+    ]
+    for t in followers:
+        t.start()
+    assert all_joined.wait(30)
+    release.set()
+    for t in [leader, *followers]:
+        t.join(30)
+    assert rm.groups == 2
+    assert fsynced[0] == "incoming" and sorted(fsynced[1:]) == ["active", "incoming"]
+    assert files(root, "incoming") == [] and files(root, "active") == []
+    spool.close()
+
+
+def test_a_failed_removal_fsync_keeps_the_queue_files(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "spool"
+    spool = Spool(str(root))
+    qid = queue(spool)
+
+    def fsync_dir(name: str) -> None:
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(spool, "fsync_dir", fsync_dir)
+    with pytest.raises(OSError):
+        spool.remove(qid, "incoming")
+    assert contents(root) == [qid]  # after a crash: gone (no entry) or still fully queued
+    monkeypatch.undo()
+    spool.remove(qid)  # idempotent: the entry is gone, the queue file goes now
+    assert files(root, "incoming") == []
+    spool.remove("not-a-queue-id")
 
 
 def test_crash_during_remove_after_the_envelope_is_gone(tmp_path: Path) -> None:
@@ -664,14 +857,13 @@ def test_crash_during_remove_after_the_envelope_is_gone(tmp_path: Path) -> None:
     restarted.close()
 
 
-def test_recover_migrates_the_older_layout(tmp_path: Path) -> None:
+def test_recover_migrates_the_oldest_layout(tmp_path: Path) -> None:
     """A spool written with content in content/<qid> is converted at start-up."""
     root = tmp_path / "spool"
-    spool = Spool(str(root))
-    queued = queue(spool, b"old body\r\n")
-    deferred = queue(spool, b"deferred body\r\n")
-    spool.move(deferred, "deferred")
-    spool.close()
+    Spool(str(root)).close()
+    queued, deferred = "0000000000000AAA", "0000000000000AAB"
+    write_old_layout(root, queued, "incoming", b"old body\r\n", Envelope("", ["a@b.test"]))
+    write_old_layout(root, deferred, "deferred", b"deferred body\r\n", Envelope("", ["a@b"]))
     (root / "content").mkdir()
     for qid in (queued, deferred):
         os.rename(content_file(root, qid), root / "content" / qid)
@@ -693,12 +885,45 @@ def test_recover_migrates_the_older_layout(tmp_path: Path) -> None:
     assert not (root / "content").exists()
     assert sorted(os.listdir(root)) == sorted(["tmp", *Spool.STATES])
     assert contents(root) == sorted([queued, deferred])
-    assert Path(restarted.load(queued).content_path).read_bytes() == b"old body\r\n"
+    assert content_of(restarted, queued) == b"old body\r\n"
     message = restarted.load(deferred)
     assert message.state == "deferred"
-    assert Path(message.content_path).read_bytes() == b"deferred body\r\n"
+    assert content_of(restarted, deferred) == b"deferred body\r\n"
     assert restarted.recover() == []  # nothing left to migrate
     restarted.close()
+
+
+def test_the_previous_layout_is_read_updated_and_removed(tmp_path: Path) -> None:
+    """The previous layout (JSON envelope files, bare content in incoming/<qid>.msg) is a
+    valid spool of this one: its messages load with offset 0, survive recovery, updates and
+    moves, and are removed; new commits next to them use queue files."""
+    root = tmp_path / "spool"
+    Spool(str(root)).close()
+    old = {
+        "0000000000000AAA": ("incoming", b"one\r\n"),
+        "0000000000000AAB": ("active", b"two\r\n"),
+        "0000000000000AAC": ("deferred", b"three\r\n"),
+    }
+    for qid, (state, data) in old.items():
+        write_old_layout(root, qid, state, data, Envelope("s@x.test", ["r@y.test"]))
+    spool = Spool(str(root))
+    assert spool.recover() == ["0000000000000AAB"]
+    new = queue(spool, b"new\r\n")
+    for qid, (_, data) in old.items():
+        m = spool.load(qid)
+        assert m.content_offset == 0 and m.content_size() == len(data)
+        assert content_of(spool, qid) == data
+    envelope = spool.load("0000000000000AAC").envelope
+    envelope.attempts = 3
+    spool.update("0000000000000AAC", envelope, "deferred")
+    assert spool.load("0000000000000AAC").envelope.attempts == 3
+    assert content_of(spool, "0000000000000AAC") == b"three\r\n"
+    spool.move("0000000000000AAA", "hold")
+    for qid in old:
+        spool.remove(qid)
+    assert spool.list("incoming") == [new] and contents(root) == [new]
+    assert content_of(spool, new) == b"new\r\n"
+    spool.close()
 
 
 def test_recover_leaves_other_files_in_incoming_alone(spool: Spool, tmp_path: Path) -> None:
@@ -720,7 +945,8 @@ def test_inject_queues_a_copy_in_a_state(tmp_path: Path) -> None:
     spool.inject(qid, str(source), Envelope("a@b.test", ["c@d.test"], channel="sdn"), "deferred")
     m = spool.load(qid)
     assert m.state == "deferred" and m.envelope.channel == "sdn" and m.envelope.queue_id == qid
-    with open(m.content_path, "rb") as f:
+    assert os.path.samefile(m.content_path, spool.envelope_path("deferred", qid))
+    with m.open_content() as f:
         assert f.read() == b"Subject: x\r\n\r\nbody\r\n"
     with pytest.raises(FileExistsError):
         spool.inject(qid, str(source), Envelope("a@b.test", ["c@d.test"]), "hold")

@@ -884,3 +884,14 @@ def test_append_messages_is_all_or_nothing(
     assert [m.uid for m in store.open_mailbox(USER).messages()] == uids  # the first went again
     with pytest.raises(MailboxNotFound):
         store.append_messages(USER, "Nowhere", [(MSG, [], None)])
+
+
+def test_deliver_from_an_offset(store: MessageStore, tmp_path: Path, quotas: Quotas) -> None:
+    """A spool queue file holds its envelope first: only the bytes from ``offset`` are
+    stored, and the quota counts only those."""
+    path = tmp_path / "queue-file"
+    path.write_bytes(b"MGWQ1 C 2\n{}" + MSG)
+    uid = store.deliver(USER, str(path), b"Return-Path: <a@b>\r\n", offset=12)
+    box = store.open_mailbox(USER)
+    assert box.read_message(uid) == b"Return-Path: <a@b>\r\n" + MSG
+    assert box.messages()[-1].size == len(MSG) + len(b"Return-Path: <a@b>\r\n")
