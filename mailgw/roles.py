@@ -225,6 +225,8 @@ def _build_delivery(node: Node) -> Any:
         hostname=config.server.hostname,
         run=node.run_io,
         relay=node.parts.get("relay"),
+        # Jobs of up to 16 messages share their Maildir directory fsyncs.
+        batch=16,
     )
     delivery.setName("delivery")  # type: ignore[no-untyped-call]  # Twisted: untyped
     delivery.tracker = node.tracker

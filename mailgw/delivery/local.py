@@ -1,8 +1,13 @@
 """Local delivery: takes committed messages from the spool and stores them in user mailboxes.
 
 Each message's work (steps 1-4) runs through the runner ``run`` (``mailgw.runtime.threads``; a
-thread pool in the server), at most ``concurrency`` messages at a time, and a new message is
-started at most once per reactor turn, so SMTP stays responsive. The spool, the store and the
+thread pool in the server), in jobs of up to ``batch`` queued messages, at most ``concurrency``
+jobs at a time, and a new job is started at most once per reactor turn, so SMTP stays
+responsive. Within a job the store's directory fsyncs are shared (group commit,
+``IMessageStore.unsynced_deliveries`` when the store has it): each message's file is written
+and fsynced, the job fsyncs each Maildir directory it placed messages in once, and only then
+records progress or removes the spool copies, so a spool copy still goes only after its
+Maildir file, its directory entry and its index row are written and synced. The spool, the store and the
 directory are thread-safe; scheduling state lives in the reactor thread only. Flow per
 message:
 
@@ -79,6 +84,19 @@ MAX_DSN_HEADER = 64 * 1024
 
 
 @dataclass(frozen=True)
+class _Finish:
+    """A message whose copies are stored but whose directory fsyncs are shared with the
+    rest of its job: removed from the spool (``_finish``) once they are done."""
+
+    queue_id: str
+    sender: str
+    nrcpt: int
+    stored: str
+    copies: list[tuple[str, int]]
+    """(user, UID) of the copies stored by this attempt."""
+
+
+@dataclass(frozen=True)
 class _Bounce:
     """A DSN to queue (in the reactor thread) before the message's processing goes on."""
 
@@ -118,12 +136,17 @@ class LocalDelivery(Service):
         run: Runner = run_inline,
         concurrency: int = 4,
         relay: Any = None,
+        batch: int = 1,
     ) -> None:
         if retry_interval <= 0:
             raise ValueError("retry_interval must be positive")
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
         self.run = run
+        self.batch = batch
+        self._jobs = 0
         self.relay = relay
         self.concurrency = concurrency
         self.spool = spool
@@ -230,20 +253,80 @@ class LocalDelivery(Service):
         if (
             self._turn_call is None
             and self._queue
-            and len(self._in_flight) < self.concurrency
+            and self._jobs < self.concurrency
             and self.running
         ):
             self._turn_call = self.reactor.callLater(0, self._turn)
 
     def _turn(self) -> None:
-        """Start delivering one message, then yield to the reactor before the next."""
+        """Start a job of up to ``batch`` messages, then yield to the reactor before the
+        next."""
         self._turn_call = None
-        queue_id = self._queue.popleft()
-        self._queued.discard(queue_id)
-        self._in_flight.add(queue_id)
-        self.run(self._process_safely, queue_id).addBoth(self._finished, queue_id)
-
+        ids: list[str] = []
+        while self._queue and len(ids) < self.batch:
+            queue_id = self._queue.popleft()
+            self._queued.discard(queue_id)
+            self._in_flight.add(queue_id)
+            ids.append(queue_id)
+        self._jobs += 1
+        self.run(self._process_job, ids).addBoth(self._job_finished, ids)
         self._schedule()
+
+    def _job_finished(self, results: list[Any] | Failure, ids: list[str]) -> None:
+        self._jobs -= 1
+        if isinstance(results, Failure):  # pragma: no cover - _process_job catches all
+            results = [results] * len(ids)
+        for queue_id, result in zip(ids, results, strict=True):
+            self._finished(result, queue_id)
+
+    def _process_job(self, ids: list[str]) -> list[str | _Bounce | None]:
+        """Deliver a job's messages (in a pool thread); their results, in order."""
+        unsynced = getattr(self.store, "unsynced_deliveries", None)
+        if unsynced is None or len(ids) == 1:
+            return [self._process_unbatched(queue_id) for queue_id in ids]
+        with unsynced() as batch:
+            results = [self._process_safely(queue_id, batch) for queue_id in ids]
+            failed = batch.sync()
+        out: list[str | _Bounce | None] = []
+        for result in results:
+            if isinstance(result, _Finish):
+                self._finish(result, failed)
+                out.append(None)
+            else:
+                out.append(result)
+        return out
+
+    def _process_unbatched(self, queue_id: str) -> str | _Bounce | None:
+        result = self._process_safely(queue_id)
+        assert not isinstance(result, _Finish)  # only with a batch
+        return result
+
+    def _finish(self, done: _Finish, failed: set[tuple[str, int]]) -> None:
+        """After the job's directory fsyncs: remove a stored message from the spool, or,
+        when one of its copies was taken out again, defer it."""
+        queue_id = done.queue_id
+        try:
+            lost = [f"{user} uid={uid}" for user, uid in done.copies if (user, uid) in failed]
+            if lost:
+                message = self.spool.load(queue_id)
+                error = f"directory fsync failed for {', '.join(lost)}"
+                self._defer(queue_id, message.envelope, error)
+                return
+            self.spool.remove(queue_id, "active")
+            self._log_delivered(queue_id, done.sender, done.nrcpt, done.stored)
+        except Exception:
+            log.failure("{queue_id} delivery failed unexpectedly", queue_id=queue_id)
+            self._defer_after_crash(queue_id)
+
+    def _log_delivered(self, queue_id: str, sender: str, nrcpt: int, stored: str) -> None:
+        log.info(
+            "{queue_id} delivered: from=<{sender}> nrcpt={nrcpt} to {stored}",
+            event="delivered",
+            queue_id=queue_id,
+            sender=sender,
+            nrcpt=nrcpt,
+            stored=stored,
+        )
 
     def _finished(self, result: object, queue_id: str) -> None:
         """In the reactor thread, after a message's work (in whichever thread it ran)."""
@@ -318,13 +401,14 @@ class LocalDelivery(Service):
             log.failure("{queue_id} cannot record its bounce", queue_id=queue_id)
             self._defer_after_crash(queue_id)
             return None
-        return self._process_safely(queue_id)
+        return self._process_unbatched(queue_id)
 
-    def _process_safely(self, queue_id: str) -> str | _Bounce | None:
+    def _process_safely(self, queue_id: str, batch: Any = None) -> str | _Bounce | _Finish | None:
         """The queue ID when the message was handed over to the relay, a ``_Bounce`` when a
-        DSN must be queued first, else None."""
+        DSN must be queued first, a ``_Finish`` when it waits for ``batch.sync`` (an
+        ``unsynced_deliveries`` batch of the store) to be removed, else None."""
         try:
-            return self._process(queue_id)
+            return self._process(queue_id, batch)
         except Exception:
             log.failure("{queue_id} delivery failed unexpectedly", queue_id=queue_id)
             self._defer_after_crash(queue_id)
@@ -353,7 +437,7 @@ class LocalDelivery(Service):
 
     # -- delivery of one message -----------------------------------------------------------
 
-    def _process(self, queue_id: str) -> str | _Bounce | None:
+    def _process(self, queue_id: str, batch: Any = None) -> str | _Bounce | _Finish | None:
         try:
             message = self.spool.load(queue_id)
         except KeyError:
@@ -449,6 +533,13 @@ class LocalDelivery(Service):
             self.spool.update(queue_id, envelope, "active")
 
         remaining = sum(len(todo) for _, todo, _ in plan)
+        copies: list[tuple[str, int]] = []
+
+        def synced() -> None:
+            """Before progress is recorded: this message's copies must be durable."""
+            if batch is not None and copies and batch.sync() & set(copies):
+                raise OSError("the directory fsync of a stored copy failed")
+
         stored: list[str] = []
         failed: list[RecipientStatus] = []
         for rcpt, todo, completes in plan:
@@ -500,6 +591,7 @@ class LocalDelivery(Service):
                         continue
                     if uid is not None:
                         delivered_users.add(user)
+                        copies.append((user, uid))
                         stored.append(f"{user} uid={uid}")
                         self.tracker.record(
                             Kind.DELIVERED,
@@ -514,12 +606,16 @@ class LocalDelivery(Service):
                 if completes and rcpt_ok and user == todo[-1]:
                     envelope.done.append(rcpt)
                 if remaining:
+                    synced()
                     self.spool.update(queue_id, envelope, "active")
             if completes and rcpt_ok and not todo:
                 envelope.done.append(rcpt)
 
         if failed:
             self._bounce(queue_id, message, envelope, failed)
+        synced_before_finish = batch is None or not copies
+        if errors or relay_targets:
+            synced()
         if errors:
             if stored:
                 log.info(
@@ -533,15 +629,11 @@ class LocalDelivery(Service):
             return None
         if relay_targets:
             return self._hand_over(queue_id, envelope, relay_targets, stored)
+        text = ", ".join(stored) or ("nobody" if failed else "(copies stored earlier)")
+        if not synced_before_finish:
+            return _Finish(queue_id, envelope.sender, len(envelope.recipients), text, copies)
         self.spool.remove(queue_id, "active")
-        log.info(
-            "{queue_id} delivered: from=<{sender}> nrcpt={nrcpt} to {stored}",
-            event="delivered",
-            queue_id=queue_id,
-            sender=envelope.sender,
-            nrcpt=len(envelope.recipients),
-            stored=", ".join(stored) or ("nobody" if failed else "(copies stored earlier)"),
-        )
+        self._log_delivered(queue_id, envelope.sender, len(envelope.recipients), text)
         return None
 
     def _bounce(

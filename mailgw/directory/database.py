@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,6 +31,9 @@ MAX_DEPTH = 10
 SCHEMA_VERSION = 2
 """1: domains, users, aliases; 2: groups and their members (added by ``CREATE ... IF NOT
 EXISTS`` on the first open of a version-1 database)."""
+CACHE_ENTRIES = 10_000
+"""Answers kept by a ``Directory``'s lookup cache before it is emptied (unknown recipients
+of a dictionary attack are cached too: the bound keeps them from growing it without end)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS domains (
@@ -76,9 +79,16 @@ def _split(key: str) -> tuple[str, str]:
 class Directory:
     """Domains, users, aliases and groups stored in ``path`` (``data_dir/directory.sqlite``).
 
-    One SQLite connection in autocommit mode, WAL journal; no caches, so changes made by the
-    ``mailgw`` command in another process are seen by the next lookup. Safe to call from
-    several threads (a lock serialises use of the connection).
+    One SQLite connection in autocommit mode, WAL journal. Safe to call from several threads
+    (a lock serialises use of the connection).
+
+    The lookups of the mail path (``is_local_domain``, ``resolve``, ``get_user`` and so
+    ``quota_for``) are answered from a cache that is never stale: each lookup first reads
+    SQLite's ``PRAGMA data_version``, which changes when another connection (the ``mailgw``
+    command, another process) has committed a change, and empties the cache when it did;
+    this object's own changes and ``reconfigure`` empty it too. A change is therefore seen
+    by the next lookup, as without the cache; a hit costs one ``PRAGMA`` instead of up to
+    five queries. At most ``CACHE_ENTRIES`` answers are kept.
     """
 
     def __init__(
@@ -102,6 +112,10 @@ class Directory:
         self._hashing = PasswordHashing(argon2_time_cost, argon2_memory_kib)
         self._reactor = reactor
         self._lock = threading.RLock()
+        # Lookup cache (see the class docstring): (kind, key) -> answer, valid while the
+        # database's data_version is ``_cache_version``.
+        self._cache: dict[tuple[str, str], Any] = {}
+        self._cache_version = -1
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, mode=0o750, exist_ok=True)
         if not os.path.exists(path):
@@ -142,6 +156,8 @@ class Directory:
         self._hashing = PasswordHashing(
             config.directory.argon2_time_cost, config.directory.argon2_memory_kib
         )
+        with self._lock:
+            self._cache.clear()
 
     def close(self) -> None:
         """Close the database connection."""
@@ -163,10 +179,13 @@ class Directory:
                 self._journal.flush(self._db)
                 self._db.execute("COMMIT")
             except BaseException:
+                self._cache.clear()
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 self._journal.end(False)
                 raise
+            # This connection's own commits do not change its data_version.
+            self._cache.clear()
             self._journal.end(True)
 
     def _record(self, kind: str, name: str, **payload: Any) -> None:
@@ -176,6 +195,26 @@ class Directory:
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
+
+    def _cached(self, kind: str, key: str, compute: Callable[[], Any]) -> Any:
+        """The cached answer for (``kind``, ``key``), computed by ``compute`` when missing;
+        the cache is emptied first when another connection committed since it was filled.
+        The version is read before ``compute`` queries, so an answer is never older than
+        the version it is filed under."""
+        with self._lock:
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._cache_version:
+                self._cache.clear()
+                self._cache_version = version
+            try:
+                return self._cache[kind, key]
+            except KeyError:
+                pass
+            answer = compute()
+            if len(self._cache) >= CACHE_ENTRIES:
+                self._cache.clear()
+            self._cache[kind, key] = answer
+            return answer
 
     # -- name parsing --------------------------------------------------------------------
 
@@ -268,7 +307,14 @@ class Directory:
 
     def is_local_domain(self, domain: str) -> bool:
         """True when ``domain`` (lower-case A-labels) is one of ours."""
-        return bool(self._query("SELECT 1 FROM domains WHERE name=?", (domain.lower(),)))
+        name = domain.lower()
+        return bool(
+            self._cached(
+                "domain",
+                name,
+                lambda: bool(self._query("SELECT 1 FROM domains WHERE name=?", (name,))),
+            )
+        )
 
     # -- users ---------------------------------------------------------------------------
 
@@ -337,10 +383,14 @@ class Directory:
 
     def get_user(self, name: str) -> User | None:
         """The ``User`` for ``name`` (canonical ``local@domain``) or None."""
-        rows = self._query(
-            "SELECT name, quota, enabled FROM users WHERE name=?", (self._canonical(name),)
-        )
-        return User(rows[0][0], rows[0][1], bool(rows[0][2])) if rows else None
+        key = self._canonical(name)
+
+        def lookup() -> User | None:
+            rows = self._query("SELECT name, quota, enabled FROM users WHERE name=?", (key,))
+            return User(rows[0][0], rows[0][1], bool(rows[0][2])) if rows else None
+
+        user: User | None = self._cached("user", key, lookup)
+        return user
 
     def quota_for(self, name: str) -> int | None:
         """Storage quota in bytes for the user (None: unlimited)."""
@@ -578,6 +628,9 @@ class Directory:
         any, instead of looping; branches deeper than 10 levels are dropped. A destination
         in a local domain that matches nothing is dropped.
         """
+        return list(self._cached("resolve", address, lambda: tuple(self._resolve(address))))
+
+    def _resolve(self, address: str) -> list[str]:
         try:
             key = Address.parse(address).key
         except AddressError:

@@ -25,6 +25,7 @@ from mailgw.interfaces import IIncomingMessage, ISpool
 from mailgw.model import Address, AddressError, Envelope, parse_path
 from mailgw.model.reply import R, Reply
 from mailgw.net import sasl
+from mailgw.net.directwrite import write_now
 from mailgw.net.limits import ConnectionCounter, Refusal
 from mailgw.net.progress import ProgressWatch
 from mailgw.smtp.trace import with_protocol
@@ -283,6 +284,8 @@ class SMTPServer(Protocol):
         self._waiting = False
         self._paused = False
         self._processing = False
+        # Replies to the commands of one read, sent together when it is worked off.
+        self._out: list[bytes] = []
         self._closed = False
         self._discarding_line = False
         self._errors = 0
@@ -454,6 +457,7 @@ class SMTPServer(Protocol):
         self._cancel_timers()
         self._abort_incoming()
         self._buf = b""
+        self._flush()
         self.transport.loseConnection()
 
     # -- replies -------------------------------------------------------------------------------
@@ -463,9 +467,20 @@ class SMTPServer(Protocol):
             wire = _WIRE.get(reply)
             if wire is None:
                 wire = _WIRE[reply] = reply.format().encode("utf-8") + b"\r\n"
-            self.transport.write(wire)
+            self._out.append(wire)
         else:
-            self.transport.write(reply.format(text).encode("utf-8") + b"\r\n")
+            self._out.append(reply.format(text).encode("utf-8") + b"\r\n")
+        if not self._processing:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send the replies held back while a read's commands were worked off (pipelined
+        commands get their replies in one write), straight to the socket when it can take
+        them (``mailgw.net.directwrite``)."""
+        if self._out:
+            data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            self._out.clear()
+            write_now(self.transport, data)
 
     def _reply(self, reply: Reply, text: str | None = None, verb: str = "") -> None:
         """Send a reply to a command; log refusals and count client errors."""
@@ -569,6 +584,7 @@ class SMTPServer(Protocol):
                 self._error_waited = False
         finally:
             self._processing = False
+            self._flush()
 
     def _must_wait_for_errors(self) -> bool:
         """Past the soft error limit, hold each complete command line back ``error_delay``
@@ -991,6 +1007,7 @@ class SMTPServer(Protocol):
                 n=len(self._buf),
             )
             self._buf = b""
+        self._flush()  # the 220 goes in plaintext, before the handshake
         try:
             self.transport.startTLS(self.tls_options)
         except Exception:

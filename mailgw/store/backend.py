@@ -151,6 +151,13 @@ class IMessageBackend(Interface):
         """fsync what ``place`` did; on failure take the message out again (file, row) and
         raise."""
 
+    def make_durable_many(
+        placed: Sequence[tuple[UserHandle, Folder, MessageInfo]],
+    ) -> list[tuple[UserHandle, Folder, MessageInfo]]:
+        """``make_durable`` for several placed messages at once, with one fsync per
+        directory; the messages whose fsync failed are taken out again and returned (the
+        error is logged), the others are durable."""
+
     def store(
         u: UserHandle,
         f: Folder,

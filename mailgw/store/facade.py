@@ -25,6 +25,7 @@ Values (``MessageInfo``, ``MailboxStatus``, ``StoreCheck``, ``BlobRef``) live in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -32,7 +33,7 @@ import sqlite3
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 from twisted.logger import Logger
@@ -63,6 +64,26 @@ _REFUSALS = {
     "replica": "This server is a read-only replica",
     "fenced": "This server was replaced by its replica; it accepts no changes until demoted",
 }
+
+
+class UnsyncedDeliveries:
+    """Messages delivered without their directory fsync (``unsynced_deliveries``)."""
+
+    def __init__(self, store: MessageStore) -> None:
+        self._store = store
+        self.placed: list[tuple[UserHandle, Folder, MessageInfo]] = []
+        self.failed: set[tuple[str, int]] = set()
+        """(user, UID) of every copy taken out again because its directory fsync failed."""
+
+    def sync(self) -> set[tuple[str, int]]:
+        """fsync the directory of every message delivered since the last call, once per
+        directory; a message whose directory fsync failed is taken out again (file and
+        index row) and added to ``failed``. Returns ``failed`` (of the whole batch)."""
+        placed, self.placed = self.placed, []
+        if placed:
+            failed = self._store.tier1.make_durable_many(placed)
+            self.failed.update((u.name, info.uid) for u, _, info in failed)
+        return self.failed
 
 
 @implementer(IMessageStore)
@@ -109,6 +130,8 @@ class MessageStore:
         self._max_open = max(1, max_open_users)
         self._users: OrderedDict[str, UserHandle] = OrderedDict()
         self._users_lock = threading.Lock()
+        # Per thread: the open ``unsynced_deliveries`` batch, if any.
+        self._local = threading.local()
         # One snapshot per open folder, shared by its Mailbox objects (alive while one is).
         self._snapshots: weakref.WeakValueDictionary[tuple[str, int, str], Snapshot] = (
             weakref.WeakValueDictionary()
@@ -309,8 +332,26 @@ class MessageStore:
         info = self.tier1.place(
             u, f, written, frozenset(), None, None, self._allocator(u, f, limit)
         )
-        self.tier1.make_durable(u, f, info)
+        batch: UnsyncedDeliveries | None = getattr(self._local, "batch", None)
+        if batch is not None:
+            batch.placed.append((u, f, info))
+        else:
+            self.tier1.make_durable(u, f, info)
         return info.uid
+
+    @contextlib.contextmanager
+    def unsynced_deliveries(self) -> Iterator[UnsyncedDeliveries]:
+        """Within the block, ``deliver`` calls made by this thread return before the
+        directory fsync of their message: call the batch's ``sync`` before relying on them
+        (before recording them as done). Leaving the block syncs what is left. Local
+        delivery stores a group of messages this way and syncs each directory once."""
+        batch = UnsyncedDeliveries(self)
+        self._local.batch = batch
+        try:
+            yield batch
+        finally:
+            self._local.batch = None
+            batch.sync()
 
     def open_mailbox(self, user: str, name: str = INBOX, snapshot: bool = True) -> Mailbox:
         """Open a folder (repairing its index first if its directories changed). With

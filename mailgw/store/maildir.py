@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import threading
 import time
 from collections.abc import Iterable
 from typing import BinaryIO
@@ -187,6 +188,85 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Round:
+    """One fsync of a directory and the callers it serves."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.error: OSError | None = None
+
+
+class _DirState:
+    __slots__ = ("running", "next")
+
+    def __init__(self) -> None:
+        self.running: _Round | None = None
+        self.next: _Round | None = None
+
+
+class GroupSync:
+    """Directory fsyncs shared by concurrent callers (group commit), for any thread.
+
+    ``sync(path)`` returns once an fsync of ``path`` that *started after the call* has
+    finished, so every change made to the directory before the call is durable, as with
+    ``fsync_dir``. While one fsync of a directory runs, the callers arriving meanwhile join
+    the next round, and one of them makes that round's single fsync for all of them: with
+    N deliveries into one ``new/`` at once, about two fsyncs of it are made instead of N.
+    A failed fsync raises its OSError in every caller of its round.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._dirs: dict[str, _DirState] = {}
+        self.fsyncs = 0
+        """Directory fsyncs made so far (for tests and statistics)."""
+        self.calls = 0
+        """``sync`` calls so far."""
+
+    def sync(self, path: str) -> None:
+        """fsync ``path``, or wait for a shared fsync of it that started after this call."""
+        with self._cond:
+            self.calls += 1
+            state = self._dirs.get(path)
+            if state is None:
+                state = self._dirs[path] = _DirState()
+            if state.running is None and state.next is None:
+                mine = _Round()
+            else:
+                if state.next is None:
+                    state.next = _Round()
+                mine = state.next
+            while not mine.done:
+                if state.running is None:
+                    # Nobody is flushing the directory: make this round's fsync.
+                    if state.next is mine:
+                        state.next = None
+                    state.running = mine
+                    break
+                self._cond.wait()
+            else:
+                if mine.error is not None:
+                    raise mine.error
+                return
+        error: OSError | None = None
+        try:
+            fsync_dir(path)
+        except BaseException as e:
+            error = e if isinstance(e, OSError) else OSError(f"fsync of {path} failed: {e!r}")
+            raise
+        finally:
+            with self._cond:
+                self.fsyncs += 1
+                mine.error = error
+                mine.done = True
+                state.running = None
+                if state.next is None:
+                    del self._dirs[path]
+                self._cond.notify_all()
 
 
 def unlink_quiet(path: str) -> None:

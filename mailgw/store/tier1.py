@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgw.journal.store import StoreJournal
@@ -42,6 +43,8 @@ from mailgw.store.backend import (
 from mailgw.store.index import INDEX_NAME
 from mailgw.store.names import INBOX, folder_dirname, folder_from_dirname, user_dir
 from mailgw.store.rows import add_tombstones, local_zone
+
+log = Logger()
 
 # A directory mtime this close to "now" may still change within the same clock tick without
 # the mtime changing, so it is not recorded as "in sync" (Dovecot's rule).
@@ -69,6 +72,8 @@ class MaildirBackend:
         self.root = os.path.abspath(root)
         self.journal = journal
         self._names = maildir.UniqueNames(hostname)
+        # Directory fsyncs after placing a message, shared by concurrent deliveries.
+        self.dir_sync = maildir.GroupSync()
         # (user, folder id) -> when this process last listed the folder's directories.
         self._scanned: dict[tuple[str, int], int] = {}
 
@@ -203,26 +208,57 @@ class MaildirBackend:
         return info
 
     def make_durable(self, u: UserHandle, f: Folder, info: MessageInfo) -> None:
-        """fsync the directory of a placed message; if that fails, take the message out
-        again (file and index row) and raise."""
-        path = os.path.join(f.path, info.filename)
+        """fsync the directory of a placed message (an fsync shared with the messages
+        placed in it meanwhile by other threads: ``maildir.GroupSync``); if that fails, take
+        the message out again (file and index row) and raise."""
         try:
-            maildir.fsync_dir(os.path.dirname(path))
+            self.dir_sync.sync(self.placed_dir(f, info))
         except BaseException:
-            with u.index.write() as c:
-                c.execute("DELETE FROM messages WHERE mailbox = ? AND uid = ?", (f.id, info.uid))
-                row = c.execute(
-                    "UPDATE mailboxes SET highestmodseq = highestmodseq + 1,"
-                    " total_size = total_size - ?, message_count = message_count - 1"
-                    " WHERE id = ? RETURNING highestmodseq",
-                    (info.size, f.id),
-                ).fetchone()
-                if row is not None:
-                    add_tombstones(c, f.id, [info.uid], int(row[0]))
-                    if self.journal is not None:
-                        self.journal.expunged(u, f.name, [info.uid], int(row[0]))
-                maildir.unlink_quiet(path)
+            self.take_out(u, f, info)
             raise
+
+    def make_durable_many(
+        self, placed: Sequence[tuple[UserHandle, Folder, MessageInfo]]
+    ) -> list[tuple[UserHandle, Folder, MessageInfo]]:
+        by_dir: dict[str, list[tuple[UserHandle, Folder, MessageInfo]]] = {}
+        for item in placed:
+            by_dir.setdefault(self.placed_dir(item[1], item[2]), []).append(item)
+        failed = []
+        for path, items in by_dir.items():
+            try:
+                self.dir_sync.sync(path)
+            except OSError as e:
+                log.error("fsync of {path} failed: {e}", path=path, e=e)
+                for u, f, info in items:
+                    try:
+                        self.take_out(u, f, info)
+                    except Exception:
+                        log.failure("cannot take out {user} uid={uid}", user=u.name, uid=info.uid)
+                    failed.append((u, f, info))
+        return failed
+
+    @staticmethod
+    def placed_dir(f: Folder, info: MessageInfo) -> str:
+        """The directory (``new/`` or ``cur/``) a placed message's name is in."""
+        return os.path.dirname(os.path.join(f.path, info.filename))
+
+    def take_out(self, u: UserHandle, f: Folder, info: MessageInfo) -> None:
+        """Undo ``place`` after its directory fsync failed: the index row goes (with a
+        tombstone and its journal entry) and the file is unlinked."""
+        path = os.path.join(f.path, info.filename)
+        with u.index.write() as c:
+            c.execute("DELETE FROM messages WHERE mailbox = ? AND uid = ?", (f.id, info.uid))
+            row = c.execute(
+                "UPDATE mailboxes SET highestmodseq = highestmodseq + 1,"
+                " total_size = total_size - ?, message_count = message_count - 1"
+                " WHERE id = ? RETURNING highestmodseq",
+                (info.size, f.id),
+            ).fetchone()
+            if row is not None:
+                add_tombstones(c, f.id, [info.uid], int(row[0]))
+                if self.journal is not None:
+                    self.journal.expunged(u, f.name, [info.uid], int(row[0]))
+            maildir.unlink_quiet(path)
 
     def store(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+from types import SimpleNamespace
 
 import pytest
 from twisted.cred.error import UnauthorizedLogin
@@ -556,3 +557,79 @@ def test_configured_postmaster_address(path, reactor):
         assert d.resolve("postmaster@other.test") == []  # points at itself: no loop
     with pytest.raises(ValueError, match="invalid address"):
         Directory(path, reactor=reactor, postmaster="not an address", **FAST)
+
+
+# -- lookup cache ----------------------------------------------------------------------------
+
+
+def test_lookups_see_another_connections_changes_at_once(directory, path):
+    """Answers are cached, yet a change committed by another process (here: another
+    Directory, as the ``mailgw`` command is) shows in the very next lookup."""
+    directory.add_user("alice@example.test", "pw")
+    assert directory.resolve("alice@example.test") == ["alice@example.test"]
+    assert directory.get_user("alice@example.test") is not None
+    assert not directory.is_local_domain("other.test")
+    assert directory.resolve("bob@example.test") == []
+    with Directory(path, **FAST) as cli:
+        cli.remove_user("alice@example.test")
+        cli.add_user("bob@example.test", "pw")
+        cli.add_domain("other.test")
+        assert directory.resolve("alice@example.test") == []
+        assert directory.get_user("alice@example.test") is None
+        assert directory.quota_for("bob@example.test") is None
+        assert directory.resolve("bob@example.test") == ["bob@example.test"]
+        assert directory.is_local_domain("other.test")
+        cli.add_alias("carol@example.test", "bob@example.test")
+        assert directory.resolve("carol@example.test") == ["bob@example.test"]
+        cli.set_quota("bob@example.test", 1234)
+        assert directory.quota_for("bob@example.test") == 1234
+        cli.remove_domain("other.test")
+        assert not directory.is_local_domain("other.test")
+
+
+def test_repeated_lookups_are_served_from_the_cache(directory, path):
+    directory.add_user("alice@example.test", "pw")
+    assert directory.resolve("alice+x@example.test") == ["alice@example.test"]
+    assert directory.get_user("alice@example.test") is not None
+    statements: list[str] = []
+    directory._db.set_trace_callback(statements.append)
+    try:
+        for _ in range(3):
+            assert directory.resolve("alice+x@example.test") == ["alice@example.test"]
+            assert directory.is_local_domain("example.test")
+            assert directory.get_user("alice@example.test") is not None
+    finally:
+        directory._db.set_trace_callback(None)
+    assert statements and all(s == "PRAGMA data_version" for s in statements)
+    # A caller changing the list it got does not change the cached answer.
+    directory.resolve("alice+x@example.test").append("mallory@example.test")
+    assert directory.resolve("alice+x@example.test") == ["alice@example.test"]
+
+
+def test_own_changes_and_reconfigure_empty_the_cache(directory):
+    directory.add_user("alice@example.test", "pw")
+    assert directory.resolve("alice-x@example.test") == []
+    directory.reconfigure(
+        SimpleNamespace(
+            server=SimpleNamespace(postmaster=""),
+            directory=SimpleNamespace(
+                recipient_delimiter="-", argon2_time_cost=1, argon2_memory_kib=8
+            ),
+            store=SimpleNamespace(default_quota=None),
+        )
+    )
+    assert directory.resolve("alice-x@example.test") == ["alice@example.test"]
+    directory.remove_user("alice@example.test")
+    assert directory.resolve("alice@example.test") == []
+    assert directory.get_user("alice@example.test") is None
+    directory.add_user("alice@example.test", "pw", quota=10)
+    assert directory.quota_for("alice@example.test") == 10
+
+
+def test_the_cache_is_bounded(directory, monkeypatch):
+    import mailgw.directory.database as database
+
+    monkeypatch.setattr(database, "CACHE_ENTRIES", 5)
+    for i in range(20):
+        assert directory.resolve(f"nobody{i}@example.test") == []
+        assert len(directory._cache) <= 5

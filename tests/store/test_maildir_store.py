@@ -895,3 +895,124 @@ def test_deliver_from_an_offset(store: MessageStore, tmp_path: Path, quotas: Quo
     box = store.open_mailbox(USER)
     assert box.read_message(uid) == b"Return-Path: <a@b>\r\n" + MSG
     assert box.messages()[-1].size == len(MSG) + len(b"Return-Path: <a@b>\r\n")
+
+
+# -- group commit of directory fsyncs -------------------------------------------------------------
+
+
+def _wait_for(condition: Any, what: str) -> None:
+    """Poll until ``condition()`` (no time limit of its own: the test runner's applies)."""
+    while not condition():
+        time.sleep(0.001)
+
+
+def test_group_sync_alone_makes_one_fsync_per_call(tmp_path: Path) -> None:
+    sync = maildir.GroupSync()
+    for _ in range(3):
+        sync.sync(str(tmp_path))
+    assert (sync.calls, sync.fsyncs) == (3, 3)
+
+
+def test_group_sync_callers_arriving_during_an_fsync_share_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Callers that arrive while an fsync runs wait for one that starts after them (their
+    changes may have missed the running one), and that one fsync serves them all."""
+    release = threading.Event()
+    started: list[int] = []
+    finished: list[int] = []
+
+    def slow_fsync(path: str) -> None:
+        started.append(sync.calls)
+        if len(started) == 1:
+            release.wait()
+        finished.append(len(started))
+
+    monkeypatch.setattr(maildir, "fsync_dir", slow_fsync)
+    sync = maildir.GroupSync()
+    returned: list[int] = []
+
+    def caller() -> None:
+        sync.sync(str(tmp_path))
+        returned.append(len(finished))
+
+    threads = [threading.Thread(target=caller) for _ in range(6)]
+    threads[0].start()
+    _wait_for(lambda: started, "the first fsync")
+    for t in threads[1:]:
+        t.start()
+    _wait_for(lambda: sync.calls == 6, "every caller")
+    release.set()
+    for t in threads:
+        t.join()
+    # The first caller's own fsync, then one shared by the five that came meanwhile; the
+    # second started only once all six had called.
+    assert started == [1, 6]
+    assert sync.fsyncs == 2
+    assert sorted(returned) == [1, 2, 2, 2, 2, 2]
+
+
+def test_group_sync_failure_reaches_every_caller_of_its_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    calls: list[int] = []
+
+    def fsync(path: str) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            release.wait()
+        elif len(calls) == 2:
+            raise OSError("fsync failed")
+
+    monkeypatch.setattr(maildir, "fsync_dir", fsync)
+    sync = maildir.GroupSync()
+    errors: list[str] = []
+
+    def caller() -> None:
+        try:
+            sync.sync(str(tmp_path))
+        except OSError as e:
+            errors.append(str(e))
+        else:
+            errors.append("")
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    threads[0].start()
+    _wait_for(lambda: calls, "the first fsync")
+    for t in threads[1:]:
+        t.start()
+    _wait_for(lambda: sync.calls == 4, "every caller")
+    release.set()
+    for t in threads:
+        t.join()
+    assert sorted(errors) == ["", "fsync failed", "fsync failed", "fsync failed"]
+    sync.sync(str(tmp_path))  # the next round is a new fsync
+    assert len(calls) == 3
+
+
+def test_concurrent_deliveries_share_directory_fsyncs(
+    store: MessageStore, root: Path, tmp_path: Path
+) -> None:
+    """Deliveries into one INBOX from several threads through the shared directory fsyncs:
+    every message is delivered, indexed and its directory synced."""
+    content = tmp_path / "content"
+    content.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    store.deliver(USER, str(content))
+    uids: list[int] = []
+
+    def deliver_some() -> None:
+        for _ in range(25):
+            uids.append(store.deliver(USER, str(content)))
+
+    threads = [threading.Thread(target=deliver_some) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(uids) == list(range(2, 102))
+    assert len(os.listdir(maildir_of(root) / "new")) == 101
+    box = store.open_mailbox(USER)
+    assert [m.uid for m in box.messages()] == list(range(1, 102))
+    assert store.tier1.dir_sync.calls == 101
+    assert 1 <= store.tier1.dir_sync.fsyncs <= 101
