@@ -287,10 +287,20 @@ class LocalDelivery(Service):
         with unsynced() as batch:
             results = [self._process_safely(queue_id, batch) for queue_id in ids]
             failed = batch.sync()
+        # The stored messages leave the spool together: one fsync of active/ for the job.
+        removable = [
+            r.queue_id
+            for r in results
+            if isinstance(r, _Finish) and not any(copy in failed for copy in r.copies)
+        ]
+        remove_many = getattr(self.spool, "remove_many", None)
+        removed: dict[str, BaseException] | None = None
+        if remove_many is not None and len(removable) > 1:
+            removed = remove_many(removable, "active")
         out: list[str | _Bounce | None] = []
         for result in results:
             if isinstance(result, _Finish):
-                self._finish(result, failed)
+                self._finish(result, failed, removed)
                 out.append(None)
             else:
                 out.append(result)
@@ -301,9 +311,15 @@ class LocalDelivery(Service):
         assert not isinstance(result, _Finish)  # only with a batch
         return result
 
-    def _finish(self, done: _Finish, failed: set[tuple[str, int]]) -> None:
+    def _finish(
+        self,
+        done: _Finish,
+        failed: set[tuple[str, int]],
+        removed: dict[str, BaseException] | None = None,
+    ) -> None:
         """After the job's directory fsyncs: remove a stored message from the spool, or,
-        when one of its copies was taken out again, defer it."""
+        when one of its copies was taken out again, defer it. ``removed``: the job's
+        messages were already removed together (``Spool.remove_many``; its errors)."""
         queue_id = done.queue_id
         try:
             lost = [f"{user} uid={uid}" for user, uid in done.copies if (user, uid) in failed]
@@ -312,7 +328,10 @@ class LocalDelivery(Service):
                 error = f"directory fsync failed for {', '.join(lost)}"
                 self._defer(queue_id, message.envelope, error)
                 return
-            self.spool.remove(queue_id, "active")
+            if removed is None:
+                self.spool.remove(queue_id, "active")
+            elif queue_id in removed:
+                raise removed[queue_id]
             self._log_delivered(queue_id, done.sender, done.nrcpt, done.stored)
         except Exception:
             log.failure("{queue_id} delivery failed unexpectedly", queue_id=queue_id)

@@ -38,6 +38,8 @@ def test_a_job_syncs_each_directory_once_then_removes_the_spool_copies(
     assert spool.list("deferred") == []
     assert all(qid not in spool.list("active") for qid in ids)
     sync = real_store.tier1.dir_sync
+    # The job's messages left the spool together: one removal group, not one per message.
+    assert spool.removals.groups == 1
     # One job: alice's new/ is synced once, before the team message records its copy for
     # alice (an envelope update), which covers the five before it too; bob's new/ once at
     # the end of the job. Not once per message.

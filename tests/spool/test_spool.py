@@ -823,6 +823,49 @@ def test_removals_share_directory_fsyncs(tmp_path: Path) -> None:
     spool.close()
 
 
+def test_remove_many_is_one_group_with_one_fsync_per_directory(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    spool = Spool(str(root))
+    qids = [queue(spool) for _ in range(5)]
+    for qid in qids[:3]:
+        spool.move(qid, "active", durable=False, from_state="incoming")
+    fsynced: list[str] = []
+    real_fsync_dir = spool.fsync_dir
+
+    def counting_fsync_dir(name: str) -> None:
+        fsynced.append(name)
+        real_fsync_dir(name)
+
+    spool.fsync_dir = counting_fsync_dir  # type: ignore[method-assign]
+    groups = spool.removals.groups
+    # the hint is wrong for two of them: they are found in incoming/ all the same
+    assert spool.remove_many([*qids, "not-a-queue-id"], "active") == {}
+    assert spool.removals.groups == groups + 1
+    assert sorted(fsynced) == ["active", "incoming"]
+    assert contents(root) == []
+    assert spool.remove_many([], "active") == {}
+    spool.close()
+
+
+def test_remove_many_reports_a_failed_fsync_per_message(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "spool"
+    spool = Spool(str(root))
+    qids = [queue(spool) for _ in range(2)]
+    spool.move(qids[0], "active", durable=False, from_state="incoming")
+    real_fsync_dir = spool.fsync_dir
+
+    def fsync_dir(name: str) -> None:
+        if name == "active":
+            raise OSError(5, "I/O error")
+        real_fsync_dir(name)
+
+    monkeypatch.setattr(spool, "fsync_dir", fsync_dir)
+    errors = spool.remove_many(qids)
+    assert list(errors) == [qids[0]] and isinstance(errors[qids[0]], OSError)
+    assert contents(root) == [qids[0]]  # its queue file stays; the other one is gone
+    spool.close()
+
+
 def test_a_failed_removal_fsync_keeps_the_queue_files(tmp_path: Path, monkeypatch) -> None:
     root = tmp_path / "spool"
     spool = Spool(str(root))
