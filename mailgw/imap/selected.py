@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from mailgw.imap import wire
@@ -71,14 +71,14 @@ class SelectedMailbox:
         self.rev2 = False
         self.saved: list[int] = []  # SEARCHRES: UIDs of the saved search result
         self._claim = claim_recent
-        source = mailbox if hasattr(mailbox, "watch") else _PrivateSnapshot(mailbox)
+        shared = hasattr(mailbox, "watch") and hasattr(mailbox, "snapshot")
+        source = mailbox if shared else _PrivateSnapshot(mailbox)
         self._source: Any = source
         self._lookup: Callable[[int], Any] = source.snapshot_info
-        messages = source.messages()
-        self.uids: array[int] = array("I", (m.uid for m in messages))
-        self.keywords: set[str] = self._keywords(messages)
+        snapshot = source.snapshot()
+        self.uids: array[int] = snapshot.uids()[:]
+        self.keywords: set[str] = set(snapshot.keywords())
         self._announce = False  # keywords added by update_info, FLAGS not sent yet
-        del messages
         self._told: dict[int, Any] = {}
         source.watch(self)
         self.recent: set[int] = claim_recent(list(self.uids))
@@ -116,6 +116,28 @@ class SelectedMailbox:
             return None
         held = self._held.get(uid)
         return held if held is not None else self._lookup(uid)
+
+    def known(self, uids: Iterable[int]) -> Iterator[tuple[int, int, Any]]:
+        """(sequence number, UID, info as the client knows it) of each of ``uids`` the
+        client knows (as ``seq_of`` and ``info`` would give them, without the calls)."""
+        told = self._told
+        held = self._held
+        infos = self._source.snapshot().infos
+        numbers = self.uids
+        n = len(numbers)
+        find = bisect.bisect_left
+        for uid in uids:
+            i = find(numbers, uid)
+            if i == n or numbers[i] != uid:
+                continue
+            if uid in told:
+                info = told[uid]
+            else:
+                info = held.get(uid) if held else None
+                if info is None:
+                    info = infos.get(uid)
+            if info is not None:
+                yield i + 1, uid, info
 
     @staticmethod
     def _keywords(infos: Iterable[Any]) -> set[str]:
@@ -168,7 +190,7 @@ class SelectedMailbox:
 
     def flags_of(self, uid: int) -> list[str]:
         info = self.info(uid)
-        flags = sorted(info.flags, key=_flag_order) if info is not None else []
+        flags = sorted(info.flags, key=flag_order) if info is not None else []
         if uid in self.recent and not self.rev2:
             flags.append(RECENT)
         return flags
@@ -335,11 +357,9 @@ class SelectedMailbox:
         out.append(wire.untagged(b"%d EXISTS" % len(self.uids)))
         if not self.rev2:
             out.append(wire.untagged(b"%d RECENT" % len(self.recent)))
-        for seq, uid in enumerate(self.uids if not self.rev2 else (), 1):
-            info = self.info(uid)
-            if info is not None and "\\Seen" not in info.flags:
-                out.append(wire.untagged_status("OK", "First unseen", wire.code_unseen(seq)))
-                break
+        seq = 0 if self.rev2 else self._first_unseen()
+        if seq:
+            out.append(wire.untagged_status("OK", "First unseen", wire.code_unseen(seq)))
         out.append(
             wire.untagged_status(
                 "OK", "UIDs valid", wire.code_uidvalidity(self.mailbox.uidvalidity)
@@ -356,6 +376,19 @@ class SelectedMailbox:
             )
         )
         return out
+
+    def _first_unseen(self) -> int:
+        """The sequence number of the first message without \\Seen the client knows, 0
+        when there is none."""
+        if not self._told and not self._held:
+            # The client knows the snapshot as it is: ask it (computed once per change).
+            uid = self._source.snapshot().first_unseen()
+            return self.seq_of(uid) if uid else 0
+        for seq, uid in enumerate(self.uids, 1):
+            info = self.info(uid)
+            if info is not None and "\\Seen" not in info.flags:
+                return seq
+        return 0
 
 
 class _InfoView:
@@ -387,8 +420,22 @@ class _PrivateSnapshot:
 
     def __init__(self, mailbox: Any) -> None:
         self.mailbox = mailbox
-        self.infos: dict[int, Any] = {m.uid: m for m in mailbox.messages()}
+        self.infos: dict[int, Any] = {m.uid: m for m in sorted(mailbox.messages(), key=_uid)}
         self.watchers: list[SelectedMailbox] = []
+
+    def snapshot(self) -> _PrivateSnapshot:
+        """Itself: ``infos`` (by UID, ascending), ``uids()``, ``keywords()``,
+        ``first_unseen()`` as the store's shared snapshot has them."""
+        return self
+
+    def uids(self) -> array[int]:
+        return array("I", self.infos)
+
+    def keywords(self) -> frozenset[str]:
+        return frozenset(SelectedMailbox._keywords(self.infos.values()))
+
+    def first_unseen(self) -> int:
+        return next((u for u, i in self.infos.items() if "\\Seen" not in i.flags), 0)
 
     def watch(self, watcher: SelectedMailbox) -> None:
         self.watchers.append(watcher)
@@ -401,7 +448,8 @@ class _PrivateSnapshot:
 
     def refresh(self) -> None:
         self.mailbox.refresh()
-        old, self.infos = self.infos, {m.uid: m for m in self.mailbox.messages()}
+        old = self.infos
+        self.infos = {m.uid: m for m in sorted(self.mailbox.messages(), key=_uid)}
         for watcher in self.watchers:
             for uid, before in old.items():
                 if self.infos.get(uid) != before:
@@ -410,7 +458,13 @@ class _PrivateSnapshot:
                 watcher.snapshot_changed(uid, None)
 
 
-def _flag_order(flag: str) -> tuple[int, str]:
+def _uid(info: Any) -> int:
+    return int(info.uid)
+
+
+def flag_order(flag: str) -> tuple[int, str]:
+    """The sort key of the flags in a FLAGS list: the system flags in their order, then the
+    keywords by name."""
     try:
         return (SYSTEM_FLAGS.index(flag), "")
     except ValueError:

@@ -64,6 +64,12 @@ _REFUSALS = {
     "fenced": "This server was replaced by its replica; it accepts no changes until demoted",
 }
 
+# Folder snapshots kept loaded after their last Mailbox is gone (most recently opened first):
+# at most this many folders and messages in all (a message's info is ~250 bytes), checked
+# when a folder is opened.
+RETAINED_SNAPSHOTS = 64
+RETAINED_SNAPSHOT_MESSAGES = 100_000
+
 
 @implementer(IMessageStore)
 class MessageStore:
@@ -113,6 +119,9 @@ class MessageStore:
         self._snapshots: weakref.WeakValueDictionary[tuple[str, int, str], Snapshot] = (
             weakref.WeakValueDictionary()
         )
+        # The last folders opened stay loaded when nobody holds them (the next SELECT reads
+        # only the index's changes since), up to RETAINED_SNAPSHOT_MESSAGES messages in all.
+        self._retained: OrderedDict[tuple[str, int, str], Snapshot] = OrderedDict()
         self._refusal: tuple[tuple[int, int, int], str | None] | None = None
 
     def write_refusal(self) -> str | None:
@@ -321,6 +330,16 @@ class MessageStore:
             snap = self._snapshots.get(key)
             if snap is None:
                 snap = self._snapshots[key] = Snapshot()
+            retained = self._retained
+            retained[key] = snap
+            retained.move_to_end(key)
+            if len(retained) > 1:
+                total = sum(len(s.infos) for s in retained.values())
+                while len(retained) > 1 and (
+                    total > RETAINED_SNAPSHOT_MESSAGES or len(retained) > RETAINED_SNAPSHOTS
+                ):
+                    _key, dropped = retained.popitem(last=False)
+                    total -= len(dropped.infos)
             return snap
 
     def append_messages(
