@@ -235,27 +235,26 @@ def flag_responses(
 ) -> Iterator[bytes]:
     """What :func:`fetch_responses` gives for items that :func:`flags_only` accepts (and no
     flag changed by the FETCH itself), byte for byte: the responses of ``FLAG_CHUNK``
-    messages per chunk, each FLAGS list formatted once per distinct flag set."""
+    messages per chunk (each chunk as the client knows the messages when it is made), each
+    FLAGS list formatted once per distinct flag set."""
     names = [i.name for i in items]
     fields = (["UID"] if with_uid and "UID" not in names else []) + names
     if with_modseq and "MODSEQ" not in names:
         fields.append("MODSEQ")
     line = b"* %d FETCH (" + b" ".join(_FIELD_FORMAT[f] for f in fields) + b")\r\n"
     recent = set() if selected.rev2 else selected.recent
-    lists = _FLAG_LISTS
-    out: list[bytes] = []
-    if fields == ["UID", "FLAGS"]:  # UID FETCH n:m (FLAGS): the common one
-        for seq, uid, info in selected.known(uids):
-            key = (info.flags, uid in recent)
-            flag_list = lists.get(key)
-            if flag_list is None:
-                flag_list = _flag_list(*key)
-            out.append(line % (seq, uid, flag_list))
-            if len(out) == FLAG_CHUNK:
-                yield b"".join(out)
-                out = []
-    else:
-        for seq, uid, info in selected.known(uids):
+    for start in range(0, len(uids), FLAG_CHUNK):
+        chunk = uids[start : start + FLAG_CHUNK]
+        rows = selected.known(chunk)
+        if fields == ["UID", "FLAGS"] and recent.isdisjoint(chunk):
+            # UID FETCH n:m (FLAGS), the common one: one dict lookup per message.
+            plain: dict[frozenset[str], bytes] = {}
+            for flags in {info.flags for _seq, _uid, info in rows}:
+                plain[flags] = _flag_list(flags, False)
+            yield b"".join([line % (seq, uid, plain[info.flags]) for seq, uid, info in rows])
+            continue
+        out = []
+        for seq, uid, info in rows:
             values: list[int | bytes] = [seq]
             for f in fields:
                 if f == "UID":
@@ -265,10 +264,6 @@ def flag_responses(
                 else:
                     values.append(info.modseq)
             out.append(line % tuple(values))
-            if len(out) == FLAG_CHUNK:
-                yield b"".join(out)
-                out = []
-    if out:
         yield b"".join(out)
 
 

@@ -104,7 +104,7 @@ class Searcher:
         sel = self.selected
         gone = sel.gone
         if isinstance(key, p.All):
-            return [uid for _seq, uid, _info in sel.known(sel.uids) if uid not in gone]
+            return [uid for _seq, uid, _info in sel.known(sel.uids.tolist()) if uid not in gone]
         out = []
         uids = list(sel.uids)  # the session may not change it meanwhile, but be safe
         info_of = sel.info

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from mailgw.imap import wire
@@ -117,18 +117,30 @@ class SelectedMailbox:
         held = self._held.get(uid)
         return held if held is not None else self._lookup(uid)
 
-    def known(self, uids: Iterable[int]) -> Iterator[tuple[int, int, Any]]:
-        """(sequence number, UID, info as the client knows it) of each of ``uids`` the
-        client knows (as ``seq_of`` and ``info`` would give them, without the calls)."""
+    def known(self, uids: list[int]) -> list[tuple[int, int, Any]]:
+        """(sequence number, UID, info as the client knows it) of each of ``uids`` (as
+        ``resolve`` gives them) the client knows, as ``seq_of`` and ``info`` give them now;
+        a run of consecutive messages the client was told all of costs no call per
+        message."""
+        if not uids:
+            return []
         told = self._told
         held = self._held
         infos = self._source.snapshot().infos
         numbers = self.uids
-        n = len(numbers)
-        find = bisect.bisect_left
-        for uid in uids:
-            i = find(numbers, uid)
-            if i == n or numbers[i] != uid:
+        lo = bisect.bisect_left(numbers, uids[0])
+        hi = lo + len(uids)
+        if hi <= len(numbers) and numbers[hi - 1] == uids[-1] and numbers[lo:hi].tolist() == uids:
+            if not told and not held:
+                found = list(map(infos.get, uids))
+                if all(found):
+                    return list(zip(range(lo + 1, hi + 1), uids, found, strict=True))
+            seqs: Iterable[int] = range(lo + 1, hi + 1)
+        else:
+            seqs = map(self.seq_of, uids)
+        out = []
+        for seq, uid in zip(seqs, uids, strict=True):
+            if not seq:
                 continue
             if uid in told:
                 info = told[uid]
@@ -137,7 +149,8 @@ class SelectedMailbox:
                 if info is None:
                     info = infos.get(uid)
             if info is not None:
-                yield i + 1, uid, info
+                out.append((seq, uid, info))
+        return out
 
     @staticmethod
     def _keywords(infos: Iterable[Any]) -> set[str]:
