@@ -245,16 +245,20 @@ def flag_responses(
     recent = set() if selected.rev2 else selected.recent
     for start in range(0, len(uids), FLAG_CHUNK):
         chunk = uids[start : start + FLAG_CHUNK]
-        rows = selected.known(chunk)
+        seqs, known, infos = selected.known(chunk)
         if fields == ["UID", "FLAGS"] and recent.isdisjoint(chunk):
             # UID FETCH n:m (FLAGS), the common one: one dict lookup per message.
-            plain: dict[frozenset[str], bytes] = {}
-            for flags in {info.flags for _seq, _uid, info in rows}:
-                plain[flags] = _flag_list(flags, False)
-            yield b"".join([line % (seq, uid, plain[info.flags]) for seq, uid, info in rows])
+            flag_sets = [info.flags for info in infos]
+            plain = {flags: _flag_list(flags, False) for flags in set(flag_sets)}
+            yield b"".join(
+                [
+                    line % (seq, uid, plain[flags])
+                    for seq, uid, flags in zip(seqs, known, flag_sets, strict=True)
+                ]
+            )
             continue
         out = []
-        for seq, uid, info in rows:
+        for seq, uid, info in zip(seqs, known, infos, strict=True):
             values: list[int | bytes] = [seq]
             for f in fields:
                 if f == "UID":

@@ -104,7 +104,8 @@ class Searcher:
         sel = self.selected
         gone = sel.gone
         if isinstance(key, p.All):
-            return [uid for _seq, uid, _info in sel.known(sel.uids.tolist()) if uid not in gone]
+            _seqs, known, _infos = sel.known(sel.uids.tolist())
+            return [uid for uid in known if uid not in gone] if gone else known
         out = []
         uids = list(sel.uids)  # the session may not change it meanwhile, but be safe
         info_of = sel.info

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from mailgw.imap import wire
@@ -41,7 +41,7 @@ class SelectedMailbox:
     """The selected mailbox of one session.
 
     ``mailbox`` is a store ``Mailbox`` (``refresh``/``messages``/``uidvalidity``...);
-    ``claim_recent(uids)`` returns the subset of the new ``uids`` that are \\Recent for this
+    ``claim_recent(uids)`` returns the subset of the new ``uids`` (ascending) that are \\Recent for this
     session (the store makes sure at most one session claims each); ``readonly`` for
     EXAMINE; ``condstore`` when CONDSTORE is enabled (untagged FETCH then carry MODSEQ);
     ``qresync`` when QRESYNC is enabled (VANISHED instead of EXPUNGE).
@@ -59,7 +59,7 @@ class SelectedMailbox:
         self,
         mailbox: Any,
         readonly: bool,
-        claim_recent: Callable[[list[int]], set[int]],
+        claim_recent: Callable[[Sequence[int]], set[int]],
         condstore: bool = False,
         qresync: bool = False,
     ) -> None:
@@ -81,7 +81,7 @@ class SelectedMailbox:
         self._announce = False  # keywords added by update_info, FLAGS not sent yet
         self._told: dict[int, Any] = {}
         source.watch(self)
-        self.recent: set[int] = claim_recent(list(self.uids))
+        self.recent: set[int] = claim_recent(self.uids)
         self._recent_told = len(self.recent)  # the last RECENT count sent
         self.highest_uid = self.uids[-1] if self.uids else 0
         self.gone: set[int] = set()  # expunged in the store, EXPUNGE not sent yet
@@ -117,13 +117,13 @@ class SelectedMailbox:
         held = self._held.get(uid)
         return held if held is not None else self._lookup(uid)
 
-    def known(self, uids: list[int]) -> list[tuple[int, int, Any]]:
-        """(sequence number, UID, info as the client knows it) of each of ``uids`` (as
-        ``resolve`` gives them) the client knows, as ``seq_of`` and ``info`` give them now;
-        a run of consecutive messages the client was told all of costs no call per
-        message."""
+    def known(self, uids: list[int]) -> tuple[Sequence[int], list[int], list[Any]]:
+        """The sequence numbers, UIDs and infos (as the client knows them) of those of
+        ``uids`` (as ``resolve`` gives them) the client knows, as ``seq_of`` and ``info``
+        give them now, in three parallel sequences (no object per message): a run of
+        consecutive messages the client was told all of costs no call per message."""
         if not uids:
-            return []
+            return [], [], []
         told = self._told
         held = self._held
         infos = self._source.snapshot().infos
@@ -134,11 +134,13 @@ class SelectedMailbox:
             if not told and not held:
                 found = list(map(infos.get, uids))
                 if all(found):
-                    return list(zip(range(lo + 1, hi + 1), uids, found, strict=True))
+                    return range(lo + 1, hi + 1), uids, found
             seqs: Iterable[int] = range(lo + 1, hi + 1)
         else:
             seqs = map(self.seq_of, uids)
-        out = []
+        out_seqs: list[int] = []
+        out_uids: list[int] = []
+        out_infos: list[Any] = []
         for seq, uid in zip(seqs, uids, strict=True):
             if not seq:
                 continue
@@ -149,8 +151,10 @@ class SelectedMailbox:
                 if info is None:
                     info = infos.get(uid)
             if info is not None:
-                out.append((seq, uid, info))
-        return out
+                out_seqs.append(seq)
+                out_uids.append(uid)
+                out_infos.append(info)
+        return out_seqs, out_uids, out_infos
 
     @staticmethod
     def _keywords(infos: Iterable[Any]) -> set[str]:

@@ -8,12 +8,13 @@ and reaches message bytes through the facade's tier-1 backend (``store.tier1``, 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import datetime
 import sqlite3
 import weakref
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from zope.interface import implementer
@@ -501,22 +502,27 @@ class Mailbox:
             raise folder_gone(self._folder)
         return int(row[0])
 
-    def claim_recent(self, uids: Iterable[int]) -> set[int]:
+    def claim_recent(self, uids: Iterable[int], ascending: bool = False) -> set[int]:
         """Claim the messages of ``uids`` that no session has seen as \\Recent yet and return
         them: the folder's claim mark (the highest claimed UID, in the index) moves up in a
         write transaction, so of several sessions, in any processes, exactly one gets each
-        message. Writes nothing when no UID is above the mark. MailboxNotFound."""
-        wanted = list(uids)
+        message. Writes nothing when no UID is above the mark. ``ascending``: ``uids`` is a
+        sequence in ascending order (only the part above the mark is looked at).
+        MailboxNotFound."""
+        wanted: Sequence[int] = uids if ascending else list(uids)  # type: ignore[assignment]
         if not wanted:
             return set()
-        top = max(wanted)
+        top = wanted[-1] if ascending else max(wanted)
         u = self._u()
         with u.lock:
             if top <= self._recent_mark(u.index.conn, u):
                 return set()
             with u.index.write() as c:
                 mark = self._recent_mark(c, u)
-                claimed = {x for x in wanted if x > mark}
+                if ascending:
+                    claimed = set(wanted[bisect.bisect_right(wanted, mark) :])
+                else:
+                    claimed = {x for x in wanted if x > mark}
                 if claimed:
                     c.execute(
                         "UPDATE mailboxes SET recent_uid = ? WHERE id = ?",
@@ -524,12 +530,16 @@ class Mailbox:
                     )
         return claimed
 
-    def unclaimed_recent(self, uids: Iterable[int]) -> set[int]:
+    def unclaimed_recent(self, uids: Iterable[int], ascending: bool = False) -> set[int]:
         """The messages of ``uids`` no session has claimed yet (\\Recent for a read-only
-        session, which claims nothing). MailboxNotFound."""
+        session, which claims nothing); ``ascending`` as for ``claim_recent``.
+        MailboxNotFound."""
         u = self._u()
         with u.lock:
             mark = self._recent_mark(u.index.conn, u)
+        if ascending:
+            wanted: Sequence[int] = uids  # type: ignore[assignment]
+            return set(wanted[bisect.bisect_right(wanted, mark) :])
         return {x for x in uids if x > mark}
 
     def recent_count(self) -> int:

@@ -32,7 +32,8 @@ def fetch(session: IMAPServer, tag: str, command: p.Fetch) -> None:
     if changed_since is not None or any(i.name == "MODSEQ" for i in command.items):
         session.enable_condstore()
     if changed_since is not None:
-        uids = [u for _seq, u, info in sel.known(uids) if info.modseq > changed_since]
+        _seqs, known, infos = sel.known(uids)
+        uids = [u for u, i in zip(known, infos, strict=True) if i.modseq > changed_since]
     if command.vanished and changed_since is not None:
         line = sel.vanished_earlier(command.sequence, changed_since)
         if line is not None:
