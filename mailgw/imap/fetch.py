@@ -246,16 +246,23 @@ def flag_responses(
     for start in range(0, len(uids), FLAG_CHUNK):
         chunk = uids[start : start + FLAG_CHUNK]
         seqs, known, infos = selected.known(chunk)
-        if fields == ["UID", "FLAGS"] and recent.isdisjoint(chunk):
+        if fields == ["UID", "FLAGS"]:
             # UID FETCH n:m (FLAGS), the common one: one dict lookup per message.
             flag_sets = [info.flags for info in infos]
-            plain = {flags: _flag_list(flags, False) for flags in set(flag_sets)}
-            yield b"".join(
-                [
+            distinct = set(flag_sets)
+            plain = {flags: _flag_list(flags, False) for flags in distinct}
+            if recent.isdisjoint(chunk):
+                lines = [
                     line % (seq, uid, plain[flags])
                     for seq, uid, flags in zip(seqs, known, flag_sets, strict=True)
                 ]
-            )
+            else:
+                marked = {flags: _flag_list(flags, True) for flags in distinct}
+                lines = [
+                    line % (seq, uid, (marked if uid in recent else plain)[flags])
+                    for seq, uid, flags in zip(seqs, known, flag_sets, strict=True)
+                ]
+            yield b"".join(lines)
             continue
         out = []
         for seq, uid, info in zip(seqs, known, infos, strict=True):
