@@ -342,6 +342,17 @@ class MessageStore:
                     total -= len(dropped.infos)
             return snap
 
+    def _forget_snapshots(self, user: str) -> None:
+        """Have the snapshots of ``user``'s folders reload whole on their next refresh, and
+        keep none of them loaded: for a writer that changes the index without raising the
+        modseqs past every snapshot's (the replica applying its primary's numbers)."""
+        with self._users_lock:
+            for key in [k for k in self._retained if k[0] == user]:
+                del self._retained[key]
+            live = [snap for key, snap in self._snapshots.items() if key[0] == user]
+        for snap in live:
+            snap.loaded = None
+
     def append_messages(
         self,
         user: str,

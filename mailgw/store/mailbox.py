@@ -143,7 +143,7 @@ class Mailbox:
 
     def messages(self) -> list[MessageInfo]:
         """Every message of the snapshot, ordered by UID."""
-        if not self._fresh:  # opened without a snapshot (a kept one may be behind)
+        if not self._fresh or self._snap.loaded is None:  # not loaded, or kept and behind
             self.refresh()
         return list(self._snap.infos.values())
 
