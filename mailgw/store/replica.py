@@ -21,6 +21,7 @@ from mailgw.model.message import MessageInfo
 from mailgw.store import maildir
 from mailgw.store.backend import Folder, UserHandle
 from mailgw.store.facade import MessageStore
+from mailgw.store.mailbox import Mailbox
 from mailgw.store.names import INBOX
 from mailgw.store.rows import ROW_COLUMNS, add_tombstones, info_from_row
 
@@ -565,7 +566,10 @@ class ReplicaStore:
                 ).fetchone()
             if row is None:
                 continue
-            box = store.open_mailbox(user, name)
+            # A private snapshot read from the index now: a kept shared one trusts the
+            # modseqs, and a verify must see even rows changed behind the store's back.
+            with u.lock:
+                box = Mailbox(store, user, store._folder(u, name), shared=False)
             messages: dict[str, list[Any]] = {}
             for info in box.messages():
                 try:
