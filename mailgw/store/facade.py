@@ -454,6 +454,7 @@ class MessageStore:
                 count = int(row.fetchone()[0])
         finally:
             u.index.close()
+            self._forget_snapshots(user)  # a rebuilt index: its modseqs start anew
         return count
 
     def check(self, user: str, repair: bool = False) -> StoreCheck:
