@@ -18,6 +18,13 @@ It prints a table (medians over the rounds, ratios mailgw/Dovecot) and writes th
 JSON to bench/results/imap-<timestamp>.json.
 
 Run: .venv/bin/python bench/imap.py [--clients 20] [--duration 15] [--rounds 3] [--idle 1000]
+
+Large mailbox (``--large N``, instead of the above): both servers get one INBOX of N messages
+(mailgw by APPEND, Dovecot as Maildir files written before it starts; both servers idle while
+the other is measured); then each round times, on
+each server in turn (the order alternating), ``--repeat`` fresh connections (LOGIN untimed):
+SELECT INBOX, then ``UID FETCH 1:* (FLAGS)`` twice (the first as after a SELECT, the second
+alone), ``UID SEARCH ALL``, LOGOUT. A warm-up connection runs first (page cache, snapshots).
 """
 
 from __future__ import annotations
@@ -201,6 +208,119 @@ def worker(
         finally:
             c.close()
     out.put((lat, errors))
+
+
+LARGE_OPS = ("SELECT", "SELECT_FETCH_FLAGS", "FETCH_FLAGS", "SEARCH_ALL")
+
+
+def large_session(port: int, user: str, lat: dict[str, list[float]]) -> None:
+    """One timed connection of the large-mailbox measure (see the module's docstring)."""
+    c = Client(port, timeout=120)
+    try:
+        c.command(b'LOGIN "%s" "%s"' % (user.encode(), PASSWORD.encode()))
+        t0 = time.perf_counter()
+        c.command(b"SELECT INBOX")
+        t1 = time.perf_counter()
+        _, untagged = c.command(b"UID FETCH 1:* (FLAGS)")
+        t2 = time.perf_counter()
+        c.command(b"UID FETCH 1:* (FLAGS)")
+        t3 = time.perf_counter()
+        c.command(b"UID SEARCH ALL")
+        t4 = time.perf_counter()
+        c.command(b"LOGOUT")
+        if len(untagged) < 2:
+            raise ImapError(f"UID FETCH 1:* (FLAGS) gave {len(untagged)} responses")
+        lat["SELECT"].append(t1 - t0)
+        lat["SELECT_FETCH_FLAGS"].append(t2 - t0)
+        lat["FETCH_FLAGS"].append(t3 - t2)
+        lat["SEARCH_ALL"].append(t4 - t3)
+    finally:
+        c.close()
+
+
+def maildir_fill(peer: DovecotPeer, user: str, messages: list[bytes]) -> None:
+    """Dovecot's INBOX written as Maildir files before it starts (its APPEND slows down as
+    the folder grows: ~20 minutes for 20,000 here); it indexes them on the first SELECT
+    (the warm-up session, not timed)."""
+    root = peer.mail_base / user.split("@")[0]
+    for sub in ("cur", "new", "tmp"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i, data in enumerate(messages):
+        name = f"{1700000000 + i}.M{i}P1.bench,S={len(data)}:2,"
+        (root / "cur" / name).write_bytes(data)
+        os.utime(root / "cur" / name, (1700000000 + i, 1700000000 + i))
+    for path in [peer.mail_base, root, *root.iterdir(), *(root / "cur").iterdir()]:
+        os.chown(path, peer.uid, peer.gid)
+
+
+def run_large(args: argparse.Namespace, messages: list[bytes]) -> dict[str, object]:
+    """The large-mailbox measure: both servers filled, then measured in alternation."""
+    from mailgw.cli.main import main as cli
+
+    base = Path(tempfile.mkdtemp(prefix="imap-large-", dir=args.base_dir))
+    base.chmod(0o755)
+    user = user_name(0)
+    servers: dict[str, tuple[int, int]] = {}
+    stop: list[object] = []
+    fill_s: dict[str, float] = {}
+    lat: dict[str, dict[str, list[float]]] = {}
+    medians: dict[str, list[dict[str, float]]] = {"mailgw": [], "dovecot": []}
+    try:
+        if args.only != "dovecot":
+            imap: dict[str, object] = {}
+            if args.workers is not None:
+                imap["workers"] = args.workers
+            server = MailgwServer(base / "mailgw", {"imap": imap})
+            conf = str(server.config_path)
+            with contextlib.redirect_stdout(io.StringIO()):
+                assert cli(["--config", conf, "domain", "add", DOMAIN]) == 0
+                assert cli(["--config", conf, "user", "add", user, "--password", PASSWORD]) == 0
+            server.start()
+            stop.append(server.stop)
+            assert server.proc is not None
+            servers["mailgw"] = (server.ports["imap"], server.proc.pid)
+        if args.only != "mailgw":
+            hashed = "{ARGON2ID}" + argon2.PasswordHasher(
+                time_cost=1, memory_cost=8192, parallelism=1
+            ).hash(PASSWORD)
+            peer = DovecotPeer(base / "dovecot", free_port(), {user: hashed})
+            maildir_fill(peer, user, messages)
+            peer.start()
+            stop.append(peer.stop)
+            assert peer.pid is not None
+            servers["dovecot"] = (peer.port, peer.pid)
+        for name, (port, _pid) in servers.items():
+            t = time.monotonic()
+            if name == "mailgw":
+                for start in range(0, len(messages), 1000):
+                    preload(port, user, messages[start : start + 1000])
+            fill_s[name] = round(time.monotonic() - t, 1)
+            large_session(port, user, {op: [] for op in LARGE_OPS})  # warm-up
+            print(f"{name}: {len(messages)} messages in {fill_s[name]} s", flush=True)
+        order = list(servers)
+        for rnd in range(1, args.rounds + 1):
+            for name in order if rnd % 2 else list(reversed(order)):
+                port, pid = servers[name]
+                one: dict[str, list[float]] = {op: [] for op in LARGE_OPS}
+                cpu0 = cpu_seconds(pid)
+                for _ in range(args.repeat):
+                    large_session(port, user, one)
+                cpu = cpu_seconds(pid) - cpu0
+                row = {op: round(statistics.median(v) * 1000, 2) for op, v in one.items()}
+                row["server_cpu_ms_per_session"] = round(cpu * 1000 / args.repeat, 1)
+                medians[name].append(row)
+                for op, v in one.items():
+                    lat.setdefault(name, {}).setdefault(op, []).extend(v)
+                print(f"round {rnd} {name:8} " + "  ".join(f"{k} {v}" for k, v in row.items()))
+    finally:
+        for fn in reversed(stop):
+            fn()  # type: ignore[operator]
+        shutil.rmtree(base, ignore_errors=True)
+    table: dict[str, dict[str, float]] = {}
+    for name, rows in medians.items():
+        if rows:
+            table[name] = {k: med([r[k] for r in rows]) for k in rows[0]}
+    return {"fill_s": fill_s, "rounds": medians, "summary": table}
 
 
 # -- measuring ------------------------------------------------------------------------------------
@@ -469,7 +589,13 @@ def main() -> int:
         "--workers", default=None, help="mailgw [imap] workers (default: the config default)"
     )
     parser.add_argument("--base-dir", default=None, help="where data directories go ($TMPDIR)")
+    parser.add_argument(
+        "--large", type=int, default=0, help="the large-mailbox measure with N messages"
+    )
+    parser.add_argument("--repeat", type=int, default=5, help="--large: sessions per round")
     args = parser.parse_args()
+    if args.large:
+        return large_main(args)
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, args.idle * 3 + 1000))
@@ -531,6 +657,26 @@ def main() -> int:
     )
     print(f"written {path}")
     return 0 if all(r.ok for r in results) else 1
+
+
+def large_main(args: argparse.Namespace) -> int:
+    """``--large``: print and write (bench/results/imap-large-<timestamp>.json) the figures."""
+    messages = [sample(i) for i in range(args.large)]
+    load0 = os.getloadavg()
+    out = run_large(args, messages)
+    table = out["summary"]
+    assert isinstance(table, dict)
+    if "mailgw" in table and "dovecot" in table:
+        print_report(table)
+    out_dir = BENCH / "results"
+    out_dir.mkdir(exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"imap-large-{stamp}.json"
+    out["args"] = {k: v for k, v in vars(args).items() if k != "round"}
+    out["loadavg_before_after"] = [load0, os.getloadavg()]
+    path.write_text(json.dumps(out, indent=2))
+    print(f"load average before {load0}, after {os.getloadavg()}; written {path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -322,14 +322,16 @@ class IMailbox(Interface):
         are expunged here (tombstones). MailboxNotFound if ``dest_name`` does not exist,
         ValueError if it is this folder."""
 
-    def claim_recent(uids: Sequence[int]) -> set[int]:
+    def claim_recent(uids: Sequence[int], ascending: bool = False) -> set[int]:
         """IMAP ``\\Recent``: the messages of ``uids`` no session has claimed yet, now claimed
         for the caller, atomically across sessions and processes (each message is recent in
-        exactly one read-write session). MailboxNotFound if the folder was deleted."""
+        exactly one read-write session). ``ascending``: ``uids`` is in ascending order (the
+        store may skip the UIDs below its claim mark). MailboxNotFound if the folder was
+        deleted."""
 
-    def unclaimed_recent(uids: Sequence[int]) -> set[int]:
-        """The messages of ``uids`` no session has claimed yet, claiming nothing (EXAMINE).
-        MailboxNotFound if the folder was deleted."""
+    def unclaimed_recent(uids: Sequence[int], ascending: bool = False) -> set[int]:
+        """The messages of ``uids`` no session has claimed yet, claiming nothing (EXAMINE);
+        ``ascending`` as for ``claim_recent``. MailboxNotFound if the folder was deleted."""
 
     def recent_count() -> int:
         """How many messages of the folder no session has claimed yet (STATUS RECENT).

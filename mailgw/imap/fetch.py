@@ -24,7 +24,7 @@ from mailgw.imap.render import (
     partial,
 )
 from mailgw.imap.render import section as mime_section
-from mailgw.imap.selected import SelectedMailbox
+from mailgw.imap.selected import RECENT, SelectedMailbox, flag_order
 from mailgw.mime import StructureCache
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -197,6 +197,85 @@ class Fetcher:
         if item.partial is not None:
             data = partial(data, item.partial[0], item.partial[1])
         return item.response_label().encode("ascii") + b" " + wire.literal(data)
+
+
+# Items a FETCH answers from the flags alone (``flag_responses``).
+_FLAG_ITEMS = frozenset({"FLAGS", "UID", "MODSEQ"})
+_FIELD_FORMAT = {"UID": b"UID %d", "FLAGS": b"FLAGS %s", "MODSEQ": b"MODSEQ (%d)"}
+# ``(flags, recent)`` -> the FLAGS list as sent: flag sets are few.
+_FLAG_LISTS: dict[tuple[frozenset[str], bool], bytes] = {}
+_FLAG_LISTS_MAX = 4096
+FLAG_CHUNK = 2048  # responses joined into one write
+
+
+def flags_only(items: tuple[FetchAtt, ...]) -> bool:
+    """Whether ``items`` ask only for FLAGS, UID and MODSEQ (``flag_responses``)."""
+    return all(i.name in _FLAG_ITEMS for i in items)
+
+
+def _flag_list(flags: frozenset[str], recent: bool) -> bytes:
+    key = (flags, recent)
+    text = _FLAG_LISTS.get(key)
+    if text is None:
+        ordered = sorted(flags, key=flag_order)
+        if recent:
+            ordered.append(RECENT)
+        if len(_FLAG_LISTS) >= _FLAG_LISTS_MAX:
+            _FLAG_LISTS.clear()
+        text = _FLAG_LISTS[key] = wire.flag_list(ordered)
+    return text
+
+
+def flag_responses(
+    selected: SelectedMailbox,
+    uids: list[int],
+    items: tuple[FetchAtt, ...],
+    with_uid: bool,
+    with_modseq: bool,
+) -> Iterator[bytes]:
+    """What :func:`fetch_responses` gives for items that :func:`flags_only` accepts (and no
+    flag changed by the FETCH itself), byte for byte: the responses of ``FLAG_CHUNK``
+    messages per chunk (each chunk as the client knows the messages when it is made), each
+    FLAGS list formatted once per distinct flag set."""
+    names = [i.name for i in items]
+    fields = (["UID"] if with_uid and "UID" not in names else []) + names
+    if with_modseq and "MODSEQ" not in names:
+        fields.append("MODSEQ")
+    line = b"* %d FETCH (" + b" ".join(_FIELD_FORMAT[f] for f in fields) + b")\r\n"
+    recent = set() if selected.rev2 else selected.recent
+    for start in range(0, len(uids), FLAG_CHUNK):
+        chunk = uids[start : start + FLAG_CHUNK]
+        seqs, known, infos = selected.known(chunk)
+        if fields == ["UID", "FLAGS"]:
+            # UID FETCH n:m (FLAGS), the common one: one dict lookup per message.
+            flag_sets = [info.flags for info in infos]
+            distinct = set(flag_sets)
+            plain = {flags: _flag_list(flags, False) for flags in distinct}
+            if recent.isdisjoint(chunk):
+                lines = [
+                    line % (seq, uid, plain[flags])
+                    for seq, uid, flags in zip(seqs, known, flag_sets, strict=True)
+                ]
+            else:
+                marked = {flags: _flag_list(flags, True) for flags in distinct}
+                lines = [
+                    line % (seq, uid, (marked if uid in recent else plain)[flags])
+                    for seq, uid, flags in zip(seqs, known, flag_sets, strict=True)
+                ]
+            yield b"".join(lines)
+            continue
+        out = []
+        for seq, uid, info in zip(seqs, known, infos, strict=True):
+            values: list[int | bytes] = [seq]
+            for f in fields:
+                if f == "UID":
+                    values.append(uid)
+                elif f == "FLAGS":
+                    values.append(_flag_list(info.flags, uid in recent))
+                else:
+                    values.append(info.modseq)
+            out.append(line % tuple(values))
+        yield b"".join(out)
 
 
 def fetch_responses(

@@ -101,10 +101,16 @@ class Searcher:
         """:meth:`search` as a generator that yields after each message it had to read, so
         the session can let other sessions run during a long search (the list of UIDs is
         its result); index-only keys run without yielding."""
+        sel = self.selected
+        gone = sel.gone
+        if isinstance(key, p.All):
+            _seqs, known, _infos = sel.known(sel.uids.tolist())
+            return [uid for uid in known if uid not in gone] if gone else known
         out = []
-        uids = list(self.selected.uids)  # the session may not change it meanwhile, but be safe
+        uids = list(sel.uids)  # the session may not change it meanwhile, but be safe
+        info_of = sel.info
         for seq, uid in enumerate(uids, 1):
-            if uid in self.selected.gone or uid not in self.selected.infos:
+            if uid in gone or info_of(uid) is None:
                 continue
             msg = _Message(self.fetcher, uid)
             try:
@@ -128,7 +134,9 @@ class Searcher:
         return ranges
 
     def match(self, key: p.SearchKey, seq: int, uid: int, msg: _Message) -> bool:
-        info = self.selected.infos[uid]
+        info = self.selected.info(uid)
+        if info is None:
+            raise KeyError(uid)
         if isinstance(key, p.All):
             return True
         if isinstance(key, p.And):

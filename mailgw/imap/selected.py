@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from mailgw.imap import wire
@@ -41,7 +41,7 @@ class SelectedMailbox:
     """The selected mailbox of one session.
 
     ``mailbox`` is a store ``Mailbox`` (``refresh``/``messages``/``uidvalidity``...);
-    ``claim_recent(uids)`` returns the subset of the new ``uids`` that are \\Recent for this
+    ``claim_recent(uids)`` returns the subset of the new ``uids`` (ascending) that are \\Recent for this
     session (the store makes sure at most one session claims each); ``readonly`` for
     EXAMINE; ``condstore`` when CONDSTORE is enabled (untagged FETCH then carry MODSEQ);
     ``qresync`` when QRESYNC is enabled (VANISHED instead of EXPUNGE).
@@ -59,7 +59,7 @@ class SelectedMailbox:
         self,
         mailbox: Any,
         readonly: bool,
-        claim_recent: Callable[[list[int]], set[int]],
+        claim_recent: Callable[[Sequence[int]], set[int]],
         condstore: bool = False,
         qresync: bool = False,
     ) -> None:
@@ -71,17 +71,17 @@ class SelectedMailbox:
         self.rev2 = False
         self.saved: list[int] = []  # SEARCHRES: UIDs of the saved search result
         self._claim = claim_recent
-        source = mailbox if hasattr(mailbox, "watch") else _PrivateSnapshot(mailbox)
+        shared = hasattr(mailbox, "watch") and hasattr(mailbox, "snapshot")
+        source = mailbox if shared else _PrivateSnapshot(mailbox)
         self._source: Any = source
         self._lookup: Callable[[int], Any] = source.snapshot_info
-        messages = source.messages()
-        self.uids: array[int] = array("I", (m.uid for m in messages))
-        self.keywords: set[str] = self._keywords(messages)
+        snapshot = source.snapshot()
+        self.uids: array[int] = snapshot.uids()[:]
+        self.keywords: set[str] = set(snapshot.keywords())
         self._announce = False  # keywords added by update_info, FLAGS not sent yet
-        del messages
         self._told: dict[int, Any] = {}
         source.watch(self)
-        self.recent: set[int] = claim_recent(list(self.uids))
+        self.recent: set[int] = claim_recent(self.uids)
         self._recent_told = len(self.recent)  # the last RECENT count sent
         self.highest_uid = self.uids[-1] if self.uids else 0
         self.gone: set[int] = set()  # expunged in the store, EXPUNGE not sent yet
@@ -116,6 +116,45 @@ class SelectedMailbox:
             return None
         held = self._held.get(uid)
         return held if held is not None else self._lookup(uid)
+
+    def known(self, uids: list[int]) -> tuple[Sequence[int], list[int], list[Any]]:
+        """The sequence numbers, UIDs and infos (as the client knows them) of those of
+        ``uids`` (as ``resolve`` gives them) the client knows, as ``seq_of`` and ``info``
+        give them now, in three parallel sequences (no object per message): a run of
+        consecutive messages the client was told all of costs no call per message."""
+        if not uids:
+            return [], [], []
+        told = self._told
+        held = self._held
+        infos = self._source.snapshot().infos
+        numbers = self.uids
+        lo = bisect.bisect_left(numbers, uids[0])
+        hi = lo + len(uids)
+        if hi <= len(numbers) and numbers[hi - 1] == uids[-1] and numbers[lo:hi].tolist() == uids:
+            if not told and not held:
+                found = list(map(infos.get, uids))
+                if all(found):
+                    return range(lo + 1, hi + 1), uids, found
+            seqs: Iterable[int] = range(lo + 1, hi + 1)
+        else:
+            seqs = map(self.seq_of, uids)
+        out_seqs: list[int] = []
+        out_uids: list[int] = []
+        out_infos: list[Any] = []
+        for seq, uid in zip(seqs, uids, strict=True):
+            if not seq:
+                continue
+            if uid in told:
+                info = told[uid]
+            else:
+                info = held.get(uid) if held else None
+                if info is None:
+                    info = infos.get(uid)
+            if info is not None:
+                out_seqs.append(seq)
+                out_uids.append(uid)
+                out_infos.append(info)
+        return out_seqs, out_uids, out_infos
 
     @staticmethod
     def _keywords(infos: Iterable[Any]) -> set[str]:
@@ -168,7 +207,7 @@ class SelectedMailbox:
 
     def flags_of(self, uid: int) -> list[str]:
         info = self.info(uid)
-        flags = sorted(info.flags, key=_flag_order) if info is not None else []
+        flags = sorted(info.flags, key=flag_order) if info is not None else []
         if uid in self.recent and not self.rev2:
             flags.append(RECENT)
         return flags
@@ -335,11 +374,9 @@ class SelectedMailbox:
         out.append(wire.untagged(b"%d EXISTS" % len(self.uids)))
         if not self.rev2:
             out.append(wire.untagged(b"%d RECENT" % len(self.recent)))
-        for seq, uid in enumerate(self.uids if not self.rev2 else (), 1):
-            info = self.info(uid)
-            if info is not None and "\\Seen" not in info.flags:
-                out.append(wire.untagged_status("OK", "First unseen", wire.code_unseen(seq)))
-                break
+        seq = 0 if self.rev2 else self._first_unseen()
+        if seq:
+            out.append(wire.untagged_status("OK", "First unseen", wire.code_unseen(seq)))
         out.append(
             wire.untagged_status(
                 "OK", "UIDs valid", wire.code_uidvalidity(self.mailbox.uidvalidity)
@@ -356,6 +393,19 @@ class SelectedMailbox:
             )
         )
         return out
+
+    def _first_unseen(self) -> int:
+        """The sequence number of the first message without \\Seen the client knows, 0
+        when there is none."""
+        if not self._told and not self._held:
+            # The client knows the snapshot as it is: ask it (computed once per change).
+            uid = self._source.snapshot().first_unseen()
+            return self.seq_of(uid) if uid else 0
+        for seq, uid in enumerate(self.uids, 1):
+            info = self.info(uid)
+            if info is not None and "\\Seen" not in info.flags:
+                return seq
+        return 0
 
 
 class _InfoView:
@@ -387,8 +437,22 @@ class _PrivateSnapshot:
 
     def __init__(self, mailbox: Any) -> None:
         self.mailbox = mailbox
-        self.infos: dict[int, Any] = {m.uid: m for m in mailbox.messages()}
+        self.infos: dict[int, Any] = {m.uid: m for m in sorted(mailbox.messages(), key=_uid)}
         self.watchers: list[SelectedMailbox] = []
+
+    def snapshot(self) -> _PrivateSnapshot:
+        """Itself: ``infos`` (by UID, ascending), ``uids()``, ``keywords()``,
+        ``first_unseen()`` as the store's shared snapshot has them."""
+        return self
+
+    def uids(self) -> array[int]:
+        return array("I", self.infos)
+
+    def keywords(self) -> frozenset[str]:
+        return frozenset(SelectedMailbox._keywords(self.infos.values()))
+
+    def first_unseen(self) -> int:
+        return next((u for u, i in self.infos.items() if "\\Seen" not in i.flags), 0)
 
     def watch(self, watcher: SelectedMailbox) -> None:
         self.watchers.append(watcher)
@@ -401,7 +465,8 @@ class _PrivateSnapshot:
 
     def refresh(self) -> None:
         self.mailbox.refresh()
-        old, self.infos = self.infos, {m.uid: m for m in self.mailbox.messages()}
+        old = self.infos
+        self.infos = {m.uid: m for m in sorted(self.mailbox.messages(), key=_uid)}
         for watcher in self.watchers:
             for uid, before in old.items():
                 if self.infos.get(uid) != before:
@@ -410,7 +475,13 @@ class _PrivateSnapshot:
                 watcher.snapshot_changed(uid, None)
 
 
-def _flag_order(flag: str) -> tuple[int, str]:
+def _uid(info: Any) -> int:
+    return int(info.uid)
+
+
+def flag_order(flag: str) -> tuple[int, str]:
+    """The sort key of the flags in a FLAGS list: the system flags in their order, then the
+    keywords by name."""
     try:
         return (SYSTEM_FLAGS.index(flag), "")
     except ValueError:

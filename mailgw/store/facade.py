@@ -65,6 +65,12 @@ _REFUSALS = {
     "fenced": "This server was replaced by its replica; it accepts no changes until demoted",
 }
 
+# Folder snapshots kept loaded after their last Mailbox is gone (most recently opened first):
+# at most this many folders and messages in all (a message's info is ~250 bytes), checked
+# when a folder is opened.
+RETAINED_SNAPSHOTS = 64
+RETAINED_SNAPSHOT_MESSAGES = 100_000
+
 
 class UnsyncedDeliveries:
     """Messages delivered without their directory fsync (``unsynced_deliveries``)."""
@@ -136,6 +142,9 @@ class MessageStore:
         self._snapshots: weakref.WeakValueDictionary[tuple[str, int, str], Snapshot] = (
             weakref.WeakValueDictionary()
         )
+        # The last folders opened stay loaded when nobody holds them (the next SELECT reads
+        # only the index's changes since), up to RETAINED_SNAPSHOT_MESSAGES messages in all.
+        self._retained: OrderedDict[tuple[str, int, str], Snapshot] = OrderedDict()
         self._refusal: tuple[tuple[int, int, int], str | None] | None = None
 
     def write_refusal(self) -> str | None:
@@ -370,7 +379,28 @@ class MessageStore:
             snap = self._snapshots.get(key)
             if snap is None:
                 snap = self._snapshots[key] = Snapshot()
+            retained = self._retained
+            retained[key] = snap
+            retained.move_to_end(key)
+            if len(retained) > 1:
+                total = sum(len(s.infos) for s in retained.values())
+                while len(retained) > 1 and (
+                    total > RETAINED_SNAPSHOT_MESSAGES or len(retained) > RETAINED_SNAPSHOTS
+                ):
+                    _key, dropped = retained.popitem(last=False)
+                    total -= len(dropped.infos)
             return snap
+
+    def _forget_snapshots(self, user: str) -> None:
+        """Have the snapshots of ``user``'s folders reload whole on their next refresh, and
+        keep none of them loaded: for a writer that changes the index without raising the
+        modseqs past every snapshot's (the replica applying its primary's numbers)."""
+        with self._users_lock:
+            for key in [k for k in self._retained if k[0] == user]:
+                del self._retained[key]
+            live = [snap for key, snap in self._snapshots.items() if key[0] == user]
+        for snap in live:
+            snap.loaded = None
 
     def append_messages(
         self,
@@ -473,6 +503,7 @@ class MessageStore:
                 count = int(row.fetchone()[0])
         finally:
             u.index.close()
+            self._forget_snapshots(user)  # a rebuilt index: its modseqs start anew
         return count
 
     def check(self, user: str, repair: bool = False) -> StoreCheck:

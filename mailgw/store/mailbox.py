@@ -8,11 +8,13 @@ and reaches message bytes through the facade's tier-1 backend (``store.tier1``, 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import datetime
 import sqlite3
 import weakref
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from zope.interface import implementer
@@ -35,15 +37,44 @@ class Snapshot:
     info: ``snapshot_changed(uid, old)`` (``old`` None for a new message) after a message
     was added, changed or removed, ``snapshot_reloaded(old_infos)`` after a full reload."""
 
-    __slots__ = ("infos", "loaded", "watchers", "__weakref__")
+    __slots__ = ("infos", "loaded", "watchers", "_uids", "_keywords", "_unseen", "__weakref__")
 
     def __init__(self) -> None:
         self.infos: dict[int, MessageInfo] = {}  # kept in UID order
         self.loaded: tuple[int, int, int] | None = None
         self.watchers: weakref.WeakSet[Any] = weakref.WeakSet()
+        # What a SELECT needs of the whole folder, computed once per state (None: to do).
+        self._uids: array[int] | None = None
+        self._keywords: frozenset[str] | None = None
+        self._unseen: int | None = None  # the first UID without \Seen (0: none)
+
+    def _changed(self) -> None:
+        self._uids = self._keywords = self._unseen = None
+
+    def uids(self) -> array[int]:
+        """The UIDs, ascending (a shared array: copy it to keep or change it)."""
+        if self._uids is None:
+            self._uids = array("I", self.infos)
+        return self._uids
+
+    def keywords(self) -> frozenset[str]:
+        """The keywords (flags without a backslash) some message has."""
+        if self._keywords is None:
+            sets = {info.flags for info in self.infos.values()}
+            self._keywords = frozenset(f for s in sets for f in s if not f.startswith("\\"))
+        return self._keywords
+
+    def first_unseen(self) -> int:
+        """The lowest UID without ``\\Seen``, 0 when every message has it."""
+        if self._unseen is None:
+            self._unseen = next(
+                (uid for uid, info in self.infos.items() if "\\Seen" not in info.flags), 0
+            )
+        return self._unseen
 
     def put(self, info: MessageInfo) -> None:
         """Add or replace ``info``, keeping UID order."""
+        self._changed()
         infos = self.infos
         old = infos.get(info.uid)
         infos[info.uid] = info
@@ -57,10 +88,12 @@ class Snapshot:
     def remove(self, uid: int) -> None:
         old = self.infos.pop(uid, None)
         if old is not None:
+            self._changed()
             for watcher in list(self.watchers):
                 watcher.snapshot_changed(uid, old)
 
     def replace(self, infos: dict[int, MessageInfo]) -> None:
+        self._changed()
         old, self.infos = self.infos, infos
         for watcher in list(self.watchers):
             watcher.snapshot_reloaded(old)
@@ -96,6 +129,7 @@ class Mailbox:
         self.uidvalidity = 0
         self.uidnext = 1
         self.highestmodseq = 1
+        self._fresh = False  # loaded from the index by this object (a kept snapshot may lag)
         if snapshot:
             self.refresh()
         else:
@@ -109,9 +143,14 @@ class Mailbox:
 
     def messages(self) -> list[MessageInfo]:
         """Every message of the snapshot, ordered by UID."""
-        if self._snap.loaded is None:  # opened without a snapshot
+        if not self._fresh or self._snap.loaded is None:  # not loaded, or kept and behind
             self.refresh()
         return list(self._snap.infos.values())
+
+    def snapshot(self) -> Snapshot:
+        """The shared snapshot itself (``infos``, ``uids()``, ``keywords()``,
+        ``first_unseen()``), for readers in the reactor thread; loads nothing."""
+        return self._snap
 
     def snapshot_info(self, uid: int) -> MessageInfo | None:
         """The snapshot's message ``uid`` (None when not in it); loads nothing."""
@@ -173,6 +212,7 @@ class Mailbox:
             if own:
                 conn.execute("COMMIT")
         self.uidvalidity, self.uidnext, self.highestmodseq = state
+        self._fresh = True
 
     def _rows(self, conn: sqlite3.Connection) -> dict[int, MessageInfo]:
         rows = conn.execute(
@@ -462,22 +502,27 @@ class Mailbox:
             raise folder_gone(self._folder)
         return int(row[0])
 
-    def claim_recent(self, uids: Iterable[int]) -> set[int]:
+    def claim_recent(self, uids: Iterable[int], ascending: bool = False) -> set[int]:
         """Claim the messages of ``uids`` that no session has seen as \\Recent yet and return
         them: the folder's claim mark (the highest claimed UID, in the index) moves up in a
         write transaction, so of several sessions, in any processes, exactly one gets each
-        message. Writes nothing when no UID is above the mark. MailboxNotFound."""
-        wanted = list(uids)
+        message. Writes nothing when no UID is above the mark. ``ascending``: ``uids`` is a
+        sequence in ascending order (only the part above the mark is looked at).
+        MailboxNotFound."""
+        wanted: Sequence[int] = uids if ascending else list(uids)  # type: ignore[assignment]
         if not wanted:
             return set()
-        top = max(wanted)
+        top = wanted[-1] if ascending else max(wanted)
         u = self._u()
         with u.lock:
             if top <= self._recent_mark(u.index.conn, u):
                 return set()
             with u.index.write() as c:
                 mark = self._recent_mark(c, u)
-                claimed = {x for x in wanted if x > mark}
+                if ascending:
+                    claimed = set(wanted[bisect.bisect_right(wanted, mark) :])
+                else:
+                    claimed = {x for x in wanted if x > mark}
                 if claimed:
                     c.execute(
                         "UPDATE mailboxes SET recent_uid = ? WHERE id = ?",
@@ -485,12 +530,16 @@ class Mailbox:
                     )
         return claimed
 
-    def unclaimed_recent(self, uids: Iterable[int]) -> set[int]:
+    def unclaimed_recent(self, uids: Iterable[int], ascending: bool = False) -> set[int]:
         """The messages of ``uids`` no session has claimed yet (\\Recent for a read-only
-        session, which claims nothing). MailboxNotFound."""
+        session, which claims nothing); ``ascending`` as for ``claim_recent``.
+        MailboxNotFound."""
         u = self._u()
         with u.lock:
             mark = self._recent_mark(u.index.conn, u)
+        if ascending:
+            wanted: Sequence[int] = uids  # type: ignore[assignment]
+            return set(wanted[bisect.bisect_right(wanted, mark) :])
         return {x for x in uids if x > mark}
 
     def recent_count(self) -> int:

@@ -9,21 +9,38 @@ folders, the tier-1 backend and the tier-2 placement) as the store's own layers 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar, cast
 
 from mailgw.interfaces import MailboxNotFound
 from mailgw.model.message import MessageInfo
 from mailgw.store import maildir
 from mailgw.store.backend import Folder, UserHandle
 from mailgw.store.facade import MessageStore
+from mailgw.store.mailbox import Mailbox
 from mailgw.store.names import INBOX
 from mailgw.store.rows import ROW_COLUMNS, add_tombstones, info_from_row
 
 SEQ_KEY = "replica_seq"
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _reloads_snapshots(method: _Method) -> _Method:
+    """After the method (its first argument the user) the user's folder snapshots in this
+    process reload whole: the primary's modseqs need not be above those they were loaded at."""
+
+    @functools.wraps(method)
+    def run(self: ReplicaStore, user: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, user, *args, **kwargs)
+        finally:
+            self.store._forget_snapshots(user)
+
+    return cast(_Method, run)
 
 
 def applied_seq(conn: sqlite3.Connection) -> int:
@@ -94,6 +111,7 @@ class ReplicaStore:
         with u.lock, u.index.write() as c:
             c.execute("DELETE FROM meta WHERE key = ?", (SEQ_KEY,))
 
+    @_reloads_snapshots
     def set_marks(self, user: str, folder: str, uidnext: int, highestmodseq: int) -> None:
         """A resync's last step for a folder: the primary's UIDNEXT and HIGHESTMODSEQ."""
         u = self.store._user(user)
@@ -118,6 +136,7 @@ class ReplicaStore:
 
     # -- folders ---------------------------------------------------------------------------
 
+    @_reloads_snapshots
     def created(
         self, user: str, seq: int | None, name: str, uidvalidity: int, subscribed: bool
     ) -> None:
@@ -166,6 +185,7 @@ class ReplicaStore:
                     )
                 _mark(c, seq)
 
+    @_reloads_snapshots
     def deleted(self, user: str, seq: int | None, name: str) -> None:
         store = self.store
         u = store._user(user)
@@ -185,6 +205,7 @@ class ReplicaStore:
         if trash:
             store.tier1.purge(u, trash)
 
+    @_reloads_snapshots
     def renamed(self, user: str, seq: int | None, old: str, new: str) -> None:
         store = self.store
         u = store._user(user)
@@ -230,6 +251,7 @@ class ReplicaStore:
 
     # -- messages --------------------------------------------------------------------------
 
+    @_reloads_snapshots
     def added(
         self,
         user: str,
@@ -298,6 +320,7 @@ class ReplicaStore:
                 total += len(fh.read())
         return total
 
+    @_reloads_snapshots
     def flags(
         self,
         user: str,
@@ -368,6 +391,7 @@ class ReplicaStore:
                 store._journal.flags(u, f.name, modseq, put, removed)
                 _mark(c, seq)
 
+    @_reloads_snapshots
     def expunged(
         self, user: str, seq: int | None, folder: str, uids: Iterable[int], modseq: int
     ) -> None:
@@ -406,6 +430,7 @@ class ReplicaStore:
                 store._journal.expunged(u, f.name, removed, modseq)
                 _mark(c, seq)
 
+    @_reloads_snapshots
     def moved(
         self,
         user: str,
@@ -501,6 +526,7 @@ class ReplicaStore:
                 _mark(c, seq)
         store.tier1.sync_dirs(src, dst)
 
+    @_reloads_snapshots
     def migrated(self, user: str, seq: int | None, folder: str, uid: int) -> None:
         """The primary moved the message to tier 2 (this node's tier 2 holds its blobs)."""
         u = self.store._user(user)
@@ -512,6 +538,7 @@ class ReplicaStore:
             self.store.placement.migrate(u, f, uid)
         self.mark(user, seq)
 
+    @_reloads_snapshots
     def promoted(self, user: str, seq: int | None, folder: str, uid: int) -> None:
         u = self.store._user(user)
         with u.lock:
@@ -539,7 +566,10 @@ class ReplicaStore:
                 ).fetchone()
             if row is None:
                 continue
-            box = store.open_mailbox(user, name)
+            # A private snapshot read from the index now: a kept shared one trusts the
+            # modseqs, and a verify must see even rows changed behind the store's back.
+            with u.lock:
+                box = Mailbox(store, user, store._folder(u, name), shared=False)
             messages: dict[str, list[Any]] = {}
             for info in box.messages():
                 try:

@@ -16,7 +16,7 @@ import pytest
 
 from mailgw.imap.commands.store import open_target
 from mailgw.imap.selected import SelectedMailbox
-from mailgw.store import MessageStore
+from mailgw.store import MessageStore, facade
 from mailgw.store.index import INDEX_NAME
 
 USER = "alice@example.test"
@@ -180,10 +180,59 @@ def test_sessions_share_the_snapshot_memory(store: MessageStore) -> None:
     assert per_session < 16 * 1024, per_session  # a private copy costs ~300 KiB here
     del sels, sel, first, box
     gc.collect()
-    assert len(store._snapshots) == 0  # freed with its last Mailbox
+    # Kept loaded for the next SELECT after its last Mailbox is gone, within the bound.
+    assert list(store._snapshots.values()) == list(store._retained.values())
+    assert len(store._snapshots) == 1
+
+
+def test_kept_snapshots_are_bounded(store: MessageStore, monkeypatch: Any) -> None:
+    monkeypatch.setattr(facade, "RETAINED_SNAPSHOT_MESSAGES", 30)
+    store.create_mailbox(USER, "Other")
+    store.open_mailbox(USER)  # 30 messages: kept
+    gc.collect()
+    assert len(store._snapshots) == 1
+    other = store.open_mailbox(USER, "Other")
+    other.append(MSG)
+    store.open_mailbox(USER, "Other")  # opened last: kept; INBOX would pass the bound
+    del other
+    gc.collect()
+    assert [key[2] for key in store._snapshots] == ["Other"]
+    box = store.open_mailbox(USER)  # INBOX again, loaded anew (the bound is checked on open)
+    assert len(box.messages()) == 30
+    assert sorted(key[2] for key in store._retained) == ["INBOX", "Other"]
+
+
+def test_a_kept_snapshot_catches_up_with_changes_made_meanwhile(
+    store: MessageStore, elsewhere: MessageStore, tmp_path: Path
+) -> None:
+    box = store.open_mailbox(USER)
+    box.set_flags([2], ["\\Seen"], "add")
+    del box
+    gc.collect()
+    assert len(store._retained) == 1
+    # Changed while nobody holds the folder: by a writer with a private snapshot (as a
+    # delivery thread: a delivery, an expunge) and by another process.
+    content = tmp_path / "spooled"
+    content.write_bytes(MSG + b"late\r\n")
+    assert store.deliver(USER, str(content)) == 31
+    private = store.open_mailbox(USER, snapshot=False)
+    private.expunge([1])
+    far = elsewhere.open_mailbox(USER)
+    far.set_flags([3], ["\\Flagged"], "add")
+    far.expunge([4])
+    far.append(MSG + b"far\r\n")
+    again = store.open_mailbox(USER)
+    assert [m.uid for m in again.messages()] == [2, 3] + list(range(5, 33))
+    assert again.snapshot().uids().tolist() == [2, 3] + list(range(5, 33))
+    assert again.messages() == elsewhere.open_mailbox(USER).messages()
+    sel = select(store.open_mailbox(USER))
+    assert sel.exists == 30
+    assert sel.flags_of(2) == ["\\Seen"] and sel.flags_of(3) == ["\\Flagged"]
 
 
 def test_maildir_targets_are_opened_without_their_messages(store: MessageStore) -> None:
+    store._retained.clear()  # no snapshot kept loaded from the fixture's appends
+    gc.collect()
     box = open_target(store, USER, "INBOX")
     assert box.snapshot_count() == 0 and box.uidnext == 31
     assert len(box.messages()) == 30

@@ -214,6 +214,58 @@ def test_idle_sees_appends_from_another_worker_and_smtp_deliveries(
             c.close()
 
 
+def same_worker(server: MailgwServer, worker: int, user: str = ALICE) -> Client:
+    """A session of ``user`` in worker ``worker`` (others are logged out again)."""
+    for _ in range(40):
+        client = login(server, user, retry=True)
+        if client.worker == worker:
+            return client
+        client.ok("LOGOUT")
+        client.close()
+    raise AssertionError(f"no session landed in worker {worker}")
+
+
+def test_a_worker_kept_snapshot_sees_what_changed_while_nobody_held_the_folder(
+    server_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    server = start(server_factory)
+    first = login(server)
+    other = other_worker(server, first)
+    assert first.worker is not None
+    message = b"From: bob@example.test\r\nSubject: hi\r\n\r\nhello\r\n"
+    try:
+        for _ in range(3):
+            other.sock.sendall(b"a APPEND INBOX {%d+}\r\n%s\r\n" % (len(message), message))
+            assert other.file.readline().startswith(b"a OK")
+        first.ok("SELECT INBOX")  # loads the folder in first's worker, kept after LOGOUT
+        first.ok("LOGOUT")
+        first.close()
+        # Meanwhile: a flag change and an expunge in the other worker, a delivery by SMTP.
+        other.ok("SELECT INBOX")
+        other.ok("STORE 2 +FLAGS (\\Flagged)")
+        other.ok("STORE 1 +FLAGS.SILENT (\\Deleted)")
+        other.ok("EXPUNGE")
+        with smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=10) as smtp:
+            smtp.sendmail("carol@elsewhere.test", [ALICE], b"Subject: by smtp\r\n\r\nbody\r\n")
+        wait_until(lambda: b"* 3 EXISTS\r\n" in b"".join(other.ok("NOOP")), what="delivery")
+        again = same_worker(server, first.worker)
+        try:
+            lines = again.ok("SELECT INBOX")
+            assert b"* 3 EXISTS\r\n" in lines, lines
+            here = [x for x in again.ok("UID FETCH 1:* (FLAGS)") if x.startswith(b"* ")]
+            there = [x for x in other.ok("UID FETCH 1:* (FLAGS)") if x.startswith(b"* ")]
+            strip = [x.replace(b" \\Recent", b"").replace(b"(\\Recent)", b"()") for x in here]
+            assert strip == [
+                x.replace(b" \\Recent", b"").replace(b"(\\Recent)", b"()") for x in there
+            ]
+            assert here[0] == b"* 1 FETCH (UID 2 FLAGS (\\Flagged))\r\n", here
+            assert [x.split()[4] for x in here] == [b"2", b"3", b"4"]
+        finally:
+            again.close()
+    finally:
+        other.close()
+
+
 def test_per_user_limit_holds_across_workers(server_factory) -> None:  # type: ignore[no-untyped-def]
     limit = 3
     server = start(server_factory, max_connections_per_user=str(limit))

@@ -120,13 +120,13 @@ class FakeMailbox:
         self.expunge([src for src, _ in pairs])
         return pairs
 
-    def claim_recent(self, uids: Any) -> set[int]:
+    def claim_recent(self, uids: Any, ascending: bool = False) -> set[int]:
         claimed = {u for u in uids if u > self._folder.recent_uid}
         if claimed:
             self._folder.recent_uid = max(claimed)
         return claimed
 
-    def unclaimed_recent(self, uids: Any) -> set[int]:
+    def unclaimed_recent(self, uids: Any, ascending: bool = False) -> set[int]:
         return {u for u in uids if u > self._folder.recent_uid}
 
     def recent_count(self) -> int:

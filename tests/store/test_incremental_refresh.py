@@ -49,6 +49,7 @@ def index(store: MessageStore) -> sqlite3.Connection:
 
 def test_unchanged_refresh_reads_no_row(store: MessageStore, rows_read: list[int]) -> None:
     fill(store, 20)
+    store._retained.clear()  # not kept loaded either
     rows_read.clear()
     box = store.open_mailbox(USER)  # nobody holds the folder's snapshot: it is loaded
     assert len(rows_read) == 20
@@ -56,6 +57,16 @@ def test_unchanged_refresh_reads_no_row(store: MessageStore, rows_read: list[int
     for _ in range(3):
         box.refresh()
     assert rows_read == []
+    assert [i.uid for i in box.messages()] == list(range(1, 21))
+
+
+def test_a_kept_snapshot_reads_only_the_changes(store: MessageStore, rows_read: list[int]) -> None:
+    fill(store, 20)
+    store.open_mailbox(USER)  # loaded, then kept when nobody holds it
+    other_store(store).open_mailbox(USER).set_flags([4], ["\\Seen"], "add")
+    rows_read.clear()
+    box = store.open_mailbox(USER)
+    assert rows_read == [4]
     assert [i.uid for i in box.messages()] == list(range(1, 21))
 
 
@@ -219,7 +230,8 @@ def test_open_without_snapshot_reads_no_row_until_asked(
     fill(store, 5)
     full = store.open_mailbox(USER)
     numbers = (full.uidvalidity, full.uidnext, full.highestmodseq)
-    del full  # nobody holds the snapshot now
+    del full  # nobody holds the snapshot now (nor keeps it loaded)
+    store._retained.clear()
     rows_read.clear()
     box = store.open_mailbox(USER, snapshot=False)
     assert rows_read == []

@@ -3,6 +3,7 @@ the responses are written as the client reads them (``IMAPServer.stream``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from twisted.python.failure import Failure
@@ -10,7 +11,7 @@ from twisted.python.failure import Failure
 from mailgw.imap import parser as p
 from mailgw.imap import wire
 from mailgw.imap.commands.registry import Command
-from mailgw.imap.fetch import fetch_responses, sets_seen
+from mailgw.imap.fetch import fetch_responses, flag_responses, flags_only, sets_seen
 from mailgw.imap.states import SELECTED_ONLY
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ def fetch(session: IMAPServer, tag: str, command: p.Fetch) -> None:
     if changed_since is not None or any(i.name == "MODSEQ" for i in command.items):
         session.enable_condstore()
     if changed_since is not None:
-        uids = [u for u in uids if u in sel.infos and sel.infos[u].modseq > changed_since]
+        _seqs, known, infos = sel.known(uids)
+        uids = [u for u, i in zip(known, infos, strict=True) if i.modseq > changed_since]
     if command.vanished and changed_since is not None:
         line = sel.vanished_earlier(command.sequence, changed_since)
         if line is not None:
@@ -45,16 +47,21 @@ def fetch(session: IMAPServer, tag: str, command: p.Fetch) -> None:
                 flags_changed.add(info.uid)
     gone: list[int] = []
     undecodable: list[int] = []
-    chunks = fetch_responses(
-        fetcher,
-        uids,
-        command.items,
-        command.uid,
-        flags_changed,
-        session.condstore and (changed_since is not None or bool(flags_changed)),
-        gone,
-        undecodable,
-    )
+    with_modseq = session.condstore and (changed_since is not None or bool(flags_changed))
+    chunks: Iterator[bytes]
+    if flags_only(command.items) and not flags_changed:
+        chunks = flag_responses(sel, uids, command.items, command.uid, with_modseq)
+    else:
+        chunks = fetch_responses(
+            fetcher,
+            uids,
+            command.items,
+            command.uid,
+            flags_changed,
+            with_modseq,
+            gone,
+            undecodable,
+        )
 
     def finished(error: Failure | None) -> None:
         if error is not None:

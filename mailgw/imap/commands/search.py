@@ -99,7 +99,7 @@ def _numbers_line(name: bytes, numbers: list[int], modseq: int | None) -> bytes:
     """``* SEARCH 1 2 3 (MODSEQ n)`` / ``* SORT ...``."""
     line = b"* " + name
     if numbers:
-        line += b" " + b" ".join(b"%d" % n for n in numbers)
+        line += b" " + " ".join(map(str, numbers)).encode("ascii")
     if modseq is not None:
         line += b" (MODSEQ %d)" % modseq
     return line + b"\r\n"

@@ -3,6 +3,7 @@ selected state (RFC 3501 6.1.2, 6.3.1-2, 6.4.1-2, RFC 3691, RFC 2177)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from mailgw.imap import parser as p
@@ -44,11 +45,12 @@ def select(session: IMAPServer, tag: str, command: p.Select) -> None:
     # A read-only node (a DR replica) opens every mailbox as EXAMINE would.
     readonly = command.readonly or session.factory.store.write_refusal() is not None
 
-    def claim(uids: list[int]) -> set[int]:
+    def claim(uids: Sequence[int]) -> set[int]:
         # \Recent lives in the store (shared by every process); EXAMINE claims nothing.
+        # SelectedMailbox gives the UIDs in ascending order.
         if readonly:
-            return mailbox.unclaimed_recent(uids)
-        return mailbox.claim_recent(uids)
+            return mailbox.unclaimed_recent(uids, ascending=True)
+        return mailbox.claim_recent(uids, ascending=True)
 
     sel = SelectedMailbox(mailbox, readonly, claim, session.condstore, session.qresync)
     sel.rev2 = session.rev2
