@@ -168,14 +168,20 @@ def test_sessions_land_in_both_workers(server_factory) -> None:  # type: ignore[
 
 
 def other_worker(server: MailgwServer, than: Client, user: str = ALICE) -> Client:
-    """A session of ``user`` in another worker than ``than``'s (those landing in the same
-    worker are logged out again)."""
-    for _ in range(40):
-        client = login(server, user, retry=True)
-        if client.worker != than.worker:
-            return client
-        client.ok("LOGOUT")
-        client.close()
+    """A session of ``user`` in another worker than ``than``'s. Those landing in the same
+    worker are kept open until then (so the least-connections balance, not luck, sends a
+    later one to the other worker), then logged out."""
+    same: list[Client] = []
+    try:
+        for _ in range(15):  # below max_connections_per_user (20)
+            client = login(server, user, retry=True)
+            if client.worker != than.worker:
+                return client
+            same.append(client)
+    finally:
+        for client in same:
+            client.ok("LOGOUT")
+            client.close()
     raise AssertionError("every session landed in the same worker")
 
 
