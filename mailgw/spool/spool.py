@@ -97,9 +97,13 @@ class CorruptEnvelope(ValueError):
     """The envelope file of a queued message cannot be parsed."""
 
 
+# json.dumps with these arguments, without building an encoder for every message
+_ENVELOPE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def encode_envelope(envelope: Envelope) -> bytes:
     """The envelope file's bytes (compact UTF-8 JSON)."""
-    return json.dumps(envelope.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
+    return _ENVELOPE_JSON.encode(envelope.to_json()).encode()
 
 
 def decode_envelope(data: bytes, queue_id: str) -> Envelope:
