@@ -104,6 +104,11 @@ def test_classic_line_formatter_writes_twisteds_lines() -> None:
         {"log_format": "no time", "log_level": LogLevel.warn},
         {"log_format": "", "log_time": 1.0},
         {"message": ("legacy",), "log_format": "{log_text}", "log_text": "legacy"},
+        {"log_format": "{q}: {r!r} {n:>5} {d[k]}", "q": "Q1", "r": "x", "n": 7, "d": {"k": 2}},
+        {"log_format": "{missing} key", "log_namespace": "mailgw.smtp"},
+        {"log_format": "{f()} called", "f": lambda: "was"},
+        {"log_format": "{0} positional", "log_system": 5},
+        {"log_format": "{a}", "a": "", "log_level": LogLevel.error},
     ]
     start = 1_765_000_000.0
     for i in range(12):

@@ -12,6 +12,9 @@ from typing import Any
 from mailgw.journal.sequencer import Sequencer
 from mailgw.model.change import ChangeEntry
 
+# json.dumps(..., separators=(",", ":")) without building an encoder for every entry
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
 TABLE = """
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY,
@@ -100,7 +103,7 @@ class DBJournal:
                         e.kind,
                         e.user,
                         e.folder,
-                        json.dumps(e.payload, separators=(",", ":")),
+                        _COMPACT_JSON.encode(e.payload),
                         pid,
                     )
                     for e in entries

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 # RFC 5322 atext; UTF-8 (RFC 6531) is allowed separately when SMTPUTF8 is in effect.
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
-_ATOM_RE = re.compile(rf"[{_ATEXT}]+")
-_ATOM_UTF8_RE = re.compile(rf"(?:[{_ATEXT}]|[^\x00-\x7f])+")
+_ATOM = rf"[{_ATEXT}]+"
+_ATOM_UTF8 = rf"[{_ATEXT}\x80-\U0010ffff]+"  # atext or any non-ASCII character
+_DOT_STRING_RE = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
+_DOT_STRING_UTF8_RE = re.compile(rf"{_ATOM_UTF8}(?:\.{_ATOM_UTF8})*")
 _QCONTENT_RE = re.compile(r"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*")
 _QCONTENT_UTF8_RE = re.compile(r"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\[\x20-\x7e])*")
 _LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -57,8 +59,8 @@ def quote_local(local: str) -> str:
 
 
 def _is_dot_string(local: str, allow_utf8: bool) -> bool:
-    atom = _ATOM_UTF8_RE if allow_utf8 else _ATOM_RE
-    return bool(local) and all(atom.fullmatch(part) for part in local.split("."))
+    dot_string = _DOT_STRING_UTF8_RE if allow_utf8 else _DOT_STRING_RE
+    return dot_string.fullmatch(local) is not None
 
 
 def normalise_domain(domain: str) -> str:

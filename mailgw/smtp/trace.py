@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import email.utils
+import re
 
 MAX_HELO_IN_HEADER = 255
+_CLEAN_HELO_RE = re.compile(r"[!-'*-:<-~]+")  # printable ASCII without "(", ")" and ";"
+_date_cache: tuple[int, str] = (-1, "")
 
 
 def with_protocol(esmtp: bool, tls: bool, authenticated: bool, smtputf8: bool) -> str:
@@ -17,6 +20,8 @@ def with_protocol(esmtp: bool, tls: bool, authenticated: bool, smtputf8: bool) -
 
 def _clean_helo(helo: str) -> str:
     """The HELO argument reduced to printable ASCII without header-breaking characters."""
+    if len(helo) <= MAX_HELO_IN_HEADER and _CLEAN_HELO_RE.fullmatch(helo):
+        return helo
     cleaned = "".join(c if "!" <= c <= "~" and c not in "();" else "?" for c in helo)
     return cleaned[:MAX_HELO_IN_HEADER] or "unknown"
 
@@ -49,10 +54,22 @@ def received_header(
         f" ({_clean_helo(client_name) if client_name else 'unknown'} {_ip_literal(client_ip)})",
         f"\tby {hostname} (mailgw) with {protocol} id {queue_id}",
     ]
-    date = email.utils.formatdate(when, localtime=True)
+    date = _date(when)
     if len(recipients) == 1:
         lines.append(f"\tfor <{recipients[0]}>; {date}")
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def _date(when: float) -> str:
+    """``email.utils.formatdate(when, localtime=True)``, computed once per second (it drops
+    the fraction, and the local time zone costs most of a header's time)."""
+    global _date_cache
+    second = int(when // 1)
+    cached_second, text = _date_cache
+    if second != cached_second:
+        text = email.utils.formatdate(second, localtime=True)
+        _date_cache = (second, text)
+    return text

@@ -97,9 +97,13 @@ class CorruptEnvelope(ValueError):
     """The envelope file of a queued message cannot be parsed."""
 
 
+# json.dumps with these arguments, without building an encoder for every message
+_ENVELOPE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def encode_envelope(envelope: Envelope) -> bytes:
     """The envelope file's bytes (compact UTF-8 JSON)."""
-    return json.dumps(envelope.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
+    return _ENVELOPE_JSON.encode(envelope.to_json()).encode()
 
 
 def decode_envelope(data: bytes, queue_id: str) -> Envelope:
@@ -745,10 +749,12 @@ class HeaderSniffer:
         self.limit = limit
         self._head = bytearray()
         self._complete = False
+        self._fields: dict[bytes, str] = {}  # answers of ``field`` since the last ``feed``
 
     def feed(self, data: bytes) -> None:
         if self._complete:
             return
+        self._fields.clear()
         start = max(0, len(self._head) - 3)
         self._head += data[: self.limit - len(self._head) + 4]
         end = self._head.find(b"\r\n\r\n", start)
@@ -759,7 +765,14 @@ class HeaderSniffer:
             self._complete = True
 
     def field(self, name: bytes) -> str:
-        """The first ``name`` field (lower-case), unfolded; '' when absent."""
+        """The first ``name`` field (lower-case), unfolded; '' when absent. Kept until
+        more data comes: the policy and the log both ask for the Message-ID."""
+        value = self._fields.get(name)
+        if value is None:
+            value = self._fields[name] = self._find(name)
+        return value
+
+    def _find(self, name: bytes) -> str:
         from mailgw.mime.headers import parse_header_block
 
         head = bytes(self._head)

@@ -57,14 +57,14 @@ EVENTS_DROPPED = Counter(
     "Tracking events not written (writer queue full, or the database failed).",
 )
 
-_children: dict[tuple[int, str], Any] = {}
+_children: dict[tuple[Any, ...], Any] = {}
 
 
-def _child(counter: Counter, label: str) -> Any:
-    key = (id(counter), label)
+def _child(counter: Counter, *labels: str) -> Any:
+    key = (id(counter), *labels)
     child = _children.get(key)
     if child is None:
-        child = _children[key] = counter.labels(label)
+        child = _children[key] = counter.labels(*labels)
     return child
 
 
@@ -82,7 +82,7 @@ def count(kind: str, detail: Mapping[str, Any]) -> None:
     elif kind == Kind.DEFERRED:
         _child(DEFERRED, str(detail.get("channel", "")) or "local").inc()
     elif kind == Kind.REJECTED:
-        REJECTED.labels(str(detail.get("role", "")), str(detail.get("stage", ""))).inc()
+        _child(REJECTED, str(detail.get("role", "")), str(detail.get("stage", ""))).inc()
     elif kind == Kind.BOUNCED:
         BOUNCED.inc()
     elif kind == Kind.EXPIRED:
@@ -91,4 +91,4 @@ def count(kind: str, detail: Mapping[str, Any]) -> None:
         DELETED.inc()
     elif kind == Kind.POLICY:
         for v in detail.get("verdicts", ()):
-            VERDICTS.labels(str(v.get("check", "")), str(v.get("verdict", ""))).inc()
+            _child(VERDICTS, str(v.get("check", "")), str(v.get("verdict", ""))).inc()

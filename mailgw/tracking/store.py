@@ -60,6 +60,10 @@ def address_key(address: str) -> str:
     return "a:" + address.strip().strip("<>").lower()
 
 
+# json.dumps(..., separators=(",", ":")) without building an encoder for every event
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def message_id_key(message_id: str) -> str:
     text = message_id.strip()
     if not text.startswith("<"):
@@ -85,7 +89,7 @@ def write(conn: sqlite3.Connection, events: Sequence[Event]) -> None:
     rows = []
     refs = []
     for e in events:
-        rows.append((e.time, e.kind, e.queue_id, json.dumps(e.detail, separators=(",", ":"))))
+        rows.append((e.time, e.kind, e.queue_id, _COMPACT_JSON.encode(e.detail)))
         if e.message_id:
             refs.append((message_id_key(e.message_id), e.queue_id, e.time))
         seen = set()
