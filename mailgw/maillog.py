@@ -125,7 +125,13 @@ class BatchedFileLogObserver:
         self._encoding = None if ioType(out_file) is str else "utf-8"
         self._lines: list[str] = []
         self._size = 0
-        self._lock = threading.Lock()
+        # Re-entrant, and no I/O under ``_lock``: a signal handler (twistd's SIGTERM log
+        # line) runs in the main thread, possibly in the middle of a ``flush`` there; with a
+        # plain lock it waited for itself forever, and every thread that logged after it.
+        self._lock = threading.RLock()
+        """Guards ``_lines`` and ``_size`` (held briefly, never while writing)."""
+        self._write_lock = threading.RLock()
+        """Held while a batch is taken and written, so batches reach the file in order."""
         reactor.addSystemEventTrigger("after", "shutdown", self.flush)
 
     def __call__(self, event: LogEvent) -> None:
@@ -147,8 +153,9 @@ class BatchedFileLogObserver:
 
     def flush(self) -> None:
         """Write and flush what is pending."""
-        with self._lock:
-            lines, self._lines, self._size = self._lines, [], 0
+        with self._write_lock:
+            with self._lock:
+                lines, self._lines, self._size = self._lines, [], 0
             if not lines:
                 return
             text = "".join(lines)

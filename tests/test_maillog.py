@@ -166,3 +166,38 @@ def test_batched_observer_writes_one_iterations_lines_at_once() -> None:
     reactor.running = False
     observer({"log_format": "not running"})  # before start / after stop: at once
     assert out.getvalue().endswith("not running\n") and out.writes == 4
+
+
+def test_a_line_logged_while_a_batch_is_written_does_not_deadlock() -> None:
+    """twistd's SIGTERM handler logs from the main thread, possibly in the middle of a
+    ``flush`` there: the observer is entered again by the same thread (it once waited for
+    itself forever, and so did every pool thread that logged afterwards). A line from
+    another thread meanwhile is not kept waiting for the write either."""
+    import threading
+
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    reactor.running = True
+    reactor.callFromThread = lambda f, *a, **kw: reactor.callLater(0, f, *a, **kw)  # type: ignore[attr-defined]
+    observer: BatchedFileLogObserver
+
+    class InterruptedFile(CountingFile):
+        def write(self, text: str) -> int:
+            if text == "first\n":  # the "signal" arrives during this write
+                observer({"log_format": "from the signal handler"})
+                other = threading.Thread(target=observer, args=({"log_format": "other"},))
+                other.start()
+                other.join(10)
+                assert not other.is_alive(), "the other thread's line waits for the write"
+            return super().write(text)
+
+    out = InterruptedFile()
+    observer = BatchedFileLogObserver(out, lambda e: e["log_format"] + "\n", reactor, 100)
+    observer({"log_format": "first"})
+    flusher = threading.Thread(target=observer.flush, daemon=True)
+    flusher.start()
+    flusher.join(10)
+    assert not flusher.is_alive(), "the observer waited for itself"
+    reactor.advance(0)  # the reactor's turn: the lines logged meanwhile are written
+    assert out.getvalue().splitlines() == ["first", "from the signal handler", "other"]
