@@ -59,6 +59,7 @@ assumes nobody else is writing into the same root.
 
 from __future__ import annotations
 
+import abc
 import builtins
 import contextlib
 import io
@@ -586,7 +587,7 @@ class _Member:
     error: OSError | None = None
 
 
-class _Groups(Generic[T]):
+class _Groups(abc.ABC, Generic[T]):
     """Leader/follower batching: a caller joins the pending group; the first caller that
     finds no group in progress becomes the leader, takes every pending member, does the
     group's work (``_run_group``, which sets each member's ``error``) and wakes them. Members
@@ -637,8 +638,10 @@ class _Groups(Generic[T]):
                     self._cond.notify_all()
         return [item.error for item in items]
 
+    @abc.abstractmethod
     def _run_group(self, batch: builtins.list[_Member]) -> None:
-        raise NotImplementedError
+        """The group's work (``GroupCommit``: publish; ``RemovalCommit``: remove); sets each
+        member's ``error``."""
 
 
 class GroupCommit(_Groups[tuple[str, str, bool]]):
