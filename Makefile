@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Test processes (pytest-xdist): whole files per process, so module fixtures start once.
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: run test lint bench clean
@@ -24,7 +26,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	rm -f .coverage .coverage.*
-	$(PY) -m pytest --cov --cov-report= --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest --cov --cov-report= --durations=15 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 	$(PY) -m coverage combine -q || true
 	$(PY) -m coverage report
 

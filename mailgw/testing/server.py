@@ -18,21 +18,48 @@ REPO = Path(__file__).resolve().parents[2]
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
+PORT_RANGE = (20000, 32000)
+"""Where ``free_port`` looks: below the kernel's ephemeral range (32768-60999 on Linux)."""
+_handed_out: set[int] = set()
+
+
+def port_range() -> range:
+    """This process's share of ``PORT_RANGE``: all of it, or under pytest-xdist the slice of
+    this worker (``PYTEST_XDIST_WORKER`` gwN of ``PYTEST_XDIST_WORKER_COUNT``), so that two
+    test processes never pick the same port for servers they start at the same moment."""
+    low, high = PORT_RANGE
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or not worker[2:].isdigit() or count < 2:
+        return range(low, high)
+    index = int(worker[2:]) % count
+    width = (high - low) // count
+    return range(low + index * width, low + (index + 1) * width)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago on ``host``.
 
-    Chosen at random below the kernel's ephemeral range (32768-60999 on Linux), so that the
-    outgoing connections of tests and servers cannot take it before the server binds it.
+    Chosen at random in this process's share of ``PORT_RANGE``, below the kernel's ephemeral
+    range, so that the outgoing connections of tests and servers cannot take it before the
+    server binds it; never the same port twice in one process (one test may ask for several
+    before any is bound).
     """
+    ports = port_range()
     for _ in range(200):
-        port = random.randrange(20000, 32000)
+        port = random.choice(ports)
+        if port in _handed_out:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
-            return port
-    raise OSError("no free port found in 20000-32000")
+        _handed_out.add(port)
+        if len(_handed_out) > len(ports) // 2:  # a long run: start afresh
+            _handed_out.clear()
+        return port
+    raise OSError(f"no free port found in {ports.start}-{ports.stop - 1}")
 
 
 def wait_for_port(
