@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from typing import IO, Any, cast
 
@@ -107,9 +108,12 @@ class BatchedFileLogObserver:
     """``FileLogObserver`` that writes the lines of one reactor iteration with one
     ``write`` and ``flush``: a busy relay logs a line per delivery, and one write system
     call per line was about a tenth of its reactor thread's time under load. The batch is
-    written at the end of the reactor iteration (``callLater(0)``; from another thread
-    through ``callFromThread``), at once when it passes ``max_bytes``, and at shutdown, so
-    a line reaches the file within one iteration of the reactor."""
+    written before the reactor next waits for I/O (``_flush_before_each_poll``; a reactor
+    without ``doIteration``, such as a test's memory reactor: ``callLater(0)``; from
+    another thread through ``callFromThread``), before a reply sent past the reactor
+    (``flush_pending``), at once when it passes ``max_bytes``, and at shutdown. So a line
+    reaches the file within one iteration of the reactor, and before any reply the reactor
+    sends after it was logged (a client that read the reply finds the line in the log)."""
 
     def __init__(
         self,
@@ -133,6 +137,8 @@ class BatchedFileLogObserver:
         self._write_lock = threading.RLock()
         """Held while a batch is taken and written, so batches reach the file in order."""
         reactor.addSystemEventTrigger("after", "shutdown", self.flush)
+        _batched.add(self)
+        self._flushed_before_poll = _flush_before_each_poll(reactor)
 
     def __call__(self, event: LogEvent) -> None:
         text = self.format_event(event)
@@ -146,10 +152,10 @@ class BatchedFileLogObserver:
         if full or not self.reactor.running:
             self.flush()
         elif first:
-            if isInIOThread():
-                self.reactor.callLater(0, self.flush)
-            else:
+            if not isInIOThread():
                 self.reactor.callFromThread(self.flush)
+            elif not self._flushed_before_poll:
+                self.reactor.callLater(0, self.flush)
 
     def flush(self) -> None:
         """Write and flush what is pending."""
@@ -164,6 +170,41 @@ class BatchedFileLogObserver:
             else:
                 self.out_file.write(text.encode(self._encoding))
             self.out_file.flush()
+
+
+_batched: weakref.WeakSet[BatchedFileLogObserver] = weakref.WeakSet()
+"""The batched observers of this process (one, the mail log's, in a running server)."""
+
+
+def flush_pending() -> None:
+    """Write the pending lines of every batched observer now, on the reactor thread, before
+    a reply that bypasses the reactor's write buffering (``mailgw.net.directwrite``): a line
+    logged before a reply reaches the file before the reply reaches the client. Replies sent
+    through ``transport.write`` need nothing: the reactor sends them on a later turn, after
+    the batch is written. A check of a list when nothing is pending."""
+    for observer in _batched:
+        if observer._lines:
+            observer.flush()
+
+
+def _flush_before_each_poll(reactor: Any) -> bool:
+    """Make ``reactor`` call ``flush_pending`` each time before it waits for I/O (its
+    ``doIteration``, once per reactor), so lines logged in a reactor iteration are written
+    before the replies of that iteration are sent (the reactor sends buffered writes in
+    ``doIteration``). False when the reactor has no ``doIteration``."""
+    if getattr(reactor, "_mailgw_flushes_log", False):
+        return True
+    poll = getattr(reactor, "doIteration", None)
+    if poll is None:
+        return False
+
+    def flush_then_poll(delay: float | None) -> None:
+        flush_pending()
+        poll(delay)
+
+    reactor.doIteration = flush_then_poll
+    reactor._mailgw_flushes_log = True
+    return True
 
 
 def _predicate(event: LogEvent) -> PredicateResult:

@@ -201,3 +201,32 @@ def test_a_line_logged_while_a_batch_is_written_does_not_deadlock() -> None:
     assert not flusher.is_alive(), "the observer waited for itself"
     reactor.advance(0)  # the reactor's turn: the lines logged meanwhile are written
     assert out.getvalue().splitlines() == ["first", "from the signal handler", "other"]
+
+
+def test_batched_lines_are_written_before_the_reactor_waits_for_io() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    out = CountingFile()
+
+    class PollingReactor(MemoryReactorClock):
+        """A memory reactor with a ``doIteration`` that notes what the log file held."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def doIteration(self, delay: float | None) -> None:
+            self.seen.append(out.getvalue())
+
+    reactor = PollingReactor()
+    reactor.running = True
+    observer = BatchedFileLogObserver(out, lambda e: e["log_format"] + "\n", reactor)
+    observer({"log_format": "queued"})
+    observer({"log_format": "delivered"})
+    assert out.getvalue() == "" and not reactor.getDelayedCalls()  # no callLater needed
+    reactor.doIteration(0)
+    assert reactor.seen == ["queued\ndelivered\n"] and out.writes == 1
+    other = CountingFile()
+    BatchedFileLogObserver(other, lambda e: e["log_format"] + "\n", reactor)  # hooked once
+    reactor.doIteration(0)
+    assert len(reactor.seen) == 2 and out.writes == 1 and other.writes == 0

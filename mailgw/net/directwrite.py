@@ -6,7 +6,9 @@ Twisted's ``transport.write`` only buffers: it registers the socket for writabil
 whose reply fits the socket buffer can send it at once: ``write_now`` does so on a plain TCP
 connection with nothing buffered, and leaves every other case (TLS, pending data, a closing
 connection, a full socket buffer, an error) to ``transport.write``, so the bytes' order and
-the error handling stay Twisted's. Protocol wrappers that pass ``write`` through unchanged
+the error handling stay Twisted's. The mail log's pending lines are written first
+(``mailgw.maillog.flush_pending``), so a line logged before a reply is in the log file when the
+client has the reply, as with ``transport.write``. Protocol wrappers that pass ``write`` through unchanged
 (the connection guard, the PROXY header reader) are looked through.
 """
 
@@ -16,6 +18,8 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.protocols.policies import ProtocolWrapper
+
+from mailgw.maillog import flush_pending
 
 
 def write_now(transport: Any, data: bytes) -> None:
@@ -31,6 +35,7 @@ def write_now(transport: Any, data: bytes) -> None:
         and not transport._tempDataBuffer
         and len(transport.dataBuffer) == transport.offset
     ):
+        flush_pending()
         try:
             sent = transport.socket.send(data)
         except (BlockingIOError, InterruptedError):

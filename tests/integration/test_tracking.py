@@ -187,7 +187,8 @@ def test_deferred_then_delivered(node: MailgwServer, peers: Peers) -> None:
     finally:
         del peers.behaviour[ip]
         peers.write_behaviour()
-    deferred = the(body["messages"][0]["events"], "deferred")
+    # The first: on a busy machine the retry (1s) may be refused too before the peer is back.
+    deferred = [e for e in body["messages"][0]["events"] if e["kind"] == "deferred"][0]
     assert deferred["recipients"] == ["bob@rr.example"] and deferred["attempts"] == 1
     assert deferred["channel"] in ("overseas", "sdn") and "554" in deferred["reason"]
     assert deferred["next_try"] > deferred["time"]

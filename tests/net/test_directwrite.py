@@ -3,11 +3,13 @@ bytes go out at once when nothing is buffered, in order with ``transport.write``
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest_twisted
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
+from mailgw.maillog import BatchedFileLogObserver
 from mailgw.net.directwrite import write_now
 from mailgw.net.guard import ConnectionGuardFactory
 from tests.relay.reactorhelper import reactor, until
@@ -76,6 +78,22 @@ async def test_nothing_buffered_goes_to_the_socket_at_once() -> None:
     server, reader = await exchange(script, 11)
     assert bytes(reader.received) == b"220 ready\r\n"
     assert server.checks == [([], False)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_line_logged_before_a_direct_reply_is_written_before_it() -> None:
+    log = io.StringIO()
+    observer = BatchedFileLogObserver(log, lambda e: e["log_format"] + "\n", reactor)
+
+    def script(p: Server) -> None:
+        observer({"log_format": "queued as X"})
+        p.checks.append(log.getvalue())  # batched: not written yet
+        write_now(p.transport, b"250 ok\r\n")
+        p.checks.append(log.getvalue())  # written before the reply went out
+
+    server, reader = await exchange(script, 8)
+    assert bytes(reader.received) == b"250 ok\r\n"
+    assert server.checks == ["", "queued as X\n"]
 
 
 @pytest_twisted.ensureDeferred
