@@ -9,6 +9,7 @@ import pytest
 
 from mailgw.testing.server import MailgwServer
 from tests.integration.helpers import provision
+from tests.integration.relay_world import Peers
 
 
 def make_server(tmp: Path, overrides: dict[str, dict[str, str]] | None = None) -> MailgwServer:
@@ -45,3 +46,12 @@ def tls_server(
 ) -> MailgwServer:
     cert, key = selfsigned
     return server_factory({"tls": {"certificate": str(cert), "private_key": str(key)}})
+
+
+@pytest.fixture(scope="module")
+def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peers]:
+    """The relay's target MX servers and DNS server (``relay_world``), one per test module."""
+    p = Peers(tmp_path_factory.mktemp("peers"))
+    p.start()
+    yield p
+    p.stop()

@@ -51,8 +51,9 @@ PROVISION = (
 """The admin commands that set up a test node: example.test, alice, bob, postmaster."""
 
 
-def provision(server: MailgwServer) -> None:
-    """Run ``PROVISION`` on a node not started yet. A node of this checkout gets them in this
+def provision(server: MailgwServer, *commands: tuple[str, ...]) -> None:
+    """Run ``PROVISION``, then ``commands`` (more admin commands, each an argument tuple
+    such as ``("alias", "add", A, B)``), on a node not started yet. A node of this checkout gets them in this
     process through the admin command's own entry point (``mailgw.cli.main.main``): four
     interpreters per node, under coverage, were a tenth of the suite's CPU. Another
     installation's node (its own ``cli``), or a data directory that is someone else's
@@ -60,10 +61,10 @@ def provision(server: MailgwServer) -> None:
     data_dir = server.data_dir
     own = not data_dir.exists() or data_dir.stat().st_uid == os.geteuid()
     if server.cli_command[1:] != ["-m", "mailgw.cli"] or server._env is not None or not own:
-        for args in PROVISION:
+        for args in (*PROVISION, *commands):
             server.cli(*args)
         return
-    for args in PROVISION:
+    for args in (*PROVISION, *commands):
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = cli_main(["--config", str(server.config_path), *args])

@@ -25,7 +25,7 @@ import pytest
 from mailgw.policy.content import cn_id_valid
 from mailgw.testing.server import TWISTD, MailgwServer, free_port
 from tests.integration.helpers import PASSWORD, provision, wait_until
-from tests.integration.test_relay import TARGETS, Peers, relay_overrides
+from tests.integration.relay_world import TARGETS, Peers, relay_overrides
 
 RULES = Path(__file__).with_name("policy_rules.txt")
 USERS = {
@@ -38,14 +38,6 @@ USERS = {
 }
 RR = TARGETS["rr.example"]
 DOMESTIC, OVERSEAS, SDN = "127.0.0.4", "127.0.0.2", "127.0.0.3"
-
-
-@pytest.fixture(scope="module")
-def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peers]:
-    p = Peers(tmp_path_factory.mktemp("policy-peers"))
-    p.start()
-    yield p
-    p.stop()
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +55,10 @@ def node(
     overrides["delivery"] = {"retry_interval": "1s"}
     overrides["policy"] = {"rules_file": "rules.txt"}
     server = MailgwServer(folder, overrides)
-    provision(server)
-    for user, password in USERS.items():
-        server.cli("user", "add", f"{user}@example.test", "--password", password)
+    provision(
+        server,
+        *(("user", "add", f"{u}@example.test", "--password", pw) for u, pw in USERS.items()),
+    )
     server.start()
     server.ports["submission"] = port
     yield server

@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from mailgw.testing.server import MailgwServer, free_port, render_config
 from tests.integration.conftest import make_server
 from tests.integration.helpers import PASSWORD, Session, provision, wait_until
-from tests.integration.test_relay import Peers, relay_overrides, send, with_subject
+from tests.integration.relay_world import Peers, relay_overrides, send, start_node, with_subject
 
 
 def write_certificate(cert_path: Path, key_path: Path, common_name: str) -> None:
@@ -272,8 +272,6 @@ def peers(tmp_path: Path) -> Iterator[Peers]:
 
 
 def test_route_and_channel_change_applies_without_restart(peers: Peers, tmp_path: Path) -> None:
-    from tests.integration.test_relay import start_node
-
     overrides = relay_overrides(peers)
     overrides["imap"] = {"workers": "0"}
     server = start_node(tmp_path / "node", overrides)

@@ -22,8 +22,8 @@ import pytest
 from mailgw.policy.reputation.service import queue_ids_in
 from mailgw.testing.server import MailgwServer, free_port, render_config
 from tests.integration.helpers import PASSWORD, provision, wait_until
+from tests.integration.relay_world import TARGETS, Peers, relay_overrides
 from tests.integration.rspamd_peer import RSPAMD, Rspamd
-from tests.integration.test_relay import TARGETS, Peers, relay_overrides
 
 pytestmark = pytest.mark.skipif(RSPAMD is None, reason="rspamd (Debian package) not installed")
 
@@ -38,14 +38,6 @@ def rspamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rspamd]:
     r.start()
     yield r
     r.stop()
-
-
-@pytest.fixture(scope="module")
-def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peers]:
-    p = Peers(tmp_path_factory.mktemp("rep-peers"))
-    p.start()
-    yield p
-    p.stop()
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +71,10 @@ def node(
     # inbound auth off: the content score picks the bands itself (Junk from 3, never reject)
     overrides["inbound_auth"] = {"junk_score": "3", "quarantine_score": "0", "reject_score": "0"}
     server = MailgwServer(folder, overrides)
-    provision(server)
-    for user in ("spammer", "heur", "burster", "bouncer"):
-        server.cli("user", "add", f"{user}@example.test", "--password", f"{user} pw")
+    users = ("spammer", "heur", "burster", "bouncer")
+    provision(
+        server, *(("user", "add", f"{u}@example.test", "--password", f"{u} pw") for u in users)
+    )
     server.start()
     server.ports["submission"] = port
     yield server

@@ -22,15 +22,7 @@ import pytest
 
 from mailgw.testing.server import MailgwServer, free_port
 from tests.integration.helpers import PASSWORD, wait_until
-from tests.integration.test_relay import TARGETS, Peers, relay_overrides, start_node
-
-
-@pytest.fixture(scope="module")
-def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peers]:
-    p = Peers(tmp_path_factory.mktemp("peers"))
-    p.start()
-    yield p
-    p.stop()
+from tests.integration.relay_world import TARGETS, Peers, relay_overrides, start_node
 
 
 @pytest.fixture(scope="module")
