@@ -31,6 +31,8 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 # Items answered from the index alone.
 _CHEAP = frozenset({"FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE", "MODSEQ"})
 _STRUCTURE = frozenset({"ENVELOPE", "BODYSTRUCTURE"})
+# Sections of the top-level header: sliced from the message's header block alone.
+_HEADER_SECTIONS = frozenset({"HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT"})
 
 
 class MessageGone(Exception):
@@ -74,6 +76,23 @@ def needs_structure(items: tuple[FetchAtt, ...]) -> bool:
     return any(i.name not in _CHEAP for i in items)
 
 
+def header_only(items: tuple[FetchAtt, ...]) -> bool:
+    """Whether ``items`` need no byte of the message beyond its top-level header block
+    (``BODY[HEADER]``, ``BODY[HEADER.FIELDS (...)]``, ``RFC822.HEADER``, ENVELOPE, BODY,
+    BODYSTRUCTURE, index items): what a mail client's message list asks for."""
+    for item in items:
+        name = item.name
+        if name in _CHEAP or name in _STRUCTURE or name == "RFC822.HEADER":
+            continue
+        section = item.section
+        if name == "BODY" and (
+            section is None or (not section.part and section.text in _HEADER_SECTIONS)
+        ):
+            continue
+        return False
+    return True
+
+
 class Fetcher:
     """Renders FETCH responses for one selected mailbox; ``cache`` is shared by the server
     (keys name immutable bytes: user, folder, UIDVALIDITY, UID)."""
@@ -91,14 +110,23 @@ class Fetcher:
         """Drop the cached structure of an expunged message."""
         self.cache.discard(self._key(uid))
 
-    def load(self, uid: int, want_bytes: bool, want_structure: bool) -> tuple[bytes, Any]:
-        """The stored bytes (b"" unless wanted) and the structure (None unless wanted)."""
+    def load(
+        self, uid: int, want_bytes: bool, want_structure: bool, header: bool = False
+    ) -> tuple[bytes, Any]:
+        """The stored bytes (b"" unless wanted) and the structure (None unless wanted).
+        With ``header`` (the bytes wanted are the top-level header's alone: ``header_only``)
+        the bytes may be just the header block, kept by the cache with the structure."""
         raw = b""
         structure = None
         key = self._key(uid)
         if want_structure and not want_bytes:
             structure = self.cache.get(key)
             if structure is not None:
+                return raw, structure
+        if header and want_bytes and want_structure:
+            cached = self.cache.get_header(key)
+            if cached is not None:
+                structure, raw = cached
                 return raw, structure
         if want_bytes or want_structure:
             try:
@@ -107,7 +135,7 @@ class Fetcher:
                 self.cache.discard(key)
                 raise MessageGone(uid) from None
         if want_structure:
-            structure = self.cache.get_or_parse(key, raw)
+            structure = self.cache.get_or_parse(key, raw, keep_header=header and want_bytes)
         return raw, structure
 
     def response(
@@ -122,7 +150,9 @@ class Fetcher:
         """``* seq FETCH (...)`` for ``items``; MessageGone when the bytes are gone."""
         sel = self.selected
         info = sel.infos[uid]
-        raw, structure = self.load(uid, needs_bytes(items), needs_structure(items))
+        raw, structure = self.load(
+            uid, needs_bytes(items), needs_structure(items), header_only(items)
+        )
         out: list[bytes] = []
         names = {i.name for i in items}
         if with_uid and "UID" not in names:

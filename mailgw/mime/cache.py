@@ -44,6 +44,10 @@ class StructureCache:
     Keys are opaque (e.g. ``(user, folder, uidvalidity, uid)`` or a store blob id); a key
     must name immutable bytes, since entries are never revalidated. ``discard`` and
     ``discard_if`` forget entries whose message is gone (expunged, user logged out).
+
+    An entry may also keep the message's top-level header block (its bytes up to the body,
+    ``get_or_parse(keep_header=True)``), counted in its weight: what an IMAP client's
+    header FETCH asks for, answered without reading the message again (``get_header``).
     """
 
     def __init__(
@@ -61,7 +65,9 @@ class StructureCache:
         self.max_bytes = max_bytes
         self.max_entry_bytes = min(max_entry_bytes, max_bytes)
         self.limits = limits
-        self._entries: OrderedDict[Hashable, tuple[MessageStructure, int]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[MessageStructure, int, bytes | None]] = (
+            OrderedDict()
+        )
         self.bytes = 0  # estimated bytes held by the entries
         self.hits = 0
         self.misses = 0
@@ -83,28 +89,55 @@ class StructureCache:
         self._entries.move_to_end(key)
         return entry[0]
 
-    def put(self, key: Hashable, structure: MessageStructure) -> bool:
-        """Store ``structure`` under ``key``, evicting the least recently used entries to
-        stay within the bounds; False (and nothing kept) when it alone is too heavy."""
+    def get_header(self, key: Hashable) -> tuple[MessageStructure, bytes] | None:
+        """The cached structure for ``key`` and its header block, when the entry keeps one
+        (marking it recently used); else None."""
+        entry = self._entries.get(key)
+        if entry is None or entry[2] is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return entry[0], entry[2]
+
+    def put(self, key: Hashable, structure: MessageStructure, header: bytes | None = None) -> bool:
+        """Store ``structure`` (and ``header``, its message's header block) under ``key``,
+        evicting the least recently used entries to stay within the bounds; False (and
+        nothing kept) when it alone is too heavy."""
         self.discard(key)
-        weight = structure_weight(structure)
+        weight = structure_weight(structure) + (len(header) if header is not None else 0)
         if weight > self.max_entry_bytes:
             self.refused += 1
             return False
-        self._entries[key] = (structure, weight)
+        self._entries[key] = (structure, weight, header)
         self.bytes += weight
         while self.bytes > self.max_bytes or len(self._entries) > self.max_entries:
-            _key, (_structure, dropped) = self._entries.popitem(last=False)
+            _key, (_structure, dropped, _header) = self._entries.popitem(last=False)
             self.bytes -= dropped
         return True
 
-    def get_or_parse(self, key: Hashable, raw: bytes) -> MessageStructure:
-        """The cached structure for ``key``, parsing ``raw`` and caching it on a miss."""
-        entry = self.get(key)
+    def get_or_parse(
+        self, key: Hashable, raw: bytes, keep_header: bool = False
+    ) -> MessageStructure:
+        """The cached structure for ``key``, parsing ``raw`` and caching it on a miss; with
+        ``keep_header`` the entry keeps ``raw``'s header block too (added to an entry that
+        has none)."""
+        entry = self._entries.get(key)
+        if entry is not None and (not keep_header or entry[2] is not None):
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return entry[0]
         if entry is None:
-            entry = parse(raw, self.limits)
-            self.put(key, entry)
-        return entry
+            self.misses += 1
+            structure = parse(raw, self.limits)
+        else:
+            structure = entry[0]  # kept without its header: add it
+        header = None
+        if keep_header:
+            root = structure.root
+            header = raw[: root.body_start]  # offsets stay those of the message
+        self.put(key, structure, header)
+        return structure
 
     def discard(self, key: Hashable) -> None:
         """Forget ``key`` (e.g. after expunge); absent keys are ignored."""

@@ -102,3 +102,32 @@ def test_invalid_bounds() -> None:
         StructureCache(max_bytes=0)
     with pytest.raises(ValueError):
         StructureCache(max_entry_bytes=0)
+
+
+def test_a_kept_header_block_is_weighed_and_served() -> None:
+    cache = StructureCache()
+    raw = SIMPLE
+    structure = cache.get_or_parse("k", raw)
+    assert cache.get_header("k") is None  # parsed for a structure only: no header kept
+    without = cache.bytes
+    again = cache.get_or_parse("k", raw, keep_header=True)  # the same entry gains it
+    assert again is structure and len(cache) == 1
+    header = raw[: raw.index(b"\r\n\r\n") + 4]
+    assert cache.get_header("k") == (structure, header)
+    assert cache.bytes == without + len(header)
+    cache.discard("k")
+    assert cache.bytes == 0 and cache.get_header("k") is None
+
+
+def test_a_header_block_counts_toward_the_bounds() -> None:
+    raw = folded(50_000)
+    structure_only = structure_weight(parse(raw))
+    cache = StructureCache(max_entry_bytes=structure_only + 1000)
+    cache.get_or_parse("big", raw, keep_header=True)  # with its 50 KB header: too heavy
+    assert "big" not in cache and cache.refused == 1
+    cache.get_or_parse("big", raw)  # the structure alone fits
+    assert "big" in cache and cache.get_header("big") is None
+    bounded = StructureCache(max_bytes=3 * len(raw))
+    for n in range(10):
+        bounded.get_or_parse(n, raw, keep_header=True)
+    assert bounded.bytes <= 3 * len(raw) and len(bounded) < 10
