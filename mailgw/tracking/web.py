@@ -1,90 +1,98 @@
-"""``TrackingResource``: ``GET /api/v1/tracking?q=QUERY[&since=2h][&until=...]`` as JSON.
+"""The admin API's ``GET /api/v1/tracking?q=QUERY[&since=2h][&until=...]`` route (``tracking_route``).
 
 The answer is ``{"query", "since", "until", "messages": [timeline, ...]}`` with the timelines
-of ``mailgw.tracking.timeline.lookup`` (the same as ``mailgw track --json``). A missing ``q``
-or a bad time is ``400`` with ``{"error": ...}``; other methods ``405``. The lookup runs in a
-thread (``run``) so the reactor never waits on SQLite. Access control is the mounting
-resource's job (the HTTP role's admin guard).
+of ``mailgw.tracking.timeline.lookup`` (the same as ``mailgw track --json``). The route needs
+the ``read`` scope (or ``admin``), or no token from an ``[http] allow`` network; a missing
+``q`` or a bad ``since``/``until`` is ``400``, tracking not recorded (``[tracking] record =
+no``) ``503``; errors are the API's (``mailgw.http.api.router``). The handler runs in the I/O
+pool (``blocking``), so the reactor never waits on SQLite.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import threads
-from twisted.python.failure import Failure
-from twisted.web import resource, server
-
+from mailgw.http.api.router import ApiError, Call, Param, Route, invalid
 from mailgw.tracking import timeline
 
-Lookup = Callable[[str, float | None, float | None], list[dict[str, Any]]]
+_STR = {"type": "string"}
+_TIME = {"type": ["number", "null"], "description": "Unix time; null: no bound"}
+EVENT = {
+    "type": "object",
+    "required": ["time", "kind", "queue_id"],
+    "properties": {"time": {"type": "number"}, "kind": _STR, "queue_id": _STR},
+    "description": "One step; the other keys depend on the kind (docs/operations.md)",
+}
+TIMELINE = {
+    "type": "object",
+    "required": ["queue_id", "message_id", "sender", "recipients", "first", "last", "status"],
+    "properties": {
+        "queue_id": _STR,
+        "message_id": _STR,
+        "sender": _STR,
+        "recipients": {"type": "array", "items": _STR},
+        "first": {"type": "number"},
+        "last": {"type": "number"},
+        "status": _STR,
+        "events": {"type": "array", "items": EVENT},
+    },
+}
+ANSWER = {
+    "type": "object",
+    "required": ["query", "since", "until", "messages"],
+    "properties": {
+        "query": _STR,
+        "since": _TIME,
+        "until": _TIME,
+        "messages": {"type": "array", "items": TIMELINE},
+    },
+}
+WHEN = "a duration ago (2h, 30m, 1d), an ISO date (2026-12-06T03:00) or @UNIXTIME"
 
 
-class TrackingResource(resource.Resource):
-    """See the module docstring. ``path``: the tracking database; ``reactor``: whose thread
-    pool runs the lookups (``run``, replaceable, defaults to ``deferToThreadPool``)."""
+def tracking_route(path: str | None, clock: Callable[[], float] = time.time) -> Route:
+    """The route over the tracking database at ``path`` (None: not recorded, ``503``)."""
 
-    isLeaf = True
-
-    def __init__(self, path: str, reactor: Any, clock: Callable[[], float] = time.time) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]  # Twisted: untyped
-        self.path = path
-        self.reactor = reactor
-        self.clock = clock
-
-    def _lookup(self, query: str, since: float | None, until: float | None) -> Any:
-        return timeline.lookup(self.path, query, since, until)
-
-    def render(self, request: Any) -> bytes | int:  # twisted.web's Request: untyped
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            return _json(request, 405, {"error": "only GET"})
-        result: bytes | int = super().render(request)  # type: ignore[no-untyped-call]
-        return result
-
-    def render_GET(self, request: Any) -> bytes | int:
-        args = request.args or {}
-
-        def arg(name: bytes) -> str | None:
-            values = args.get(name)
-            return values[0].decode("utf-8", "replace") if values else None
-
-        query = (arg(b"q") or "").strip()
-        now = self.clock()
+    def when(call: Call, name: str, now: float) -> float | None:
+        text = call.query.get(name)
+        if text is None:
+            return None
         try:
-            if not query:
-                raise ValueError("missing q: a queue ID, a Message-ID or an address")
-            since_text, until_text = arg(b"since"), arg(b"until")
-            since = timeline.parse_when(since_text, now) if since_text else None
-            until = timeline.parse_when(until_text, now) if until_text else None
+            value = timeline.parse_when(text, now)
         except ValueError as e:
-            return _json(request, 400, {"error": str(e)})
-        pool = self.reactor.getThreadPool()
-        d = threads.deferToThreadPool(self.reactor, pool, self._lookup, query, since, until)
+            raise invalid(str(e)) from None
+        if not math.isfinite(value):
+            raise invalid(f"{name}: not a finite time: {text!r}")
+        return value
 
-        def done(messages: list[dict[str, Any]]) -> None:
-            body = {"query": query, "since": since, "until": until, "messages": messages}
-            _finish(request, 200, body)
+    def track(call: Call) -> dict[str, Any]:
+        query = str(call.query.get("q", "")).strip()
+        if not query:
+            raise invalid("missing q: a queue ID, a Message-ID or an address")
+        now = clock()
+        since, until = when(call, "since", now), when(call, "until", now)
+        if path is None:
+            raise ApiError(
+                503, "not_recorded", "message tracking is not recorded ([tracking] record = no)"
+            )
+        messages = timeline.lookup(path, query, since, until)
+        return {"query": query, "since": since, "until": until, "messages": messages}
 
-        def failed(failure: Failure) -> None:
-            _finish(request, 500, {"error": f"tracking lookup failed: {failure.getErrorMessage()}"})
-
-        d.addCallbacks(done, failed)
-        return server.NOT_DONE_YET
-
-
-def _json(request: Any, code: int, body: dict[str, Any]) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json; charset=utf-8")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n"
-
-
-def _finish(request: Any, code: int, body: dict[str, Any]) -> None:
-    if getattr(request, "_disconnected", False):
-        return
-    request.write(_json(request, code, body))
-    request.finish()
+    return Route(
+        "GET",
+        "/tracking",
+        "read",
+        track,
+        "A message's timeline: every step of the messages a queue ID, Message-ID or address names",
+        ANSWER,
+        query=(
+            Param("q", {"type": "string"}, "a queue ID, a Message-ID or an address", True),
+            Param("since", {"type": "string"}, f"only messages seen since then: {WHEN}"),
+            Param("until", {"type": "string"}, f"only messages seen until then: {WHEN}"),
+        ),
+        errors=(503,),
+        networks=True,
+    )
