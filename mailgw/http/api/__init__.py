@@ -5,6 +5,7 @@
 - ``router``: ``Route``, the dispatching resource (auth, scopes, JSON validation, errors)
   and the OpenAPI document generated from the route table;
 - ``endpoints``: ``AdminAPI`` and its route table over the node's parts;
+- ``tracking``: the ``GET /api/v1/tracking`` route (message timelines, ``mailgw.tracking``);
 - ``mount_api(node, root, admin_token)``: mounts it on the http role's root;
   ``mount_tracking(node, root, admin_token)``: only ``GET /api/v1/tracking`` (``[api]`` off).
 """
@@ -43,7 +44,7 @@ def mount_tracking(node: Any, root: Any, admin_token: bytes | None) -> Any:
     networks (no stored token: the API is off; no OpenAPI document). Returns the
     ``ApiResource``."""
     from mailgw.http.api.router import ApiResource, Authenticator
-    from mailgw.tracking.web import tracking_route
+    from mailgw.http.api.tracking import tracking_route
 
     routes = [tracking_route(node.tracker.path)]
     api = ApiResource(routes, Authenticator(None, admin_token, root.access.allow), node.run_io, 0)

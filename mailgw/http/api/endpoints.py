@@ -1,8 +1,8 @@
 """The ``/api/v1`` endpoints: one ``Route`` per operation, with its schemas, over the node's
 directory, spool (``mailgw.relay.queueadmin``, shared with ``mailgw queue``), quarantine store
 (shared with ``mailgw quarantine``), rules (``mailgw.policy.rules``), relay channels, DR state,
-statistics, the OA submit path (``messages``) and message tracking (its route is
-``mailgw.tracking.web``'s).
+statistics, the OA submit path (``messages``) and message tracking (its route is in
+``tracking``).
 
 ``AdminAPI(node, ...)`` holds what the handlers use; ``AdminAPI.routes()`` is the table the
 resource dispatches on and the OpenAPI document is generated from.
@@ -27,8 +27,8 @@ from typing import Any
 from twisted.internet import defer
 
 from mailgw.http.api.router import ApiError, Call, Param, Route, conflict, invalid, not_found
+from mailgw.http.api.tracking import tracking_route
 from mailgw.spool.queueid import is_queue_id
-from mailgw.tracking.web import tracking_route
 
 # -- schemas --------------------------------------------------------------------------------
 

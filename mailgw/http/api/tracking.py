@@ -1,11 +1,11 @@
-"""The admin API's ``GET /api/v1/tracking?q=QUERY[&since=2h][&until=...]`` route (``tracking_route``).
+"""The admin API's message tracking route: ``GET /api/v1/tracking?q=QUERY[&since=2h][&until=...]``.
 
 The answer is ``{"query", "since", "until", "messages": [timeline, ...]}`` with the timelines
 of ``mailgw.tracking.timeline.lookup`` (the same as ``mailgw track --json``). The route needs
 the ``read`` scope (or ``admin``), or no token from an ``[http] allow`` network; a missing
 ``q`` or a bad ``since``/``until`` is ``400``, tracking not recorded (``[tracking] record =
 no``) ``503``; errors are the API's (``mailgw.http.api.router``). The handler runs in the I/O
-pool (``blocking``), so the reactor never waits on SQLite.
+pool (``blocking``), so the reactor never waits on SQLite. ``tracking_route(path)`` builds it.
 """
 
 from __future__ import annotations

@@ -22,10 +22,10 @@ from twisted.web.server import Site
 
 from mailgw.http.api.router import ApiResource, Authenticator
 from mailgw.http.api.tokens import TokenStore
+from mailgw.http.api.tracking import tracking_route
 from mailgw.http.root import Folder
 from mailgw.runtime.threads import pool_runner
 from mailgw.tracking import Kind, Tracker
-from mailgw.tracking.web import tracking_route
 from tests.relay.reactorhelper import reactor, within
 
 ADMIN_FILE_TOKEN = b"file-token-for-tracking-0123456789"
