@@ -7,7 +7,7 @@ Layout:
   with ONE call, guarded (admin token or allowed network) or not::
 
       http = node.parts["http"]                     # the role's part, an HTTPRole
-      http.root.mount("/api/v1/tracking", TrackingResource(...))          # guarded
+      http.root.mount("/metrics", MetricsResource(...))                  # guarded
       http.root.mount("/webmail", WebmailResource(...), guarded=False)    # public
 
   Intermediate path segments are created as needed; mounting twice at a path is an error.
@@ -23,7 +23,9 @@ Layout:
   (``mailgw.runtime.metrics``: this process's plus every IMAP worker's, merged).
 - ``health``: ``/healthz`` and ``/readyz`` (listeners, spool and store writable, free disk).
 - ``api``: the admin and OA API (``/api/v1``, bearer tokens with scopes, the OpenAPI
-  document at ``/api/openapi.json`` generated from its route table; ``docs/api.md``).
+  document at ``/api/openapi.json`` generated from its route table; ``docs/api.md``), message
+  tracking (``GET /api/v1/tracking``) among its routes; with ``[api] enabled = no`` that route
+  alone, for the admin token and the allowed networks.
 - ``setup.build_http(node)``: the role's part (``HTTPRole``): root, listener factories and the
   service registering the collector while the role runs.
 

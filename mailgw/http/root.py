@@ -57,7 +57,7 @@ class HTTPRoot(Folder):
         return NotFound().render(request)
 
     def mount(self, path: str, resource: Resource, guarded: bool = True) -> Resource:
-        """Serve ``resource`` at ``path`` (``/api/v1/tracking``), behind the admin guard
+        """Serve ``resource`` at ``path`` (``/readyz``, ``/api/v1``), behind the admin guard
         unless ``guarded`` is False; returns what was mounted (the guard or the resource).
         ValueError for an empty path or a path already mounted."""
         segments = [s.encode("utf-8") for s in path.strip("/").split("/") if s]

@@ -173,15 +173,15 @@ def build_http(node: Any, endpoint: Any) -> HTTPRole:
     root.mount("/healthz", Healthz(), guarded=False)  # type: ignore[no-untyped-call]
     root.mount("/readyz", Readyz(readiness))
     root.mount("/metrics", MetricsResource(collector))
+    tracker = getattr(node, "tracker", None)
     if getattr(config, "api", None) is not None and config.api.enabled:
         from mailgw.http.api import mount_api
 
-        mount_api(node, root, token)  # /api/v1 first: /api/v1/tracking goes below it
-    tracker = getattr(node, "tracker", None)
-    if tracker is not None and tracker.path is not None:  # [tracking] record = yes
-        from mailgw.tracking.web import TrackingResource
+        mount_api(node, root, token)  # with GET /api/v1/tracking
+    elif tracker is not None and tracker.path is not None:  # [tracking] record = yes
+        from mailgw.http.api import mount_tracking
 
-        root.mount("/api/v1/tracking", TrackingResource(tracker.path, node.reactor))
+        mount_tracking(node, root, token)
     if config.webmail.enabled:  # the webmail at / (mailgw.webmail)
         from mailgw.webmail.setup import mount_webmail
 

@@ -4,7 +4,8 @@
 and the ``mailgw`` command make; it counts the event in the Prometheus message-flow counters
 (``metrics.py``) and queues it for a writer thread, which writes the queue in batches into
 ``data_dir/tracking.sqlite`` (``store.py``). ``timeline.py`` reads it back as per-message
-timelines (``mailgw track``, ``web.TrackingResource``).
+timelines (``mailgw track``, and the admin API's ``GET /api/v1/tracking``:
+``mailgw.http.api.tracking``).
 """
 
 from mailgw.tracking.events import Kind

@@ -206,6 +206,7 @@ def node(
                 "listen": f"tcp:{port}:interface=127.0.0.1",
                 "listen_tls": f"tcp:{free_port()}:interface=127.0.0.1",
                 "admin_token_file": str(tmp / "admin.token"),
+                "allow": "10.0.0.0/8",  # not loopback: the tests' requests need a token
             },
             "policy": {"rules_file": str(tmp / "rules.txt")},
             "relay": {"enabled": "yes", "retry_schedule": "1h"},
@@ -285,6 +286,50 @@ def test_tokens_and_scopes(node: MailgwServer, tokens: dict[str, str]) -> None:
     # the token file stores hashes only
     db = (node.data_dir / "api_tokens.sqlite").read_bytes()
     assert temp.encode() not in db and tokens["admin"].encode() not in db
+
+
+def test_tracking_with_a_read_token(node: MailgwServer, tokens: dict[str, str]) -> None:
+    """A helpdesk tool's read token looks up a message's timeline; a send token cannot; no
+    token from an address outside [http] allow is 401; the answer is ``mailgw track --json``'s."""
+    read = tokens["read"]
+    status, _, body = call(
+        node,
+        "POST",
+        "/api/v1/messages",
+        tokens["send"],
+        {"to": "bob@example.test", "subject": "track me", "text": "x"},
+    )
+    assert status == 202, body
+    qid = body["queue_id"]
+
+    def delivered() -> Any:
+        status, _, body = call(node, "GET", f"/api/v1/tracking?q={qid}&since=1h", read)
+        assert status == 200, body
+        kinds = [e["kind"] for m in body["messages"] for e in m["events"]]
+        return body if "delivered" in kinds else None  # the events are written in batches
+
+    body = wait_until(delivered, what="the delivered event over the API")
+    [m] = body["messages"]
+    assert body["query"] == qid and body["until"] is None
+    assert abs(body["since"] - (time.time() - 3600)) < 60
+    assert m["queue_id"] == qid and m["recipients"] == ["bob@example.test"]
+    assert [e["kind"] for e in m["events"]][0] == "received" and m["status"] == "delivered"
+    cli = json.loads(node.cli("track", "--json", qid).stdout)
+    assert [x["queue_id"] for x in cli["messages"]] == [qid]
+    assert cli["messages"][0]["events"][:2] == m["events"][:2]
+    by_address = call(node, "GET", "/api/v1/tracking?q=bob%40example.test", tokens["admin"])
+    assert qid in [x["queue_id"] for x in by_address[2]["messages"]]
+    assert call(node, "GET", f"/api/v1/tracking?q={qid}", ADMIN_FILE_TOKEN)[0] == 200
+    status, _, body = call(node, "GET", f"/api/v1/tracking?q={qid}", tokens["send"])
+    assert status == 403 and body["error"]["code"] == "forbidden"
+    status, headers, body = call(node, "GET", f"/api/v1/tracking?q={qid}")
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+    assert body["error"]["code"] == "unauthorized"
+    status, _, body = call(node, "GET", f"/api/v1/tracking?q={qid}&since=last+tuesday", read)
+    assert status == 400 and "expected a time" in body["error"]["message"]
+    assert call(node, "GET", "/api/v1/tracking", read)[0] == 400
+    status, headers, _ = call(node, "DELETE", f"/api/v1/tracking?q={qid}", tokens["admin"])
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
 
 
 def test_directory_endpoints(node: MailgwServer, tokens: dict[str, str]) -> None:
@@ -734,7 +779,13 @@ def test_openapi_document_describes_every_route(node: MailgwServer) -> None:
     ops = {(m, p) for p, item in doc["paths"].items() for m in item}
     assert ("post", "/api/v1/messages") in ops and ("put", "/api/v1/rules") in ops
     assert ("put", "/api/v1/channels") in ops and ("post", "/api/v1/channels/validate") in ops
-    assert len(ops) == 40
+    assert ("get", "/api/v1/tracking") in ops
+    tracking = doc["paths"]["/api/v1/tracking"]["get"]
+    assert tracking["x-scope"] == "read" and {"400", "401", "403", "503"} <= set(
+        tracking["responses"]
+    )
+    assert [p["name"] for p in tracking["parameters"]] == ["q", "since", "until"]
+    assert len(ops) == 41
 
 
 def test_schemathesis_finds_no_server_error(
@@ -772,4 +823,4 @@ def test_schemathesis_finds_no_server_error(
     start = out.find("FAILURES")
     assert result.returncode == 0, out[start : start + 8000] + result.stderr[-2000:]
     assert "Server error" not in out
-    assert "Tested: 40" in out, out[-3000:]  # every operation, DELETE and PUT /rules too
+    assert "Tested: 41" in out, out[-3000:]  # every operation, DELETE and PUT /rules too

@@ -284,7 +284,8 @@ def test_readyz_fails_while_the_spool_is_read_only(node: MailgwServer) -> None:
 def guarded(
     tmp_path_factory: pytest.TempPathFactory, selfsigned: tuple[Path, Path]
 ) -> Iterator[MailgwServer]:
-    """/metrics allowed only from 10.0.0.0/8 (not loopback), or with the admin token."""
+    """/metrics allowed only from 10.0.0.0/8 (not loopback), or with the admin token; [api]
+    is off (message tracking is served alone)."""
     cert, key = selfsigned
     work = tmp_path_factory.mktemp("http-guarded")
     token_file = work / "admin.token"
@@ -298,6 +299,7 @@ def guarded(
             "http": http_overrides(
                 port, tls_port, allow="10.0.0.0/8", admin_token_file=str(token_file)
             ),
+            "api": {"enabled": "no"},
         },
     )
     server.ports.update(http=port, https=tls_port)
@@ -306,6 +308,32 @@ def guarded(
         yield server
     finally:
         server.stop()
+
+
+def test_tracking_alone_with_the_admin_token_when_the_api_is_off(guarded: MailgwServer) -> None:
+    """[api] enabled = no: /api/v1/tracking is still there for the [http] admin token (and
+    the allowed networks), not for stored API tokens; the other routes and the OpenAPI
+    document are not served."""
+    import json
+
+    base = f"http://127.0.0.1:{guarded.ports['http']}"
+    url = base + "/api/v1/tracking?q=nobody%40example.test"
+    status, headers, body = get(url, {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200 and headers["Content-Type"].startswith("application/json"), body
+    assert json.loads(body) == {
+        "query": "nobody@example.test",
+        "since": None,
+        "until": None,
+        "messages": [],
+    }
+    status, headers, body = get(url)
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer"), body
+    assert json.loads(body)["error"]["code"] == "unauthorized"
+    read = guarded.cli("token", "create", "--scope", "read").stdout.splitlines()[0]
+    assert get(url, {"Authorization": f"Bearer {read}"})[0] == 401
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert get(base + "/api/v1/domains", auth)[0] == 404
+    assert get(base + "/api/openapi.json", auth)[0] == 404
 
 
 def test_access_needs_an_allowed_network_or_the_token(guarded: MailgwServer) -> None:

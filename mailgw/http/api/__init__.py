@@ -5,7 +5,9 @@
 - ``router``: ``Route``, the dispatching resource (auth, scopes, JSON validation, errors)
   and the OpenAPI document generated from the route table;
 - ``endpoints``: ``AdminAPI`` and its route table over the node's parts;
-- ``mount_api(node, root, admin_token)``: mounts it on the http role's root.
+- ``tracking``: the ``GET /api/v1/tracking`` route (message timelines, ``mailgw.tracking``);
+- ``mount_api(node, root, admin_token)``: mounts it on the http role's root;
+  ``mount_tracking(node, root, admin_token)``: only ``GET /api/v1/tracking`` (``[api]`` off).
 """
 
 from __future__ import annotations
@@ -25,9 +27,8 @@ def mount_api(node: Any, root: Any, admin_token: bytes | None) -> Any:
     config = node.config
     tokens = TokenStore(token_path(config.server.data_dir))
     routes = AdminAPI(node).routes()
-    api = ApiResource(
-        routes, Authenticator(tokens, admin_token), node.run_io, config.api.max_body_size
-    )
+    auth = Authenticator(tokens, admin_token, root.access.allow)
+    api = ApiResource(routes, auth, node.run_io, config.api.max_body_size)
     root.mount("/api/v1", api, guarded=False)
     root.mount(
         "/api/openapi.json",
@@ -37,4 +38,18 @@ def mount_api(node: Any, root: Any, admin_token: bytes | None) -> Any:
     return api
 
 
-__all__ = ["API_VERSION", "mount_api"]
+def mount_tracking(node: Any, root: Any, admin_token: bytes | None) -> Any:
+    """With ``[api] enabled = no`` and ``[tracking] record = yes``: ``/api/v1`` with the
+    tracking route alone, for the ``[http] admin_token_file`` token and the ``[http] allow``
+    networks (no stored token: the API is off; no OpenAPI document). Returns the
+    ``ApiResource``."""
+    from mailgw.http.api.router import ApiResource, Authenticator
+    from mailgw.http.api.tracking import tracking_route
+
+    routes = [tracking_route(node.tracker.path)]
+    api = ApiResource(routes, Authenticator(None, admin_token, root.access.allow), node.run_io, 0)
+    root.mount("/api/v1", api, guarded=False)
+    return api
+
+
+__all__ = ["API_VERSION", "mount_api", "mount_tracking"]

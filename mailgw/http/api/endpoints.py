@@ -1,7 +1,8 @@
 """The ``/api/v1`` endpoints: one ``Route`` per operation, with its schemas, over the node's
 directory, spool (``mailgw.relay.queueadmin``, shared with ``mailgw queue``), quarantine store
 (shared with ``mailgw quarantine``), rules (``mailgw.policy.rules``), relay channels, DR state,
-statistics and the OA submit path (``messages``).
+statistics, the OA submit path (``messages``) and message tracking (its route is in
+``tracking``).
 
 ``AdminAPI(node, ...)`` holds what the handlers use; ``AdminAPI.routes()`` is the table the
 resource dispatches on and the OpenAPI document is generated from.
@@ -26,6 +27,7 @@ from typing import Any
 from twisted.internet import defer
 
 from mailgw.http.api.router import ApiError, Call, Param, Route, conflict, invalid, not_found
+from mailgw.http.api.tracking import tracking_route
 from mailgw.spool.queueid import is_queue_id
 
 # -- schemas --------------------------------------------------------------------------------
@@ -1283,6 +1285,7 @@ class AdminAPI:
                 blocking=False,
                 tag="messages",
             ),
+            tracking_route(getattr(getattr(self.node, "tracker", None), "path", None)),
         ]
 
 

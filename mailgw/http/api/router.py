@@ -5,7 +5,8 @@ document generated from the same table, so the document cannot drift from the ha
 
 Errors are ``{"error": {"code": "...", "message": "..."}}`` with the status: 400 (bad JSON,
 a body or query that does not match the schema, a value the handler refuses), 401 (no or an
-invalid token, with ``WWW-Authenticate: Bearer``), 403 (the token lacks the scope), 404 (no
+invalid token, with ``WWW-Authenticate: Bearer``; a route marked ``networks`` also lets clients
+of the ``[http] allow`` networks in without a token, as the admin guard does), 403 (the token lacks the scope), 404 (no
 such path or object), 405 (with ``Allow``), 409 (conflicts: exists already, busy), 413 (body
 too large), 415 (not JSON), 500 (a bug: logged with a traceback, the client gets a short
 message), 503 (a part this node does not run). A handler runs in the I/O pool (``blocking``)
@@ -32,6 +33,7 @@ from twisted.web.server import NOT_DONE_YET
 from mailgw.http.api.tokens import Token, TokenStore
 from mailgw.http.guard import REALM
 from mailgw.http.root import Folder
+from mailgw.net.proxy import Network, is_trusted
 
 log = Logger(namespace="mailgw.api")
 
@@ -86,7 +88,9 @@ class Call:
 class Route:
     """One endpoint. ``path`` below ``/api/v1`` (``/users/{address}``); ``scope`` the token
     needs; ``handler(call)``; ``body``/``response``: JSON schemas; ``errors``: the statuses
-    it can answer besides the auth ones; ``blocking``: run in the I/O pool."""
+    it can answer besides the auth ones; ``blocking``: run in the I/O pool; ``networks``:
+    without a token, clients of the ``[http] allow`` networks may call it (with the ``read``
+    scope, as the admin guard lets them read /metrics)."""
 
     method: str
     path: str
@@ -101,6 +105,7 @@ class Route:
     blocking: bool = True
     tag: str = ""
     param_docs: dict[str, str] = field(default_factory=dict)
+    networks: bool = False
 
     @property
     def segments(self) -> list[str]:
@@ -124,12 +129,31 @@ class Route:
         return self.method.lower() + "_" + "_".join(re.sub(r"\W", "_", w) for w in words)
 
 
-class Authenticator:
-    """Bearer tokens: the ``[http] admin_token_file`` token (full admin) or a stored token."""
+NETWORK_TOKEN = Token("network", "[http] allow", "read", "", 0.0, None, None)
+"""Who a tokenless client of an ``[http] allow`` network is, on a ``networks`` route."""
 
-    def __init__(self, tokens: TokenStore | None, admin_token: bytes | None) -> None:
+
+class Authenticator:
+    """Bearer tokens: the ``[http] admin_token_file`` token (full admin) or a stored token
+    (``tokens``; None: none is accepted); ``allow``: the ``[http] allow`` networks."""
+
+    def __init__(
+        self,
+        tokens: TokenStore | None,
+        admin_token: bytes | None,
+        allow: Sequence[Network] = (),
+    ) -> None:
         self.tokens = tokens
         self.admin_token = admin_token
+        self.allow = tuple(allow)
+
+    def for_request(self, request: Any, route: Route) -> Token:
+        """Who ``request`` is (``authenticate`` its header), or ``NETWORK_TOKEN`` for no
+        header from an allowed network on a ``networks`` route."""
+        header = request.getHeader(b"authorization")
+        if header is None and route.networks and is_trusted(request.getClientAddress(), self.allow):
+            return NETWORK_TOKEN
+        return self.authenticate(header)
 
     def authenticate(self, header: bytes | None) -> Token:
         """The token of an ``Authorization`` header; ApiError 401 when there is none or it
@@ -179,7 +203,7 @@ def _validate(instance: Any, schema: dict[str, Any], what: str) -> None:
 
 class ApiResource(Folder):
     """``/api/v1``: dispatches to ``routes``; other resources may still be mounted below it
-    (``/api/v1/tracking``), and those take precedence."""
+    (``/api/v1/NAME``), and those take precedence."""
 
     def __init__(
         self,
@@ -232,7 +256,7 @@ class _Dispatch(Resource):
             return _error(request, ApiError(405, "method_not_allowed", f"{method} not allowed"))
         route, params = chosen[0]
         try:
-            token = self.api.auth.authenticate(request.getHeader(b"authorization"))
+            token = self.api.auth.for_request(request, route)
             if not token.allows(route.scope):
                 raise ApiError(403, "forbidden", f"this token lacks the {route.scope} scope")
             call = Call(
@@ -371,6 +395,11 @@ def openapi(routes: Sequence[Route], title: str, version: str) -> dict[str, Any]
             "security": [{"bearer": []}],
             "x-scope": route.scope,
         }
+        if route.networks:
+            op["description"] = (
+                "Also without a token from an [http] allow network (scope read), as /metrics."
+            )
+            op["x-networks"] = True
         parameters = []
         for segment in route.segments:
             if segment.startswith("{"):
