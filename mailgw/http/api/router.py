@@ -7,9 +7,9 @@ Errors are ``{"error": {"code": "...", "message": "..."}}`` with the status: 400
 a body or query that does not match the schema, a value the handler refuses), 401 (no or an
 invalid token, with ``WWW-Authenticate: Bearer``; a route marked ``networks`` also lets
 clients of the ``[http] allow`` networks in without a token, as the admin guard does), 403
-(the token lacks the scope), 404 (no such path or object), 405 (with ``Allow``), 409 (conflicts: exists already, busy), 413 (body
-too large), 415 (not JSON), 500 (a bug: logged with a traceback, the client gets a short
-message), 503 (a part this node does not run). A handler runs in the I/O pool (``blocking``)
+(the token lacks the scope), 404 (no such path or object), 405 (with ``Allow``), 409
+(conflicts: exists already, busy), 413 (body too large), 415 (not JSON), 500 (a bug: logged
+with a traceback, the client gets a short message), 503 (a part this node does not run). A handler runs in the I/O pool (``blocking``)
 or on the reactor thread, returning a value or a Deferred of one.
 """
 
