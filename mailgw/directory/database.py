@@ -143,6 +143,7 @@ class Directory:
         self._journal = DBJournal(
             Sequencer.for_dir(os.path.join(parent, "journal")), os.path.abspath(path)
         )
+        self._closed = False
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -160,9 +161,12 @@ class Directory:
             self._cache.clear()
 
     def close(self) -> None:
-        """Close the database connection."""
+        """Close the database connection and let go of the journal's sequencer."""
         with self._lock:
             self._db.close()
+            if not self._closed:
+                self._closed = True
+                Sequencer.release(self._journal.sequencer)
 
     def __enter__(self) -> Directory:
         return self

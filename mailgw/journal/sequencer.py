@@ -115,21 +115,40 @@ def parse_route(line: bytes) -> Route | None:
 
 class Sequencer:
     """The sequencer of one journal directory, shared by the writers of this process
-    (``for_dir``); see the module text."""
+    (``for_dir``, ``release``); see the module text."""
 
     _instances: dict[tuple[int, str], Sequencer] = {}
+    _users: dict[tuple[int, str], int] = {}
     _instances_lock = threading.Lock()
 
     @classmethod
     def for_dir(cls, path: str) -> Sequencer:
-        """The one sequencer of ``path`` in this process."""
+        """The one sequencer of ``path`` in this process (one more user of it)."""
         os.makedirs(os.path.join(path, ROUTES_DIR), mode=0o750, exist_ok=True)
         key = (os.getpid(), os.path.realpath(path))
         with cls._instances_lock:
             found = cls._instances.get(key)
             if found is None:
                 found = cls._instances[key] = cls(path)
+                found._key = key
+            cls._users[key] = cls._users.get(key, 0) + 1
             return found
+
+    @classmethod
+    def release(cls, sequencer: Sequencer) -> None:
+        """One user of ``sequencer`` (from ``for_dir``) is done with it; the last one closes
+        its files. A process that opens many data directories (the admin command's entry
+        point called in a test process, a tool) keeps no descriptors of closed ones."""
+        key = sequencer._key
+        with cls._instances_lock:
+            left = cls._users.get(key, 0) - 1
+            if left > 0:
+                cls._users[key] = left
+                return
+            cls._users.pop(key, None)
+            if cls._instances.get(key) is sequencer:
+                del cls._instances[key]
+        sequencer.close()
 
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
@@ -146,6 +165,15 @@ class Sequencer:
         self._read_lock = threading.Lock()
         self._route_fd = -1
         self._route_segment = 0
+        self._key = (os.getpid(), os.path.realpath(path))
+
+    def close(self) -> None:
+        """Close the sequence file and the open route segment (``release`` calls it)."""
+        with self._lock, self._read_lock:
+            for fd in (self._fd, self._read_fd, self._route_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self._fd = self._read_fd = self._route_fd = -1
 
     @property
     def pid(self) -> int:

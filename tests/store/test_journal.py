@@ -552,3 +552,38 @@ def test_a_rolled_back_prune_is_not_recorded(
     assert Sequencer.for_dir(str(tmp_path / "journal")).pruned() == 0
     with sqlite3.connect(index_of(tmp_path)) as db:  # the DELETE was rolled back too
         assert db.execute("SELECT count(*) FROM journal").fetchone()[0] > 0
+
+
+def _open_fds() -> set[str]:
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    return out
+
+
+def test_the_sequencer_is_closed_when_its_last_directory_closes(tmp_path: Path) -> None:
+    journal = str(tmp_path / "data" / "journal")
+    first = Directory(str(tmp_path / "data" / "directory.sqlite"))
+    second = Directory(str(tmp_path / "data" / "directory.sqlite"))
+    first.add_domain("one.test")
+    sequencer = Sequencer.for_dir(journal)  # a third user: the same one
+    assert any(path.startswith(journal) for path in _open_fds())
+    first.close()
+    first.close()  # twice: released once
+    second.add_domain("two.test")  # still open for the others
+    Sequencer.release(sequencer)
+    assert any(path.startswith(journal) for path in _open_fds())
+    second.close()
+    assert not any(path.startswith(journal) for path in _open_fds())
+    again = Directory(str(tmp_path / "data" / "directory.sqlite"))  # a new one opens afresh
+    try:
+        again.add_domain("three.test")
+        other = Sequencer.for_dir(journal)
+        Sequencer.release(other)
+        assert other is not sequencer
+    finally:
+        again.close()
+    assert not any(path.startswith(journal) for path in _open_fds())
