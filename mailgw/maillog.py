@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import threading
-import weakref
 from collections.abc import Callable, Mapping
 from typing import IO, Any, cast
 
@@ -137,8 +136,9 @@ class BatchedFileLogObserver:
         self._write_lock = threading.RLock()
         """Held while a batch is taken and written, so batches reach the file in order."""
         reactor.addSystemEventTrigger("after", "shutdown", self.flush)
-        _batched.add(self)
         self._flushed_before_poll = _flush_before_each_poll(reactor)
+        if self._flushed_before_poll:  # a real reactor (not a test's memory one)
+            _batched.append(self)
 
     def __call__(self, event: LogEvent) -> None:
         text = self.format_event(event)
@@ -172,8 +172,9 @@ class BatchedFileLogObserver:
             self.out_file.flush()
 
 
-_batched: weakref.WeakSet[BatchedFileLogObserver] = weakref.WeakSet()
-"""The batched observers of this process (one, the mail log's, in a running server)."""
+_batched: list[BatchedFileLogObserver] = []
+"""The batched observers of this process (one, the mail log's, in a running server; kept for
+the life of the process: a list, not a WeakSet, since it is read before every reply)."""
 
 
 def flush_pending() -> None:
