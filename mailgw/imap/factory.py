@@ -253,9 +253,12 @@ class IMAPFactory(ServerFactory[IMAPServer]):
         sessions.discard(session)
         if not sessions:
             del self._sessions[user]
-            # The user's last session here: their parsed messages go (as a Dovecot imap
-            # process ends with its user's last session). Keys start with the user.
-            self.cache.discard_if(lambda key: isinstance(key, tuple) and key[:1] == (user,))
+            # The user's last session here: their parsed messages are the first to go when
+            # room is needed, and serve them again if they come back before (a client that
+            # connects for each check; Dovecot keeps such fields in dovecot.index.cache).
+            # Dropping them at once made every session re-read and re-parse what it listed.
+            # Keys start with the user.
+            self.cache.demote_if(lambda key: isinstance(key, tuple) and key[:1] == (user,))
         self.admission.logout(user)
 
     def sessions_of(self, user: str) -> set[IMAPServer]:

@@ -43,7 +43,8 @@ class StructureCache:
 
     Keys are opaque (e.g. ``(user, folder, uidvalidity, uid)`` or a store blob id); a key
     must name immutable bytes, since entries are never revalidated. ``discard`` and
-    ``discard_if`` forget entries whose message is gone (expunged, user logged out).
+    ``discard_if`` forget entries whose message is gone (expunged); ``demote_if`` puts
+    entries first in line for eviction (a user who logged out).
 
     An entry may also keep the message's top-level header block (its bytes up to the body,
     ``get_or_parse(keep_header=True)``), counted in its weight: what an IMAP client's
@@ -144,6 +145,14 @@ class StructureCache:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.bytes -= entry[1]
+
+    def demote_if(self, predicate: Callable[[Hashable], bool]) -> int:
+        """Make every entry whose key satisfies ``predicate`` the least recently used (the
+        first to go when room is needed), keeping their order; returns how many."""
+        chosen = [key for key in self._entries if predicate(key)]
+        for key in reversed(chosen):
+            self._entries.move_to_end(key, last=False)
+        return len(chosen)
 
     def discard_if(self, predicate: Callable[[Hashable], bool]) -> int:
         """Forget every entry whose key satisfies ``predicate``; returns how many."""

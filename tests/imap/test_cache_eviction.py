@@ -1,5 +1,6 @@
 """The parsed-message cache of an IMAP process forgets expunged messages (by this session or
-another) and a user's messages when their last session ends (issue 10)."""
+another) and puts a user's messages first in line for eviction when their last session ends
+(issue 10), keeping them for a user who comes back before they are evicted."""
 
 from __future__ import annotations
 
@@ -41,7 +42,12 @@ def test_expunge_by_another_session_drops_them_on_sync(env: Env) -> None:
     assert keys(env) == {1}
 
 
-def test_last_logout_of_a_user_drops_their_structures(env: Env) -> None:
+def order(env: Env) -> list[tuple[str, int]]:
+    """The cache's (user, UID) keys, least recently used first."""
+    return [(key[0], key[3]) for key in env.factory.cache._entries]  # type: ignore[index]
+
+
+def test_last_logout_of_a_user_puts_their_structures_first_in_line(env: Env) -> None:
     env.deliver(MSG)
     env.deliver(MSG, user="bob@example.test")
     a1 = env.connect(login="alice@example.test")
@@ -50,14 +56,19 @@ def test_last_logout_of_a_user_drops_their_structures(env: Env) -> None:
     for client in (a1, a2, b):
         client.cmd("SELECT INBOX")
         client.cmd("FETCH 1 ENVELOPE")
-    assert keys(env) == {1} and keys(env, "bob@example.test") == {1}
-    a1.cmd("LOGOUT")
-    a1.close()
-    assert keys(env) == {1}  # alice still has a session
-    a2.close()  # connection dropped without LOGOUT
-    assert keys(env) == set()
-    assert keys(env, "bob@example.test") == {1}
-    assert env.factory.cache.bytes > 0
+    assert order(env) == [("alice@example.test", 1), ("bob@example.test", 1)]
     b.cmd("LOGOUT")
     b.close()
-    assert env.factory.cache.bytes == 0
+    # Bob's last session ended: his structure is kept, but goes first when room is needed.
+    assert order(env) == [("bob@example.test", 1), ("alice@example.test", 1)]
+    a1.cmd("LOGOUT")
+    a1.close()  # alice still has a session: nothing moves
+    assert order(env) == [("bob@example.test", 1), ("alice@example.test", 1)]
+    a2.close()  # connection dropped without LOGOUT: her last session
+    assert order(env) == [("alice@example.test", 1), ("bob@example.test", 1)]
+    # A user who comes back finds their messages parsed already.
+    again = env.connect(login="bob@example.test")
+    again.cmd("SELECT INBOX")
+    hits = env.factory.cache.hits
+    assert b"ENVELOPE" in again.cmd("FETCH 1 ENVELOPE")
+    assert env.factory.cache.hits == hits + 1

@@ -131,3 +131,16 @@ def test_a_header_block_counts_toward_the_bounds() -> None:
     for n in range(10):
         bounded.get_or_parse(n, raw, keep_header=True)
     assert bounded.bytes <= 3 * len(raw) and len(bounded) < 10
+
+
+def test_demoted_entries_are_evicted_first_and_keep_their_order() -> None:
+    raw = SIMPLE
+    weight = structure_weight(parse(raw))
+    cache = StructureCache(max_bytes=weight * 4)
+    for key in ("a1", "b1", "a2", "b2"):
+        cache.get_or_parse(key, raw)
+    assert cache.demote_if(lambda key: str(key).startswith("b")) == 2
+    assert list(cache._entries) == ["b1", "b2", "a1", "a2"]
+    cache.get_or_parse("c1", raw)  # room for one more: the first demoted goes
+    assert list(cache._entries) == ["b2", "a1", "a2", "c1"]
+    assert cache.bytes <= weight * 4
