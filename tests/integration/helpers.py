@@ -8,6 +8,7 @@ import io
 import os
 import poplib
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,7 +61,8 @@ def provision(server: MailgwServer, *commands: tuple[str, ...]) -> None:
     (the command would switch to its owner), goes through the command itself."""
     data_dir = server.data_dir
     own = not data_dir.exists() or data_dir.stat().st_uid == os.geteuid()
-    if server.cli_command[1:] != ["-m", "mailgw.cli"] or server._env is not None or not own:
+    this_checkout = server.cli_command == [sys.executable, "-m", "mailgw.cli"]
+    if not this_checkout or server._env is not None or not own:
         for args in (*PROVISION, *commands):
             server.cli(*args)
         return
