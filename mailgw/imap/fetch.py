@@ -76,6 +76,12 @@ def needs_structure(items: tuple[FetchAtt, ...]) -> bool:
     return any(i.name not in _CHEAP for i in items)
 
 
+def wants(items: tuple[FetchAtt, ...]) -> tuple[bool, bool, bool]:
+    """``needs_bytes``, ``needs_structure`` and ``header_only`` of ``items``: what
+    ``Fetcher.load`` is asked for, worked out once per FETCH command."""
+    return needs_bytes(items), needs_structure(items), header_only(items)
+
+
 def header_only(items: tuple[FetchAtt, ...]) -> bool:
     """Whether ``items`` need no byte of the message beyond its top-level header block
     (``BODY[HEADER]``, ``BODY[HEADER.FIELDS (...)]``, ``RFC822.HEADER``, ENVELOPE, BODY,
@@ -146,13 +152,13 @@ class Fetcher:
         with_uid: bool,
         with_flags: bool = False,
         with_modseq: bool = False,
+        wanted: tuple[bool, bool, bool] | None = None,
     ) -> bytes:
-        """``* seq FETCH (...)`` for ``items``; MessageGone when the bytes are gone."""
+        """``* seq FETCH (...)`` for ``items`` (``wanted``: their ``wants``, when the caller
+        worked it out already); MessageGone when the bytes are gone."""
         sel = self.selected
         info = sel.infos[uid]
-        raw, structure = self.load(
-            uid, needs_bytes(items), needs_structure(items), header_only(items)
-        )
+        raw, structure = self.load(uid, *(wanted or wants(items)))
         out: list[bytes] = []
         names = {i.name for i in items}
         if with_uid and "UID" not in names:
@@ -322,12 +328,15 @@ def fetch_responses(
     whose BINARY part has an unknown transfer encoding skipped and added to
     ``undecodable``)."""
     sel = fetcher.selected
+    wanted = wants(items)
     for uid in uids:
         seq = sel.seq_of(uid)
         if not seq or uid not in sel.infos:
             continue
         try:
-            yield fetcher.response(seq, uid, items, with_uid, uid in flags_changed, with_modseq)
+            yield fetcher.response(
+                seq, uid, items, with_uid, uid in flags_changed, with_modseq, wanted
+            )
         except MessageGone:
             gone.append(uid)
         except UnknownTransferEncoding:

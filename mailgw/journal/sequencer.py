@@ -130,7 +130,6 @@ class Sequencer:
             found = cls._instances.get(key)
             if found is None:
                 found = cls._instances[key] = cls(path)
-                found._key = key
             cls._users[key] = cls._users.get(key, 0) + 1
             return found
 

@@ -92,10 +92,10 @@ class StructureCache:
 
     def get_header(self, key: Hashable) -> tuple[MessageStructure, bytes] | None:
         """The cached structure for ``key`` and its header block, when the entry keeps one
-        (marking it recently used); else None."""
+        (marking it recently used); else None, not counted as a miss: the caller reads the
+        message and asks ``get_or_parse``, which counts it."""
         entry = self._entries.get(key)
         if entry is None or entry[2] is None:
-            self.misses += 1
             return None
         self.hits += 1
         self._entries.move_to_end(key)

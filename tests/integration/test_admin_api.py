@@ -254,6 +254,15 @@ def call(
     return status, headers, json.loads(text) if text else None
 
 
+def submit(node: MailgwServer, token: str, to: str, subject: str) -> Any:
+    """``POST /api/v1/messages`` of a one-line text message; its 202 body (the queue ID)."""
+    status, _, body = call(
+        node, "POST", "/api/v1/messages", token, {"to": to, "subject": subject, "text": "x"}
+    )
+    assert status == 202, body
+    return body
+
+
 def create_token(node: MailgwServer, scope: str, *extra: str) -> str:
     out = node.cli("token", "create", "--scope", scope, "--name", f"test-{scope}", *extra)
     return out.stdout.splitlines()[0]
@@ -292,14 +301,7 @@ def test_tracking_with_a_read_token(node: MailgwServer, tokens: dict[str, str]) 
     """A helpdesk tool's read token looks up a message's timeline; a send token cannot; no
     token from an address outside [http] allow is 401; the answer is ``mailgw track --json``'s."""
     read = tokens["read"]
-    status, _, body = call(
-        node,
-        "POST",
-        "/api/v1/messages",
-        tokens["send"],
-        {"to": "bob@example.test", "subject": "track me", "text": "x"},
-    )
-    assert status == 202, body
+    body = submit(node, tokens["send"], "bob@example.test", "track me")
     qid = body["queue_id"]
 
     def delivered() -> Any:
@@ -424,14 +426,7 @@ def test_directory_endpoints(node: MailgwServer, tokens: dict[str, str]) -> None
 def test_queue_quarantine_channels_dr_stats(node: MailgwServer, tokens: dict[str, str]) -> None:
     read, admin = tokens["read"], tokens["admin"]
     # a message for a remote domain stays queued (the smarthost does not answer)
-    status, _, body = call(
-        node,
-        "POST",
-        "/api/v1/messages",
-        tokens["send"],
-        {"to": "someone@remote.test", "subject": "queued", "text": "x"},
-    )
-    assert status == 202, body
+    body = submit(node, tokens["send"], "someone@remote.test", "queued")
     qid = body["queue_id"]
 
     def state() -> str:
@@ -554,14 +549,7 @@ def test_channels_validate_and_apply_through_the_unified_config(
     status, _, row = call(node, "GET", "/api/v1/channels/partner", read)
     assert status == 200 and row["kind"] == "smarthost"
 
-    status, _, body = call(
-        node,
-        "POST",
-        "/api/v1/messages",
-        tokens["send"],
-        {"to": "someone@partner.test", "subject": "via the partner channel", "text": "x"},
-    )
-    assert status == 202, body
+    body = submit(node, tokens["send"], "someone@partner.test", "via the partner channel")
     qid = body["queue_id"].encode()
     got = wait_until(
         lambda: [m for m in sink.messages if qid in m], what="the message at the partner sink"
@@ -697,14 +685,7 @@ def test_quarantine_failure_events_and_token_sender(
     )
     assert quarantined[ids[0]]["data"] == {"check": "rules", "reason": "held for review"}
     # a remote server refuses the recipient: the relay bounces, a failed event
-    status, _, body = call(
-        node,
-        "POST",
-        "/api/v1/messages",
-        tokens["send"],
-        {"to": "x@reject.test", "subject": "doomed", "text": "x"},
-    )
-    assert status == 202, body
+    body = submit(node, tokens["send"], "x@reject.test", "doomed")
     failed = wait_until(
         lambda: [e for e in receiver.events("message.failed") if e["queue_id"] == body["queue_id"]],
         what="the failed webhook",
@@ -713,14 +694,7 @@ def test_quarantine_failure_events_and_token_sender(
     assert "5.1.1" in failed[0]["data"]["reason"] and failed[0]["data"]["cause"] == "bounced"
     # a send token with its own sender (who must be allowed to send as it)
     bob = create_token(node, "send", "--sender", "bob@example.test")
-    status, _, body = call(
-        node,
-        "POST",
-        "/api/v1/messages",
-        bob,
-        {"to": "alice@example.test", "subject": "hi", "text": "x"},
-    )
-    assert status == 202, body
+    body = submit(node, bob, "alice@example.test", "hi")
     status, _, body = call(
         node, "GET", f"/api/v1/queue/{body['queue_id']}", read
     )  # delivered already, or still queued: either way from bob

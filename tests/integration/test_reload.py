@@ -265,7 +265,6 @@ def test_reload_without_a_running_server_fails(tmp_path: Path) -> None:
 @pytest.fixture
 def peers(tmp_path: Path) -> Iterator[Peers]:
     p = Peers(tmp_path / "peers")
-    p.dir.mkdir(parents=True, exist_ok=True)
     p.start()
     yield p
     p.stop()

@@ -26,13 +26,21 @@ from typing import Any
 
 from twisted.internet import defer
 
-from mailgw.http.api.router import ApiError, Call, Param, Route, conflict, invalid, not_found
+from mailgw.http.api.router import (
+    STR,
+    ApiError,
+    Call,
+    Param,
+    Route,
+    conflict,
+    invalid,
+    not_found,
+)
 from mailgw.http.api.tracking import tracking_route
 from mailgw.spool.queueid import is_queue_id
 
 # -- schemas --------------------------------------------------------------------------------
 
-STR = {"type": "string"}
 NAME = {"type": "string", "minLength": 1, "maxLength": 320}
 PASSWORD = {"type": "string", "minLength": 1, "maxLength": 1024}
 QUOTA = {

@@ -37,6 +37,9 @@ from mailgw.net.proxy import Network, is_trusted
 
 log = Logger(namespace="mailgw.api")
 
+STR: dict[str, Any] = {"type": "string"}
+"""The JSON schema of a string, shared by the route tables."""
+
 JSON_TYPE = b"application/json; charset=utf-8"
 
 

@@ -15,28 +15,27 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mailgw.http.api.router import ApiError, Call, Param, Route, invalid
+from mailgw.http.api.router import STR, ApiError, Call, Param, Route, invalid
 from mailgw.tracking import timeline
 
-_STR = {"type": "string"}
 _TIME = {"type": ["number", "null"], "description": "Unix time; null: no bound"}
 EVENT = {
     "type": "object",
     "required": ["time", "kind", "queue_id"],
-    "properties": {"time": {"type": "number"}, "kind": _STR, "queue_id": _STR},
+    "properties": {"time": {"type": "number"}, "kind": STR, "queue_id": STR},
     "description": "One step; the other keys depend on the kind (docs/operations.md)",
 }
 TIMELINE = {
     "type": "object",
     "required": ["queue_id", "message_id", "sender", "recipients", "first", "last", "status"],
     "properties": {
-        "queue_id": _STR,
-        "message_id": _STR,
-        "sender": _STR,
-        "recipients": {"type": "array", "items": _STR},
+        "queue_id": STR,
+        "message_id": STR,
+        "sender": STR,
+        "recipients": {"type": "array", "items": STR},
         "first": {"type": "number"},
         "last": {"type": "number"},
-        "status": _STR,
+        "status": STR,
         "events": {"type": "array", "items": EVENT},
     },
 }
@@ -44,7 +43,7 @@ ANSWER = {
     "type": "object",
     "required": ["query", "since", "until", "messages"],
     "properties": {
-        "query": _STR,
+        "query": STR,
         "since": _TIME,
         "until": _TIME,
         "messages": {"type": "array", "items": TIMELINE},
