@@ -16,6 +16,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from time import monotonic, sleep
 from typing import Any
 
 BUSY_TIMEOUT = 10.0
@@ -72,16 +73,29 @@ def message_id_key(message_id: str) -> str:
 
 
 def connect(path: str) -> sqlite3.Connection:
-    """Open (creating it) the database at ``path`` for one thread."""
+    """Open (creating it) the database at ``path`` for one thread.
+
+    Several processes may open a new file at once (the main process, IMAP workers, the
+    admin command): switching it to WAL needs the file to itself, and SQLite answers
+    "database is locked" at once there instead of waiting (its busy handler is not called
+    for that lock), so the set-up is tried again for up to ``BUSY_TIMEOUT`` seconds."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
-    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
-    # A new file only: pages freed by pruning can be given back (incremental_vacuum).
-    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    conn.executescript(_SCHEMA)
-    return conn
+    deadline = monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+            # A new file only: pages freed by pruning can be given back (incremental_vacuum).
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.executescript(_SCHEMA)
+            return conn
+        except sqlite3.OperationalError as e:
+            if ("locked" not in str(e) and "busy" not in str(e)) or monotonic() > deadline:
+                conn.close()
+                raise
+            sleep(0.01)
 
 
 def write(conn: sqlite3.Connection, events: Sequence[Event]) -> None:

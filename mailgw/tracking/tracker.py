@@ -184,16 +184,13 @@ class Tracker:
             self.flush()
 
     def _run(self) -> None:
-        assert self.path is not None
-        conn = None
-        try:
-            conn = store.connect(self.path)
-        except Exception:
-            log.failure("tracking: cannot open {path}; events are dropped", path=self.path)
+        conn = self._open()
         while True:
             self._wake.wait(self.flush_interval)
             self._wake.clear()
             stopping = self._stopping
+            if conn is None:  # tried again at each batch: one failure does not drop all
+                conn = self._open()
             self._write_pending(conn)
             if conn is not None and self.prune:
                 self._maybe_prune(conn)
@@ -201,6 +198,16 @@ class Tracker:
                 break
         if conn is not None:
             conn.close()
+
+    def _open(self) -> Any:
+        """The writer's connection, or None (logged: the next batch's events are dropped,
+        and the opening is tried again before the one after)."""
+        assert self.path is not None
+        try:
+            return store.connect(self.path)
+        except Exception:
+            log.failure("tracking: cannot open {path}; events are dropped", path=self.path)
+            return None
 
     def _write_pending(self, conn: Any) -> None:
         batch: list[Event] = []

@@ -234,3 +234,42 @@ def test_parse_when() -> None:
     assert parse_when("2026-12-06T03:00:00+00:00", 0) == 1796526000.0
     with pytest.raises(ValueError):
         parse_when("yesterday", 0)
+
+
+def test_connect_waits_while_another_connection_holds_a_new_file(tmp_path: Path) -> None:
+    import threading
+
+    path = str(tmp_path / "t.sqlite")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE other (a)")  # a new file, still in rollback mode
+    # Another process in the middle of setting it up: SQLite refuses the switch to WAL at
+    # once ("database is locked") instead of waiting for its busy timeout.
+    holder.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.3, lambda: holder.execute("COMMIT")).start()
+    conn = st.connect(path)  # "database is locked" at first: tried again, not raised
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+        holder.close()
+
+
+def test_a_writer_that_could_not_open_tries_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "t.sqlite")
+    real = st.connect
+    calls: list[str] = []
+
+    def flaky(p: str) -> sqlite3.Connection:
+        calls.append(p)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return real(p)
+
+    monkeypatch.setattr(st, "connect", flaky)
+    tracker = Tracker(path, flush_interval=0.05)
+    tracker.start()
+    tracker.record(Kind.QUEUED, "Q1")
+    tracker.stop()
+    assert len(calls) == 2 and len(lookup(path, "Q1")) == 1
